@@ -1,0 +1,397 @@
+//! Typed configuration: the TOML a user writes, merged over the built-in defaults and
+//! validated once into a [`Policy`].
+//!
+//! Loading is pure: it takes the file's text, never a path. Errors name the key path
+//! (`tiers.pro.usd_per_day: ...`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::ids::TierName;
+use crate::money::Money;
+use crate::policy::{Budget, Policy, Tier};
+use crate::prices::{Price, PriceTable, UnknownModelPolicy};
+use crate::window::Calendar;
+
+/// The built-in configuration, as printed by `spendguard config defaults`.
+pub const DEFAULTS_TOML: &str = include_str!("../data/defaults.toml");
+
+/// A configuration that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The text is not TOML.
+    #[error("{0}")]
+    Syntax(String),
+    /// A key has a bad value, or is not a known key.
+    #[error("{}{reason}", if path.is_empty() { String::new() } else { format!("{path}: ") })]
+    Invalid { path: String, reason: String },
+}
+
+impl ConfigError {
+    fn invalid(path: impl Into<String>, reason: impl fmt::Display) -> Self {
+        ConfigError::Invalid {
+            path: path.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// A limit: a value, or `"unlimited"`, which also removes a default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Limit<T> {
+    #[default]
+    Unlimited,
+    Value(T),
+}
+
+impl<T: Copy> Limit<T> {
+    pub fn value(self) -> Option<T> {
+        match self {
+            Limit::Unlimited => None,
+            Limit::Value(v) => Some(v),
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Limit<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IntoDeserializer, Visitor, value};
+        struct LimitVisitor<T>(std::marker::PhantomData<T>);
+        // Each primitive is handed on to `T`, so its own error message reaches the user.
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for LimitVisitor<T> {
+            type Value = Limit<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a limit or \"unlimited\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Limit<T>, E> {
+                if v == "unlimited" {
+                    return Ok(Limit::Unlimited);
+                }
+                T::deserialize(value::StrDeserializer::<E>::new(v)).map(Limit::Value)
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Limit<T>, E> {
+                T::deserialize(IntoDeserializer::<E>::into_deserializer(v)).map(Limit::Value)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Limit<T>, E> {
+                T::deserialize(IntoDeserializer::<E>::into_deserializer(v)).map(Limit::Value)
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Limit<T>, E> {
+                T::deserialize(IntoDeserializer::<E>::into_deserializer(v)).map(Limit::Value)
+            }
+        }
+        d.deserialize_any(LimitVisitor(std::marker::PhantomData))
+    }
+}
+
+impl<T: Serialize> Serialize for Limit<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Limit::Unlimited => s.serialize_str("unlimited"),
+            Limit::Value(v) => v.serialize(s),
+        }
+    }
+}
+
+/// Daily and monthly caps of one scope.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    #[serde(default)]
+    pub usd_per_day: Limit<Money>,
+    #[serde(default)]
+    pub usd_per_month: Limit<Money>,
+}
+
+/// The limits of one subscription tier. A limit left out is unlimited.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierConfig {
+    #[serde(default)]
+    pub requests_per_minute: Limit<u32>,
+    #[serde(default)]
+    pub requests_per_day: Limit<u64>,
+    #[serde(default)]
+    pub tokens_per_day: Limit<u64>,
+    #[serde(default)]
+    pub usd_per_day: Limit<Money>,
+    #[serde(default)]
+    pub usd_per_month: Limit<Money>,
+    #[serde(default)]
+    pub max_concurrent: Limit<u32>,
+    #[serde(default)]
+    pub max_output_tokens: Limit<u64>,
+    /// Glob patterns (`*`, `?`) of the models this tier may call. Absent: every model.
+    #[serde(default)]
+    pub allowed_models: Option<Vec<String>>,
+}
+
+/// The whole configuration file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub time_zone: String,
+    pub default_tier: String,
+    pub reservation_ttl_seconds: u64,
+    pub max_reservation_ttl_seconds: u64,
+    pub unknown_model: UnknownModelPolicy,
+    #[serde(default)]
+    pub default_price: Option<Price>,
+    pub global: BudgetConfig,
+    #[serde(default)]
+    pub tenant: BudgetConfig,
+    #[serde(default)]
+    pub company: BudgetConfig,
+    pub tiers: BTreeMap<String, TierConfig>,
+    #[serde(default)]
+    pub prices: BTreeMap<String, Price>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::from_toml("").expect("the built-in configuration is valid")
+    }
+}
+
+/// Merges `over` into `base` key by key; tables merge, every other value replaces.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Parses a user's TOML and merges it over the built-in defaults.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let mut base: toml::Table =
+            toml::from_str(DEFAULTS_TOML).expect("the built-in configuration is valid TOML");
+        let user: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        merge(&mut base, user);
+        let de = toml::Value::Table(base);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            ConfigError::invalid(path, e.into_inner().message())
+        })
+    }
+
+    /// Checks every value and builds the policy the ledger enforces.
+    pub fn validate(&self) -> Result<Policy, ConfigError> {
+        let calendar =
+            Calendar::new(&self.time_zone).map_err(|e| ConfigError::invalid("time_zone", e))?;
+        if self.reservation_ttl_seconds == 0 {
+            return Err(ConfigError::invalid(
+                "reservation_ttl_seconds",
+                "must be at least 1",
+            ));
+        }
+        if self.max_reservation_ttl_seconds < self.reservation_ttl_seconds {
+            return Err(ConfigError::invalid(
+                "max_reservation_ttl_seconds",
+                "must be at least reservation_ttl_seconds",
+            ));
+        }
+        const YEAR: u64 = 366 * 86_400;
+        if self.max_reservation_ttl_seconds > YEAR {
+            return Err(ConfigError::invalid(
+                "max_reservation_ttl_seconds",
+                "must be at most a year",
+            ));
+        }
+        if self.unknown_model == UnknownModelPolicy::DefaultCost && self.default_price.is_none() {
+            return Err(ConfigError::invalid(
+                "default_price",
+                "must be set when unknown_model = \"default_cost\"",
+            ));
+        }
+        let mut tiers = BTreeMap::new();
+        for (name, t) in &self.tiers {
+            let path = format!("tiers.{name}");
+            let tier_name = TierName::parse(name).map_err(|e| ConfigError::invalid(&path, e))?;
+            if t.requests_per_minute == Limit::Value(0) {
+                return Err(ConfigError::invalid(
+                    format!("{path}.requests_per_minute"),
+                    "must be at least 1 (or \"unlimited\")",
+                ));
+            }
+            let patterns = match &t.allowed_models {
+                None => None,
+                Some(list) => {
+                    for (i, p) in list.iter().enumerate() {
+                        if p.is_empty() || p.len() > 256 {
+                            return Err(ConfigError::invalid(
+                                format!("{path}.allowed_models[{i}]"),
+                                "must be 1 to 256 characters",
+                            ));
+                        }
+                    }
+                    Some(list.clone())
+                }
+            };
+            tiers.insert(
+                tier_name,
+                Tier::new(
+                    t.requests_per_minute.value(),
+                    t.requests_per_day.value(),
+                    t.tokens_per_day.value(),
+                    Budget {
+                        daily: t.usd_per_day.value(),
+                        monthly: t.usd_per_month.value(),
+                    },
+                    t.max_concurrent.value(),
+                    t.max_output_tokens.value(),
+                    patterns,
+                ),
+            );
+        }
+        let default_tier = TierName::parse(&self.default_tier)
+            .map_err(|e| ConfigError::invalid("default_tier", e))?;
+        if !tiers.contains_key(&default_tier) {
+            return Err(ConfigError::invalid(
+                "default_tier",
+                format!("no tier named `{}` is configured", self.default_tier),
+            ));
+        }
+        for name in self.prices.keys() {
+            if crate::ids::ModelName::parse(name).is_err() {
+                return Err(ConfigError::invalid(
+                    format!("prices.{name}"),
+                    "a model name is 1-128 characters of letters, digits and . _ : @ / -",
+                ));
+            }
+        }
+        let prices = PriceTable::builtin()
+            .with_overrides(self.prices.clone())
+            .with_unknown_policy(self.unknown_model, self.default_price);
+        let budget = |b: &BudgetConfig| Budget {
+            daily: b.usd_per_day.value(),
+            monthly: b.usd_per_month.value(),
+        };
+        Ok(Policy {
+            calendar,
+            default_tier,
+            tiers,
+            global: budget(&self.global),
+            tenant: budget(&self.tenant),
+            company: budget(&self.company),
+            prices,
+            reservation_ttl_us: self.reservation_ttl_seconds as i64 * 1_000_000,
+            max_reservation_ttl_us: self.max_reservation_ttl_seconds as i64 * 1_000_000,
+        })
+    }
+}
+
+/// Parses, merges and validates in one step.
+pub fn load(text: &str) -> Result<(Config, Policy), ConfigError> {
+    let config = Config::from_toml(text)?;
+    let policy = config.validate()?;
+    Ok((config, policy))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        load(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_match_the_spec() {
+        let (config, policy) = load("").unwrap();
+        assert_eq!(
+            config.global.usd_per_day,
+            Limit::Value(Money::from_usd(1000).unwrap())
+        );
+        assert_eq!(
+            config.global.usd_per_month,
+            Limit::Value(Money::from_usd(25_000).unwrap())
+        );
+        assert_eq!(policy.default_tier.as_str(), "free");
+        for t in ["free", "pro", "enterprise"] {
+            assert!(
+                policy.tiers.contains_key(&TierName::parse(t).unwrap()),
+                "{t}"
+            );
+        }
+        assert_eq!(policy.prices.unknown_policy(), UnknownModelPolicy::Deny);
+    }
+
+    #[test]
+    fn user_keys_merge_over_defaults() {
+        let (config, _) = load(
+            "time_zone = \"Europe/Berlin\"\n[tiers.pro]\nusd_per_day = 7.5\nmax_concurrent = \"unlimited\"\n[tiers.team]\nrequests_per_day = 10\n",
+        )
+        .unwrap();
+        let pro = &config.tiers["pro"];
+        assert_eq!(
+            pro.usd_per_day,
+            Limit::Value(Money::parse_usd("7.5").unwrap())
+        );
+        assert_eq!(pro.max_concurrent, Limit::Unlimited);
+        // Untouched keys keep their defaults.
+        assert_eq!(pro.requests_per_minute, Limit::Value(60));
+        assert_eq!(config.tiers["team"].requests_per_day, Limit::Value(10));
+        assert_eq!(config.tiers["team"].usd_per_day, Limit::Unlimited);
+        assert!(config.tiers.contains_key("free"));
+    }
+
+    #[test]
+    fn errors_name_the_key_path() {
+        assert_eq!(
+            err("[tiers.pro]\nusd_per_day = \"abc\""),
+            "tiers.pro.usd_per_day: amount `abc` is not a decimal number of USD"
+        );
+        assert!(
+            err("[tiers.pro]\nusd_per_dya = 1")
+                .starts_with("tiers.pro.usd_per_dya: unknown field `usd_per_dya`")
+        );
+        assert!(err("bogus = 1").starts_with("bogus: unknown field `bogus`"));
+        assert!(err("time_zone = \"Mars/Olympus\"").starts_with("time_zone: "));
+        assert!(err("default_tier = \"gold\"").starts_with("default_tier: no tier named `gold`"));
+        assert!(err("unknown_model = \"default_cost\"").starts_with("default_price: "));
+        assert!(err("unknown_model = \"maybe\"").starts_with("unknown_model: "));
+        assert!(
+            err("[tiers.free]\nrequests_per_minute = 0")
+                .starts_with("tiers.free.requests_per_minute")
+        );
+        assert!(
+            err("[tiers.free]\nrequests_per_day = -1").starts_with("tiers.free.requests_per_day")
+        );
+        assert!(
+            err("[global]\nusd_per_day = -5")
+                .starts_with("global.usd_per_day: amount `-5` is negative")
+        );
+        assert!(err("reservation_ttl_seconds = 0").starts_with("reservation_ttl_seconds"));
+        assert!(err("[prices.\"bad name\"]\ninput = 1\noutput = 1").starts_with("prices.bad name"));
+        assert!(matches!(load("= nope"), Err(ConfigError::Syntax(_))));
+    }
+
+    #[test]
+    fn price_overrides_apply() {
+        let (_, policy) =
+            load("[prices.\"gpt-4o\"]\ninput = \"1\"\noutput = \"2\"\n[prices.mine]\ninput = 3\noutput = 4").unwrap();
+        assert_eq!(
+            policy.prices.lookup("gpt-4o-2024-08-06").unwrap().input,
+            Money::from_usd(1).unwrap()
+        );
+        assert_eq!(
+            policy.prices.lookup("mine").unwrap().output,
+            Money::from_usd(4).unwrap()
+        );
+    }
+
+    #[test]
+    fn defaults_round_trip_through_serialization() {
+        let config = Config::default();
+        let text = toml::to_string(&config).unwrap();
+        assert_eq!(Config::from_toml(&text).unwrap(), config);
+    }
+}
