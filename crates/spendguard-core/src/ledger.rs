@@ -1,1 +1,1777 @@
+//! The `Ledger`: live counters of every scope and the reserve → settle state machine.
+//!
+//! Every operation takes the current time as an argument and returns its decision plus the
+//! [`Event`] a store must persist. The ledger never refuses to *record* spend (commits and
+//! direct records are always counted); it only refuses to *admit* new reservations.
+//!
+//! # Invariant
+//! For every limit of every scope, at every moment:
+//! `spent + reserved <= capacity`, except for the documented overshoot of commits whose
+//! actual cost exceeded their estimate, and of direct records (`record`), which are never
+//! refused. A reservation is admitted only if `spent + reserved + estimate <= capacity` holds
+//! for **all** applicable limits; the check and the update happen under the locks of all the
+//! scopes involved, so they are atomic (all or nothing) with respect to every other operation.
+//!
+//! # Concurrency
+//! Scope states live in 64 shards, each behind its own mutex. An operation locks the shards
+//! of the scopes it touches in ascending shard order (so two operations can never deadlock),
+//! then the shard of the reservation, then nothing else. Idempotency shards, when needed, are
+//! locked before all of them.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::ids::{CompanyId, Endpoint, IdempotencyKey, ModelName, TenantId, TierName, UserId};
+use crate::money::Money;
+use crate::policy::{Budget, ModelPatterns, Policy, UserOverrides};
+use crate::prices::Tokens;
+use crate::window::{Micros, Periods, Window};
+
+const SHARDS: usize = 64;
+const MICROS_PER_MINUTE: i64 = 60_000_000;
+
+/// How long settled reservations and idempotency keys are remembered in memory, by default.
+/// A store can answer older retries.
+pub const DEFAULT_RETENTION_US: i64 = 10 * MICROS_PER_MINUTE;
+
+// ---------------------------------------------------------------------------------------
+// Scopes, subjects and requests
+// ---------------------------------------------------------------------------------------
+
+/// The kind of scope a budget belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScopeKind {
+    Global,
+    Tenant,
+    Company,
+    User,
+}
+
+impl ScopeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScopeKind::Global => "global",
+            ScopeKind::Tenant => "tenant",
+            ScopeKind::Company => "company",
+            ScopeKind::User => "user",
+        }
+    }
+}
+
+/// One budget holder. Companies and users are identified within their tenant, so two
+/// tenants can never share (or drain) each other's user budgets.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ScopeKey {
+    Global,
+    Tenant(TenantId),
+    Company(TenantId, CompanyId),
+    User(TenantId, UserId),
+}
+
+impl ScopeKey {
+    pub fn kind(&self) -> ScopeKind {
+        match self {
+            ScopeKey::Global => ScopeKind::Global,
+            ScopeKey::Tenant(_) => ScopeKind::Tenant,
+            ScopeKey::Company(..) => ScopeKind::Company,
+            ScopeKey::User(..) => ScopeKind::User,
+        }
+    }
+
+    /// The scope's own id (`"global"` for the global scope).
+    pub fn id(&self) -> &str {
+        match self {
+            ScopeKey::Global => "global",
+            ScopeKey::Tenant(t) => t.as_str(),
+            ScopeKey::Company(_, c) => c.as_str(),
+            ScopeKey::User(_, u) => u.as_str(),
+        }
+    }
+
+    /// The tenant the scope belongs to; `None` for the global scope.
+    pub fn tenant(&self) -> Option<&TenantId> {
+        match self {
+            ScopeKey::Global => None,
+            ScopeKey::Tenant(t) | ScopeKey::Company(t, _) | ScopeKey::User(t, _) => Some(t),
+        }
+    }
+
+    fn shard(&self, hasher: &RandomState) -> usize {
+        (hasher.hash_one(self) as usize) % SHARDS
+    }
+}
+
+/// Who is calling which model: given on reserve, check and record.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Subject {
+    pub tenant: TenantId,
+    pub user: UserId,
+    pub company: Option<CompanyId>,
+    /// The caller's tier; else the stored tier; else the configured default.
+    pub tier: Option<TierName>,
+    pub model: ModelName,
+    pub endpoint: Option<Endpoint>,
+}
+
+impl Subject {
+    /// The scopes this subject's spend counts against, most specific last.
+    fn scopes(&self) -> Scopes {
+        Scopes {
+            keys: [
+                Some(ScopeKey::Global),
+                Some(ScopeKey::Tenant(self.tenant.clone())),
+                self.company
+                    .as_ref()
+                    .map(|c| ScopeKey::Company(self.tenant.clone(), c.clone())),
+                Some(ScopeKey::User(self.tenant.clone(), self.user.clone())),
+            ],
+        }
+    }
+}
+
+/// The (up to four) scopes of one subject.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Scopes {
+    keys: [Option<ScopeKey>; 4],
+}
+
+/// A request to reserve budget before a model call.
+#[derive(Clone, Debug)]
+pub struct ReserveRequest {
+    /// The new reservation's id (UUID v7, chosen by the caller so the core needs no clock or
+    /// random source).
+    pub id: Uuid,
+    pub subject: Subject,
+    pub input_tokens: u64,
+    /// The most completion tokens the call may produce; defaults to the tier's maximum.
+    pub max_output_tokens: Option<u64>,
+    /// A caller's own worst-case cost; replaces the price-table estimate.
+    pub estimated_cost: Option<Money>,
+    pub idempotency_key: Option<IdempotencyKey>,
+    /// Defaults to the configured TTL; at most the configured maximum.
+    pub ttl_us: Option<i64>,
+}
+
+/// The outcome of a finished call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestStatus {
+    Success,
+    Error,
+    Cancelled,
+    Expired,
+}
+
+impl RequestStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestStatus::Success => "success",
+            RequestStatus::Error => "error",
+            RequestStatus::Cancelled => "cancelled",
+            RequestStatus::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RequestStatus> {
+        Some(match s {
+            "success" => RequestStatus::Success,
+            "error" => RequestStatus::Error,
+            "cancelled" => RequestStatus::Cancelled,
+            "expired" => RequestStatus::Expired,
+            _ => return None,
+        })
+    }
+}
+
+/// The actual usage of a reserved call.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CommitRequest {
+    /// The id of the usage record this commit creates.
+    pub usage_id: Uuid,
+    pub tokens: Tokens,
+    /// The real cost if the caller knows it; else computed from the tokens.
+    pub cost: Option<Money>,
+    /// Defaults to `success`. `expired` is reserved for the ledger.
+    pub status: RequestStatus,
+}
+
+/// Usage of a call that was not reserved. Counted, never refused.
+#[derive(Clone, Debug)]
+pub struct RecordRequest {
+    pub id: Uuid,
+    pub subject: Subject,
+    pub tokens: Tokens,
+    pub cost: Option<Money>,
+    pub status: RequestStatus,
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Records and events
+// ---------------------------------------------------------------------------------------
+
+/// An open reservation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    pub id: Uuid,
+    pub subject: Subject,
+    /// The tier the reservation was admitted under.
+    pub tier: TierName,
+    pub estimate: Money,
+    pub estimated_tokens: u64,
+    pub created_at: Micros,
+    pub expires_at: Micros,
+    /// The windows the reservation holds budget in.
+    pub day_start: Micros,
+    pub month_start: Micros,
+    pub idempotency_key: Option<IdempotencyKey>,
+    pub fingerprint: u64,
+}
+
+/// One immutable usage record: the `ai_usage` row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageRecord {
+    pub id: Uuid,
+    pub tenant: TenantId,
+    pub user: UserId,
+    pub company: Option<CompanyId>,
+    pub model: ModelName,
+    pub endpoint: Option<Endpoint>,
+    pub tier: TierName,
+    pub tokens: Tokens,
+    pub cost: Money,
+    pub status: RequestStatus,
+    /// When the call started: the reservation's admission time, or the record's time.
+    pub created_at: Micros,
+    pub reservation_id: Option<Uuid>,
+    pub idempotency_key: Option<IdempotencyKey>,
+    /// The calendar windows this record is counted in.
+    pub day_start: Micros,
+    pub month_start: Micros,
+}
+
+/// A per-scope budget override set at run time. `None` fields fall back to configuration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetOverride {
+    pub daily: Option<Money>,
+    pub monthly: Option<Money>,
+}
+
+/// A state change to persist.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Reserved(Reservation),
+    Committed {
+        reservation_id: Uuid,
+        usage: UsageRecord,
+    },
+    Released {
+        reservation_id: Uuid,
+        reason: Option<String>,
+        at: Micros,
+    },
+    Expired {
+        reservation_id: Uuid,
+        usage: UsageRecord,
+    },
+    /// A direct record, or a commit that arrived after its reservation expired.
+    Recorded(UsageRecord),
+    BudgetSet {
+        scope: ScopeKey,
+        budget: BudgetOverride,
+    },
+    UserSet {
+        tenant: TenantId,
+        user: UserId,
+        overrides: UserOverrides,
+    },
+}
+
+// ---------------------------------------------------------------------------------------
+// Limits and decisions
+// ---------------------------------------------------------------------------------------
+
+/// The unit of a limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Unit {
+    Usd,
+    Requests,
+    Tokens,
+    Concurrent,
+}
+
+/// An amount in a limit's unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Amount {
+    Usd(Money),
+    Count(u64),
+}
+
+impl Serialize for Amount {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Amount::Usd(m) => m.serialize(s),
+            Amount::Count(n) => s.serialize_u64(*n),
+        }
+    }
+}
+
+/// The state of one limit: what it allows, what is used and reserved, and when it resets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitStatus {
+    pub scope: ScopeKey,
+    pub window: Window,
+    pub unit: Unit,
+    pub limit: Amount,
+    pub used: Amount,
+    pub reserved: Amount,
+    pub remaining: Amount,
+    /// When the window ends (calendar windows) or the rate allows another request
+    /// (requests per minute). `None` for levels such as concurrency.
+    pub resets_at: Option<Micros>,
+}
+
+/// Why a reservation was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Denial {
+    /// One or more limits would be exceeded; every failing limit is listed.
+    Limits(Vec<LimitStatus>),
+    /// The tier does not allow this model.
+    ModelNotAllowed { model: ModelName, tier: TierName },
+    /// The model has no price and the policy is `deny`.
+    UnknownModel { model: ModelName },
+    /// `max_output_tokens` is above the tier's maximum.
+    OutputTokensTooHigh { requested: u64, max: u64 },
+}
+
+impl Denial {
+    /// The earliest time at which retrying could succeed, if there is one.
+    pub fn retry_at(&self) -> Option<Micros> {
+        match self {
+            Denial::Limits(l) => l.iter().filter_map(|s| s.resets_at).max(),
+            _ => None,
+        }
+    }
+
+    /// True when a money budget (not a rate) refused the reservation.
+    pub fn is_budget(&self) -> bool {
+        match self {
+            Denial::Limits(l) => l.iter().any(|s| s.unit == Unit::Usd),
+            _ => false,
+        }
+    }
+}
+
+/// An admitted reservation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reserved {
+    pub reservation: Reservation,
+    /// Every applicable limit after admission.
+    pub limits: Vec<LimitStatus>,
+    /// True when this answers a retry with the same idempotency key.
+    pub replayed: bool,
+}
+
+/// The answer to `check` (and to a refused `reserve`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckOutcome {
+    pub limits: Vec<LimitStatus>,
+    pub denial: Option<Denial>,
+}
+
+impl CheckOutcome {
+    pub fn allowed(&self) -> bool {
+        self.denial.is_none()
+    }
+}
+
+/// How a reservation was settled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Settlement {
+    Committed(UsageRecord),
+    Released { reason: Option<String> },
+    Expired(UsageRecord),
+}
+
+/// The answer to a commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub usage: UsageRecord,
+    /// The reservation's estimate (zero for a commit after expiry).
+    pub reserved: Money,
+    /// True when this answers a repeated commit.
+    pub replayed: bool,
+    /// True when the reservation had expired and the usage was recorded on its own.
+    pub late: bool,
+}
+
+/// Errors of ledger operations (never a limit: those are [`Denial`]s).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LedgerError {
+    #[error("reservation {0} not found")]
+    NotFound(Uuid),
+    #[error("reservation {id} is already {state}")]
+    AlreadySettled { id: Uuid, state: &'static str },
+    #[error("reservation {0} was already committed with different usage")]
+    CommitMismatch(Uuid),
+    #[error("idempotency key `{0}` was used with a different request")]
+    IdempotencyConflict(IdempotencyKey),
+    #[error("a reservation with id {0} already exists")]
+    DuplicateId(Uuid),
+    #[error("no tier named `{0}`")]
+    UnknownTier(TierName),
+    #[error("ttl_seconds must be between 1 and {max_seconds}")]
+    InvalidTtl { max_seconds: i64 },
+    #[error("status `expired` is set only by spendguard")]
+    ExpiredStatus,
+    #[error("the amounts are too large")]
+    Overflow,
+    #[error("model `{0}` has no price; pass cost_usd or configure a price")]
+    Unpriced(ModelName),
+}
+
+/// The result of an operation that changes state: the value and the event to persist
+/// (`None` when nothing changed, e.g. an idempotent replay).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Applied<T> {
+    pub value: T,
+    pub event: Option<Event>,
+}
+
+// ---------------------------------------------------------------------------------------
+// State
+// ---------------------------------------------------------------------------------------
+
+/// Counters of one calendar window of one scope.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Counters {
+    start: Micros,
+    spent: Money,
+    reserved: Money,
+    requests: u64,
+    requests_reserved: u64,
+    tokens: u64,
+    tokens_reserved: u64,
+}
+
+impl Counters {
+    /// The counters as of the window starting at `start`: zero if they are of another one.
+    fn at(&self, start: Micros) -> Counters {
+        if self.start == start {
+            *self
+        } else {
+            Counters {
+                start,
+                ..Counters::default()
+            }
+        }
+    }
+
+    /// Moves to the window at `start` if that is newer than the current one. Returns the
+    /// counters to update for `start`, or `None` when `start` is an older, finished window.
+    fn window_mut(&mut self, start: Micros) -> Option<&mut Counters> {
+        if self.start < start {
+            *self = Counters {
+                start,
+                ..Counters::default()
+            };
+        }
+        (self.start == start).then_some(self)
+    }
+}
+
+/// The live state of one scope. Only the current windows are kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ScopeState {
+    day: Counters,
+    month: Counters,
+    /// Reservations open against this scope.
+    in_flight: u32,
+    /// GCRA theoretical arrival time (users only).
+    tat: Micros,
+}
+
+#[derive(Debug, Default)]
+struct Shard {
+    scopes: HashMap<ScopeKey, ScopeState>,
+}
+
+#[derive(Debug)]
+struct Settled {
+    settlement: Settlement,
+    /// The commit that settled it (or, after expiry, the late commit recorded on its own).
+    commit: Option<CommitRequest>,
+    /// The usage recorded by a commit that arrived after expiry.
+    late: Option<UsageRecord>,
+    at: Micros,
+}
+
+#[derive(Debug, Default)]
+struct ResShard {
+    open: HashMap<Uuid, Reservation>,
+    settled: HashMap<Uuid, Settled>,
+}
+
+#[derive(Debug)]
+enum Remembered {
+    Reservation(Box<Reservation>),
+    Usage(Box<UsageRecord>),
+}
+
+#[derive(Debug)]
+struct IdemEntry {
+    fingerprint: u64,
+    result: Remembered,
+    at: Micros,
+}
+
+#[derive(Debug, Default)]
+struct IdemShard {
+    keys: HashMap<(TenantId, IdempotencyKey), IdemEntry>,
+}
+
+/// The effective limits of one user.
+#[derive(Clone, Debug)]
+struct Effective {
+    tier: TierName,
+    rpm: Option<u32>,
+    requests_per_day: Option<u64>,
+    tokens_per_day: Option<u64>,
+    max_concurrent: Option<u32>,
+    max_output_tokens: Option<u64>,
+    allowed_models: Option<ModelPatterns>,
+    /// Budgets of [global, tenant, company, user].
+    budgets: [Budget; 4],
+}
+
+#[derive(Debug, Default)]
+struct Overrides {
+    budgets: HashMap<ScopeKey, BudgetOverride>,
+    users: HashMap<(TenantId, UserId), (UserOverrides, Option<ModelPatterns>)>,
+}
+
+/// The live, in-memory ledger. Cheap to share: wrap it in an `Arc`.
+#[derive(Debug)]
+pub struct Ledger {
+    policy: RwLock<Arc<Policy>>,
+    overrides: RwLock<Overrides>,
+    hasher: RandomState,
+    scopes: Box<[Mutex<Shard>]>,
+    reservations: Box<[Mutex<ResShard>]>,
+    idempotency: Box<[Mutex<IdemShard>]>,
+    retention_us: i64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a shard cannot leave it half-updated (updates are applied after
+    // all checks), so a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The shards of up to four scopes, locked in ascending order.
+struct Locked<'a> {
+    guards: [Option<(usize, MutexGuard<'a, Shard>)>; 4],
+}
+
+impl Locked<'_> {
+    fn shard(&mut self, idx: usize) -> &mut Shard {
+        self.guards
+            .iter_mut()
+            .flatten()
+            .find(|(i, _)| *i == idx)
+            .map(|(_, g)| &mut **g)
+            .expect("the shard is locked")
+    }
+}
+
+fn fits_money(used: Money, reserved: Money, add: Money, capacity: Money) -> bool {
+    // `capacity` is the whole limit in single-node mode; in cluster mode it will be the
+    // allowance this instance holds (see ARCHITECTURE.md, leases).
+    used.checked_add(reserved)
+        .and_then(|x| x.checked_add(add))
+        .is_some_and(|total| total <= capacity)
+}
+
+fn fits_count(used: u64, reserved: u64, add: u64, capacity: u64) -> bool {
+    used.checked_add(reserved)
+        .and_then(|x| x.checked_add(add))
+        .is_some_and(|total| total <= capacity)
+}
+
+/// FNV-1a: a stable fingerprint of a request, for idempotency comparisons.
+#[derive(Debug)]
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= *b as u64;
+            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
+        }
+    }
+}
+
+fn fingerprint(f: impl FnOnce(&mut Fnv)) -> u64 {
+    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
+    f(&mut h);
+    h.finish()
+}
+
+impl Ledger {
+    pub fn new(policy: Policy) -> Ledger {
+        Ledger::with_retention(policy, DEFAULT_RETENTION_US)
+    }
+
+    /// A ledger that remembers settled reservations and idempotency keys for `retention_us`.
+    pub fn with_retention(policy: Policy, retention_us: i64) -> Ledger {
+        Ledger {
+            policy: RwLock::new(Arc::new(policy)),
+            overrides: RwLock::new(Overrides::default()),
+            hasher: RandomState::new(),
+            scopes: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            reservations: (0..SHARDS)
+                .map(|_| Mutex::new(ResShard::default()))
+                .collect(),
+            idempotency: (0..SHARDS)
+                .map(|_| Mutex::new(IdemShard::default()))
+                .collect(),
+            retention_us,
+        }
+    }
+
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the policy (e.g. after a configuration reload). Counters are kept.
+    pub fn set_policy(&self, policy: Policy) {
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(policy);
+    }
+
+    // ----- admin --------------------------------------------------------------------
+
+    /// Sets (or, with both fields `None`, clears) a scope's budget override. Applies at once.
+    pub fn set_budget(&self, scope: ScopeKey, budget: BudgetOverride) -> Applied<()> {
+        let mut o = self.overrides.write().unwrap_or_else(|e| e.into_inner());
+        if budget == BudgetOverride::default() {
+            o.budgets.remove(&scope);
+        } else {
+            o.budgets.insert(scope.clone(), budget);
+        }
+        Applied {
+            value: (),
+            event: Some(Event::BudgetSet { scope, budget }),
+        }
+    }
+
+    pub fn budget_override(&self, scope: &ScopeKey) -> Option<BudgetOverride> {
+        self.overrides
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .budgets
+            .get(scope)
+            .copied()
+    }
+
+    /// Sets (or, when empty, clears) a user's tier and limit overrides. Applies at once.
+    pub fn set_user(
+        &self,
+        tenant: TenantId,
+        user: UserId,
+        overrides: UserOverrides,
+    ) -> Result<Applied<()>, LedgerError> {
+        if let Some(t) = &overrides.tier
+            && self.policy().tier(t).is_none()
+        {
+            return Err(LedgerError::UnknownTier(t.clone()));
+        }
+        let mut o = self.overrides.write().unwrap_or_else(|e| e.into_inner());
+        let key = (tenant.clone(), user.clone());
+        if overrides.is_empty() {
+            o.users.remove(&key);
+        } else {
+            let patterns = overrides.allowed_models.clone().map(ModelPatterns::new);
+            o.users.insert(key, (overrides.clone(), patterns));
+        }
+        Ok(Applied {
+            value: (),
+            event: Some(Event::UserSet {
+                tenant,
+                user,
+                overrides,
+            }),
+        })
+    }
+
+    pub fn user_overrides(&self, tenant: &TenantId, user: &UserId) -> Option<UserOverrides> {
+        let o = self.overrides.read().unwrap_or_else(|e| e.into_inner());
+        o.users
+            .get(&(tenant.clone(), user.clone()))
+            .map(|(u, _)| u.clone())
+    }
+
+    // ----- decisions ----------------------------------------------------------------
+
+    fn effective(&self, policy: &Policy, subject: &Subject) -> Result<Effective, LedgerError> {
+        let o = self.overrides.read().unwrap_or_else(|e| e.into_inner());
+        let user_key = (subject.tenant.clone(), subject.user.clone());
+        let stored = o.users.get(&user_key);
+        let tier_name = subject
+            .tier
+            .as_ref()
+            .or_else(|| stored.and_then(|(u, _)| u.tier.as_ref()))
+            .unwrap_or(&policy.default_tier);
+        let tier = policy
+            .tier(tier_name)
+            .ok_or_else(|| LedgerError::UnknownTier(tier_name.clone()))?;
+        let mut e = Effective {
+            tier: tier_name.clone(),
+            rpm: tier.limits.requests_per_minute,
+            requests_per_day: tier.limits.requests_per_day,
+            tokens_per_day: tier.limits.tokens_per_day,
+            max_concurrent: tier.limits.max_concurrent,
+            max_output_tokens: tier.limits.max_output_tokens,
+            allowed_models: tier.limits.allowed_models.clone(),
+            budgets: [policy.global, policy.tenant, policy.company, tier.budget],
+        };
+        if let Some((u, patterns)) = stored {
+            e.rpm = u.requests_per_minute.or(e.rpm);
+            e.requests_per_day = u.requests_per_day.or(e.requests_per_day);
+            e.tokens_per_day = u.tokens_per_day.or(e.tokens_per_day);
+            e.max_concurrent = u.max_concurrent.or(e.max_concurrent);
+            e.max_output_tokens = u.max_output_tokens.or(e.max_output_tokens);
+            if patterns.is_some() {
+                e.allowed_models = patterns.clone();
+            }
+        }
+        if !o.budgets.is_empty() {
+            for (i, key) in subject.scopes().keys.iter().enumerate() {
+                if let Some(b) = key.as_ref().and_then(|k| o.budgets.get(k)) {
+                    e.budgets[i].daily = b.daily.or(e.budgets[i].daily);
+                    e.budgets[i].monthly = b.monthly.or(e.budgets[i].monthly);
+                }
+            }
+        }
+        Ok(e)
+    }
+
+    fn lock_scopes(&self, scopes: &Scopes) -> (Locked<'_>, [usize; 4]) {
+        let mut idx = [usize::MAX; 4];
+        for (i, k) in scopes.keys.iter().enumerate() {
+            if let Some(k) = k {
+                idx[i] = k.shard(&self.hasher);
+            }
+        }
+        let mut order = idx;
+        order.sort_unstable();
+        let mut guards: [Option<(usize, MutexGuard<'_, Shard>)>; 4] = [None, None, None, None];
+        let mut last = usize::MAX;
+        for (slot, &s) in order.iter().enumerate() {
+            if s != usize::MAX && s != last {
+                guards[slot] = Some((s, lock(&self.scopes[s])));
+                last = s;
+            }
+        }
+        (Locked { guards }, idx)
+    }
+
+    fn res_shard(&self, id: &Uuid) -> &Mutex<ResShard> {
+        &self.reservations[(self.hasher.hash_one(id) as usize) % SHARDS]
+    }
+
+    fn idem_shard(&self, tenant: &TenantId, key: &IdempotencyKey) -> &Mutex<IdemShard> {
+        &self.idempotency[(self.hasher.hash_one((tenant, key)) as usize) % SHARDS]
+    }
+
+    /// Evaluates every limit for a reservation of `estimate` (read-only). Returns all
+    /// statuses (as they would be after admission when `after` is set) and the failing ones.
+    #[allow(clippy::too_many_arguments)]
+    fn evaluate(
+        locked: &mut Locked<'_>,
+        scopes: &Scopes,
+        idx: &[usize; 4],
+        eff: &Effective,
+        periods: &Periods,
+        estimate: Money,
+        tokens: u64,
+        requests: u64,
+        now: Micros,
+        want_all: bool,
+        after: bool,
+    ) -> (Vec<LimitStatus>, Vec<LimitStatus>) {
+        let mut all = Vec::new();
+        let mut failing = Vec::new();
+        let empty = ScopeState::default();
+        for (i, key) in scopes.keys.iter().enumerate() {
+            let Some(key) = key else { continue };
+            let shard = locked.shard(idx[i]);
+            let state = shard.scopes.get(key).unwrap_or(&empty);
+            let day = state.day.at(periods.day.start);
+            let month = state.month.at(periods.month.start);
+            let mut push = |status: LimitStatus, ok: bool| {
+                if !ok {
+                    failing.push(status.clone());
+                }
+                if want_all {
+                    all.push(status);
+                }
+            };
+            let budget = eff.budgets[i];
+            for (cap, c, window, end) in [
+                (budget.daily, day, Window::Day, periods.day.end),
+                (budget.monthly, month, Window::Month, periods.month.end),
+            ] {
+                let Some(cap) = cap else { continue };
+                let ok = fits_money(c.spent, c.reserved, estimate, cap);
+                let reserved = if after && ok {
+                    c.reserved.saturating_add(estimate)
+                } else {
+                    c.reserved
+                };
+                push(
+                    LimitStatus {
+                        scope: key.clone(),
+                        window,
+                        unit: Unit::Usd,
+                        limit: Amount::Usd(cap),
+                        used: Amount::Usd(c.spent),
+                        reserved: Amount::Usd(reserved),
+                        remaining: Amount::Usd(
+                            cap.saturating_sub(c.spent.saturating_add(reserved))
+                                .max(Money::ZERO),
+                        ),
+                        resets_at: Some(end),
+                    },
+                    ok,
+                );
+            }
+            if !matches!(key, ScopeKey::User(..)) {
+                continue;
+            }
+            let counts = [
+                (
+                    eff.requests_per_day,
+                    day.requests,
+                    day.requests_reserved,
+                    requests,
+                    Unit::Requests,
+                ),
+                (
+                    eff.tokens_per_day,
+                    day.tokens,
+                    day.tokens_reserved,
+                    tokens,
+                    Unit::Tokens,
+                ),
+            ];
+            for (cap, used, reserved, add, unit) in counts {
+                let Some(cap) = cap else { continue };
+                let ok = fits_count(used, reserved, add, cap);
+                let reserved = if after && ok {
+                    reserved.saturating_add(add)
+                } else {
+                    reserved
+                };
+                push(
+                    LimitStatus {
+                        scope: key.clone(),
+                        window: Window::Day,
+                        unit,
+                        limit: Amount::Count(cap),
+                        used: Amount::Count(used),
+                        reserved: Amount::Count(reserved),
+                        remaining: Amount::Count(cap.saturating_sub(used.saturating_add(reserved))),
+                        resets_at: Some(periods.day.end),
+                    },
+                    ok,
+                );
+            }
+            if let Some(cap) = eff.max_concurrent {
+                let add = requests as u32;
+                let ok = state.in_flight.saturating_add(add) <= cap;
+                let level = if after && ok {
+                    state.in_flight + add
+                } else {
+                    state.in_flight
+                };
+                push(
+                    LimitStatus {
+                        scope: key.clone(),
+                        window: Window::None,
+                        unit: Unit::Concurrent,
+                        limit: Amount::Count(cap as u64),
+                        used: Amount::Count(level as u64),
+                        reserved: Amount::Count(0),
+                        remaining: Amount::Count(cap.saturating_sub(level) as u64),
+                        resets_at: None,
+                    },
+                    ok,
+                );
+            }
+            if let Some(rpm) = eff.rpm {
+                let g = Gcra::new(rpm);
+                let (ok, tat_after) = g.try_admit(state.tat, now, requests);
+                let tat = if after && ok { tat_after } else { state.tat };
+                let used = g.used(tat, now);
+                push(
+                    LimitStatus {
+                        scope: key.clone(),
+                        window: Window::Minute,
+                        unit: Unit::Requests,
+                        limit: Amount::Count(rpm as u64),
+                        used: Amount::Count(used),
+                        reserved: Amount::Count(0),
+                        remaining: Amount::Count((rpm as u64).saturating_sub(used)),
+                        resets_at: Some(if ok {
+                            tat.max(now)
+                        } else {
+                            g.next_allowed(state.tat, now)
+                        }),
+                    },
+                    ok,
+                );
+            }
+        }
+        (all, failing)
+    }
+
+    /// Admission rules that do not depend on counters.
+    fn static_denial(
+        policy: &Policy,
+        eff: &Effective,
+        subject: &Subject,
+        max_output: u64,
+    ) -> Option<Denial> {
+        if let Some(p) = &eff.allowed_models
+            && !p.allows(&subject.model)
+        {
+            return Some(Denial::ModelNotAllowed {
+                model: subject.model.clone(),
+                tier: eff.tier.clone(),
+            });
+        }
+        if let Some(max) = eff.max_output_tokens
+            && max_output > max
+        {
+            return Some(Denial::OutputTokensTooHigh {
+                requested: max_output,
+                max,
+            });
+        }
+        let _ = policy;
+        None
+    }
+
+    /// The worst-case cost and tokens of a reservation request.
+    fn estimate(
+        policy: &Policy,
+        eff: &Effective,
+        req: &ReserveRequest,
+    ) -> Result<Result<(Money, u64, u64), Denial>, LedgerError> {
+        let max_output = req.max_output_tokens.or(eff.max_output_tokens).unwrap_or(0);
+        let tokens = req
+            .input_tokens
+            .checked_add(max_output)
+            .ok_or(LedgerError::Overflow)?;
+        let cost = match req.estimated_cost {
+            Some(c) => c,
+            None => match policy.prices.price(&req.subject.model) {
+                None => {
+                    return Ok(Err(Denial::UnknownModel {
+                        model: req.subject.model.clone(),
+                    }));
+                }
+                Some(p) => p
+                    .cost(Tokens {
+                        input: req.input_tokens,
+                        cached_input: 0,
+                        output: max_output,
+                    })
+                    .ok_or(LedgerError::Overflow)?,
+            },
+        };
+        Ok(Ok((cost, tokens, max_output)))
+    }
+
+    /// Would this reservation be admitted now? Changes nothing.
+    pub fn check(&self, req: &ReserveRequest, now: Micros) -> Result<CheckOutcome, LedgerError> {
+        let policy = self.policy();
+        let eff = self.effective(&policy, &req.subject)?;
+        let periods = policy.calendar.periods(now);
+        let scopes = req.subject.scopes();
+        let (estimate, tokens, denial) = match Self::estimate(&policy, &eff, req)? {
+            Ok((c, t, max_output)) => (
+                c,
+                t,
+                Self::static_denial(&policy, &eff, &req.subject, max_output),
+            ),
+            Err(d) => (Money::ZERO, req.input_tokens, Some(d)),
+        };
+        let (mut locked, idx) = self.lock_scopes(&scopes);
+        let (limits, failing) = Self::evaluate(
+            &mut locked,
+            &scopes,
+            &idx,
+            &eff,
+            &periods,
+            estimate,
+            tokens,
+            1,
+            now,
+            true,
+            false,
+        );
+        let denial = denial.or((!failing.is_empty()).then_some(Denial::Limits(failing)));
+        Ok(CheckOutcome { limits, denial })
+    }
+
+    /// The effective limits of a user and what remains of them. Changes nothing.
+    pub fn limits(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        company: Option<&CompanyId>,
+        tier: Option<&TierName>,
+        now: Micros,
+    ) -> Result<Vec<LimitStatus>, LedgerError> {
+        let policy = self.policy();
+        let subject = Subject {
+            tenant: tenant.clone(),
+            user: user.clone(),
+            company: company.cloned(),
+            tier: tier.cloned(),
+            model: ModelName::parse("-").expect("valid"),
+            endpoint: None,
+        };
+        let eff = self.effective(&policy, &subject)?;
+        let periods = policy.calendar.periods(now);
+        let scopes = subject.scopes();
+        let (mut locked, idx) = self.lock_scopes(&scopes);
+        let (limits, _) = Self::evaluate(
+            &mut locked,
+            &scopes,
+            &idx,
+            &eff,
+            &periods,
+            Money::ZERO,
+            0,
+            0,
+            now,
+            true,
+            false,
+        );
+        Ok(limits)
+    }
+
+    /// Reserves a worst-case estimate against every applicable limit, all or nothing.
+    ///
+    /// `Ok(Err(outcome))` is a denial (nothing changed); `Err` is a bad request.
+    pub fn reserve(
+        &self,
+        req: &ReserveRequest,
+        now: Micros,
+    ) -> Result<Result<Applied<Reserved>, CheckOutcome>, LedgerError> {
+        let policy = self.policy();
+        let eff = self.effective(&policy, &req.subject)?;
+        let ttl = req.ttl_us.unwrap_or(policy.reservation_ttl_us);
+        if ttl <= 0 || ttl > policy.max_reservation_ttl_us {
+            return Err(LedgerError::InvalidTtl {
+                max_seconds: policy.max_reservation_ttl_us / 1_000_000,
+            });
+        }
+        let fp = fingerprint(|h| {
+            req.subject.hash(h);
+            req.input_tokens.hash(h);
+            req.max_output_tokens.hash(h);
+            req.estimated_cost.hash(h);
+            req.ttl_us.hash(h);
+        });
+        // Idempotency: the key's shard stays locked for the whole operation, so two retries
+        // racing each other admit once.
+        let mut idem = req
+            .idempotency_key
+            .as_ref()
+            .map(|k| (k, lock(self.idem_shard(&req.subject.tenant, k))));
+        if let Some((k, shard)) = &idem
+            && let Some(e) = shard.keys.get(&(req.subject.tenant.clone(), (*k).clone()))
+        {
+            if e.fingerprint != fp {
+                return Err(LedgerError::IdempotencyConflict((*k).clone()));
+            }
+            let Remembered::Reservation(reservation) = &e.result else {
+                return Err(LedgerError::IdempotencyConflict((*k).clone()));
+            };
+            let reservation = (**reservation).clone();
+            let s = &req.subject;
+            let limits =
+                self.limits(&s.tenant, &s.user, s.company.as_ref(), s.tier.as_ref(), now)?;
+            return Ok(Ok(Applied {
+                value: Reserved {
+                    reservation,
+                    limits,
+                    replayed: true,
+                },
+                event: None,
+            }));
+        }
+        let (estimate, tokens, max_output) = match Self::estimate(&policy, &eff, req)? {
+            Ok(v) => v,
+            Err(d) => {
+                return Ok(Err(CheckOutcome {
+                    limits: Vec::new(),
+                    denial: Some(d),
+                }));
+            }
+        };
+        if let Some(d) = Self::static_denial(&policy, &eff, &req.subject, max_output) {
+            return Ok(Err(CheckOutcome {
+                limits: Vec::new(),
+                denial: Some(d),
+            }));
+        }
+        let periods = policy.calendar.periods(now);
+        let scopes = req.subject.scopes();
+        let (mut locked, idx) = self.lock_scopes(&scopes);
+        let (limits, failing) = Self::evaluate(
+            &mut locked,
+            &scopes,
+            &idx,
+            &eff,
+            &periods,
+            estimate,
+            tokens,
+            1,
+            now,
+            true,
+            true,
+        );
+        if !failing.is_empty() {
+            return Ok(Err(CheckOutcome {
+                limits,
+                denial: Some(Denial::Limits(failing)),
+            }));
+        }
+        let reservation = Reservation {
+            id: req.id,
+            subject: Subject {
+                tier: req.subject.tier.clone(),
+                ..req.subject.clone()
+            },
+            tier: eff.tier.clone(),
+            estimate,
+            estimated_tokens: tokens,
+            created_at: now,
+            expires_at: now.saturating_add(ttl),
+            day_start: periods.day.start,
+            month_start: periods.month.start,
+            idempotency_key: req.idempotency_key.clone(),
+            fingerprint: fp,
+        };
+        {
+            let mut rs = lock(self.res_shard(&req.id));
+            if rs.open.contains_key(&req.id) || rs.settled.contains_key(&req.id) {
+                return Err(LedgerError::DuplicateId(req.id));
+            }
+            rs.open.insert(req.id, reservation.clone());
+        }
+        for (i, key) in scopes.keys.iter().enumerate() {
+            let Some(key) = key else { continue };
+            let state = locked.shard(idx[i]).scopes.entry(key.clone()).or_default();
+            state.in_flight += 1;
+            for (c, start) in [
+                (&mut state.day, periods.day.start),
+                (&mut state.month, periods.month.start),
+            ] {
+                if let Some(c) = c.window_mut(start) {
+                    c.reserved = c.reserved.saturating_add(estimate);
+                    c.requests_reserved += 1;
+                    c.tokens_reserved = c.tokens_reserved.saturating_add(tokens);
+                }
+            }
+            if matches!(key, ScopeKey::User(..))
+                && let Some(rpm) = eff.rpm
+            {
+                state.tat = Gcra::new(rpm).try_admit(state.tat, now, 1).1;
+            }
+        }
+        drop(locked);
+        if let Some((k, shard)) = &mut idem {
+            shard.keys.insert(
+                (req.subject.tenant.clone(), (*k).clone()),
+                IdemEntry {
+                    fingerprint: fp,
+                    result: Remembered::Reservation(Box::new(reservation.clone())),
+                    at: now,
+                },
+            );
+        }
+        Ok(Ok(Applied {
+            value: Reserved {
+                reservation: reservation.clone(),
+                limits,
+                replayed: false,
+            },
+            event: Some(Event::Reserved(reservation)),
+        }))
+    }
+
+    fn find_reservation(&self, id: &Uuid) -> Option<Reservation> {
+        lock(self.res_shard(id)).open.get(id).cloned()
+    }
+
+    /// An open reservation, if there is one with this id.
+    pub fn reservation(&self, id: &Uuid) -> Option<Reservation> {
+        self.find_reservation(id)
+    }
+
+    /// Takes an open reservation out under the locks of its scopes and applies `f` to its
+    /// counters. Returns `None` when it is no longer open.
+    fn settle_open(
+        &self,
+        id: &Uuid,
+        now: Micros,
+        settled: impl FnOnce(&Reservation) -> Settled,
+        mut apply: impl FnMut(&ScopeKey, &mut ScopeState, &Reservation),
+    ) -> Option<(Reservation, Settlement)> {
+        let scopes = lock(self.res_shard(id)).open.get(id)?.subject.scopes();
+        let (mut locked, idx) = self.lock_scopes(&scopes);
+        let mut rs = lock(self.res_shard(id));
+        // Re-check under the scope locks: another thread may have settled it meanwhile.
+        let res = rs.open.remove(id)?;
+        let s = settled(&res);
+        let settlement = s.settlement.clone();
+        rs.settled.insert(*id, Settled { at: now, ..s });
+        drop(rs);
+        for (i, key) in scopes.keys.iter().enumerate() {
+            let Some(key) = key else { continue };
+            if let Some(state) = locked.shard(idx[i]).scopes.get_mut(key) {
+                state.in_flight = state.in_flight.saturating_sub(1);
+                apply(key, state, &res);
+            }
+        }
+        Some((res, settlement))
+    }
+
+    fn release_counters(c: &mut Counters, res: &Reservation) {
+        c.reserved = c.reserved.saturating_sub(res.estimate);
+        c.requests_reserved = c.requests_reserved.saturating_sub(1);
+        c.tokens_reserved = c.tokens_reserved.saturating_sub(res.estimated_tokens);
+    }
+
+    fn charge(c: &mut Counters, cost: Money, tokens: u64) {
+        c.spent = c.spent.saturating_add(cost);
+        c.requests += 1;
+        c.tokens = c.tokens.saturating_add(tokens);
+    }
+
+    fn usage_from(res: &Reservation, commit: &CommitRequest, cost: Money) -> UsageRecord {
+        UsageRecord {
+            id: commit.usage_id,
+            tenant: res.subject.tenant.clone(),
+            user: res.subject.user.clone(),
+            company: res.subject.company.clone(),
+            model: res.subject.model.clone(),
+            endpoint: res.subject.endpoint.clone(),
+            tier: res.tier.clone(),
+            tokens: commit.tokens,
+            cost,
+            status: commit.status,
+            created_at: res.created_at,
+            reservation_id: Some(res.id),
+            idempotency_key: res.idempotency_key.clone(),
+            day_start: res.day_start,
+            month_start: res.month_start,
+        }
+    }
+
+    fn actual_cost(&self, model: &ModelName, commit: &CommitRequest) -> Result<Money, LedgerError> {
+        match commit.cost {
+            Some(c) => Ok(c),
+            // An unpriced model that got past admission (policy changed, or a caller's own
+            // estimate) is charged by the default price if any, else at zero: real spend is
+            // only known to the caller then, who should pass `cost`.
+            None => Ok(self
+                .policy()
+                .prices
+                .price(model)
+                .map(|p| p.cost(commit.tokens).ok_or(LedgerError::Overflow))
+                .transpose()?
+                .unwrap_or(Money::ZERO)),
+        }
+    }
+
+    /// Commits the actual usage of a reservation. Below the estimate, the rest is released;
+    /// above it, the whole actual cost is charged. Committing the same usage again returns
+    /// the same record; a commit after expiry is recorded on its own (never dropped).
+    pub fn commit(
+        &self,
+        id: &Uuid,
+        commit: &CommitRequest,
+        now: Micros,
+    ) -> Result<Applied<Committed>, LedgerError> {
+        if commit.status == RequestStatus::Expired {
+            return Err(LedgerError::ExpiredStatus);
+        }
+        if let Some(replay) = self.settled_answer(id, commit, now)? {
+            return Ok(replay);
+        }
+        let model = lock(self.res_shard(id))
+            .open
+            .get(id)
+            .map(|r| r.subject.model.clone());
+        let Some(model) = model else {
+            return self
+                .settled_answer(id, commit, now)?
+                .ok_or(LedgerError::NotFound(*id));
+        };
+        let cost = self.actual_cost(&model, commit)?;
+        let total_tokens = commit.tokens.total();
+        let settled = self.settle_open(
+            id,
+            now,
+            |res| Settled {
+                settlement: Settlement::Committed(Self::usage_from(res, commit, cost)),
+                commit: Some(commit.clone()),
+                late: None,
+                at: now,
+            },
+            |key, state, res| {
+                for (c, start) in [
+                    (&mut state.day, res.day_start),
+                    (&mut state.month, res.month_start),
+                ] {
+                    if c.start == start {
+                        Self::release_counters(c, res);
+                        Self::charge(c, cost, total_tokens);
+                    }
+                }
+                let _ = key;
+            },
+        );
+        match settled {
+            Some((res, Settlement::Committed(usage))) => Ok(Applied {
+                value: Committed {
+                    usage: usage.clone(),
+                    reserved: res.estimate,
+                    replayed: false,
+                    late: false,
+                },
+                event: Some(Event::Committed {
+                    reservation_id: *id,
+                    usage,
+                }),
+            }),
+            // Settled by someone else between the two looks.
+            _ => self
+                .settled_answer(id, commit, now)?
+                .ok_or(LedgerError::NotFound(*id)),
+        }
+    }
+
+    /// The answer for a commit of an already settled reservation, if it is settled.
+    fn settled_answer(
+        &self,
+        id: &Uuid,
+        commit: &CommitRequest,
+        now: Micros,
+    ) -> Result<Option<Applied<Committed>>, LedgerError> {
+        let expired = {
+            let rs = lock(self.res_shard(id));
+            let Some(s) = rs.settled.get(id) else {
+                return Ok(None);
+            };
+            match &s.settlement {
+                Settlement::Committed(usage) => {
+                    if s.commit.as_ref() != Some(commit) {
+                        return Err(LedgerError::CommitMismatch(*id));
+                    }
+                    return Ok(Some(Applied {
+                        value: Committed {
+                            usage: usage.clone(),
+                            reserved: Money::ZERO,
+                            replayed: true,
+                            late: false,
+                        },
+                        event: None,
+                    }));
+                }
+                Settlement::Released { .. } => {
+                    return Err(LedgerError::AlreadySettled {
+                        id: *id,
+                        state: "released",
+                    });
+                }
+                Settlement::Expired(usage) => usage.clone(),
+            }
+        };
+        // Expired, yet the call happened after all: its real spend is recorded on its own,
+        // in the current windows, exactly once.
+        let policy = self.policy();
+        let record = RecordRequest {
+            id: commit.usage_id,
+            subject: Subject {
+                tenant: expired.tenant.clone(),
+                user: expired.user.clone(),
+                company: expired.company.clone(),
+                tier: Some(expired.tier.clone()),
+                model: expired.model.clone(),
+                endpoint: expired.endpoint.clone(),
+            },
+            tokens: commit.tokens,
+            cost: commit.cost,
+            status: commit.status,
+            idempotency_key: None,
+        };
+        let mut usage = self.build_record(&policy, &record, now)?;
+        usage.reservation_id = Some(*id);
+        let first = {
+            let mut rs = lock(self.res_shard(id));
+            let Some(s) = rs.settled.get_mut(id) else {
+                return Ok(None);
+            };
+            match &s.commit {
+                None => {
+                    s.commit = Some(commit.clone());
+                    s.late = Some(usage.clone());
+                    true
+                }
+                Some(prev) if prev == commit => {
+                    usage = s.late.clone().unwrap_or(usage);
+                    false
+                }
+                Some(_) => return Err(LedgerError::CommitMismatch(*id)),
+            }
+        };
+        if first {
+            self.charge_usage(&policy, &usage);
+        }
+        Ok(Some(Applied {
+            value: Committed {
+                usage: usage.clone(),
+                reserved: Money::ZERO,
+                replayed: !first,
+                late: true,
+            },
+            event: first.then_some(Event::Recorded(usage)),
+        }))
+    }
+
+    /// Releases a reservation whose call never happened. Releasing twice is harmless.
+    pub fn release(
+        &self,
+        id: &Uuid,
+        reason: Option<String>,
+        now: Micros,
+    ) -> Result<Applied<Settlement>, LedgerError> {
+        let settled = self.settle_open(
+            id,
+            now,
+            |_| Settled {
+                settlement: Settlement::Released {
+                    reason: reason.clone(),
+                },
+                commit: None,
+                late: None,
+                at: now,
+            },
+            |_, state, res| {
+                for (c, start) in [
+                    (&mut state.day, res.day_start),
+                    (&mut state.month, res.month_start),
+                ] {
+                    if c.start == start {
+                        Self::release_counters(c, res);
+                    }
+                }
+            },
+        );
+        if settled.is_some() {
+            return Ok(Applied {
+                value: Settlement::Released {
+                    reason: reason.clone(),
+                },
+                event: Some(Event::Released {
+                    reservation_id: *id,
+                    reason,
+                    at: now,
+                }),
+            });
+        }
+        let rs = lock(self.res_shard(id));
+        match rs.settled.get(id).map(|s| &s.settlement) {
+            None => Err(LedgerError::NotFound(*id)),
+            Some(Settlement::Committed(_)) => Err(LedgerError::AlreadySettled {
+                id: *id,
+                state: "committed",
+            }),
+            Some(s) => Ok(Applied {
+                value: s.clone(),
+                event: None,
+            }),
+        }
+    }
+
+    /// Releases every reservation whose TTL has passed, recording each as `expired` (no
+    /// tokens, no cost), and forgets settled reservations, idempotency keys and finished
+    /// windows older than the retention. Call it periodically.
+    pub fn expire(&self, now: Micros) -> Vec<Event> {
+        let mut due = Vec::new();
+        for shard in self.reservations.iter() {
+            let mut rs = lock(shard);
+            due.extend(
+                rs.open
+                    .values()
+                    .filter(|r| r.expires_at <= now)
+                    .map(|r| r.id),
+            );
+            let horizon = now.saturating_sub(self.retention_us);
+            rs.settled.retain(|_, s| s.at > horizon);
+        }
+        let mut events = Vec::with_capacity(due.len());
+        for id in due {
+            let settled = self.settle_open(
+                &id,
+                now,
+                |res| {
+                    let commit = CommitRequest {
+                        usage_id: res.id,
+                        tokens: Tokens::default(),
+                        cost: Some(Money::ZERO),
+                        status: RequestStatus::Expired,
+                    };
+                    Settled {
+                        settlement: Settlement::Expired(Self::usage_from(
+                            res,
+                            &commit,
+                            Money::ZERO,
+                        )),
+                        commit: None,
+                        late: None,
+                        at: now,
+                    }
+                },
+                |_, state, res| {
+                    for (c, start) in [
+                        (&mut state.day, res.day_start),
+                        (&mut state.month, res.month_start),
+                    ] {
+                        if c.start == start {
+                            Self::release_counters(c, res);
+                        }
+                    }
+                },
+            );
+            if let Some((res, Settlement::Expired(usage))) = settled {
+                events.push(Event::Expired {
+                    reservation_id: res.id,
+                    usage,
+                });
+            }
+        }
+        self.forget(now);
+        events
+    }
+
+    /// Drops idempotency keys past the retention and scope states of finished windows.
+    fn forget(&self, now: Micros) {
+        let horizon = now.saturating_sub(self.retention_us);
+        for shard in self.idempotency.iter() {
+            lock(shard).keys.retain(|_, e| e.at > horizon);
+        }
+        let periods = self.policy().calendar.periods(now);
+        for shard in self.scopes.iter() {
+            lock(shard).scopes.retain(|_, s| {
+                s.in_flight > 0
+                    || s.month.start >= periods.month.start
+                    || s.day.start >= periods.day.start
+                    || s.tat > now
+            });
+        }
+    }
+
+    /// Counts usage of a call that was not reserved. Never refused by limits.
+    pub fn record(
+        &self,
+        req: &RecordRequest,
+        now: Micros,
+    ) -> Result<Applied<UsageRecord>, LedgerError> {
+        if req.status == RequestStatus::Expired {
+            return Err(LedgerError::ExpiredStatus);
+        }
+        let policy = self.policy();
+        let fp = fingerprint(|h| {
+            req.subject.hash(h);
+            req.tokens.hash(h);
+            req.cost.hash(h);
+            req.status.hash(h);
+        });
+        let tenant = &req.subject.tenant;
+        let mut idem = req
+            .idempotency_key
+            .as_ref()
+            .map(|k| (k, lock(self.idem_shard(tenant, k))));
+        if let Some((k, shard)) = &idem
+            && let Some(e) = shard.keys.get(&(tenant.clone(), (*k).clone()))
+        {
+            if e.fingerprint != fp {
+                return Err(LedgerError::IdempotencyConflict((*k).clone()));
+            }
+            if let Remembered::Usage(u) = &e.result {
+                return Ok(Applied {
+                    value: (**u).clone(),
+                    event: None,
+                });
+            }
+            return Err(LedgerError::IdempotencyConflict((*k).clone()));
+        }
+        let usage = self.build_record(&policy, req, now)?;
+        self.charge_usage(&policy, &usage);
+        if let Some((k, shard)) = &mut idem {
+            shard.keys.insert(
+                (tenant.clone(), (*k).clone()),
+                IdemEntry {
+                    fingerprint: fp,
+                    result: Remembered::Usage(Box::new(usage.clone())),
+                    at: now,
+                },
+            );
+        }
+        Ok(Applied {
+            value: usage.clone(),
+            event: Some(Event::Recorded(usage)),
+        })
+    }
+
+    /// The usage record of a direct record at `now` (pure).
+    fn build_record(
+        &self,
+        policy: &Policy,
+        req: &RecordRequest,
+        now: Micros,
+    ) -> Result<UsageRecord, LedgerError> {
+        let eff = self.effective(policy, &req.subject)?;
+        let cost = match req.cost {
+            Some(c) => c,
+            None => match policy.prices.price(&req.subject.model) {
+                Some(p) => p.cost(req.tokens).ok_or(LedgerError::Overflow)?,
+                None => return Err(LedgerError::Unpriced(req.subject.model.clone())),
+            },
+        };
+        let periods = policy.calendar.periods(now);
+        Ok(UsageRecord {
+            id: req.id,
+            tenant: req.subject.tenant.clone(),
+            user: req.subject.user.clone(),
+            company: req.subject.company.clone(),
+            model: req.subject.model.clone(),
+            endpoint: req.subject.endpoint.clone(),
+            tier: eff.tier,
+            tokens: req.tokens,
+            cost,
+            status: req.status,
+            created_at: now,
+            reservation_id: None,
+            idempotency_key: req.idempotency_key.clone(),
+            day_start: periods.day.start,
+            month_start: periods.month.start,
+        })
+    }
+
+    /// Adds a usage record to the counters of its windows, in every scope.
+    fn charge_usage(&self, policy: &Policy, usage: &UsageRecord) {
+        let _ = policy;
+        let subject = Subject {
+            tenant: usage.tenant.clone(),
+            user: usage.user.clone(),
+            company: usage.company.clone(),
+            tier: None,
+            model: usage.model.clone(),
+            endpoint: None,
+        };
+        let scopes = subject.scopes();
+        let (mut locked, idx) = self.lock_scopes(&scopes);
+        let tokens = usage.tokens.total();
+        for (i, key) in scopes.keys.iter().enumerate() {
+            let Some(key) = key else { continue };
+            let state = locked.shard(idx[i]).scopes.entry(key.clone()).or_default();
+            for (c, start) in [
+                (&mut state.day, usage.day_start),
+                (&mut state.month, usage.month_start),
+            ] {
+                if let Some(c) = c.window_mut(start) {
+                    Self::charge(c, usage.cost, tokens);
+                }
+            }
+        }
+    }
+
+    /// The number of scope states held in memory (for metrics and memory tests).
+    pub fn scope_count(&self) -> usize {
+        self.scopes.iter().map(|s| lock(s).scopes.len()).sum()
+    }
+
+    /// The number of open reservations.
+    pub fn open_reservations(&self) -> usize {
+        self.reservations.iter().map(|s| lock(s).open.len()).sum()
+    }
+}
+
+/// GCRA (the generic cell rate algorithm) for requests per minute.
+///
+/// Emission interval `T = 60 s / limit`, burst tolerance `(limit - 1) * T`: an idle user may
+/// send `limit` requests at once; after that one request is admitted every `T`. Over any
+/// span of `d` seconds at most `limit + d / T` requests are admitted, so a 60-second span
+/// can hold up to `2 * limit` requests when a full burst is followed by a steady stream,
+/// while the sustained rate never exceeds `limit` per minute.
+#[derive(Clone, Copy, Debug)]
+struct Gcra {
+    interval: i64,
+    tolerance: i64,
+}
+
+impl Gcra {
+    fn new(limit: u32) -> Gcra {
+        let interval = MICROS_PER_MINUTE / limit.max(1) as i64;
+        Gcra {
+            interval,
+            tolerance: interval * (limit.max(1) as i64 - 1),
+        }
+    }
+
+    /// Whether `n` more requests fit at `now`, and the arrival time after admitting them.
+    fn try_admit(&self, tat: Micros, now: Micros, n: u64) -> (bool, Micros) {
+        if n == 0 {
+            return (true, tat);
+        }
+        let start = tat.max(now);
+        let new_tat = start.saturating_add(self.interval.saturating_mul(n as i64));
+        // The last of the n requests must arrive within the tolerance.
+        let ok = new_tat - self.interval - now <= self.tolerance;
+        (ok, new_tat)
+    }
+
+    /// Requests counted against the burst at `now`.
+    fn used(&self, tat: Micros, now: Micros) -> u64 {
+        let ahead = tat.saturating_sub(now).max(0);
+        (ahead + self.interval - 1)
+            .checked_div(self.interval)
+            .unwrap_or(0) as u64
+    }
+
+    /// When the next request will be admitted.
+    fn next_allowed(&self, tat: Micros, now: Micros) -> Micros {
+        tat.saturating_sub(self.tolerance).max(now)
+    }
+}

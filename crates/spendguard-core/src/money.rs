@@ -340,7 +340,7 @@ mod tests {
         fn parse_is_ceiling(int in 0u32..1_000_000, frac in 0u64..10_000_000_000) {
             // `int.frac` with 10 decimals: micros = ceil(value * 1e6).
             let s = format!("{int}.{frac:010}");
-            let expected = int as i64 * 1_000_000 + (frac as u64).div_ceil(10_000) as i64;
+            let expected = int as i64 * 1_000_000 + frac.div_ceil(10_000) as i64;
             prop_assert_eq!(Money::parse_usd(&s).unwrap().micros(), expected);
         }
     }

@@ -45,7 +45,7 @@ impl Price {
 }
 
 /// Token counts of one call.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Tokens {
     /// All prompt tokens, cached ones included.
     pub input: u64,

@@ -1,0 +1,6 @@
+//! Integration tests of the core ledger through its public API.
+
+mod concurrency;
+mod ledger;
+mod properties;
+mod support;
