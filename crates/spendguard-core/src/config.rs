@@ -127,10 +127,62 @@ pub struct TierConfig {
     pub allowed_models: Option<Vec<String>>,
 }
 
+/// What to do with new reservations while the store cannot be written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreError {
+    #[default]
+    Spool,
+    Deny,
+}
+
+/// The log format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The `[server]` section.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub database: String,
+    pub on_store_error: OnStoreError,
+    pub spool_path: String,
+    pub sync_every_batch: bool,
+    pub log_format: LogFormat,
+}
+
+impl ServerConfig {
+    /// Checks the values that the core can check without I/O.
+    pub fn validate(&self) -> Result<std::net::SocketAddr, ConfigError> {
+        if self.database.trim().is_empty() {
+            return Err(ConfigError::invalid("server.database", "must not be empty"));
+        }
+        if self.spool_path.trim().is_empty() {
+            return Err(ConfigError::invalid(
+                "server.spool_path",
+                "must not be empty",
+            ));
+        }
+        self.listen.parse().map_err(|_| {
+            ConfigError::invalid(
+                "server.listen",
+                format!("`{}` is not an address such as 127.0.0.1:8080", self.listen),
+            )
+        })
+    }
+}
+
 /// The whole configuration file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    pub server: ServerConfig,
     pub time_zone: String,
     pub default_tier: String,
     pub reservation_ttl_seconds: u64,
@@ -184,6 +236,7 @@ impl Config {
 
     /// Checks every value and builds the policy the ledger enforces.
     pub fn validate(&self) -> Result<Policy, ConfigError> {
+        self.server.validate()?;
         let calendar =
             Calendar::new(&self.time_zone).map_err(|e| ConfigError::invalid("time_zone", e))?;
         if self.reservation_ttl_seconds == 0 {
@@ -372,6 +425,14 @@ mod tests {
         assert!(err("reservation_ttl_seconds = 0").starts_with("reservation_ttl_seconds"));
         assert!(err("[prices.\"bad name\"]\ninput = 1\noutput = 1").starts_with("prices.bad name"));
         assert!(matches!(load("= nope"), Err(ConfigError::Syntax(_))));
+        assert!(
+            err("[server]\nlisten = \"nowhere\"")
+                .starts_with("server.listen: `nowhere` is not an address")
+        );
+        assert!(
+            err("[server]\non_store_error = \"panic\"")
+                .starts_with("server.on_store_error: unknown variant")
+        );
     }
 
     #[test]

@@ -18,8 +18,13 @@
 //! then the shard of the reservation, then nothing else. Idempotency shards, when needed, are
 //! locked before all of them.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::hash::{BuildHasher, Hash, Hasher};
+
+use foldhash::fast::RandomState;
+
+/// Hash maps of the hot path use foldhash: several times faster than SipHash on short keys.
+/// Keys are chosen by callers, but every map is per-process seeded.
+type HashMap<K, V> = std::collections::HashMap<K, V, RandomState>;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use serde::{Deserialize, Serialize};
@@ -34,9 +39,14 @@ use crate::window::{Micros, Periods, Window};
 const SHARDS: usize = 64;
 const MICROS_PER_MINUTE: i64 = 60_000_000;
 
-/// How long settled reservations and idempotency keys are remembered in memory, by default.
-/// A store can answer older retries.
+/// How long idempotency keys are remembered in memory, by default.
 pub const DEFAULT_RETENTION_US: i64 = 10 * MICROS_PER_MINUTE;
+
+/// How long settled reservations are remembered in memory, by default: long enough to
+/// answer a retried commit while the first one is still being written; after that the
+/// store answers (see the `Guard`). Short, so memory stays proportional to the request
+/// rate times a few seconds.
+pub const DEFAULT_SETTLED_RETENTION_US: i64 = 5_000_000;
 
 // ---------------------------------------------------------------------------------------
 // Scopes, subjects and requests
@@ -65,7 +75,7 @@ impl ScopeKind {
 
 /// One budget holder. Companies and users are identified within their tenant, so two
 /// tenants can never share (or drain) each other's user budgets.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum ScopeKey {
     Global,
     Tenant(TenantId),
@@ -107,7 +117,7 @@ impl ScopeKey {
 }
 
 /// Who is calling which model: given on reserve, check and record.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Subject {
     pub tenant: TenantId,
     pub user: UserId,
@@ -216,7 +226,7 @@ pub struct RecordRequest {
 // ---------------------------------------------------------------------------------------
 
 /// An open reservation.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reservation {
     pub id: Uuid,
     pub subject: Subject,
@@ -234,7 +244,7 @@ pub struct Reservation {
 }
 
 /// One immutable usage record: the `ai_usage` row.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageRecord {
     pub id: Uuid,
     pub tenant: TenantId,
@@ -262,8 +272,54 @@ pub struct BudgetOverride {
     pub monthly: Option<Money>,
 }
 
+impl UsageRecord {
+    /// The scopes this record counts against: global, tenant, company (if any), user.
+    pub fn scopes(&self) -> impl Iterator<Item = ScopeKey> {
+        let t = &self.tenant;
+        [
+            Some(ScopeKey::Global),
+            Some(ScopeKey::Tenant(t.clone())),
+            self.company
+                .as_ref()
+                .map(|c| ScopeKey::Company(t.clone(), c.clone())),
+            Some(ScopeKey::User(t.clone(), self.user.clone())),
+        ]
+        .into_iter()
+        .flatten()
+    }
+
+    /// Whether this record counts in the counters (expired reservations cost nothing and
+    /// are not requests).
+    pub fn counts(&self) -> bool {
+        self.status != RequestStatus::Expired
+    }
+}
+
+/// Persisted counters of one scope in one calendar window (a rollup row).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CounterRow {
+    pub scope: ScopeKey,
+    pub window: Window,
+    pub start: Micros,
+    pub spent: Money,
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+/// What a store loads at start-up: current-window counters, open reservations, overrides.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub counters: Vec<CounterRow>,
+    pub open: Vec<Reservation>,
+    pub budgets: Vec<(ScopeKey, BudgetOverride)>,
+    pub users: Vec<(TenantId, UserId, UserOverrides)>,
+}
+
+/// `(scope, (day spent, day reserved), (month spent, month reserved))`.
+pub type ScopeTotals = (ScopeKey, (Money, Money), (Money, Money));
+
 /// A state change to persist.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Event {
     Reserved(Reservation),
     Committed {
@@ -509,13 +565,16 @@ struct Settled {
     commit: Option<CommitRequest>,
     /// The usage recorded by a commit that arrived after expiry.
     late: Option<UsageRecord>,
+    /// The reservation's tenant (for access checks on retries).
+    tenant: TenantId,
     at: Micros,
 }
 
 #[derive(Debug, Default)]
 struct ResShard {
-    open: HashMap<Uuid, Reservation>,
-    settled: HashMap<Uuid, Settled>,
+    open: HashMap<Uuid, Box<Reservation>>,
+    /// Boxed: entries are large and the map is churned on every settle.
+    settled: HashMap<Uuid, Box<Settled>>,
 }
 
 #[derive(Debug)]
@@ -545,15 +604,18 @@ struct Effective {
     tokens_per_day: Option<u64>,
     max_concurrent: Option<u32>,
     max_output_tokens: Option<u64>,
-    allowed_models: Option<ModelPatterns>,
+    allowed_models: Option<Arc<ModelPatterns>>,
     /// Budgets of [global, tenant, company, user].
     budgets: [Budget; 4],
 }
 
+/// A user's stored overrides and their compiled model patterns.
+type StoredUser = (UserOverrides, Option<Arc<ModelPatterns>>);
+
 #[derive(Debug, Default)]
 struct Overrides {
     budgets: HashMap<ScopeKey, BudgetOverride>,
-    users: HashMap<(TenantId, UserId), (UserOverrides, Option<ModelPatterns>)>,
+    users: HashMap<(TenantId, UserId), StoredUser>,
 }
 
 /// The live, in-memory ledger. Cheap to share: wrap it in an `Arc`.
@@ -566,6 +628,7 @@ pub struct Ledger {
     reservations: Box<[Mutex<ResShard>]>,
     idempotency: Box<[Mutex<IdemShard>]>,
     retention_us: i64,
+    settled_retention_us: i64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -631,12 +694,13 @@ impl Ledger {
         Ledger::with_retention(policy, DEFAULT_RETENTION_US)
     }
 
-    /// A ledger that remembers settled reservations and idempotency keys for `retention_us`.
+    /// A ledger that remembers idempotency keys for `retention_us` and settled reservations
+    /// for the shorter of that and [`DEFAULT_SETTLED_RETENTION_US`].
     pub fn with_retention(policy: Policy, retention_us: i64) -> Ledger {
         Ledger {
             policy: RwLock::new(Arc::new(policy)),
             overrides: RwLock::new(Overrides::default()),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             scopes: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             reservations: (0..SHARDS)
                 .map(|_| Mutex::new(ResShard::default()))
@@ -645,6 +709,7 @@ impl Ledger {
                 .map(|_| Mutex::new(IdemShard::default()))
                 .collect(),
             retention_us,
+            settled_retention_us: retention_us.min(DEFAULT_SETTLED_RETENTION_US),
         }
     }
 
@@ -702,7 +767,10 @@ impl Ledger {
         if overrides.is_empty() {
             o.users.remove(&key);
         } else {
-            let patterns = overrides.allowed_models.clone().map(ModelPatterns::new);
+            let patterns = overrides
+                .allowed_models
+                .clone()
+                .map(|p| Arc::new(ModelPatterns::new(p)));
             o.users.insert(key, (overrides.clone(), patterns));
         }
         Ok(Applied {
@@ -811,7 +879,7 @@ impl Ledger {
         want_all: bool,
         after: bool,
     ) -> (Vec<LimitStatus>, Vec<LimitStatus>) {
-        let mut all = Vec::new();
+        let mut all = Vec::with_capacity(if want_all { 16 } else { 0 });
         let mut failing = Vec::new();
         let empty = ScopeState::default();
         for (i, key) in scopes.keys.iter().enumerate() {
@@ -1091,12 +1159,14 @@ impl Ledger {
                 max_seconds: policy.max_reservation_ttl_us / 1_000_000,
             });
         }
-        let fp = fingerprint(|h| {
-            req.subject.hash(h);
-            req.input_tokens.hash(h);
-            req.max_output_tokens.hash(h);
-            req.estimated_cost.hash(h);
-            req.ttl_us.hash(h);
+        let fp = req.idempotency_key.as_ref().map_or(0, |_| {
+            fingerprint(|h| {
+                req.subject.hash(h);
+                req.input_tokens.hash(h);
+                req.max_output_tokens.hash(h);
+                req.estimated_cost.hash(h);
+                req.ttl_us.hash(h);
+            })
         });
         // Idempotency: the key's shard stays locked for the whole operation, so two retries
         // racing each other admit once.
@@ -1184,7 +1254,7 @@ impl Ledger {
             if rs.open.contains_key(&req.id) || rs.settled.contains_key(&req.id) {
                 return Err(LedgerError::DuplicateId(req.id));
             }
-            rs.open.insert(req.id, reservation.clone());
+            rs.open.insert(req.id, Box::new(reservation.clone()));
         }
         for (i, key) in scopes.keys.iter().enumerate() {
             let Some(key) = key else { continue };
@@ -1228,7 +1298,7 @@ impl Ledger {
     }
 
     fn find_reservation(&self, id: &Uuid) -> Option<Reservation> {
-        lock(self.res_shard(id)).open.get(id).cloned()
+        lock(self.res_shard(id)).open.get(id).map(|r| (**r).clone())
     }
 
     /// An open reservation, if there is one with this id.
@@ -1252,7 +1322,7 @@ impl Ledger {
         let res = rs.open.remove(id)?;
         let s = settled(&res);
         let settlement = s.settlement.clone();
-        rs.settled.insert(*id, Settled { at: now, ..s });
+        rs.settled.insert(*id, Box::new(Settled { at: now, ..s }));
         drop(rs);
         for (i, key) in scopes.keys.iter().enumerate() {
             let Some(key) = key else { continue };
@@ -1261,7 +1331,7 @@ impl Ledger {
                 apply(key, state, &res);
             }
         }
-        Some((res, settlement))
+        Some((*res, settlement))
     }
 
     fn release_counters(c: &mut Counters, res: &Reservation) {
@@ -1345,6 +1415,7 @@ impl Ledger {
                 settlement: Settlement::Committed(Self::usage_from(res, commit, cost)),
                 commit: Some(commit.clone()),
                 late: None,
+                tenant: res.subject.tenant.clone(),
                 at: now,
             },
             |key, state, res| {
@@ -1478,12 +1549,13 @@ impl Ledger {
         let settled = self.settle_open(
             id,
             now,
-            |_| Settled {
+            |res| Settled {
                 settlement: Settlement::Released {
                     reason: reason.clone(),
                 },
                 commit: None,
                 late: None,
+                tenant: res.subject.tenant.clone(),
                 at: now,
             },
             |_, state, res| {
@@ -1536,7 +1608,7 @@ impl Ledger {
                     .filter(|r| r.expires_at <= now)
                     .map(|r| r.id),
             );
-            let horizon = now.saturating_sub(self.retention_us);
+            let horizon = now.saturating_sub(self.settled_retention_us);
             rs.settled.retain(|_, s| s.at > horizon);
         }
         let mut events = Vec::with_capacity(due.len());
@@ -1559,6 +1631,7 @@ impl Ledger {
                         )),
                         commit: None,
                         late: None,
+                        tenant: res.subject.tenant.clone(),
                         at: now,
                     }
                 },
@@ -1611,11 +1684,13 @@ impl Ledger {
             return Err(LedgerError::ExpiredStatus);
         }
         let policy = self.policy();
-        let fp = fingerprint(|h| {
-            req.subject.hash(h);
-            req.tokens.hash(h);
-            req.cost.hash(h);
-            req.status.hash(h);
+        let fp = req.idempotency_key.as_ref().map_or(0, |_| {
+            fingerprint(|h| {
+                req.subject.hash(h);
+                req.tokens.hash(h);
+                req.cost.hash(h);
+                req.status.hash(h);
+            })
         });
         let tenant = &req.subject.tenant;
         let mut idem = req
@@ -1714,6 +1789,120 @@ impl Ledger {
                     Self::charge(c, usage.cost, tokens);
                 }
             }
+        }
+    }
+
+    /// Loads persisted state into an empty ledger at start-up: the counters of the current
+    /// windows, the open reservations (their estimates become reserved again) and the
+    /// overrides. Rolling request rates are not persisted: after a restart each user may
+    /// send one fresh burst.
+    pub fn restore(&self, snapshot: Snapshot) -> Result<(), LedgerError> {
+        for (scope, budget) in snapshot.budgets {
+            self.set_budget(scope, budget);
+        }
+        for (tenant, user, overrides) in snapshot.users {
+            self.set_user(tenant, user, overrides)?;
+        }
+        for row in snapshot.counters {
+            let mut shard = lock(&self.scopes[row.scope.shard(&self.hasher)]);
+            let state = shard.scopes.entry(row.scope).or_default();
+            let c = match row.window {
+                Window::Day => &mut state.day,
+                Window::Month => &mut state.month,
+                Window::Minute | Window::None => continue,
+            };
+            if let Some(c) = c.window_mut(row.start) {
+                c.spent = c.spent.saturating_add(row.spent);
+                c.requests = c.requests.saturating_add(row.requests);
+                c.tokens = c.tokens.saturating_add(row.tokens);
+            }
+        }
+        for res in snapshot.open {
+            let scopes = res.subject.scopes();
+            let (mut locked, idx) = self.lock_scopes(&scopes);
+            for (i, key) in scopes.keys.iter().enumerate() {
+                let Some(key) = key else { continue };
+                let state = locked.shard(idx[i]).scopes.entry(key.clone()).or_default();
+                state.in_flight += 1;
+                for (c, start) in [
+                    (&mut state.day, res.day_start),
+                    (&mut state.month, res.month_start),
+                ] {
+                    if let Some(c) = c.window_mut(start) {
+                        c.reserved = c.reserved.saturating_add(res.estimate);
+                        c.requests_reserved += 1;
+                        c.tokens_reserved = c.tokens_reserved.saturating_add(res.estimated_tokens);
+                    }
+                }
+            }
+            drop(locked);
+            if let Some(k) = &res.idempotency_key {
+                lock(self.idem_shard(&res.subject.tenant, k)).keys.insert(
+                    (res.subject.tenant.clone(), k.clone()),
+                    IdemEntry {
+                        fingerprint: res.fingerprint,
+                        result: Remembered::Reservation(Box::new(res.clone())),
+                        at: res.created_at,
+                    },
+                );
+            }
+            lock(self.res_shard(&res.id))
+                .open
+                .insert(res.id, Box::new(res));
+        }
+        Ok(())
+    }
+
+    /// The tenant of a reservation that is open or recently settled.
+    pub fn reservation_tenant(&self, id: &Uuid) -> Option<TenantId> {
+        let rs = lock(self.res_shard(id));
+        if let Some(r) = rs.open.get(id) {
+            return Some(r.subject.tenant.clone());
+        }
+        rs.settled.get(id).map(|s| match &s.settlement {
+            Settlement::Committed(u) | Settlement::Expired(u) => u.tenant.clone(),
+            Settlement::Released { .. } => s.tenant.clone(),
+        })
+    }
+
+    /// Spent and reserved money in the current day and month of every scope of `kind` held
+    /// in memory (for metrics and dashboards): `(scope, day, month)` as `(spent, reserved)`.
+    pub fn totals(
+        &self,
+        kind: ScopeKind,
+        now: Micros,
+    ) -> Vec<ScopeTotals> {
+        let periods = self.policy().calendar.periods(now);
+        let mut out = Vec::new();
+        for shard in self.scopes.iter() {
+            for (key, state) in lock(shard).scopes.iter().filter(|(k, _)| k.kind() == kind) {
+                let d = state.day.at(periods.day.start);
+                let m = state.month.at(periods.month.start);
+                out.push((key.clone(), (d.spent, d.reserved), (m.spent, m.reserved)));
+            }
+        }
+        out
+    }
+
+    /// The effective daily and monthly caps of a scope (configuration plus overrides). For a
+    /// user, the tier's caps of `tier` (or the configured default tier).
+    pub fn budget_of(&self, scope: &ScopeKey) -> Budget {
+        let policy = self.policy();
+        let base = match scope {
+            ScopeKey::Global => policy.global,
+            ScopeKey::Tenant(_) => policy.tenant,
+            ScopeKey::Company(..) => policy.company,
+            ScopeKey::User(..) => policy
+                .tier(&policy.default_tier)
+                .map(|t| t.budget)
+                .unwrap_or_default(),
+        };
+        match self.budget_override(scope) {
+            Some(o) => Budget {
+                daily: o.daily.or(base.daily),
+                monthly: o.monthly.or(base.monthly),
+            },
+            None => base,
         }
     }
 

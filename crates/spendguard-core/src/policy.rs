@@ -33,7 +33,7 @@ pub struct UserLimits {
     pub tokens_per_day: Option<u64>,
     pub max_concurrent: Option<u32>,
     pub max_output_tokens: Option<u64>,
-    pub allowed_models: Option<ModelPatterns>,
+    pub allowed_models: Option<std::sync::Arc<ModelPatterns>>,
 }
 
 /// Glob patterns (`*` and `?`) of model names.
@@ -84,7 +84,7 @@ impl Tier {
                 tokens_per_day,
                 max_concurrent,
                 max_output_tokens,
-                allowed_models: allowed_models.map(ModelPatterns::new),
+                allowed_models: allowed_models.map(|p| std::sync::Arc::new(ModelPatterns::new(p))),
             },
             budget,
         }

@@ -3,7 +3,7 @@
 //! The built-in table (`data/prices.toml`) is compiled in; configuration adds or replaces
 //! entries. Dated model names resolve to their base entry (`gpt-4o-2024-08-06` → `gpt-4o`).
 
-use std::collections::HashMap;
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,0 +1,692 @@
+//! The `Guard`: spendguard's service layer. It owns the in-memory [`Ledger`] (where every
+//! decision is made) and a group-commit writer that makes each decision durable before the
+//! caller is answered.
+//!
+//! - **Durable answers.** `reserve`, `commit`, `release` and `record` return only once their
+//!   event is committed to the store (or, while the store is unreachable, synced to the
+//!   spool). Events queued while a batch is being written form the next batch: one
+//!   transaction per batch keeps throughput high without weakening durability.
+//! - **Outages.** When the store fails, batches go to the [`spool`] (checksummed, synced), the
+//!   ledger keeps enforcing exactly from memory, and the writer replays the spool, in order,
+//!   once the store answers again. The store applies events idempotently, so a batch replayed
+//!   twice (a crash between replay and truncation) counts once. With
+//!   `on_store_error = "deny"`, new reservations are refused (503) while the store is
+//!   unreachable; acknowledged spend is still spooled, never lost.
+//! - **Start-up.** The spool is replayed first, then the current windows' counters and the
+//!   open reservations are loaded (O(active scopes)); reservations whose TTL passed while the
+//!   service was down are expired at once.
+
+pub mod spool;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use spendguard_core::{
+    BudgetOverride, CheckOutcome, CommitRequest, Committed, CompanyId, Event, LedgerError,
+    LimitStatus, Micros, Policy, RecordRequest, ReserveRequest, Reserved, ScopeKey, Settlement,
+    TenantId, TierName, UsageRecord, UserId, UserOverrides,
+};
+use spendguard_store::{ReservationState, Store, StoreError};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+pub use spendguard_core::Ledger;
+
+use crate::spool::Spool;
+
+/// A source of the current time.
+pub trait Clock: Send + Sync + 'static {
+    /// Microseconds since the Unix epoch.
+    fn now(&self) -> Micros;
+}
+
+/// The system clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Micros {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        d.as_micros() as Micros
+    }
+}
+
+/// A clock that moves only when told to (tests).
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn new(now: Micros) -> Arc<ManualClock> {
+        Arc::new(ManualClock(AtomicI64::new(now)))
+    }
+    pub fn set(&self, now: Micros) {
+        self.0.store(now, Ordering::SeqCst);
+    }
+    pub fn advance(&self, micros: Micros) {
+        self.0.fetch_add(micros, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Micros {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// What to do with new reservations while the store cannot be written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreError {
+    /// Keep deciding from memory and spool events to a local file (the default).
+    #[default]
+    Spool,
+    /// Refuse new reservations (503) until the store is back. Acknowledged spend is still
+    /// spooled.
+    Deny,
+}
+
+/// Options of a guard.
+#[derive(Clone, Debug)]
+pub struct GuardOptions {
+    pub on_store_error: OnStoreError,
+    /// Where to spool events while the store is unreachable.
+    pub spool_path: PathBuf,
+    /// The most events in one store transaction.
+    pub max_batch: usize,
+    /// How often reservations are checked for expiry.
+    pub sweep_interval: Duration,
+    /// How often the spool is retried while the store is down.
+    pub retry_interval: Duration,
+}
+
+impl GuardOptions {
+    pub fn new(spool_path: impl Into<PathBuf>) -> GuardOptions {
+        GuardOptions {
+            on_store_error: OnStoreError::Spool,
+            spool_path: spool_path.into(),
+            max_batch: 4096,
+            sweep_interval: Duration::from_secs(1),
+            retry_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Errors of guard operations.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// `on_store_error = "deny"` and the store cannot be written.
+    #[error("the usage store is unavailable; new reservations are refused until it is back")]
+    Unavailable,
+    #[error("the usage store failed: {0}")]
+    Store(#[from] StoreError),
+    #[error("the spool could not be written: {0}")]
+    Spool(std::io::Error),
+    #[error("spendguard is shutting down")]
+    ShuttingDown,
+}
+
+/// The health of the write path, for `/readyz` and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreHealth {
+    /// Batches reach the store.
+    Ok,
+    /// The store failed; events are spooled and decisions go on from memory.
+    Spooling,
+}
+
+/// Counters of the write path.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct WriterStats {
+    pub health: StoreHealth,
+    pub on_store_error: OnStoreError,
+    /// Batches waiting in the spool.
+    pub spool_depth: u64,
+    pub batches: u64,
+    pub events: u64,
+    pub last_batch_size: u64,
+    pub store_errors: u64,
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    health: AtomicU8,
+    spool_depth: AtomicU64,
+    batches: AtomicU64,
+    events: AtomicU64,
+    last_batch: AtomicU64,
+    store_errors: AtomicU64,
+}
+
+type Ack = oneshot::Sender<Result<(), GuardError>>;
+
+enum Write {
+    Events(Vec<Event>, Option<Ack>),
+    Close,
+}
+
+/// The ledger plus its durable writer. Clone it freely (it is an `Arc`).
+pub struct Guard<S: Store> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S: Store> Clone for Guard<S> {
+    fn clone(&self) -> Self {
+        Guard {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S: Store> std::fmt::Debug for Guard<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner<S> {
+    ledger: Ledger,
+    store: Arc<S>,
+    clock: Arc<dyn Clock>,
+    writes: mpsc::UnboundedSender<Write>,
+    stats: Arc<Stats>,
+    options: GuardOptions,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl<S: Store> Guard<S> {
+    /// Replays the spool, restores the ledger from the store and starts the writer and the
+    /// expiry sweeper. Must run inside a Tokio runtime.
+    pub async fn start(
+        store: S,
+        policy: Policy,
+        options: GuardOptions,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Guard<S>, GuardError> {
+        let store = Arc::new(store);
+        let mut spool = Spool::open(&options.spool_path).map_err(GuardError::Spool)?;
+        if !spool.is_empty() {
+            let batches = spool.read_all().map_err(GuardError::Spool)?;
+            tracing::info!(
+                batches = batches.len(),
+                "replaying the spool into the store"
+            );
+            for batch in &batches {
+                store.apply(batch).await?;
+            }
+            spool.clear().map_err(GuardError::Spool)?;
+        }
+        let now = clock.now();
+        let periods = policy.calendar.periods(now);
+        let snapshot = store.load(periods.day.start, periods.month.start).await?;
+        tracing::info!(
+            counters = snapshot.counters.len(),
+            open_reservations = snapshot.open.len(),
+            "restored the ledger"
+        );
+        let ledger = Ledger::new(policy);
+        ledger.restore(snapshot)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(Stats::default());
+        let writer = tokio::spawn(writer(
+            store.clone(),
+            spool,
+            rx,
+            stats.clone(),
+            options.clone(),
+        ));
+        let guard = Guard {
+            inner: Arc::new(Inner {
+                ledger,
+                store,
+                clock,
+                writes: tx,
+                stats,
+                options,
+                tasks: Mutex::new(vec![writer]),
+            }),
+        };
+        // Reservations that expired while we were down.
+        guard.sweep().await?;
+        let weak = Arc::downgrade(&guard.inner);
+        let every = guard.inner.options.sweep_interval;
+        let sweeper = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                let g = Guard { inner };
+                if let Err(e) = g.sweep().await {
+                    tracing::debug!(error = %e, "expiry sweep stopped");
+                    return;
+                }
+            }
+        });
+        guard
+            .inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(sweeper);
+        Ok(guard)
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.inner.ledger
+    }
+
+    pub fn store(&self) -> &S {
+        &self.inner.store
+    }
+
+    pub fn now(&self) -> Micros {
+        self.inner.clock.now()
+    }
+
+    pub fn stats(&self) -> WriterStats {
+        let s = &self.inner.stats;
+        WriterStats {
+            health: self.health(),
+            on_store_error: self.inner.options.on_store_error,
+            spool_depth: s.spool_depth.load(Ordering::Relaxed),
+            batches: s.batches.load(Ordering::Relaxed),
+            events: s.events.load(Ordering::Relaxed),
+            last_batch_size: s.last_batch.load(Ordering::Relaxed),
+            store_errors: s.store_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn health(&self) -> StoreHealth {
+        match self.inner.stats.health.load(Ordering::Relaxed) {
+            0 => StoreHealth::Ok,
+            _ => StoreHealth::Spooling,
+        }
+    }
+
+    /// True when the service can admit reservations (it always can in `spool` mode).
+    pub fn ready(&self) -> bool {
+        self.health() == StoreHealth::Ok || self.inner.options.on_store_error == OnStoreError::Spool
+    }
+
+    /// Hands events to the writer and waits until they are durable.
+    async fn persist(&self, event: Option<Event>) -> Result<(), GuardError> {
+        let Some(event) = event else { return Ok(()) };
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .writes
+            .send(Write::Events(vec![event], Some(tx)))
+            .map_err(|_| GuardError::ShuttingDown)?;
+        rx.await.map_err(|_| GuardError::ShuttingDown)?
+    }
+
+    /// Expires overdue reservations and persists the `expired` records.
+    pub async fn sweep(&self) -> Result<(), GuardError> {
+        let events = self.inner.ledger.expire(self.now());
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .writes
+            .send(Write::Events(events, Some(tx)))
+            .map_err(|_| GuardError::ShuttingDown)?;
+        rx.await.map_err(|_| GuardError::ShuttingDown)?
+    }
+
+    /// Reserves budget. The reservation id is assigned here (UUID v7).
+    pub async fn reserve(
+        &self,
+        mut req: ReserveRequest,
+    ) -> Result<Result<Reserved, CheckOutcome>, GuardError> {
+        if !self.ready() {
+            return Err(GuardError::Unavailable);
+        }
+        req.id = Uuid::now_v7();
+        match self.inner.ledger.reserve(&req, self.now())? {
+            Err(denied) => Ok(Err(denied)),
+            Ok(applied) => {
+                let id = applied.value.reservation.id;
+                if let Err(e) = self.persist(applied.event).await {
+                    // Not durable: take it back so memory and store agree.
+                    if applied.value.replayed {
+                        return Err(e);
+                    }
+                    let _ =
+                        self.inner
+                            .ledger
+                            .release(&id, Some("not persisted".into()), self.now());
+                    return Err(e);
+                }
+                Ok(Ok(applied.value))
+            }
+        }
+    }
+
+    /// Commits a reservation's actual usage. The usage id is assigned here.
+    pub async fn commit(&self, id: Uuid, mut req: CommitRequest) -> Result<Committed, GuardError> {
+        req.usage_id = Uuid::now_v7();
+        let now = self.now();
+        match self.inner.ledger.commit(&id, &req, now) {
+            Ok(applied) => {
+                self.persist(applied.event).await?;
+                Ok(applied.value)
+            }
+            // Settled longer ago than memory remembers: the store answers.
+            Err(LedgerError::NotFound(_)) => self.commit_from_store(id, &req).await,
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn commit_from_store(
+        &self,
+        id: Uuid,
+        req: &CommitRequest,
+    ) -> Result<Committed, GuardError> {
+        match self.inner.store.reservation(id).await? {
+            None => Err(LedgerError::NotFound(id).into()),
+            Some((ReservationState::Committed, Some(usage))) => {
+                let same = usage.tokens == req.tokens
+                    && usage.status == req.status
+                    && req.cost.is_none_or(|c| c == usage.cost);
+                if !same {
+                    return Err(LedgerError::CommitMismatch(id).into());
+                }
+                Ok(Committed {
+                    usage,
+                    reserved: spendguard_core::Money::ZERO,
+                    replayed: true,
+                    late: false,
+                })
+            }
+            Some((ReservationState::Released, _)) => Err(LedgerError::AlreadySettled {
+                id,
+                state: "released",
+            }
+            .into()),
+            Some((ReservationState::Expired, Some(expired))) => {
+                // Expired long ago and now committed: record the real spend.
+                let record = RecordRequest {
+                    id: Uuid::now_v7(),
+                    subject: spendguard_core::Subject {
+                        tenant: expired.tenant.clone(),
+                        user: expired.user.clone(),
+                        company: expired.company.clone(),
+                        tier: Some(expired.tier.clone()),
+                        model: expired.model.clone(),
+                        endpoint: expired.endpoint.clone(),
+                    },
+                    tokens: req.tokens,
+                    cost: req.cost,
+                    status: req.status,
+                    idempotency_key: None,
+                };
+                let applied = self.inner.ledger.record(&record, self.now())?;
+                let mut usage = applied.value;
+                usage.reservation_id = Some(id);
+                let event = applied.event.map(|_| Event::Recorded(usage.clone()));
+                self.persist(event).await?;
+                Ok(Committed {
+                    usage,
+                    reserved: spendguard_core::Money::ZERO,
+                    replayed: false,
+                    late: true,
+                })
+            }
+            Some(_) => Err(LedgerError::NotFound(id).into()),
+        }
+    }
+
+    /// Releases a reservation whose call never happened.
+    pub async fn release(
+        &self,
+        id: Uuid,
+        reason: Option<String>,
+    ) -> Result<Settlement, GuardError> {
+        match self.inner.ledger.release(&id, reason, self.now()) {
+            Ok(applied) => {
+                self.persist(applied.event).await?;
+                Ok(applied.value)
+            }
+            Err(LedgerError::NotFound(_)) => match self.inner.store.reservation(id).await? {
+                Some((ReservationState::Released, _)) => Ok(Settlement::Released { reason: None }),
+                Some((ReservationState::Expired, Some(u))) => Ok(Settlement::Expired(u)),
+                Some((ReservationState::Committed, _)) => Err(LedgerError::AlreadySettled {
+                    id,
+                    state: "committed",
+                }
+                .into()),
+                _ => Err(LedgerError::NotFound(id).into()),
+            },
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Records usage of a call that was not reserved. The record id is assigned here.
+    pub async fn record(&self, mut req: RecordRequest) -> Result<UsageRecord, GuardError> {
+        req.id = Uuid::now_v7();
+        if let Some(key) = &req.idempotency_key
+            && let Some(prev) = self
+                .inner
+                .store
+                .usage_by_key(&req.subject.tenant, key)
+                .await?
+        {
+            let same = prev.user == req.subject.user
+                && prev.model == req.subject.model
+                && prev.tokens == req.tokens
+                && req.cost.is_none_or(|c| c == prev.cost);
+            if !same {
+                return Err(LedgerError::IdempotencyConflict(key.clone()).into());
+            }
+            return Ok(prev);
+        }
+        let applied = self.inner.ledger.record(&req, self.now())?;
+        self.persist(applied.event).await?;
+        Ok(applied.value)
+    }
+
+    /// The tenant a reservation belongs to, from memory or the store. `None` when unknown.
+    pub async fn reservation_tenant(&self, id: Uuid) -> Result<Option<TenantId>, GuardError> {
+        if let Some(t) = self.inner.ledger.reservation_tenant(&id) {
+            return Ok(Some(t));
+        }
+        Ok(self
+            .inner
+            .store
+            .reservation(id)
+            .await?
+            .and_then(|(_, u)| u.map(|u| u.tenant)))
+    }
+
+    /// Would this reservation be admitted? Changes nothing.
+    pub fn check(&self, req: &ReserveRequest) -> Result<CheckOutcome, GuardError> {
+        Ok(self.inner.ledger.check(req, self.now())?)
+    }
+
+    /// A user's effective limits and what remains.
+    pub fn limits(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        company: Option<&CompanyId>,
+        tier: Option<&TierName>,
+    ) -> Result<Vec<LimitStatus>, GuardError> {
+        Ok(self
+            .inner
+            .ledger
+            .limits(tenant, user, company, tier, self.now())?)
+    }
+
+    /// Sets a scope's budget override; durable when this returns.
+    pub async fn set_budget(
+        &self,
+        scope: ScopeKey,
+        budget: BudgetOverride,
+    ) -> Result<(), GuardError> {
+        let applied = self.inner.ledger.set_budget(scope, budget);
+        self.persist(applied.event).await
+    }
+
+    /// Sets a user's tier and overrides; durable when this returns.
+    pub async fn set_user(
+        &self,
+        tenant: TenantId,
+        user: UserId,
+        overrides: UserOverrides,
+    ) -> Result<(), GuardError> {
+        let applied = self.inner.ledger.set_user(tenant, user, overrides)?;
+        self.persist(applied.event).await
+    }
+
+    /// Stops the sweeper, writes everything queued and stops the writer.
+    pub async fn shutdown(&self) {
+        let tasks =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        let _ = self.inner.writes.send(Write::Close);
+        // The first task is the writer, which ends at `Close`; the sweeper is stopped.
+        let mut tasks = tasks.into_iter();
+        let writer = tasks.next();
+        for sweeper in tasks {
+            sweeper.abort();
+            // Wait until it is gone: it may hold the guard (and so the store) mid-sweep.
+            let _ = sweeper.await;
+        }
+        if let Some(writer) = writer
+            && let Err(e) = writer.await
+        {
+            tracing::error!(error = %e, "the writer failed");
+        }
+    }
+}
+
+impl<S> Drop for Inner<S> {
+    fn drop(&mut self) {
+        for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            t.abort();
+        }
+    }
+}
+
+/// The group-commit writer: one store transaction per batch of queued events.
+async fn writer<S: Store>(
+    store: Arc<S>,
+    mut spool: Spool,
+    mut rx: mpsc::UnboundedReceiver<Write>,
+    stats: Arc<Stats>,
+    options: GuardOptions,
+) {
+    let mut closing = false;
+    let mut retry = tokio::time::interval(options.retry_interval);
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    while !closing {
+        let first = tokio::select! {
+            w = rx.recv() => w,
+            _ = retry.tick(), if !spool.is_empty() => {
+                drain_spool(&*store, &mut spool, &stats).await;
+                continue;
+            }
+        };
+        let Some(first) = first else { break };
+        let mut events = Vec::new();
+        let mut acks = Vec::new();
+        let take = |w: Write, events: &mut Vec<Event>, acks: &mut Vec<Ack>| match w {
+            Write::Events(e, ack) => {
+                events.extend(e);
+                acks.extend(ack);
+                false
+            }
+            Write::Close => true,
+        };
+        closing = take(first, &mut events, &mut acks);
+        while !closing && events.len() < options.max_batch {
+            match rx.try_recv() {
+                Ok(w) => closing = take(w, &mut events, &mut acks),
+                Err(_) => break,
+            }
+        }
+        if events.is_empty() {
+            continue;
+        }
+        let result = write_batch(&*store, &mut spool, &stats, &events).await;
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats
+            .events
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        stats
+            .last_batch
+            .store(events.len() as u64, Ordering::Relaxed);
+        for ack in acks {
+            let r = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(GuardError::Spool(std::io::Error::new(
+                    e.kind(),
+                    e.to_string(),
+                ))),
+            };
+            let _ = ack.send(r);
+        }
+    }
+    // Last attempt to leave the spool empty at shutdown.
+    if !spool.is_empty() {
+        drain_spool(&*store, &mut spool, &stats).await;
+    }
+}
+
+/// Writes one batch: to the store when the spool is empty (keeping order), else to the spool.
+async fn write_batch<S: Store>(
+    store: &S,
+    spool: &mut Spool,
+    stats: &Stats,
+    events: &[Event],
+) -> Result<(), std::io::Error> {
+    if spool.is_empty() {
+        match store.apply(events).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, events = events.len(), "store write failed; spooling");
+            }
+        }
+    }
+    spool.append(events)?;
+    stats.health.store(1, Ordering::Relaxed);
+    stats.spool_depth.store(spool.depth(), Ordering::Relaxed);
+    Ok(())
+}
+
+/// Replays the spool into the store, oldest batch first; empties it when all succeeded.
+async fn drain_spool<S: Store>(store: &S, spool: &mut Spool, stats: &Stats) {
+    let batches = match spool.read_all() {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, path = %spool.path().display(), "cannot read the spool");
+            return;
+        }
+    };
+    for batch in &batches {
+        if let Err(e) = store.apply(batch).await {
+            stats.store_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %e, "store still unavailable");
+            return;
+        }
+    }
+    match spool.clear() {
+        Ok(()) => {
+            tracing::info!(batches = batches.len(), "spool replayed; the store is back");
+            stats.spool_depth.store(0, Ordering::Relaxed);
+            stats.health.store(0, Ordering::Relaxed);
+        }
+        Err(e) => tracing::error!(error = %e, "cannot clear the spool"),
+    }
+}

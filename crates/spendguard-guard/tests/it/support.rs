@@ -1,0 +1,166 @@
+//! Shared helpers: stores, policies, requests, and a store that fails on demand.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use spendguard_core::*;
+use spendguard_guard::{Clock, Guard, GuardOptions, SystemClock};
+use spendguard_store::{AnyStore, OpenOptions, ReservationState, Store, StoreError};
+use uuid::Uuid;
+
+pub const POLICY: &str = r#"
+[global]
+usd_per_day = "1000000"
+usd_per_month = "1000000"
+[tiers.free]
+requests_per_minute = "unlimited"
+requests_per_day = "unlimited"
+tokens_per_day = "unlimited"
+usd_per_day = "1000"
+usd_per_month = "1000"
+max_concurrent = "unlimited"
+allowed_models = ["*"]
+"#;
+
+pub fn policy() -> Policy {
+    Config::from_toml(POLICY).unwrap().validate().unwrap()
+}
+
+pub fn subject(tenant: &str, user: &str) -> Subject {
+    Subject {
+        tenant: TenantId::parse(tenant).unwrap(),
+        user: UserId::parse(user).unwrap(),
+        company: Some(CompanyId::parse("acme").unwrap()),
+        tier: None,
+        model: ModelName::parse("gpt-4o-mini").unwrap(),
+        endpoint: None,
+    }
+}
+
+pub fn reserve(subject: Subject, micros: i64) -> ReserveRequest {
+    ReserveRequest {
+        id: Uuid::nil(),
+        subject,
+        input_tokens: 100,
+        max_output_tokens: Some(100),
+        estimated_cost: Some(Money::from_micros(micros)),
+        idempotency_key: None,
+        ttl_us: None,
+    }
+}
+
+pub fn commit(micros: i64) -> CommitRequest {
+    CommitRequest {
+        usage_id: Uuid::nil(),
+        tokens: Tokens {
+            input: 100,
+            cached_input: 0,
+            output: 40,
+        },
+        cost: Some(Money::from_micros(micros)),
+        status: RequestStatus::Success,
+    }
+}
+
+pub async fn sqlite(path: &std::path::Path) -> AnyStore {
+    AnyStore::open(path.to_str().unwrap(), &OpenOptions::default())
+        .await
+        .unwrap()
+}
+
+pub async fn start<S: Store>(store: S, dir: &std::path::Path) -> Guard<S> {
+    start_with(
+        store,
+        GuardOptions::new(dir.join("spool")),
+        Arc::new(SystemClock),
+    )
+    .await
+}
+
+pub async fn start_with<S: Store>(
+    store: S,
+    options: GuardOptions,
+    clock: Arc<dyn Clock>,
+) -> Guard<S> {
+    Guard::start(store, policy(), options, clock).await.unwrap()
+}
+
+/// Sorted, for comparisons.
+pub fn sorted(mut rows: Vec<CounterRow>) -> Vec<CounterRow> {
+    rows.sort_by(|a, b| {
+        (a.scope.clone(), a.window, a.start).cmp(&(b.scope.clone(), b.window, b.start))
+    });
+    rows
+}
+
+/// Rollups equal a recount of the usage rows: nothing lost, nothing doubled.
+pub async fn assert_rollups_match<S: Store>(store: &S) {
+    let rollups = sorted(store.rollups().await.unwrap());
+    let recount = sorted(store.recount().await.unwrap());
+    assert_eq!(rollups, recount);
+}
+
+/// A store whose writes fail while `down` is set.
+pub struct FlakyStore<S> {
+    pub inner: S,
+    pub down: Arc<AtomicBool>,
+}
+
+impl<S: Store> FlakyStore<S> {
+    fn check(&self) -> Result<(), StoreError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("simulated outage".into()));
+        }
+        Ok(())
+    }
+}
+
+impl<S: Store> Store for FlakyStore<S> {
+    async fn apply(&self, events: &[Event]) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.apply(events).await
+    }
+    async fn load(&self, day_start: Micros, month_start: Micros) -> Result<Snapshot, StoreError> {
+        self.check()?;
+        self.inner.load(day_start, month_start).await
+    }
+    async fn usage(&self, id: Uuid) -> Result<Option<UsageRecord>, StoreError> {
+        self.check()?;
+        self.inner.usage(id).await
+    }
+    async fn reservation(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<(ReservationState, Option<UsageRecord>)>, StoreError> {
+        self.check()?;
+        self.inner.reservation(id).await
+    }
+    async fn usage_by_key(
+        &self,
+        tenant: &TenantId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<UsageRecord>, StoreError> {
+        self.check()?;
+        self.inner.usage_by_key(tenant, key).await
+    }
+    async fn recount(&self) -> Result<Vec<CounterRow>, StoreError> {
+        self.inner.recount().await
+    }
+    async fn rollups(&self) -> Result<Vec<CounterRow>, StoreError> {
+        self.inner.rollups().await
+    }
+    async fn usage_count(&self) -> Result<u64, StoreError> {
+        self.inner.usage_count().await
+    }
+}
+
+/// `SPENDGUARD_TEST_DATABASE_URL`, or `None` after printing that the test is skipped.
+pub fn pg_url() -> Option<String> {
+    match std::env::var("SPENDGUARD_TEST_DATABASE_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            println!("SKIPPED: SPENDGUARD_TEST_DATABASE_URL not set");
+            None
+        }
+    }
+}

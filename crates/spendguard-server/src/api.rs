@@ -1,0 +1,804 @@
+//! The v1 handlers and their request and response bodies.
+//!
+//! Request bodies convert to domain types once, at the edge: ids, money and model names are
+//! parsed by their types' `Deserialize`, and unknown fields are rejected.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer};
+use serde_json::{Value, json};
+use spendguard_core::{
+    BudgetOverride, CheckOutcome, CommitRequest, CompanyId, Denial, Endpoint, IdempotencyKey,
+    LimitStatus, Micros, ModelName, Money, RecordRequest, RequestStatus, ReserveRequest, ScopeKey,
+    Settlement, Subject, TenantId, TierName, Tokens, Unit, UserId, UserOverrides, Window,
+};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::{Caller, create_key};
+use crate::error::{ApiError, ApiJson, ApiQuery};
+
+// ---------------------------------------------------------------------------------------
+// Bodies
+// ---------------------------------------------------------------------------------------
+
+/// Who calls which model (on reserve, check and record).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReserveBody {
+    #[schemars(with = "String")]
+    pub user_id: UserId,
+    #[schemars(with = "String")]
+    pub tenant_id: TenantId,
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub company_id: Option<CompanyId>,
+    /// The user's tier; else the stored tier; else the configured default.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub tier: Option<TierName>,
+    #[schemars(with = "String")]
+    pub model: ModelName,
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub endpoint: Option<Endpoint>,
+    pub input_tokens: u64,
+    /// Defaults to the tier's maximum.
+    #[serde(default)]
+    pub max_output_tokens: Option<u64>,
+    /// A worst-case cost instead of the price-table estimate (number or decimal string).
+    #[serde(default)]
+    #[schemars(with = "Option<f64>")]
+    pub estimated_cost_usd: Option<Money>,
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub idempotency_key: Option<IdempotencyKey>,
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+}
+
+impl ReserveBody {
+    fn into_request(self) -> Result<ReserveRequest, ApiError> {
+        let ttl_us = match self.ttl_seconds {
+            None => None,
+            Some(s) => Some(
+                i64::try_from(s)
+                    .ok()
+                    .and_then(|s| s.checked_mul(1_000_000))
+                    .ok_or_else(|| ApiError::bad_request("ttl_seconds is too large"))?,
+            ),
+        };
+        Ok(ReserveRequest {
+            id: Uuid::nil(),
+            subject: Subject {
+                tenant: self.tenant_id,
+                user: self.user_id,
+                company: self.company_id,
+                tier: self.tier,
+                model: self.model,
+                endpoint: self.endpoint,
+            },
+            input_tokens: self.input_tokens,
+            max_output_tokens: self.max_output_tokens,
+            estimated_cost: self.estimated_cost_usd,
+            idempotency_key: self.idempotency_key,
+            ttl_us,
+        })
+    }
+}
+
+/// The actual usage of a reserved call.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommitBody {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    #[serde(default)]
+    pub cached_input_tokens: Option<u64>,
+    /// The real cost, if known; else computed from the tokens.
+    #[serde(default)]
+    #[schemars(with = "Option<f64>")]
+    pub cost_usd: Option<Money>,
+    /// `success` (default), `error` or `cancelled`.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub status: Option<RequestStatus>,
+}
+
+fn tokens(input: u64, cached: Option<u64>, output: u64) -> Result<Tokens, ApiError> {
+    let cached = cached.unwrap_or(0);
+    if cached > input {
+        return Err(ApiError::bad_request(
+            "cached_input_tokens cannot exceed input_tokens (input_tokens counts all prompt tokens)",
+        ));
+    }
+    Ok(Tokens {
+        input,
+        cached_input: cached,
+        output,
+    })
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseBody {
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Usage of a call that was not reserved.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UsageBody {
+    #[schemars(with = "String")]
+    pub user_id: UserId,
+    #[schemars(with = "String")]
+    pub tenant_id: TenantId,
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub company_id: Option<CompanyId>,
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub tier: Option<TierName>,
+    #[schemars(with = "String")]
+    pub model: ModelName,
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub endpoint: Option<Endpoint>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    #[serde(default)]
+    pub cached_input_tokens: Option<u64>,
+    #[serde(default)]
+    #[schemars(with = "Option<f64>")]
+    pub cost_usd: Option<Money>,
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub status: Option<RequestStatus>,
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub idempotency_key: Option<IdempotencyKey>,
+}
+
+/// Absent: unchanged. `null`: cleared. A value: set.
+fn double_option<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetBody {
+    /// USD per calendar day; `null` clears the override.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schemars(with = "Option<f64>")]
+    pub daily_usd: Option<Option<Money>>,
+    /// USD per calendar month; `null` clears the override.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schemars(with = "Option<f64>")]
+    pub monthly_usd: Option<Option<Money>>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantQuery {
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub tenant_id: Option<TenantId>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsQuery {
+    #[schemars(with = "String")]
+    pub user_id: UserId,
+    #[schemars(with = "String")]
+    pub tenant_id: TenantId,
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub company_id: Option<CompanyId>,
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub tier: Option<TierName>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyBody {
+    #[schemars(with = "String")]
+    pub tenant_id: TenantId,
+}
+
+// ---------------------------------------------------------------------------------------
+// Answers
+// ---------------------------------------------------------------------------------------
+
+pub fn rfc3339(t: Micros) -> String {
+    jiff::Timestamp::from_microsecond(t)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+fn limit_json(l: &LimitStatus) -> Value {
+    json!({
+        "scope": l.scope.kind().as_str(),
+        "scope_id": l.scope.id(),
+        "window": l.window.as_str(),
+        "unit": match l.unit { Unit::Usd => "usd", Unit::Requests => "requests", Unit::Tokens => "tokens", Unit::Concurrent => "concurrent" },
+        "limit": l.limit,
+        "used": l.used,
+        "reserved": l.reserved,
+        "remaining": l.remaining,
+        "resets_at": l.resets_at.map(rfc3339),
+    })
+}
+
+fn limits_json(limits: &[LimitStatus]) -> Value {
+    Value::Array(limits.iter().map(limit_json).collect())
+}
+
+/// The error for a refused reservation, with `Retry-After` and the IETF `RateLimit` headers.
+fn denial_error(denial: &Denial, now: Micros) -> ApiError {
+    match denial {
+        Denial::Limits(failing) => {
+            let budget = denial.is_budget();
+            let (code, what) = if budget {
+                ("budget_exceeded", "a budget")
+            } else {
+                ("rate_limited", "a rate limit")
+            };
+            let names: Vec<String> = failing
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{} {} {}/{}",
+                        l.scope.kind().as_str(),
+                        l.scope.id(),
+                        l.unit_str(),
+                        l.window.as_str()
+                    )
+                })
+                .collect();
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                code,
+                format!("this call would exceed {what}: {}", names.join(", ")),
+            )
+            .with("limits", limits_json(failing));
+            let retry = denial
+                .retry_at()
+                .map(|t| ((t - now).max(0) + 999_999) / 1_000_000)
+                .unwrap_or(1)
+                .max(1);
+            e.headers
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+            if let Some(first) = failing.first() {
+                let (limit, remaining) = (amount_num(first.limit), amount_num(first.remaining));
+                let window = match first.window {
+                    Window::Minute => 60,
+                    Window::Day => 86_400,
+                    Window::Month => 2_592_000,
+                    Window::None => 1,
+                };
+                if let Ok(v) = HeaderValue::from_str(&format!(
+                    "\"{}\";q={};w={}",
+                    first.unit_str(),
+                    limit,
+                    window
+                )) {
+                    e.headers.insert("ratelimit-policy", v);
+                }
+                if let Ok(v) = HeaderValue::from_str(&format!(
+                    "\"{}\";r={};t={}",
+                    first.unit_str(),
+                    remaining,
+                    retry
+                )) {
+                    e.headers.insert("ratelimit", v);
+                }
+            }
+            e
+        }
+        Denial::ModelNotAllowed { model, tier } => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "model_not_allowed",
+            format!("tier `{tier}` may not call model `{model}`"),
+        ),
+        Denial::UnknownModel { model } => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "unknown_model",
+            format!(
+                "model `{model}` has no price and unknown models are denied; pass estimated_cost_usd or configure a price"
+            ),
+        ),
+        Denial::OutputTokensTooHigh { requested, max } => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "max_output_tokens_exceeded",
+            format!("max_output_tokens {requested} is above the tier's maximum of {max}"),
+        ),
+    }
+}
+
+/// A limit's amount as a plain number (integers for counts, USD for money).
+fn amount_num(a: spendguard_core::Amount) -> String {
+    match a {
+        spendguard_core::Amount::Usd(m) => m.to_string(),
+        spendguard_core::Amount::Count(n) => n.to_string(),
+    }
+}
+
+trait UnitStr {
+    fn unit_str(&self) -> &'static str;
+}
+
+impl UnitStr for LimitStatus {
+    fn unit_str(&self) -> &'static str {
+        match self.unit {
+            Unit::Usd => "usd",
+            Unit::Requests => "requests",
+            Unit::Tokens => "tokens",
+            Unit::Concurrent => "concurrent",
+        }
+    }
+}
+
+fn denial_json(d: &Denial, now: Micros) -> Value {
+    let e = denial_error(d, now);
+    let mut m = serde_json::Map::new();
+    m.insert("code".into(), e.code.into());
+    m.insert("message".into(), e.message.clone().into());
+    m.extend(e.details.clone());
+    Value::Object(m)
+}
+
+fn usage_json(u: &spendguard_core::UsageRecord) -> Value {
+    json!({
+        "usage_id": u.id,
+        "reservation_id": u.reservation_id,
+        "tenant_id": u.tenant,
+        "user_id": u.user,
+        "company_id": u.company,
+        "model": u.model,
+        "endpoint": u.endpoint,
+        "subscription_tier": u.tier,
+        "input_tokens": u.tokens.input,
+        "cached_input_tokens": u.tokens.cached_input,
+        "output_tokens": u.tokens.output,
+        "cost_usd": u.cost,
+        "request_status": u.status.as_str(),
+        "created_at": rfc3339(u.created_at),
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Handlers
+// ---------------------------------------------------------------------------------------
+
+pub async fn reserve(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<ReserveBody>,
+) -> Result<Response, ApiError> {
+    caller.may_act_on(&body.tenant_id)?;
+    let req = body.into_request()?;
+    let now = state.guard.now();
+    match state.guard.reserve(req).await? {
+        Ok(r) => {
+            state.metrics.decision("admitted", "ok");
+            let status = if r.replayed {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            Ok((
+                status,
+                Json(json!({
+                    "reservation_id": r.reservation.id,
+                    "reserved_cost_usd": r.reservation.estimate,
+                    "reserved_tokens": r.reservation.estimated_tokens,
+                    "expires_at": rfc3339(r.reservation.expires_at),
+                    "tier": r.reservation.tier,
+                    "replayed": r.replayed,
+                    "limits": limits_json(&r.limits),
+                })),
+            )
+                .into_response())
+        }
+        Err(outcome) => {
+            let denial = outcome.denial.expect("a refused reservation has a denial");
+            let e = denial_error(&denial, now);
+            state.metrics.decision("denied", e.code);
+            Err(e)
+        }
+    }
+}
+
+pub async fn check(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<ReserveBody>,
+) -> Result<Json<Value>, ApiError> {
+    caller.may_act_on(&body.tenant_id)?;
+    let req = body.into_request()?;
+    let now = state.guard.now();
+    let CheckOutcome { limits, denial } = state.guard.check(&req)?;
+    Ok(Json(json!({
+        "allowed": denial.is_none(),
+        "limits": limits_json(&limits),
+        "denial": denial.as_ref().map(|d| denial_json(d, now)),
+    })))
+}
+
+fn parse_reservation_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| {
+        ApiError::bad_request(format!(
+            "`{}` is not a reservation id (a UUID)",
+            id.chars().take(64).collect::<String>()
+        ))
+    })
+}
+
+/// Refuses a tenant key acting on another tenant's reservation (as a 404: it does not
+/// reveal that the id exists).
+async fn authorize_reservation(
+    state: &AppState,
+    caller: &Caller,
+    id: Uuid,
+) -> Result<(), ApiError> {
+    if let Caller::Tenant(t) = caller {
+        match state.guard.reservation_tenant(id).await? {
+            Some(owner) if &owner == t => {}
+            Some(_) => {
+                return Err(ApiError::forbidden(
+                    "this reservation belongs to another tenant",
+                ));
+            }
+            None => return Err(ApiError::not_found(format!("reservation {id} not found"))),
+        }
+    }
+    Ok(())
+}
+
+pub async fn commit(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<CommitBody>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_reservation_id(&id)?;
+    authorize_reservation(&state, &caller, id).await?;
+    let req = CommitRequest {
+        usage_id: Uuid::nil(),
+        tokens: tokens(
+            body.input_tokens,
+            body.cached_input_tokens,
+            body.output_tokens,
+        )?,
+        cost: body.cost_usd,
+        status: body.status.unwrap_or(RequestStatus::Success),
+    };
+    let c = state.guard.commit(id, req).await?;
+    if !c.replayed {
+        state.metrics.spend(c.usage.cost);
+    }
+    let mut v = usage_json(&c.usage);
+    v["reserved_cost_usd"] = serde_json::to_value(c.reserved).unwrap_or(Value::Null);
+    v["replayed"] = c.replayed.into();
+    v["late"] = c.late.into();
+    Ok(Json(v))
+}
+
+pub async fn release(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_reservation_id(&id)?;
+    // The body is optional: empty means no reason.
+    let body: ReleaseBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ReleaseBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            if e.is_data() {
+                ApiError::bad_request(e.to_string())
+            } else {
+                ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string())
+            }
+        })?
+    };
+    authorize_reservation(&state, &caller, id).await?;
+    let reason = body.reason;
+    if reason.as_ref().is_some_and(|r| r.len() > 1024) {
+        return Err(ApiError::bad_request(
+            "reason is longer than 1024 characters",
+        ));
+    }
+    let s = state.guard.release(id, reason).await?;
+    let state_name = match s {
+        Settlement::Released { .. } => "released",
+        Settlement::Expired(_) => "expired",
+        Settlement::Committed(_) => "committed",
+    };
+    Ok(Json(json!({ "reservation_id": id, "state": state_name })))
+}
+
+pub async fn record(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<UsageBody>,
+) -> Result<Response, ApiError> {
+    caller.may_act_on(&body.tenant_id)?;
+    let req = RecordRequest {
+        id: Uuid::nil(),
+        tokens: tokens(
+            body.input_tokens,
+            body.cached_input_tokens,
+            body.output_tokens,
+        )?,
+        subject: Subject {
+            tenant: body.tenant_id,
+            user: body.user_id,
+            company: body.company_id,
+            tier: body.tier,
+            model: body.model,
+            endpoint: body.endpoint,
+        },
+        cost: body.cost_usd,
+        status: body.status.unwrap_or(RequestStatus::Success),
+        idempotency_key: body.idempotency_key,
+    };
+    let u = state.guard.record(req).await?;
+    state.metrics.spend(u.cost);
+    Ok((StatusCode::CREATED, Json(usage_json(&u))).into_response())
+}
+
+pub async fn limits(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<LimitsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.may_act_on(&q.tenant_id)?;
+    let limits = state.guard.limits(
+        &q.tenant_id,
+        &q.user_id,
+        q.company_id.as_ref(),
+        q.tier.as_ref(),
+    )?;
+    Ok(Json(json!({
+        "tenant_id": q.tenant_id,
+        "user_id": q.user_id,
+        "limits": limits_json(&limits),
+    })))
+}
+
+pub async fn daily_usage(
+    State(_state): State<AppState>,
+    _caller: Caller,
+    Path(_user_id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Err(ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "not_implemented",
+        "per-user daily usage arrives with the reports",
+    ))
+}
+
+pub async fn usage_report(
+    State(_state): State<AppState>,
+    _caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    Err(ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "not_implemented",
+        "usage reports arrive with the analytics",
+    ))
+}
+
+pub async fn alerts(
+    State(_state): State<AppState>,
+    _caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    // Alerts are not raised yet: the list is truthfully empty.
+    Ok(Json(json!({ "alerts": [] })))
+}
+
+fn scope_key(scope: &str, id: &str, tenant: Option<TenantId>) -> Result<ScopeKey, ApiError> {
+    let need_tenant = || {
+        tenant.clone().ok_or_else(|| {
+            ApiError::bad_request("companies and users belong to a tenant: add ?tenant_id=")
+        })
+    };
+    let bad = |e: spendguard_core::IdError| ApiError::bad_request(e.to_string());
+    Ok(match scope {
+        "global" => {
+            if id != "global" {
+                return Err(ApiError::bad_request("the global scope's id is `global`"));
+            }
+            ScopeKey::Global
+        }
+        "tenant" => ScopeKey::Tenant(TenantId::parse(id).map_err(bad)?),
+        "company" => ScopeKey::Company(need_tenant()?, CompanyId::parse(id).map_err(bad)?),
+        "user" => ScopeKey::User(need_tenant()?, UserId::parse(id).map_err(bad)?),
+        _ => {
+            return Err(ApiError::bad_request(
+                "scope is one of global, tenant, company, user",
+            ));
+        }
+    })
+}
+
+pub async fn set_budget(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((scope, id)): Path<(String, String)>,
+    ApiQuery(q): ApiQuery<TenantQuery>,
+    ApiJson(body): ApiJson<BudgetBody>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_admin()?;
+    let key = scope_key(&scope, &id, q.tenant_id)?;
+    let current = state
+        .guard
+        .ledger()
+        .budget_override(&key)
+        .unwrap_or_default();
+    let next = BudgetOverride {
+        daily: body.daily_usd.unwrap_or(current.daily),
+        monthly: body.monthly_usd.unwrap_or(current.monthly),
+    };
+    state.guard.set_budget(key.clone(), next).await?;
+    let effective = state.guard.ledger().budget_of(&key);
+    Ok(Json(json!({
+        "scope": key.kind().as_str(),
+        "scope_id": key.id(),
+        "tenant_id": key.tenant(),
+        "override": { "daily_usd": next.daily, "monthly_usd": next.monthly },
+        "effective": { "daily_usd": effective.daily, "monthly_usd": effective.monthly },
+    })))
+}
+
+pub async fn set_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(user): Path<String>,
+    ApiQuery(q): ApiQuery<TenantQuery>,
+    ApiJson(body): ApiJson<UserOverrides>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_admin()?;
+    let user = UserId::parse(&user).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let tenant = q
+        .tenant_id
+        .ok_or_else(|| ApiError::bad_request("users belong to a tenant: add ?tenant_id="))?;
+    state
+        .guard
+        .set_user(tenant.clone(), user.clone(), body.clone())
+        .await?;
+    Ok(Json(
+        json!({ "tenant_id": tenant, "user_id": user, "overrides": body }),
+    ))
+}
+
+pub async fn create_api_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<KeyBody>,
+) -> Result<Response, ApiError> {
+    caller.require_admin()?;
+    let (key, record) = create_key(
+        state.guard.store(),
+        &state.keys,
+        Some(body.tenant_id),
+        state.guard.now(),
+    )
+    .await
+    .map_err(|e| ApiError::from(spendguard_guard::GuardError::Store(e)))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": record.id,
+            "tenant_id": record.tenant,
+            "key": key,
+            "prefix": record.prefix,
+            "created_at": rfc3339(record.created_at),
+        })),
+    )
+        .into_response())
+}
+
+pub async fn list_api_keys(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_admin()?;
+    let keys = state
+        .guard
+        .store()
+        .list_api_keys()
+        .await
+        .map_err(|e| ApiError::from(spendguard_guard::GuardError::Store(e)))?;
+    let keys: Vec<Value> = keys
+        .iter()
+        .map(|k| {
+            json!({
+                "id": k.id,
+                "tenant_id": k.tenant,
+                "prefix": k.prefix,
+                "created_at": rfc3339(k.created_at),
+                "revoked_at": k.revoked_at.map(rfc3339),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "keys": keys })))
+}
+
+pub async fn revoke_api_key(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_admin()?;
+    let store = state.guard.store();
+    let keys = store
+        .list_api_keys()
+        .await
+        .map_err(|e| ApiError::from(spendguard_guard::GuardError::Store(e)))?;
+    let Some(k) = keys
+        .into_iter()
+        .find(|k| k.id == id && k.revoked_at.is_none())
+    else {
+        return Err(ApiError::not_found("no such active API key"));
+    };
+    store
+        .revoke_api_key(&k.id, state.guard.now())
+        .await
+        .map_err(|e| ApiError::from(spendguard_guard::GuardError::Store(e)))?;
+    if let Ok(bytes) = hex::decode(&k.hash)
+        && let Ok(hash) = <[u8; 32]>::try_from(bytes.as_slice())
+    {
+        state.keys.remove(&hash);
+    }
+    Ok(Json(json!({ "id": k.id, "revoked": true })))
+}
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let stats = state.guard.stats();
+    let ready = state.guard.ready() && !state.shutting_down();
+    let body = json!({
+        "ready": ready,
+        "store": stats.health,
+        "on_store_error": stats.on_store_error,
+        "spool_depth": stats.spool_depth,
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.metrics.render(&state.guard);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    (headers, text).into_response()
+}
+
+pub async fn openapi() -> Json<Value> {
+    Json(crate::openapi::document())
+}
+
+pub async fn fallback() -> ApiError {
+    ApiError::not_found("no such route")
+}

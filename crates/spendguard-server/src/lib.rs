@@ -1,0 +1,171 @@
+//! spendguard's HTTP API: the v1 contract (DESIGN.md §3) over a [`Guard`].
+//!
+//! [`app`] builds the router (tests call it directly), [`run`] serves it on a listener until
+//! a shutdown signal, then drains the writer. Every route is declared once, in the table
+//! below, which builds both the router and the OpenAPI document, so the two cannot drift.
+
+pub mod api;
+pub mod auth;
+pub mod error;
+pub mod metrics;
+pub mod openapi;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use spendguard_guard::Guard;
+use spendguard_store::AnyStore;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+
+pub use auth::{Caller, KeyRing};
+pub use metrics::Metrics;
+
+/// The largest request body accepted.
+pub const BODY_LIMIT: usize = 64 * 1024;
+/// The longest a request may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the handlers share.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub guard: Guard<AnyStore>,
+    pub keys: Arc<KeyRing>,
+    pub metrics: Arc<Metrics>,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn new(guard: Guard<AnyStore>, keys: KeyRing) -> AppState {
+        AppState {
+            guard,
+            keys: Arc::new(keys),
+            metrics: Arc::new(Metrics::new()),
+            shutting_down: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Relaxed)
+    }
+}
+
+/// One documented route.
+#[derive(Debug)]
+pub struct RouteDoc {
+    pub method: &'static str,
+    pub path: &'static str,
+    /// Whether it needs `Authorization: Bearer <key>`.
+    pub auth: bool,
+    pub summary: &'static str,
+    /// The JSON schema of its request body, if it takes one.
+    pub body: Option<fn() -> serde_json::Value>,
+}
+
+fn schema_of<T: schemars::JsonSchema>() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(T)).unwrap_or_default()
+}
+
+macro_rules! api {
+    ($( $m:ident $path:literal => $h:path { auth: $auth:literal, body: $body:tt, summary: $s:literal } )*) => {
+        fn routes() -> Router<AppState> {
+            let mut r = Router::new();
+            $( r = r.route($path, axum::routing::$m($h)); )*
+            r
+        }
+
+        /// Every route the router serves.
+        pub const ROUTES: &[RouteDoc] = &[
+            $( RouteDoc { method: stringify!($m), path: $path, auth: $auth, summary: $s, body: api!(@body $body) }, )*
+        ];
+    };
+    (@body none) => { None };
+    (@body ($t:ty)) => { Some(schema_of::<$t> as fn() -> serde_json::Value) };
+}
+
+api! {
+    post "/v1/reservations" => api::reserve { auth: true, body: (api::ReserveBody), summary: "Reserve a worst-case estimate before a model call" }
+    post "/v1/reservations/{id}/commit" => api::commit { auth: true, body: (api::CommitBody), summary: "Commit the actual usage of a reservation" }
+    post "/v1/reservations/{id}/release" => api::release { auth: true, body: (api::ReleaseBody), summary: "Release a reservation whose call never happened" }
+    post "/v1/usage" => api::record { auth: true, body: (api::UsageBody), summary: "Record usage of a call that was not reserved (never refused)" }
+    post "/v1/check" => api::check { auth: true, body: (api::ReserveBody), summary: "Would this reservation be admitted? Changes nothing" }
+    get "/v1/limits" => api::limits { auth: true, body: none, summary: "A user's effective limits, used, reserved and remaining" }
+    get "/v1/users/{user_id}/daily-usage" => api::daily_usage { auth: true, body: none, summary: "A user's usage on one day, by model" }
+    get "/v1/reports/usage" => api::usage_report { auth: true, body: none, summary: "Usage grouped by day, tenant, company, user, model or endpoint" }
+    get "/v1/alerts" => api::alerts { auth: true, body: none, summary: "Cost alerts of the current windows" }
+    put "/v1/admin/budgets/{scope}/{id}" => api::set_budget { auth: true, body: (api::BudgetBody), summary: "Set or clear a scope's daily and monthly caps (admin)" }
+    put "/v1/admin/users/{user_id}" => api::set_user { auth: true, body: none, summary: "Set a user's tier and limit overrides (admin)" }
+    post "/v1/admin/api-keys" => api::create_api_key { auth: true, body: (api::KeyBody), summary: "Create a tenant API key, shown once (admin)" }
+    get "/v1/admin/api-keys" => api::list_api_keys { auth: true, body: none, summary: "List API keys, without the keys (admin)" }
+    delete "/v1/admin/api-keys/{id}" => api::revoke_api_key { auth: true, body: none, summary: "Revoke an API key (admin)" }
+    get "/healthz" => api::healthz { auth: false, body: none, summary: "The process is up" }
+    get "/readyz" => api::readyz { auth: false, body: none, summary: "Ready to admit reservations (store state)" }
+    get "/metrics" => api::metrics { auth: false, body: none, summary: "Prometheus metrics" }
+    get "/openapi.json" => api::openapi { auth: false, body: none, summary: "This API's OpenAPI document" }
+}
+
+/// The router with every route and layer.
+pub fn app(state: AppState) -> Router {
+    routes()
+        .fallback(api::fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(CatchPanicLayer::new())
+        .layer(axum::middleware::from_fn(error::normalize_errors))
+        .with_state(state)
+}
+
+/// How often keys are re-read from the store.
+pub const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Re-reads API keys periodically, so `spendguard keys create|revoke` apply to a running
+/// server within [`KEY_RELOAD_INTERVAL`].
+pub fn spawn_key_reload(state: &AppState) {
+    let state = state.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(KEY_RELOAD_INTERVAL);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if state.shutting_down() {
+                return;
+            }
+            if let Err(e) = state.keys.reload(state.guard.store()).await {
+                tracing::warn!(error = %e, "could not reload API keys");
+            }
+        }
+    });
+}
+
+/// Serves until `shutdown` resolves, finishes in-flight requests, then flushes the writer.
+pub async fn run(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let flag = state.shutting_down.clone();
+    let guard = state.guard.clone();
+    let result = axum::serve(listener, app(state))
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            flag.store(true, Ordering::Relaxed);
+            tracing::info!("shutting down: finishing in-flight requests");
+        })
+        .await;
+    guard.shutdown().await;
+    tracing::info!("writer flushed; stopped");
+    result
+}

@@ -1,0 +1,106 @@
+//! A server on port 0 over a temporary SQLite database, with a manual clock.
+
+use std::sync::Arc;
+
+use reqwest::header::HeaderMap;
+use reqwest::{Client, Method};
+use serde_json::Value;
+use spendguard_core::Config;
+use spendguard_guard::{Guard, GuardOptions, ManualClock};
+use spendguard_server::{AppState, KeyRing};
+use spendguard_store::{AnyStore, OpenOptions};
+use tokio::sync::oneshot;
+
+pub const ADMIN: &str = "test-admin-key";
+/// 2026-03-10T12:00:00Z.
+pub const T0: i64 = 1_773_144_000_000_000;
+
+pub struct TestServer {
+    pub url: String,
+    pub client: Client,
+    pub state: AppState,
+    pub clock: Arc<ManualClock>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn spawn(config: &str) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = Config::from_toml(config).unwrap().validate().unwrap();
+    let store = AnyStore::open(dir.path().join("db").to_str().unwrap(), &OpenOptions::default()).await.unwrap();
+    let clock = ManualClock::new(T0);
+    let guard = Guard::start(store, policy, GuardOptions::new(dir.path().join("spool")), clock.clone()).await.unwrap();
+    let ring = KeyRing::load(guard.store(), Some(ADMIN)).await.unwrap();
+    let state = AppState::new(guard, ring);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, rx) = oneshot::channel();
+    let task = tokio::spawn(spendguard_server::run(listener, state.clone(), async move {
+        let _ = rx.await;
+    }));
+    TestServer { url, client: Client::new(), state, clock, stop: Some(stop), task: Some(task), _dir: dir }
+}
+
+impl TestServer {
+    pub async fn call(&self, method: Method, path: &str, key: Option<&str>, body: Option<Value>) -> (u16, Value, HeaderMap) {
+        let mut req = self.client.request(method, format!("{}{path}", self.url));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+        (status, json, headers)
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> (u16, Value) {
+        let (s, v, _) = self.call(Method::POST, path, Some(key), Some(body)).await;
+        (s, v)
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> (u16, Value) {
+        let (s, v, _) = self.call(Method::GET, path, Some(key), None).await;
+        (s, v)
+    }
+
+    /// Creates a tenant key through the API.
+    pub async fn tenant_key(&self, tenant: &str) -> String {
+        let (s, v) = self.post("/v1/admin/api-keys", ADMIN, serde_json::json!({ "tenant_id": tenant })).await;
+        assert_eq!(s, 201, "{v}");
+        v["key"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap().unwrap();
+        }
+    }
+}
+
+pub use reqwest::Method as M;
+
+/// Asserts the error shape and returns the code.
+pub fn error_code(v: &Value) -> &str {
+    let e = &v["error"];
+    assert!(e["message"].is_string(), "no error message in {v}");
+    e["code"].as_str().unwrap_or_else(|| panic!("no error code in {v}"))
+}
+
+pub fn reserve_body(tenant: &str, user: &str) -> Value {
+    serde_json::json!({
+        "tenant_id": tenant,
+        "user_id": user,
+        "model": "gpt-4o-mini",
+        "input_tokens": 1000,
+        "max_output_tokens": 500,
+    })
+}

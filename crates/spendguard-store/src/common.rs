@@ -1,0 +1,490 @@
+//! Backend-independent pieces: the plan of a batch, rollup deltas, and how values map to
+//! columns and back.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use spendguard_core::{
+    BudgetOverride, CompanyId, CounterRow, Endpoint, Event, IdError, IdempotencyKey, Micros,
+    ModelName, Money, RequestStatus, Reservation, ScopeKey, Subject, TenantId, TierName, Tokens,
+    UsageRecord, UserId, UserOverrides, Window,
+};
+use uuid::Uuid;
+
+use crate::error::StoreError;
+
+/// A non-negative count as a signed 64-bit column: values past `i64::MAX` are stored as
+/// `i64::MAX` (no real token count gets there).
+pub(crate) fn clamp_u64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// The wall clock in microseconds since the Unix epoch.
+pub(crate) fn now_micros() -> Micros {
+    match SystemTime::now().duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
+/// `(scope_kind, tenant_id, scope_id)` of a scope; the global scope has tenant `''`.
+pub(crate) fn scope_columns(scope: &ScopeKey) -> (&'static str, &str, &str) {
+    (
+        scope.kind().as_str(),
+        scope.tenant().map_or("", |t| t.as_str()),
+        scope.id(),
+    )
+}
+
+pub(crate) fn scope_from_columns(
+    kind: &str,
+    tenant: &str,
+    id: &str,
+) -> Result<ScopeKey, StoreError> {
+    let tenant_id = || parse_id("tenant_id", tenant, TenantId::parse);
+    Ok(match kind {
+        "global" => ScopeKey::Global,
+        "tenant" => ScopeKey::Tenant(tenant_id()?),
+        "company" => ScopeKey::Company(tenant_id()?, parse_id("scope_id", id, CompanyId::parse)?),
+        "user" => ScopeKey::User(tenant_id()?, parse_id("scope_id", id, UserId::parse)?),
+        other => return Err(corrupt(format!("unknown scope_kind `{other}`"))),
+    })
+}
+
+pub(crate) fn window_from_str(s: &str) -> Result<Window, StoreError> {
+    match s {
+        "day" => Ok(Window::Day),
+        "month" => Ok(Window::Month),
+        other => Err(corrupt(format!("unknown rollup window `{other}`"))),
+    }
+}
+
+pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+pub(crate) fn parse_id<T>(
+    column: &str,
+    value: &str,
+    parse: fn(&str) -> Result<T, IdError>,
+) -> Result<T, StoreError> {
+    parse(value).map_err(|e| corrupt(format!("column {column}: {e}")))
+}
+
+fn parse_opt<T>(
+    column: &str,
+    value: Option<&str>,
+    parse: fn(&str) -> Result<T, IdError>,
+) -> Result<Option<T>, StoreError> {
+    value.map(|v| parse_id(column, v, parse)).transpose()
+}
+
+pub(crate) fn to_u64(column: &str, value: i64) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| corrupt(format!("column {column} is negative: {value}")))
+}
+
+pub(crate) fn encode_user(overrides: &UserOverrides) -> Result<String, StoreError> {
+    serde_json::to_string(overrides)
+        .map_err(|e| StoreError::Invalid(format!("user overrides cannot be encoded: {e}")))
+}
+
+pub(crate) fn decode_user(settings: &str) -> Result<UserOverrides, StoreError> {
+    serde_json::from_str(settings).map_err(|e| corrupt(format!("user_overrides.settings: {e}")))
+}
+
+/// The columns of one `ai_usage` row, as read by either backend.
+pub(crate) struct UsageCols<'a> {
+    pub id: Uuid,
+    pub tenant: &'a str,
+    pub user: &'a str,
+    pub company: Option<&'a str>,
+    pub model: &'a str,
+    pub endpoint: Option<&'a str>,
+    pub tier: &'a str,
+    pub input_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub output_tokens: i64,
+    pub cost_micros: i64,
+    pub status: &'a str,
+    pub created_at: Micros,
+    pub reservation_id: Option<Uuid>,
+    pub idempotency_key: Option<&'a str>,
+    pub day_start: Micros,
+    pub month_start: Micros,
+}
+
+impl UsageCols<'_> {
+    pub fn decode(&self) -> Result<UsageRecord, StoreError> {
+        Ok(UsageRecord {
+            id: self.id,
+            tenant: parse_id("tenant_id", self.tenant, TenantId::parse)?,
+            user: parse_id("user_id", self.user, UserId::parse)?,
+            company: parse_opt("company_id", self.company, CompanyId::parse)?,
+            model: parse_id("model", self.model, ModelName::parse)?,
+            endpoint: parse_opt("endpoint", self.endpoint, Endpoint::parse)?,
+            tier: parse_id("subscription_tier", self.tier, TierName::parse)?,
+            tokens: Tokens {
+                input: to_u64("input_tokens", self.input_tokens)?,
+                cached_input: to_u64("cached_input_tokens", self.cached_input_tokens)?,
+                output: to_u64("output_tokens", self.output_tokens)?,
+            },
+            cost: Money::from_micros(self.cost_micros),
+            status: RequestStatus::parse(self.status)
+                .ok_or_else(|| corrupt(format!("unknown request_status `{}`", self.status)))?,
+            created_at: self.created_at,
+            reservation_id: self.reservation_id,
+            idempotency_key: parse_opt(
+                "idempotency_key",
+                self.idempotency_key,
+                IdempotencyKey::parse,
+            )?,
+            day_start: self.day_start,
+            month_start: self.month_start,
+        })
+    }
+}
+
+/// The columns of one `reservations` row, as read by either backend.
+pub(crate) struct ReservationCols<'a> {
+    pub id: Uuid,
+    pub tenant: &'a str,
+    pub user: &'a str,
+    pub company: Option<&'a str>,
+    pub tier: Option<&'a str>,
+    pub admitted_tier: &'a str,
+    pub model: &'a str,
+    pub endpoint: Option<&'a str>,
+    pub estimate_micros: i64,
+    pub estimated_tokens: i64,
+    pub created_at: Micros,
+    pub expires_at: Micros,
+    pub day_start: Micros,
+    pub month_start: Micros,
+    pub idempotency_key: Option<&'a str>,
+    pub fingerprint: i64,
+}
+
+impl ReservationCols<'_> {
+    pub fn decode(&self) -> Result<Reservation, StoreError> {
+        Ok(Reservation {
+            id: self.id,
+            subject: Subject {
+                tenant: parse_id("tenant_id", self.tenant, TenantId::parse)?,
+                user: parse_id("user_id", self.user, UserId::parse)?,
+                company: parse_opt("company_id", self.company, CompanyId::parse)?,
+                tier: parse_opt("tier", self.tier, TierName::parse)?,
+                model: parse_id("model", self.model, ModelName::parse)?,
+                endpoint: parse_opt("endpoint", self.endpoint, Endpoint::parse)?,
+            },
+            tier: parse_id("admitted_tier", self.admitted_tier, TierName::parse)?,
+            estimate: Money::from_micros(self.estimate_micros),
+            estimated_tokens: to_u64("estimated_tokens", self.estimated_tokens)?,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            day_start: self.day_start,
+            month_start: self.month_start,
+            idempotency_key: parse_opt(
+                "idempotency_key",
+                self.idempotency_key,
+                IdempotencyKey::parse,
+            )?,
+            // The fingerprint is stored as the i64 with the same bits.
+            fingerprint: self.fingerprint as u64,
+        })
+    }
+}
+
+/// How a reservation is settled by a batch.
+#[derive(Debug)]
+pub(crate) enum Settle<'a> {
+    Commit {
+        id: Uuid,
+        usage_id: Uuid,
+    },
+    Release {
+        id: Uuid,
+        reason: Option<&'a str>,
+        at: Micros,
+    },
+    Expire {
+        id: Uuid,
+        usage_id: Uuid,
+    },
+}
+
+/// A batch of events sorted into the statements that persist it. Applying the parts in
+/// this order (reservations, settlements, usage rows, rollups, overrides) is equivalent to
+/// applying the events one by one:
+/// - a reservation is always reserved before it is settled;
+/// - only the first settlement of a reservation counts (later ones find it no longer open);
+/// - a usage id or reservation id seen twice is the same record seen twice;
+/// - for overrides, the last event of each key wins.
+#[derive(Debug)]
+pub(crate) struct Plan<'a> {
+    pub reserved: Vec<&'a Reservation>,
+    pub settles: Vec<Settle<'a>>,
+    pub usage: Vec<&'a UsageRecord>,
+    pub budgets: Vec<(&'a ScopeKey, BudgetOverride)>,
+    pub users: Vec<(&'a TenantId, &'a UserId, &'a UserOverrides)>,
+    /// When the batch is applied: the settle time of commits (the event has none).
+    pub now: Micros,
+}
+
+impl<'a> Plan<'a> {
+    pub fn new(events: &'a [Event]) -> Plan<'a> {
+        let mut plan = Plan {
+            reserved: Vec::new(),
+            settles: Vec::new(),
+            usage: Vec::with_capacity(events.len()),
+            budgets: Vec::new(),
+            users: Vec::new(),
+            now: now_micros(),
+        };
+        let mut reserved = HashSet::new();
+        let mut settled = HashSet::new();
+        let mut usage = HashSet::with_capacity(events.len());
+        let mut budgets: HashMap<&ScopeKey, usize> = HashMap::new();
+        let mut users: HashMap<(&TenantId, &UserId), usize> = HashMap::new();
+        for event in events {
+            match event {
+                Event::Reserved(r) => {
+                    if reserved.insert(r.id) {
+                        plan.reserved.push(r);
+                    }
+                }
+                Event::Committed {
+                    reservation_id,
+                    usage: u,
+                } => {
+                    if settled.insert(*reservation_id) {
+                        plan.settles.push(Settle::Commit {
+                            id: *reservation_id,
+                            usage_id: u.id,
+                        });
+                    }
+                    if usage.insert(u.id) {
+                        plan.usage.push(u);
+                    }
+                }
+                Event::Released {
+                    reservation_id,
+                    reason,
+                    at,
+                } => {
+                    if settled.insert(*reservation_id) {
+                        plan.settles.push(Settle::Release {
+                            id: *reservation_id,
+                            reason: reason.as_deref(),
+                            at: *at,
+                        });
+                    }
+                }
+                Event::Expired {
+                    reservation_id,
+                    usage: u,
+                } => {
+                    if settled.insert(*reservation_id) {
+                        plan.settles.push(Settle::Expire {
+                            id: *reservation_id,
+                            usage_id: u.id,
+                        });
+                    }
+                    if usage.insert(u.id) {
+                        plan.usage.push(u);
+                    }
+                }
+                Event::Recorded(u) => {
+                    if usage.insert(u.id) {
+                        plan.usage.push(u);
+                    }
+                }
+                Event::BudgetSet { scope, budget } => match budgets.get(scope) {
+                    Some(&i) => plan.budgets[i].1 = *budget,
+                    None => {
+                        budgets.insert(scope, plan.budgets.len());
+                        plan.budgets.push((scope, *budget));
+                    }
+                },
+                Event::UserSet {
+                    tenant,
+                    user,
+                    overrides,
+                } => match users.get(&(tenant, user)) {
+                    Some(&i) => plan.users[i].2 = overrides,
+                    None => {
+                        users.insert((tenant, user), plan.users.len());
+                        plan.users.push((tenant, user, overrides));
+                    }
+                },
+            }
+        }
+        plan
+    }
+}
+
+/// Rollup increments, summed in memory over a batch so each rollup row is written once.
+#[derive(Debug, Default)]
+pub(crate) struct Deltas {
+    map: HashMap<(ScopeKey, Window, Micros), Delta>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Delta {
+    spent: Money,
+    requests: u64,
+    tokens: u64,
+}
+
+impl Deltas {
+    /// Counts a newly inserted usage record (nothing if it does not count).
+    pub fn add(&mut self, usage: &UsageRecord) {
+        if usage.counts() {
+            self.add_parts(
+                usage.scopes(),
+                usage.cost,
+                usage.tokens.total(),
+                usage.day_start,
+                usage.month_start,
+            );
+        }
+    }
+
+    /// Counts one request of `cost` and `tokens` in the day and month windows of `scopes`.
+    pub fn add_parts(
+        &mut self,
+        scopes: impl Iterator<Item = ScopeKey>,
+        cost: Money,
+        tokens: u64,
+        day_start: Micros,
+        month_start: Micros,
+    ) {
+        for scope in scopes {
+            for (window, start) in [(Window::Day, day_start), (Window::Month, month_start)] {
+                let d = self.map.entry((scope.clone(), window, start)).or_default();
+                d.spent = d.spent.saturating_add(cost);
+                // Counts saturate at `i64::MAX`, the most a column holds.
+                d.requests = d.requests.saturating_add(1).min(i64::MAX as u64);
+                d.tokens = d.tokens.saturating_add(tokens).min(i64::MAX as u64);
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The increments as counter rows, sorted by key (writers lock rows in this order).
+    pub fn into_rows(self) -> Vec<CounterRow> {
+        let mut rows: Vec<CounterRow> = self
+            .map
+            .into_iter()
+            .map(|((scope, window, start), d)| CounterRow {
+                scope,
+                window,
+                start,
+                spent: d.spent,
+                requests: d.requests,
+                tokens: d.tokens,
+            })
+            .collect();
+        sort_rows(&mut rows);
+        rows
+    }
+}
+
+/// Sorts counter rows by scope, window and start.
+pub(crate) fn sort_rows(rows: &mut [CounterRow]) {
+    rows.sort_by(|a, b| (&a.scope, a.window, a.start).cmp(&(&b.scope, b.window, b.start)));
+}
+
+/// Reads a rollup row's columns.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn counter_row(
+    kind: &str,
+    tenant: &str,
+    id: &str,
+    window: &str,
+    start: Micros,
+    spent: i64,
+    requests: i64,
+    tokens: i64,
+) -> Result<CounterRow, StoreError> {
+    Ok(CounterRow {
+        scope: scope_from_columns(kind, tenant, id)?,
+        window: window_from_str(window)?,
+        start,
+        spent: Money::from_micros(spent),
+        requests: to_u64("requests", requests)?,
+        tokens: to_u64("tokens", tokens)?,
+    })
+}
+
+/// `column = column + excluded.column`, saturating at `i64::MAX`, for an upsert into the
+/// table `$table` (valid on SQLite and PostgreSQL).
+macro_rules! saturating_add {
+    ($table:literal, $column:literal) => {
+        concat!(
+            $column,
+            " = CASE WHEN excluded.",
+            $column,
+            " <= 0 THEN ",
+            $table,
+            ".",
+            $column,
+            " + excluded.",
+            $column,
+            " WHEN ",
+            $table,
+            ".",
+            $column,
+            " > 9223372036854775807 - excluded.",
+            $column,
+            " THEN 9223372036854775807 ELSE ",
+            $table,
+            ".",
+            $column,
+            " + excluded.",
+            $column,
+            " END"
+        )
+    };
+}
+
+/// The `ON CONFLICT` clause of a rollup upsert.
+pub(crate) const ROLLUP_CONFLICT: &str = concat!(
+    " ON CONFLICT (scope_kind, tenant_id, scope_id, \"window\", window_start) DO UPDATE SET ",
+    saturating_add!("rollups", "spent_micros"),
+    ", ",
+    saturating_add!("rollups", "requests"),
+    ", ",
+    saturating_add!("rollups", "tokens"),
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_round_trip_through_columns() {
+        let t = TenantId::parse("t").unwrap();
+        for scope in [
+            ScopeKey::Global,
+            ScopeKey::Tenant(t.clone()),
+            ScopeKey::Company(t.clone(), CompanyId::parse("c").unwrap()),
+            ScopeKey::User(t, UserId::parse("u").unwrap()),
+        ] {
+            let (k, tenant, id) = scope_columns(&scope);
+            assert_eq!(scope_from_columns(k, tenant, id).unwrap(), scope);
+        }
+        assert!(matches!(
+            scope_from_columns("planet", "", "x"),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn counts_clamp_to_i64() {
+        assert_eq!(clamp_u64(5), 5);
+        assert_eq!(clamp_u64(u64::MAX), i64::MAX);
+    }
+}

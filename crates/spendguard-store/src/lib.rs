@@ -1,0 +1,358 @@
+//! Durable storage of spendguard's usage ledger.
+//!
+//! The in-memory [`Ledger`](spendguard_core::Ledger) returns an [`Event`] for every state
+//! change; a [`Store`] persists batches of them and hands back a [`Snapshot`] at start-up.
+//! Two backends implement it: [`SqliteStore`] (one file, single node) and [`PostgresStore`].
+//! [`AnyStore`] picks one from a URL.
+//!
+//! # Tables
+//! Both backends hold the same tables (see `migrations`): `ai_usage` (one immutable row per
+//! usage record), `reservations`, `rollups` (per scope and calendar window: spent, requests,
+//! tokens), `budget_overrides`, `user_overrides`, and `api_keys`, `alerts`,
+//! `webhook_deliveries` for later features. Money is integer micro-USD everywhere except
+//! `ai_usage.cost_usd`, which is `NUMERIC` on PostgreSQL (and a virtual column computed from
+//! `cost_micros` on SQLite). Instants are `timestamptz` on PostgreSQL and integer
+//! microseconds since the Unix epoch on SQLite; window starts are integer microseconds on
+//! both, as they are keys.
+//!
+//! # Rollups
+//! A usage row and its rollup increments are written in the same transaction, and the
+//! increments are made only for rows that were actually inserted. Applying a batch again
+//! therefore changes nothing, and `rollups` always equals the sums over `ai_usage`
+//! ([`Store::recount`]). Sums saturate at `i64::MAX`, like the ledger's counters.
+
+use std::future::Future;
+
+use spendguard_core::{CounterRow, Event, IdempotencyKey, Micros, Snapshot, TenantId, UsageRecord};
+use uuid::Uuid;
+
+mod common;
+mod error;
+mod migrations;
+mod postgres;
+mod sqlite;
+
+pub use error::StoreError;
+
+/// A stored API key: its SHA-256 (hex), never the key itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    /// `None` for an admin key.
+    pub tenant: Option<spendguard_core::TenantId>,
+    pub hash: String,
+    /// The first characters of the key, to recognise it in listings.
+    pub prefix: String,
+    pub created_at: Micros,
+    pub revoked_at: Option<Micros>,
+}
+pub use postgres::PostgresStore;
+pub use sqlite::SqliteStore;
+
+/// The persistence interface of spendguard: every backend implements it.
+pub trait Store: Send + Sync + 'static {
+    /// Applies a batch of events in ONE transaction. Idempotent: applying the same events
+    /// again (e.g. replay from a spool after an outage, or a batch retried after an error
+    /// whose commit status is unknown) changes nothing.
+    fn apply(&self, events: &[Event]) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Start-up state: rollup counters of windows with day start >= `day_start` (window
+    /// 'day') or month start >= `month_start` (window 'month'), all open reservations, all
+    /// overrides. Costs O(active scopes + open reservations), never O(history).
+    fn load(
+        &self,
+        day_start: Micros,
+        month_start: Micros,
+    ) -> impl Future<Output = Result<Snapshot, StoreError>> + Send;
+
+    /// One usage record by id.
+    fn usage(
+        &self,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<UsageRecord>, StoreError>> + Send;
+
+    /// A reservation's persisted state and its usage record, if any.
+    fn reservation(
+        &self,
+        id: Uuid,
+    ) -> impl Future<Output = Result<Option<(ReservationState, Option<UsageRecord>)>, StoreError>> + Send;
+
+    /// A direct usage record (one not made by a reservation) by (tenant, idempotency key),
+    /// for idempotent retries older than the ledger's memory retention.
+    fn usage_by_key(
+        &self,
+        tenant: &TenantId,
+        key: &IdempotencyKey,
+    ) -> impl Future<Output = Result<Option<UsageRecord>, StoreError>> + Send;
+
+    /// Sums straight from `ai_usage` (for tests and checks; may be slow): per scope, window
+    /// and window start, spent/requests/tokens of the counting records. Sorted by scope,
+    /// window and start.
+    fn recount(&self) -> impl Future<Output = Result<Vec<CounterRow>, StoreError>> + Send;
+
+    /// All rollup rows (for tests): must equal [`Store::recount`]. Sorted like it.
+    fn rollups(&self) -> impl Future<Output = Result<Vec<CounterRow>, StoreError>> + Send;
+
+    /// The number of `ai_usage` rows.
+    fn usage_count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+/// The persisted state of a reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ReservationState {
+    Open,
+    Committed,
+    Released,
+    Expired,
+}
+
+impl ReservationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReservationState::Open => "open",
+            ReservationState::Committed => "committed",
+            ReservationState::Released => "released",
+            ReservationState::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ReservationState> {
+        Some(match s {
+            "open" => ReservationState::Open,
+            "committed" => ReservationState::Committed,
+            "released" => ReservationState::Released,
+            "expired" => ReservationState::Expired,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for ReservationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How to open a store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// SQLite: `synchronous=FULL` (every committed batch survives a power loss) instead of
+    /// `NORMAL` (a power loss may lose the last batches; a crash of the process loses none).
+    pub sync_every_batch: bool,
+    /// PostgreSQL: the most pooled connections.
+    pub pool_size: usize,
+    /// Take the single-writer lock: refuse to open while another instance holds it.
+    pub take_writer_lock: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            sync_every_batch: false,
+            pool_size: 8,
+            take_writer_lock: true,
+        }
+    }
+}
+
+/// Where a store URL points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Target<'a> {
+    Postgres(&'a str),
+    Sqlite(&'a str),
+}
+
+/// `postgres://…` and `postgresql://…` are PostgreSQL; `sqlite://path`, `sqlite:path` and
+/// anything else are a SQLite file path.
+fn target(url: &str) -> Target<'_> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Target::Postgres(url)
+    } else if let Some(path) = url.strip_prefix("sqlite://") {
+        Target::Sqlite(path)
+    } else if let Some(path) = url.strip_prefix("sqlite:") {
+        Target::Sqlite(path)
+    } else {
+        Target::Sqlite(url)
+    }
+}
+
+/// A store of either backend, chosen by URL.
+#[derive(Debug)]
+pub enum AnyStore {
+    Sqlite(SqliteStore),
+    Postgres(PostgresStore),
+}
+
+impl AnyStore {
+    /// Stores a new API key (its hash).
+    pub async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.insert_api_key(key).await,
+            AnyStore::Postgres(s) => s.insert_api_key(key).await,
+        }
+    }
+
+    /// Every API key, revoked ones included, oldest first.
+    pub async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.list_api_keys().await,
+            AnyStore::Postgres(s) => s.list_api_keys().await,
+        }
+    }
+
+    /// Revokes a key; `false` when there is no such unrevoked key.
+    pub async fn revoke_api_key(&self, id: &str, at: Micros) -> Result<bool, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.revoke_api_key(id, at).await,
+            AnyStore::Postgres(s) => s.revoke_api_key(id, at).await,
+        }
+    }
+
+    /// Opens the store at `url` and brings its schema up to date. A URL starting with
+    /// `postgres://` or `postgresql://` is PostgreSQL; anything else is a SQLite file path,
+    /// optionally written `sqlite://path` or `sqlite:path`.
+    pub async fn open(url: &str, options: &OpenOptions) -> Result<AnyStore, StoreError> {
+        Ok(match target(url) {
+            Target::Postgres(url) => AnyStore::Postgres(PostgresStore::open(url, options).await?),
+            Target::Sqlite(path) => AnyStore::Sqlite(SqliteStore::open(path, options).await?),
+        })
+    }
+
+    /// Applies the migrations not applied yet (`open` does it already).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.migrate().await,
+            AnyStore::Postgres(s) => s.migrate().await,
+        }
+    }
+
+    /// The versions of the applied migrations, ascending.
+    pub async fn schema_versions(&self) -> Result<Vec<i64>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.schema_versions().await,
+            AnyStore::Postgres(s) => s.schema_versions().await,
+        }
+    }
+
+    /// Closes the store and releases the writer lock at once (dropping it releases the lock
+    /// too, but PostgreSQL may notice a dropped connection a moment later).
+    pub async fn close(self) {
+        match self {
+            AnyStore::Sqlite(s) => s.close().await,
+            AnyStore::Postgres(s) => s.close().await,
+        }
+    }
+
+    /// The backend's name: `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self {
+            AnyStore::Sqlite(_) => "sqlite",
+            AnyStore::Postgres(_) => "postgres",
+        }
+    }
+}
+
+impl Store for AnyStore {
+    async fn apply(&self, events: &[Event]) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.apply(events).await,
+            AnyStore::Postgres(s) => s.apply(events).await,
+        }
+    }
+
+    async fn load(&self, day_start: Micros, month_start: Micros) -> Result<Snapshot, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.load(day_start, month_start).await,
+            AnyStore::Postgres(s) => s.load(day_start, month_start).await,
+        }
+    }
+
+    async fn usage(&self, id: Uuid) -> Result<Option<UsageRecord>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.usage(id).await,
+            AnyStore::Postgres(s) => s.usage(id).await,
+        }
+    }
+
+    async fn reservation(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<(ReservationState, Option<UsageRecord>)>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.reservation(id).await,
+            AnyStore::Postgres(s) => s.reservation(id).await,
+        }
+    }
+
+    async fn usage_by_key(
+        &self,
+        tenant: &TenantId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<UsageRecord>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.usage_by_key(tenant, key).await,
+            AnyStore::Postgres(s) => s.usage_by_key(tenant, key).await,
+        }
+    }
+
+    async fn recount(&self) -> Result<Vec<CounterRow>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.recount().await,
+            AnyStore::Postgres(s) => s.recount().await,
+        }
+    }
+
+    async fn rollups(&self) -> Result<Vec<CounterRow>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.rollups().await,
+            AnyStore::Postgres(s) => s.rollups().await,
+        }
+    }
+
+    async fn usage_count(&self) -> Result<u64, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.usage_count().await,
+            AnyStore::Postgres(s) => s.usage_count().await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_choose_the_backend() {
+        assert_eq!(
+            target("postgres://u@h/db"),
+            Target::Postgres("postgres://u@h/db")
+        );
+        assert_eq!(
+            target("postgresql://u@h/db"),
+            Target::Postgres("postgresql://u@h/db")
+        );
+        assert_eq!(
+            target("sqlite:///var/db.sqlite"),
+            Target::Sqlite("/var/db.sqlite")
+        );
+        assert_eq!(target("sqlite://db.sqlite"), Target::Sqlite("db.sqlite"));
+        assert_eq!(target("sqlite:db.sqlite"), Target::Sqlite("db.sqlite"));
+        assert_eq!(
+            target("./data/db.sqlite"),
+            Target::Sqlite("./data/db.sqlite")
+        );
+    }
+
+    #[test]
+    fn reservation_states_round_trip() {
+        for s in [
+            ReservationState::Open,
+            ReservationState::Committed,
+            ReservationState::Released,
+            ReservationState::Expired,
+        ] {
+            assert_eq!(ReservationState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(ReservationState::parse("gone"), None);
+    }
+}

@@ -1,0 +1,1004 @@
+//! The PostgreSQL backend: a deadpool connection pool; a batch of any size is written by a
+//! handful of multi-row statements over arrays (`UNNEST`), in one transaction.
+//!
+//! The single-writer lock is a session advisory lock, keyed by the database and schema,
+//! held by one dedicated connection for the store's life. If that connection drops, the
+//! next batch takes the lock again before writing (or fails with [`StoreError::Locked`] if
+//! another instance took it meanwhile).
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Transaction,
+};
+use spendguard_core::{
+    BudgetOverride, CounterRow, Event, IdempotencyKey, Micros, Money, Reservation, Snapshot,
+    TenantId, UsageRecord, UserId,
+};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::types::{FromSql, ToSql};
+use tokio_postgres::{Config, IsolationLevel, NoTls, Row};
+use uuid::Uuid;
+
+use crate::common::{
+    Deltas, Plan, ROLLUP_CONFLICT, ReservationCols, Settle, UsageCols, clamp_u64, corrupt,
+    counter_row, decode_user, encode_user, parse_id, scope_columns, scope_from_columns, sort_rows,
+};
+use crate::error::StoreError;
+use crate::migrations::POSTGRES as MIGRATIONS;
+use crate::{ApiKeyRecord, OpenOptions, ReservationState, Store};
+
+/// A store in a PostgreSQL database (the schema is the first of the connection's
+/// `search_path`).
+pub struct PostgresStore {
+    pool: Pool,
+    /// Boxed: a `Config` is large, and stores are moved around.
+    config: Box<Config>,
+    /// The connection holding the writer lock, when this store is the single writer.
+    lock: Option<Box<tokio::sync::Mutex<LockConn>>>,
+    name: String,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("database", &self.name)
+            .field("writer_lock", &self.lock.is_some())
+            .finish()
+    }
+}
+
+struct LockConn {
+    client: tokio_postgres::Client,
+}
+
+/// Maps tokio-postgres's errors to [`StoreError`]s.
+trait Db<T> {
+    fn db(self) -> Result<T, StoreError>;
+}
+
+impl<T> Db<T> for Result<T, tokio_postgres::Error> {
+    fn db(self) -> Result<T, StoreError> {
+        self.map_err(map_err)
+    }
+}
+
+fn map_err(e: tokio_postgres::Error) -> StoreError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        let text = format!("{} ({code})", db.message());
+        return match code.get(..2).unwrap_or("") {
+            // Connection exceptions, transaction rollbacks (serialization failures,
+            // deadlocks), insufficient resources (disk full), objects in use or locked,
+            // operator intervention (shutdown, cancel), system errors (I/O).
+            "08" | "40" | "53" | "55" | "57" | "58" => StoreError::Unavailable(text),
+            // A read-only transaction: a standby during a failover.
+            "25" if code == "25006" => StoreError::Unavailable(text),
+            "XX" if code == "XX001" || code == "XX002" => StoreError::Corrupt(text),
+            "XX" => StoreError::Unavailable(text),
+            _ => StoreError::Invalid(text),
+        };
+    }
+    let text = e.to_string();
+    if text.starts_with("error deserializing") || text.starts_with("invalid column") {
+        StoreError::Corrupt(text)
+    } else if text.starts_with("error serializing") {
+        StoreError::Invalid(text)
+    } else {
+        // Connecting failed, the connection closed, a timeout: the server is unreachable.
+        StoreError::Unavailable(text)
+    }
+}
+
+fn pool_err(e: PoolError) -> StoreError {
+    match e {
+        PoolError::Backend(e) => map_err(e),
+        PoolError::NoRuntimeSpecified => StoreError::Invalid(e.to_string()),
+        other => StoreError::Unavailable(format!("PostgreSQL connection pool: {other}")),
+    }
+}
+
+/// PostgreSQL's earliest `timestamptz` (4713 BC) in microseconds since the Unix epoch (its
+/// latest is past `i64::MAX`).
+const PG_MIN_MICROS: Micros = -210_866_803_200_000_000;
+
+fn to_time(m: Micros) -> Result<SystemTime, StoreError> {
+    let out_of_range = || {
+        StoreError::Invalid(format!(
+            "instant {m} µs is out of PostgreSQL's timestamp range"
+        ))
+    };
+    if m < PG_MIN_MICROS {
+        return Err(out_of_range());
+    }
+    if m >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_micros(m as u64))
+    } else {
+        UNIX_EPOCH.checked_sub(Duration::from_micros(m.unsigned_abs()))
+    }
+    .ok_or_else(out_of_range)
+}
+
+fn from_time(t: SystemTime) -> Micros {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_micros()).map_or(i64::MIN, |v| -v),
+    }
+}
+
+fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T, StoreError> {
+    row.try_get(idx)
+        .map_err(|e| corrupt(format!("column {idx}: {e}")))
+}
+
+fn time(row: &Row, idx: usize) -> Result<Micros, StoreError> {
+    get::<SystemTime>(row, idx).map(from_time)
+}
+
+const USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, model, endpoint, \
+    subscription_tier, input_tokens, cached_input_tokens, output_tokens, \
+    (cost_usd * 1000000)::int8, request_status, created_at, reservation_id, idempotency_key, \
+    day_start, month_start";
+
+const RESERVATION_COLUMNS: &str = "id, tenant_id, user_id, company_id, tier, admitted_tier, \
+    model, endpoint, estimate_micros, estimated_tokens, created_at, expires_at, day_start, \
+    month_start, idempotency_key, fingerprint";
+
+const ROLLUP_COLUMNS: &str =
+    "scope_kind, tenant_id, scope_id, \"window\", window_start, spent_micros, requests, tokens";
+
+const INSERT_RESERVATIONS: &str = "INSERT INTO reservations (id, tenant_id, user_id, \
+    company_id, tier, admitted_tier, model, endpoint, estimate_micros, estimated_tokens, \
+    created_at, expires_at, day_start, month_start, idempotency_key, fingerprint) \
+    SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], \
+    $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::timestamptz[], \
+    $12::timestamptz[], $13::int8[], $14::int8[], $15::text[], $16::int8[]) \
+    ON CONFLICT (id) DO NOTHING";
+
+const COMMIT_RESERVATIONS: &str = "UPDATE reservations AS r SET state = 'committed', \
+    usage_id = u.usage_id, settled_at = $3 \
+    FROM UNNEST($1::uuid[], $2::uuid[]) AS u (id, usage_id) \
+    WHERE r.id = u.id AND r.state = 'open'";
+
+const RELEASE_RESERVATIONS: &str = "UPDATE reservations AS r SET state = 'released', \
+    reason = u.reason, settled_at = u.at \
+    FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[]) AS u (id, reason, at) \
+    WHERE r.id = u.id AND r.state = 'open'";
+
+const EXPIRE_RESERVATIONS: &str = "UPDATE reservations AS r SET state = 'expired', \
+    usage_id = u.usage_id, settled_at = r.expires_at \
+    FROM UNNEST($1::uuid[], $2::uuid[]) AS u (id, usage_id) \
+    WHERE r.id = u.id AND r.state = 'open'";
+
+/// `DO NOTHING` without a target: a repeated id, or a direct record repeating another's
+/// idempotency key, is skipped rather than failing the batch. `RETURNING` names the rows
+/// inserted, which are the ones to count.
+const INSERT_USAGE: &str = "INSERT INTO ai_usage (id, tenant_id, user_id, company_id, model, \
+    endpoint, subscription_tier, input_tokens, cached_input_tokens, output_tokens, cost_usd, \
+    request_status, created_at, reservation_id, idempotency_key, day_start, month_start) \
+    SELECT u.id, u.tenant_id, u.user_id, u.company_id, u.model, u.endpoint, u.tier, u.input, \
+    u.cached, u.output, u.cost * 0.000001, u.status, u.created_at, u.reservation_id, \
+    u.idempotency_key, u.day_start, u.month_start \
+    FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
+    $7::text[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::text[], \
+    $13::timestamptz[], $14::uuid[], $15::text[], $16::int8[], $17::int8[]) \
+    AS u (id, tenant_id, user_id, company_id, model, endpoint, tier, input, cached, output, \
+    cost, status, created_at, reservation_id, idempotency_key, day_start, month_start) \
+    ON CONFLICT DO NOTHING RETURNING id";
+
+const UPSERT_BUDGET: &str = "INSERT INTO budget_overrides (scope_kind, tenant_id, scope_id, \
+    daily_micros, monthly_micros) VALUES ($1, $2, $3, $4, $5) \
+    ON CONFLICT (scope_kind, tenant_id, scope_id) DO UPDATE SET \
+    daily_micros = excluded.daily_micros, monthly_micros = excluded.monthly_micros";
+
+const DELETE_BUDGET: &str =
+    "DELETE FROM budget_overrides WHERE scope_kind = $1 AND tenant_id = $2 AND scope_id = $3";
+
+const UPSERT_USER: &str = "INSERT INTO user_overrides (tenant_id, user_id, settings) \
+    VALUES ($1, $2, $3::text::jsonb) ON CONFLICT (tenant_id, user_id) DO UPDATE SET \
+    settings = excluded.settings";
+
+const DELETE_USER: &str = "DELETE FROM user_overrides WHERE tenant_id = $1 AND user_id = $2";
+
+/// Sums from `ai_usage`, per scope, window and window start, in `numeric` (no overflow),
+/// saturated at `i64::MAX` like the rollups.
+const RECOUNT: &str = "WITH u AS ( \
+      SELECT tenant_id, user_id, company_id, cost_usd * 1000000 AS cost, \
+        LEAST(input_tokens::numeric + output_tokens, 9223372036854775807) AS tokens, \
+        day_start, month_start \
+      FROM ai_usage WHERE request_status <> 'expired' \
+    ), s AS ( \
+      SELECT 'global' AS kind, '' AS tenant, 'global' AS id, cost, tokens, day_start, month_start FROM u \
+      UNION ALL SELECT 'tenant', tenant_id, tenant_id, cost, tokens, day_start, month_start FROM u \
+      UNION ALL SELECT 'company', tenant_id, company_id, cost, tokens, day_start, month_start \
+        FROM u WHERE company_id IS NOT NULL \
+      UNION ALL SELECT 'user', tenant_id, user_id, cost, tokens, day_start, month_start FROM u \
+    ), w AS ( \
+      SELECT kind, tenant, id, 'day' AS win, day_start AS start, cost, tokens FROM s \
+      UNION ALL SELECT kind, tenant, id, 'month', month_start, cost, tokens FROM s \
+    ) \
+    SELECT kind, tenant, id, win, start, \
+      LEAST(sum(cost), 9223372036854775807)::int8, count(*)::int8, \
+      LEAST(sum(tokens), 9223372036854775807)::int8 \
+    FROM w GROUP BY kind, tenant, id, win, start";
+
+/// The advisory-lock key of the writer: one per database and schema.
+const WRITER_LOCK: &str = "SELECT pg_try_advisory_lock(hashtextextended('spendguard-writer:' \
+    || current_database() || '.' || coalesce(current_schema(), ''), 0))";
+
+/// The advisory-lock key that serializes migrations.
+const MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended(\
+    'spendguard-migrate:' || current_database() || '.' || coalesce(current_schema(), ''), 0))";
+
+fn usage_row(row: &Row) -> Result<UsageRecord, StoreError> {
+    UsageCols {
+        id: get(row, 0)?,
+        tenant: get(row, 1)?,
+        user: get(row, 2)?,
+        company: get(row, 3)?,
+        model: get(row, 4)?,
+        endpoint: get(row, 5)?,
+        tier: get(row, 6)?,
+        input_tokens: get(row, 7)?,
+        cached_input_tokens: get(row, 8)?,
+        output_tokens: get(row, 9)?,
+        cost_micros: get(row, 10)?,
+        status: get(row, 11)?,
+        created_at: time(row, 12)?,
+        reservation_id: get(row, 13)?,
+        idempotency_key: get(row, 14)?,
+        day_start: get(row, 15)?,
+        month_start: get(row, 16)?,
+    }
+    .decode()
+}
+
+fn reservation_row(row: &Row) -> Result<Reservation, StoreError> {
+    ReservationCols {
+        id: get(row, 0)?,
+        tenant: get(row, 1)?,
+        user: get(row, 2)?,
+        company: get(row, 3)?,
+        tier: get(row, 4)?,
+        admitted_tier: get(row, 5)?,
+        model: get(row, 6)?,
+        endpoint: get(row, 7)?,
+        estimate_micros: get(row, 8)?,
+        estimated_tokens: get(row, 9)?,
+        created_at: time(row, 10)?,
+        expires_at: time(row, 11)?,
+        day_start: get(row, 12)?,
+        month_start: get(row, 13)?,
+        idempotency_key: get(row, 14)?,
+        fingerprint: get(row, 15)?,
+    }
+    .decode()
+}
+
+fn rollup_row(row: &Row) -> Result<CounterRow, StoreError> {
+    counter_row(
+        get(row, 0)?,
+        get(row, 1)?,
+        get(row, 2)?,
+        get(row, 3)?,
+        get(row, 4)?,
+        get(row, 5)?,
+        get(row, 6)?,
+        get(row, 7)?,
+    )
+}
+
+/// A short description of the database for messages (never the password).
+fn describe(config: &Config) -> String {
+    let db = config
+        .get_dbname()
+        .or(config.get_user())
+        .unwrap_or("postgres");
+    format!("PostgreSQL database `{db}`")
+}
+
+async fn take_lock(config: &Config, name: &str) -> Result<LockConn, StoreError> {
+    let (client, connection) = config.connect(NoTls).await.db()?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "the PostgreSQL connection holding the writer lock failed");
+        }
+    });
+    let row = client.query_one(WRITER_LOCK, &[]).await.db()?;
+    match get::<Option<bool>>(&row, 0)? {
+        Some(true) => Ok(LockConn { client }),
+        _ => Err(StoreError::locked(name)),
+    }
+}
+
+async fn insert_reservations(
+    tx: &Transaction<'_>,
+    reserved: &[&Reservation],
+) -> Result<(), StoreError> {
+    let n = reserved.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut tenants = Vec::with_capacity(n);
+    let mut users = Vec::with_capacity(n);
+    let mut companies = Vec::with_capacity(n);
+    let mut tiers = Vec::with_capacity(n);
+    let mut admitted = Vec::with_capacity(n);
+    let mut models = Vec::with_capacity(n);
+    let mut endpoints = Vec::with_capacity(n);
+    let mut estimates = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    let mut created = Vec::with_capacity(n);
+    let mut expires = Vec::with_capacity(n);
+    let mut days = Vec::with_capacity(n);
+    let mut months = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    let mut fingerprints = Vec::with_capacity(n);
+    for r in reserved {
+        let s = &r.subject;
+        ids.push(r.id);
+        tenants.push(s.tenant.as_str());
+        users.push(s.user.as_str());
+        companies.push(s.company.as_ref().map(|c| c.as_str()));
+        tiers.push(s.tier.as_ref().map(|t| t.as_str()));
+        admitted.push(r.tier.as_str());
+        models.push(s.model.as_str());
+        endpoints.push(s.endpoint.as_ref().map(|e| e.as_str()));
+        estimates.push(r.estimate.micros());
+        tokens.push(clamp_u64(r.estimated_tokens));
+        created.push(to_time(r.created_at)?);
+        expires.push(to_time(r.expires_at)?);
+        days.push(r.day_start);
+        months.push(r.month_start);
+        keys.push(r.idempotency_key.as_ref().map(|k| k.as_str()));
+        // The same bits as an i64.
+        fingerprints.push(r.fingerprint as i64);
+    }
+    let stmt = tx.prepare_cached(INSERT_RESERVATIONS).await.db()?;
+    tx.execute(
+        &stmt,
+        &[
+            &ids,
+            &tenants,
+            &users,
+            &companies,
+            &tiers,
+            &admitted,
+            &models,
+            &endpoints,
+            &estimates,
+            &tokens,
+            &created,
+            &expires,
+            &days,
+            &months,
+            &keys,
+            &fingerprints,
+        ],
+    )
+    .await
+    .db()?;
+    Ok(())
+}
+
+async fn settle(
+    tx: &Transaction<'_>,
+    settles: &[Settle<'_>],
+    now: Micros,
+) -> Result<(), StoreError> {
+    let (mut commit_ids, mut commit_usage) = (Vec::new(), Vec::new());
+    let (mut release_ids, mut reasons, mut ats) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut expire_ids, mut expire_usage) = (Vec::new(), Vec::new());
+    for s in settles {
+        match s {
+            Settle::Commit { id, usage_id } => {
+                commit_ids.push(*id);
+                commit_usage.push(*usage_id);
+            }
+            Settle::Release { id, reason, at } => {
+                release_ids.push(*id);
+                reasons.push(*reason);
+                ats.push(to_time(*at)?);
+            }
+            Settle::Expire { id, usage_id } => {
+                expire_ids.push(*id);
+                expire_usage.push(*usage_id);
+            }
+        }
+    }
+    // A reservation is settled at most once per plan, so the order of these is free.
+    if !commit_ids.is_empty() {
+        let stmt = tx.prepare_cached(COMMIT_RESERVATIONS).await.db()?;
+        let now = to_time(now)?;
+        tx.execute(&stmt, &[&commit_ids, &commit_usage, &now])
+            .await
+            .db()?;
+    }
+    if !release_ids.is_empty() {
+        let stmt = tx.prepare_cached(RELEASE_RESERVATIONS).await.db()?;
+        tx.execute(&stmt, &[&release_ids, &reasons, &ats])
+            .await
+            .db()?;
+    }
+    if !expire_ids.is_empty() {
+        let stmt = tx.prepare_cached(EXPIRE_RESERVATIONS).await.db()?;
+        tx.execute(&stmt, &[&expire_ids, &expire_usage])
+            .await
+            .db()?;
+    }
+    Ok(())
+}
+
+/// Inserts the usage rows; returns the ids of the rows actually inserted.
+async fn insert_usage(
+    tx: &Transaction<'_>,
+    usage: &[&UsageRecord],
+) -> Result<HashSet<Uuid>, StoreError> {
+    let n = usage.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut tenants = Vec::with_capacity(n);
+    let mut users = Vec::with_capacity(n);
+    let mut companies = Vec::with_capacity(n);
+    let mut models = Vec::with_capacity(n);
+    let mut endpoints = Vec::with_capacity(n);
+    let mut tiers = Vec::with_capacity(n);
+    let mut inputs = Vec::with_capacity(n);
+    let mut cached = Vec::with_capacity(n);
+    let mut outputs = Vec::with_capacity(n);
+    let mut costs = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut created = Vec::with_capacity(n);
+    let mut reservations = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    let mut days = Vec::with_capacity(n);
+    let mut months = Vec::with_capacity(n);
+    for u in usage {
+        ids.push(u.id);
+        tenants.push(u.tenant.as_str());
+        users.push(u.user.as_str());
+        companies.push(u.company.as_ref().map(|c| c.as_str()));
+        models.push(u.model.as_str());
+        endpoints.push(u.endpoint.as_ref().map(|e| e.as_str()));
+        tiers.push(u.tier.as_str());
+        inputs.push(clamp_u64(u.tokens.input));
+        cached.push(clamp_u64(u.tokens.cached_input));
+        outputs.push(clamp_u64(u.tokens.output));
+        costs.push(u.cost.micros());
+        statuses.push(u.status.as_str());
+        created.push(to_time(u.created_at)?);
+        reservations.push(u.reservation_id);
+        keys.push(u.idempotency_key.as_ref().map(|k| k.as_str()));
+        days.push(u.day_start);
+        months.push(u.month_start);
+    }
+    let stmt = tx.prepare_cached(INSERT_USAGE).await.db()?;
+    let params: [&(dyn ToSql + Sync); 17] = [
+        &ids,
+        &tenants,
+        &users,
+        &companies,
+        &models,
+        &endpoints,
+        &tiers,
+        &inputs,
+        &cached,
+        &outputs,
+        &costs,
+        &statuses,
+        &created,
+        &reservations,
+        &keys,
+        &days,
+        &months,
+    ];
+    let rows = tx.query(&stmt, &params).await.db()?;
+    let mut inserted = HashSet::with_capacity(rows.len());
+    for row in &rows {
+        inserted.insert(get::<Uuid>(row, 0)?);
+    }
+    if inserted.len() < usage.len() {
+        warn_key_conflicts(tx, usage, &inserted).await?;
+    }
+    Ok(inserted)
+}
+
+/// Warns about direct records skipped because another record holds their idempotency key
+/// (the others skipped were already stored: a replay).
+async fn warn_key_conflicts(
+    tx: &Transaction<'_>,
+    usage: &[&UsageRecord],
+    inserted: &HashSet<Uuid>,
+) -> Result<(), StoreError> {
+    let candidates: Vec<Uuid> = usage
+        .iter()
+        .filter(|u| {
+            u.idempotency_key.is_some() && u.reservation_id.is_none() && !inserted.contains(&u.id)
+        })
+        .map(|u| u.id)
+        .collect();
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    let stmt = tx
+        .prepare_cached("SELECT id FROM ai_usage WHERE id = ANY($1::uuid[])")
+        .await
+        .db()?;
+    let mut stored = HashSet::new();
+    for row in tx.query(&stmt, &[&candidates]).await.db()? {
+        stored.insert(get::<Uuid>(&row, 0)?);
+    }
+    for id in candidates.iter().filter(|id| !stored.contains(id)) {
+        tracing::warn!(
+            %id,
+            "usage record skipped: its idempotency key belongs to another record"
+        );
+    }
+    Ok(())
+}
+
+async fn upsert_rollups(tx: &Transaction<'_>, rows: Vec<CounterRow>) -> Result<(), StoreError> {
+    let n = rows.len();
+    let mut kinds = Vec::with_capacity(n);
+    let mut tenants = Vec::with_capacity(n);
+    let mut ids = Vec::with_capacity(n);
+    let mut windows = Vec::with_capacity(n);
+    let mut starts = Vec::with_capacity(n);
+    let mut spent = Vec::with_capacity(n);
+    let mut requests = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    for row in &rows {
+        let (kind, tenant, id) = scope_columns(&row.scope);
+        kinds.push(kind);
+        tenants.push(tenant);
+        ids.push(id);
+        windows.push(row.window.as_str());
+        starts.push(row.start);
+        spent.push(row.spent.micros());
+        requests.push(clamp_u64(row.requests));
+        tokens.push(clamp_u64(row.tokens));
+    }
+    let sql = format!(
+        "INSERT INTO rollups ({ROLLUP_COLUMNS}) SELECT * FROM UNNEST($1::text[], $2::text[], \
+         $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[], $8::int8[]){ROLLUP_CONFLICT}"
+    );
+    let stmt = tx.prepare_cached(&sql).await.db()?;
+    tx.execute(
+        &stmt,
+        &[
+            &kinds, &tenants, &ids, &windows, &starts, &spent, &requests, &tokens,
+        ],
+    )
+    .await
+    .db()?;
+    Ok(())
+}
+
+async fn set_overrides(tx: &Transaction<'_>, plan: &Plan<'_>) -> Result<(), StoreError> {
+    for (scope, budget) in &plan.budgets {
+        let (kind, tenant, id) = scope_columns(scope);
+        if budget.daily.is_none() && budget.monthly.is_none() {
+            let stmt = tx.prepare_cached(DELETE_BUDGET).await.db()?;
+            tx.execute(&stmt, &[&kind, &tenant, &id]).await.db()?;
+        } else {
+            let stmt = tx.prepare_cached(UPSERT_BUDGET).await.db()?;
+            let daily = budget.daily.map(Money::micros);
+            let monthly = budget.monthly.map(Money::micros);
+            tx.execute(&stmt, &[&kind, &tenant, &id, &daily, &monthly])
+                .await
+                .db()?;
+        }
+    }
+    for (tenant, user, overrides) in &plan.users {
+        if overrides.is_empty() {
+            let stmt = tx.prepare_cached(DELETE_USER).await.db()?;
+            tx.execute(&stmt, &[&tenant.as_str(), &user.as_str()])
+                .await
+                .db()?;
+        } else {
+            let stmt = tx.prepare_cached(UPSERT_USER).await.db()?;
+            let settings = encode_user(overrides)?;
+            tx.execute(&stmt, &[&tenant.as_str(), &user.as_str(), &settings])
+                .await
+                .db()?;
+        }
+    }
+    Ok(())
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (`postgres://user:password@host:port/db?…`), takes
+    /// the writer lock if asked, and applies pending migrations.
+    pub async fn open(url: &str, options: &OpenOptions) -> Result<PostgresStore, StoreError> {
+        let config: Config = url
+            .parse()
+            .map_err(|e| StoreError::Invalid(format!("bad PostgreSQL URL: {e}")))?;
+        PostgresStore::connect(config, options).await
+    }
+
+    /// Like [`PostgresStore::open`], from a parsed configuration (e.g. with
+    /// `options("-csearch_path=…")` to use another schema).
+    pub async fn connect(
+        mut config: Config,
+        options: &OpenOptions,
+    ) -> Result<PostgresStore, StoreError> {
+        if matches!(config.get_ssl_mode(), SslMode::Require) {
+            return Err(StoreError::Invalid(
+                "TLS connections to PostgreSQL are not supported; use sslmode=disable or \
+                 sslmode=prefer"
+                    .into(),
+            ));
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("spendguard");
+        }
+        let name = describe(&config);
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(Duration::from_secs(15)))
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .build()
+            .map_err(|e| StoreError::Invalid(format!("PostgreSQL connection pool: {e}")))?;
+        let lock = if options.take_writer_lock {
+            Some(Box::new(tokio::sync::Mutex::new(
+                take_lock(&config, &name).await?,
+            )))
+        } else {
+            None
+        };
+        let store = PostgresStore {
+            pool,
+            config: Box::new(config),
+            lock,
+            name,
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(pool_err)
+    }
+
+    /// Makes sure this store still holds the writer lock (if it is meant to), taking it again
+    /// if the connection that held it dropped.
+    async fn check_lock(&self) -> Result<(), StoreError> {
+        let Some(lock) = &self.lock else {
+            return Ok(());
+        };
+        let mut held = lock.lock().await;
+        if held.client.is_closed() {
+            tracing::warn!(
+                database = %self.name,
+                "the connection holding the writer lock closed; taking the lock again"
+            );
+            *held = take_lock(&self.config, &self.name).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies the migrations not applied yet (`open` does it already). Concurrent
+    /// migrations of the same schema wait for each other.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.db()?;
+        tx.execute(MIGRATION_LOCK, &[]).await.db()?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version bigint PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )",
+        )
+        .await
+        .db()?;
+        let row = tx
+            .query_one(
+                "SELECT coalesce(max(version), 0)::int8 FROM schema_migrations",
+                &[],
+            )
+            .await
+            .db()?;
+        let current: i64 = get(&row, 0)?;
+        let latest = MIGRATIONS.last().map_or(0, |m| m.0);
+        if current > latest {
+            tracing::warn!(
+                current,
+                latest,
+                "the PostgreSQL schema is newer than this version of spendguard knows"
+            );
+        }
+        for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+            tx.batch_execute(sql).await.db()?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await
+            .db()?;
+            tracing::info!(version, "applied PostgreSQL migration");
+        }
+        tx.commit().await.db()
+    }
+
+    /// The versions of the applied migrations, ascending.
+    pub async fn schema_versions(&self) -> Result<Vec<i64>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT version FROM schema_migrations ORDER BY version",
+                &[],
+            )
+            .await
+            .db()?;
+        rows.iter().map(|r| get(r, 0)).collect()
+    }
+
+    /// Releases the writer lock and closes the pool.
+    pub async fn close(self) {
+        if let Some(lock) = &self.lock {
+            let held = lock.lock().await;
+            if let Err(e) = held
+                .client
+                .execute("SELECT pg_advisory_unlock_all()", &[])
+                .await
+            {
+                tracing::debug!(error = %e, "releasing the writer lock failed");
+            }
+        }
+        self.pool.close();
+    }
+}
+
+impl Store for PostgresStore {
+    async fn apply(&self, events: &[Event]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.check_lock().await?;
+        let plan = Plan::new(events);
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.db()?;
+        if !plan.reserved.is_empty() {
+            insert_reservations(&tx, &plan.reserved).await?;
+        }
+        if !plan.settles.is_empty() {
+            settle(&tx, &plan.settles, plan.now).await?;
+        }
+        if !plan.usage.is_empty() {
+            let mut inserted = insert_usage(&tx, &plan.usage).await?;
+            let mut deltas = Deltas::default();
+            for u in &plan.usage {
+                if inserted.remove(&u.id) {
+                    deltas.add(u);
+                }
+            }
+            if !deltas.is_empty() {
+                upsert_rollups(&tx, deltas.into_rows()).await?;
+            }
+        }
+        if !plan.budgets.is_empty() || !plan.users.is_empty() {
+            set_overrides(&tx, &plan).await?;
+        }
+        tx.commit().await.db()
+    }
+
+    async fn load(&self, day_start: Micros, month_start: Micros) -> Result<Snapshot, StoreError> {
+        let mut client = self.client().await?;
+        // One repeatable-read transaction: a consistent snapshot.
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .db()?;
+        let mut snapshot = Snapshot::default();
+        let sql = format!(
+            "SELECT {ROLLUP_COLUMNS} FROM rollups \
+             WHERE (\"window\" = 'day' AND window_start >= $1) \
+             OR (\"window\" = 'month' AND window_start >= $2)"
+        );
+        for row in tx.query(&sql, &[&day_start, &month_start]).await.db()? {
+            snapshot.counters.push(rollup_row(&row)?);
+        }
+        sort_rows(&mut snapshot.counters);
+        let sql = format!(
+            "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE state = 'open' \
+             ORDER BY created_at, id"
+        );
+        for row in tx.query(&sql, &[]).await.db()? {
+            snapshot.open.push(reservation_row(&row)?);
+        }
+        let sql = "SELECT scope_kind, tenant_id, scope_id, daily_micros, monthly_micros \
+                   FROM budget_overrides ORDER BY scope_kind, tenant_id, scope_id";
+        for row in tx.query(sql, &[]).await.db()? {
+            let scope = scope_from_columns(get(&row, 0)?, get(&row, 1)?, get(&row, 2)?)?;
+            let daily: Option<i64> = get(&row, 3)?;
+            let monthly: Option<i64> = get(&row, 4)?;
+            snapshot.budgets.push((
+                scope,
+                BudgetOverride {
+                    daily: daily.map(Money::from_micros),
+                    monthly: monthly.map(Money::from_micros),
+                },
+            ));
+        }
+        let sql = "SELECT tenant_id, user_id, settings::text FROM user_overrides \
+                   ORDER BY tenant_id, user_id";
+        for row in tx.query(sql, &[]).await.db()? {
+            snapshot.users.push((
+                parse_id("tenant_id", get(&row, 0)?, TenantId::parse)?,
+                parse_id("user_id", get(&row, 1)?, UserId::parse)?,
+                decode_user(get(&row, 2)?)?,
+            ));
+        }
+        tx.commit().await.db()?;
+        Ok(snapshot)
+    }
+
+    async fn usage(&self, id: Uuid) -> Result<Option<UsageRecord>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {USAGE_COLUMNS} FROM ai_usage WHERE id = $1"
+            ))
+            .await
+            .db()?;
+        client
+            .query_opt(&stmt, &[&id])
+            .await
+            .db()?
+            .map(|row| usage_row(&row))
+            .transpose()
+    }
+
+    async fn reservation(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<(ReservationState, Option<UsageRecord>)>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("SELECT state, usage_id FROM reservations WHERE id = $1")
+            .await
+            .db()?;
+        let Some(row) = client.query_opt(&stmt, &[&id]).await.db()? else {
+            return Ok(None);
+        };
+        let state: &str = get(&row, 0)?;
+        let state = ReservationState::parse(state)
+            .ok_or_else(|| corrupt(format!("unknown reservation state `{state}`")))?;
+        let usage_id: Option<Uuid> = get(&row, 1)?;
+        drop(client);
+        let usage = match usage_id {
+            Some(u) => self.usage(u).await?,
+            None => None,
+        };
+        Ok(Some((state, usage)))
+    }
+
+    async fn usage_by_key(
+        &self,
+        tenant: &TenantId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<UsageRecord>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {USAGE_COLUMNS} FROM ai_usage WHERE tenant_id = $1 \
+                 AND idempotency_key = $2 AND reservation_id IS NULL"
+            ))
+            .await
+            .db()?;
+        client
+            .query_opt(&stmt, &[&tenant.as_str(), &key.as_str()])
+            .await
+            .db()?
+            .map(|row| usage_row(&row))
+            .transpose()
+    }
+
+    async fn recount(&self) -> Result<Vec<CounterRow>, StoreError> {
+        let client = self.client().await?;
+        let mut out = Vec::new();
+        for row in client.query(RECOUNT, &[]).await.db()? {
+            out.push(rollup_row(&row)?);
+        }
+        sort_rows(&mut out);
+        Ok(out)
+    }
+
+    async fn rollups(&self) -> Result<Vec<CounterRow>, StoreError> {
+        let client = self.client().await?;
+        let mut out = Vec::new();
+        let sql = format!("SELECT {ROLLUP_COLUMNS} FROM rollups");
+        for row in client.query(&sql, &[]).await.db()? {
+            out.push(rollup_row(&row)?);
+        }
+        sort_rows(&mut out);
+        Ok(out)
+    }
+
+    async fn usage_count(&self) -> Result<u64, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT count(*) FROM ai_usage", &[])
+            .await
+            .db()?;
+        let n: i64 = get(&row, 0)?;
+        Ok(n as u64)
+    }
+}
+
+/// API keys (hashes only).
+impl PostgresStore {
+    pub async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO api_keys (id, tenant_id, hash, prefix, created_at, revoked_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+                &[
+                    &key.id,
+                    &key.tenant.as_ref().map(|t| t.as_str()),
+                    &key.hash,
+                    &key.prefix,
+                    &to_time(key.created_at)?,
+                    &key.revoked_at.map(to_time).transpose()?,
+                ],
+            )
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    pub async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, tenant_id, hash, prefix, created_at, revoked_at FROM api_keys \
+                 ORDER BY created_at, id",
+                &[],
+            )
+            .await
+            .map_err(map_err)?;
+        rows.iter()
+            .map(|row| {
+                let tenant: Option<String> = get(row, 1)?;
+                Ok(ApiKeyRecord {
+                    id: get(row, 0)?,
+                    tenant: tenant
+                        .map(|t| {
+                            spendguard_core::TenantId::parse(&t).map_err(crate::common::corrupt)
+                        })
+                        .transpose()?,
+                    hash: get(row, 2)?,
+                    prefix: get(row, 3)?,
+                    created_at: from_time(get(row, 4)?),
+                    revoked_at: get::<Option<SystemTime>>(row, 5)?.map(from_time),
+                })
+            })
+            .collect()
+    }
+
+    /// Marks a key revoked; `false` when there is no such unrevoked key.
+    pub async fn revoke_api_key(&self, id: &str, at: Micros) -> Result<bool, StoreError> {
+        let client = self.client().await?;
+        let n = client
+            .execute(
+                "UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+                &[&id, &to_time(at)?],
+            )
+            .await
+            .map_err(map_err)?;
+        Ok(n == 1)
+    }
+}

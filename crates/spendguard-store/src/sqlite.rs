@@ -1,0 +1,940 @@
+//! The SQLite backend: one database file in WAL mode, one connection behind a mutex, used
+//! from tokio's blocking pool. Statements are prepared once and cached.
+//!
+//! The single-writer lock is an exclusive advisory lock on `<database file>.lock`, held for
+//! the store's life (the operating system releases it when the process ends).
+
+use std::fs::File;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::time::Duration;
+
+use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior, params};
+use spendguard_core::{
+    BudgetOverride, CounterRow, Event, IdempotencyKey, Micros, Money, ScopeKey, Snapshot, TenantId,
+    UsageRecord, UserId,
+};
+use uuid::Uuid;
+
+use crate::common::{
+    Deltas, Plan, ROLLUP_CONFLICT, ReservationCols, Settle, UsageCols, clamp_u64, corrupt,
+    counter_row, decode_user, encode_user, now_micros, parse_id, scope_columns, scope_from_columns,
+    sort_rows,
+};
+use crate::error::StoreError;
+use crate::migrations::SQLITE as MIGRATIONS;
+use crate::{ApiKeyRecord, OpenOptions, ReservationState, Store};
+
+/// A store in one SQLite database file.
+pub struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+    /// The locked `<path>.lock` file, when this store is the single writer.
+    lock: Option<File>,
+    path: String,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .field("writer_lock", &self.lock.is_some())
+            .finish()
+    }
+}
+
+/// Maps rusqlite's errors to [`StoreError`]s.
+trait Db<T> {
+    fn db(self) -> Result<T, StoreError>;
+}
+
+impl<T> Db<T> for rusqlite::Result<T> {
+    fn db(self) -> Result<T, StoreError> {
+        self.map_err(map_err)
+    }
+}
+
+fn map_err(e: rusqlite::Error) -> StoreError {
+    match &e {
+        rusqlite::Error::SqliteFailure(f, _) => match f.code {
+            ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => {
+                StoreError::Corrupt(e.to_string())
+            }
+            ErrorCode::PermissionDenied
+            | ErrorCode::OperationAborted
+            | ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::OutOfMemory
+            | ErrorCode::ReadOnly
+            | ErrorCode::OperationInterrupted
+            | ErrorCode::SystemIoFailure
+            | ErrorCode::NotFound
+            | ErrorCode::DiskFull
+            | ErrorCode::CannotOpen
+            | ErrorCode::FileLockingProtocolFailed
+            | ErrorCode::SchemaChanged
+            | ErrorCode::NoLargeFileSupport => StoreError::Unavailable(e.to_string()),
+            _ => StoreError::Invalid(e.to_string()),
+        },
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..)
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::Utf8Error(..) => StoreError::Corrupt(e.to_string()),
+        _ => StoreError::Invalid(e.to_string()),
+    }
+}
+
+/// Runs `f` on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => Err(StoreError::Invalid(format!(
+            "the SQLite task panicked: {e}"
+        ))),
+        Err(e) => Err(StoreError::Unavailable(format!(
+            "the SQLite task was cancelled: {e}"
+        ))),
+    }
+}
+
+const USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, model, endpoint, \
+    subscription_tier, input_tokens, cached_input_tokens, output_tokens, cost_micros, \
+    request_status, created_at, reservation_id, idempotency_key, day_start, month_start";
+
+const RESERVATION_COLUMNS: &str = "id, tenant_id, user_id, company_id, tier, admitted_tier, \
+    model, endpoint, estimate_micros, estimated_tokens, created_at, expires_at, day_start, \
+    month_start, idempotency_key, fingerprint";
+
+const INSERT_RESERVATION: &str = "INSERT INTO reservations (id, tenant_id, user_id, \
+    company_id, tier, admitted_tier, model, endpoint, estimate_micros, estimated_tokens, \
+    created_at, expires_at, day_start, month_start, idempotency_key, fingerprint, state) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, 'open') \
+    ON CONFLICT (id) DO NOTHING";
+
+const COMMIT_RESERVATION: &str = "UPDATE reservations SET state = 'committed', usage_id = ?2, \
+    settled_at = ?3 WHERE id = ?1 AND state = 'open'";
+
+const RELEASE_RESERVATION: &str = "UPDATE reservations SET state = 'released', reason = ?2, \
+    settled_at = ?3 WHERE id = ?1 AND state = 'open'";
+
+const EXPIRE_RESERVATION: &str = "UPDATE reservations SET state = 'expired', usage_id = ?2, \
+    settled_at = expires_at WHERE id = ?1 AND state = 'open'";
+
+/// The columns of an `ai_usage` insert, in binding order.
+const INSERT_USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, model, endpoint, \
+    subscription_tier, input_tokens, cached_input_tokens, output_tokens, cost_micros, \
+    request_status, created_at, reservation_id, idempotency_key, day_start, month_start";
+const USAGE_PARAMS: usize = 17;
+
+/// Rows per multi-row statement (a statement per row is about a quarter slower).
+const USAGE_CHUNK: usize = 32;
+const ROLLUP_CHUNK: usize = 64;
+const ROLLUP_PARAMS: usize = 8;
+
+/// `VALUES (?1, …, ?n), (…), …`: `rows` rows of `params` parameters.
+fn values(rows: usize, params: usize) -> String {
+    let mut sql = String::from("VALUES ");
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for c in 1..=params {
+            if c > 1 {
+                sql.push_str(", ");
+            }
+            sql.push('?');
+            sql.push_str(&(r * params + c).to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Inserts `rows` usage rows; `RETURNING` names the rows inserted.
+///
+/// `OR IGNORE`: a repeated id, or a direct record repeating another's idempotency key, is
+/// skipped rather than failing the batch. (The other constraints, `NOT NULL` and the status
+/// `CHECK`, cannot fail for rows built from typed records.) Unlike `ON CONFLICT DO NOTHING`,
+/// it spares SQLite the statement journal of a multi-row statement that might abort.
+fn insert_usage_sql(rows: usize) -> String {
+    format!(
+        "INSERT OR IGNORE INTO ai_usage ({INSERT_USAGE_COLUMNS}) {} RETURNING id",
+        values(rows, USAGE_PARAMS)
+    )
+}
+
+/// Adds to `rows` rollup rows, creating them if needed. (`OR IGNORE` only spares SQLite the
+/// statement journal: the increments cannot violate a constraint.)
+fn upsert_rollups_sql(rows: usize) -> String {
+    format!(
+        "INSERT OR IGNORE INTO rollups ({ROLLUP_COLUMNS}) {}{ROLLUP_CONFLICT}",
+        values(rows, ROLLUP_PARAMS)
+    )
+}
+
+/// Binds rollup rows as [`ROLLUP_PARAMS`] parameters each.
+fn bind_rollups(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    rows: &[CounterRow],
+) -> Result<(), StoreError> {
+    for (i, row) in rows.iter().enumerate() {
+        let (kind, tenant, id) = scope_columns(&row.scope);
+        let base = i * ROLLUP_PARAMS;
+        stmt.raw_bind_parameter(base + 1, kind).db()?;
+        stmt.raw_bind_parameter(base + 2, tenant).db()?;
+        stmt.raw_bind_parameter(base + 3, id).db()?;
+        stmt.raw_bind_parameter(base + 4, row.window.as_str())
+            .db()?;
+        stmt.raw_bind_parameter(base + 5, row.start).db()?;
+        stmt.raw_bind_parameter(base + 6, row.spent.micros()).db()?;
+        stmt.raw_bind_parameter(base + 7, clamp_u64(row.requests))
+            .db()?;
+        stmt.raw_bind_parameter(base + 8, clamp_u64(row.tokens))
+            .db()?;
+    }
+    Ok(())
+}
+
+static INSERT_USAGE_ONE: LazyLock<String> = LazyLock::new(|| insert_usage_sql(1));
+static INSERT_USAGE_CHUNK: LazyLock<String> = LazyLock::new(|| insert_usage_sql(USAGE_CHUNK));
+static UPSERT_ROLLUPS_ONE: LazyLock<String> = LazyLock::new(|| upsert_rollups_sql(1));
+static UPSERT_ROLLUPS_CHUNK: LazyLock<String> = LazyLock::new(|| upsert_rollups_sql(ROLLUP_CHUNK));
+
+const UPSERT_BUDGET: &str = "INSERT INTO budget_overrides (scope_kind, tenant_id, scope_id, \
+    daily_micros, monthly_micros) VALUES (?1, ?2, ?3, ?4, ?5) \
+    ON CONFLICT (scope_kind, tenant_id, scope_id) DO UPDATE SET \
+    daily_micros = excluded.daily_micros, monthly_micros = excluded.monthly_micros";
+
+const DELETE_BUDGET: &str =
+    "DELETE FROM budget_overrides WHERE scope_kind = ?1 AND tenant_id = ?2 AND scope_id = ?3";
+
+const UPSERT_USER: &str = "INSERT INTO user_overrides (tenant_id, user_id, settings) \
+    VALUES (?1, ?2, ?3) ON CONFLICT (tenant_id, user_id) DO UPDATE SET \
+    settings = excluded.settings";
+
+const DELETE_USER: &str = "DELETE FROM user_overrides WHERE tenant_id = ?1 AND user_id = ?2";
+
+const ROLLUP_COLUMNS: &str =
+    "scope_kind, tenant_id, scope_id, \"window\", window_start, spent_micros, requests, tokens";
+
+fn text<'r>(row: &'r Row<'_>, idx: usize) -> Result<&'r str, StoreError> {
+    row.get_ref(idx)
+        .db()?
+        .as_str()
+        .map_err(|e| corrupt(format!("column {idx}: {e}")))
+}
+
+fn opt_text<'r>(row: &'r Row<'_>, idx: usize) -> Result<Option<&'r str>, StoreError> {
+    row.get_ref(idx)
+        .db()?
+        .as_str_or_null()
+        .map_err(|e| corrupt(format!("column {idx}: {e}")))
+}
+
+fn int(row: &Row<'_>, idx: usize) -> Result<i64, StoreError> {
+    row.get::<_, i64>(idx).db()
+}
+
+fn parse_uuid(s: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(s).map_err(|e| corrupt(format!("bad uuid `{s}`: {e}")))
+}
+
+fn opt_uuid(row: &Row<'_>, idx: usize) -> Result<Option<Uuid>, StoreError> {
+    opt_text(row, idx)?.map(parse_uuid).transpose()
+}
+
+/// Reads a row of [`USAGE_COLUMNS`].
+fn usage_row(row: &Row<'_>) -> Result<UsageRecord, StoreError> {
+    UsageCols {
+        id: parse_uuid(text(row, 0)?)?,
+        tenant: text(row, 1)?,
+        user: text(row, 2)?,
+        company: opt_text(row, 3)?,
+        model: text(row, 4)?,
+        endpoint: opt_text(row, 5)?,
+        tier: text(row, 6)?,
+        input_tokens: int(row, 7)?,
+        cached_input_tokens: int(row, 8)?,
+        output_tokens: int(row, 9)?,
+        cost_micros: int(row, 10)?,
+        status: text(row, 11)?,
+        created_at: int(row, 12)?,
+        reservation_id: opt_uuid(row, 13)?,
+        idempotency_key: opt_text(row, 14)?,
+        day_start: int(row, 15)?,
+        month_start: int(row, 16)?,
+    }
+    .decode()
+}
+
+/// Reads a row of [`RESERVATION_COLUMNS`].
+fn reservation_row(row: &Row<'_>) -> Result<spendguard_core::Reservation, StoreError> {
+    ReservationCols {
+        id: parse_uuid(text(row, 0)?)?,
+        tenant: text(row, 1)?,
+        user: text(row, 2)?,
+        company: opt_text(row, 3)?,
+        tier: opt_text(row, 4)?,
+        admitted_tier: text(row, 5)?,
+        model: text(row, 6)?,
+        endpoint: opt_text(row, 7)?,
+        estimate_micros: int(row, 8)?,
+        estimated_tokens: int(row, 9)?,
+        created_at: int(row, 10)?,
+        expires_at: int(row, 11)?,
+        day_start: int(row, 12)?,
+        month_start: int(row, 13)?,
+        idempotency_key: opt_text(row, 14)?,
+        fingerprint: int(row, 15)?,
+    }
+    .decode()
+}
+
+/// Reads a row of [`ROLLUP_COLUMNS`].
+fn rollup_row(row: &Row<'_>) -> Result<CounterRow, StoreError> {
+    counter_row(
+        text(row, 0)?,
+        text(row, 1)?,
+        text(row, 2)?,
+        text(row, 3)?,
+        int(row, 4)?,
+        int(row, 5)?,
+        int(row, 6)?,
+        int(row, 7)?,
+    )
+}
+
+fn take_lock(path: &str) -> Result<File, StoreError> {
+    let lock_path = format!("{path}.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {lock_path}: {e}")))?;
+    match <File as fs4::FileExt>::try_lock(&file) {
+        Ok(()) => Ok(file),
+        Err(fs4::TryLockError::WouldBlock) => Err(StoreError::locked(path)),
+        Err(fs4::TryLockError::Error(e)) => Err(StoreError::Unavailable(format!(
+            "cannot lock {lock_path}: {e}"
+        ))),
+    }
+}
+
+fn configure(conn: &Connection, options: &OpenOptions) -> Result<(), StoreError> {
+    conn.busy_timeout(Duration::from_secs(5)).db()?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+        .db()?;
+    if !mode.eq_ignore_ascii_case("wal") && !mode.eq_ignore_ascii_case("memory") {
+        tracing::warn!(journal_mode = %mode, "SQLite refused WAL mode");
+    }
+    let synchronous = if options.sync_every_batch {
+        "FULL"
+    } else {
+        "NORMAL"
+    };
+    conn.pragma_update(None, "synchronous", synchronous).db()?;
+    conn.pragma_update(None, "foreign_keys", "ON").db()?;
+    conn.pragma_update(None, "temp_store", "MEMORY").db()?;
+    // 64 MiB of page cache (negative: KiB).
+    conn.pragma_update(None, "cache_size", -65_536).db()?;
+    conn.set_prepared_statement_cache_capacity(64);
+    // Checkpoint (copy the WAL into the database, and fsync) every 64 MiB of WAL rather than
+    // every 4 MiB: pages changed by many batches are copied once, and fsync waits are rarer.
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)
+        .db()?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
+        .db()?;
+
+    Ok(())
+}
+
+/// The WAL size (in pages) at which the writer checkpoints.
+const WAL_BACKSTOP_PAGES: i64 = 16_384;
+/// The size a WAL file is truncated to after a checkpoint.
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
+fn migrate_blocking(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .db()?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+            version INTEGER PRIMARY KEY,
+            applied_at INTEGER NOT NULL
+        ) STRICT",
+    )
+    .db()?;
+    let current: i64 = tx
+        .query_row(
+            "SELECT coalesce(max(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )
+        .db()?;
+    let latest = MIGRATIONS.last().map_or(0, |m| m.0);
+    if current > latest {
+        tracing::warn!(
+            current,
+            latest,
+            "the SQLite schema is newer than this version of spendguard knows"
+        );
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        tx.execute_batch(sql).db()?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+            params![version, now_micros()],
+        )
+        .db()?;
+        tracing::info!(version, "applied SQLite migration");
+    }
+    tx.commit().db()
+}
+
+/// Splits `items` into full chunks of `size`, then single items: only two statement shapes
+/// are ever prepared.
+fn chunks<T>(items: &[T], size: usize) -> impl Iterator<Item = &[T]> {
+    let full = items.len() / size * size;
+    items[..full].chunks(size).chain(items[full..].chunks(1))
+}
+
+/// Binds one usage row's parameters after the first `base`.
+fn bind_usage(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    base: usize,
+    u: &UsageRecord,
+) -> Result<(), StoreError> {
+    let mut id = Uuid::encode_buffer();
+    let id = u.id.hyphenated().encode_lower(&mut id);
+    let mut reservation = Uuid::encode_buffer();
+    let reservation = u
+        .reservation_id
+        .map(|r| &*r.hyphenated().encode_lower(&mut reservation));
+    stmt.raw_bind_parameter(base + 1, &*id).db()?;
+    stmt.raw_bind_parameter(base + 2, u.tenant.as_str()).db()?;
+    stmt.raw_bind_parameter(base + 3, u.user.as_str()).db()?;
+    stmt.raw_bind_parameter(base + 4, u.company.as_ref().map(|c| c.as_str()))
+        .db()?;
+    stmt.raw_bind_parameter(base + 5, u.model.as_str()).db()?;
+    stmt.raw_bind_parameter(base + 6, u.endpoint.as_ref().map(|e| e.as_str()))
+        .db()?;
+    stmt.raw_bind_parameter(base + 7, u.tier.as_str()).db()?;
+    stmt.raw_bind_parameter(base + 8, clamp_u64(u.tokens.input))
+        .db()?;
+    stmt.raw_bind_parameter(base + 9, clamp_u64(u.tokens.cached_input))
+        .db()?;
+    stmt.raw_bind_parameter(base + 10, clamp_u64(u.tokens.output))
+        .db()?;
+    stmt.raw_bind_parameter(base + 11, u.cost.micros()).db()?;
+    stmt.raw_bind_parameter(base + 12, u.status.as_str()).db()?;
+    stmt.raw_bind_parameter(base + 13, u.created_at).db()?;
+    stmt.raw_bind_parameter(base + 14, reservation).db()?;
+    stmt.raw_bind_parameter(base + 15, u.idempotency_key.as_ref().map(|k| k.as_str()))
+        .db()?;
+    stmt.raw_bind_parameter(base + 16, u.day_start).db()?;
+    stmt.raw_bind_parameter(base + 17, u.month_start).db()?;
+    Ok(())
+}
+
+/// Warns if a direct record was skipped because another record holds its idempotency key
+/// (rather than because it was stored already: a replay).
+fn warn_if_key_conflict(tx: &rusqlite::Transaction<'_>, u: &UsageRecord) -> Result<(), StoreError> {
+    let exists = tx
+        .prepare_cached("SELECT 1 FROM ai_usage WHERE id = ?1")
+        .db()?
+        .query_row([u.id.to_string()], |_| Ok(()))
+        .optional()
+        .db()?
+        .is_some();
+    if !exists {
+        tracing::warn!(
+            id = %u.id,
+            tenant = %u.tenant,
+            "usage record skipped: its idempotency key belongs to another record"
+        );
+    }
+    Ok(())
+}
+
+fn apply_blocking(conn: &mut Connection, events: &[Event]) -> Result<(), StoreError> {
+    let plan = Plan::new(events);
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .db()?;
+    if !plan.reserved.is_empty() {
+        let mut insert = tx.prepare_cached(INSERT_RESERVATION).db()?;
+        for r in &plan.reserved {
+            let s = &r.subject;
+            insert
+                .execute(params![
+                    r.id.to_string(),
+                    s.tenant.as_str(),
+                    s.user.as_str(),
+                    s.company.as_ref().map(|c| c.as_str()),
+                    s.tier.as_ref().map(|t| t.as_str()),
+                    r.tier.as_str(),
+                    s.model.as_str(),
+                    s.endpoint.as_ref().map(|e| e.as_str()),
+                    r.estimate.micros(),
+                    clamp_u64(r.estimated_tokens),
+                    r.created_at,
+                    r.expires_at,
+                    r.day_start,
+                    r.month_start,
+                    r.idempotency_key.as_ref().map(|k| k.as_str()),
+                    // The same bits as an i64.
+                    r.fingerprint as i64,
+                ])
+                .db()?;
+        }
+    }
+    for settle in &plan.settles {
+        match settle {
+            Settle::Commit { id, usage_id } => tx
+                .prepare_cached(COMMIT_RESERVATION)
+                .db()?
+                .execute(params![id.to_string(), usage_id.to_string(), plan.now]),
+            Settle::Release { id, reason, at } => tx
+                .prepare_cached(RELEASE_RESERVATION)
+                .db()?
+                .execute(params![id.to_string(), reason, at]),
+            Settle::Expire { id, usage_id } => tx
+                .prepare_cached(EXPIRE_RESERVATION)
+                .db()?
+                .execute(params![id.to_string(), usage_id.to_string()]),
+        }
+        .db()?;
+    }
+    let mut deltas = Deltas::default();
+    for chunk in chunks(&plan.usage, USAGE_CHUNK) {
+        let sql = if chunk.len() == USAGE_CHUNK {
+            &*INSERT_USAGE_CHUNK
+        } else {
+            &*INSERT_USAGE_ONE
+        };
+        let mut insert = tx.prepare_cached(sql).db()?;
+        for (i, u) in chunk.iter().enumerate() {
+            bind_usage(&mut insert, i * USAGE_PARAMS, u)?;
+        }
+        let mut inserted = Vec::with_capacity(chunk.len());
+        let mut rows = insert.raw_query();
+        while let Some(row) = rows.next().db()? {
+            inserted.push(parse_uuid(text(row, 0)?)?);
+        }
+        drop(rows);
+        for u in chunk {
+            if inserted.len() == chunk.len() || inserted.contains(&u.id) {
+                deltas.add(u);
+            } else if u.idempotency_key.is_some() && u.reservation_id.is_none() {
+                warn_if_key_conflict(&tx, u)?;
+            }
+        }
+    }
+    if !deltas.is_empty() {
+        let rows = deltas.into_rows();
+        for chunk in chunks(&rows, ROLLUP_CHUNK) {
+            let sql = if chunk.len() == ROLLUP_CHUNK {
+                &*UPSERT_ROLLUPS_CHUNK
+            } else {
+                &*UPSERT_ROLLUPS_ONE
+            };
+            let mut upsert = tx.prepare_cached(sql).db()?;
+            bind_rollups(&mut upsert, chunk)?;
+            upsert.raw_execute().db()?;
+        }
+    }
+    for (scope, budget) in &plan.budgets {
+        let (kind, tenant, id) = scope_columns(scope);
+        if budget.daily.is_none() && budget.monthly.is_none() {
+            tx.prepare_cached(DELETE_BUDGET)
+                .db()?
+                .execute(params![kind, tenant, id])
+                .db()?;
+        } else {
+            tx.prepare_cached(UPSERT_BUDGET)
+                .db()?
+                .execute(params![
+                    kind,
+                    tenant,
+                    id,
+                    budget.daily.map(Money::micros),
+                    budget.monthly.map(Money::micros),
+                ])
+                .db()?;
+        }
+    }
+    for (tenant, user, overrides) in &plan.users {
+        if overrides.is_empty() {
+            tx.prepare_cached(DELETE_USER)
+                .db()?
+                .execute(params![tenant.as_str(), user.as_str()])
+                .db()?;
+        } else {
+            tx.prepare_cached(UPSERT_USER)
+                .db()?
+                .execute(params![
+                    tenant.as_str(),
+                    user.as_str(),
+                    encode_user(overrides)?
+                ])
+                .db()?;
+        }
+    }
+    tx.commit().db()
+}
+
+fn load_blocking(
+    conn: &mut Connection,
+    day_start: Micros,
+    month_start: Micros,
+) -> Result<Snapshot, StoreError> {
+    // One read transaction: a consistent snapshot.
+    let tx = conn.transaction().db()?;
+    let mut snapshot = Snapshot::default();
+    {
+        let sql = format!(
+            "SELECT {ROLLUP_COLUMNS} FROM rollups \
+             WHERE (\"window\" = 'day' AND window_start >= ?1) \
+             OR (\"window\" = 'month' AND window_start >= ?2)"
+        );
+        let mut stmt = tx.prepare_cached(&sql).db()?;
+        let mut rows = stmt.query(params![day_start, month_start]).db()?;
+        while let Some(row) = rows.next().db()? {
+            snapshot.counters.push(rollup_row(row)?);
+        }
+        sort_rows(&mut snapshot.counters);
+    }
+    {
+        let sql = format!(
+            "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE state = 'open' \
+             ORDER BY created_at, id"
+        );
+        let mut stmt = tx.prepare_cached(&sql).db()?;
+        let mut rows = stmt.query([]).db()?;
+        while let Some(row) = rows.next().db()? {
+            snapshot.open.push(reservation_row(row)?);
+        }
+    }
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT scope_kind, tenant_id, scope_id, daily_micros, monthly_micros \
+                 FROM budget_overrides ORDER BY scope_kind, tenant_id, scope_id",
+            )
+            .db()?;
+        let mut rows = stmt.query([]).db()?;
+        while let Some(row) = rows.next().db()? {
+            let scope: ScopeKey = scope_from_columns(text(row, 0)?, text(row, 1)?, text(row, 2)?)?;
+            let daily: Option<i64> = row.get(3).db()?;
+            let monthly: Option<i64> = row.get(4).db()?;
+            snapshot.budgets.push((
+                scope,
+                BudgetOverride {
+                    daily: daily.map(Money::from_micros),
+                    monthly: monthly.map(Money::from_micros),
+                },
+            ));
+        }
+    }
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT tenant_id, user_id, settings FROM user_overrides \
+                 ORDER BY tenant_id, user_id",
+            )
+            .db()?;
+        let mut rows = stmt.query([]).db()?;
+        while let Some(row) = rows.next().db()? {
+            snapshot.users.push((
+                parse_id("tenant_id", text(row, 0)?, TenantId::parse)?,
+                parse_id("user_id", text(row, 1)?, UserId::parse)?,
+                decode_user(text(row, 2)?)?,
+            ));
+        }
+    }
+    tx.commit().db()?;
+    Ok(snapshot)
+}
+
+fn usage_blocking(conn: &Connection, id: Uuid) -> Result<Option<UsageRecord>, StoreError> {
+    let sql = format!("SELECT {USAGE_COLUMNS} FROM ai_usage WHERE id = ?1");
+    let mut stmt = conn.prepare_cached(&sql).db()?;
+    let mut rows = stmt.query([id.to_string()]).db()?;
+    rows.next().db()?.map(usage_row).transpose()
+}
+
+fn recount_blocking(conn: &Connection) -> Result<Vec<CounterRow>, StoreError> {
+    // Summed here rather than with SQL's SUM, which fails on overflow where the rollups
+    // saturate.
+    let mut stmt = conn
+        .prepare(
+            "SELECT tenant_id, user_id, company_id, cost_micros, input_tokens, output_tokens, \
+             day_start, month_start FROM ai_usage WHERE request_status <> 'expired'",
+        )
+        .db()?;
+    let mut rows = stmt.query([]).db()?;
+    let mut deltas = Deltas::default();
+    while let Some(row) = rows.next().db()? {
+        let tenant = parse_id("tenant_id", text(row, 0)?, TenantId::parse)?;
+        let user = parse_id("user_id", text(row, 1)?, UserId::parse)?;
+        let company = opt_text(row, 2)?
+            .map(|c| parse_id("company_id", c, spendguard_core::CompanyId::parse))
+            .transpose()?;
+        let tokens = (int(row, 4)? as i128 + int(row, 5)? as i128).clamp(0, i64::MAX as i128);
+        let scopes = [
+            Some(ScopeKey::Global),
+            Some(ScopeKey::Tenant(tenant.clone())),
+            company.map(|c| ScopeKey::Company(tenant.clone(), c)),
+            Some(ScopeKey::User(tenant, user)),
+        ];
+        deltas.add_parts(
+            scopes.into_iter().flatten(),
+            Money::from_micros(int(row, 3)?),
+            tokens as u64,
+            int(row, 6)?,
+            int(row, 7)?,
+        );
+    }
+    Ok(deltas.into_rows())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file at `path`, takes the writer lock if
+    /// asked, and applies pending migrations.
+    pub async fn open(path: &str, options: &OpenOptions) -> Result<SqliteStore, StoreError> {
+        let path = path.to_owned();
+        let options = options.clone();
+        blocking(move || SqliteStore::open_blocking(path, &options)).await
+    }
+
+    fn open_blocking(path: String, options: &OpenOptions) -> Result<SqliteStore, StoreError> {
+        if path.is_empty() {
+            return Err(StoreError::Invalid("the SQLite path is empty".into()));
+        }
+        let memory = path == ":memory:";
+        let lock = if options.take_writer_lock && !memory {
+            Some(take_lock(&path)?)
+        } else {
+            None
+        };
+        let mut conn = Connection::open(&path).db()?;
+        configure(&conn, options)?;
+        migrate_blocking(&mut conn)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+            lock,
+            path,
+        })
+    }
+
+    /// The database file's path.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Runs `f` with the connection on tokio's blocking pool.
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut conn)
+        })
+        .await
+    }
+
+    /// Applies the migrations not applied yet (`open` does it already).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.with_conn(migrate_blocking).await
+    }
+
+    /// The versions of the applied migrations, ascending.
+    pub async fn schema_versions(&self) -> Result<Vec<i64>, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT version FROM schema_migrations ORDER BY version")
+                .db()?;
+            let versions = stmt
+                .query_map([], |r| r.get(0))
+                .db()?
+                .collect::<rusqlite::Result<Vec<i64>>>()
+                .db()?;
+            Ok(versions)
+        })
+        .await
+    }
+
+    /// Closes the database and releases the writer lock.
+    pub async fn close(self) {
+        let _ = blocking(move || {
+            drop(self);
+            Ok(())
+        })
+        .await;
+    }
+}
+
+impl Store for SqliteStore {
+    async fn apply(&self, events: &[Event]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let events = events.to_vec();
+        self.with_conn(move |conn| apply_blocking(conn, &events))
+            .await
+    }
+
+    async fn load(&self, day_start: Micros, month_start: Micros) -> Result<Snapshot, StoreError> {
+        self.with_conn(move |conn| load_blocking(conn, day_start, month_start))
+            .await
+    }
+
+    async fn usage(&self, id: Uuid) -> Result<Option<UsageRecord>, StoreError> {
+        self.with_conn(move |conn| usage_blocking(conn, id)).await
+    }
+
+    async fn reservation(
+        &self,
+        id: Uuid,
+    ) -> Result<Option<(ReservationState, Option<UsageRecord>)>, StoreError> {
+        self.with_conn(move |conn| {
+            let found: Option<(String, Option<String>)> = conn
+                .prepare_cached("SELECT state, usage_id FROM reservations WHERE id = ?1")
+                .db()?
+                .query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .db()?;
+            let Some((state, usage_id)) = found else {
+                return Ok(None);
+            };
+            let state = ReservationState::parse(&state)
+                .ok_or_else(|| corrupt(format!("unknown reservation state `{state}`")))?;
+            let usage = match usage_id {
+                Some(u) => usage_blocking(conn, parse_uuid(&u)?)?,
+                None => None,
+            };
+            Ok(Some((state, usage)))
+        })
+        .await
+    }
+
+    async fn usage_by_key(
+        &self,
+        tenant: &TenantId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<UsageRecord>, StoreError> {
+        let tenant = tenant.clone();
+        let key = key.clone();
+        self.with_conn(move |conn| {
+            let sql = format!(
+                "SELECT {USAGE_COLUMNS} FROM ai_usage WHERE tenant_id = ?1 \
+                 AND idempotency_key = ?2 AND reservation_id IS NULL"
+            );
+            let mut stmt = conn.prepare_cached(&sql).db()?;
+            let mut rows = stmt.query([tenant.as_str(), key.as_str()]).db()?;
+            rows.next().db()?.map(usage_row).transpose()
+        })
+        .await
+    }
+
+    async fn recount(&self) -> Result<Vec<CounterRow>, StoreError> {
+        self.with_conn(|conn| recount_blocking(conn)).await
+    }
+
+    async fn rollups(&self) -> Result<Vec<CounterRow>, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn
+                .prepare(&format!("SELECT {ROLLUP_COLUMNS} FROM rollups"))
+                .db()?;
+            let mut rows = stmt.query([]).db()?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().db()? {
+                out.push(rollup_row(row)?);
+            }
+            sort_rows(&mut out);
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn usage_count(&self) -> Result<u64, StoreError> {
+        self.with_conn(|conn| {
+            let n: i64 = conn
+                .query_row("SELECT count(*) FROM ai_usage", [], |r| r.get(0))
+                .db()?;
+            Ok(n as u64)
+        })
+        .await
+    }
+}
+
+/// API keys (hashes only).
+impl SqliteStore {
+    pub async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
+        let key = key.clone();
+        self.with_conn(move |conn| {
+            conn.execute(
+                "INSERT INTO api_keys (id, tenant_id, hash, prefix, created_at, revoked_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                rusqlite::params![
+                    key.id,
+                    key.tenant.as_ref().map(|t| t.as_str().to_owned()),
+                    key.hash,
+                    key.prefix,
+                    key.created_at,
+                    key.revoked_at
+                ],
+            )
+            .db()?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT id, tenant_id, hash, prefix, created_at, revoked_at FROM api_keys \
+                     ORDER BY created_at, id",
+                )
+                .db()?;
+            let mut rows = stmt.query([]).db()?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().db()? {
+                let tenant = opt_text(row, 1)?
+                    .map(|t| spendguard_core::TenantId::parse(t).map_err(crate::common::corrupt))
+                    .transpose()?;
+                out.push(ApiKeyRecord {
+                    id: text(row, 0)?.to_owned(),
+                    tenant,
+                    hash: text(row, 2)?.to_owned(),
+                    prefix: text(row, 3)?.to_owned(),
+                    created_at: int(row, 4)?,
+                    revoked_at: row.get::<_, Option<i64>>(5).db()?,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Marks a key revoked; `false` when there is no such unrevoked key.
+    pub async fn revoke_api_key(&self, id: &str, at: Micros) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.with_conn(move |conn| {
+            let n = conn
+                .execute(
+                    "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                    rusqlite::params![id, at],
+                )
+                .db()?;
+            Ok(n == 1)
+        })
+        .await
+    }
+}

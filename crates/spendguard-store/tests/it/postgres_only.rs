@@ -1,0 +1,184 @@
+//! Tests particular to the PostgreSQL backend.
+
+use std::time::Duration;
+
+use spendguard_core::Event;
+use spendguard_store::{AnyStore, OpenOptions, PostgresStore, Store, StoreError};
+use tokio_postgres::NoTls;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn an_unreachable_server_is_unavailable() {
+    for url in [
+        "postgres://postgres@127.0.0.1:1/test",
+        "postgresql://postgres@127.0.0.1:1/test?connect_timeout=2",
+    ] {
+        let err = AnyStore::open(url, &OpenOptions::default())
+            .await
+            .unwrap_err();
+        assert!(err.is_unavailable(), "{url}: {err:?}");
+        let err = PostgresStore::open(
+            url,
+            &OpenOptions {
+                take_writer_lock: false,
+                ..OpenOptions::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(err.is_unavailable(), "{url}: {err:?}");
+    }
+}
+
+#[tokio::test]
+async fn bad_urls_are_invalid() {
+    for url in [
+        "postgres://postgres@127.0.0.1:1/test?sslmode=require",
+        "postgres://postgres@127.0.0.1:1/test?bogus_option=1",
+    ] {
+        let err = AnyStore::open(url, &OpenOptions::default())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Invalid(_)), "{url}: {err:?}");
+    }
+}
+
+/// The client of the test database.
+async fn admin() -> tokio_postgres::Client {
+    let url = std::env::var("SPENDGUARD_TEST_DATABASE_URL").unwrap();
+    let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+fn schema(db: &Db) -> &str {
+    match db {
+        Db::Postgres { schema, .. } => schema,
+        Db::Sqlite { .. } => unreachable!(),
+    }
+}
+
+#[tokio::test]
+async fn a_failing_batch_changes_nothing() {
+    let Some(db) = make_pg().await else { return };
+    let store = db.store().await;
+    let res = reservation(1);
+    let mut bad = record(2);
+    // Before PostgreSQL's earliest timestamp.
+    bad.created_at = -210_866_803_200_000_001;
+    let err = store
+        .apply(&[Event::Reserved(res.clone()), Event::Recorded(bad)])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err:?}");
+    assert_eq!(store.reservation(res.id).await.unwrap(), None);
+    assert_eq!(store.usage_count().await.unwrap(), 0);
+    // The store still works.
+    store.apply(&[Event::Reserved(res.clone())]).await.unwrap();
+    assert!(store.reservation(res.id).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn the_tables_have_the_documented_columns() {
+    let Some(db) = make_pg().await else { return };
+    let store = db.store().await;
+    let mut r = record(1);
+    r.cost = spendguard_core::Money::from_micros(1_234_567);
+    store.apply(&[Event::Recorded(r)]).await.unwrap();
+    let admin = admin().await;
+    let row = admin
+        .query_one(
+            &format!(
+                "SELECT cost_usd::text, to_char(created_at AT TIME ZONE 'UTC', \
+                 'YYYY-MM-DD HH24:MI:SS'), request_status FROM {}.ai_usage",
+                schema(&db)
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, &str>(0), "1.234567");
+    assert_eq!(row.get::<_, &str>(1), "2024-01-10 01:00:00");
+    assert_eq!(row.get::<_, &str>(2), "success");
+    let err = admin
+        .execute(
+            &format!(
+                "UPDATE {}.ai_usage SET request_status = 'bogus'",
+                schema(&db)
+            ),
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn writer_locks_are_per_schema() {
+    let Some(one) = make_pg().await else { return };
+    let Some(two) = make_pg().await else { return };
+    let a = one.store().await;
+    let b = two.store().await;
+    assert!(matches!(
+        one.open(&OpenOptions::default()).await,
+        Err(StoreError::Locked(_))
+    ));
+    assert!(matches!(
+        two.open(&OpenOptions::default()).await,
+        Err(StoreError::Locked(_))
+    ));
+    a.close().await;
+    b.close().await;
+}
+
+/// The backend holding the writer lock of `schema`, if any.
+async fn lock_holder(admin: &tokio_postgres::Client, schema: &str) -> Option<i32> {
+    admin
+        .query_opt(
+            "SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted \
+             AND l.objsubid = 1 AND l.database = (SELECT oid FROM pg_database \
+             WHERE datname = current_database()) \
+             AND ((l.classid::int8 << 32) | l.objid::int8) = hashtextextended( \
+             'spendguard-writer:' || current_database() || '.' || $1, 0)",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .map(|row| row.get(0))
+}
+
+#[tokio::test]
+async fn a_lost_lock_connection_is_replaced() {
+    let Some(db) = make_pg().await else { return };
+    let store = db.store().await;
+    let admin = admin().await;
+    let pid = lock_holder(&admin, schema(&db))
+        .await
+        .expect("the store holds the lock");
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    // The next batches take the lock again on a new connection (terminating is asynchronous:
+    // the old session may hold the lock a moment longer).
+    let mut n = 0;
+    loop {
+        n += 1;
+        store.apply(&[Event::Recorded(record(n))]).await.unwrap();
+        match lock_holder(&admin, schema(&db)).await {
+            Some(p) if p != pid => break,
+            _ => {}
+        }
+        assert!(n < 100, "the lock was not taken again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(
+        db.open(&OpenOptions::default()).await,
+        Err(StoreError::Locked(_))
+    ));
+}
