@@ -210,6 +210,13 @@ pub struct CommitRequest {
     pub status: RequestStatus,
 }
 
+impl CommitRequest {
+    /// The same usage (tokens, cost, status), whatever usage id the retry was given.
+    pub fn same_usage(&self, other: &CommitRequest) -> bool {
+        self.tokens == other.tokens && self.cost == other.cost && self.status == other.status
+    }
+}
+
 /// Usage of a call that was not reserved. Counted, never refused.
 #[derive(Clone, Debug)]
 pub struct RecordRequest {
@@ -1465,7 +1472,7 @@ impl Ledger {
             };
             match &s.settlement {
                 Settlement::Committed(usage) => {
-                    if s.commit.as_ref() != Some(commit) {
+                    if !s.commit.as_ref().is_some_and(|c| c.same_usage(commit)) {
                         return Err(LedgerError::CommitMismatch(*id));
                     }
                     return Ok(Some(Applied {
@@ -1518,7 +1525,7 @@ impl Ledger {
                     s.late = Some(usage.clone());
                     true
                 }
-                Some(prev) if prev == commit => {
+                Some(prev) if prev.same_usage(commit) => {
                     usage = s.late.clone().unwrap_or(usage);
                     false
                 }
@@ -1867,11 +1874,7 @@ impl Ledger {
 
     /// Spent and reserved money in the current day and month of every scope of `kind` held
     /// in memory (for metrics and dashboards): `(scope, day, month)` as `(spent, reserved)`.
-    pub fn totals(
-        &self,
-        kind: ScopeKind,
-        now: Micros,
-    ) -> Vec<ScopeTotals> {
+    pub fn totals(&self, kind: ScopeKind, now: Micros) -> Vec<ScopeTotals> {
         let periods = self.policy().calendar.periods(now);
         let mut out = Vec::new();
         for shard in self.scopes.iter() {

@@ -47,3 +47,101 @@ fn config_check_names_the_bad_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("failed to read"));
 }
+
+/// `spendguard serve` on a fresh directory: serves, refuses a second instance on the same
+/// database, and stops cleanly on SIGTERM.
+#[test]
+fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("SPENDGUARD_ADMIN_KEY", "cli-test-admin")
+        .env("RUST_LOG", "info")
+        .env_remove("SPENDGUARD_DATABASE_URL")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the server exited before serving")
+            .unwrap();
+        if let Some(i) = line.find("listen=") {
+            break line[i + 7..].split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    // Keep draining its log so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = rt.block_on(async {
+        let c = reqwest::Client::new();
+        let r = c
+            .get(format!("http://{addr}/v1/alerts"))
+            .bearer_auth("cli-test-admin")
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    });
+    assert_eq!(status, 200);
+    assert!(dir.path().join("spendguard.db").exists());
+
+    let second = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env_remove("SPENDGUARD_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        err.contains("another spendguard instance is writing"),
+        "{err}"
+    );
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "exit status {exit:?}");
+}
+
+#[test]
+fn keys_create_list_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let db = db.to_str().unwrap();
+    let out = spendguard(&["keys", "create", "--tenant", "acme", "--database", db]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text.lines().last().unwrap();
+    assert!(key.starts_with("sg_"));
+    let id = text.split_whitespace().nth(2).unwrap().to_owned();
+    let out = spendguard(&["keys", "list", "--database", db]);
+    let listing = String::from_utf8(out.stdout).unwrap();
+    assert!(listing.contains(&id) && listing.contains("acme"));
+    assert!(!listing.contains(key), "a listing must not show keys");
+    assert!(
+        spendguard(&["keys", "revoke", &id, "--database", db])
+            .status
+            .success()
+    );
+    let again = spendguard(&["keys", "revoke", &id, "--database", db]);
+    assert!(!again.status.success());
+    let bad = spendguard(&["keys", "create", "--tenant", "a b", "--database", db]);
+    assert!(!bad.status.success());
+}

@@ -24,7 +24,13 @@ async fn concurrent_reservations_admit_exactly_what_fits() {
                 "max_output_tokens": 10,
                 "estimated_cost_usd": "0.01",
             });
-            let resp = client.post(url).bearer_auth(ADMIN).json(&body).send().await.unwrap();
+            let resp = client
+                .post(url)
+                .bearer_auth(ADMIN)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             let status = resp.status().as_u16();
             let v: serde_json::Value = resp.json().await.unwrap();
             (status, v)
@@ -45,11 +51,23 @@ async fn concurrent_reservations_admit_exactly_what_fits() {
     assert_eq!(admitted.len(), 5);
     assert_eq!(refused, 235);
     for id in &admitted {
-        let (st, _) = s.post(&format!("/v1/reservations/{id}/commit"), ADMIN, json!({ "input_tokens": 10, "output_tokens": 10, "cost_usd": "0.01" })).await;
+        let (st, _) = s
+            .post(
+                &format!("/v1/reservations/{id}/commit"),
+                ADMIN,
+                json!({ "input_tokens": 10, "output_tokens": 10, "cost_usd": "0.01" }),
+            )
+            .await;
         assert_eq!(st, 200);
     }
     let (_, l) = s.get("/v1/limits?tenant_id=t0&user_id=u0", ADMIN).await;
-    let global = l["limits"].as_array().unwrap().iter().find(|x| x["scope"] == "global" && x["window"] == "day").unwrap().clone();
+    let global = l["limits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["scope"] == "global" && x["window"] == "day")
+        .unwrap()
+        .clone();
     assert_eq!(global["used"], json!(0.05));
     assert_eq!(global["reserved"], json!(0.0));
     s.stop().await;

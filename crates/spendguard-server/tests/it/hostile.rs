@@ -54,7 +54,11 @@ async fn hostile_requests_get_clear_4xx_and_the_server_keeps_serving() {
         ("wrong content type", "/v1/reservations", "text/plain".into(), good.clone().into_bytes(), 415),
     ];
     for (name, path, content_type, body, expected) in cases {
-        let ct = if content_type.is_empty() { "application/json".to_owned() } else { content_type };
+        let ct = if content_type.is_empty() {
+            "application/json".to_owned()
+        } else {
+            content_type
+        };
         let resp = s
             .client
             .post(format!("{}{path}", s.url))
@@ -66,7 +70,8 @@ async fn hostile_requests_get_clear_4xx_and_the_server_keeps_serving() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{name}: not JSON: {text}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{name}: not JSON: {text}"));
         assert_eq!(status, expected, "{name}: {text}");
         error_code(&v);
     }
@@ -74,12 +79,33 @@ async fn hostile_requests_get_clear_4xx_and_the_server_keeps_serving() {
     let (st, v, h) = s.call(M::GET, "/v1/reservations", Some(ADMIN), None).await;
     assert_eq!((st, error_code(&v)), (405, "method_not_allowed"));
     assert!(h.contains_key("allow"));
-    let (st, v) = s.get("/v1/limits?tenant_id=acme&user_id=a&user_id=b&x=1", ADMIN).await;
+    let (st, v) = s
+        .get("/v1/limits?tenant_id=acme&user_id=a&user_id=b&x=1", ADMIN)
+        .await;
     assert_eq!(st, 400, "{v}");
-    let (st, _, _) = s.call(M::PUT, "/v1/admin/budgets/user/%2e%2e?tenant_id=acme", Some(ADMIN), Some(json!({}))).await;
-    assert_eq!(st, 400);
+    let (st, v, _) = s
+        .call(
+            M::PUT,
+            "/v1/admin/budgets/user/a%20b?tenant_id=acme",
+            Some(ADMIN),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!((st, error_code(&v)), (400, "invalid_request"));
+    // Dot segments are resolved before routing: what is left is no route.
+    let (st, v, _) = s
+        .call(
+            M::PUT,
+            "/v1/admin/budgets/user/%2e%2e/%2e%2e/keys?tenant_id=acme",
+            Some(ADMIN),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!((st, error_code(&v)), (404, "not_found"));
     // Still serving normally.
-    let (st, _) = s.post("/v1/reservations", ADMIN, reserve_body("acme", "alice")).await;
+    let (st, _) = s
+        .post("/v1/reservations", ADMIN, reserve_body("acme", "alice"))
+        .await;
     assert_eq!(st, 201);
     let (st, _, _) = s.call(M::GET, "/healthz", None, None).await;
     assert_eq!(st, 200);

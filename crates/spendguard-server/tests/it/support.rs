@@ -28,22 +28,52 @@ pub struct TestServer {
 pub async fn spawn(config: &str) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let policy = Config::from_toml(config).unwrap().validate().unwrap();
-    let store = AnyStore::open(dir.path().join("db").to_str().unwrap(), &OpenOptions::default()).await.unwrap();
+    let store = AnyStore::open(
+        dir.path().join("db").to_str().unwrap(),
+        &OpenOptions::default(),
+    )
+    .await
+    .unwrap();
     let clock = ManualClock::new(T0);
-    let guard = Guard::start(store, policy, GuardOptions::new(dir.path().join("spool")), clock.clone()).await.unwrap();
+    let guard = Guard::start(
+        store,
+        policy,
+        GuardOptions::new(dir.path().join("spool")),
+        clock.clone(),
+    )
+    .await
+    .unwrap();
     let ring = KeyRing::load(guard.store(), Some(ADMIN)).await.unwrap();
     let state = AppState::new(guard, ring);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, rx) = oneshot::channel();
-    let task = tokio::spawn(spendguard_server::run(listener, state.clone(), async move {
-        let _ = rx.await;
-    }));
-    TestServer { url, client: Client::new(), state, clock, stop: Some(stop), task: Some(task), _dir: dir }
+    let task = tokio::spawn(spendguard_server::run(
+        listener,
+        state.clone(),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    TestServer {
+        url,
+        client: Client::new(),
+        state,
+        clock,
+        stop: Some(stop),
+        task: Some(task),
+        _dir: dir,
+    }
 }
 
 impl TestServer {
-    pub async fn call(&self, method: Method, path: &str, key: Option<&str>, body: Option<Value>) -> (u16, Value, HeaderMap) {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value, HeaderMap) {
         let mut req = self.client.request(method, format!("{}{path}", self.url));
         if let Some(k) = key {
             req = req.bearer_auth(k);
@@ -71,7 +101,13 @@ impl TestServer {
 
     /// Creates a tenant key through the API.
     pub async fn tenant_key(&self, tenant: &str) -> String {
-        let (s, v) = self.post("/v1/admin/api-keys", ADMIN, serde_json::json!({ "tenant_id": tenant })).await;
+        let (s, v) = self
+            .post(
+                "/v1/admin/api-keys",
+                ADMIN,
+                serde_json::json!({ "tenant_id": tenant }),
+            )
+            .await;
         assert_eq!(s, 201, "{v}");
         v["key"].as_str().unwrap().to_owned()
     }
@@ -92,7 +128,9 @@ pub use reqwest::Method as M;
 pub fn error_code(v: &Value) -> &str {
     let e = &v["error"];
     assert!(e["message"].is_string(), "no error message in {v}");
-    e["code"].as_str().unwrap_or_else(|| panic!("no error code in {v}"))
+    e["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error code in {v}"))
 }
 
 pub fn reserve_body(tenant: &str, user: &str) -> Value {

@@ -792,10 +792,31 @@ pub async fn api_keys_round_trip(db: &Db) {
     store.insert_api_key(&admin).await.unwrap();
     store.insert_api_key(&scoped).await.unwrap();
     // The same hash twice is refused.
-    assert!(store.insert_api_key(&spendguard_store::ApiKeyRecord { id: "k3".into(), ..admin.clone() }).await.is_err());
-    assert_eq!(store.list_api_keys().await.unwrap(), vec![admin.clone(), scoped.clone()]);
-    assert!(store.revoke_api_key("k2", 1_700_000_000_000_002).await.unwrap());
-    assert!(!store.revoke_api_key("k2", 1_700_000_000_000_003).await.unwrap());
+    assert!(
+        store
+            .insert_api_key(&spendguard_store::ApiKeyRecord {
+                id: "k3".into(),
+                ..admin.clone()
+            })
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        store.list_api_keys().await.unwrap(),
+        vec![admin.clone(), scoped.clone()]
+    );
+    assert!(
+        store
+            .revoke_api_key("k2", 1_700_000_000_000_002)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .revoke_api_key("k2", 1_700_000_000_000_003)
+            .await
+            .unwrap()
+    );
     assert!(!store.revoke_api_key("missing", 1).await.unwrap());
     let keys = store.list_api_keys().await.unwrap();
     assert_eq!(keys[1].revoked_at, Some(1_700_000_000_000_002));
