@@ -400,3 +400,61 @@ async fn openapi_lists_every_route_the_router_serves() {
     assert_eq!((st, error_code(&v)), (404, "not_found"));
     s.stop().await;
 }
+
+/// With `on_store_error = "deny"`, a store that cannot be written answers new reservations
+/// with 503 (and `/readyz` with 503) until it is back. The store is made unwritable by
+/// another connection holding SQLite's write lock past the busy timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_mode_answers_503_while_the_store_is_down() {
+    let s = spawn_with(CONFIG, |o| {
+        o.on_store_error = spendguard_guard::OnStoreError::Deny;
+        o.retry_interval = std::time::Duration::from_millis(100);
+    })
+    .await;
+    let (st, r) = s
+        .post("/v1/reservations", ADMIN, reserve_body("acme", "dora"))
+        .await;
+    assert_eq!(st, 201);
+    let id = r["reservation_id"].as_str().unwrap().to_owned();
+
+    let blocker = rusqlite::Connection::open(s.db_path()).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE; INSERT INTO schema_migrations (version, applied_at) VALUES (999999, 0);").unwrap();
+    // This commit cannot reach the store (busy), so it is spooled and still answered.
+    let (st, _) = s
+        .post(
+            &format!("/v1/reservations/{id}/commit"),
+            ADMIN,
+            json!({ "input_tokens": 1, "output_tokens": 1 }),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, e, h) = s
+        .call(
+            M::POST,
+            "/v1/reservations",
+            Some(ADMIN),
+            Some(reserve_body("acme", "dora")),
+        )
+        .await;
+    assert_eq!((st, error_code(&e)), (503, "store_unavailable"));
+    assert!(h.contains_key("retry-after"));
+    let (st, v, _) = s.call(M::GET, "/readyz", None, None).await;
+    assert_eq!((st, v["store"].as_str()), (503, Some("spooling")));
+
+    blocker.execute_batch("ROLLBACK").unwrap();
+    drop(blocker);
+    let mut ready = false;
+    for _ in 0..100 {
+        if s.call(M::GET, "/readyz", None, None).await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ready, "the spool was not replayed");
+    let (st, _) = s
+        .post("/v1/reservations", ADMIN, reserve_body("acme", "dora"))
+        .await;
+    assert_eq!(st, 201);
+    s.stop().await;
+}

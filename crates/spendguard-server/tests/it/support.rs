@@ -26,6 +26,10 @@ pub struct TestServer {
 }
 
 pub async fn spawn(config: &str) -> TestServer {
+    spawn_with(config, |_| {}).await
+}
+
+pub async fn spawn_with(config: &str, tune: impl FnOnce(&mut GuardOptions)) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let policy = Config::from_toml(config).unwrap().validate().unwrap();
     let store = AnyStore::open(
@@ -35,14 +39,11 @@ pub async fn spawn(config: &str) -> TestServer {
     .await
     .unwrap();
     let clock = ManualClock::new(T0);
-    let guard = Guard::start(
-        store,
-        policy,
-        GuardOptions::new(dir.path().join("spool")),
-        clock.clone(),
-    )
-    .await
-    .unwrap();
+    let mut options = GuardOptions::new(dir.path().join("spool"));
+    tune(&mut options);
+    let guard = Guard::start(store, policy, options, clock.clone())
+        .await
+        .unwrap();
     let ring = KeyRing::load(guard.store(), Some(ADMIN)).await.unwrap();
     let state = AppState::new(guard, ring);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -67,6 +68,11 @@ pub async fn spawn(config: &str) -> TestServer {
 }
 
 impl TestServer {
+    /// The SQLite database file.
+    pub fn db_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("db")
+    }
+
     pub async fn call(
         &self,
         method: Method,
