@@ -295,6 +295,18 @@ impl UsageRecord {
         .flatten()
     }
 
+    /// Who made the call, under the tier it was admitted with.
+    pub fn subject(&self) -> Subject {
+        Subject {
+            tenant: self.tenant.clone(),
+            user: self.user.clone(),
+            company: self.company.clone(),
+            tier: Some(self.tier.clone()),
+            model: self.model.clone(),
+            endpoint: self.endpoint.clone(),
+        }
+    }
+
     /// Whether this record counts in the counters (expired reservations cost nothing and
     /// are not requests).
     pub fn counts(&self) -> bool {
@@ -1499,14 +1511,7 @@ impl Ledger {
         let policy = self.policy();
         let record = RecordRequest {
             id: commit.usage_id,
-            subject: Subject {
-                tenant: expired.tenant.clone(),
-                user: expired.user.clone(),
-                company: expired.company.clone(),
-                tier: Some(expired.tier.clone()),
-                model: expired.model.clone(),
-                endpoint: expired.endpoint.clone(),
-            },
+            subject: expired.subject(),
             tokens: commit.tokens,
             cost: commit.cost,
             status: commit.status,

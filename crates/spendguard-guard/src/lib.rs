@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use spendguard_core::{
     BudgetOverride, CheckOutcome, CommitRequest, Committed, CompanyId, Event, LedgerError,
     LimitStatus, Micros, Policy, RecordRequest, ReserveRequest, Reserved, ScopeKey, Settlement,
@@ -79,17 +79,7 @@ impl Clock for ManualClock {
     }
 }
 
-/// What to do with new reservations while the store cannot be written.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnStoreError {
-    /// Keep deciding from memory and spool events to a local file (the default).
-    #[default]
-    Spool,
-    /// Refuse new reservations (503) until the store is back. Acknowledged spend is still
-    /// spooled.
-    Deny,
-}
+pub use spendguard_core::config::OnStoreError;
 
 /// Options of a guard.
 #[derive(Clone, Debug)]
@@ -418,14 +408,7 @@ impl<S: Store> Guard<S> {
                 // Expired long ago and now committed: record the real spend.
                 let record = RecordRequest {
                     id: Uuid::now_v7(),
-                    subject: spendguard_core::Subject {
-                        tenant: expired.tenant.clone(),
-                        user: expired.user.clone(),
-                        company: expired.company.clone(),
-                        tier: Some(expired.tier.clone()),
-                        model: expired.model.clone(),
-                        endpoint: expired.endpoint.clone(),
-                    },
+                    subject: expired.subject(),
                     tokens: req.tokens,
                     cost: req.cost,
                     status: req.status,

@@ -293,10 +293,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let store = open_store(&config, true).await?;
         let mut options = GuardOptions::new(&config.server.spool_path);
-        options.on_store_error = match config.server.on_store_error {
-            OnStoreError::Spool => spendguard_guard::OnStoreError::Spool,
-            OnStoreError::Deny => spendguard_guard::OnStoreError::Deny,
-        };
+        options.on_store_error = config.server.on_store_error;
         let guard = Guard::start(store, policy, options, Arc::new(SystemClock))
             .await
             .context("failed to start: could not restore the ledger from the database")?;
