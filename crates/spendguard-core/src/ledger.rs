@@ -648,6 +648,8 @@ pub struct Ledger {
     idempotency: Box<[Mutex<IdemShard>]>,
     retention_us: i64,
     settled_retention_us: i64,
+    /// When finished windows and old idempotency keys were last dropped.
+    last_forget: std::sync::atomic::AtomicI64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -729,6 +731,7 @@ impl Ledger {
                 .collect(),
             retention_us,
             settled_retention_us: retention_us.min(DEFAULT_SETTLED_RETENTION_US),
+            last_forget: std::sync::atomic::AtomicI64::new(i64::MIN),
         }
     }
 
@@ -1665,7 +1668,13 @@ impl Ledger {
                 });
             }
         }
-        self.forget(now);
+        // Dropping finished windows scans every scope: once a minute is plenty.
+        let last = self.last_forget.load(std::sync::atomic::Ordering::Relaxed);
+        if now.saturating_sub(last) >= MICROS_PER_MINUTE || now < last {
+            self.last_forget
+                .store(now, std::sync::atomic::Ordering::Relaxed);
+            self.forget(now);
+        }
         events
     }
 
