@@ -627,6 +627,7 @@ async fn writer<S: Store>(
 }
 
 /// Writes one batch: to the store when the spool is empty (keeping order), else to the spool.
+/// Spool writes are synchronous file I/O on this task; they happen only during an outage.
 async fn write_batch<S: Store>(
     store: &S,
     spool: &mut Spool,
@@ -649,7 +650,23 @@ async fn write_batch<S: Store>(
 }
 
 /// Replays the spool into the store, oldest batch first; empties it when all succeeded.
+/// While the store is down only the first batch is read and tried, so a long outage does
+/// not re-read a large spool at every retry.
 async fn drain_spool<S: Store>(store: &S, spool: &mut Spool, stats: &Stats) {
+    match spool.read_first() {
+        Ok(Some(first)) => {
+            if let Err(e) = store.apply(&first).await {
+                stats.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "store still unavailable");
+                return;
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!(error = %e, path = %spool.path().display(), "cannot read the spool");
+            return;
+        }
+    }
     let batches = match spool.read_all() {
         Ok(b) => b,
         Err(e) => {

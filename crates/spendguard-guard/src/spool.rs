@@ -81,6 +81,25 @@ impl Spool {
         Ok(())
     }
 
+    /// The oldest batch, reading no further than it (a cheap probe while the store is down).
+    pub fn read_first(&mut self) -> io::Result<Option<Vec<Event>>> {
+        self.file.seek(SeekFrom::Start(0))?;
+        let mut header = [0u8; 8];
+        if self.file.read_exact(&mut header).is_err() {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(header[4..].try_into().expect("4 bytes"));
+        if len > MAX_FRAME {
+            return Ok(None);
+        }
+        let mut payload = vec![0u8; len as usize];
+        if self.file.read_exact(&mut payload).is_err() || crc32fast::hash(&payload) != crc {
+            return Ok(None);
+        }
+        Ok(serde_json::from_slice(&payload).ok())
+    }
+
     /// Every complete batch, oldest first.
     pub fn read_all(&mut self) -> io::Result<Vec<Vec<Event>>> {
         Ok(read_frames(&mut self.file)?.0)
@@ -161,6 +180,7 @@ mod tests {
         assert_eq!(s.read_all().unwrap().len(), 3);
         s.clear().unwrap();
         assert!(s.is_empty());
+        assert_eq!(s.read_first().unwrap(), None);
         assert!(Spool::open(&path).unwrap().is_empty());
     }
 
