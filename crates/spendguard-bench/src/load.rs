@@ -1,0 +1,362 @@
+//! The load generator: N keep-alive connections, each a task looping reserve → commit or
+//! release, every HTTP request timed into an HDR histogram.
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use reqwest::StatusCode;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::{INPUT_TOKENS, MAX_OUTPUT_TOKENS, MODEL, tier_of};
+
+/// The shape of the load.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Concurrent keep-alive connections, one task each.
+    pub connections: usize,
+    /// Stop after this long…
+    pub duration: Option<Duration>,
+    /// …or after this many HTTP requests (whichever comes first).
+    pub requests: Option<u64>,
+    /// Distinct users, spread over `tenants` tenants and the tiers of [`crate::TIERS`].
+    pub users: usize,
+    pub tenants: usize,
+    /// The share of admitted reservations released instead of committed.
+    pub release_ratio: f64,
+    /// Draw a progress bar on stderr (only when it is a terminal).
+    pub progress: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            connections: 64,
+            duration: Some(Duration::from_secs(10)),
+            requests: None,
+            users: 10_000,
+            tenants: 20,
+            release_ratio: 0.1,
+            progress: true,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// The tenant, user and tier of user number `i`.
+    pub fn identity(&self, i: usize) -> (String, String, String) {
+        (
+            format!("t{}", i % self.tenants.max(1)),
+            format!("u{i}"),
+            tier_of(i).name.to_owned(),
+        )
+    }
+}
+
+/// Which server is driven (they differ only in what a success looks like).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    Spendguard,
+    Baseline,
+    Ceiling,
+}
+
+/// Latency percentiles, microseconds.
+#[derive(Debug, Default, Serialize)]
+pub struct Latency {
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+    pub mean: f64,
+}
+
+/// What one load run measured.
+#[derive(Debug, Default, Serialize)]
+pub struct LoadReport {
+    /// HTTP requests completed (reserve, commit and release each count one).
+    pub requests: u64,
+    pub elapsed_s: f64,
+    pub requests_per_s: f64,
+    pub latency_us: Latency,
+    pub reserves: u64,
+    pub admitted: u64,
+    pub commits: u64,
+    pub releases: u64,
+    /// Refused reservations by error code (`budget_exceeded`, `rate_limited`, …).
+    pub denials: BTreeMap<String, u64>,
+    /// Transport failures and unexpected statuses.
+    pub errors: u64,
+    /// Unexpected answers, by status (at most a few examples are kept).
+    pub error_examples: Vec<String>,
+}
+
+struct Worker {
+    hist: Histogram<u64>,
+    report: LoadReport,
+}
+
+impl Worker {
+    fn error(&mut self, what: String) {
+        self.report.errors += 1;
+        if self.report.error_examples.len() < 3 {
+            self.report.error_examples.push(what);
+        }
+    }
+}
+
+struct Shared {
+    url: String,
+    key: String,
+    opts: LoadOptions,
+    stop_at: Option<Instant>,
+    issued: AtomicU64,
+    done: AtomicU64,
+    stopped: AtomicBool,
+}
+
+impl Shared {
+    /// Takes one request from the budget; false when the run is over.
+    fn take(&self) -> bool {
+        if self.stopped.load(Ordering::Relaxed) {
+            return false;
+        }
+        if self.stop_at.is_some_and(|t| Instant::now() >= t) {
+            self.stopped.store(true, Ordering::Relaxed);
+            return false;
+        }
+        if let Some(n) = self.opts.requests
+            && self.issued.fetch_add(1, Ordering::Relaxed) >= n
+        {
+            self.stopped.store(true, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+}
+
+/// Sends one request, records its latency; the status and body, or `None` on failure.
+async fn send(
+    w: &mut Worker,
+    s: &Shared,
+    client: &reqwest::Client,
+    path: &str,
+    body: &Value,
+) -> Option<(StatusCode, Value)> {
+    let t = Instant::now();
+    let result = async {
+        let resp = client
+            .post(format!("{}{path}", s.url))
+            .bearer_auth(&s.key)
+            .json(body)
+            .send()
+            .await?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        Ok::<_, reqwest::Error>((status, bytes))
+    }
+    .await;
+    let us = t.elapsed().as_micros() as u64;
+    w.hist.saturating_record(us.max(1));
+    w.report.requests += 1;
+    s.done.fetch_add(1, Ordering::Relaxed);
+    match result {
+        Ok((status, bytes)) => Some((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )),
+        Err(e) => {
+            w.error(format!("{path}: {e}"));
+            None
+        }
+    }
+}
+
+async fn worker(s: Arc<Shared>) -> Worker {
+    let mut w = Worker {
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+        report: LoadReport::default(),
+    };
+    let client = match reqwest::Client::builder()
+        .pool_max_idle_per_host(1)
+        .timeout(Duration::from_secs(300))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            w.error(format!("client: {e}"));
+            return w;
+        }
+    };
+    while s.take() {
+        let i = fastrand::usize(..s.opts.users.max(1));
+        let (tenant, user, tier) = s.opts.identity(i);
+        let body = json!({
+            "tenant_id": tenant,
+            "user_id": user,
+            "tier": tier,
+            "model": MODEL,
+            "input_tokens": INPUT_TOKENS,
+            "max_output_tokens": MAX_OUTPUT_TOKENS,
+        });
+        w.report.reserves += 1;
+        let Some((status, v)) = send(&mut w, &s, &client, "/v1/reservations", &body).await else {
+            continue;
+        };
+        match status {
+            StatusCode::CREATED => {}
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::FORBIDDEN => {
+                let code = v["error"]["code"].as_str().unwrap_or("unknown").to_owned();
+                *w.report.denials.entry(code).or_default() += 1;
+                continue;
+            }
+            other => {
+                w.error(format!("reserve: {other} {v}"));
+                continue;
+            }
+        }
+        w.report.admitted += 1;
+        let Some(id) = v["reservation_id"].as_str().map(str::to_owned) else {
+            w.error(format!("reserve: no reservation_id in {v}"));
+            continue;
+        };
+        // The settlement of an admitted reservation always happens, even past the end, so
+        // that nothing is left reserved.
+        s.issued.fetch_add(1, Ordering::Relaxed);
+        if fastrand::f64() < s.opts.release_ratio {
+            w.report.releases += 1;
+            let path = format!("/v1/reservations/{id}/release");
+            if let Some((st, v)) = send(&mut w, &s, &client, &path, &json!({})).await
+                && st != StatusCode::OK
+            {
+                w.error(format!("release: {st} {v}"));
+            }
+        } else {
+            w.report.commits += 1;
+            let body = json!({
+                "input_tokens": INPUT_TOKENS,
+                "output_tokens": fastrand::u64(1..=MAX_OUTPUT_TOKENS),
+            });
+            let path = format!("/v1/reservations/{id}/commit");
+            if let Some((st, v)) = send(&mut w, &s, &client, &path, &body).await
+                && st != StatusCode::OK
+            {
+                w.error(format!("commit: {st} {v}"));
+            }
+        }
+    }
+    w
+}
+
+fn progress_bar(s: &Shared, label: &str) -> Option<ProgressBar> {
+    if !s.opts.progress || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let (len, template) = match (s.stop_at, s.opts.requests) {
+        (Some(_), _) => (
+            s.opts.duration.unwrap_or_default().as_millis() as u64,
+            "{prefix:>18} [{bar:40}] {elapsed_precise} {msg}",
+        ),
+        (None, Some(n)) => (n, "{prefix:>18} [{bar:40}] {pos}/{len} {msg}"),
+        (None, None) => (0, "{prefix:>18} {msg}"),
+    };
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(label.to_owned());
+    Some(bar)
+}
+
+/// Drives the server at `url` and returns what was measured.
+pub async fn drive(
+    url: &str,
+    key: &str,
+    _workload: Workload,
+    opts: &LoadOptions,
+    label: &str,
+) -> anyhow::Result<LoadReport> {
+    if opts.duration.is_none() && opts.requests.is_none() {
+        anyhow::bail!("give a duration or a request count");
+    }
+    let start = Instant::now();
+    let shared = Arc::new(Shared {
+        url: url.trim_end_matches('/').to_owned(),
+        key: key.to_owned(),
+        opts: opts.clone(),
+        stop_at: opts.duration.map(|d| start + d),
+        issued: AtomicU64::new(0),
+        done: AtomicU64::new(0),
+        stopped: AtomicBool::new(false),
+    });
+    let bar = progress_bar(&shared, label);
+    let ticker = bar.clone().map(|bar| {
+        let s = shared.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                let done = s.done.load(Ordering::Relaxed);
+                let secs = start.elapsed().as_secs_f64().max(1e-3);
+                if s.stop_at.is_some() {
+                    bar.set_position(start.elapsed().as_millis() as u64);
+                } else {
+                    bar.set_position(done);
+                }
+                bar.set_message(format!("{done} requests, {:.0} req/s", done as f64 / secs));
+                if s.stopped.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+        })
+    });
+    let tasks: Vec<_> = (0..opts.connections.max(1))
+        .map(|_| tokio::spawn(worker(shared.clone())))
+        .collect();
+    let mut hist: Histogram<u64> = Histogram::new_with_bounds(1, 60_000_000, 3)?;
+    let mut report = LoadReport::default();
+    for t in tasks {
+        let w = t.await?;
+        hist.add(&w.hist)?;
+        let r = w.report;
+        report.requests += r.requests;
+        report.reserves += r.reserves;
+        report.admitted += r.admitted;
+        report.commits += r.commits;
+        report.releases += r.releases;
+        report.errors += r.errors;
+        for (k, v) in r.denials {
+            *report.denials.entry(k).or_default() += v;
+        }
+        for e in r.error_examples {
+            if report.error_examples.len() < 5 {
+                report.error_examples.push(e);
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    shared.stopped.store(true, Ordering::Relaxed);
+    if let Some(t) = ticker {
+        let _ = t.await;
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    report.elapsed_s = elapsed;
+    report.requests_per_s = report.requests as f64 / elapsed.max(1e-9);
+    report.latency_us = Latency {
+        p50: hist.value_at_quantile(0.50),
+        p90: hist.value_at_quantile(0.90),
+        p99: hist.value_at_quantile(0.99),
+        p999: hist.value_at_quantile(0.999),
+        max: hist.max(),
+        mean: hist.mean(),
+    };
+    Ok(report)
+}

@@ -1,0 +1,125 @@
+//! `spendguard-bench`: drives spendguard, the seed design it replaces (the baseline) and an
+//! empty handler (the ceiling) with the same HTTP load, and prints throughput, latency,
+//! denials and overspend.
+//!
+//! ```sh
+//! # all three side by side, 64 connections, 10 s each, baseline with 0 and 100,000 history rows
+//! cargo run --release -p spendguard-bench -- --mode all --connections 64 --duration 10 --history 0,100000
+//! # only spendguard, in-process on a temporary SQLite database, 50,000 requests, JSON summary
+//! cargo run --release -p spendguard-bench -- --mode spendguard --requests 50000 --json
+//! # a running spendguard (the key must be allowed to act on tenants t0..t19, e.g. the admin key)
+//! cargo run --release -p spendguard-bench -- --mode spendguard --url http://127.0.0.1:8080 --key "$KEY"
+//! # the baseline on PostgreSQL (schema `spendguard_bench_baseline`, its table recreated)
+//! cargo run --release -p spendguard-bench -- --mode baseline --database postgres://postgres@127.0.0.1:5432/test
+//! ```
+//!
+//! The exit status is non-zero if spendguard overspent any limit read back after the run.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use spendguard_bench::{LoadOptions, Mode, Options};
+
+/// spendguard's load generator.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// spendguard, baseline (seed design), ceiling (empty handler) or all side by side.
+    #[arg(long, value_enum, default_value = "spendguard")]
+    mode: Mode,
+    /// Drive a running spendguard at this URL instead of an in-process one.
+    #[arg(long)]
+    url: Option<String>,
+    /// API key for --url.
+    #[arg(long, env = "SPENDGUARD_BENCH_KEY")]
+    key: Option<String>,
+    /// Concurrent keep-alive connections.
+    #[arg(long, default_value_t = 64)]
+    connections: usize,
+    /// Seconds per target (default 10 unless --requests is given).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// HTTP requests per target.
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Distinct users.
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+    /// Tenants the users are spread over.
+    #[arg(long, default_value_t = 20)]
+    tenants: usize,
+    /// Share of admitted reservations released instead of committed.
+    #[arg(long, default_value_t = 0.1)]
+    release_ratio: f64,
+    /// Baseline history sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    history: Vec<u64>,
+    /// Database of the baseline: a postgres:// URL (default: temporary SQLite). Its table
+    /// `ai_usage` lives in the schema `spendguard_bench_baseline`, dropped and recreated.
+    #[arg(long)]
+    database: Option<String>,
+    /// Global daily budget of the baseline, USD (default: the cost of connections × 50 calls).
+    #[arg(long)]
+    baseline_budget: Option<f64>,
+    /// Users whose limits are read back after a spendguard run.
+    #[arg(long, default_value_t = 200)]
+    verify_sample: usize,
+    /// Print a machine-readable JSON summary instead of tables.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let a = Args::parse();
+    let duration = match (a.duration, a.requests) {
+        (Some(d), _) => Some(Duration::from_secs_f64(d)),
+        (None, Some(_)) => None,
+        (None, None) => Some(Duration::from_secs(10)),
+    };
+    let opts = Options {
+        mode: a.mode,
+        url: a.url,
+        key: a.key,
+        load: LoadOptions {
+            connections: a.connections,
+            duration,
+            requests: a.requests,
+            users: a.users,
+            tenants: a.tenants,
+            release_ratio: a.release_ratio,
+            progress: !a.quiet && !a.json,
+        },
+        history: a.history,
+        database: a.database,
+        baseline_budget_usd: a.baseline_budget,
+        verify_sample: a.verify_sample,
+    };
+    let summary = match spendguard_bench::run(&opts).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if a.json {
+        match serde_json::to_string_pretty(&summary) {
+            Ok(s) => println!("{s}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", spendguard_bench::render(&summary));
+    }
+    if summary.overspent() {
+        eprintln!("FAIL: spendguard overspent");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}

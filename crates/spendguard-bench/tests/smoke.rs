@@ -1,0 +1,55 @@
+//! A few hundred requests against each in-process target.
+
+use std::time::Duration;
+
+use spendguard_bench::{LoadOptions, Mode, Options};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_three_modes_run_and_spendguard_does_not_overspend() {
+    let opts = Options {
+        mode: Mode::All,
+        url: None,
+        key: None,
+        load: LoadOptions {
+            connections: 8,
+            duration: Some(Duration::from_secs(10)),
+            requests: Some(300),
+            users: 200,
+            tenants: 4,
+            release_ratio: 0.1,
+            progress: false,
+        },
+        history: vec![0, 1000],
+        database: None,
+        baseline_budget_usd: None,
+        verify_sample: 50,
+    };
+    let summary = spendguard_bench::run(&opts)
+        .await
+        .expect("the run completes");
+    let targets: Vec<_> = summary.runs.iter().map(|r| r.target.as_str()).collect();
+    assert_eq!(
+        targets,
+        ["ceiling", "spendguard", "baseline", "baseline"],
+        "{summary:#?}"
+    );
+    for r in &summary.runs {
+        assert!(r.load.requests >= 300, "{r:#?}");
+        assert_eq!(r.load.errors, 0, "{r:#?}");
+    }
+    let sg = &summary.runs[1];
+    let check = sg
+        .spendguard_check
+        .as_ref()
+        .expect("spendguard was checked");
+    assert!(
+        check.users_checked > 0 && check.entries_checked > 0,
+        "{check:#?}"
+    );
+    assert!(check.overspent.is_empty(), "{check:#?}");
+    assert!(!summary.overspent());
+    assert!(sg.load.admitted > 0, "{sg:#?}");
+    assert_eq!(summary.ratios.len(), 2);
+    let text = spendguard_bench::render(&summary);
+    assert!(text.contains("sg/base r/s"), "{text}");
+}
