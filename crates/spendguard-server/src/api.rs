@@ -8,7 +8,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use schemars::JsonSchema;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Value, json};
 use spendguard_core::{
     BudgetOverride, CheckOutcome, CommitRequest, CompanyId, Denial, Endpoint, IdempotencyKey,
@@ -223,22 +223,55 @@ pub fn rfc3339(t: Micros) -> String {
         .unwrap_or_default()
 }
 
-fn limit_json(l: &LimitStatus) -> Value {
-    json!({
-        "scope": l.scope.kind().as_str(),
-        "scope_id": l.scope.id(),
-        "window": l.window.as_str(),
-        "unit": match l.unit { Unit::Usd => "usd", Unit::Requests => "requests", Unit::Tokens => "tokens", Unit::Concurrent => "concurrent" },
-        "limit": l.limit,
-        "used": l.used,
-        "reserved": l.reserved,
-        "remaining": l.remaining,
-        "resets_at": l.resets_at.map(rfc3339),
-    })
+/// An instant written as RFC 3339 straight into the output (no intermediate string).
+#[derive(Clone, Copy, Debug)]
+pub struct Rfc3339(pub Micros);
+
+impl Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match jiff::Timestamp::from_microsecond(self.0) {
+            Ok(t) => s.collect_str(&t),
+            Err(_) => s.serialize_none(),
+        }
+    }
+}
+
+/// One limit entry of the contract, serialized without building a JSON tree.
+#[derive(Serialize)]
+struct LimitOut<'a> {
+    scope: &'static str,
+    scope_id: &'a str,
+    window: &'static str,
+    unit: &'static str,
+    limit: spendguard_core::Amount,
+    used: spendguard_core::Amount,
+    reserved: spendguard_core::Amount,
+    remaining: spendguard_core::Amount,
+    resets_at: Option<Rfc3339>,
+}
+
+/// A list of limits, serialized entry by entry.
+#[derive(Debug)]
+pub struct LimitsOut<'a>(pub &'a [LimitStatus]);
+
+impl Serialize for LimitsOut<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|l| LimitOut {
+            scope: l.scope.kind().as_str(),
+            scope_id: l.scope.id(),
+            window: l.window.as_str(),
+            unit: l.unit_str(),
+            limit: l.limit,
+            used: l.used,
+            reserved: l.reserved,
+            remaining: l.remaining,
+            resets_at: l.resets_at.map(Rfc3339),
+        }))
+    }
 }
 
 fn limits_json(limits: &[LimitStatus]) -> Value {
-    Value::Array(limits.iter().map(limit_json).collect())
+    serde_json::to_value(LimitsOut(limits)).unwrap_or(Value::Null)
 }
 
 /// The error for a refused reservation, with `Retry-After` and the IETF `RateLimit` headers.
@@ -355,23 +388,52 @@ fn denial_json(d: &Denial, now: Micros) -> Value {
     Value::Object(m)
 }
 
-fn usage_json(u: &spendguard_core::UsageRecord) -> Value {
-    json!({
-        "usage_id": u.id,
-        "reservation_id": u.reservation_id,
-        "tenant_id": u.tenant,
-        "user_id": u.user,
-        "company_id": u.company,
-        "model": u.model,
-        "endpoint": u.endpoint,
-        "subscription_tier": u.tier,
-        "input_tokens": u.tokens.input,
-        "cached_input_tokens": u.tokens.cached_input,
-        "output_tokens": u.tokens.output,
-        "cost_usd": u.cost,
-        "request_status": u.status.as_str(),
-        "created_at": rfc3339(u.created_at),
-    })
+/// A usage record as the API shows it.
+#[derive(Serialize)]
+struct UsageOut<'a> {
+    usage_id: Uuid,
+    reservation_id: Option<Uuid>,
+    tenant_id: &'a str,
+    user_id: &'a str,
+    company_id: Option<&'a str>,
+    model: &'a str,
+    endpoint: Option<&'a str>,
+    subscription_tier: &'a str,
+    input_tokens: u64,
+    cached_input_tokens: u64,
+    output_tokens: u64,
+    cost_usd: Money,
+    request_status: &'static str,
+    created_at: Rfc3339,
+}
+
+fn usage_out(u: &spendguard_core::UsageRecord) -> UsageOut<'_> {
+    UsageOut {
+        usage_id: u.id,
+        reservation_id: u.reservation_id,
+        tenant_id: u.tenant.as_str(),
+        user_id: u.user.as_str(),
+        company_id: u.company.as_ref().map(|c| c.as_str()),
+        model: u.model.as_str(),
+        endpoint: u.endpoint.as_ref().map(|e| e.as_str()),
+        subscription_tier: u.tier.as_str(),
+        input_tokens: u.tokens.input,
+        cached_input_tokens: u.tokens.cached_input,
+        output_tokens: u.tokens.output,
+        cost_usd: u.cost,
+        request_status: u.status.as_str(),
+        created_at: Rfc3339(u.created_at),
+    }
+}
+
+/// The answer to a commit: the usage record and how it was settled.
+#[derive(Serialize)]
+struct CommittedOut<'a> {
+    #[serde(flatten)]
+    usage: UsageOut<'a>,
+    reserved_cost_usd: Money,
+    replayed: bool,
+    late: bool,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -394,19 +456,16 @@ pub async fn reserve(
             } else {
                 StatusCode::CREATED
             };
-            Ok((
-                status,
-                Json(json!({
-                    "reservation_id": r.reservation.id,
-                    "reserved_cost_usd": r.reservation.estimate,
-                    "reserved_tokens": r.reservation.estimated_tokens,
-                    "expires_at": rfc3339(r.reservation.expires_at),
-                    "tier": r.reservation.tier,
-                    "replayed": r.replayed,
-                    "limits": limits_json(&r.limits),
-                })),
-            )
-                .into_response())
+            let body = ReservedOut {
+                reservation_id: r.reservation.id,
+                reserved_cost_usd: r.reservation.estimate,
+                reserved_tokens: r.reservation.estimated_tokens,
+                expires_at: Rfc3339(r.reservation.expires_at),
+                tier: r.reservation.tier.as_str(),
+                replayed: r.replayed,
+                limits: LimitsOut(&r.limits),
+            };
+            Ok((status, Json(body)).into_response())
         }
         Err(outcome) => {
             let denial = outcome.denial.expect("a refused reservation has a denial");
@@ -415,6 +474,18 @@ pub async fn reserve(
             Err(e)
         }
     }
+}
+
+/// The answer to an admitted reservation.
+#[derive(Serialize)]
+struct ReservedOut<'a> {
+    reservation_id: Uuid,
+    reserved_cost_usd: Money,
+    reserved_tokens: u64,
+    expires_at: Rfc3339,
+    tier: &'a str,
+    replayed: bool,
+    limits: LimitsOut<'a>,
 }
 
 pub async fn check(
@@ -468,7 +539,7 @@ pub async fn commit(
     caller: Caller,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<CommitBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = parse_reservation_id(&id)?;
     authorize_reservation(&state, &caller, id).await?;
     let req = CommitRequest {
@@ -485,11 +556,13 @@ pub async fn commit(
     if !c.replayed {
         state.metrics.spend(c.usage.cost);
     }
-    let mut v = usage_json(&c.usage);
-    v["reserved_cost_usd"] = serde_json::to_value(c.reserved).unwrap_or(Value::Null);
-    v["replayed"] = c.replayed.into();
-    v["late"] = c.late.into();
-    Ok(Json(v))
+    let body = CommittedOut {
+        usage: usage_out(&c.usage),
+        reserved_cost_usd: c.reserved,
+        replayed: c.replayed,
+        late: c.late,
+    };
+    Ok(Json(body).into_response())
 }
 
 pub async fn release(
@@ -554,7 +627,7 @@ pub async fn record(
     };
     let u = state.guard.record(req).await?;
     state.metrics.spend(u.cost);
-    Ok((StatusCode::CREATED, Json(usage_json(&u))).into_response())
+    Ok((StatusCode::CREATED, Json(usage_out(&u))).into_response())
 }
 
 pub async fn limits(
