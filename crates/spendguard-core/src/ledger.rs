@@ -1416,9 +1416,7 @@ impl Ledger {
         if commit.status == RequestStatus::Expired {
             return Err(LedgerError::ExpiredStatus);
         }
-        if let Some(replay) = self.settled_answer(id, commit, now)? {
-            return Ok(replay);
-        }
+        // The common case first: an open reservation. Settled ones are answered below.
         let model = lock(self.res_shard(id))
             .open
             .get(id)
