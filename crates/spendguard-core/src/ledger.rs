@@ -1038,12 +1038,7 @@ impl Ledger {
     }
 
     /// Admission rules that do not depend on counters.
-    fn static_denial(
-        policy: &Policy,
-        eff: &Effective,
-        subject: &Subject,
-        max_output: u64,
-    ) -> Option<Denial> {
+    fn static_denial(eff: &Effective, subject: &Subject, max_output: u64) -> Option<Denial> {
         if let Some(p) = &eff.allowed_models
             && !p.allows(&subject.model)
         {
@@ -1060,7 +1055,6 @@ impl Ledger {
                 max,
             });
         }
-        let _ = policy;
         None
     }
 
@@ -1102,11 +1096,7 @@ impl Ledger {
         let periods = policy.calendar.periods(now);
         let scopes = req.subject.scopes();
         let (estimate, tokens, denial) = match Self::estimate(&policy, &eff, req)? {
-            Ok((c, t, max_output)) => (
-                c,
-                t,
-                Self::static_denial(&policy, &eff, &req.subject, max_output),
-            ),
+            Ok((c, t, max_output)) => (c, t, Self::static_denial(&eff, &req.subject, max_output)),
             Err(d) => (Money::ZERO, req.input_tokens, Some(d)),
         };
         let (mut locked, idx) = self.lock_scopes(&scopes);
@@ -1227,7 +1217,7 @@ impl Ledger {
                 }));
             }
         };
-        if let Some(d) = Self::static_denial(&policy, &eff, &req.subject, max_output) {
+        if let Some(d) = Self::static_denial(&eff, &req.subject, max_output) {
             return Ok(Err(CheckOutcome {
                 limits: Vec::new(),
                 denial: Some(d),
@@ -1335,7 +1325,7 @@ impl Ledger {
         id: &Uuid,
         now: Micros,
         settled: impl FnOnce(&Reservation) -> Settled,
-        mut apply: impl FnMut(&ScopeKey, &mut ScopeState, &Reservation),
+        mut apply: impl FnMut(&mut ScopeState, &Reservation),
     ) -> Option<(Reservation, Settlement)> {
         let scopes = lock(self.res_shard(id)).open.get(id)?.subject.scopes();
         let (mut locked, idx) = self.lock_scopes(&scopes);
@@ -1350,7 +1340,7 @@ impl Ledger {
             let Some(key) = key else { continue };
             if let Some(state) = locked.shard(idx[i]).scopes.get_mut(key) {
                 state.in_flight = state.in_flight.saturating_sub(1);
-                apply(key, state, &res);
+                apply(state, &res);
             }
         }
         Some((*res, settlement))
@@ -1438,7 +1428,7 @@ impl Ledger {
                 tenant: res.subject.tenant.clone(),
                 at: now,
             },
-            |key, state, res| {
+            |state, res| {
                 for (c, start) in [
                     (&mut state.day, res.day_start),
                     (&mut state.month, res.month_start),
@@ -1448,7 +1438,6 @@ impl Ledger {
                         Self::charge(c, cost, total_tokens);
                     }
                 }
-                let _ = key;
             },
         );
         match settled {
@@ -1539,7 +1528,7 @@ impl Ledger {
             }
         };
         if first {
-            self.charge_usage(&policy, &usage);
+            self.charge_usage(&usage);
         }
         Ok(Some(Applied {
             value: Committed {
@@ -1571,7 +1560,7 @@ impl Ledger {
                 tenant: res.subject.tenant.clone(),
                 at: now,
             },
-            |_, state, res| {
+            |state, res| {
                 for (c, start) in [
                     (&mut state.day, res.day_start),
                     (&mut state.month, res.month_start),
@@ -1648,7 +1637,7 @@ impl Ledger {
                         at: now,
                     }
                 },
-                |_, state, res| {
+                |state, res| {
                     for (c, start) in [
                         (&mut state.day, res.day_start),
                         (&mut state.month, res.month_start),
@@ -1731,7 +1720,7 @@ impl Ledger {
             return Err(LedgerError::IdempotencyConflict((*k).clone()));
         }
         let usage = self.build_record(&policy, req, now)?;
-        self.charge_usage(&policy, &usage);
+        self.charge_usage(&usage);
         if let Some((k, shard)) = &mut idem {
             shard.keys.insert(
                 (tenant.clone(), (*k).clone()),
@@ -1784,17 +1773,8 @@ impl Ledger {
     }
 
     /// Adds a usage record to the counters of its windows, in every scope.
-    fn charge_usage(&self, policy: &Policy, usage: &UsageRecord) {
-        let _ = policy;
-        let subject = Subject {
-            tenant: usage.tenant.clone(),
-            user: usage.user.clone(),
-            company: usage.company.clone(),
-            tier: None,
-            model: usage.model.clone(),
-            endpoint: None,
-        };
-        let scopes = subject.scopes();
+    fn charge_usage(&self, usage: &UsageRecord) {
+        let scopes = usage.subject().scopes();
         let (mut locked, idx) = self.lock_scopes(&scopes);
         let tokens = usage.tokens.total();
         for (i, key) in scopes.keys.iter().enumerate() {
