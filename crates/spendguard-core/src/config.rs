@@ -178,11 +178,79 @@ impl ServerConfig {
     }
 }
 
+/// The `[alerts]` section: cost alert thresholds and webhook delivery.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Percentages of every cost budget (daily and monthly, of every scope) that raise an
+    /// alert when spend reaches them.
+    pub thresholds: Vec<u32>,
+    /// Raise a "projected" alert when the month-to-date run rate projects a monthly
+    /// budget to be exceeded.
+    pub projected: bool,
+    /// How far into the month (hours) before projecting: early run rates are noise.
+    pub projected_after_hours: u32,
+    /// URLs (`http://` or `https://`) every new alert is POSTed to.
+    pub webhook_urls: Vec<String>,
+    /// The HMAC-SHA256 key of `X-Spendguard-Signature`. Required with `webhook_urls`;
+    /// `SPENDGUARD_WEBHOOK_SECRET` overrides it.
+    pub webhook_secret: String,
+    /// Attempts per delivery before it is marked failed (backoff doubles from 1 s, at most
+    /// one hour apart).
+    pub webhook_max_attempts: u32,
+}
+
+impl AlertsConfig {
+    /// Checks the section; the thresholds come back sorted and without duplicates.
+    pub fn validate(&self) -> Result<Vec<u32>, ConfigError> {
+        if self.thresholds.len() > 16 {
+            return Err(ConfigError::invalid(
+                "alerts.thresholds",
+                "at most 16 thresholds",
+            ));
+        }
+        for (i, t) in self.thresholds.iter().enumerate() {
+            if !(1..=1000).contains(t) {
+                return Err(ConfigError::invalid(
+                    format!("alerts.thresholds[{i}]"),
+                    "must be a percentage from 1 to 1000",
+                ));
+            }
+        }
+        for (i, url) in self.webhook_urls.iter().enumerate() {
+            let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+            if !scheme_ok || url.len() > 2048 || url.chars().any(char::is_whitespace) {
+                return Err(ConfigError::invalid(
+                    format!("alerts.webhook_urls[{i}]"),
+                    format!("`{url}` is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        if !(1..=100).contains(&self.webhook_max_attempts) {
+            return Err(ConfigError::invalid(
+                "alerts.webhook_max_attempts",
+                "must be from 1 to 100",
+            ));
+        }
+        if self.projected_after_hours > 24 * 27 {
+            return Err(ConfigError::invalid(
+                "alerts.projected_after_hours",
+                "must be at most 648 (27 days)",
+            ));
+        }
+        let mut t = self.thresholds.clone();
+        t.sort_unstable();
+        t.dedup();
+        Ok(t)
+    }
+}
+
 /// The whole configuration file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    pub alerts: AlertsConfig,
     pub time_zone: String,
     pub default_tier: String,
     pub reservation_ttl_seconds: u64,
@@ -237,6 +305,7 @@ impl Config {
     /// Checks every value and builds the policy the ledger enforces.
     pub fn validate(&self) -> Result<Policy, ConfigError> {
         self.server.validate()?;
+        self.alerts.validate()?;
         let calendar =
             Calendar::new(&self.time_zone).map_err(|e| ConfigError::invalid("time_zone", e))?;
         if self.reservation_ttl_seconds == 0 {
@@ -394,6 +463,24 @@ mod tests {
         assert_eq!(config.tiers["team"].requests_per_day, Limit::Value(10));
         assert_eq!(config.tiers["team"].usd_per_day, Limit::Unlimited);
         assert!(config.tiers.contains_key("free"));
+    }
+
+    #[test]
+    fn alerts_section_is_validated() {
+        let (config, _) = load("").unwrap();
+        assert_eq!(config.alerts.validate().unwrap(), vec![50, 80, 90, 100]);
+        assert!(config.alerts.webhook_urls.is_empty());
+        let (config, _) = load("[alerts]\nthresholds = [100, 50, 50]\n").unwrap();
+        assert_eq!(config.alerts.validate().unwrap(), vec![50, 100]);
+        assert_eq!(
+            err("[alerts]\nthresholds = [0]\n"),
+            "alerts.thresholds[0]: must be a percentage from 1 to 1000"
+        );
+        assert!(
+            err("[alerts]\nwebhook_urls = [\"ftp://x\"]\n")
+                .starts_with("alerts.webhook_urls[0]: `ftp://x` is not")
+        );
+        assert!(err("[alerts]\nthresholds = \"50\"\n").starts_with("alerts.thresholds"));
     }
 
     #[test]

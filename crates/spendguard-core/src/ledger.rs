@@ -1879,6 +1879,44 @@ impl Ledger {
         out
     }
 
+    /// The spend of a scope in the current day and month: `(day, month)`. Zero for a scope
+    /// with no spend in them.
+    pub fn spent(&self, scope: &ScopeKey, now: Micros) -> (Money, Money) {
+        let periods = self.policy().calendar.periods(now);
+        let shard = lock(&self.scopes[scope.shard(&self.hasher)]);
+        match shard.scopes.get(scope) {
+            Some(state) => (
+                state.day.at(periods.day.start).spent,
+                state.month.at(periods.month.start).spent,
+            ),
+            None => (Money::ZERO, Money::ZERO),
+        }
+    }
+
+    /// The cost caps the ledger enforces on a scope, for spend under `tier`: a user's caps
+    /// are those of `tier` (else the user's stored tier, else the default tier); then the
+    /// scope's budget override applies.
+    pub fn budget_for(&self, scope: &ScopeKey, tier: Option<&TierName>) -> Budget {
+        let ScopeKey::User(tenant, user) = scope else {
+            return self.budget_of(scope);
+        };
+        let policy = self.policy();
+        let stored = self.user_overrides(tenant, user).and_then(|u| u.tier);
+        let name = tier.or(stored.as_ref()).unwrap_or(&policy.default_tier);
+        let base = policy
+            .tier(name)
+            .or_else(|| policy.tier(&policy.default_tier))
+            .map(|t| t.budget)
+            .unwrap_or_default();
+        match self.budget_override(scope) {
+            Some(o) => Budget {
+                daily: o.daily.or(base.daily),
+                monthly: o.monthly.or(base.monthly),
+            },
+            None => base,
+        }
+    }
+
     /// The effective daily and monthly caps of a scope (configuration plus overrides). For a
     /// user, the tier's caps of `tier` (or the configured default tier).
     pub fn budget_of(&self, scope: &ScopeKey) -> Budget {

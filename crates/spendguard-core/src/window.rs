@@ -124,6 +124,24 @@ impl Calendar {
     }
 
     /// The start of the period of `window` containing `t`.
+    /// The first instant of a calendar date in this time zone (local midnight, or the
+    /// first instant after a gap that skips it).
+    pub fn date_start(&self, date: jiff::civil::Date) -> Micros {
+        date.to_zoned_datetime(self.tz.clone())
+            .map(|z| z.timestamp().as_microsecond())
+            .unwrap_or(Micros::MAX)
+    }
+
+    /// The calendar date of an instant in this time zone.
+    pub fn date_of(&self, t: Micros) -> jiff::civil::Date {
+        let ts = Timestamp::from_microsecond(t).unwrap_or(if t < 0 {
+            Timestamp::MIN
+        } else {
+            Timestamp::MAX
+        });
+        ts.to_zoned_datetime(self.tz.clone()).date()
+    }
+
     pub fn period(&self, window: Window, t: Micros) -> Option<Period> {
         let p = self.periods(t);
         match window {

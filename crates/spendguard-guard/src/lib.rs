@@ -17,6 +17,7 @@
 //!   service was down are expired at once.
 
 pub mod spool;
+mod watch;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
@@ -37,6 +38,7 @@ use uuid::Uuid;
 pub use spendguard_core::Ledger;
 
 use crate::spool::Spool;
+pub use crate::watch::SpendWatch;
 
 /// A source of the current time.
 pub trait Clock: Send + Sync + 'static {
@@ -192,6 +194,7 @@ struct Inner<S> {
     stats: Arc<Stats>,
     options: GuardOptions,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    watch: Arc<SpendWatch>,
 }
 
 impl<S: Store> Guard<S> {
@@ -228,12 +231,14 @@ impl<S: Store> Guard<S> {
         ledger.restore(snapshot)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
+        let watch = Arc::new(SpendWatch::default());
         let writer = tokio::spawn(writer(
             store.clone(),
             spool,
             rx,
             stats.clone(),
             options.clone(),
+            watch.clone(),
         ));
         let guard = Guard {
             inner: Arc::new(Inner {
@@ -244,6 +249,7 @@ impl<S: Store> Guard<S> {
                 stats,
                 options,
                 tasks: Mutex::new(vec![writer]),
+                watch,
             }),
         };
         // Reservations that expired while we were down.
@@ -282,6 +288,12 @@ impl<S: Store> Guard<S> {
 
     pub fn now(&self) -> Micros {
         self.inner.clock.now()
+    }
+
+    /// The scopes whose spend changed: off until [`SpendWatch::enable`] is called (the alert
+    /// engine does), so an unwatched guard pays nothing for it.
+    pub fn spend_watch(&self) -> &Arc<SpendWatch> {
+        &self.inner.watch
     }
 
     pub fn stats(&self) -> WriterStats {
@@ -568,6 +580,7 @@ async fn writer<S: Store>(
     mut rx: mpsc::UnboundedReceiver<Write>,
     stats: Arc<Stats>,
     options: GuardOptions,
+    watch: Arc<SpendWatch>,
 ) {
     let mut closing = false;
     let mut retry = tokio::time::interval(options.retry_interval);
@@ -602,6 +615,10 @@ async fn writer<S: Store>(
             continue;
         }
         let result = write_batch(&*store, &mut spool, &stats, &events).await;
+        if result.is_ok() {
+            // Durable now: the alert engine may look at these scopes.
+            watch.note(&events);
+        }
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats
             .events

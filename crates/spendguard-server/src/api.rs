@@ -649,37 +649,6 @@ pub async fn limits(
     })))
 }
 
-pub async fn daily_usage(
-    State(_state): State<AppState>,
-    _caller: Caller,
-    Path(_user_id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "per-user daily usage arrives with the reports",
-    ))
-}
-
-pub async fn usage_report(
-    State(_state): State<AppState>,
-    _caller: Caller,
-) -> Result<Json<Value>, ApiError> {
-    Err(ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "not_implemented",
-        "usage reports arrive with the analytics",
-    ))
-}
-
-pub async fn alerts(
-    State(_state): State<AppState>,
-    _caller: Caller,
-) -> Result<Json<Value>, ApiError> {
-    // Alerts are not raised yet: the list is truthfully empty.
-    Ok(Json(json!({ "alerts": [] })))
-}
-
 fn scope_key(scope: &str, id: &str, tenant: Option<TenantId>) -> Result<ScopeKey, ApiError> {
     let need_tenant = || {
         tenant.clone().ok_or_else(|| {
@@ -859,7 +828,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
-    let text = state.metrics.render(&state.guard);
+    let text = state.metrics.render(&state.guard, state.alerts.counts());
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,

@@ -235,11 +235,14 @@ pub async fn normalize_errors(req: Request, next: axum::middleware::Next) -> Res
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
-    let is_json = response
+    // JSON errors are already in shape; HTML pages (the dashboard's) are answers of their own.
+    let own_body = response
         .headers()
         .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if is_json {
+        .is_some_and(|v| {
+            v.as_bytes().starts_with(b"application/json") || v.as_bytes().starts_with(b"text/html")
+        });
+    if own_body {
         return response;
     }
     let (code, message) = match status {

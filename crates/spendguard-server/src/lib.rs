@@ -4,11 +4,14 @@
 //! a shutdown signal, then drains the writer. Every route is declared once, in the table
 //! below, which builds both the router and the OpenAPI document, so the two cannot drift.
 
+pub mod alerts;
 pub mod api;
 pub mod auth;
+pub mod dashboard;
 pub mod error;
 pub mod metrics;
 pub mod openapi;
+pub mod reports;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -24,6 +27,7 @@ use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 
+pub use alerts::{AlertSettings, Alerts};
 pub use auth::{Caller, KeyRing};
 pub use metrics::Metrics;
 
@@ -38,15 +42,24 @@ pub struct AppState {
     pub guard: Guard<AnyStore>,
     pub keys: Arc<KeyRing>,
     pub metrics: Arc<Metrics>,
+    pub alerts: Arc<Alerts>,
+    pub sessions: Arc<dashboard::Sessions>,
     shutting_down: Arc<AtomicBool>,
 }
 
 impl AppState {
+    /// With the built-in alert settings (thresholds, no webhooks).
     pub fn new(guard: Guard<AnyStore>, keys: KeyRing) -> AppState {
+        AppState::with_alerts(guard, keys, AlertSettings::default())
+    }
+
+    pub fn with_alerts(guard: Guard<AnyStore>, keys: KeyRing, alerts: AlertSettings) -> AppState {
         AppState {
+            alerts: Arc::new(Alerts::new(guard.clone(), alerts)),
             guard,
             keys: Arc::new(keys),
             metrics: Arc::new(Metrics::new()),
+            sessions: Arc::new(dashboard::Sessions::default()),
             shutting_down: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -96,9 +109,9 @@ api! {
     post "/v1/usage" => api::record { auth: true, body: (api::UsageBody), summary: "Record usage of a call that was not reserved (never refused)" }
     post "/v1/check" => api::check { auth: true, body: (api::ReserveBody), summary: "Would this reservation be admitted? Changes nothing" }
     get "/v1/limits" => api::limits { auth: true, body: none, summary: "A user's effective limits, used, reserved and remaining" }
-    get "/v1/users/{user_id}/daily-usage" => api::daily_usage { auth: true, body: none, summary: "A user's usage on one day, by model" }
-    get "/v1/reports/usage" => api::usage_report { auth: true, body: none, summary: "Usage grouped by day, tenant, company, user, model or endpoint" }
-    get "/v1/alerts" => api::alerts { auth: true, body: none, summary: "Cost alerts of the current windows" }
+    get "/v1/users/{user_id}/daily-usage" => reports::daily_usage { auth: true, body: none, summary: "A user's usage on one day (?date=YYYY-MM-DD, default today), by model" }
+    get "/v1/reports/usage" => reports::usage_report { auth: true, body: none, summary: "Usage over whole days (?from=&to=, default the last 30), grouped by day, tenant, company, user, model or endpoint (?group_by=); top spenders first; JSON or CSV (?format=)" }
+    get "/v1/alerts" => reports::alerts { auth: true, body: none, summary: "Cost alerts of the current day and month (?all=true: of every window), newest first" }
     put "/v1/admin/budgets/{scope}/{id}" => api::set_budget { auth: true, body: (api::BudgetBody), summary: "Set or clear a scope's daily and monthly caps (admin)" }
     put "/v1/admin/users/{user_id}" => api::set_user { auth: true, body: none, summary: "Set a user's tier and limit overrides (admin)" }
     post "/v1/admin/api-keys" => api::create_api_key { auth: true, body: (api::KeyBody), summary: "Create a tenant API key, shown once (admin)" }
@@ -108,6 +121,10 @@ api! {
     get "/readyz" => api::readyz { auth: false, body: none, summary: "Ready to admit reservations (store state)" }
     get "/metrics" => api::metrics { auth: false, body: none, summary: "Prometheus metrics" }
     get "/openapi.json" => api::openapi { auth: false, body: none, summary: "This API's OpenAPI document" }
+    get "/" => dashboard::page { auth: false, body: none, summary: "The spend dashboard (HTML; admin session cookie or admin key)" }
+    get "/login" => dashboard::login_page { auth: false, body: none, summary: "The dashboard's sign-in form (HTML)" }
+    post "/login" => dashboard::login { auth: false, body: none, summary: "Sign in to the dashboard with the admin key (form field `key`)" }
+    post "/logout" => dashboard::logout { auth: false, body: none, summary: "Sign out of the dashboard" }
 }
 
 /// The router with every route and layer.
@@ -130,6 +147,13 @@ pub fn app(state: AppState) -> Router {
 
 /// How often keys are re-read from the store.
 pub const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Starts the background work of a server: key reloading, the alert engine and the webhook
+/// dispatcher.
+pub fn spawn_background(state: &AppState) {
+    spawn_key_reload(state);
+    state.alerts.spawn();
+}
 
 /// Re-reads API keys periodically, so `spendguard keys create|revoke` apply to a running
 /// server within [`KEY_RELOAD_INTERVAL`].
@@ -158,6 +182,7 @@ pub async fn run(
 ) -> std::io::Result<()> {
     let flag = state.shutting_down.clone();
     let guard = state.guard.clone();
+    let alerts = state.alerts.clone();
     let result = axum::serve(listener, app(state))
         .with_graceful_shutdown(async move {
             shutdown.await;
@@ -165,6 +190,7 @@ pub async fn run(
             tracing::info!("shutting down: finishing in-flight requests");
         })
         .await;
+    alerts.stop().await;
     guard.shutdown().await;
     tracing::info!("writer flushed; stopped");
     result

@@ -2,7 +2,7 @@
 //! global scope and of tenants, request latency by route, writer batches, spool depth and
 //! store health. No label ever carries a user id.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
@@ -19,6 +19,7 @@ use spendguard_guard::{Guard, StoreHealth};
 use spendguard_store::AnyStore;
 
 use crate::AppState;
+use crate::alerts::AlertCounts;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DecisionLabels {
@@ -61,6 +62,13 @@ pub struct Metrics {
     store_errors: Gauge,
     store_up: Gauge,
     open_reservations: Gauge,
+    alerts_raised: Gauge,
+    webhooks: Family<OutcomeLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: String,
 }
 
 impl Default for Metrics {
@@ -135,7 +143,20 @@ impl Metrics {
             "open_reservations",
             "Reservations not settled yet",
         );
+        let alerts_raised = gauge(
+            &mut registry,
+            "alerts_raised",
+            "Cost alerts raised (persisted) since start",
+        );
+        let webhooks = Family::<OutcomeLabels, Gauge>::default();
+        registry.register(
+            "webhook_attempts",
+            "Webhook delivery attempts since start, by outcome (delivered, retry, failed)",
+            webhooks.clone(),
+        );
         Metrics {
+            alerts_raised,
+            webhooks,
             registry,
             decisions,
             spend,
@@ -166,9 +187,22 @@ impl Metrics {
     }
 
     /// The text exposition, with the gauges read at this moment.
-    pub fn render(&self, guard: &Guard<AnyStore>) -> String {
-        let stats = guard.stats();
+    pub fn render(&self, guard: &Guard<AnyStore>, alerts: &AlertCounts) -> String {
         let to_i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let load = |c: &std::sync::atomic::AtomicU64| to_i(c.load(Ordering::Relaxed));
+        self.alerts_raised.set(load(&alerts.raised));
+        for (outcome, c) in [
+            ("delivered", &alerts.delivered),
+            ("retry", &alerts.retried),
+            ("failed", &alerts.failed),
+        ] {
+            self.webhooks
+                .get_or_create(&OutcomeLabels {
+                    outcome: outcome.into(),
+                })
+                .set(load(c));
+        }
+        let stats = guard.stats();
         self.batches.set(to_i(stats.batches));
         self.events.set(to_i(stats.events));
         self.last_batch.set(to_i(stats.last_batch_size));

@@ -12,6 +12,10 @@ use spendguard_core::{
 use uuid::Uuid;
 
 use crate::error::StoreError;
+use crate::{
+    AlertKind, AlertRecord, Delivery, DeliveryState, GroupBy, NewAlert, Report, ReportRow,
+    UsageTotals,
+};
 
 /// A non-negative count as a signed 64-bit column: values past `i64::MAX` are stored as
 /// `i64::MAX` (no real token count gets there).
@@ -459,6 +463,332 @@ pub(crate) const ROLLUP_CONFLICT: &str = concat!(
     ", ",
     saturating_add!("rollups", "tokens"),
 );
+
+/// A dimension of `usage_rollups`. The variants are ordered like their names, as the `dim`
+/// column sorts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum Dim {
+    /// Key: the company id, `''` without one.
+    Company,
+    /// Key: the endpoint, `''` without one.
+    Endpoint,
+    /// Key: the model.
+    Model,
+    /// Key: `''`.
+    Tenant,
+    /// Key: the user id.
+    User,
+    /// Key: the user id; model: the model.
+    UserModel,
+}
+
+impl Dim {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dim::Company => "company",
+            Dim::Endpoint => "endpoint",
+            Dim::Model => "model",
+            Dim::Tenant => "tenant",
+            Dim::User => "user",
+            Dim::UserModel => "user_model",
+        }
+    }
+
+    /// The dimension a report grouping reads.
+    pub fn of(group_by: GroupBy) -> Dim {
+        match group_by {
+            GroupBy::Day | GroupBy::Tenant => Dim::Tenant,
+            GroupBy::Company => Dim::Company,
+            GroupBy::User => Dim::User,
+            GroupBy::Model => Dim::Model,
+            GroupBy::Endpoint => Dim::Endpoint,
+        }
+    }
+}
+
+/// The key of a `usage_rollups` row: (dim, day_start, tenant_id, key, model).
+pub(crate) type UsageKey<'a> = (Dim, Micros, &'a str, &'a str, &'a str);
+
+/// `usage_rollups` increments, summed in memory over a batch so each row is written once.
+#[derive(Debug, Default)]
+pub(crate) struct UsageDeltas<'a> {
+    map: HashMap<UsageKey<'a>, UsageTotals>,
+}
+
+impl<'a> UsageDeltas<'a> {
+    /// Counts a newly inserted usage record (nothing if it does not count).
+    pub fn add(&mut self, u: &'a UsageRecord) {
+        if !u.counts() {
+            return;
+        }
+        let one = UsageTotals {
+            requests: 1,
+            input_tokens: u.tokens.input,
+            cached_input_tokens: u.tokens.cached_input,
+            output_tokens: u.tokens.output,
+            cost: u.cost,
+        };
+        let (day, tenant, user, model) = (
+            u.day_start,
+            u.tenant.as_str(),
+            u.user.as_str(),
+            u.model.as_str(),
+        );
+        let company = u.company.as_ref().map_or("", |c| c.as_str());
+        let endpoint = u.endpoint.as_ref().map_or("", |e| e.as_str());
+        for (dim, key, model_column) in [
+            (Dim::Tenant, "", ""),
+            (Dim::Company, company, ""),
+            (Dim::User, user, ""),
+            (Dim::Model, model, ""),
+            (Dim::Endpoint, endpoint, ""),
+            (Dim::UserModel, user, model),
+        ] {
+            self.map
+                .entry((dim, day, tenant, key, model_column))
+                .or_default()
+                .add(&one);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// The increments, sorted by key (writers lock rows in this order). The sums saturate
+    /// at `u64::MAX`; [`clamp_u64`] them when binding.
+    pub fn into_rows(self) -> Vec<(UsageKey<'a>, UsageTotals)> {
+        let mut rows: Vec<_> = self.map.into_iter().collect();
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        rows
+    }
+}
+
+/// The `ON CONFLICT` clause of a `usage_rollups` upsert.
+pub(crate) const USAGE_ROLLUP_CONFLICT: &str = concat!(
+    " ON CONFLICT (dim, day_start, tenant_id, key, model) DO UPDATE SET ",
+    saturating_add!("usage_rollups", "requests"),
+    ", ",
+    saturating_add!("usage_rollups", "input_tokens"),
+    ", ",
+    saturating_add!("usage_rollups", "cached_input_tokens"),
+    ", ",
+    saturating_add!("usage_rollups", "output_tokens"),
+    ", ",
+    saturating_add!("usage_rollups", "cost_micros"),
+);
+
+/// Reads the sums of a `usage_rollups` row (or of a group of them).
+pub(crate) fn usage_totals(
+    requests: i64,
+    input: i64,
+    cached: i64,
+    output: i64,
+    cost: i64,
+) -> Result<UsageTotals, StoreError> {
+    Ok(UsageTotals {
+        requests: to_u64("requests", requests)?,
+        input_tokens: to_u64("input_tokens", input)?,
+        cached_input_tokens: to_u64("cached_input_tokens", cached)?,
+        output_tokens: to_u64("output_tokens", output)?,
+        cost: Money::from_micros(cost),
+    })
+}
+
+/// The groups of a report, summed from `usage_rollups` rows (or from groups already summed
+/// by the database) of the grouping's dimension.
+#[derive(Debug)]
+pub(crate) struct Groups {
+    group_by: GroupBy,
+    days: HashMap<Micros, UsageTotals>,
+    /// By `tenant \n key` (ids never hold a line feed), or by key alone.
+    named: HashMap<String, ReportRow>,
+    buf: String,
+}
+
+impl Groups {
+    pub fn new(group_by: GroupBy) -> Groups {
+        Groups {
+            group_by,
+            days: HashMap::new(),
+            named: HashMap::new(),
+            buf: String::new(),
+        }
+    }
+
+    /// Adds a row of `day`, `tenant` and `key` (the columns the grouping does not use are
+    /// ignored).
+    pub fn add(&mut self, day: Micros, tenant: &str, key: &str, totals: &UsageTotals) {
+        let (tenant, key) = match self.group_by {
+            GroupBy::Day => {
+                self.days.entry(day).or_default().add(totals);
+                return;
+            }
+            GroupBy::Tenant => (Some(tenant), None),
+            GroupBy::Company | GroupBy::User => (Some(tenant), Some(key)),
+            GroupBy::Model | GroupBy::Endpoint => (None, Some(key)),
+        };
+        self.buf.clear();
+        if let Some(t) = tenant {
+            self.buf.push_str(t);
+        }
+        self.buf.push('\n');
+        if let Some(k) = key {
+            self.buf.push_str(k);
+        }
+        if let Some(row) = self.named.get_mut(self.buf.as_str()) {
+            row.totals.add(totals);
+            return;
+        }
+        self.named.insert(
+            self.buf.clone(),
+            ReportRow {
+                day: None,
+                tenant: tenant.map(str::to_owned),
+                key: key.filter(|k| !k.is_empty()).map(str::to_owned),
+                totals: *totals,
+            },
+        );
+    }
+
+    /// The report: totals over every group, then the rows in order, cut to `limit`.
+    pub fn finish(self, limit: Option<usize>) -> Report {
+        let mut rows: Vec<ReportRow> = if self.group_by == GroupBy::Day {
+            self.days
+                .into_iter()
+                .map(|(day, totals)| ReportRow {
+                    day: Some(day),
+                    tenant: None,
+                    key: None,
+                    totals,
+                })
+                .collect()
+        } else {
+            self.named.into_values().collect()
+        };
+        let mut totals = UsageTotals::default();
+        for row in &rows {
+            totals.add(&row.totals);
+        }
+        if self.group_by == GroupBy::Day {
+            rows.sort_unstable_by_key(|r| r.day);
+        } else {
+            rows.sort_unstable_by(|a, b| {
+                b.totals
+                    .cost
+                    .cmp(&a.totals.cost)
+                    .then_with(|| a.tenant.cmp(&b.tenant))
+                    .then_with(|| a.key.cmp(&b.key))
+            });
+        }
+        let groups = rows.len();
+        if let Some(limit) = limit {
+            rows.truncate(limit);
+        }
+        Report {
+            rows,
+            totals,
+            groups,
+        }
+    }
+}
+
+/// A limit as an SQL `LIMIT` value (`None`: no limit).
+pub(crate) fn sql_limit(limit: Option<usize>) -> i64 {
+    limit.map_or(i64::MAX, |l| i64::try_from(l).unwrap_or(i64::MAX))
+}
+
+/// The columns of an alert: `(scope_kind, tenant_id, scope_id, window, window_start,
+/// threshold_percent, kind, created_at, amount_micros, limit_micros)` as stored.
+pub(crate) struct AlertCols<'a> {
+    pub id: i64,
+    pub scope_kind: &'a str,
+    pub tenant: &'a str,
+    pub scope_id: &'a str,
+    pub window: &'a str,
+    pub window_start: Micros,
+    pub threshold_percent: i64,
+    pub kind: &'a str,
+    pub created_at: Micros,
+    pub amount_micros: i64,
+    pub limit_micros: i64,
+}
+
+impl AlertCols<'_> {
+    pub fn decode(&self) -> Result<AlertRecord, StoreError> {
+        Ok(AlertRecord {
+            id: self.id,
+            alert: NewAlert {
+                scope: scope_from_columns(self.scope_kind, self.tenant, self.scope_id)?,
+                window: window_from_str(self.window)?,
+                window_start: self.window_start,
+                threshold_percent: u32::try_from(self.threshold_percent).map_err(|_| {
+                    corrupt(format!(
+                        "column threshold_percent out of range: {}",
+                        self.threshold_percent
+                    ))
+                })?,
+                kind: AlertKind::parse(self.kind)
+                    .ok_or_else(|| corrupt(format!("unknown alert kind `{}`", self.kind)))?,
+                amount: Money::from_micros(self.amount_micros),
+                limit: Money::from_micros(self.limit_micros),
+                created_at: self.created_at,
+            },
+        })
+    }
+}
+
+/// The columns of a webhook delivery, as read by either backend.
+pub(crate) struct DeliveryCols<'a> {
+    pub id: i64,
+    pub url: &'a str,
+    pub state: &'a str,
+    pub attempts: i64,
+    pub next_attempt_at: Option<Micros>,
+    pub delivered_at: Option<Micros>,
+    pub last_error: Option<&'a str>,
+}
+
+impl DeliveryCols<'_> {
+    pub fn decode(&self, alert: AlertRecord) -> Result<Delivery, StoreError> {
+        Ok(Delivery {
+            id: self.id,
+            alert,
+            url: self.url.to_owned(),
+            state: DeliveryState::parse(self.state)
+                .ok_or_else(|| corrupt(format!("unknown delivery state `{}`", self.state)))?,
+            attempts: u32::try_from(self.attempts)
+                .map_err(|_| corrupt(format!("column attempts out of range: {}", self.attempts)))?,
+            next_attempt_at: self.next_attempt_at,
+            delivered_at: self.delivered_at,
+            last_error: self.last_error.map(str::to_owned),
+        })
+    }
+}
+
+/// The order in which a batch of alerts is inserted: by their unique key, so concurrent
+/// inserts of overlapping batches lock rows in the same order.
+pub(crate) fn alert_order(alerts: &[NewAlert]) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..alerts.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&alerts[a], &alerts[b]);
+        (
+            scope_columns(&a.scope),
+            a.window.as_str(),
+            a.window_start,
+            a.threshold_percent,
+            a.kind.as_str(),
+        )
+            .cmp(&(
+                scope_columns(&b.scope),
+                b.window.as_str(),
+                b.window_start,
+                b.threshold_percent,
+                b.kind.as_str(),
+            ))
+    });
+    order
+}
 
 #[cfg(test)]
 mod tests {

@@ -8,30 +8,40 @@
 //! # Tables
 //! Both backends hold the same tables (see `migrations`): `ai_usage` (one immutable row per
 //! usage record), `reservations`, `rollups` (per scope and calendar window: spent, requests,
-//! tokens), `budget_overrides`, `user_overrides`, and `api_keys`, `alerts`,
-//! `webhook_deliveries` for later features. Money is integer micro-USD everywhere except
+//! tokens), `usage_rollups` (per calendar day and report dimension: requests, tokens, cost;
+//! read by reports), `budget_overrides`, `user_overrides`, `api_keys`, `alerts` and
+//! `webhook_deliveries`. Money is integer micro-USD everywhere except
 //! `ai_usage.cost_usd`, which is `NUMERIC` on PostgreSQL (and a virtual column computed from
 //! `cost_micros` on SQLite). Instants are `timestamptz` on PostgreSQL and integer
 //! microseconds since the Unix epoch on SQLite; window starts are integer microseconds on
 //! both, as they are keys.
 //!
 //! # Rollups
-//! A usage row and its rollup increments are written in the same transaction, and the
-//! increments are made only for rows that were actually inserted. Applying a batch again
-//! therefore changes nothing, and `rollups` always equals the sums over `ai_usage`
-//! ([`Store::recount`]). Sums saturate at `i64::MAX`, like the ledger's counters.
+//! A usage row and its rollup increments (`rollups` and `usage_rollups`) are written in the
+//! same transaction, and the increments are made only for rows that were actually inserted.
+//! Applying a batch again therefore changes nothing, `rollups` always equals the sums over
+//! `ai_usage` ([`Store::recount`]), and `usage_rollups` what
+//! [`AnyStore::rebuild_usage_rollups`] computes from it. Sums saturate at `i64::MAX`, like
+//! the ledger's counters.
 
 use std::future::Future;
 
 use spendguard_core::{CounterRow, Event, IdempotencyKey, Micros, Snapshot, TenantId, UsageRecord};
 use uuid::Uuid;
 
+mod analytics;
 mod common;
 mod error;
 mod migrations;
 mod postgres;
+mod postgres_analytics;
 mod sqlite;
+mod sqlite_analytics;
 
+pub use analytics::{
+    AlertKind, AlertQuery, AlertRecord, Delivery, DeliveryOutcome, DeliveryState, GroupBy,
+    ModelUsage, NewAlert, Report, ReportQuery, ReportRow, UsageTotals,
+};
 pub use error::StoreError;
 
 /// A stored API key: its SHA-256 (hex), never the key itself.
@@ -205,6 +215,91 @@ impl AnyStore {
         match self {
             AnyStore::Sqlite(s) => s.revoke_api_key(id, at).await,
             AnyStore::Postgres(s) => s.revoke_api_key(id, at).await,
+        }
+    }
+
+    /// A usage report from `usage_rollups` (see [`ReportQuery`]).
+    pub async fn report(&self, query: &ReportQuery) -> Result<Report, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.report(query).await,
+            AnyStore::Postgres(s) => s.report(query).await,
+        }
+    }
+
+    /// One user's usage on the day starting at `day_start`, per model, by cost descending.
+    pub async fn user_day(
+        &self,
+        tenant: &TenantId,
+        user: &spendguard_core::UserId,
+        day_start: Micros,
+    ) -> Result<Vec<ModelUsage>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.user_day(tenant, user, day_start).await,
+            AnyStore::Postgres(s) => s.user_day(tenant, user, day_start).await,
+        }
+    }
+
+    /// Persists alerts, each at most once ever (a second insert of the same (scope, window,
+    /// window start, threshold, kind) does nothing, also concurrently and from several
+    /// instances). For each alert actually inserted, one pending delivery per webhook URL is
+    /// created in the same transaction, due at once. Returns the alerts actually inserted.
+    pub async fn insert_alerts(
+        &self,
+        alerts: &[NewAlert],
+        webhook_urls: &[String],
+    ) -> Result<Vec<AlertRecord>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.insert_alerts(alerts, webhook_urls).await,
+            AnyStore::Postgres(s) => s.insert_alerts(alerts, webhook_urls).await,
+        }
+    }
+
+    /// Alerts, newest first (see [`AlertQuery`]).
+    pub async fn alerts(&self, query: &AlertQuery) -> Result<Vec<AlertRecord>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.alerts(query).await,
+            AnyStore::Postgres(s) => s.alerts(query).await,
+        }
+    }
+
+    /// Pending deliveries due at `now` (`next_attempt_at <= now`), soonest first.
+    pub async fn due_deliveries(
+        &self,
+        now: Micros,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.due_deliveries(now, limit).await,
+            AnyStore::Postgres(s) => s.due_deliveries(now, limit).await,
+        }
+    }
+
+    /// Records the outcome of an attempt (and counts the attempt).
+    pub async fn finish_delivery(
+        &self,
+        id: i64,
+        outcome: &DeliveryOutcome,
+    ) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.finish_delivery(id, outcome).await,
+            AnyStore::Postgres(s) => s.finish_delivery(id, outcome).await,
+        }
+    }
+
+    /// Every delivery (any state), oldest first: for operators and tests.
+    pub async fn deliveries(&self) -> Result<Vec<Delivery>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.deliveries().await,
+            AnyStore::Postgres(s) => s.deliveries().await,
+        }
+    }
+
+    /// Recomputes `usage_rollups` from `ai_usage`, as the migration that made it filled it:
+    /// for repairs, tests and benchmarks (it reads every usage row).
+    pub async fn rebuild_usage_rollups(&self) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.rebuild_usage_rollups().await,
+            AnyStore::Postgres(s) => s.rebuild_usage_rollups().await,
         }
     }
 

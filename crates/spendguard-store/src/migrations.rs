@@ -7,10 +7,197 @@
 /// A numbered migration: its version and its SQL.
 pub(crate) type Migration = (i64, &'static str);
 
+/// The sum of an integer column of a group, saturating at the `i64` bounds (SQLite's `sum`
+/// fails on overflow): the sums of the high and low 32 bits of the values, which cannot
+/// overflow, are combined by `sqlite_combine!` over the columns `<alias>_hi` and
+/// `<alias>_lo`.
+macro_rules! sqlite_split_sum {
+    ($column:literal, $alias:literal) => {
+        concat!(
+            "sum(",
+            $column,
+            " >> 32) AS ",
+            $alias,
+            "_hi, sum(",
+            $column,
+            " & 4294967295) AS ",
+            $alias,
+            "_lo"
+        )
+    };
+}
+
+/// Combines the split sums of `sqlite_split_sum!`, saturating.
+macro_rules! sqlite_combine {
+    ($alias:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $alias,
+            "_hi + (",
+            $alias,
+            "_lo >> 32) > 2147483647 ",
+            "THEN 9223372036854775807 ",
+            "WHEN ",
+            $alias,
+            "_hi + (",
+            $alias,
+            "_lo >> 32) < -2147483648 ",
+            "THEN -9223372036854775807 - 1 ",
+            "ELSE ((",
+            $alias,
+            "_hi + (",
+            $alias,
+            "_lo >> 32)) << 32) + (",
+            $alias,
+            "_lo & 4294967295) END"
+        )
+    };
+}
+
+/// One dimension's groups of the SQLite backfill: `$key` and `$model` are the expressions
+/// of those columns, `$group` the `GROUP BY` list.
+macro_rules! sqlite_backfill_dim {
+    ($dim:literal, $key:literal, $model:literal, $group:literal) => {
+        concat!(
+            "SELECT '",
+            $dim,
+            "' AS dim, day_start, tenant_id, ",
+            $key,
+            " AS key, ",
+            $model,
+            " AS model, count(*) AS requests, ",
+            sqlite_split_sum!("input_tokens", "i"),
+            ", ",
+            sqlite_split_sum!("cached_input_tokens", "c"),
+            ", ",
+            sqlite_split_sum!("output_tokens", "o"),
+            ", ",
+            sqlite_split_sum!("cost_micros", "m"),
+            " FROM ai_usage WHERE request_status <> 'expired' GROUP BY ",
+            $group
+        )
+    };
+}
+
+/// Fills `usage_rollups` from `ai_usage` (which must be empty first): the sums of the
+/// counting records per dimension and day.
+macro_rules! sqlite_backfill {
+    () => {
+        concat!(
+            "INSERT INTO usage_rollups (dim, day_start, tenant_id, key, model, requests, \
+             input_tokens, cached_input_tokens, output_tokens, cost_micros) \
+             SELECT dim, day_start, tenant_id, key, model, requests, ",
+            sqlite_combine!("i"),
+            ", ",
+            sqlite_combine!("c"),
+            ", ",
+            sqlite_combine!("o"),
+            ", ",
+            sqlite_combine!("m"),
+            " FROM (",
+            sqlite_backfill_dim!("tenant", "''", "''", "day_start, tenant_id"),
+            " UNION ALL ",
+            sqlite_backfill_dim!(
+                "company",
+                "coalesce(company_id, '')",
+                "''",
+                "day_start, tenant_id, coalesce(company_id, '')"
+            ),
+            " UNION ALL ",
+            sqlite_backfill_dim!("user", "user_id", "''", "day_start, tenant_id, user_id"),
+            " UNION ALL ",
+            sqlite_backfill_dim!("model", "model", "''", "day_start, tenant_id, model"),
+            " UNION ALL ",
+            sqlite_backfill_dim!(
+                "endpoint",
+                "coalesce(endpoint, '')",
+                "''",
+                "day_start, tenant_id, coalesce(endpoint, '')"
+            ),
+            " UNION ALL ",
+            sqlite_backfill_dim!(
+                "user_model",
+                "user_id",
+                "model",
+                "day_start, tenant_id, user_id, model"
+            ),
+            ");\n"
+        )
+    };
+}
+
+/// One dimension's groups of the PostgreSQL backfill (sums in `numeric`, saturated).
+macro_rules! postgres_backfill_dim {
+    ($dim:literal, $key:literal, $model:literal, $group:literal) => {
+        concat!(
+            "SELECT '",
+            $dim,
+            "', day_start, tenant_id, ",
+            $key,
+            ", ",
+            $model,
+            ", count(*), \
+             LEAST(sum(input_tokens), 9223372036854775807)::int8, \
+             LEAST(sum(cached_input_tokens), 9223372036854775807)::int8, \
+             LEAST(sum(output_tokens), 9223372036854775807)::int8, \
+             GREATEST(LEAST(round(sum(cost_usd) * 1000000), 9223372036854775807), \
+             -9223372036854775808)::int8 \
+             FROM ai_usage WHERE request_status <> 'expired' GROUP BY ",
+            $group
+        )
+    };
+}
+
+/// Fills `usage_rollups` from `ai_usage` (which must be empty first).
+macro_rules! postgres_backfill {
+    () => {
+        concat!(
+            "INSERT INTO usage_rollups (dim, day_start, tenant_id, key, model, requests, \
+             input_tokens, cached_input_tokens, output_tokens, cost_micros) ",
+            postgres_backfill_dim!("tenant", "''", "''", "day_start, tenant_id"),
+            " UNION ALL ",
+            postgres_backfill_dim!(
+                "company",
+                "coalesce(company_id, '')",
+                "''",
+                "day_start, tenant_id, coalesce(company_id, '')"
+            ),
+            " UNION ALL ",
+            postgres_backfill_dim!("user", "user_id", "''", "day_start, tenant_id, user_id"),
+            " UNION ALL ",
+            postgres_backfill_dim!("model", "model", "''", "day_start, tenant_id, model"),
+            " UNION ALL ",
+            postgres_backfill_dim!(
+                "endpoint",
+                "coalesce(endpoint, '')",
+                "''",
+                "day_start, tenant_id, coalesce(endpoint, '')"
+            ),
+            " UNION ALL ",
+            postgres_backfill_dim!(
+                "user_model",
+                "user_id",
+                "model",
+                "day_start, tenant_id, user_id, model"
+            ),
+            ";\n"
+        )
+    };
+}
+
+/// SQLite: recomputes `usage_rollups` from `ai_usage` (as migration 2 does).
+pub(crate) const SQLITE_REBUILD_USAGE_ROLLUPS: &str =
+    concat!("DELETE FROM usage_rollups;\n", sqlite_backfill!());
+
+/// PostgreSQL: recomputes `usage_rollups` from `ai_usage` (as migration 2 does).
+pub(crate) const POSTGRES_REBUILD_USAGE_ROLLUPS: &str =
+    concat!("DELETE FROM usage_rollups;\n", postgres_backfill!());
+
 /// SQLite: instants are integer microseconds since the Unix epoch; money is integer micros.
-pub(crate) const SQLITE: &[Migration] = &[(
-    1,
-    r#"
+pub(crate) const SQLITE: &[Migration] = &[
+    (
+        1,
+        r#"
 CREATE TABLE ai_usage (
     id TEXT NOT NULL PRIMARY KEY,
     user_id TEXT NOT NULL,
@@ -127,13 +314,39 @@ CREATE TABLE webhook_deliveries (
 ) STRICT;
 CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_attempt_at);
 "#,
-)];
+    ),
+    (
+        2,
+        concat!(
+            r#"
+CREATE TABLE usage_rollups (
+    dim TEXT NOT NULL,
+    day_start INTEGER NOT NULL,
+    tenant_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    model TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    cached_input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cost_micros INTEGER NOT NULL,
+    PRIMARY KEY (dim, day_start, tenant_id, key, model)
+) STRICT, WITHOUT ROWID;
+
+ALTER TABLE webhook_deliveries ADD COLUMN delivered_at INTEGER;
+CREATE UNIQUE INDEX webhook_deliveries_alert_url ON webhook_deliveries (alert_id, url);
+"#,
+            sqlite_backfill!()
+        ),
+    ),
+];
 
 /// PostgreSQL: instants are `timestamptz`, `ai_usage.cost_usd` is `NUMERIC(19,6)` (every
 /// `i64` of micro-USD fits), other money is `bigint` micros.
-pub(crate) const POSTGRES: &[Migration] = &[(
-    1,
-    r#"
+pub(crate) const POSTGRES: &[Migration] = &[
+    (
+        1,
+        r#"
 CREATE TABLE ai_usage (
     id uuid PRIMARY KEY,
     user_id text NOT NULL,
@@ -251,7 +464,34 @@ CREATE TABLE webhook_deliveries (
 );
 CREATE INDEX webhook_deliveries_due ON webhook_deliveries (state, next_attempt_at);
 "#,
-)];
+    ),
+    (
+        2,
+        concat!(
+            r#"
+CREATE TABLE usage_rollups (
+    dim text NOT NULL,
+    day_start bigint NOT NULL,
+    tenant_id text NOT NULL,
+    key text NOT NULL,
+    model text NOT NULL,
+    requests bigint NOT NULL,
+    input_tokens bigint NOT NULL,
+    cached_input_tokens bigint NOT NULL,
+    output_tokens bigint NOT NULL,
+    cost_micros bigint NOT NULL,
+    PRIMARY KEY (dim, day_start, tenant_id, key, model)
+)
+-- Free room on each page, so that counter updates are HOT (no new index entries).
+WITH (fillfactor = 70);
+
+ALTER TABLE webhook_deliveries ADD COLUMN delivered_at timestamptz;
+CREATE UNIQUE INDEX webhook_deliveries_alert_url ON webhook_deliveries (alert_id, url);
+"#,
+            postgres_backfill!()
+        ),
+    ),
+];
 
 #[cfg(test)]
 mod tests {

@@ -7,6 +7,7 @@
 //! another instance took it meanwhile).
 
 use std::collections::HashSet;
+use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::{
@@ -22,12 +23,13 @@ use tokio_postgres::{Config, IsolationLevel, NoTls, Row};
 use uuid::Uuid;
 
 use crate::common::{
-    Deltas, Plan, ROLLUP_CONFLICT, ReservationCols, Settle, UsageCols, clamp_u64, corrupt,
-    counter_row, decode_user, encode_user, parse_id, scope_columns, scope_from_columns, sort_rows,
+    Deltas, Plan, ROLLUP_CONFLICT, ReservationCols, Settle, USAGE_ROLLUP_CONFLICT, UsageCols,
+    UsageDeltas, UsageKey, clamp_u64, corrupt, counter_row, decode_user, encode_user, parse_id,
+    scope_columns, scope_from_columns, sort_rows,
 };
 use crate::error::StoreError;
-use crate::migrations::POSTGRES as MIGRATIONS;
-use crate::{ApiKeyRecord, OpenOptions, ReservationState, Store};
+use crate::migrations::{POSTGRES as MIGRATIONS, POSTGRES_REBUILD_USAGE_ROLLUPS};
+use crate::{ApiKeyRecord, OpenOptions, ReservationState, Store, UsageTotals};
 
 /// A store in a PostgreSQL database (the schema is the first of the connection's
 /// `search_path`).
@@ -54,7 +56,7 @@ struct LockConn {
 }
 
 /// Maps tokio-postgres's errors to [`StoreError`]s.
-trait Db<T> {
+pub(crate) trait Db<T> {
     fn db(self) -> Result<T, StoreError>;
 }
 
@@ -103,7 +105,7 @@ fn pool_err(e: PoolError) -> StoreError {
 /// latest is past `i64::MAX`).
 const PG_MIN_MICROS: Micros = -210_866_803_200_000_000;
 
-fn to_time(m: Micros) -> Result<SystemTime, StoreError> {
+pub(crate) fn to_time(m: Micros) -> Result<SystemTime, StoreError> {
     let out_of_range = || {
         StoreError::Invalid(format!(
             "instant {m} µs is out of PostgreSQL's timestamp range"
@@ -120,19 +122,19 @@ fn to_time(m: Micros) -> Result<SystemTime, StoreError> {
     .ok_or_else(out_of_range)
 }
 
-fn from_time(t: SystemTime) -> Micros {
+pub(crate) fn from_time(t: SystemTime) -> Micros {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
         Err(e) => i64::try_from(e.duration().as_micros()).map_or(i64::MIN, |v| -v),
     }
 }
 
-fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T, StoreError> {
+pub(crate) fn get<'a, T: FromSql<'a>>(row: &'a Row, idx: usize) -> Result<T, StoreError> {
     row.try_get(idx)
         .map_err(|e| corrupt(format!("column {idx}: {e}")))
 }
 
-fn time(row: &Row, idx: usize) -> Result<Micros, StoreError> {
+pub(crate) fn time(row: &Row, idx: usize) -> Result<Micros, StoreError> {
     get::<SystemTime>(row, idx).map(from_time)
 }
 
@@ -222,6 +224,16 @@ const RECOUNT: &str = "WITH u AS ( \
       LEAST(sum(cost), 9223372036854775807)::int8, count(*)::int8, \
       LEAST(sum(tokens), 9223372036854775807)::int8 \
     FROM w GROUP BY kind, tenant, id, win, start";
+
+/// Adds increments to `usage_rollups` (arrays of the columns, in key order).
+static UPSERT_USAGE_ROLLUPS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO usage_rollups (dim, day_start, tenant_id, key, model, requests, \
+         input_tokens, cached_input_tokens, output_tokens, cost_micros) \
+         SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], \
+         $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[]){USAGE_ROLLUP_CONFLICT}"
+    )
+});
 
 /// The advisory-lock key of the writer: one per database and schema.
 const WRITER_LOCK: &str = "SELECT pg_try_advisory_lock(hashtextextended('spendguard-writer:' \
@@ -572,6 +584,42 @@ async fn upsert_rollups(tx: &Transaction<'_>, rows: Vec<CounterRow>) -> Result<(
     Ok(())
 }
 
+/// Adds the increments to `usage_rollups`, creating rows as needed.
+async fn upsert_usage_rollups(
+    tx: &Transaction<'_>,
+    rows: &[(UsageKey<'_>, UsageTotals)],
+) -> Result<(), StoreError> {
+    let n = rows.len();
+    let mut dims = Vec::with_capacity(n);
+    let mut days = Vec::with_capacity(n);
+    let mut tenants = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    let mut models = Vec::with_capacity(n);
+    let mut requests = Vec::with_capacity(n);
+    let mut input = Vec::with_capacity(n);
+    let mut cached = Vec::with_capacity(n);
+    let mut output = Vec::with_capacity(n);
+    let mut cost = Vec::with_capacity(n);
+    for ((dim, day, tenant, key, model), t) in rows {
+        dims.push(dim.as_str());
+        days.push(*day);
+        tenants.push(*tenant);
+        keys.push(*key);
+        models.push(*model);
+        requests.push(clamp_u64(t.requests));
+        input.push(clamp_u64(t.input_tokens));
+        cached.push(clamp_u64(t.cached_input_tokens));
+        output.push(clamp_u64(t.output_tokens));
+        cost.push(t.cost.micros());
+    }
+    let stmt = tx.prepare_cached(&UPSERT_USAGE_ROLLUPS).await.db()?;
+    let params: [&(dyn ToSql + Sync); 10] = [
+        &dims, &days, &tenants, &keys, &models, &requests, &input, &cached, &output, &cost,
+    ];
+    tx.execute(&stmt, &params).await.db()?;
+    Ok(())
+}
+
 async fn set_overrides(tx: &Transaction<'_>, plan: &Plan<'_>) -> Result<(), StoreError> {
     for (scope, budget) in &plan.budgets {
         let (kind, tenant, id) = scope_columns(scope);
@@ -665,7 +713,7 @@ impl PostgresStore {
         Ok(store)
     }
 
-    async fn client(&self) -> Result<Object, StoreError> {
+    pub(crate) async fn client(&self) -> Result<Object, StoreError> {
         self.pool.get().await.map_err(pool_err)
     }
 
@@ -729,6 +777,19 @@ impl PostgresStore {
         tx.commit().await.db()
     }
 
+    /// Recomputes `usage_rollups` from `ai_usage`, as migration 2 fills it: for repairs,
+    /// tests and benchmarks (it reads every usage row). Concurrent batches wait for it.
+    pub async fn rebuild_usage_rollups(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.db()?;
+        tx.batch_execute(&format!(
+            "LOCK TABLE ai_usage IN SHARE MODE; {POSTGRES_REBUILD_USAGE_ROLLUPS}"
+        ))
+        .await
+        .db()?;
+        tx.commit().await.db()
+    }
+
     /// The versions of the applied migrations, ascending.
     pub async fn schema_versions(&self) -> Result<Vec<i64>, StoreError> {
         let client = self.client().await?;
@@ -776,13 +837,18 @@ impl Store for PostgresStore {
         if !plan.usage.is_empty() {
             let mut inserted = insert_usage(&tx, &plan.usage).await?;
             let mut deltas = Deltas::default();
+            let mut usage_deltas = UsageDeltas::default();
             for u in &plan.usage {
                 if inserted.remove(&u.id) {
                     deltas.add(u);
+                    usage_deltas.add(u);
                 }
             }
             if !deltas.is_empty() {
                 upsert_rollups(&tx, deltas.into_rows()).await?;
+            }
+            if !usage_deltas.is_empty() {
+                upsert_usage_rollups(&tx, &usage_deltas.into_rows()).await?;
             }
         }
         if !plan.budgets.is_empty() || !plan.users.is_empty() {

@@ -1,5 +1,7 @@
 //! The SQLite backend: one database file in WAL mode, one connection behind a mutex, used
-//! from tokio's blocking pool. Statements are prepared once and cached.
+//! from tokio's blocking pool. Statements are prepared once and cached. Reports and other
+//! reads of analytics use a second, query-only connection, so that they never hold up the
+//! writer (WAL lets it read while the writer writes).
 //!
 //! The single-writer lock is an exclusive advisory lock on `<database file>.lock`, held for
 //! the store's life (the operating system releases it when the process ends).
@@ -15,18 +17,22 @@ use spendguard_core::{
 };
 use uuid::Uuid;
 
+use crate::UsageTotals;
 use crate::common::{
-    Deltas, Plan, ROLLUP_CONFLICT, ReservationCols, Settle, UsageCols, clamp_u64, corrupt,
-    counter_row, decode_user, encode_user, now_micros, parse_id, scope_columns, scope_from_columns,
-    sort_rows,
+    Deltas, Plan, ROLLUP_CONFLICT, ReservationCols, Settle, USAGE_ROLLUP_CONFLICT, UsageCols,
+    UsageDeltas, UsageKey, clamp_u64, corrupt, counter_row, decode_user, encode_user, now_micros,
+    parse_id, scope_columns, scope_from_columns, sort_rows,
 };
 use crate::error::StoreError;
-use crate::migrations::SQLITE as MIGRATIONS;
+use crate::migrations::{SQLITE as MIGRATIONS, SQLITE_REBUILD_USAGE_ROLLUPS};
 use crate::{ApiKeyRecord, OpenOptions, ReservationState, Store};
 
 /// A store in one SQLite database file.
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    /// A query-only connection for analytics reads; `None` for an in-memory database (a
+    /// second connection would open another database), which reads on `conn`.
+    reader: Option<Arc<Mutex<Connection>>>,
     /// The locked `<path>.lock` file, when this store is the single writer.
     lock: Option<File>,
     path: String,
@@ -42,7 +48,7 @@ impl std::fmt::Debug for SqliteStore {
 }
 
 /// Maps rusqlite's errors to [`StoreError`]s.
-trait Db<T> {
+pub(crate) trait Db<T> {
     fn db(self) -> Result<T, StoreError>;
 }
 
@@ -83,7 +89,7 @@ fn map_err(e: rusqlite::Error) -> StoreError {
 }
 
 /// Runs `f` on tokio's blocking pool.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     match tokio::task::spawn_blocking(f).await {
@@ -196,6 +202,48 @@ fn bind_rollups(
     Ok(())
 }
 
+const USAGE_ROLLUP_CHUNK: usize = 64;
+const USAGE_ROLLUP_PARAMS: usize = 10;
+
+/// Adds to `rows` `usage_rollups` rows, creating them if needed (`OR IGNORE` as in
+/// [`upsert_rollups_sql`]).
+fn upsert_usage_rollups_sql(rows: usize) -> String {
+    format!(
+        "INSERT OR IGNORE INTO usage_rollups (dim, day_start, tenant_id, key, model, requests, \
+         input_tokens, cached_input_tokens, output_tokens, cost_micros) {}{USAGE_ROLLUP_CONFLICT}",
+        values(rows, USAGE_ROLLUP_PARAMS)
+    )
+}
+
+/// Binds `usage_rollups` rows as [`USAGE_ROLLUP_PARAMS`] parameters each.
+fn bind_usage_rollups(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    rows: &[(UsageKey<'_>, UsageTotals)],
+) -> Result<(), StoreError> {
+    for (i, ((dim, day, tenant, key, model), t)) in rows.iter().enumerate() {
+        let base = i * USAGE_ROLLUP_PARAMS;
+        stmt.raw_bind_parameter(base + 1, dim.as_str()).db()?;
+        stmt.raw_bind_parameter(base + 2, *day).db()?;
+        stmt.raw_bind_parameter(base + 3, *tenant).db()?;
+        stmt.raw_bind_parameter(base + 4, *key).db()?;
+        stmt.raw_bind_parameter(base + 5, *model).db()?;
+        stmt.raw_bind_parameter(base + 6, clamp_u64(t.requests))
+            .db()?;
+        stmt.raw_bind_parameter(base + 7, clamp_u64(t.input_tokens))
+            .db()?;
+        stmt.raw_bind_parameter(base + 8, clamp_u64(t.cached_input_tokens))
+            .db()?;
+        stmt.raw_bind_parameter(base + 9, clamp_u64(t.output_tokens))
+            .db()?;
+        stmt.raw_bind_parameter(base + 10, t.cost.micros()).db()?;
+    }
+    Ok(())
+}
+
+static UPSERT_USAGE_ROLLUPS_ONE: LazyLock<String> = LazyLock::new(|| upsert_usage_rollups_sql(1));
+static UPSERT_USAGE_ROLLUPS_CHUNK: LazyLock<String> =
+    LazyLock::new(|| upsert_usage_rollups_sql(USAGE_ROLLUP_CHUNK));
+
 static INSERT_USAGE_ONE: LazyLock<String> = LazyLock::new(|| insert_usage_sql(1));
 static INSERT_USAGE_CHUNK: LazyLock<String> = LazyLock::new(|| insert_usage_sql(USAGE_CHUNK));
 static UPSERT_ROLLUPS_ONE: LazyLock<String> = LazyLock::new(|| upsert_rollups_sql(1));
@@ -218,21 +266,21 @@ const DELETE_USER: &str = "DELETE FROM user_overrides WHERE tenant_id = ?1 AND u
 const ROLLUP_COLUMNS: &str =
     "scope_kind, tenant_id, scope_id, \"window\", window_start, spent_micros, requests, tokens";
 
-fn text<'r>(row: &'r Row<'_>, idx: usize) -> Result<&'r str, StoreError> {
+pub(crate) fn text<'r>(row: &'r Row<'_>, idx: usize) -> Result<&'r str, StoreError> {
     row.get_ref(idx)
         .db()?
         .as_str()
         .map_err(|e| corrupt(format!("column {idx}: {e}")))
 }
 
-fn opt_text<'r>(row: &'r Row<'_>, idx: usize) -> Result<Option<&'r str>, StoreError> {
+pub(crate) fn opt_text<'r>(row: &'r Row<'_>, idx: usize) -> Result<Option<&'r str>, StoreError> {
     row.get_ref(idx)
         .db()?
         .as_str_or_null()
         .map_err(|e| corrupt(format!("column {idx}: {e}")))
 }
 
-fn int(row: &Row<'_>, idx: usize) -> Result<i64, StoreError> {
+pub(crate) fn int(row: &Row<'_>, idx: usize) -> Result<i64, StoreError> {
     row.get::<_, i64>(idx).db()
 }
 
@@ -349,6 +397,17 @@ fn configure(conn: &Connection, options: &OpenOptions) -> Result<(), StoreError>
         .db()?;
 
     Ok(())
+}
+
+/// Opens the query-only connection of analytics reads (after the writer made the schema).
+fn open_reader(path: &str) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).db()?;
+    conn.busy_timeout(Duration::from_secs(5)).db()?;
+    conn.pragma_update(None, "query_only", "ON").db()?;
+    conn.pragma_update(None, "temp_store", "MEMORY").db()?;
+    conn.pragma_update(None, "cache_size", -65_536).db()?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
 }
 
 /// The WAL size (in pages) at which the writer checkpoints.
@@ -508,6 +567,7 @@ fn apply_blocking(conn: &mut Connection, events: &[Event]) -> Result<(), StoreEr
         .db()?;
     }
     let mut deltas = Deltas::default();
+    let mut usage_deltas = UsageDeltas::default();
     for chunk in chunks(&plan.usage, USAGE_CHUNK) {
         let sql = if chunk.len() == USAGE_CHUNK {
             &*INSERT_USAGE_CHUNK
@@ -527,6 +587,7 @@ fn apply_blocking(conn: &mut Connection, events: &[Event]) -> Result<(), StoreEr
         for u in chunk {
             if inserted.len() == chunk.len() || inserted.contains(&u.id) {
                 deltas.add(u);
+                usage_deltas.add(u);
             } else if u.idempotency_key.is_some() && u.reservation_id.is_none() {
                 warn_if_key_conflict(&tx, u)?;
             }
@@ -542,6 +603,19 @@ fn apply_blocking(conn: &mut Connection, events: &[Event]) -> Result<(), StoreEr
             };
             let mut upsert = tx.prepare_cached(sql).db()?;
             bind_rollups(&mut upsert, chunk)?;
+            upsert.raw_execute().db()?;
+        }
+    }
+    if !usage_deltas.is_empty() {
+        let rows = usage_deltas.into_rows();
+        for chunk in chunks(&rows, USAGE_ROLLUP_CHUNK) {
+            let sql = if chunk.len() == USAGE_ROLLUP_CHUNK {
+                &*UPSERT_USAGE_ROLLUPS_CHUNK
+            } else {
+                &*UPSERT_USAGE_ROLLUPS_ONE
+            };
+            let mut upsert = tx.prepare_cached(sql).db()?;
+            bind_usage_rollups(&mut upsert, chunk)?;
             upsert.raw_execute().db()?;
         }
     }
@@ -722,8 +796,14 @@ impl SqliteStore {
         let mut conn = Connection::open(&path).db()?;
         configure(&conn, options)?;
         migrate_blocking(&mut conn)?;
+        let reader = if memory {
+            None
+        } else {
+            Some(Arc::new(Mutex::new(open_reader(&path)?)))
+        };
         Ok(SqliteStore {
             conn: Arc::new(Mutex::new(conn)),
+            reader,
             lock,
             path,
         })
@@ -734,8 +814,8 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Runs `f` with the connection on tokio's blocking pool.
-    async fn with_conn<T: Send + 'static>(
+    /// Runs `f` with the (writer) connection on tokio's blocking pool.
+    pub(crate) async fn with_conn<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -747,9 +827,36 @@ impl SqliteStore {
         .await
     }
 
+    /// Runs `f` with the query-only connection (the main one for an in-memory database) on
+    /// tokio's blocking pool. `f` must not write.
+    pub(crate) async fn with_reader<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.reader.as_ref().unwrap_or(&self.conn).clone();
+        blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            f(&mut conn)
+        })
+        .await
+    }
+
     /// Applies the migrations not applied yet (`open` does it already).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         self.with_conn(migrate_blocking).await
+    }
+
+    /// Recomputes `usage_rollups` from `ai_usage`, as migration 2 fills it: for repairs,
+    /// tests and benchmarks (it reads every usage row).
+    pub async fn rebuild_usage_rollups(&self) -> Result<(), StoreError> {
+        self.with_conn(|conn| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .db()?;
+            tx.execute_batch(SQLITE_REBUILD_USAGE_ROLLUPS).db()?;
+            tx.commit().db()
+        })
+        .await
     }
 
     /// The versions of the applied migrations, ascending.

@@ -14,7 +14,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use spendguard_core::config::{Config, LogFormat, OnStoreError};
 use spendguard_guard::{Guard, GuardOptions, SystemClock};
-use spendguard_server::{AppState, KeyRing};
+use spendguard_server::reports::{self, Format};
+use spendguard_server::{AlertSettings, AppState, KeyRing};
 use spendguard_store::{AnyStore, OpenOptions, StoreError};
 
 /// spendguard stops AI bills from running away.
@@ -57,6 +58,60 @@ enum Command {
     /// Show or check configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// One user's usage on one day, per model.
+    Usage {
+        #[command(flatten)]
+        common: Common,
+        /// The user.
+        #[arg(long)]
+        user: String,
+        /// The user's tenant.
+        #[arg(long)]
+        tenant: String,
+        /// The day (YYYY-MM-DD, in the configured time zone; default today).
+        #[arg(long)]
+        date: Option<String>,
+        /// table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// Usage over whole days, grouped; top spenders first.
+    Report {
+        #[command(flatten)]
+        common: Common,
+        /// The first day (YYYY-MM-DD; default 29 days before --to).
+        #[arg(long)]
+        from: Option<String>,
+        /// The last day (YYYY-MM-DD; default today).
+        #[arg(long)]
+        to: Option<String>,
+        /// day, tenant, company, user, model or endpoint.
+        #[arg(long, default_value = "day")]
+        group_by: String,
+        /// Only this tenant's usage.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// At most this many rows (the top spenders, except by day).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// Cost alerts of the current day and month.
+    Alerts {
+        #[command(flatten)]
+        common: Common,
+        /// Also alerts of past windows.
+        #[arg(long)]
+        all: bool,
+        /// Only this tenant's alerts.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// table or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,6 +244,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Keys(cmd) => keys(cmd),
+        Command::Usage {
+            common,
+            user,
+            tenant,
+            date,
+            format,
+        } => usage(&common, &user, &tenant, date.as_deref(), &format),
+        Command::Report {
+            common,
+            from,
+            to,
+            group_by,
+            tenant,
+            limit,
+            format,
+        } => report(
+            &common,
+            from.as_deref(),
+            to.as_deref(),
+            &group_by,
+            tenant.as_deref(),
+            limit,
+            &format,
+        ),
+        Command::Alerts {
+            common,
+            all,
+            tenant,
+            format,
+        } => alerts(&common, all, tenant.as_deref(), &format),
         Command::Config(ConfigCommand::Defaults) => {
             print!("{}", spendguard_core::config::DEFAULTS_TOML);
             Ok(())
@@ -277,6 +362,211 @@ fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
     })
 }
 
+fn parse_format(s: &str, allowed: &[Format]) -> anyhow::Result<Format> {
+    match Format::parse(s) {
+        Some(f) if allowed.contains(&f) => Ok(f),
+        _ => bail!(
+            "--format must be one of {}, not `{s}`",
+            allowed
+                .iter()
+                .map(|f| match f {
+                    Format::Json => "json",
+                    Format::Csv => "csv",
+                    Format::Table => "table",
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Opens the store for reading, with the configured calendar.
+fn read_only(common: &Common) -> anyhow::Result<(Config, spendguard_core::Policy)> {
+    let config = load_config(common)?;
+    let policy = config.validate().context("invalid configuration")?;
+    Ok((config, policy))
+}
+
+fn usage(
+    common: &Common,
+    user: &str,
+    tenant: &str,
+    date: Option<&str>,
+    format: &str,
+) -> anyhow::Result<()> {
+    let format = parse_format(format, &[Format::Table, Format::Csv, Format::Json])?;
+    let (config, policy) = read_only(common)?;
+    let cal = &policy.calendar;
+    let user = spendguard_core::UserId::parse(user).context("invalid --user")?;
+    let tenant = spendguard_core::TenantId::parse(tenant).context("invalid --tenant")?;
+    let date = match date {
+        Some(d) => reports::parse_date("--date", d).map_err(anyhow::Error::msg)?,
+        None => cal.date_of(spendguard_guard::Clock::now(&SystemClock)),
+    };
+    runtime()?.block_on(async {
+        let store = open_store(&config, false).await?;
+        let models = store
+            .user_day(&tenant, &user, cal.date_start(date))
+            .await
+            .context("failed to read usage")?;
+        store.close().await;
+        match format {
+            Format::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&reports::daily_json(
+                    cal, &tenant, &user, date, &models
+                ))?
+            ),
+            Format::Csv | Format::Table => {
+                let report = spendguard_store::Report {
+                    groups: models.len(),
+                    totals: models.iter().fold(Default::default(), |mut t, m| {
+                        spendguard_store::UsageTotals::add(&mut t, &m.totals);
+                        t
+                    }),
+                    rows: models
+                        .into_iter()
+                        .map(|m| spendguard_store::ReportRow {
+                            day: None,
+                            tenant: None,
+                            key: Some(m.model),
+                            totals: m.totals,
+                        })
+                        .collect(),
+                };
+                let g = spendguard_store::GroupBy::Model;
+                if format == Format::Csv {
+                    print!("{}", reports::report_csv(cal, g, &report));
+                } else {
+                    println!(
+                        "user {user} of tenant {tenant} on {date} ({})",
+                        cal.time_zone_name()
+                    );
+                    print!("{}", reports::report_table(cal, g, &report));
+                }
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn report(
+    common: &Common,
+    from: Option<&str>,
+    to: Option<&str>,
+    group_by: &str,
+    tenant: Option<&str>,
+    limit: Option<usize>,
+    format: &str,
+) -> anyhow::Result<()> {
+    let format = parse_format(format, &[Format::Table, Format::Csv, Format::Json])?;
+    let (config, policy) = read_only(common)?;
+    let cal = &policy.calendar;
+    let tenant = tenant
+        .map(spendguard_core::TenantId::parse)
+        .transpose()
+        .context("invalid --tenant")?;
+    let now = spendguard_guard::Clock::now(&SystemClock);
+    let spec = reports::ReportSpec::new(cal, now, from, to, Some(group_by), tenant, limit)
+        .map_err(anyhow::Error::msg)?;
+    runtime()?.block_on(async {
+        let store = open_store(&config, false).await?;
+        let report = store
+            .report(&spec.query)
+            .await
+            .context("failed to read the report")?;
+        store.close().await;
+        match format {
+            Format::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&reports::report_json(cal, &spec, &report))?
+            ),
+            Format::Csv => print!("{}", reports::report_csv(cal, spec.query.group_by, &report)),
+            Format::Table => {
+                println!(
+                    "usage from {} to {} ({}) by {}",
+                    spec.from,
+                    spec.to,
+                    cal.time_zone_name(),
+                    spec.query.group_by.as_str()
+                );
+                print!(
+                    "{}",
+                    reports::report_table(cal, spec.query.group_by, &report)
+                );
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn alerts(common: &Common, all: bool, tenant: Option<&str>, format: &str) -> anyhow::Result<()> {
+    let format = parse_format(format, &[Format::Table, Format::Json])?;
+    let (config, policy) = read_only(common)?;
+    let tenant = tenant
+        .map(spendguard_core::TenantId::parse)
+        .transpose()
+        .context("invalid --tenant")?;
+    let periods = policy
+        .calendar
+        .periods(spendguard_guard::Clock::now(&SystemClock));
+    runtime()?.block_on(async {
+        let store = open_store(&config, false).await?;
+        let list = store
+            .alerts(&spendguard_store::AlertQuery {
+                tenant,
+                current: (!all).then_some((periods.day.start, periods.month.start)),
+                limit: Some(1000),
+            })
+            .await
+            .context("failed to read alerts")?;
+        store.close().await;
+        let list: Vec<_> = list
+            .iter()
+            .map(spendguard_server::alerts::payload)
+            .collect();
+        match format {
+            Format::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+            _ => {
+                if list.is_empty() {
+                    println!(
+                        "no alerts{}",
+                        if all {
+                            ""
+                        } else {
+                            " in the current day or month"
+                        }
+                    );
+                    return anyhow::Ok(());
+                }
+                let header: Vec<String> = ["id", "raised", "kind", "scope", "window", "message"]
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect();
+                let rows: Vec<Vec<String>> = list
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.id.to_string(),
+                            spendguard_server::api::rfc3339(a.created_at.0),
+                            if a.kind == "projected" {
+                                "projected".into()
+                            } else {
+                                format!("{}%", a.threshold_percent)
+                            },
+                            format!("{} {}", a.scope, a.scope_id),
+                            a.window.to_owned(),
+                            a.message.clone(),
+                        ]
+                    })
+                    .collect();
+                print!("{}", reports::table(&header, &rows));
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -294,6 +584,11 @@ fn init_logging(format: LogFormat) {
 
 fn serve(config: Config) -> anyhow::Result<()> {
     let policy = config.validate().context("invalid configuration")?;
+    let secret = std::env::var("SPENDGUARD_WEBHOOK_SECRET")
+        .ok()
+        .filter(|s| !s.is_empty());
+    let alert_settings =
+        AlertSettings::from_config(&config.alerts, secret).context("invalid configuration")?;
     init_logging(config.server.log_format);
     runtime()?.block_on(async move {
         let store = open_store(&config, true).await?;
@@ -319,8 +614,8 @@ fn serve(config: Config) -> anyhow::Result<()> {
             println!();
             println!("(Set SPENDGUARD_ADMIN_KEY to choose your own.)");
         }
-        let state = AppState::new(guard, ring);
-        spendguard_server::spawn_key_reload(&state);
+        let state = AppState::with_alerts(guard, ring, alert_settings);
+        spendguard_server::spawn_background(&state);
         let listener = tokio::net::TcpListener::bind(&config.server.listen)
             .await
             .with_context(|| format!("failed to listen on {}", config.server.listen))?;

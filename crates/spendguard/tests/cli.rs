@@ -1,4 +1,4 @@
-//! The command line: configuration commands.
+//! The command line: configuration, serving, keys, reports and alerts.
 
 use std::process::Command;
 
@@ -93,6 +93,93 @@ fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
     });
     assert_eq!(status, 200);
     assert!(dir.path().join("spendguard.db").exists());
+
+    // Spend through the API; then the read commands see it while the server runs.
+    rt.block_on(async {
+        let c = reqwest::Client::new();
+        let r = c
+            .put(format!("http://{addr}/v1/admin/budgets/tenant/acme"))
+            .bearer_auth("cli-test-admin")
+            .json(&serde_json::json!({ "daily_usd": "4" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        for (user, model, cost) in [
+            ("ann", "gpt-4o-mini", "1.25"),
+            ("ann", "gpt-4o-mini", "0.75"),
+            ("bob", "gpt-4.1-mini", "0.5"),
+        ] {
+            let r = c
+                .post(format!("http://{addr}/v1/usage"))
+                .bearer_auth("cli-test-admin")
+                .json(&serde_json::json!({
+                    "tenant_id": "acme", "user_id": user, "model": model, "tier": "enterprise",
+                    "input_tokens": 100, "output_tokens": 50, "cost_usd": cost,
+                }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+        }
+    });
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("SPENDGUARD_DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let report: serde_json::Value =
+        serde_json::from_str(&run(&["report", "--group-by", "user", "--format", "json"])).unwrap();
+    assert_eq!(report["totals"]["requests"], 3);
+    assert_eq!(report["totals"]["cost_usd"], 2.5);
+    assert_eq!(report["rows"][0]["user_id"], "ann");
+    assert_eq!(report["rows"][0]["cost_usd"], 2.0);
+    let csv = run(&["report", "--group-by", "model", "--format", "csv"]);
+    assert!(csv.starts_with("model,requests,"), "{csv}");
+    assert!(
+        csv.contains("\r\ngpt-4o-mini,2,200,0,100,300,2.000000\r\n"),
+        "{csv}"
+    );
+    let table = run(&["usage", "--tenant", "acme", "--user", "ann"]);
+    assert!(
+        table.contains("gpt-4o-mini") && table.contains("2.000000"),
+        "{table}"
+    );
+    // $2.50 of acme's $4 daily budget: the 50% alert, raised by the running server.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let alerts: serde_json::Value =
+            serde_json::from_str(&run(&["alerts", "--format", "json"])).unwrap();
+        if let Some(a) = alerts.as_array().and_then(|a| a.first()) {
+            assert_eq!(alerts.as_array().unwrap().len(), 1, "{alerts}");
+            assert_eq!(a["threshold_percent"], 50);
+            assert_eq!(a["scope_id"], "acme");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no alert within 20 s");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let table = run(&["alerts"]);
+    assert!(
+        table.contains("50%") && table.contains("tenant acme"),
+        "{table}"
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+        .args(["report", "--group-by", "week"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("group_by must be one of"));
 
     let second = Command::new(env!("CARGO_BIN_EXE_spendguard"))
         .args(["serve", "--listen", "127.0.0.1:0"])

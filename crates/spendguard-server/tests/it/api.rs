@@ -362,11 +362,18 @@ async fn operations_endpoints() {
     assert!(text.contains("spendguard_http_request_duration_seconds_bucket"));
     assert!(text.contains("route=\"/v1/reservations\""));
     assert!(text.contains("spendguard_budget_utilisation_ratio{scope=\"global\""));
+    assert!(text.contains("spendguard_alerts_raised 0"), "{text}");
+    assert!(text.contains("spendguard_webhook_attempts{outcome=\"delivered\"} 0"));
     assert!(!text.contains("erin"), "metrics must not carry user ids");
     let (st, v) = s.get("/v1/alerts", ADMIN).await;
     assert_eq!((st, v["alerts"].as_array().map(Vec::len)), (200, Some(0)));
-    let (st, e) = s.get("/v1/reports/usage", ADMIN).await;
-    assert_eq!((st, error_code(&e)), (501, "not_implemented"));
+    let (st, v) = s.get("/v1/reports/usage?group_by=model", ADMIN).await;
+    // Only an open reservation so far: nothing spent yet.
+    assert_eq!(
+        (st, v["rows"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{v}"
+    );
     s.stop().await;
 }
 

@@ -1,6 +1,9 @@
 //! HTTP tests through a real listener on port 0.
 
+mod alerts;
+mod analytics;
 mod api;
+mod browser;
 mod concurrency;
 mod hostile;
 mod isolation;

@@ -6,8 +6,9 @@ use reqwest::header::HeaderMap;
 use reqwest::{Client, Method};
 use serde_json::Value;
 use spendguard_core::Config;
+use spendguard_guard::Clock;
 use spendguard_guard::{Guard, GuardOptions, ManualClock};
-use spendguard_server::{AppState, KeyRing};
+use spendguard_server::{AlertSettings, AppState, KeyRing};
 use spendguard_store::{AnyStore, OpenOptions};
 use tokio::sync::oneshot;
 
@@ -20,9 +21,10 @@ pub struct TestServer {
     pub client: Client,
     pub state: AppState,
     pub clock: Arc<ManualClock>,
+    config: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
-    _dir: tempfile::TempDir,
+    _dir: Arc<tempfile::TempDir>,
 }
 
 pub async fn spawn(config: &str) -> TestServer {
@@ -30,22 +32,35 @@ pub async fn spawn(config: &str) -> TestServer {
 }
 
 pub async fn spawn_with(config: &str, tune: impl FnOnce(&mut GuardOptions)) -> TestServer {
-    let dir = tempfile::tempdir().unwrap();
-    let policy = Config::from_toml(config).unwrap().validate().unwrap();
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    start(dir, config, T0, tune).await
+}
+
+/// A server over the database in `dir`, its clock at `now`, with the alert settings of
+/// `config`.
+async fn start(
+    dir: Arc<tempfile::TempDir>,
+    config: &str,
+    now: i64,
+    tune: impl FnOnce(&mut GuardOptions),
+) -> TestServer {
+    let parsed = Config::from_toml(config).unwrap();
+    let policy = parsed.validate().unwrap();
+    let alerts = AlertSettings::from_config(&parsed.alerts, None).unwrap();
     let store = AnyStore::open(
         dir.path().join("db").to_str().unwrap(),
         &OpenOptions::default(),
     )
     .await
     .unwrap();
-    let clock = ManualClock::new(T0);
+    let clock = ManualClock::new(now);
     let mut options = GuardOptions::new(dir.path().join("spool"));
     tune(&mut options);
     let guard = Guard::start(store, policy, options, clock.clone())
         .await
         .unwrap();
     let ring = KeyRing::load(guard.store(), Some(ADMIN)).await.unwrap();
-    let state = AppState::new(guard, ring);
+    let state = AppState::with_alerts(guard, ring, alerts);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, rx) = oneshot::channel();
@@ -61,6 +76,7 @@ pub async fn spawn_with(config: &str, tune: impl FnOnce(&mut GuardOptions)) -> T
         client: Client::new(),
         state,
         clock,
+        config: config.to_owned(),
         stop: Some(stop),
         task: Some(task),
         _dir: dir,
@@ -119,12 +135,26 @@ impl TestServer {
     }
 
     pub async fn stop(mut self) {
+        self.halt().await;
+    }
+
+    async fn halt(&mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
         if let Some(t) = self.task.take() {
             t.await.unwrap().unwrap();
         }
+    }
+
+    /// Stops the server (gracefully) and starts a new one on the same database, its clock
+    /// where this one's was.
+    pub async fn restart(mut self) -> TestServer {
+        self.halt().await;
+        let (dir, config, now) = (self._dir.clone(), self.config.clone(), self.clock.now());
+        // Dropping the old state releases the database's writer lock.
+        drop(self);
+        start(dir, &config, now, |_| {}).await
     }
 }
 

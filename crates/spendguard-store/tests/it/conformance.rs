@@ -679,14 +679,14 @@ pub async fn writer_lock_is_exclusive(db: &Db) {
 
 pub async fn migrations_are_versioned(db: &Db) {
     let store = db.store().await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2]);
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2]);
     store.apply(&[Event::Recorded(record(1))]).await.unwrap();
     store.close().await;
     let store = db.store().await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2]);
     assert_eq!(store.usage_count().await.unwrap(), 1);
 }
 

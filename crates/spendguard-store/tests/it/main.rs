@@ -1,6 +1,7 @@
 //! Integration tests of spendguard-store: the conformance suite on every backend, and the
 //! tests particular to each.
 
+mod analytics;
 mod conformance;
 mod postgres_only;
 mod sqlite_only;
@@ -11,26 +12,34 @@ mod support;
 macro_rules! conformance {
     ($backend:ident, $make:path) => {
         conformance!(@tests $backend, $make;
-            applies_each_event_kind,
-            reapplying_changes_nothing,
-            rollups_equal_recount_after_random_batches,
-            load_returns_current_state,
-            expired_rows_do_not_count,
-            large_money_values_round_trip,
-            writer_lock_is_exclusive,
-            migrations_are_versioned,
-            concurrent_batches_are_serializable,
-            large_batches_count_each_record_once,
-            api_keys_round_trip,
+            conformance::applies_each_event_kind,
+            conformance::reapplying_changes_nothing,
+            conformance::rollups_equal_recount_after_random_batches,
+            conformance::load_returns_current_state,
+            conformance::expired_rows_do_not_count,
+            conformance::large_money_values_round_trip,
+            conformance::writer_lock_is_exclusive,
+            conformance::migrations_are_versioned,
+            conformance::concurrent_batches_are_serializable,
+            conformance::large_batches_count_each_record_once,
+            conformance::api_keys_round_trip,
+            analytics::reports_match_a_brute_force_sum,
+            analytics::user_day_sums_per_model,
+            analytics::reapplying_leaves_usage_rollups_unchanged,
+            analytics::usage_rollups_saturate,
+            analytics::migration_2_backfills_usage_rollups,
+            analytics::alerts_are_inserted_exactly_once,
+            analytics::alerts_list_newest_first_with_filters,
+            analytics::deliveries_move_through_their_states,
         );
     };
-    (@tests $backend:ident, $make:path; $($test:ident),* $(,)?) => {
+    (@tests $backend:ident, $make:path; $($module:ident :: $test:ident),* $(,)?) => {
         mod $backend {
             $(
                 #[tokio::test]
                 async fn $test() {
                     let Some(db) = $make().await else { return };
-                    crate::conformance::$test(&db).await;
+                    crate::$module::$test(&db).await;
                 }
             )*
         }

@@ -1,7 +1,11 @@
 //! Tests particular to the SQLite backend.
 
+use std::time::Duration;
+
 use spendguard_core::Event;
-use spendguard_store::{AnyStore, OpenOptions, SqliteStore, Store, StoreError};
+use spendguard_store::{
+    AlertQuery, AnyStore, GroupBy, OpenOptions, ReportQuery, SqliteStore, Store, StoreError,
+};
 
 use crate::support::*;
 
@@ -95,6 +99,7 @@ async fn the_file_has_the_documented_columns() {
     for table in [
         "reservations",
         "rollups",
+        "usage_rollups",
         "budget_overrides",
         "user_overrides",
         "api_keys",
@@ -122,4 +127,117 @@ async fn a_memory_database_works_without_a_lock_file() {
         store.rollups().await.unwrap(),
         store.recount().await.unwrap()
     );
+    // Reads of analytics use the one connection (a second would open another database).
+    let report = store.report(&day_report()).await.unwrap();
+    assert_eq!(report.totals.requests, 1);
+    assert_eq!(report.rows[0].day, Some(record(1).day_start));
+    assert!(
+        store
+            .alerts(&AlertQuery::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+fn day_report() -> ReportQuery {
+    ReportQuery {
+        from_day: i64::MIN,
+        to_day: i64::MAX,
+        tenant: None,
+        group_by: GroupBy::Day,
+        limit: None,
+    }
+}
+
+/// Reports run on their own connection: a batch waiting for the database's write lock
+/// (holding the store's writer connection) does not hold them up.
+#[tokio::test]
+async fn reports_do_not_wait_for_the_writer() {
+    let (_db, path) = temp_path();
+    let store = std::sync::Arc::new(
+        SqliteStore::open(&path, &OpenOptions::default())
+            .await
+            .unwrap(),
+    );
+    store.apply(&[Event::Recorded(record(1))]).await.unwrap();
+    // Another connection takes the write lock and keeps it.
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other
+        .execute_batch("BEGIN IMMEDIATE; DELETE FROM api_keys;")
+        .unwrap();
+    let writer = store.clone();
+    let batch = tokio::spawn(async move { writer.apply(&[Event::Recorded(record(2))]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!batch.is_finished(), "the batch waits for the write lock");
+    let report = tokio::time::timeout(Duration::from_secs(2), store.report(&day_report()))
+        .await
+        .expect("the report does not wait for the writer")
+        .unwrap();
+    assert_eq!(report.totals.requests, 1);
+    tokio::time::timeout(Duration::from_secs(2), store.alerts(&AlertQuery::default()))
+        .await
+        .expect("listing alerts does not wait for the writer")
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(2), store.deliveries())
+        .await
+        .expect("listing deliveries does not wait for the writer")
+        .unwrap();
+    other.execute_batch("COMMIT").unwrap();
+    batch.await.unwrap().unwrap();
+    let report = store.report(&day_report()).await.unwrap();
+    assert_eq!(report.totals.requests, 2);
+}
+
+/// `usage_rollups` rebuilt from `ai_usage` after being lost equals the maintained one.
+#[tokio::test]
+async fn lost_usage_rollups_are_rebuilt() {
+    let (_db, path) = temp_path();
+    let store = SqliteStore::open(&path, &OpenOptions::default())
+        .await
+        .unwrap();
+    let events: Vec<Event> = (1..=40)
+        .map(|n| {
+            let mut r = record(n);
+            r.user = user(&format!("u{}", n % 7));
+            r.day_start += (n % 3) as i64 * DAY;
+            Event::Recorded(r)
+        })
+        .collect();
+    store.apply(&events).await.unwrap();
+    let mut before = Vec::new();
+    for group_by in GroupBy::ALL {
+        before.push(
+            store
+                .report(&ReportQuery {
+                    group_by,
+                    ..day_report()
+                })
+                .await
+                .unwrap(),
+        );
+    }
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM usage_rollups", [], |r| r.get(0))
+        .unwrap();
+    // 3 days × (1 tenant + 1 company + 7 users… at most + 1 model + 1 endpoint + users).
+    assert!(rows > 12, "{rows}");
+    conn.execute("DELETE FROM usage_rollups", []).unwrap();
+    assert_eq!(store.report(&day_report()).await.unwrap().groups, 0);
+    store.rebuild_usage_rollups().await.unwrap();
+    let again: i64 = conn
+        .query_row("SELECT count(*) FROM usage_rollups", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(again, rows);
+    for (group_by, want) in GroupBy::ALL.into_iter().zip(before) {
+        let got = store
+            .report(&ReportQuery {
+                group_by,
+                ..day_report()
+            })
+            .await
+            .unwrap();
+        assert_eq!(got, want, "{group_by:?}");
+    }
 }

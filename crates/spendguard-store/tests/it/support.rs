@@ -97,6 +97,24 @@ impl Drop for Db {
     }
 }
 
+/// Runs statements straight on the database (outside any store), e.g. to take a schema
+/// back to an older version.
+pub async fn execute(db: &Db, sql: &str) {
+    match db {
+        Db::Sqlite { path, .. } => {
+            let conn = rusqlite::Connection::open(path).expect("open the SQLite file");
+            conn.execute_batch(sql).expect("run the statements");
+        }
+        Db::Postgres { base, schema } => {
+            let mut config = (**base).clone();
+            config.options(format!("-csearch_path={schema}"));
+            let (client, conn) = config.connect(NoTls).await.expect("connect");
+            tokio::spawn(conn);
+            client.batch_execute(sql).await.expect("run the statements");
+        }
+    }
+}
+
 pub async fn make_sqlite() -> Option<Db> {
     let dir = std::env::temp_dir().join(format!("spendguard-store-test-{}", unique()));
     std::fs::create_dir_all(&dir).expect("create a temporary directory");

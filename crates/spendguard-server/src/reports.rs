@@ -1,0 +1,587 @@
+//! Usage reports, per-user daily usage and the alert list: HTTP handlers, and the
+//! renderers (JSON, CSV, text table) the `spendguard` command shares with them.
+//!
+//! Everything here reads the store's rollups (`usage_rollups`, `alerts`), never the
+//! ledger's hot path and never `ai_usage` row by row, so it stays fast on large histories.
+
+use std::fmt::Write as _;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use jiff::civil::Date;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use spendguard_core::{Calendar, Money, TenantId, UserId};
+use spendguard_store::{
+    AlertQuery, GroupBy, ModelUsage, Report, ReportQuery, ReportRow, StoreError, UsageTotals,
+};
+
+use crate::AppState;
+use crate::alerts::{AlertOut, payload};
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiQuery};
+
+/// The longest report range, in days.
+pub const MAX_REPORT_DAYS: i64 = 3 * 366;
+/// The most rows a report may be limited to (and the default cap of the alert list).
+pub const MAX_LIMIT: usize = 100_000;
+
+/// Output formats of reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Csv,
+    Table,
+}
+
+impl Format {
+    pub fn parse(s: &str) -> Option<Format> {
+        match s {
+            "json" => Some(Format::Json),
+            "csv" => Some(Format::Csv),
+            "table" => Some(Format::Table),
+            _ => None,
+        }
+    }
+}
+
+/// A date argument (`YYYY-MM-DD`), with a message naming the argument on error.
+pub fn parse_date(name: &str, s: &str) -> Result<Date, String> {
+    s.parse::<Date>()
+        .map_err(|_| format!("{name} must be a date written YYYY-MM-DD, not `{s}`"))
+}
+
+/// A report's date range and grouping, checked: `to` defaults to today, `from` to 29 days
+/// before `to` (30 days in all).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReportSpec {
+    pub from: Date,
+    pub to: Date,
+    pub query: ReportQuery,
+}
+
+impl ReportSpec {
+    pub fn new(
+        calendar: &Calendar,
+        now: i64,
+        from: Option<&str>,
+        to: Option<&str>,
+        group_by: Option<&str>,
+        tenant: Option<TenantId>,
+        limit: Option<usize>,
+    ) -> Result<ReportSpec, String> {
+        let to = match to {
+            Some(s) => parse_date("to", s)?,
+            None => calendar.date_of(now),
+        };
+        let from = match from {
+            Some(s) => parse_date("from", s)?,
+            None => to.checked_sub(jiff::Span::new().days(29)).unwrap_or(to),
+        };
+        if from > to {
+            return Err(format!("from ({from}) is after to ({to})"));
+        }
+        let days = (to - from).get_days() as i64 + 1;
+        if days > MAX_REPORT_DAYS {
+            return Err(format!(
+                "a report covers at most {MAX_REPORT_DAYS} days; this one covers {days}"
+            ));
+        }
+        let group_by = match group_by {
+            None => GroupBy::Day,
+            Some(g) => GroupBy::parse(g).ok_or_else(|| {
+                format!(
+                    "group_by must be one of day, tenant, company, user, model, endpoint; not `{g}`"
+                )
+            })?,
+        };
+        if let Some(l) = limit
+            && !(1..=MAX_LIMIT).contains(&l)
+        {
+            return Err(format!("limit must be from 1 to {MAX_LIMIT}"));
+        }
+        Ok(ReportSpec {
+            from,
+            to,
+            query: ReportQuery {
+                from_day: calendar.date_start(from),
+                to_day: calendar.date_start(to),
+                tenant,
+                group_by,
+                limit,
+            },
+        })
+    }
+}
+
+/// Sums as JSON (money as a USD number).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct TotalsOut {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+    pub total_tokens: u64,
+    pub cost_usd: Money,
+}
+
+impl From<&UsageTotals> for TotalsOut {
+    fn from(t: &UsageTotals) -> TotalsOut {
+        TotalsOut {
+            requests: t.requests,
+            input_tokens: t.input_tokens,
+            cached_input_tokens: t.cached_input_tokens,
+            output_tokens: t.output_tokens,
+            total_tokens: t.total_tokens(),
+            cost_usd: t.cost,
+        }
+    }
+}
+
+/// The key columns of a grouping.
+pub fn key_columns(g: GroupBy) -> &'static [&'static str] {
+    match g {
+        GroupBy::Day => &["day"],
+        GroupBy::Tenant => &["tenant_id"],
+        GroupBy::Company => &["tenant_id", "company_id"],
+        GroupBy::User => &["tenant_id", "user_id"],
+        GroupBy::Model => &["model"],
+        GroupBy::Endpoint => &["endpoint"],
+    }
+}
+
+const TOTAL_COLUMNS: [&str; 6] = [
+    "requests",
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cost_usd",
+];
+
+/// A row's key values, in [`key_columns`] order (`None`: no company or endpoint).
+pub fn key_values(calendar: &Calendar, g: GroupBy, row: &ReportRow) -> Vec<Option<String>> {
+    match g {
+        GroupBy::Day => vec![row.day.map(|d| calendar.date_of(d).to_string())],
+        GroupBy::Tenant => vec![row.tenant.clone()],
+        GroupBy::Company | GroupBy::User => vec![row.tenant.clone(), row.key.clone()],
+        GroupBy::Model | GroupBy::Endpoint => vec![row.key.clone()],
+    }
+}
+
+fn total_values(t: &UsageTotals) -> [String; 6] {
+    [
+        t.requests.to_string(),
+        t.input_tokens.to_string(),
+        t.cached_input_tokens.to_string(),
+        t.output_tokens.to_string(),
+        t.total_tokens().to_string(),
+        t.cost.to_string(),
+    ]
+}
+
+/// The report as JSON.
+pub fn report_json(calendar: &Calendar, spec: &ReportSpec, report: &Report) -> Value {
+    let g = spec.query.group_by;
+    let rows: Vec<Value> = report
+        .rows
+        .iter()
+        .map(|r| {
+            let mut obj = serde_json::Map::new();
+            for (col, v) in key_columns(g).iter().zip(key_values(calendar, g, r)) {
+                obj.insert(
+                    (*col).to_owned(),
+                    v.map(Value::String).unwrap_or(Value::Null),
+                );
+            }
+            if let Value::Object(t) = json!(TotalsOut::from(&r.totals)) {
+                obj.extend(t);
+            }
+            Value::Object(obj)
+        })
+        .collect();
+    json!({
+        "from": spec.from.to_string(),
+        "to": spec.to.to_string(),
+        "time_zone": calendar.time_zone_name(),
+        "group_by": g.as_str(),
+        "tenant_id": spec.query.tenant.as_ref().map(|t| t.as_str()),
+        "groups": report.groups,
+        "rows": rows,
+        "totals": TotalsOut::from(&report.totals),
+    })
+}
+
+/// One CSV field (RFC 4180): quoted when it holds a comma, quote or line break.
+fn csv_field(out: &mut String, v: &str) {
+    if v.contains([',', '"', '\n', '\r']) {
+        out.push('"');
+        out.push_str(&v.replace('"', "\"\""));
+        out.push('"');
+    } else {
+        out.push_str(v);
+    }
+}
+
+/// The report as CSV (RFC 4180: CRLF line ends, a header row). Money has 6 decimals.
+pub fn report_csv(calendar: &Calendar, g: GroupBy, report: &Report) -> String {
+    let mut out = String::new();
+    let header: Vec<&str> = key_columns(g)
+        .iter()
+        .chain(TOTAL_COLUMNS.iter())
+        .copied()
+        .collect();
+    out.push_str(&header.join(","));
+    out.push_str("\r\n");
+    for r in &report.rows {
+        let keys = key_values(calendar, g, r);
+        let mut first = true;
+        for v in keys
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .chain(total_values(&r.totals))
+        {
+            if !first {
+                out.push(',');
+            }
+            first = false;
+            csv_field(&mut out, &v);
+        }
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// The report as an aligned text table, with a total line.
+pub fn report_table(calendar: &Calendar, g: GroupBy, report: &Report) -> String {
+    let mut header: Vec<String> = key_columns(g).iter().map(|s| (*s).to_owned()).collect();
+    header.extend(TOTAL_COLUMNS.iter().map(|s| (*s).to_owned()));
+    let mut rows: Vec<Vec<String>> = report
+        .rows
+        .iter()
+        .map(|r| {
+            let mut v: Vec<String> = key_values(calendar, g, r)
+                .into_iter()
+                .map(|k| k.unwrap_or_else(|| "-".into()))
+                .collect();
+            v.extend(total_values(&r.totals));
+            v
+        })
+        .collect();
+    let mut total = vec![String::new(); key_columns(g).len()];
+    total[0] = format!("total ({} groups)", report.groups);
+    total.extend(total_values(&report.totals));
+    rows.push(total);
+    table(&header, &rows)
+}
+
+/// Aligns columns: text left, numbers right.
+pub fn table(header: &[String], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, v) in widths.iter_mut().zip(r) {
+            *w = (*w).max(v.chars().count());
+        }
+    }
+    let numeric = |i: usize| {
+        rows.iter()
+            .all(|r| r[i].is_empty() || r[i].chars().all(|c| c.is_ascii_digit() || c == '.'))
+            && !rows.is_empty()
+    };
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &[String]| {
+        let mut parts = Vec::new();
+        for (i, c) in cells.iter().enumerate() {
+            if numeric(i) {
+                parts.push(format!("{c:>w$}", w = widths[i]));
+            } else {
+                parts.push(format!("{c:<w$}", w = widths[i]));
+            }
+        }
+        let _ = writeln!(out, "{}", parts.join("  ").trim_end());
+    };
+    line(&mut out, header);
+    for r in rows {
+        line(&mut out, r);
+    }
+    out
+}
+
+/// A user's day as JSON.
+pub fn daily_json(
+    calendar: &Calendar,
+    tenant: &TenantId,
+    user: &UserId,
+    date: Date,
+    models: &[ModelUsage],
+) -> Value {
+    let mut totals = UsageTotals::default();
+    for m in models {
+        totals.add(&m.totals);
+    }
+    let models: Vec<Value> = models
+        .iter()
+        .map(|m| {
+            let mut v = json!(TotalsOut::from(&m.totals));
+            if let Value::Object(o) = &mut v {
+                o.insert("model".into(), Value::String(m.model.clone()));
+            }
+            v
+        })
+        .collect();
+    json!({
+        "tenant_id": tenant,
+        "user_id": user,
+        "date": date.to_string(),
+        "time_zone": calendar.time_zone_name(),
+        "totals": TotalsOut::from(&totals),
+        "models": models,
+    })
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "store error while reading a report");
+    ApiError::new(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        "the usage store failed",
+    )
+}
+
+/// The tenant a read is restricted to: a tenant key's own (another one given is refused);
+/// for the admin, the one asked for, if any.
+fn read_scope(caller: &Caller, asked: Option<TenantId>) -> Result<Option<TenantId>, ApiError> {
+    match (caller, asked) {
+        (Caller::Admin, asked) => Ok(asked),
+        (Caller::Tenant(own), None) => Ok(Some(own.clone())),
+        (Caller::Tenant(own), Some(t)) => {
+            caller.may_act_on(&t)?;
+            Ok(Some(own.clone()))
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportParams {
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub group_by: Option<String>,
+    pub format: Option<String>,
+    pub tenant_id: Option<TenantId>,
+    pub limit: Option<usize>,
+}
+
+/// `GET /v1/reports/usage`.
+pub async fn usage_report(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<ReportParams>,
+) -> Result<Response, ApiError> {
+    let format = match q.format.as_deref() {
+        None | Some("json") => Format::Json,
+        Some("csv") => Format::Csv,
+        Some(f) => {
+            return Err(ApiError::bad_request(format!(
+                "format must be json or csv, not `{f}`"
+            )));
+        }
+    };
+    let tenant = read_scope(&caller, q.tenant_id)?;
+    let policy = state.guard.ledger().policy();
+    let calendar = &policy.calendar;
+    let spec = ReportSpec::new(
+        calendar,
+        state.guard.now(),
+        q.from.as_deref(),
+        q.to.as_deref(),
+        q.group_by.as_deref(),
+        tenant,
+        q.limit,
+    )
+    .map_err(ApiError::bad_request)?;
+    let report = state
+        .guard
+        .store()
+        .report(&spec.query)
+        .await
+        .map_err(store_error)?;
+    Ok(match format {
+        Format::Csv => {
+            let name = format!(
+                "attachment; filename=\"spendguard-usage-{}-{}-by-{}.csv\"",
+                spec.from,
+                spec.to,
+                spec.query.group_by.as_str()
+            );
+            let mut resp = report_csv(calendar, spec.query.group_by, &report).into_response();
+            let h = resp.headers_mut();
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/csv; charset=utf-8"),
+            );
+            if let Ok(v) = HeaderValue::from_str(&name) {
+                h.insert(header::CONTENT_DISPOSITION, v);
+            }
+            resp
+        }
+        _ => Json(report_json(calendar, &spec, &report)).into_response(),
+    })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DailyParams {
+    pub date: Option<String>,
+    pub tenant_id: Option<TenantId>,
+}
+
+/// `GET /v1/users/{user_id}/daily-usage`.
+pub async fn daily_usage(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(user_id): Path<String>,
+    ApiQuery(q): ApiQuery<DailyParams>,
+) -> Result<Json<Value>, ApiError> {
+    let user = UserId::parse(&user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let tenant = read_scope(&caller, q.tenant_id)?.ok_or_else(|| {
+        ApiError::bad_request("users belong to a tenant: add ?tenant_id= (admin key)")
+    })?;
+    let policy = state.guard.ledger().policy();
+    let calendar = &policy.calendar;
+    let date = match q.date.as_deref() {
+        Some(d) => parse_date("date", d).map_err(ApiError::bad_request)?,
+        None => calendar.date_of(state.guard.now()),
+    };
+    let models = state
+        .guard
+        .store()
+        .user_day(&tenant, &user, calendar.date_start(date))
+        .await
+        .map_err(store_error)?;
+    Ok(Json(daily_json(calendar, &tenant, &user, date, &models)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertParams {
+    /// Also alerts of past windows.
+    pub all: Option<bool>,
+    pub tenant_id: Option<TenantId>,
+    pub limit: Option<usize>,
+}
+
+/// The alert list.
+pub async fn list_alerts(
+    state: &AppState,
+    tenant: Option<TenantId>,
+    all: bool,
+    limit: usize,
+) -> Result<Vec<AlertOut>, StoreError> {
+    let now = state.guard.now();
+    let periods = state.guard.ledger().policy().calendar.periods(now);
+    let query = AlertQuery {
+        tenant,
+        current: (!all).then_some((periods.day.start, periods.month.start)),
+        limit: Some(limit),
+    };
+    let alerts = state.guard.store().alerts(&query).await?;
+    Ok(alerts.iter().map(payload).collect())
+}
+
+/// `GET /v1/alerts`: alerts of the current day and month windows, newest first
+/// (`?all=true`: of every window).
+pub async fn alerts(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<AlertParams>,
+) -> Result<Json<Value>, ApiError> {
+    let tenant = read_scope(&caller, q.tenant_id)?;
+    let limit = q.limit.unwrap_or(1000);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be from 1 to {MAX_LIMIT}"
+        )));
+    }
+    let list = list_alerts(&state, tenant, q.all.unwrap_or(false), limit)
+        .await
+        .map_err(store_error)?;
+    Ok(Json(json!({ "alerts": list })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(day: Option<i64>, tenant: Option<&str>, key: Option<&str>, cost: i64) -> ReportRow {
+        ReportRow {
+            day,
+            tenant: tenant.map(str::to_owned),
+            key: key.map(str::to_owned),
+            totals: UsageTotals {
+                requests: 2,
+                input_tokens: 10,
+                cached_input_tokens: 1,
+                output_tokens: 5,
+                cost: Money::from_micros(cost),
+            },
+        }
+    }
+
+    #[test]
+    fn csv_is_rfc_4180() {
+        let cal = Calendar::utc();
+        let report = Report {
+            rows: vec![
+                row(None, Some("acme"), Some("a,b"), 1_500_000),
+                row(None, Some("acme"), None, 1),
+            ],
+            totals: UsageTotals::default(),
+            groups: 2,
+        };
+        let csv = report_csv(&cal, GroupBy::Company, &report);
+        assert_eq!(
+            csv,
+            "tenant_id,company_id,requests,input_tokens,cached_input_tokens,output_tokens,total_tokens,cost_usd\r\n\
+             acme,\"a,b\",2,10,1,5,15,1.500000\r\n\
+             acme,,2,10,1,5,15,0.000001\r\n"
+        );
+    }
+
+    #[test]
+    fn specs_default_to_the_last_30_days_and_check_their_arguments() {
+        let cal = Calendar::new("America/New_York").unwrap();
+        // 2026-03-10T03:00Z is still March 9 in New York.
+        let now = 1_773_111_600_000_000;
+        let spec = ReportSpec::new(&cal, now, None, None, None, None, None).unwrap();
+        assert_eq!(spec.to.to_string(), "2026-03-09");
+        assert_eq!(spec.from.to_string(), "2026-02-08");
+        assert_eq!(spec.query.group_by, GroupBy::Day);
+        assert_eq!(spec.query.to_day, cal.date_start(spec.to));
+        let err = |f: Option<&str>, t: Option<&str>, g: Option<&str>, l: Option<usize>| {
+            ReportSpec::new(&cal, now, f, t, g, None, l).unwrap_err()
+        };
+        assert!(err(Some("2026-3-1"), None, None, None).starts_with("from must be a date"));
+        assert!(err(Some("2026-03-05"), Some("2026-03-01"), None, None).contains("is after"));
+        assert!(err(Some("2020-01-01"), Some("2026-01-01"), None, None).contains("at most"));
+        assert!(err(None, None, Some("week"), None).starts_with("group_by must be one of"));
+        assert!(err(None, None, None, Some(0)).starts_with("limit must be"));
+    }
+
+    #[test]
+    fn tables_align_numbers_right() {
+        let t = table(
+            &["model".into(), "cost_usd".into()],
+            &[
+                vec!["gpt-4o".into(), "12.500000".into()],
+                vec!["o1".into(), "1.000000".into()],
+            ],
+        );
+        assert_eq!(
+            t,
+            "model    cost_usd\ngpt-4o  12.500000\no1       1.000000\n"
+        );
+    }
+}

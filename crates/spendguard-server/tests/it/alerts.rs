@@ -1,0 +1,322 @@
+//! Cost alerts: raised exactly once, listed, and delivered to a webhook with a valid
+//! signature, retried after a failure, and not sent again after a restart.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::{Value, json};
+use spendguard_store::{AlertQuery, DeliveryState};
+
+use crate::support::{ADMIN, T0, TestServer, error_code, spawn};
+
+/// Free-tier users without cost or rate limits of their own, so only the budgets set in
+/// each test raise alerts.
+const BASE: &str = r#"
+[tiers.free]
+requests_per_minute = "unlimited"
+requests_per_day = "unlimited"
+usd_per_day = "unlimited"
+usd_per_month = "unlimited"
+max_concurrent = "unlimited"
+allowed_models = ["*"]
+"#;
+
+async fn spend(server: &TestServer, tenant: &str, user: &str, usd: &str) {
+    let (s, v) = server
+        .post(
+            "/v1/usage",
+            ADMIN,
+            json!({
+                "tenant_id": tenant, "user_id": user, "model": "gpt-4o",
+                "input_tokens": 10, "output_tokens": 10, "cost_usd": usd,
+            }),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+}
+
+async fn all_alerts(server: &TestServer) -> Vec<spendguard_store::AlertRecord> {
+    server
+        .state
+        .guard
+        .store()
+        .alerts(&AlertQuery::default())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thresholds_are_raised_exactly_once_under_concurrent_commits() {
+    let server = Arc::new(spawn(&format!("{BASE}\n[tenant]\nusd_per_day = \"10\"\n")).await);
+    // 40 reservations of $0.25 committed concurrently: $10 in all, crossing 50, 80, 90 and
+    // 100% of acme's daily budget, while alert runs race with the commits.
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let server = server.clone();
+        tasks.push(tokio::spawn(async move {
+            let (s, v) = server
+                .post(
+                    "/v1/reservations",
+                    ADMIN,
+                    json!({
+                        "tenant_id": "acme", "user_id": format!("u{}", i % 7),
+                        "model": "gpt-4o", "input_tokens": 10,
+                        "estimated_cost_usd": "0.25",
+                    }),
+                )
+                .await;
+            assert_eq!(s, 201, "{v}");
+            let id = v["reservation_id"].as_str().unwrap().to_owned();
+            let (s, v) = server
+                .post(
+                    &format!("/v1/reservations/{id}/commit"),
+                    ADMIN,
+                    json!({ "input_tokens": 10, "output_tokens": 10, "cost_usd": "0.25" }),
+                )
+                .await;
+            assert_eq!(s, 200, "{v}");
+            server.state.alerts.evaluate().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    server.state.alerts.evaluate().await.unwrap();
+    let alerts = all_alerts(&server).await;
+    let mut thresholds: Vec<u32> = alerts.iter().map(|a| a.alert.threshold_percent).collect();
+    thresholds.sort_unstable();
+    assert_eq!(thresholds, [50, 80, 90, 100], "{alerts:?}");
+    for a in &alerts {
+        assert_eq!(a.alert.scope.id(), "acme");
+        assert_eq!(a.alert.window, spendguard_core::Window::Day);
+        assert_eq!(a.alert.limit.micros(), 10_000_000);
+    }
+    // More spend and more runs raise nothing new.
+    spend(&server, "acme", "u1", "1").await;
+    server.state.alerts.evaluate().await.unwrap();
+    assert_eq!(all_alerts(&server).await.len(), 4);
+
+    // The API lists them, newest first, with the contract's fields.
+    let (s, v) = server.get("/v1/alerts", ADMIN).await;
+    assert_eq!(s, 200, "{v}");
+    let list = v["alerts"].as_array().unwrap();
+    assert_eq!(list.len(), 4);
+    let hundred = list.iter().find(|a| a["threshold_percent"] == 100).unwrap();
+    assert_eq!(hundred["kind"], "threshold");
+    assert_eq!(hundred["scope"], "tenant");
+    assert_eq!(hundred["scope_id"], "acme");
+    assert_eq!(hundred["tenant_id"], "acme");
+    assert_eq!(hundred["window"], "day");
+    assert_eq!(hundred["limit_usd"], 10.0);
+    assert!(hundred["amount_usd"].as_f64().unwrap() >= 10.0);
+}
+
+#[tokio::test]
+async fn alerts_are_listed_per_tenant_and_per_window() {
+    let server = spawn(&format!("{BASE}\n[tenant]\nusd_per_day = \"10\"\n")).await;
+    spend(&server, "acme", "u1", "5").await;
+    spend(&server, "globex", "u1", "8").await;
+    server.state.alerts.evaluate().await.unwrap();
+    let acme = server.tenant_key("acme").await;
+    let (s, v) = server.get("/v1/alerts", &acme).await;
+    assert_eq!(s, 200, "{v}");
+    let list = v["alerts"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{v}");
+    assert_eq!(list[0]["scope_id"], "acme");
+    assert_eq!(list[0]["threshold_percent"], 50);
+    let (s, e) = server.get("/v1/alerts?tenant_id=globex", &acme).await;
+    assert_eq!((s, error_code(&e)), (403, "forbidden"));
+    let (_, v) = server.get("/v1/alerts", ADMIN).await;
+    assert_eq!(v["alerts"].as_array().unwrap().len(), 3, "{v}");
+    // The next day, yesterday's day alerts are no longer current, but still on record.
+    server.clock.advance(24 * 3_600_000_000);
+    let (_, v) = server.get("/v1/alerts", ADMIN).await;
+    assert_eq!(v["alerts"], json!([]));
+    let (_, v) = server.get("/v1/alerts?all=true", ADMIN).await;
+    assert_eq!(v["alerts"].as_array().unwrap().len(), 3, "{v}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_monthly_run_rate_over_budget_raises_a_projection() {
+    // T0 is March 10, 12:00 UTC: 9.5 of March's 31 days have passed.
+    let server = spawn(&format!("{BASE}\n[tenant]\nusd_per_month = \"100\"\n")).await;
+    spend(&server, "acme", "u1", "40").await;
+    let raised = server.state.alerts.evaluate().await.unwrap();
+    assert_eq!(raised.len(), 1, "{raised:?}");
+    let a = &raised[0].alert;
+    assert_eq!(a.kind, spendguard_store::AlertKind::Projected);
+    assert_eq!(a.window, spendguard_core::Window::Month);
+    // $40 × 31 / 9.5 days.
+    let expected = 40_000_000i128 * 31 * 48 / (9 * 48 + 24);
+    assert_eq!(i128::from(a.amount.micros()), expected);
+    // Slower spend elsewhere projects under budget: nothing.
+    spend(&server, "globex", "u1", "20").await;
+    assert!(server.state.alerts.evaluate().await.unwrap().is_empty());
+    server.stop().await;
+}
+
+/// A webhook receiver that fails its first `fail_first` requests with a 500.
+struct Receiver {
+    url: String,
+    got: Arc<Mutex<Vec<(HeaderMap, Bytes)>>>,
+}
+
+async fn receiver(fail_first: usize) -> Receiver {
+    let got: Arc<Mutex<Vec<(HeaderMap, Bytes)>>> = Arc::default();
+    let failures = Arc::new(AtomicUsize::new(fail_first));
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post({
+            let got = got.clone();
+            move |headers: HeaderMap, body: Bytes| {
+                let got = got.clone();
+                let failures = failures.clone();
+                async move {
+                    got.lock().unwrap().push((headers, body));
+                    let fail = failures
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                    if fail {
+                        StatusCode::INTERNAL_SERVER_ERROR
+                    } else {
+                        StatusCode::NO_CONTENT
+                    }
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Receiver { url, got }
+}
+
+fn verify(secret: &str, headers: &HeaderMap, body: &[u8]) -> Value {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    let expected = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    assert_eq!(
+        headers["x-spendguard-signature"].to_str().unwrap(),
+        expected,
+        "signature"
+    );
+    assert_eq!(headers["content-type"], "application/json");
+    serde_json::from_slice(body).unwrap()
+}
+
+#[tokio::test]
+async fn webhooks_are_signed_retried_and_not_sent_again_after_a_restart() {
+    let hook = receiver(1).await;
+    let secret = "whsec-test";
+    let config = format!(
+        "{BASE}\n[tenant]\nusd_per_day = \"10\"\n[alerts]\nthresholds = [50, 100]\nwebhook_urls = [\"{}\"]\nwebhook_secret = \"{secret}\"\n",
+        hook.url
+    );
+    let server = spawn(&config).await;
+    spend(&server, "acme", "u1", "6").await;
+    assert_eq!(server.state.alerts.evaluate().await.unwrap().len(), 1);
+
+    // First attempt: the receiver fails; the delivery waits for its backoff (1 s).
+    assert_eq!(server.state.alerts.deliver_due().await.unwrap(), 1);
+    let deliveries = server.state.guard.store().deliveries().await.unwrap();
+    assert_eq!(deliveries.len(), 1);
+    let d = &deliveries[0];
+    assert_eq!((d.state, d.attempts), (DeliveryState::Pending, 1));
+    assert!(d.last_error.as_deref().unwrap().contains("500"), "{d:?}");
+    assert_eq!(d.next_attempt_at, Some(T0 + 1_000_000));
+    assert_eq!(server.state.alerts.deliver_due().await.unwrap(), 0);
+    assert_eq!(hook.got.lock().unwrap().len(), 1);
+
+    // Once due, the retry goes through.
+    server.clock.advance(1_000_000);
+    assert_eq!(server.state.alerts.deliver_due().await.unwrap(), 1);
+    let d = &server.state.guard.store().deliveries().await.unwrap()[0];
+    assert_eq!((d.state, d.attempts), (DeliveryState::Delivered, 2));
+    let text = server
+        .client
+        .get(format!("{}/metrics", server.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "spendguard_alerts_raised 1",
+        "spendguard_webhook_attempts{outcome=\"delivered\"} 1",
+        "spendguard_webhook_attempts{outcome=\"retry\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} in {text}");
+    }
+    {
+        let got = hook.got.lock().unwrap();
+        assert_eq!(got.len(), 2);
+        for (i, (headers, body)) in got.iter().enumerate() {
+            let v = verify(secret, headers, body);
+            assert_eq!(v["type"], "spendguard.alert");
+            assert_eq!(v["kind"], "threshold");
+            assert_eq!(v["threshold_percent"], 50);
+            assert_eq!(v["scope"], "tenant");
+            assert_eq!(v["scope_id"], "acme");
+            assert_eq!(v["amount_usd"], 6.0);
+            assert_eq!(v["limit_usd"], 10.0);
+            assert_eq!(headers["x-spendguard-delivery"], d.id.to_string().as_str());
+            assert_eq!(
+                headers["x-spendguard-attempt"],
+                (i + 1).to_string().as_str()
+            );
+        }
+        // A forged signature does not verify.
+        let (headers, body) = &got[0];
+        let mut forged = body.to_vec();
+        forged[0] = b' ';
+        let bad = std::panic::catch_unwind(|| verify(secret, headers, &forged));
+        assert!(bad.is_err());
+    }
+
+    // After a restart, nothing is sent again; a new crossing is sent once.
+    let server = server.restart().await;
+    spend(&server, "acme", "u1", "1").await;
+    assert!(server.state.alerts.evaluate().await.unwrap().is_empty());
+    assert_eq!(server.state.alerts.deliver_due().await.unwrap(), 0);
+    assert_eq!(hook.got.lock().unwrap().len(), 2);
+    spend(&server, "acme", "u1", "3").await;
+    assert_eq!(server.state.alerts.evaluate().await.unwrap().len(), 1);
+    assert_eq!(server.state.alerts.deliver_due().await.unwrap(), 1);
+    let got = hook.got.lock().unwrap().clone();
+    assert_eq!(got.len(), 3);
+    assert_eq!(
+        verify(secret, &got[2].0, &got[2].1)["threshold_percent"],
+        100
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_background_dispatcher_delivers_without_being_asked() {
+    let hook = receiver(0).await;
+    let config = format!(
+        "{BASE}\n[tenant]\nusd_per_day = \"10\"\n[alerts]\nthresholds = [50]\nwebhook_urls = [\"{}\"]\nwebhook_secret = \"s\"\n",
+        hook.url
+    );
+    let server = spawn(&config).await;
+    server.state.alerts.spawn();
+    spend(&server, "acme", "u1", "5").await;
+    // Wait (with a deadline) for the engine and the dispatcher to do their work.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while hook.got.lock().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no webhook within 20 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+    let got = hook.got.lock().unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(verify("s", &got[0].0, &got[0].1)["threshold_percent"], 50);
+}

@@ -1,0 +1,327 @@
+//! Report latency over a large usage history: builds a database of N usage records
+//! (default 10,000,000) over 90 days, 100 tenants, 10,000 users, about 1,000 companies (and
+//! users without one), 8 models and 4 endpoints, then times every report grouping over the
+//! last 30 days and all 90, for all tenants and for one; the top 10 users; and one user's
+//! day.
+//!
+//! The records are inserted by bulk SQL straight into `ai_usage` (going through `apply`
+//! would take hours), and `usage_rollups` is then built by the same statements as the
+//! migration that made it.
+//!
+//! ```text
+//! cargo bench -p spendguard-store --bench report -- [--records N] [--runs N] [--url URL]
+//! ```
+//!
+//! Without `--url` the database is a SQLite file in a temporary directory; with
+//! `--url postgres://…` it is a fresh schema of that PostgreSQL database (dropped after).
+
+use std::time::{Duration, Instant};
+
+use spendguard_core::{Micros, TenantId, UserId};
+use spendguard_store::{AnyStore, GroupBy, OpenOptions, PostgresStore, ReportQuery, SqliteStore};
+use tokio_postgres::NoTls;
+
+const DAY: Micros = 86_400_000_000;
+/// 2024-01-01T00:00:00Z: the first of the 90 days.
+const FIRST_DAY: Micros = 1_704_067_200_000_000;
+const DAYS: i64 = 90;
+/// Records inserted per statement.
+const CHUNK: u64 = 1_000_000;
+
+/// The columns of every generated record, as SQL over the record number `i` (`h` is a hash
+/// of it). User `u` belongs to tenant `u % 100` and to one of its 10 companies, or to none
+/// (one user in 11); one record in 20 is expired.
+const SQLITE_INSERT: &str = "INSERT INTO ai_usage (id, tenant_id, user_id, company_id, model, \
+    endpoint, subscription_tier, input_tokens, cached_input_tokens, output_tokens, \
+    cost_micros, request_status, created_at, reservation_id, idempotency_key, day_start, \
+    month_start) \
+    WITH RECURSIVE n(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < ?2), \
+    g AS (SELECT i, (i * 2654435761) % 4294967296 AS h, (i / 90) % 10000 AS u, i % 90 AS d \
+          FROM n) \
+    SELECT printf('00000000-0000-7000-8000-%012x', i), 'tenant-' || (u % 100), \
+           'user-' || u || '@example.com', \
+           CASE WHEN (u / 100) % 11 = 10 THEN NULL \
+           ELSE 'company-' || (u % 100) || '-' || ((u / 100) % 11) END, \
+           'model-' || ((h >> 8) % 8), '/v1/endpoint-' || ((h >> 12) % 4), 'pro', \
+           100 + h % 4000, (h >> 4) % 100, 50 + (h >> 16) % 1000, 10 + (h >> 20) % 50000, \
+           CASE WHEN h % 20 = 0 THEN 'expired' WHEN h % 20 = 1 THEN 'error' \
+                ELSE 'success' END, \
+           ?3 + d * ?4 + (i % 86400) * 1000000, NULL, NULL, ?3 + d * ?4, \
+           ?3 + (CASE WHEN d < 31 THEN 0 WHEN d < 60 THEN 31 ELSE 60 END) * ?4 \
+    FROM g";
+
+const POSTGRES_INSERT: &str = "INSERT INTO ai_usage (id, tenant_id, user_id, company_id, \
+    model, endpoint, subscription_tier, input_tokens, cached_input_tokens, output_tokens, \
+    cost_usd, request_status, created_at, reservation_id, idempotency_key, day_start, \
+    month_start) \
+    SELECT ('00000000-0000-7000-8000-' || lpad(to_hex(i), 12, '0'))::uuid, \
+           'tenant-' || (u % 100), 'user-' || u || '@example.com', \
+           CASE WHEN (u / 100) % 11 = 10 THEN NULL \
+           ELSE 'company-' || (u % 100) || '-' || ((u / 100) % 11) END, \
+           'model-' || ((h >> 8) % 8), '/v1/endpoint-' || ((h >> 12) % 4), 'pro', \
+           100 + h % 4000, (h >> 4) % 100, 50 + (h >> 16) % 1000, \
+           (10 + (h >> 20) % 50000) * 0.000001, \
+           CASE WHEN h % 20 = 0 THEN 'expired' WHEN h % 20 = 1 THEN 'error' \
+                ELSE 'success' END, \
+           to_timestamp(($3 + d * $4 + (i % 86400) * 1000000) / 1000000.0), NULL, NULL, \
+           $3 + d * $4, \
+           $3 + (CASE WHEN d < 31 THEN 0 WHEN d < 60 THEN 31 ELSE 60 END) * $4 \
+    FROM (SELECT i, (i * 2654435761) % 4294967296 AS h, (i / 90) % 10000 AS u, i % 90 AS d \
+          FROM generate_series($1::int8, $2::int8 - 1) AS i) AS g";
+
+/// The number of generated records that count (are not expired).
+fn counting(records: u64) -> u64 {
+    (0..records)
+        .filter(|i| (i * 2_654_435_761) % 4_294_967_296 % 20 != 0)
+        .count() as u64
+}
+
+struct Args {
+    records: u64,
+    runs: usize,
+    url: Option<String>,
+}
+
+fn args() -> Args {
+    let mut out = Args {
+        records: 10_000_000,
+        runs: 20,
+        url: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--records" => out.records = it.next().and_then(|v| v.parse().ok()).expect("N"),
+            "--runs" => out.runs = it.next().and_then(|v| v.parse().ok()).expect("N"),
+            "--url" => out.url = it.next(),
+            // `cargo bench` passes `--bench`; other options are not ours.
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Where the data lives, to clean up after.
+enum Place {
+    Sqlite(std::path::PathBuf),
+    Postgres(tokio_postgres::Client, String),
+}
+
+async fn build(args: &Args) -> (AnyStore, Place) {
+    let started = Instant::now();
+    let (store, place) = match &args.url {
+        Some(url) if url.starts_with("postgres") => {
+            let base: tokio_postgres::Config = url.parse().expect("a PostgreSQL URL");
+            let schema = format!("sg_report_bench_{}", std::process::id());
+            let (admin, conn) = base.connect(NoTls).await.expect("connect");
+            tokio::spawn(conn);
+            admin
+                .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                .await
+                .unwrap();
+            let mut config = base.clone();
+            config.options(format!("-csearch_path={schema}"));
+            let store = PostgresStore::connect(config.clone(), &OpenOptions::default())
+                .await
+                .expect("open the store");
+            let (client, conn) = config.connect(NoTls).await.expect("connect");
+            tokio::spawn(conn);
+            client
+                .batch_execute("SET synchronous_commit = off")
+                .await
+                .unwrap();
+            let mut start = 0;
+            while start < args.records {
+                let end = (start + CHUNK).min(args.records);
+                let (s, e) = (start as i64, end as i64);
+                client
+                    .execute(POSTGRES_INSERT, &[&s, &e, &FIRST_DAY, &DAY])
+                    .await
+                    .unwrap();
+                eprintln!("inserted {end} records ({:.0?})", started.elapsed());
+                start = end;
+            }
+            client.batch_execute("ANALYZE ai_usage").await.unwrap();
+            (AnyStore::Postgres(store), Place::Postgres(admin, schema))
+        }
+        other => {
+            let dir = match other {
+                Some(path) => std::path::PathBuf::from(path),
+                None => std::env::temp_dir()
+                    .join(format!("spendguard-report-bench-{}", std::process::id())),
+            };
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("report.db").to_string_lossy().into_owned();
+            let store = SqliteStore::open(&path, &OpenOptions::default())
+                .await
+                .expect("open the store");
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -1048576;")
+                .unwrap();
+            let mut start = 0;
+            while start < args.records {
+                let end = (start + CHUNK).min(args.records);
+                let (s, e) = (start as i64, end as i64);
+                conn.execute(SQLITE_INSERT, rusqlite::params![s, e, FIRST_DAY, DAY])
+                    .unwrap();
+                eprintln!("inserted {end} records ({:.0?})", started.elapsed());
+                start = end;
+            }
+            (AnyStore::Sqlite(store), Place::Sqlite(dir))
+        }
+    };
+    let rebuild = Instant::now();
+    store.rebuild_usage_rollups().await.expect("rebuild");
+    eprintln!(
+        "built usage_rollups in {:.1?} (total {:.1?})",
+        rebuild.elapsed(),
+        started.elapsed()
+    );
+    if let Place::Postgres(admin, schema) = &place {
+        admin
+            .batch_execute(&format!("ANALYZE {schema}.usage_rollups"))
+            .await
+            .unwrap();
+    }
+    (store, place)
+}
+
+async fn rollup_rows(place: &Place) -> Vec<(String, i64)> {
+    let sql = "SELECT dim, count(*) FROM usage_rollups GROUP BY dim ORDER BY dim";
+    match place {
+        Place::Sqlite(dir) => {
+            let conn = rusqlite::Connection::open(dir.join("report.db")).unwrap();
+            let mut stmt = conn.prepare(sql).unwrap();
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        }
+        Place::Postgres(admin, schema) => admin
+            .query(
+                &sql.replace("usage_rollups", &format!("{schema}.usage_rollups")),
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect(),
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1_000.0
+}
+
+/// Median and 95th percentile.
+fn stats(mut times: Vec<Duration>) -> (f64, f64) {
+    times.sort_unstable();
+    let p95 = (times.len() * 95).div_ceil(100).max(1) - 1;
+    (ms(times[times.len() / 2]), ms(times[p95]))
+}
+
+#[tokio::main]
+async fn main() {
+    let args = args();
+    let (store, place) = build(&args).await;
+    let last = FIRST_DAY + (DAYS - 1) * DAY;
+    let tenant = TenantId::parse("tenant-7").unwrap();
+
+    // The Day report counts every counting record once.
+    let all = store
+        .report(&ReportQuery {
+            from_day: FIRST_DAY,
+            to_day: last,
+            tenant: None,
+            group_by: GroupBy::Day,
+            limit: None,
+        })
+        .await
+        .unwrap();
+    let want = counting(args.records);
+    assert_eq!(all.totals.requests, want, "counting records");
+    assert_eq!(all.groups, DAYS.min(args.records as i64) as usize);
+
+    let rows = rollup_rows(&place).await;
+    let total: i64 = rows.iter().map(|r| r.1).sum();
+    println!(
+        "{} records ({want} counting), {total} usage_rollups rows: {}",
+        args.records,
+        rows.iter()
+            .map(|(d, n)| format!("{d} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("backend: {}, {} runs each", store.backend(), args.runs);
+    println!(
+        "{:<34} {:>8} {:>10} {:>10}",
+        "query", "groups", "median ms", "p95 ms"
+    );
+
+    let mut cases: Vec<(String, ReportQuery)> = Vec::new();
+    for (period, from) in [("30d", last - 29 * DAY), ("90d", FIRST_DAY)] {
+        for (who, t) in [("admin", None), ("tenant", Some(tenant.clone()))] {
+            for g in GroupBy::ALL {
+                cases.push((
+                    format!("{} {period} {who}", g.as_str()),
+                    ReportQuery {
+                        from_day: from,
+                        to_day: last,
+                        tenant: t.clone(),
+                        group_by: g,
+                        limit: (g != GroupBy::Day).then_some(100),
+                    },
+                ));
+            }
+        }
+    }
+    cases.push((
+        "top 10 users 30d admin".into(),
+        ReportQuery {
+            from_day: last - 29 * DAY,
+            to_day: last,
+            tenant: None,
+            group_by: GroupBy::User,
+            limit: Some(10),
+        },
+    ));
+    for (name, query) in &cases {
+        let mut times = Vec::with_capacity(args.runs);
+        let mut groups = 0;
+        for _ in 0..args.runs {
+            let t = Instant::now();
+            let report = store.report(query).await.unwrap();
+            times.push(t.elapsed());
+            groups = report.groups;
+        }
+        let (median, p95) = stats(times);
+        println!("{name:<34} {groups:>8} {median:>10.2} {p95:>10.2}");
+    }
+    let user = UserId::parse("user-77@example.com").unwrap();
+    let owner = TenantId::parse("tenant-77").unwrap();
+    let mut times = Vec::with_capacity(args.runs);
+    let mut models = 0;
+    for _ in 0..args.runs {
+        let t = Instant::now();
+        models = store.user_day(&owner, &user, last).await.unwrap().len();
+        times.push(t.elapsed());
+    }
+    let (median, p95) = stats(times);
+    println!("{:<34} {models:>8} {median:>10.2} {p95:>10.2}", "user_day");
+
+    store.close().await;
+    match place {
+        Place::Sqlite(dir) => {
+            if args.url.is_none() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+        Place::Postgres(admin, schema) => {
+            admin
+                .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+                .await
+                .unwrap();
+        }
+    }
+}

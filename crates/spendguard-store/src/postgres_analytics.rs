@@ -1,0 +1,334 @@
+//! Analytics reads, alerts and webhook deliveries on postgres.
+//!
+//! Reports are summed by the database (in `numeric`, saturated to `bigint`). Alerts are
+//! inserted with `ON CONFLICT DO NOTHING` on their unique key: of concurrent inserts of the
+//! same alert, from any number of connections or instances, exactly one inserts it (the
+//! others wait for its transaction, then find the row).
+
+use std::time::SystemTime;
+
+use spendguard_core::{Micros, TenantId, UserId};
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+
+use crate::common::{
+    AlertCols, DeliveryCols, Dim, Groups, alert_order, scope_columns, sql_limit, usage_totals,
+};
+use crate::postgres::{Db, PostgresStore, from_time, get, time, to_time};
+use crate::{
+    AlertQuery, AlertRecord, Delivery, DeliveryOutcome, GroupBy, ModelUsage, NewAlert, Report,
+    ReportQuery, StoreError,
+};
+
+/// The sums of a group of `usage_rollups` rows, saturated like the rows.
+const SUMS: &str = "LEAST(sum(requests), 9223372036854775807)::int8, \
+    LEAST(sum(input_tokens), 9223372036854775807)::int8, \
+    LEAST(sum(cached_input_tokens), 9223372036854775807)::int8, \
+    LEAST(sum(output_tokens), 9223372036854775807)::int8, \
+    GREATEST(LEAST(sum(cost_micros), 9223372036854775807), -9223372036854775808)::int8";
+
+/// The SQL of a report: `(day_start, tenant_id, key)` of each group (`0` or `''` where the
+/// grouping does not use a column), then its sums.
+fn report_sql(group_by: GroupBy, of_tenant: bool) -> String {
+    let (columns, group) = match group_by {
+        GroupBy::Day => ("day_start, ''::text, ''::text", "day_start"),
+        GroupBy::Tenant => ("0::int8, tenant_id, ''::text", "tenant_id"),
+        GroupBy::Company | GroupBy::User => ("0::int8, tenant_id, key", "tenant_id, key"),
+        GroupBy::Model | GroupBy::Endpoint => ("0::int8, ''::text, key", "key"),
+    };
+    let tenant = if of_tenant { " AND tenant_id = $4" } else { "" };
+    format!(
+        "SELECT {columns}, {SUMS} FROM usage_rollups \
+         WHERE dim = $1 AND day_start >= $2 AND day_start <= $3{tenant} GROUP BY {group}"
+    )
+}
+
+const USER_DAY: &str = "SELECT model, requests, input_tokens, cached_input_tokens, \
+    output_tokens, cost_micros FROM usage_rollups \
+    WHERE dim = 'user_model' AND day_start = $1 AND tenant_id = $2 AND key = $3";
+
+/// The columns of an alert read by [`alert_row`], from `alerts` as `a`.
+const ALERT_COLUMNS: &str = "a.id, a.scope_kind, a.tenant_id, a.scope_id, a.\"window\", \
+    a.window_start, a.threshold_percent::int8, a.kind, a.created_at, a.amount_micros, \
+    a.limit_micros";
+
+const INSERT_ALERT: &str = "INSERT INTO alerts (scope_kind, tenant_id, scope_id, \"window\", \
+    window_start, threshold_percent, kind, created_at, amount_micros, limit_micros) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING RETURNING id";
+
+const INSERT_DELIVERIES: &str = "INSERT INTO webhook_deliveries (alert_id, url, state, \
+    attempts, next_attempt_at) SELECT $1, u, 'pending', 0, $3 FROM UNNEST($2::text[]) AS u \
+    ON CONFLICT (alert_id, url) DO NOTHING";
+
+/// Reads the alert columns starting at `base`.
+fn alert_row(row: &Row, base: usize) -> Result<AlertRecord, StoreError> {
+    AlertCols {
+        id: get(row, base)?,
+        scope_kind: get(row, base + 1)?,
+        tenant: get(row, base + 2)?,
+        scope_id: get(row, base + 3)?,
+        window: get(row, base + 4)?,
+        window_start: get(row, base + 5)?,
+        threshold_percent: get(row, base + 6)?,
+        kind: get(row, base + 7)?,
+        created_at: time(row, base + 8)?,
+        amount_micros: get(row, base + 9)?,
+        limit_micros: get(row, base + 10)?,
+    }
+    .decode()
+}
+
+fn opt_time(row: &Row, idx: usize) -> Result<Option<Micros>, StoreError> {
+    Ok(get::<Option<SystemTime>>(row, idx)?.map(from_time))
+}
+
+/// The delivery columns, then the alert's.
+fn delivery_sql(filter: &str) -> String {
+    format!(
+        "SELECT d.id, d.url, d.state, d.attempts::int8, d.next_attempt_at, d.delivered_at, \
+         d.last_error, {ALERT_COLUMNS} FROM webhook_deliveries d \
+         JOIN alerts a ON a.id = d.alert_id {filter}"
+    )
+}
+
+fn delivery_row(row: &Row) -> Result<Delivery, StoreError> {
+    DeliveryCols {
+        id: get(row, 0)?,
+        url: get(row, 1)?,
+        state: get(row, 2)?,
+        attempts: get(row, 3)?,
+        next_attempt_at: opt_time(row, 4)?,
+        delivered_at: opt_time(row, 5)?,
+        last_error: get(row, 6)?,
+    }
+    .decode(alert_row(row, 7)?)
+}
+
+impl PostgresStore {
+    pub async fn report(&self, query: &ReportQuery) -> Result<Report, StoreError> {
+        let client = self.client().await?;
+        let dim = Dim::of(query.group_by).as_str();
+        let stmt = client
+            .prepare_cached(&report_sql(query.group_by, query.tenant.is_some()))
+            .await
+            .db()?;
+        let tenant = query.tenant.as_ref().map(|t| t.as_str());
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&dim, &query.from_day, &query.to_day];
+        if let Some(tenant) = &tenant {
+            params.push(tenant);
+        }
+        let rows = client.query(&stmt, &params).await.db()?;
+        let mut groups = Groups::new(query.group_by);
+        for row in &rows {
+            let totals = usage_totals(
+                get(row, 3)?,
+                get(row, 4)?,
+                get(row, 5)?,
+                get(row, 6)?,
+                get(row, 7)?,
+            )?;
+            groups.add(get(row, 0)?, get(row, 1)?, get(row, 2)?, &totals);
+        }
+        Ok(groups.finish(query.limit))
+    }
+
+    pub async fn user_day(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        day_start: Micros,
+    ) -> Result<Vec<ModelUsage>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(USER_DAY).await.db()?;
+        let rows = client
+            .query(&stmt, &[&day_start, &tenant.as_str(), &user.as_str()])
+            .await
+            .db()?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            out.push(ModelUsage {
+                model: get(row, 0)?,
+                totals: usage_totals(
+                    get(row, 1)?,
+                    get(row, 2)?,
+                    get(row, 3)?,
+                    get(row, 4)?,
+                    get(row, 5)?,
+                )?,
+            });
+        }
+        out.sort_by(|a, b| {
+            b.totals
+                .cost
+                .cmp(&a.totals.cost)
+                .then_with(|| a.model.cmp(&b.model))
+        });
+        Ok(out)
+    }
+
+    pub async fn insert_alerts(
+        &self,
+        alerts: &[NewAlert],
+        webhook_urls: &[String],
+    ) -> Result<Vec<AlertRecord>, StoreError> {
+        if alerts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.db()?;
+        let insert = tx.prepare_cached(INSERT_ALERT).await.db()?;
+        let deliver = tx.prepare_cached(INSERT_DELIVERIES).await.db()?;
+        let mut inserted = Vec::new();
+        for i in alert_order(alerts) {
+            let a = &alerts[i];
+            let (kind, tenant, id) = scope_columns(&a.scope);
+            let threshold = i32::try_from(a.threshold_percent).map_err(|_| {
+                StoreError::Invalid(format!(
+                    "threshold_percent {} is out of range",
+                    a.threshold_percent
+                ))
+            })?;
+            let created_at = to_time(a.created_at)?;
+            let row = tx
+                .query_opt(
+                    &insert,
+                    &[
+                        &kind,
+                        &tenant,
+                        &id,
+                        &a.window.as_str(),
+                        &a.window_start,
+                        &threshold,
+                        &a.kind.as_str(),
+                        &created_at,
+                        &a.amount.micros(),
+                        &a.limit.micros(),
+                    ],
+                )
+                .await
+                .db()?;
+            if let Some(row) = row {
+                let new_id: i64 = get(&row, 0)?;
+                if !webhook_urls.is_empty() {
+                    tx.execute(&deliver, &[&new_id, &webhook_urls, &created_at])
+                        .await
+                        .db()?;
+                }
+                inserted.push((i, new_id));
+            }
+        }
+        tx.commit().await.db()?;
+        // In the order given.
+        inserted.sort_unstable();
+        Ok(inserted
+            .into_iter()
+            .map(|(i, id)| AlertRecord {
+                id,
+                alert: alerts[i].clone(),
+            })
+            .collect())
+    }
+
+    pub async fn alerts(&self, query: &AlertQuery) -> Result<Vec<AlertRecord>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {ALERT_COLUMNS} FROM alerts a \
+                 WHERE ($1::text IS NULL OR (a.tenant_id = $1 AND a.scope_kind <> 'global')) \
+                 AND ($2::int8 IS NULL OR (a.\"window\" = 'day' AND a.window_start >= $2) \
+                      OR (a.\"window\" = 'month' AND a.window_start >= $3::int8)) \
+                 ORDER BY a.created_at DESC, a.id DESC LIMIT $4"
+            ))
+            .await
+            .db()?;
+        let tenant = query.tenant.as_ref().map(|t| t.as_str());
+        let day = query.current.map(|c| c.0);
+        let month = query.current.map(|c| c.1);
+        let limit = sql_limit(query.limit);
+        let rows = client
+            .query(&stmt, &[&tenant, &day, &month, &limit])
+            .await
+            .db()?;
+        rows.iter().map(|row| alert_row(row, 0)).collect()
+    }
+
+    pub async fn due_deliveries(
+        &self,
+        now: Micros,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(&delivery_sql(
+                "WHERE d.state = 'pending' AND d.next_attempt_at <= $1 \
+                 ORDER BY d.next_attempt_at, d.id LIMIT $2",
+            ))
+            .await
+            .db()?;
+        let rows = client
+            .query(&stmt, &[&to_time(now)?, &sql_limit(Some(limit))])
+            .await
+            .db()?;
+        rows.iter().map(delivery_row).collect()
+    }
+
+    pub async fn finish_delivery(
+        &self,
+        id: i64,
+        outcome: &DeliveryOutcome,
+    ) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let n = match outcome {
+            DeliveryOutcome::Delivered { at } => {
+                let stmt = client
+                    .prepare_cached(
+                        "UPDATE webhook_deliveries SET attempts = attempts + 1, \
+                         state = 'delivered', delivered_at = $2, next_attempt_at = NULL \
+                         WHERE id = $1",
+                    )
+                    .await
+                    .db()?;
+                client.execute(&stmt, &[&id, &to_time(*at)?]).await
+            }
+            DeliveryOutcome::Retry {
+                next_attempt_at,
+                error,
+            } => {
+                let stmt = client
+                    .prepare_cached(
+                        "UPDATE webhook_deliveries SET attempts = attempts + 1, \
+                         state = 'pending', next_attempt_at = $2, last_error = $3 WHERE id = $1",
+                    )
+                    .await
+                    .db()?;
+                client
+                    .execute(&stmt, &[&id, &to_time(*next_attempt_at)?, error])
+                    .await
+            }
+            DeliveryOutcome::Failed { error } => {
+                let stmt = client
+                    .prepare_cached(
+                        "UPDATE webhook_deliveries SET attempts = attempts + 1, \
+                         state = 'failed', next_attempt_at = NULL, last_error = $2 WHERE id = $1",
+                    )
+                    .await
+                    .db()?;
+                client.execute(&stmt, &[&id, error]).await
+            }
+        }
+        .db()?;
+        if n == 0 {
+            return Err(StoreError::Invalid(format!("no webhook delivery {id}")));
+        }
+        Ok(())
+    }
+
+    pub async fn deliveries(&self) -> Result<Vec<Delivery>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(&delivery_sql("ORDER BY d.id"), &[])
+            .await
+            .db()?;
+        rows.iter().map(delivery_row).collect()
+    }
+}

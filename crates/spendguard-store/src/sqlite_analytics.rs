@@ -1,0 +1,332 @@
+//! Analytics reads, alerts and webhook deliveries on sqlite.
+//!
+//! Reads run on the store's query-only connection; alerts and delivery outcomes are written
+//! by the writer connection, each call in one transaction.
+
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use spendguard_core::{Micros, TenantId, UserId};
+
+use crate::common::{
+    AlertCols, DeliveryCols, Dim, Groups, alert_order, scope_columns, sql_limit, usage_totals,
+};
+use crate::sqlite::{Db, SqliteStore, int, opt_text, text};
+use crate::{
+    AlertQuery, AlertRecord, Delivery, DeliveryOutcome, ModelUsage, NewAlert, Report, ReportQuery,
+    StoreError,
+};
+
+/// The rows of one dimension in a range of days. The sums are added up in Rust, saturating
+/// (SQLite's `sum` fails on overflow).
+const REPORT_ROWS: &str = "SELECT day_start, tenant_id, key, requests, input_tokens, \
+    cached_input_tokens, output_tokens, cost_micros FROM usage_rollups \
+    WHERE dim = ?1 AND day_start >= ?2 AND day_start <= ?3";
+
+const REPORT_ROWS_OF_TENANT: &str = "SELECT day_start, tenant_id, key, requests, input_tokens, \
+    cached_input_tokens, output_tokens, cost_micros FROM usage_rollups \
+    WHERE dim = ?1 AND day_start >= ?2 AND day_start <= ?3 AND tenant_id = ?4";
+
+const USER_DAY: &str = "SELECT model, requests, input_tokens, cached_input_tokens, \
+    output_tokens, cost_micros FROM usage_rollups \
+    WHERE dim = 'user_model' AND day_start = ?1 AND tenant_id = ?2 AND key = ?3";
+
+/// The columns of an alert read by [`alert_row`], from `alerts` as `a`.
+const ALERT_COLUMNS: &str = "a.id, a.scope_kind, a.tenant_id, a.scope_id, a.\"window\", \
+    a.window_start, a.threshold_percent, a.kind, a.created_at, a.amount_micros, a.limit_micros";
+
+const INSERT_ALERT: &str = "INSERT INTO alerts (scope_kind, tenant_id, scope_id, \"window\", \
+    window_start, threshold_percent, kind, created_at, amount_micros, limit_micros) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10) ON CONFLICT DO NOTHING RETURNING id";
+
+const INSERT_DELIVERY: &str = "INSERT INTO webhook_deliveries (alert_id, url, state, attempts, \
+    next_attempt_at) VALUES (?1, ?2, 'pending', 0, ?3) ON CONFLICT (alert_id, url) DO NOTHING";
+
+/// Reads the alert columns starting at `base`.
+fn alert_row(row: &Row<'_>, base: usize) -> Result<AlertRecord, StoreError> {
+    AlertCols {
+        id: int(row, base)?,
+        scope_kind: text(row, base + 1)?,
+        tenant: text(row, base + 2)?,
+        scope_id: text(row, base + 3)?,
+        window: text(row, base + 4)?,
+        window_start: int(row, base + 5)?,
+        threshold_percent: int(row, base + 6)?,
+        kind: text(row, base + 7)?,
+        created_at: int(row, base + 8)?,
+        amount_micros: int(row, base + 9)?,
+        limit_micros: int(row, base + 10)?,
+    }
+    .decode()
+}
+
+/// The delivery columns, then the alert's.
+fn delivery_sql(filter: &str) -> String {
+    format!(
+        "SELECT d.id, d.url, d.state, d.attempts, d.next_attempt_at, d.delivered_at, \
+         d.last_error, {ALERT_COLUMNS} FROM webhook_deliveries d \
+         JOIN alerts a ON a.id = d.alert_id {filter}"
+    )
+}
+
+fn delivery_row(row: &Row<'_>) -> Result<Delivery, StoreError> {
+    DeliveryCols {
+        id: int(row, 0)?,
+        url: text(row, 1)?,
+        state: text(row, 2)?,
+        attempts: int(row, 3)?,
+        next_attempt_at: row.get::<_, Option<i64>>(4).db()?,
+        delivered_at: row.get::<_, Option<i64>>(5).db()?,
+        last_error: opt_text(row, 6)?,
+    }
+    .decode(alert_row(row, 7)?)
+}
+
+fn deliveries_blocking(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<Delivery>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).db()?;
+    let mut rows = stmt.query(params).db()?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().db()? {
+        out.push(delivery_row(row)?);
+    }
+    Ok(out)
+}
+
+fn insert_alerts_blocking(
+    conn: &mut Connection,
+    alerts: &[NewAlert],
+    urls: &[String],
+) -> Result<Vec<AlertRecord>, StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .db()?;
+    let mut inserted = Vec::new();
+    {
+        let mut insert = tx.prepare_cached(INSERT_ALERT).db()?;
+        let mut deliver = tx.prepare_cached(INSERT_DELIVERY).db()?;
+        for i in alert_order(alerts) {
+            let a = &alerts[i];
+            let (kind, tenant, id) = scope_columns(&a.scope);
+            let new_id: Option<i64> = insert
+                .query_row(
+                    params![
+                        kind,
+                        tenant,
+                        id,
+                        a.window.as_str(),
+                        a.window_start,
+                        i64::from(a.threshold_percent),
+                        a.kind.as_str(),
+                        a.created_at,
+                        a.amount.micros(),
+                        a.limit.micros(),
+                    ],
+                    |r| r.get(0),
+                )
+                .optional()
+                .db()?;
+            if let Some(new_id) = new_id {
+                for url in urls {
+                    deliver.execute(params![new_id, url, a.created_at]).db()?;
+                }
+                inserted.push((i, new_id));
+            }
+        }
+    }
+    tx.commit().db()?;
+    // In the order given.
+    inserted.sort_unstable();
+    Ok(inserted
+        .into_iter()
+        .map(|(i, id)| AlertRecord {
+            id,
+            alert: alerts[i].clone(),
+        })
+        .collect())
+}
+
+impl SqliteStore {
+    pub async fn report(&self, query: &ReportQuery) -> Result<Report, StoreError> {
+        let query = query.clone();
+        self.with_reader(move |conn| {
+            let dim = Dim::of(query.group_by).as_str();
+            let mut groups = Groups::new(query.group_by);
+            let mut add = |row: &Row<'_>| -> Result<(), StoreError> {
+                let totals = usage_totals(
+                    int(row, 3)?,
+                    int(row, 4)?,
+                    int(row, 5)?,
+                    int(row, 6)?,
+                    int(row, 7)?,
+                )?;
+                groups.add(int(row, 0)?, text(row, 1)?, text(row, 2)?, &totals);
+                Ok(())
+            };
+            match &query.tenant {
+                None => {
+                    let mut stmt = conn.prepare_cached(REPORT_ROWS).db()?;
+                    let mut rows = stmt
+                        .query(params![dim, query.from_day, query.to_day])
+                        .db()?;
+                    while let Some(row) = rows.next().db()? {
+                        add(row)?;
+                    }
+                }
+                Some(tenant) => {
+                    let mut stmt = conn.prepare_cached(REPORT_ROWS_OF_TENANT).db()?;
+                    let mut rows = stmt
+                        .query(params![dim, query.from_day, query.to_day, tenant.as_str()])
+                        .db()?;
+                    while let Some(row) = rows.next().db()? {
+                        add(row)?;
+                    }
+                }
+            }
+            Ok(groups.finish(query.limit))
+        })
+        .await
+    }
+
+    pub async fn user_day(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        day_start: Micros,
+    ) -> Result<Vec<ModelUsage>, StoreError> {
+        let (tenant, user) = (tenant.clone(), user.clone());
+        self.with_reader(move |conn| {
+            let mut stmt = conn.prepare_cached(USER_DAY).db()?;
+            let mut rows = stmt
+                .query(params![day_start, tenant.as_str(), user.as_str()])
+                .db()?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().db()? {
+                out.push(ModelUsage {
+                    model: text(row, 0)?.to_owned(),
+                    totals: usage_totals(
+                        int(row, 1)?,
+                        int(row, 2)?,
+                        int(row, 3)?,
+                        int(row, 4)?,
+                        int(row, 5)?,
+                    )?,
+                });
+            }
+            out.sort_by(|a, b| {
+                b.totals
+                    .cost
+                    .cmp(&a.totals.cost)
+                    .then_with(|| a.model.cmp(&b.model))
+            });
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn insert_alerts(
+        &self,
+        alerts: &[NewAlert],
+        webhook_urls: &[String],
+    ) -> Result<Vec<AlertRecord>, StoreError> {
+        if alerts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let alerts = alerts.to_vec();
+        let urls = webhook_urls.to_vec();
+        self.with_conn(move |conn| insert_alerts_blocking(conn, &alerts, &urls))
+            .await
+    }
+
+    pub async fn alerts(&self, query: &AlertQuery) -> Result<Vec<AlertRecord>, StoreError> {
+        let query = query.clone();
+        self.with_reader(move |conn| {
+            let sql = format!(
+                "SELECT {ALERT_COLUMNS} FROM alerts a \
+                 WHERE (?1 IS NULL OR (a.tenant_id = ?1 AND a.scope_kind <> 'global')) \
+                 AND (?2 IS NULL OR (a.\"window\" = 'day' AND a.window_start >= ?2) \
+                      OR (a.\"window\" = 'month' AND a.window_start >= ?3)) \
+                 ORDER BY a.created_at DESC, a.id DESC LIMIT ?4"
+            );
+            let mut stmt = conn.prepare_cached(&sql).db()?;
+            let mut rows = stmt
+                .query(params![
+                    query.tenant.as_ref().map(|t| t.as_str()),
+                    query.current.map(|c| c.0),
+                    query.current.map(|c| c.1),
+                    sql_limit(query.limit),
+                ])
+                .db()?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().db()? {
+                out.push(alert_row(row, 0)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn due_deliveries(
+        &self,
+        now: Micros,
+        limit: usize,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        self.with_reader(move |conn| {
+            let sql = delivery_sql(
+                "WHERE d.state = 'pending' AND d.next_attempt_at <= ?1 \
+                 ORDER BY d.next_attempt_at, d.id LIMIT ?2",
+            );
+            deliveries_blocking(conn, &sql, params![now, sql_limit(Some(limit))])
+        })
+        .await
+    }
+
+    pub async fn finish_delivery(
+        &self,
+        id: i64,
+        outcome: &DeliveryOutcome,
+    ) -> Result<(), StoreError> {
+        let outcome = outcome.clone();
+        self.with_conn(move |conn| {
+            let n = match &outcome {
+                DeliveryOutcome::Delivered { at } => conn
+                    .prepare_cached(
+                        "UPDATE webhook_deliveries SET attempts = attempts + 1, \
+                         state = 'delivered', delivered_at = ?2, next_attempt_at = NULL \
+                         WHERE id = ?1",
+                    )
+                    .db()?
+                    .execute(params![id, at]),
+                DeliveryOutcome::Retry {
+                    next_attempt_at,
+                    error,
+                } => conn
+                    .prepare_cached(
+                        "UPDATE webhook_deliveries SET attempts = attempts + 1, \
+                         state = 'pending', next_attempt_at = ?2, last_error = ?3 WHERE id = ?1",
+                    )
+                    .db()?
+                    .execute(params![id, next_attempt_at, error]),
+                DeliveryOutcome::Failed { error } => conn
+                    .prepare_cached(
+                        "UPDATE webhook_deliveries SET attempts = attempts + 1, \
+                         state = 'failed', next_attempt_at = NULL, last_error = ?2 WHERE id = ?1",
+                    )
+                    .db()?
+                    .execute(params![id, error]),
+            }
+            .db()?;
+            if n == 0 {
+                return Err(StoreError::Invalid(format!("no webhook delivery {id}")));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn deliveries(&self) -> Result<Vec<Delivery>, StoreError> {
+        self.with_reader(|conn| deliveries_blocking(conn, &delivery_sql("ORDER BY d.id"), []))
+            .await
+    }
+}
