@@ -322,7 +322,16 @@ pub struct CounterRow {
     pub start: Micros,
     pub spent: Money,
     pub requests: u64,
+    /// Input plus output tokens ([`Tokens::total`]) of the counting records.
     pub tokens: u64,
+    /// The sum of the input tokens of the counting records (for reports; the ledger's
+    /// counters use `tokens` only).
+    pub input_tokens: u64,
+    /// The sum of the cached input tokens of the counting records (part of the input
+    /// tokens).
+    pub cached_input_tokens: u64,
+    /// The sum of the output tokens of the counting records.
+    pub output_tokens: u64,
 }
 
 /// What a store loads at start-up: current-window counters, open reservations, overrides.

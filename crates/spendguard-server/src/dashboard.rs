@@ -232,6 +232,7 @@ pub async fn gather(state: &AppState) -> Result<DashboardData, StoreError> {
         tenant: None,
         group_by,
         limit,
+        whole_months: crate::reports::whole_months(cal, from, today, today),
     };
     let daily = store.report(&query(first, GroupBy::Day, None)).await?;
     let models = store

@@ -53,6 +53,32 @@ pub fn parse_date(name: &str, s: &str) -> Result<Date, String> {
         .map_err(|_| format!("{name} must be a date written YYYY-MM-DD, not `{s}`"))
 }
 
+/// The calendar months wholly inside `from..=to`, as `[start, end)` instants: a month counts
+/// when its first day is in the range and its last day is too, or the range reaches `today`
+/// (no record is dated after today, so such a month holds nothing outside the range).
+/// Reports read these from month rollups instead of summing their days.
+pub fn whole_months(calendar: &Calendar, from: Date, to: Date, today: Date) -> Vec<(i64, i64)> {
+    let mut out = Vec::new();
+    let mut first = from.first_of_month();
+    if first < from {
+        first = match first.checked_add(jiff::Span::new().months(1)) {
+            Ok(d) => d,
+            Err(_) => return out,
+        };
+    }
+    while first <= to {
+        let Ok(next) = first.checked_add(jiff::Span::new().months(1)) else {
+            break;
+        };
+        let last = first.last_of_month();
+        if last <= to || to >= today {
+            out.push((calendar.date_start(first), calendar.date_start(next)));
+        }
+        first = next;
+    }
+    out
+}
+
 /// A report's date range and grouping, checked: `to` defaults to today, `from` to 29 days
 /// before `to` (30 days in all).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,6 +137,7 @@ impl ReportSpec {
                 tenant,
                 group_by,
                 limit,
+                whole_months: whole_months(calendar, from, to, calendar.date_of(now)),
             },
         })
     }
@@ -568,6 +595,38 @@ mod tests {
         assert!(err(Some("2020-01-01"), Some("2026-01-01"), None, None).contains("at most"));
         assert!(err(None, None, Some("week"), None).starts_with("group_by must be one of"));
         assert!(err(None, None, None, Some(0)).starts_with("limit must be"));
+    }
+
+    #[test]
+    fn whole_months_are_the_ones_the_range_covers() {
+        let cal = Calendar::new("Europe/Berlin").unwrap();
+        let d = |s: &str| s.parse::<Date>().unwrap();
+        let starts = |v: Vec<(i64, i64)>| -> Vec<String> {
+            v.into_iter()
+                .map(|(s, e)| format!("{}..{}", cal.date_of(s), cal.date_of(e)))
+                .collect()
+        };
+        let today = d("2026-11-30");
+        // Partial months at both ends are not whole.
+        assert_eq!(
+            starts(whole_months(&cal, d("2026-01-15"), d("2026-04-10"), today)),
+            ["2026-02-01..2026-03-01", "2026-03-01..2026-04-01"]
+        );
+        // Exact month bounds are.
+        assert_eq!(
+            starts(whole_months(&cal, d("2026-02-01"), d("2026-02-28"), today)),
+            ["2026-02-01..2026-03-01"]
+        );
+        // The current month, up to today, is whole: nothing is dated after today.
+        assert_eq!(
+            starts(whole_months(&cal, d("2026-11-01"), d("2026-11-30"), today)),
+            ["2026-11-01..2026-12-01"]
+        );
+        assert!(whole_months(&cal, d("2026-11-02"), d("2026-11-30"), today).is_empty());
+        assert!(whole_months(&cal, d("2026-10-01"), d("2026-10-30"), today).is_empty());
+        // Month starts are local midnights.
+        let (start, _) = whole_months(&cal, d("2026-03-01"), d("2026-03-31"), today)[0];
+        assert_eq!(start, cal.date_start(d("2026-03-01")));
     }
 
     #[test]

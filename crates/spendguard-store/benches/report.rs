@@ -1,11 +1,14 @@
 //! Report latency over a large usage history: builds a database of N usage records
-//! (default 10,000,000) over 90 days, 100 tenants, 10,000 users, about 1,000 companies (and
-//! users without one), 8 models and 4 endpoints, then times every report grouping over the
-//! last 30 days and all 90, for all tenants and for one; the top 10 users; and one user's
-//! day.
+//! (default 10,000,000) over 90 days (January, February and 30 days of March 2024), 100
+//! tenants, 10,000 users, about 1,000 companies (and users without one), 8 models and 4
+//! endpoints, then times every report grouping over the last 30 days and all 90, for all
+//! tenants and for one; the groupings read from `rollups` over the 90 days with January
+//! and February read as whole months; the top 10 users of the last 30 days and of February
+//! (from its days, and as a whole month); and one user's day.
 //!
 //! The records are inserted by bulk SQL straight into `ai_usage` (going through `apply`
-//! would take hours), and `usage_rollups` is then built by the same statements as the
+//! would take hours); `rollups` is then filled from them by one set-based statement (the
+//! sums a recount makes), and `usage_rollups` built by the same statements as the
 //! migration that made it.
 //!
 //! ```text
@@ -68,6 +71,39 @@ const POSTGRES_INSERT: &str = "INSERT INTO ai_usage (id, tenant_id, user_id, com
            $3 + (CASE WHEN d < 31 THEN 0 WHEN d < 60 THEN 31 ELSE 60 END) * $4 \
     FROM (SELECT i, (i * 2654435761) % 4294967296 AS h, (i / 90) % 10000 AS u, i % 90 AS d \
           FROM generate_series($1::int8, $2::int8 - 1) AS i) AS g";
+
+/// Fills the empty `rollups` from `ai_usage`: per scope and window, the sums of the counting
+/// records (the records are summed per tenant, company, user, day and month first).
+/// `cost` is the expression of a record's cost in micro-USD. The sums of the generated
+/// records are far from overflowing.
+fn fill_rollups_sql(cost: &str) -> String {
+    format!(
+        "WITH fine AS MATERIALIZED ( \
+           SELECT tenant_id, company_id, user_id, day_start, month_start, sum({cost}) AS m, \
+             count(*) AS n, sum(input_tokens) AS i, sum(cached_input_tokens) AS c, \
+             sum(output_tokens) AS o \
+           FROM ai_usage WHERE request_status <> 'expired' \
+           GROUP BY tenant_id, company_id, user_id, day_start, month_start \
+         ), s AS ( \
+           SELECT 'global' AS kind, '' AS tenant, 'global' AS id, day_start, month_start, \
+             m, n, i, c, o FROM fine \
+           UNION ALL SELECT 'tenant', tenant_id, tenant_id, day_start, month_start, m, n, i, \
+             c, o FROM fine \
+           UNION ALL SELECT 'company', tenant_id, company_id, day_start, month_start, m, n, \
+             i, c, o FROM fine WHERE company_id IS NOT NULL \
+           UNION ALL SELECT 'user', tenant_id, user_id, day_start, month_start, m, n, i, c, \
+             o FROM fine \
+         ), w AS ( \
+           SELECT kind, tenant, id, 'day' AS win, day_start AS start, m, n, i, c, o FROM s \
+           UNION ALL SELECT kind, tenant, id, 'month', month_start, m, n, i, c, o FROM s \
+         ) \
+         INSERT INTO rollups (scope_kind, tenant_id, scope_id, \"window\", window_start, \
+           spent_micros, requests, tokens, input_tokens, cached_input_tokens, output_tokens) \
+         SELECT kind, tenant, id, win, start, sum(m), sum(n), sum(i) + sum(o), sum(i), \
+           sum(c), sum(o) \
+         FROM w GROUP BY kind, tenant, id, win, start"
+    )
+}
 
 /// The number of generated records that count (are not expired).
 fn counting(records: u64) -> u64 {
@@ -142,6 +178,12 @@ async fn build(args: &Args) -> (AnyStore, Place) {
                 start = end;
             }
             client.batch_execute("ANALYZE ai_usage").await.unwrap();
+            let fill = Instant::now();
+            client
+                .batch_execute(&fill_rollups_sql("(cost_usd * 1000000)::int8"))
+                .await
+                .unwrap();
+            eprintln!("filled rollups in {:.1?}", fill.elapsed());
             (AnyStore::Postgres(store), Place::Postgres(admin, schema))
         }
         other => {
@@ -167,6 +209,10 @@ async fn build(args: &Args) -> (AnyStore, Place) {
                 eprintln!("inserted {end} records ({:.0?})", started.elapsed());
                 start = end;
             }
+            let fill = Instant::now();
+            conn.execute_batch(&fill_rollups_sql("cost_micros"))
+                .unwrap();
+            eprintln!("filled rollups in {:.1?}", fill.elapsed());
             (AnyStore::Sqlite(store), Place::Sqlite(dir))
         }
     };
@@ -179,15 +225,17 @@ async fn build(args: &Args) -> (AnyStore, Place) {
     );
     if let Place::Postgres(admin, schema) = &place {
         admin
-            .batch_execute(&format!("ANALYZE {schema}.usage_rollups"))
+            .batch_execute(&format!(
+                "ANALYZE {schema}.usage_rollups; ANALYZE {schema}.rollups"
+            ))
             .await
             .unwrap();
     }
     (store, place)
 }
 
-async fn rollup_rows(place: &Place) -> Vec<(String, i64)> {
-    let sql = "SELECT dim, count(*) FROM usage_rollups GROUP BY dim ORDER BY dim";
+/// The row count of each group of `table`: `sql` selects `(group, count)`.
+async fn row_counts(place: &Place, table: &str, sql: &str) -> Vec<(String, i64)> {
     match place {
         Place::Sqlite(dir) => {
             let conn = rusqlite::Connection::open(dir.join("report.db")).unwrap();
@@ -198,10 +246,7 @@ async fn rollup_rows(place: &Place) -> Vec<(String, i64)> {
                 .unwrap()
         }
         Place::Postgres(admin, schema) => admin
-            .query(
-                &sql.replace("usage_rollups", &format!("{schema}.usage_rollups")),
-                &[],
-            )
+            .query(&sql.replace(table, &format!("{schema}.{table}")), &[])
             .await
             .unwrap()
             .iter()
@@ -228,34 +273,68 @@ async fn main() {
     let last = FIRST_DAY + (DAYS - 1) * DAY;
     let tenant = TenantId::parse("tenant-7").unwrap();
 
-    // The Day report counts every counting record once.
+    // January and February 2024 (of 31 and 29 days) are whole; March has 30 days of data.
+    let february = FIRST_DAY + 31 * DAY;
+    let march = february + 29 * DAY;
+    let whole_months = vec![(FIRST_DAY, february), (february, march)];
+
+    // The Day report counts every counting record once, and so does every grouping read
+    // from whole months.
     let all = store
         .report(&ReportQuery {
             from_day: FIRST_DAY,
             to_day: last,
-            tenant: None,
-            group_by: GroupBy::Day,
-            limit: None,
+            ..ReportQuery::default()
         })
         .await
         .unwrap();
     let want = counting(args.records);
     assert_eq!(all.totals.requests, want, "counting records");
     assert_eq!(all.groups, DAYS.min(args.records as i64) as usize);
+    for group_by in [GroupBy::Tenant, GroupBy::Company, GroupBy::User] {
+        let query = ReportQuery {
+            from_day: FIRST_DAY,
+            to_day: last,
+            group_by,
+            ..ReportQuery::default()
+        };
+        let by_days = store.report(&query).await.unwrap();
+        let by_months = store
+            .report(&ReportQuery {
+                whole_months: whole_months.clone(),
+                ..query
+            })
+            .await
+            .unwrap();
+        assert_eq!(by_days.totals, all.totals, "{group_by:?}");
+        assert_eq!(by_months, by_days, "{group_by:?}");
+    }
 
-    let rows = rollup_rows(&place).await;
-    let total: i64 = rows.iter().map(|r| r.1).sum();
-    println!(
-        "{} records ({want} counting), {total} usage_rollups rows: {}",
-        args.records,
-        rows.iter()
-            .map(|(d, n)| format!("{d} {n}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    for (table, sql) in [
+        (
+            "rollups",
+            "SELECT scope_kind || ' ' || \"window\", count(*) FROM rollups \
+             GROUP BY scope_kind, \"window\" ORDER BY scope_kind, \"window\"",
+        ),
+        (
+            "usage_rollups",
+            "SELECT dim, count(*) FROM usage_rollups GROUP BY dim ORDER BY dim",
+        ),
+    ] {
+        let rows = row_counts(&place, table, sql).await;
+        let total: i64 = rows.iter().map(|r| r.1).sum();
+        println!(
+            "{total} {table} rows: {}",
+            rows.iter()
+                .map(|(d, n)| format!("{d} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    println!("{} records ({want} counting)", args.records);
     println!("backend: {}, {} runs each", store.backend(), args.runs);
     println!(
-        "{:<34} {:>8} {:>10} {:>10}",
+        "{:<40} {:>8} {:>10} {:>10}",
         "query", "groups", "median ms", "p95 ms"
     );
 
@@ -271,9 +350,25 @@ async fn main() {
                         tenant: t.clone(),
                         group_by: g,
                         limit: (g != GroupBy::Day).then_some(100),
+                        ..ReportQuery::default()
                     },
                 ));
             }
+        }
+    }
+    for (who, t) in [("admin", None), ("tenant", Some(tenant.clone()))] {
+        for g in [GroupBy::Tenant, GroupBy::Company, GroupBy::User] {
+            cases.push((
+                format!("{} 90d {who}, 2 whole months", g.as_str()),
+                ReportQuery {
+                    from_day: FIRST_DAY,
+                    to_day: last,
+                    tenant: t.clone(),
+                    group_by: g,
+                    limit: Some(100),
+                    whole_months: whole_months.clone(),
+                },
+            ));
         }
     }
     cases.push((
@@ -281,11 +376,34 @@ async fn main() {
         ReportQuery {
             from_day: last - 29 * DAY,
             to_day: last,
-            tenant: None,
             group_by: GroupBy::User,
             limit: Some(10),
+            ..ReportQuery::default()
         },
     ));
+    let in_february = ReportQuery {
+        from_day: february,
+        to_day: march - DAY,
+        group_by: GroupBy::User,
+        limit: Some(10),
+        ..ReportQuery::default()
+    };
+    cases.push((
+        "top 10 users Feb (29 days) admin".into(),
+        in_february.clone(),
+    ));
+    cases.push((
+        "top 10 users Feb (whole month)".into(),
+        ReportQuery {
+            whole_months: vec![(february, march)],
+            ..in_february.clone()
+        },
+    ));
+    assert_eq!(
+        store.report(&cases[cases.len() - 1].1).await.unwrap(),
+        store.report(&in_february).await.unwrap(),
+        "February from its days and as a whole month"
+    );
     for (name, query) in &cases {
         let mut times = Vec::with_capacity(args.runs);
         let mut groups = 0;
@@ -296,7 +414,7 @@ async fn main() {
             groups = report.groups;
         }
         let (median, p95) = stats(times);
-        println!("{name:<34} {groups:>8} {median:>10.2} {p95:>10.2}");
+        println!("{name:<40} {groups:>8} {median:>10.2} {p95:>10.2}");
     }
     let user = UserId::parse("user-77@example.com").unwrap();
     let owner = TenantId::parse("tenant-77").unwrap();
@@ -308,7 +426,7 @@ async fn main() {
         times.push(t.elapsed());
     }
     let (median, p95) = stats(times);
-    println!("{:<34} {models:>8} {median:>10.2} {p95:>10.2}", "user_day");
+    println!("{:<40} {models:>8} {median:>10.2} {p95:>10.2}", "user_day");
 
     store.close().await;
     match place {

@@ -1,16 +1,18 @@
 //! Reads for analytics (usage reports, per-user daily usage) and the alert and webhook
 //! delivery tables.
 //!
-//! Reports are answered from `usage_rollups`: per calendar day (in the deployment's time
-//! zone, the `day_start` of each record) and per dimension, the sums of the counting usage
-//! records. They are written in the same transaction as the records, so a report costs
-//! O(days × groups), never O(records).
+//! Reports are answered from rollups written in the same transaction as the records, so a
+//! report costs O(days × groups), never O(records): groupings by day, tenant, company and
+//! user from `rollups` (per scope and calendar window, in the deployment's time zone: the
+//! sums of the counting usage records), by model and endpoint from `usage_rollups` (per
+//! calendar day and dimension). A user's day per model is read from `usage_rollups` too.
 
 use spendguard_core::{Micros, Money, ScopeKey, TenantId, Window};
 
 /// What a usage report groups by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum GroupBy {
+    #[default]
     Day,
     Tenant,
     Company,
@@ -46,7 +48,7 @@ impl GroupBy {
 }
 
 /// A usage report over whole calendar days.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReportQuery {
     /// The start of the first day (inclusive), as a `day_start` of the calendar.
     pub from_day: Micros,
@@ -57,6 +59,13 @@ pub struct ReportQuery {
     pub group_by: GroupBy,
     /// At most this many rows (the top ones; see [`Report::rows`]).
     pub limit: Option<usize>,
+    /// The `[start, end)` of calendar months that lie entirely within the report's days,
+    /// ascending and not overlapping (the caller knows the calendar; empty is always
+    /// right). The groupings by tenant, company and user read each of them from its month
+    /// rollup rather than from its days: the same report, from fewer rows. `Day` ignores
+    /// them. A month starting before `from_day` or after `to_day`, or out of order, is
+    /// refused as invalid.
+    pub whole_months: Vec<(Micros, Micros)>,
 }
 
 /// Sums over usage records.

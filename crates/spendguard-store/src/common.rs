@@ -6,15 +6,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use spendguard_core::{
     BudgetOverride, CompanyId, CounterRow, Endpoint, Event, IdError, IdempotencyKey, Micros,
-    ModelName, Money, RequestStatus, Reservation, ScopeKey, Subject, TenantId, TierName, Tokens,
-    UsageRecord, UserId, UserOverrides, Window,
+    ModelName, Money, RequestStatus, Reservation, ScopeKey, ScopeKind, Subject, TenantId, TierName,
+    Tokens, UsageRecord, UserId, UserOverrides, Window,
 };
 use uuid::Uuid;
 
 use crate::error::StoreError;
 use crate::{
-    AlertKind, AlertRecord, Delivery, DeliveryState, GroupBy, NewAlert, Report, ReportRow,
-    UsageTotals,
+    AlertKind, AlertRecord, Delivery, DeliveryState, GroupBy, NewAlert, Report, ReportQuery,
+    ReportRow, UsageTotals,
 };
 
 /// A non-negative count as a signed 64-bit column: values past `i64::MAX` are stored as
@@ -53,6 +53,18 @@ pub(crate) fn scope_from_columns(
         "user" => ScopeKey::User(tenant_id()?, parse_id("scope_id", id, UserId::parse)?),
         other => return Err(corrupt(format!("unknown scope_kind `{other}`"))),
     })
+}
+
+pub(crate) fn scope_kind_from_str(s: &str) -> Result<ScopeKind, StoreError> {
+    [
+        ScopeKind::Global,
+        ScopeKind::Tenant,
+        ScopeKind::Company,
+        ScopeKind::User,
+    ]
+    .into_iter()
+    .find(|k| k.as_str() == s)
+    .ok_or_else(|| corrupt(format!("unknown scope_kind `{s}`")))
 }
 
 pub(crate) fn window_from_str(s: &str) -> Result<Window, StoreError> {
@@ -337,6 +349,14 @@ struct Delta {
     spent: Money,
     requests: u64,
     tokens: u64,
+    input_tokens: u64,
+    cached_input_tokens: u64,
+    output_tokens: u64,
+}
+
+/// `a + b`, saturating at `i64::MAX`, the most a column holds.
+fn add_count(a: u64, b: u64) -> u64 {
+    a.saturating_add(b).min(i64::MAX as u64)
 }
 
 impl Deltas {
@@ -346,7 +366,7 @@ impl Deltas {
             self.add_parts(
                 usage.scopes(),
                 usage.cost,
-                usage.tokens.total(),
+                &usage.tokens,
                 usage.day_start,
                 usage.month_start,
             );
@@ -358,17 +378,21 @@ impl Deltas {
         &mut self,
         scopes: impl Iterator<Item = ScopeKey>,
         cost: Money,
-        tokens: u64,
+        tokens: &Tokens,
         day_start: Micros,
         month_start: Micros,
     ) {
+        let total = tokens.total();
         for scope in scopes {
             for (window, start) in [(Window::Day, day_start), (Window::Month, month_start)] {
                 let d = self.map.entry((scope.clone(), window, start)).or_default();
                 d.spent = d.spent.saturating_add(cost);
                 // Counts saturate at `i64::MAX`, the most a column holds.
-                d.requests = d.requests.saturating_add(1).min(i64::MAX as u64);
-                d.tokens = d.tokens.saturating_add(tokens).min(i64::MAX as u64);
+                d.requests = add_count(d.requests, 1);
+                d.tokens = add_count(d.tokens, total);
+                d.input_tokens = add_count(d.input_tokens, tokens.input);
+                d.cached_input_tokens = add_count(d.cached_input_tokens, tokens.cached_input);
+                d.output_tokens = add_count(d.output_tokens, tokens.output);
             }
         }
     }
@@ -389,6 +413,9 @@ impl Deltas {
                 spent: d.spent,
                 requests: d.requests,
                 tokens: d.tokens,
+                input_tokens: d.input_tokens,
+                cached_input_tokens: d.cached_input_tokens,
+                output_tokens: d.output_tokens,
             })
             .collect();
         sort_rows(&mut rows);
@@ -401,26 +428,43 @@ pub(crate) fn sort_rows(rows: &mut [CounterRow]) {
     rows.sort_by(|a, b| (&a.scope, a.window, a.start).cmp(&(&b.scope, b.window, b.start)));
 }
 
-/// Reads a rollup row's columns.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn counter_row(
-    kind: &str,
-    tenant: &str,
-    id: &str,
-    window: &str,
-    start: Micros,
-    spent: i64,
-    requests: i64,
-    tokens: i64,
-) -> Result<CounterRow, StoreError> {
-    Ok(CounterRow {
-        scope: scope_from_columns(kind, tenant, id)?,
-        window: window_from_str(window)?,
-        start,
-        spent: Money::from_micros(spent),
-        requests: to_u64("requests", requests)?,
-        tokens: to_u64("tokens", tokens)?,
-    })
+/// The columns of a `rollups` row, in the order of inserts and selects alike.
+pub(crate) const ROLLUP_COLUMNS: &str = "scope_kind, tenant_id, scope_id, \"window\", \
+    window_start, spent_micros, requests, tokens, input_tokens, cached_input_tokens, \
+    output_tokens";
+
+/// The number of [`ROLLUP_COLUMNS`].
+pub(crate) const ROLLUP_COLUMN_COUNT: usize = 11;
+
+/// The columns of one `rollups` row ([`ROLLUP_COLUMNS`]), as read by either backend.
+pub(crate) struct RollupCols<'a> {
+    pub kind: &'a str,
+    pub tenant: &'a str,
+    pub id: &'a str,
+    pub window: &'a str,
+    pub start: Micros,
+    pub spent: i64,
+    pub requests: i64,
+    pub tokens: i64,
+    pub input_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub output_tokens: i64,
+}
+
+impl RollupCols<'_> {
+    pub fn decode(&self) -> Result<CounterRow, StoreError> {
+        Ok(CounterRow {
+            scope: scope_from_columns(self.kind, self.tenant, self.id)?,
+            window: window_from_str(self.window)?,
+            start: self.start,
+            spent: Money::from_micros(self.spent),
+            requests: to_u64("requests", self.requests)?,
+            tokens: to_u64("tokens", self.tokens)?,
+            input_tokens: to_u64("input_tokens", self.input_tokens)?,
+            cached_input_tokens: to_u64("cached_input_tokens", self.cached_input_tokens)?,
+            output_tokens: to_u64("output_tokens", self.output_tokens)?,
+        })
+    }
 }
 
 /// `column = column + excluded.column`, saturating at `i64::MAX`, for an upsert into the
@@ -462,22 +506,22 @@ pub(crate) const ROLLUP_CONFLICT: &str = concat!(
     saturating_add!("rollups", "requests"),
     ", ",
     saturating_add!("rollups", "tokens"),
+    ", ",
+    saturating_add!("rollups", "input_tokens"),
+    ", ",
+    saturating_add!("rollups", "cached_input_tokens"),
+    ", ",
+    saturating_add!("rollups", "output_tokens"),
 );
 
-/// A dimension of `usage_rollups`. The variants are ordered like their names, as the `dim`
-/// column sorts.
+/// A dimension of `usage_rollups` (the other report groupings read `rollups`). The
+/// variants are ordered like their names, as the `dim` column sorts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum Dim {
-    /// Key: the company id, `''` without one.
-    Company,
     /// Key: the endpoint, `''` without one.
     Endpoint,
     /// Key: the model.
     Model,
-    /// Key: `''`.
-    Tenant,
-    /// Key: the user id.
-    User,
     /// Key: the user id; model: the model.
     UserModel,
 }
@@ -485,23 +529,9 @@ pub(crate) enum Dim {
 impl Dim {
     pub fn as_str(self) -> &'static str {
         match self {
-            Dim::Company => "company",
             Dim::Endpoint => "endpoint",
             Dim::Model => "model",
-            Dim::Tenant => "tenant",
-            Dim::User => "user",
             Dim::UserModel => "user_model",
-        }
-    }
-
-    /// The dimension a report grouping reads.
-    pub fn of(group_by: GroupBy) -> Dim {
-        match group_by {
-            GroupBy::Day | GroupBy::Tenant => Dim::Tenant,
-            GroupBy::Company => Dim::Company,
-            GroupBy::User => Dim::User,
-            GroupBy::Model => Dim::Model,
-            GroupBy::Endpoint => Dim::Endpoint,
         }
     }
 }
@@ -534,12 +564,8 @@ impl<'a> UsageDeltas<'a> {
             u.user.as_str(),
             u.model.as_str(),
         );
-        let company = u.company.as_ref().map_or("", |c| c.as_str());
         let endpoint = u.endpoint.as_ref().map_or("", |e| e.as_str());
         for (dim, key, model_column) in [
-            (Dim::Tenant, "", ""),
-            (Dim::Company, company, ""),
-            (Dim::User, user, ""),
             (Dim::Model, model, ""),
             (Dim::Endpoint, endpoint, ""),
             (Dim::UserModel, user, model),
@@ -595,14 +621,86 @@ pub(crate) fn usage_totals(
     })
 }
 
-/// The groups of a report, summed from `usage_rollups` rows (or from groups already summed
-/// by the database) of the grouping's dimension.
+/// A range of `rollups` rows a report reads: the window, and the first and the last window
+/// start (inclusive).
+pub(crate) type RollupRange = (Window, Micros, Micros);
+
+/// What a report reads.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ReportPlan {
+    /// The `usage_rollups` rows of a dimension with `day_start` in the query's days.
+    Usage(Dim),
+    /// The `rollups` rows of each of `kinds` (of the query's tenant, if any) in `ranges`.
+    Rollups {
+        kinds: Vec<ScopeKind>,
+        ranges: Vec<RollupRange>,
+    },
+}
+
+impl ReportPlan {
+    /// The plan of `query`. `Day` reads the day rows of the global scope (or of the tenant);
+    /// `Tenant`, `Company` (with the tenants', see [`Groups::add_scope`]) and `User` read
+    /// each whole month of [`ReportQuery::whole_months`] from its month row and the other
+    /// days from day rows; `Model` and `Endpoint` read `usage_rollups`.
+    pub fn new(query: &ReportQuery) -> Result<ReportPlan, StoreError> {
+        let kinds = match query.group_by {
+            GroupBy::Model => return Ok(ReportPlan::Usage(Dim::Model)),
+            GroupBy::Endpoint => return Ok(ReportPlan::Usage(Dim::Endpoint)),
+            GroupBy::Day if query.tenant.is_some() => vec![ScopeKind::Tenant],
+            GroupBy::Day => vec![ScopeKind::Global],
+            GroupBy::Tenant => vec![ScopeKind::Tenant],
+            GroupBy::Company => vec![ScopeKind::Company, ScopeKind::Tenant],
+            GroupBy::User => vec![ScopeKind::User],
+        };
+        let months: &[(Micros, Micros)] = if query.group_by == GroupBy::Day {
+            &[]
+        } else {
+            &query.whole_months
+        };
+        let mut ranges = Vec::with_capacity(2 * months.len() + 1);
+        // The first day start not read yet.
+        let mut next = query.from_day;
+        for &(start, end) in months {
+            if start < next || end <= start || start > query.to_day {
+                return Err(StoreError::Invalid(format!(
+                    "the whole months of a report must ascend without overlapping and lie \
+                     within its days; [{start}, {end}) does not"
+                )));
+            }
+            if start > next {
+                ranges.push((Window::Day, next, start - 1));
+            }
+            ranges.push((Window::Month, start, start));
+            next = end;
+        }
+        if next <= query.to_day {
+            ranges.push((Window::Day, next, query.to_day));
+        }
+        Ok(ReportPlan::Rollups { kinds, ranges })
+    }
+}
+
+/// `a - b` for each sum (saturating): what `a` holds beyond `b`.
+fn minus(a: &UsageTotals, b: &UsageTotals) -> UsageTotals {
+    UsageTotals {
+        requests: a.requests.saturating_sub(b.requests),
+        input_tokens: a.input_tokens.saturating_sub(b.input_tokens),
+        cached_input_tokens: a.cached_input_tokens.saturating_sub(b.cached_input_tokens),
+        output_tokens: a.output_tokens.saturating_sub(b.output_tokens),
+        cost: a.cost.saturating_sub(b.cost),
+    }
+}
+
+/// The groups of a report, summed from the rows of a [`ReportPlan`] (or from groups already
+/// summed by the database).
 #[derive(Debug)]
 pub(crate) struct Groups {
     group_by: GroupBy,
     days: HashMap<Micros, UsageTotals>,
     /// By `tenant \n key` (ids never hold a line feed), or by key alone.
     named: HashMap<String, ReportRow>,
+    /// `Company`: the totals of each tenant.
+    tenants: HashMap<String, UsageTotals>,
     buf: String,
 }
 
@@ -612,6 +710,7 @@ impl Groups {
             group_by,
             days: HashMap::new(),
             named: HashMap::new(),
+            tenants: HashMap::new(),
             buf: String::new(),
         }
     }
@@ -651,6 +750,60 @@ impl Groups {
         );
     }
 
+    /// Adds a `rollups` row (or a group of them) of a scope of `kind`: `start` is its window
+    /// start, `tenant` and `id` its `tenant_id` and `scope_id`. For `Company`, the tenants'
+    /// rows are their totals: the part of a tenant's totals not in its companies' rows is the
+    /// usage without a company, reported as the tenant's group without a key.
+    pub fn add_scope(
+        &mut self,
+        kind: ScopeKind,
+        start: Micros,
+        tenant: &str,
+        id: &str,
+        totals: &UsageTotals,
+    ) {
+        if self.group_by == GroupBy::Company && kind == ScopeKind::Tenant {
+            match self.tenants.get_mut(tenant) {
+                Some(sum) => sum.add(totals),
+                None => {
+                    self.tenants.insert(tenant.to_owned(), *totals);
+                }
+            }
+        } else {
+            self.add(start, tenant, id, totals);
+        }
+    }
+
+    /// `Company`: each tenant's group without a company (its totals minus its companies'),
+    /// unless every sum of it is zero.
+    fn without_company(&self) -> Vec<ReportRow> {
+        let mut companies: HashMap<&str, UsageTotals> = HashMap::new();
+        for row in self.named.values() {
+            if let Some(tenant) = &row.tenant {
+                companies
+                    .entry(tenant.as_str())
+                    .or_default()
+                    .add(&row.totals);
+            }
+        }
+        let mut out = Vec::new();
+        for (tenant, totals) in &self.tenants {
+            let rest = match companies.get(tenant.as_str()) {
+                Some(in_companies) => minus(totals, in_companies),
+                None => *totals,
+            };
+            if rest != UsageTotals::default() {
+                out.push(ReportRow {
+                    day: None,
+                    tenant: Some(tenant.clone()),
+                    key: None,
+                    totals: rest,
+                });
+            }
+        }
+        out
+    }
+
     /// The report: totals over every group, then the rows in order, cut to `limit`.
     pub fn finish(self, limit: Option<usize>) -> Report {
         let mut rows: Vec<ReportRow> = if self.group_by == GroupBy::Day {
@@ -664,7 +817,9 @@ impl Groups {
                 })
                 .collect()
         } else {
-            self.named.into_values().collect()
+            let mut rows = self.without_company();
+            rows.extend(self.named.into_values());
+            rows
         };
         let mut totals = UsageTotals::default();
         for row in &rows {
@@ -810,6 +965,97 @@ mod tests {
             scope_from_columns("planet", "", "x"),
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn whole_months_replace_their_days() {
+        let query = ReportQuery {
+            from_day: 10,
+            to_day: 100,
+            group_by: GroupBy::User,
+            whole_months: vec![(20, 40), (40, 60), (70, 95)],
+            ..ReportQuery::default()
+        };
+        let plan = |q: &ReportQuery| ReportPlan::new(q).unwrap();
+        assert_eq!(
+            plan(&query),
+            ReportPlan::Rollups {
+                kinds: vec![ScopeKind::User],
+                ranges: vec![
+                    (Window::Day, 10, 19),
+                    (Window::Month, 20, 20),
+                    (Window::Month, 40, 40),
+                    (Window::Day, 60, 69),
+                    (Window::Month, 70, 70),
+                    (Window::Day, 95, 100),
+                ],
+            }
+        );
+        // A month ending the range leaves no days after it; one starting it none before.
+        let edges = ReportQuery {
+            whole_months: vec![(10, 50), (50, 101)],
+            group_by: GroupBy::Company,
+            ..query.clone()
+        };
+        assert_eq!(
+            plan(&edges),
+            ReportPlan::Rollups {
+                kinds: vec![ScopeKind::Company, ScopeKind::Tenant],
+                ranges: vec![(Window::Month, 10, 10), (Window::Month, 50, 50)],
+            }
+        );
+        // `Day` reads days only, of the global scope or of the tenant.
+        let days = ReportQuery {
+            group_by: GroupBy::Day,
+            ..query.clone()
+        };
+        assert_eq!(
+            plan(&days),
+            ReportPlan::Rollups {
+                kinds: vec![ScopeKind::Global],
+                ranges: vec![(Window::Day, 10, 100)],
+            }
+        );
+        let tenant_days = ReportQuery {
+            tenant: Some(TenantId::parse("t").unwrap()),
+            ..days
+        };
+        assert_eq!(
+            plan(&tenant_days),
+            ReportPlan::Rollups {
+                kinds: vec![ScopeKind::Tenant],
+                ranges: vec![(Window::Day, 10, 100)],
+            }
+        );
+        let models = ReportQuery {
+            group_by: GroupBy::Model,
+            ..query.clone()
+        };
+        assert_eq!(plan(&models), ReportPlan::Usage(Dim::Model));
+        // No days at all: nothing to read.
+        let empty = ReportQuery {
+            from_day: 5,
+            to_day: 4,
+            whole_months: Vec::new(),
+            ..query.clone()
+        };
+        assert!(matches!(
+            plan(&empty),
+            ReportPlan::Rollups { ranges, .. } if ranges.is_empty()
+        ));
+        for months in [
+            vec![(5, 20)],
+            vec![(101, 120)],
+            vec![(20, 40), (30, 50)],
+            vec![(40, 60), (20, 40)],
+            vec![(20, 20)],
+        ] {
+            let bad = ReportQuery {
+                whole_months: months,
+                ..query.clone()
+            };
+            assert!(matches!(ReportPlan::new(&bad), Err(StoreError::Invalid(_))));
+        }
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! # Tables
 //! Both backends hold the same tables (see `migrations`): `ai_usage` (one immutable row per
 //! usage record), `reservations`, `rollups` (per scope and calendar window: spent, requests,
-//! tokens), `usage_rollups` (per calendar day and report dimension: requests, tokens, cost;
-//! read by reports), `budget_overrides`, `user_overrides`, `api_keys`, `alerts` and
+//! tokens, and the input, cached input and output tokens; read at start-up and by reports),
+//! `usage_rollups` (per calendar day and report dimension, model, endpoint or user and
+//! model: requests, tokens, cost; read by reports), `budget_overrides`, `user_overrides`,
+//! `api_keys`, `alerts` and
 //! `webhook_deliveries`. Money is integer micro-USD everywhere except
 //! `ai_usage.cost_usd`, which is `NUMERIC` on PostgreSQL (and a virtual column computed from
 //! `cost_micros` on SQLite). Instants are `timestamptz` on PostgreSQL and integer
@@ -96,8 +98,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<UsageRecord>, StoreError>> + Send;
 
     /// Sums straight from `ai_usage` (for tests and checks; may be slow): per scope, window
-    /// and window start, spent/requests/tokens of the counting records. Sorted by scope,
-    /// window and start.
+    /// and window start, spent/requests/tokens and the token split of the counting records.
+    /// Sorted by scope, window and start.
     fn recount(&self) -> impl Future<Output = Result<Vec<CounterRow>, StoreError>> + Send;
 
     /// All rollup rows (for tests): must equal [`Store::recount`]. Sorted like it.
@@ -218,7 +220,7 @@ impl AnyStore {
         }
     }
 
-    /// A usage report from `usage_rollups` (see [`ReportQuery`]).
+    /// A usage report from `rollups` and `usage_rollups` (see [`ReportQuery`]).
     pub async fn report(&self, query: &ReportQuery) -> Result<Report, StoreError> {
         match self {
             AnyStore::Sqlite(s) => s.report(query).await,

@@ -80,7 +80,7 @@ macro_rules! sqlite_backfill_dim {
 }
 
 /// Fills `usage_rollups` from `ai_usage` (which must be empty first): the sums of the
-/// counting records per dimension and day.
+/// counting records per dimension (model, endpoint, user and model) and day.
 macro_rules! sqlite_backfill {
     () => {
         concat!(
@@ -95,17 +95,6 @@ macro_rules! sqlite_backfill {
             ", ",
             sqlite_combine!("m"),
             " FROM (",
-            sqlite_backfill_dim!("tenant", "''", "''", "day_start, tenant_id"),
-            " UNION ALL ",
-            sqlite_backfill_dim!(
-                "company",
-                "coalesce(company_id, '')",
-                "''",
-                "day_start, tenant_id, coalesce(company_id, '')"
-            ),
-            " UNION ALL ",
-            sqlite_backfill_dim!("user", "user_id", "''", "day_start, tenant_id, user_id"),
-            " UNION ALL ",
             sqlite_backfill_dim!("model", "model", "''", "day_start, tenant_id, model"),
             " UNION ALL ",
             sqlite_backfill_dim!(
@@ -154,17 +143,6 @@ macro_rules! postgres_backfill {
         concat!(
             "INSERT INTO usage_rollups (dim, day_start, tenant_id, key, model, requests, \
              input_tokens, cached_input_tokens, output_tokens, cost_micros) ",
-            postgres_backfill_dim!("tenant", "''", "''", "day_start, tenant_id"),
-            " UNION ALL ",
-            postgres_backfill_dim!(
-                "company",
-                "coalesce(company_id, '')",
-                "''",
-                "day_start, tenant_id, coalesce(company_id, '')"
-            ),
-            " UNION ALL ",
-            postgres_backfill_dim!("user", "user_id", "''", "day_start, tenant_id, user_id"),
-            " UNION ALL ",
             postgres_backfill_dim!("model", "model", "''", "day_start, tenant_id, model"),
             " UNION ALL ",
             postgres_backfill_dim!(
@@ -181,6 +159,145 @@ macro_rules! postgres_backfill {
                 "day_start, tenant_id, user_id, model"
             ),
             ";\n"
+        )
+    };
+}
+
+/// One scope kind's groups, in the day and the month windows, of the backfill of the token
+/// sums of `rollups`. They are summed from the CTE `fine` (the sums per tenant, company,
+/// user, day and month: far fewer rows than records): `$sums` are the sums selected,
+/// `$tenant` and `$id` the expressions of `tenant_id` and `scope_id`, `$filter` a `WHERE`
+/// clause (or nothing), `$group` the `GROUP BY` columns before the window start.
+macro_rules! split_scope {
+    ($sums:literal, $kind:literal, $tenant:literal, $id:literal, $filter:literal, $group:literal) => {
+        concat!(
+            "SELECT '",
+            $kind,
+            "' AS kind, ",
+            $tenant,
+            " AS tenant, ",
+            $id,
+            " AS id, 'day' AS win, day_start AS start, ",
+            $sums,
+            " FROM fine",
+            $filter,
+            " GROUP BY ",
+            $group,
+            "day_start UNION ALL SELECT '",
+            $kind,
+            "', ",
+            $tenant,
+            ", ",
+            $id,
+            ", 'month', month_start, ",
+            $sums,
+            " FROM fine",
+            $filter,
+            " GROUP BY ",
+            $group,
+            "month_start"
+        )
+    };
+}
+
+/// The groups of every scope kind (global, tenant, company, user) and window, keyed like
+/// `rollups` rows by `(kind, tenant, id, win, start)`.
+macro_rules! split_scopes {
+    ($sums:literal) => {
+        concat!(
+            split_scope!($sums, "global", "''", "'global'", "", ""),
+            " UNION ALL ",
+            split_scope!($sums, "tenant", "tenant_id", "tenant_id", "", "tenant_id, "),
+            " UNION ALL ",
+            split_scope!(
+                $sums,
+                "company",
+                "tenant_id",
+                "company_id",
+                " WHERE company_id IS NOT NULL",
+                "tenant_id, company_id, "
+            ),
+            " UNION ALL ",
+            split_scope!(
+                $sums,
+                "user",
+                "tenant_id",
+                "user_id",
+                "",
+                "tenant_id, user_id, "
+            )
+        )
+    };
+}
+
+/// The `WHERE` clause matching a `rollups` row to its group of `split_scopes!`.
+macro_rules! split_match {
+    ($rollups:literal) => {
+        concat!(
+            " WHERE ",
+            $rollups,
+            ".scope_kind = split.kind AND ",
+            $rollups,
+            ".tenant_id = split.tenant AND ",
+            $rollups,
+            ".scope_id = split.id AND ",
+            $rollups,
+            ".\"window\" = split.win AND ",
+            $rollups,
+            ".window_start = split.start;\n"
+        )
+    };
+}
+
+/// SQLite: sets the token sums (`input_tokens`, `cached_input_tokens`, `output_tokens`) of
+/// every `rollups` row from the counting records of `ai_usage`, set-based: the records are
+/// read once, summed per tenant, company, user, day and month, and those sums per scope
+/// and window (split in high and low halves, as `sqlite_split_sum!`, so they saturate).
+macro_rules! sqlite_backfill_split {
+    () => {
+        concat!(
+            "WITH fine AS MATERIALIZED (SELECT tenant_id, company_id, user_id, day_start, \
+             month_start, ",
+            sqlite_split_sum!("input_tokens", "i"),
+            ", ",
+            sqlite_split_sum!("cached_input_tokens", "c"),
+            ", ",
+            sqlite_split_sum!("output_tokens", "o"),
+            " FROM ai_usage WHERE request_status <> 'expired' \
+             GROUP BY tenant_id, company_id, user_id, day_start, month_start), \
+             split AS (",
+            split_scopes!(
+                "sum(i_hi) AS i_hi, sum(i_lo) AS i_lo, sum(c_hi) AS c_hi, sum(c_lo) AS c_lo, \
+                 sum(o_hi) AS o_hi, sum(o_lo) AS o_lo"
+            ),
+            ") UPDATE rollups SET input_tokens = ",
+            sqlite_combine!("i"),
+            ", cached_input_tokens = ",
+            sqlite_combine!("c"),
+            ", output_tokens = ",
+            sqlite_combine!("o"),
+            " FROM split",
+            split_match!("rollups")
+        )
+    };
+}
+
+/// PostgreSQL: as `sqlite_backfill_split!` (sums in `numeric`, saturated).
+macro_rules! postgres_backfill_split {
+    () => {
+        concat!(
+            "WITH fine AS MATERIALIZED (SELECT tenant_id, company_id, user_id, day_start, \
+             month_start, sum(input_tokens) AS i, sum(cached_input_tokens) AS c, \
+             sum(output_tokens) AS o FROM ai_usage WHERE request_status <> 'expired' \
+             GROUP BY tenant_id, company_id, user_id, day_start, month_start), \
+             split AS (",
+            split_scopes!("sum(i) AS i, sum(c) AS c, sum(o) AS o"),
+            ") UPDATE rollups AS r SET \
+             input_tokens = LEAST(split.i, 9223372036854775807)::int8, \
+             cached_input_tokens = LEAST(split.c, 9223372036854775807)::int8, \
+             output_tokens = LEAST(split.o, 9223372036854775807)::int8 \
+             FROM split",
+            split_match!("r")
         )
     };
 }
@@ -333,10 +450,18 @@ CREATE TABLE usage_rollups (
     PRIMARY KEY (dim, day_start, tenant_id, key, model)
 ) STRICT, WITHOUT ROWID;
 
+-- The token split of the counters, read by reports.
+ALTER TABLE rollups ADD COLUMN input_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rollups ADD COLUMN cached_input_tokens INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE rollups ADD COLUMN output_tokens INTEGER NOT NULL DEFAULT 0;
+
 ALTER TABLE webhook_deliveries ADD COLUMN delivered_at INTEGER;
 CREATE UNIQUE INDEX webhook_deliveries_alert_url ON webhook_deliveries (alert_id, url);
 "#,
-            sqlite_backfill!()
+            sqlite_backfill_split!(),
+            sqlite_backfill!(),
+            // Reports scan one scope kind over a range of window starts.
+            "CREATE INDEX rollups_kind_window ON rollups (scope_kind, \"window\", window_start);\n"
         ),
     ),
 ];
@@ -485,10 +610,19 @@ CREATE TABLE usage_rollups (
 -- Free room on each page, so that counter updates are HOT (no new index entries).
 WITH (fillfactor = 70);
 
+-- The token split of the counters, read by reports.
+ALTER TABLE rollups
+    ADD COLUMN input_tokens bigint NOT NULL DEFAULT 0,
+    ADD COLUMN cached_input_tokens bigint NOT NULL DEFAULT 0,
+    ADD COLUMN output_tokens bigint NOT NULL DEFAULT 0;
+
 ALTER TABLE webhook_deliveries ADD COLUMN delivered_at timestamptz;
 CREATE UNIQUE INDEX webhook_deliveries_alert_url ON webhook_deliveries (alert_id, url);
 "#,
-            postgres_backfill!()
+            postgres_backfill_split!(),
+            postgres_backfill!(),
+            // Reports scan one scope kind over a range of window starts.
+            "CREATE INDEX rollups_kind_window ON rollups (scope_kind, \"window\", window_start);\n"
         ),
     ),
 ];

@@ -23,9 +23,9 @@ use tokio_postgres::{Config, IsolationLevel, NoTls, Row};
 use uuid::Uuid;
 
 use crate::common::{
-    Deltas, Plan, ROLLUP_CONFLICT, ReservationCols, Settle, USAGE_ROLLUP_CONFLICT, UsageCols,
-    UsageDeltas, UsageKey, clamp_u64, corrupt, counter_row, decode_user, encode_user, parse_id,
-    scope_columns, scope_from_columns, sort_rows,
+    Deltas, Plan, ROLLUP_COLUMNS, ROLLUP_CONFLICT, ReservationCols, RollupCols, Settle,
+    USAGE_ROLLUP_CONFLICT, UsageCols, UsageDeltas, UsageKey, clamp_u64, corrupt, decode_user,
+    encode_user, parse_id, scope_columns, scope_from_columns, sort_rows,
 };
 use crate::error::StoreError;
 use crate::migrations::{POSTGRES as MIGRATIONS, POSTGRES_REBUILD_USAGE_ROLLUPS};
@@ -147,9 +147,6 @@ const RESERVATION_COLUMNS: &str = "id, tenant_id, user_id, company_id, tier, adm
     model, endpoint, estimate_micros, estimated_tokens, created_at, expires_at, day_start, \
     month_start, idempotency_key, fingerprint";
 
-const ROLLUP_COLUMNS: &str =
-    "scope_kind, tenant_id, scope_id, \"window\", window_start, spent_micros, requests, tokens";
-
 const INSERT_RESERVATIONS: &str = "INSERT INTO reservations (id, tenant_id, user_id, \
     company_id, tier, admitted_tier, model, endpoint, estimate_micros, estimated_tokens, \
     created_at, expires_at, day_start, month_start, idempotency_key, fingerprint) \
@@ -157,6 +154,10 @@ const INSERT_RESERVATIONS: &str = "INSERT INTO reservations (id, tenant_id, user
     $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::timestamptz[], \
     $12::timestamptz[], $13::int8[], $14::int8[], $15::text[], $16::int8[]) \
     ON CONFLICT (id) DO NOTHING";
+
+/// Locks reservations in the order given (sorted by the caller).
+const LOCK_RESERVATIONS: &str = "SELECT r.id FROM UNNEST($1::uuid[]) WITH ORDINALITY AS u (id, n) \
+    JOIN reservations AS r ON r.id = u.id ORDER BY u.n FOR UPDATE OF r";
 
 const COMMIT_RESERVATIONS: &str = "UPDATE reservations AS r SET state = 'committed', \
     usage_id = u.usage_id, settled_at = $3 \
@@ -208,22 +209,38 @@ const DELETE_USER: &str = "DELETE FROM user_overrides WHERE tenant_id = $1 AND u
 const RECOUNT: &str = "WITH u AS ( \
       SELECT tenant_id, user_id, company_id, cost_usd * 1000000 AS cost, \
         LEAST(input_tokens::numeric + output_tokens, 9223372036854775807) AS tokens, \
+        input_tokens AS i, cached_input_tokens AS c, output_tokens AS o, \
         day_start, month_start \
       FROM ai_usage WHERE request_status <> 'expired' \
     ), s AS ( \
-      SELECT 'global' AS kind, '' AS tenant, 'global' AS id, cost, tokens, day_start, month_start FROM u \
-      UNION ALL SELECT 'tenant', tenant_id, tenant_id, cost, tokens, day_start, month_start FROM u \
-      UNION ALL SELECT 'company', tenant_id, company_id, cost, tokens, day_start, month_start \
-        FROM u WHERE company_id IS NOT NULL \
-      UNION ALL SELECT 'user', tenant_id, user_id, cost, tokens, day_start, month_start FROM u \
+      SELECT 'global' AS kind, '' AS tenant, 'global' AS id, cost, tokens, i, c, o, \
+        day_start, month_start FROM u \
+      UNION ALL SELECT 'tenant', tenant_id, tenant_id, cost, tokens, i, c, o, day_start, \
+        month_start FROM u \
+      UNION ALL SELECT 'company', tenant_id, company_id, cost, tokens, i, c, o, day_start, \
+        month_start FROM u WHERE company_id IS NOT NULL \
+      UNION ALL SELECT 'user', tenant_id, user_id, cost, tokens, i, c, o, day_start, \
+        month_start FROM u \
     ), w AS ( \
-      SELECT kind, tenant, id, 'day' AS win, day_start AS start, cost, tokens FROM s \
-      UNION ALL SELECT kind, tenant, id, 'month', month_start, cost, tokens FROM s \
+      SELECT kind, tenant, id, 'day' AS win, day_start AS start, cost, tokens, i, c, o FROM s \
+      UNION ALL SELECT kind, tenant, id, 'month', month_start, cost, tokens, i, c, o FROM s \
     ) \
     SELECT kind, tenant, id, win, start, \
       LEAST(sum(cost), 9223372036854775807)::int8, count(*)::int8, \
-      LEAST(sum(tokens), 9223372036854775807)::int8 \
+      LEAST(sum(tokens), 9223372036854775807)::int8, \
+      LEAST(sum(i), 9223372036854775807)::int8, \
+      LEAST(sum(c), 9223372036854775807)::int8, \
+      LEAST(sum(o), 9223372036854775807)::int8 \
     FROM w GROUP BY kind, tenant, id, win, start";
+
+/// Adds increments to `rollups` (arrays of [`ROLLUP_COLUMNS`], in key order).
+static UPSERT_ROLLUPS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "INSERT INTO rollups ({ROLLUP_COLUMNS}) SELECT * FROM UNNEST($1::text[], $2::text[], \
+         $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[], $8::int8[], $9::int8[], \
+         $10::int8[], $11::int8[]){ROLLUP_CONFLICT}"
+    )
+});
 
 /// Adds increments to `usage_rollups` (arrays of the columns, in key order).
 static UPSERT_USAGE_ROLLUPS: LazyLock<String> = LazyLock::new(|| {
@@ -288,17 +305,22 @@ fn reservation_row(row: &Row) -> Result<Reservation, StoreError> {
     .decode()
 }
 
+/// Reads a row of [`ROLLUP_COLUMNS`].
 fn rollup_row(row: &Row) -> Result<CounterRow, StoreError> {
-    counter_row(
-        get(row, 0)?,
-        get(row, 1)?,
-        get(row, 2)?,
-        get(row, 3)?,
-        get(row, 4)?,
-        get(row, 5)?,
-        get(row, 6)?,
-        get(row, 7)?,
-    )
+    RollupCols {
+        kind: get(row, 0)?,
+        tenant: get(row, 1)?,
+        id: get(row, 2)?,
+        window: get(row, 3)?,
+        start: get(row, 4)?,
+        spent: get(row, 5)?,
+        requests: get(row, 6)?,
+        tokens: get(row, 7)?,
+        input_tokens: get(row, 8)?,
+        cached_input_tokens: get(row, 9)?,
+        output_tokens: get(row, 10)?,
+    }
+    .decode()
 }
 
 /// A short description of the database for messages (never the password).
@@ -416,6 +438,20 @@ async fn settle(
                 expire_usage.push(*usage_id);
             }
         }
+    }
+    // Lock every reservation to settle first, in id order: concurrent transactions settling
+    // overlapping reservations (a replayed batch beside a live one) then wait for each other
+    // instead of deadlocking on the updates' join order.
+    let mut all: Vec<Uuid> = commit_ids
+        .iter()
+        .chain(&release_ids)
+        .chain(&expire_ids)
+        .copied()
+        .collect();
+    if all.len() > 1 {
+        all.sort_unstable();
+        let stmt = tx.prepare_cached(LOCK_RESERVATIONS).await.db()?;
+        tx.execute(&stmt, &[&all]).await.db()?;
     }
     // A reservation is settled at most once per plan, so the order of these is free.
     if !commit_ids.is_empty() {
@@ -557,6 +593,9 @@ async fn upsert_rollups(tx: &Transaction<'_>, rows: Vec<CounterRow>) -> Result<(
     let mut spent = Vec::with_capacity(n);
     let mut requests = Vec::with_capacity(n);
     let mut tokens = Vec::with_capacity(n);
+    let mut input = Vec::with_capacity(n);
+    let mut cached = Vec::with_capacity(n);
+    let mut output = Vec::with_capacity(n);
     for row in &rows {
         let (kind, tenant, id) = scope_columns(&row.scope);
         kinds.push(kind);
@@ -567,20 +606,16 @@ async fn upsert_rollups(tx: &Transaction<'_>, rows: Vec<CounterRow>) -> Result<(
         spent.push(row.spent.micros());
         requests.push(clamp_u64(row.requests));
         tokens.push(clamp_u64(row.tokens));
+        input.push(clamp_u64(row.input_tokens));
+        cached.push(clamp_u64(row.cached_input_tokens));
+        output.push(clamp_u64(row.output_tokens));
     }
-    let sql = format!(
-        "INSERT INTO rollups ({ROLLUP_COLUMNS}) SELECT * FROM UNNEST($1::text[], $2::text[], \
-         $3::text[], $4::text[], $5::int8[], $6::int8[], $7::int8[], $8::int8[]){ROLLUP_CONFLICT}"
-    );
-    let stmt = tx.prepare_cached(&sql).await.db()?;
-    tx.execute(
-        &stmt,
-        &[
-            &kinds, &tenants, &ids, &windows, &starts, &spent, &requests, &tokens,
-        ],
-    )
-    .await
-    .db()?;
+    let stmt = tx.prepare_cached(&UPSERT_ROLLUPS).await.db()?;
+    let params: [&(dyn ToSql + Sync); 11] = [
+        &kinds, &tenants, &ids, &windows, &starts, &spent, &requests, &tokens, &input, &cached,
+        &output,
+    ];
+    tx.execute(&stmt, &params).await.db()?;
     Ok(())
 }
 

@@ -12,7 +12,8 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use crate::common::{
-    AlertCols, DeliveryCols, Dim, Groups, alert_order, scope_columns, sql_limit, usage_totals,
+    AlertCols, DeliveryCols, Groups, ReportPlan, alert_order, scope_columns, scope_kind_from_str,
+    sql_limit, usage_totals,
 };
 use crate::postgres::{Db, PostgresStore, from_time, get, time, to_time};
 use crate::{
@@ -27,19 +28,47 @@ const SUMS: &str = "LEAST(sum(requests), 9223372036854775807)::int8, \
     LEAST(sum(output_tokens), 9223372036854775807)::int8, \
     GREATEST(LEAST(sum(cost_micros), 9223372036854775807), -9223372036854775808)::int8";
 
-/// The SQL of a report: `(day_start, tenant_id, key)` of each group (`0` or `''` where the
-/// grouping does not use a column), then its sums.
-fn report_sql(group_by: GroupBy, of_tenant: bool) -> String {
-    let (columns, group) = match group_by {
-        GroupBy::Day => ("day_start, ''::text, ''::text", "day_start"),
-        GroupBy::Tenant => ("0::int8, tenant_id, ''::text", "tenant_id"),
-        GroupBy::Company | GroupBy::User => ("0::int8, tenant_id, key", "tenant_id, key"),
-        GroupBy::Model | GroupBy::Endpoint => ("0::int8, ''::text, key", "key"),
-    };
+/// The SQL of a report from `usage_rollups` (groupings by model or endpoint): `(0, '',
+/// key)` of each group, then its sums.
+fn usage_report_sql(of_tenant: bool) -> String {
     let tenant = if of_tenant { " AND tenant_id = $4" } else { "" };
     format!(
-        "SELECT {columns}, {SUMS} FROM usage_rollups \
-         WHERE dim = $1 AND day_start >= $2 AND day_start <= $3{tenant} GROUP BY {group}"
+        "SELECT 0::int8, ''::text, key, {SUMS} FROM usage_rollups \
+         WHERE dim = $1 AND day_start >= $2 AND day_start <= $3{tenant} GROUP BY key"
+    )
+}
+
+/// The sums of a group of `rollups` rows, saturated like the rows, in the order of
+/// [`SUMS`].
+const ROLLUP_SUMS: &str = "LEAST(sum(r.requests), 9223372036854775807)::int8, \
+    LEAST(sum(r.input_tokens), 9223372036854775807)::int8, \
+    LEAST(sum(r.cached_input_tokens), 9223372036854775807)::int8, \
+    LEAST(sum(r.output_tokens), 9223372036854775807)::int8, \
+    GREATEST(LEAST(sum(r.spent_micros), 9223372036854775807), -9223372036854775808)::int8";
+
+/// The SQL of a report from `rollups`: `(scope_kind, window_start, tenant_id, scope_id)` of
+/// each group (`0` or `''` where the grouping does not use a column), then its sums. The
+/// ranges read are the arrays `$1` (windows), `$2` (first starts) and `$3` (last starts),
+/// the scope kinds the array `$4`; all in one statement, so one snapshot.
+fn rollup_report_sql(group_by: GroupBy, of_tenant: bool) -> String {
+    let (columns, group) = match group_by {
+        GroupBy::Day => ("r.window_start, ''::text, ''::text", "r.window_start"),
+        _ => (
+            "0::int8, r.tenant_id, r.scope_id",
+            "r.tenant_id, r.scope_id",
+        ),
+    };
+    let tenant = if of_tenant {
+        " AND r.tenant_id = $5"
+    } else {
+        ""
+    };
+    format!(
+        "SELECT r.scope_kind, {columns}, {ROLLUP_SUMS} \
+         FROM UNNEST($1::text[], $2::int8[], $3::int8[]) AS q (win, lo, hi) \
+         JOIN rollups AS r ON r.\"window\" = q.win AND r.window_start >= q.lo \
+         AND r.window_start <= q.hi \
+         WHERE r.scope_kind = ANY($4::text[]){tenant} GROUP BY r.scope_kind, {group}"
     )
 }
 
@@ -106,28 +135,63 @@ fn delivery_row(row: &Row) -> Result<Delivery, StoreError> {
 
 impl PostgresStore {
     pub async fn report(&self, query: &ReportQuery) -> Result<Report, StoreError> {
+        let plan = ReportPlan::new(query)?;
         let client = self.client().await?;
-        let dim = Dim::of(query.group_by).as_str();
-        let stmt = client
-            .prepare_cached(&report_sql(query.group_by, query.tenant.is_some()))
-            .await
-            .db()?;
         let tenant = query.tenant.as_ref().map(|t| t.as_str());
-        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&dim, &query.from_day, &query.to_day];
-        if let Some(tenant) = &tenant {
-            params.push(tenant);
-        }
-        let rows = client.query(&stmt, &params).await.db()?;
         let mut groups = Groups::new(query.group_by);
-        for row in &rows {
-            let totals = usage_totals(
-                get(row, 3)?,
-                get(row, 4)?,
-                get(row, 5)?,
-                get(row, 6)?,
-                get(row, 7)?,
-            )?;
-            groups.add(get(row, 0)?, get(row, 1)?, get(row, 2)?, &totals);
+        match plan {
+            ReportPlan::Usage(dim) => {
+                let stmt = client
+                    .prepare_cached(&usage_report_sql(tenant.is_some()))
+                    .await
+                    .db()?;
+                let dim = dim.as_str();
+                let mut params: Vec<&(dyn ToSql + Sync)> =
+                    vec![&dim, &query.from_day, &query.to_day];
+                if let Some(tenant) = &tenant {
+                    params.push(tenant);
+                }
+                for row in &client.query(&stmt, &params).await.db()? {
+                    let totals = usage_totals(
+                        get(row, 3)?,
+                        get(row, 4)?,
+                        get(row, 5)?,
+                        get(row, 6)?,
+                        get(row, 7)?,
+                    )?;
+                    groups.add(get(row, 0)?, get(row, 1)?, get(row, 2)?, &totals);
+                }
+            }
+            ReportPlan::Rollups { kinds, ranges } => {
+                let stmt = client
+                    .prepare_cached(&rollup_report_sql(query.group_by, tenant.is_some()))
+                    .await
+                    .db()?;
+                let windows: Vec<&str> = ranges.iter().map(|r| r.0.as_str()).collect();
+                let firsts: Vec<Micros> = ranges.iter().map(|r| r.1).collect();
+                let lasts: Vec<Micros> = ranges.iter().map(|r| r.2).collect();
+                let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&windows, &firsts, &lasts, &kinds];
+                if let Some(tenant) = &tenant {
+                    params.push(tenant);
+                }
+                for row in &client.query(&stmt, &params).await.db()? {
+                    let totals = usage_totals(
+                        get(row, 4)?,
+                        get(row, 5)?,
+                        get(row, 6)?,
+                        get(row, 7)?,
+                        get(row, 8)?,
+                    )?;
+                    groups.add_scope(
+                        scope_kind_from_str(get(row, 0)?)?,
+                        get(row, 1)?,
+                        get(row, 2)?,
+                        get(row, 3)?,
+                        &totals,
+                    );
+                }
+            }
         }
         Ok(groups.finish(query.limit))
     }

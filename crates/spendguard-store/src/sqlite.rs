@@ -13,15 +13,16 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, Row, TransactionBehavior, params};
 use spendguard_core::{
     BudgetOverride, CounterRow, Event, IdempotencyKey, Micros, Money, ScopeKey, Snapshot, TenantId,
-    UsageRecord, UserId,
+    Tokens, UsageRecord, UserId,
 };
 use uuid::Uuid;
 
 use crate::UsageTotals;
 use crate::common::{
-    Deltas, Plan, ROLLUP_CONFLICT, ReservationCols, Settle, USAGE_ROLLUP_CONFLICT, UsageCols,
-    UsageDeltas, UsageKey, clamp_u64, corrupt, counter_row, decode_user, encode_user, now_micros,
-    parse_id, scope_columns, scope_from_columns, sort_rows,
+    Deltas, Plan, ROLLUP_COLUMN_COUNT, ROLLUP_COLUMNS, ROLLUP_CONFLICT, ReservationCols,
+    RollupCols, Settle, USAGE_ROLLUP_CONFLICT, UsageCols, UsageDeltas, UsageKey, clamp_u64,
+    corrupt, decode_user, encode_user, now_micros, parse_id, scope_columns, scope_from_columns,
+    sort_rows, to_u64,
 };
 use crate::error::StoreError;
 use crate::migrations::{SQLITE as MIGRATIONS, SQLITE_REBUILD_USAGE_ROLLUPS};
@@ -135,7 +136,7 @@ const USAGE_PARAMS: usize = 17;
 /// Rows per multi-row statement (a statement per row is about a quarter slower).
 const USAGE_CHUNK: usize = 32;
 const ROLLUP_CHUNK: usize = 64;
-const ROLLUP_PARAMS: usize = 8;
+const ROLLUP_PARAMS: usize = ROLLUP_COLUMN_COUNT;
 
 /// `VALUES (?1, …, ?n), (…), …`: `rows` rows of `params` parameters.
 fn values(rows: usize, params: usize) -> String {
@@ -197,6 +198,12 @@ fn bind_rollups(
         stmt.raw_bind_parameter(base + 7, clamp_u64(row.requests))
             .db()?;
         stmt.raw_bind_parameter(base + 8, clamp_u64(row.tokens))
+            .db()?;
+        stmt.raw_bind_parameter(base + 9, clamp_u64(row.input_tokens))
+            .db()?;
+        stmt.raw_bind_parameter(base + 10, clamp_u64(row.cached_input_tokens))
+            .db()?;
+        stmt.raw_bind_parameter(base + 11, clamp_u64(row.output_tokens))
             .db()?;
     }
     Ok(())
@@ -262,9 +269,6 @@ const UPSERT_USER: &str = "INSERT INTO user_overrides (tenant_id, user_id, setti
     settings = excluded.settings";
 
 const DELETE_USER: &str = "DELETE FROM user_overrides WHERE tenant_id = ?1 AND user_id = ?2";
-
-const ROLLUP_COLUMNS: &str =
-    "scope_kind, tenant_id, scope_id, \"window\", window_start, spent_micros, requests, tokens";
 
 pub(crate) fn text<'r>(row: &'r Row<'_>, idx: usize) -> Result<&'r str, StoreError> {
     row.get_ref(idx)
@@ -341,16 +345,20 @@ fn reservation_row(row: &Row<'_>) -> Result<spendguard_core::Reservation, StoreE
 
 /// Reads a row of [`ROLLUP_COLUMNS`].
 fn rollup_row(row: &Row<'_>) -> Result<CounterRow, StoreError> {
-    counter_row(
-        text(row, 0)?,
-        text(row, 1)?,
-        text(row, 2)?,
-        text(row, 3)?,
-        int(row, 4)?,
-        int(row, 5)?,
-        int(row, 6)?,
-        int(row, 7)?,
-    )
+    RollupCols {
+        kind: text(row, 0)?,
+        tenant: text(row, 1)?,
+        id: text(row, 2)?,
+        window: text(row, 3)?,
+        start: int(row, 4)?,
+        spent: int(row, 5)?,
+        requests: int(row, 6)?,
+        tokens: int(row, 7)?,
+        input_tokens: int(row, 8)?,
+        cached_input_tokens: int(row, 9)?,
+        output_tokens: int(row, 10)?,
+    }
+    .decode()
 }
 
 fn take_lock(path: &str) -> Result<File, StoreError> {
@@ -744,8 +752,9 @@ fn recount_blocking(conn: &Connection) -> Result<Vec<CounterRow>, StoreError> {
     // saturate.
     let mut stmt = conn
         .prepare(
-            "SELECT tenant_id, user_id, company_id, cost_micros, input_tokens, output_tokens, \
-             day_start, month_start FROM ai_usage WHERE request_status <> 'expired'",
+            "SELECT tenant_id, user_id, company_id, cost_micros, input_tokens, \
+             cached_input_tokens, output_tokens, day_start, month_start FROM ai_usage \
+             WHERE request_status <> 'expired'",
         )
         .db()?;
     let mut rows = stmt.query([]).db()?;
@@ -756,7 +765,11 @@ fn recount_blocking(conn: &Connection) -> Result<Vec<CounterRow>, StoreError> {
         let company = opt_text(row, 2)?
             .map(|c| parse_id("company_id", c, spendguard_core::CompanyId::parse))
             .transpose()?;
-        let tokens = (int(row, 4)? as i128 + int(row, 5)? as i128).clamp(0, i64::MAX as i128);
+        let tokens = Tokens {
+            input: to_u64("input_tokens", int(row, 4)?)?,
+            cached_input: to_u64("cached_input_tokens", int(row, 5)?)?,
+            output: to_u64("output_tokens", int(row, 6)?)?,
+        };
         let scopes = [
             Some(ScopeKey::Global),
             Some(ScopeKey::Tenant(tenant.clone())),
@@ -766,9 +779,9 @@ fn recount_blocking(conn: &Connection) -> Result<Vec<CounterRow>, StoreError> {
         deltas.add_parts(
             scopes.into_iter().flatten(),
             Money::from_micros(int(row, 3)?),
-            tokens as u64,
-            int(row, 6)?,
+            &tokens,
             int(row, 7)?,
+            int(row, 8)?,
         );
     }
     Ok(deltas.into_rows())

@@ -650,6 +650,9 @@ fn restore_rebuilds_counters_and_open_reservations() {
                             spent: usage.cost,
                             requests: 1,
                             tokens: usage.tokens.total(),
+                            input_tokens: usage.tokens.input,
+                            cached_input_tokens: usage.tokens.cached_input,
+                            output_tokens: usage.tokens.output,
                         });
                     }
                 }

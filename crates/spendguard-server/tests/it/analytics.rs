@@ -584,3 +584,95 @@ async fn report_arguments_are_checked() {
     assert_eq!(v["totals"]["requests"], 0);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn reports_over_whole_months_equal_the_sum_of_their_days() {
+    // UTC here: months are read from month rollups when the range covers them whole.
+    let server = spawn(
+        r#"
+[tiers.free]
+requests_per_minute = "unlimited"
+usd_per_day = "unlimited"
+usd_per_month = "unlimited"
+allowed_models = ["*"]
+"#,
+    )
+    .await;
+    const DAY: i64 = 24 * HOUR;
+    // 2026-01-31, 2026-02-01, 2026-02-28, 2026-03-01 .. (now is 2026-03-10T12:00Z).
+    let feb1 = 1_769_904_000_000_000;
+    let plan = [
+        (feb1 - DAY, "acme", Some("c1"), "u1", 1_000_000),
+        (feb1, "acme", Some("c1"), "u1", 2_000_000),
+        (feb1 + 3 * HOUR, "acme", None, "u2", 300_000),
+        (feb1 + 27 * DAY, "globex", Some("g1"), "u3", 4_000_000),
+        (feb1 + 28 * DAY, "acme", Some("c2"), "u1", 500_000),
+        (feb1 + 36 * DAY, "globex", None, "u3", 700_001),
+    ];
+    let mut recs = Vec::new();
+    for (at, tenant, company, user, cost) in plan {
+        server.clock.set(at);
+        let mut body = json!({
+            "tenant_id": tenant, "user_id": user, "model": "gpt-4o",
+            "input_tokens": 10, "output_tokens": 5, "cost_usd": micros_text(cost),
+        });
+        if let Some(c) = company {
+            body["company_id"] = json!(c);
+        }
+        let (s, v) = server.post("/v1/usage", ADMIN, body).await;
+        assert_eq!(s, 201, "{v}");
+        recs.push((at, tenant, company, user, cost));
+    }
+    server.clock.set(crate::support::T0);
+    for (from, to) in [
+        ("2026-02-01", "2026-03-10"),
+        ("2026-01-31", "2026-02-28"),
+        ("2026-02-01", "2026-02-27"),
+        ("2026-01-01", "2026-03-10"),
+    ] {
+        let day_of = |at: i64| {
+            jiff::Timestamp::from_microsecond(at)
+                .unwrap()
+                .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+                .date()
+                .to_string()
+        };
+        let inside: Vec<_> = recs
+            .iter()
+            .filter(|r| {
+                let d = day_of(r.0);
+                d.as_str() >= from && d.as_str() <= to
+            })
+            .collect();
+        for (group, cols) in [
+            ("tenant", vec!["tenant_id"]),
+            ("company", vec!["tenant_id", "company_id"]),
+            ("user", vec!["tenant_id", "user_id"]),
+            ("day", vec!["day"]),
+        ] {
+            let (s, v) = server
+                .get(
+                    &format!("/v1/reports/usage?from={from}&to={to}&group_by={group}"),
+                    ADMIN,
+                )
+                .await;
+            assert_eq!(s, 200, "{v}");
+            let mut want: BTreeMap<String, i64> = BTreeMap::new();
+            for r in &inside {
+                let key: Vec<Value> = match group {
+                    "tenant" => vec![json!(r.1)],
+                    "company" => vec![json!(r.1), opt(r.2)],
+                    "user" => vec![json!(r.1), json!(r.3)],
+                    _ => vec![json!(day_of(r.0))],
+                };
+                *want.entry(Value::Array(key).to_string()).or_default() += r.4;
+            }
+            let got: BTreeMap<String, i64> = got(&v["rows"], &cols)
+                .into_iter()
+                .map(|(k, s)| (k, s.cost))
+                .collect();
+            assert_eq!(got, want, "{from}..{to} by {group}");
+        }
+    }
+    server.stop().await;
+}

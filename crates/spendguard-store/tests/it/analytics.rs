@@ -56,6 +56,99 @@ fn usage_records(seed: u64, n: usize) -> Vec<UsageRecord> {
         .collect()
 }
 
+/// 2023-12-01T00:00:00Z.
+const DEC: Micros = JAN - 31 * DAY;
+/// 2024-03-01T00:00:00Z (2024 is a leap year).
+const MAR: Micros = FEB + 29 * DAY;
+/// 2024-04-01T00:00:00Z.
+const APR: Micros = MAR + 31 * DAY;
+/// 2024-05-01T00:00:00Z.
+const MAY: Micros = APR + 30 * DAY;
+
+/// The start of the (UTC) month of `day`, from December 2023 to April 2024.
+fn month_of(day: Micros) -> Micros {
+    [APR, MAR, FEB, JAN, DEC]
+        .into_iter()
+        .find(|m| *m <= day)
+        .expect("a day from December 2023 on")
+}
+
+/// Records like [`usage_records`], on days from 11 December 2023 to 20 April 2024.
+fn spread_records(seed: u64, n: usize) -> Vec<UsageRecord> {
+    let mut rng = Rng::new(seed ^ 0x5eed);
+    usage_records(seed, n)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut r)| {
+            r.id = id(80_000 + i as u128);
+            r.day_start = DEC + 10 * DAY + rng.below(132) as i64 * DAY;
+            r.month_start = month_of(r.day_start);
+            r.created_at = r.day_start + 1 + i as i64;
+            r
+        })
+        .collect()
+}
+
+/// A report's first and last day, and whole months within them (`[start, end)`).
+type MonthRange = (Micros, Micros, Vec<(Micros, Micros)>);
+
+/// Report ranges over [`spread_records`], each with whole months within it: all of them,
+/// some, or none.
+fn spread_months() -> Vec<MonthRange> {
+    let (jan, feb, mar) = ((JAN, FEB), (FEB, MAR), (MAR, APR));
+    vec![
+        // 20 December to 5 April: January, February and March are whole.
+        (DEC + 19 * DAY, APR + 4 * DAY, vec![jan, feb, mar]),
+        (DEC + 19 * DAY, APR + 4 * DAY, vec![feb]),
+        (DEC + 19 * DAY, APR + 4 * DAY, vec![jan, mar]),
+        (DEC + 19 * DAY, APR + 4 * DAY, vec![]),
+        // Exactly January to March.
+        (JAN, MAR + 30 * DAY, vec![jan, feb, mar]),
+        // Starting, or ending, with a whole month.
+        (DEC + DAY, FEB - DAY, vec![jan]),
+        (FEB, MAR + 9 * DAY, vec![feb]),
+        // Every month whole, the first and the last with days without usage.
+        (DEC, MAY - DAY, vec![(DEC, JAN), jan, feb, mar, (APR, MAY)]),
+        // One month, alone.
+        (FEB, MAR - DAY, vec![feb]),
+        // A few days, and one (SQLite reads short ranges through an index, long ones by a
+        // scan: both ways are compared).
+        (FEB + 10 * DAY, FEB + 12 * DAY, vec![]),
+        (MAR + 5 * DAY, MAR + 5 * DAY, vec![]),
+    ]
+}
+
+/// The report queries over [`spread_months`] with their whole months: every grouping, with
+/// and without a tenant, with and without a limit.
+fn month_queries(ranges: &[MonthRange]) -> Vec<ReportQuery> {
+    let mut out = Vec::new();
+    for (from_day, to_day, months) in ranges {
+        for group_by in GroupBy::ALL {
+            for t in [None, Some("acme"), Some("initech"), Some("nobody")] {
+                for limit in [None, Some(2)] {
+                    out.push(ReportQuery {
+                        from_day: *from_day,
+                        to_day: *to_day,
+                        tenant: t.map(tenant),
+                        group_by,
+                        limit,
+                        whole_months: months.clone(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+async fn whole_month_reports(store: &AnyStore, ranges: &[MonthRange]) -> Vec<Report> {
+    let mut out = Vec::new();
+    for q in month_queries(ranges) {
+        out.push(store.report(&q).await.unwrap());
+    }
+    out
+}
+
 fn batches(records: &[UsageRecord]) -> Vec<Vec<Event>> {
     records
         .chunks(37)
@@ -130,9 +223,8 @@ fn query(group_by: GroupBy, from_day: Micros, to_day: Micros) -> ReportQuery {
     ReportQuery {
         from_day,
         to_day,
-        tenant: None,
         group_by,
-        limit: None,
+        ..ReportQuery::default()
     }
 }
 
@@ -462,31 +554,152 @@ pub async fn usage_rollups_saturate(db: &Db) {
     let before = all_reports(&store).await;
     store.rebuild_usage_rollups().await.unwrap();
     assert_eq!(all_reports(&store).await, before);
+    // Migration 2 fills the token split of the rollups saturated too.
+    let rollups = store.rollups().await.unwrap();
+    assert!(
+        rollups
+            .iter()
+            .all(|r| r.input_tokens == i64::MAX as u64 && r.cached_input_tokens == i64::MAX as u64)
+    );
+    store.close().await;
+    let store = back_to_schema_1(db).await;
+    assert_eq!(store.rollups().await.unwrap(), rollups);
+    assert_eq!(all_reports(&store).await, before);
 }
 
 pub async fn migration_2_backfills_usage_rollups(db: &Db) {
     let store = db.store().await;
-    let records = usage_records(0xfeed, 300);
+    let mut records = usage_records(0xfeed, 300);
+    records.extend(spread_records(0xfeed, 300));
     for batch in batches(&records) {
         store.apply(&batch).await.unwrap();
     }
     let before = all_reports(&store).await;
     assert!(before.iter().any(|r| !r.rows.is_empty()));
+    let rollups = store.rollups().await.unwrap();
+    assert!(
+        rollups
+            .iter()
+            .all(|r| r.input_tokens > 0 && r.output_tokens > 0)
+    );
+    assert!(rollups.iter().any(|r| r.cached_input_tokens > 0));
+    let months = spread_months();
+    let month_reports = whole_month_reports(&store, &months).await;
     store.close().await;
-    // Back to the schema of version 1, with the usage rows kept.
+    let store = back_to_schema_1(db).await;
+    // The token split is back in every rollup row, as maintained before.
+    assert_eq!(store.rollups().await.unwrap(), rollups);
+    assert_eq!(store.recount().await.unwrap(), rollups);
+    assert_eq!(all_reports(&store).await, before);
+    assert_eq!(whole_month_reports(&store, &months).await, month_reports);
+    for q in queries() {
+        assert_eq!(store.report(&q).await.unwrap(), brute_force(&records, &q));
+    }
+}
+
+pub async fn whole_months_read_like_their_days(db: &Db) {
+    let store = db.store().await;
+    let records = spread_records(0x3011, 900);
+    for batch in batches(&records) {
+        store.apply(&batch).await.unwrap();
+    }
+    // The data: every month, expired records, usage without a company.
+    for month in [DEC, JAN, FEB, MAR, APR] {
+        assert!(records.iter().any(|r| r.month_start == month && r.counts()));
+    }
+    assert!(records.iter().any(|r| !r.counts()));
+    assert!(records.iter().any(|r| r.company.is_none() && r.counts()));
+    let ranges = spread_months();
+    let mut read_months = 0;
+    for q in month_queries(&ranges) {
+        let with = store.report(&q).await.unwrap();
+        let days = ReportQuery {
+            whole_months: Vec::new(),
+            ..q.clone()
+        };
+        assert_eq!(with, store.report(&days).await.unwrap(), "{q:?}");
+        assert_eq!(with, brute_force(&records, &q), "{q:?}");
+        if !q.whole_months.is_empty() && with.groups > 0 {
+            read_months += 1;
+        }
+    }
+    assert!(read_months > 100, "{read_months}");
+
+    // The month rows are what is read: a (tampered) February row shows in the reports that
+    // take February whole, and only in those.
+    let (from_day, to_day) = (JAN, MAR + 30 * DAY);
+    let users = |whole_months| ReportQuery {
+        from_day,
+        to_day,
+        group_by: GroupBy::User,
+        whole_months,
+        ..ReportQuery::default()
+    };
+    let before = store.report(&users(Vec::new())).await.unwrap();
+    execute(
+        db,
+        &format!(
+            "UPDATE rollups SET requests = requests + 1000 WHERE scope_kind = 'user' \
+             AND \"window\" = 'month' AND window_start = {FEB}"
+        ),
+    )
+    .await;
+    let february_users = records
+        .iter()
+        .filter(|r| r.counts() && r.month_start == FEB)
+        .map(|r| (r.tenant.clone(), r.user.clone()))
+        .collect::<std::collections::HashSet<_>>()
+        .len() as u64;
+    assert!(february_users > 5, "{february_users}");
+    assert_eq!(store.report(&users(Vec::new())).await.unwrap(), before);
+    assert_eq!(
+        store.report(&users(vec![(JAN, FEB)])).await.unwrap(),
+        before
+    );
+    let tampered = store.report(&users(vec![(FEB, MAR)])).await.unwrap();
+    assert_eq!(
+        tampered.totals.requests,
+        before.totals.requests + 1000 * february_users
+    );
+
+    // Whole months out of order, overlapping or outside the days are refused.
+    for months in [
+        vec![(FEB, MAR), (JAN, FEB)],
+        vec![(JAN, MAR), (FEB, MAR)],
+        vec![(DEC, JAN)],
+        vec![(APR, MAY)],
+        vec![(FEB, FEB)],
+    ] {
+        for group_by in [GroupBy::Tenant, GroupBy::Company, GroupBy::User] {
+            let q = ReportQuery {
+                group_by,
+                ..users(months.clone())
+            };
+            assert!(
+                matches!(store.report(&q).await, Err(StoreError::Invalid(_))),
+                "{q:?}"
+            );
+        }
+    }
+}
+
+/// Takes the database back to the schema of version 1 (keeping the usage and rollup rows),
+/// then opens a store on it, which applies migration 2 again.
+async fn back_to_schema_1(db: &Db) -> AnyStore {
     execute(
         db,
         "DROP TABLE usage_rollups; DROP INDEX webhook_deliveries_alert_url; \
          ALTER TABLE webhook_deliveries DROP COLUMN delivered_at; \
+         DROP INDEX rollups_kind_window; \
+         ALTER TABLE rollups DROP COLUMN input_tokens; \
+         ALTER TABLE rollups DROP COLUMN cached_input_tokens; \
+         ALTER TABLE rollups DROP COLUMN output_tokens; \
          DELETE FROM schema_migrations WHERE version = 2",
     )
     .await;
     let store = reopen(db).await;
     assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2]);
-    assert_eq!(all_reports(&store).await, before);
-    for q in queries() {
-        assert_eq!(store.report(&q).await.unwrap(), brute_force(&records, &q));
-    }
+    store
 }
 
 async fn reopen(db: &Db) -> AnyStore {

@@ -28,6 +28,7 @@ macro_rules! conformance {
             analytics::reapplying_leaves_usage_rollups_unchanged,
             analytics::usage_rollups_saturate,
             analytics::migration_2_backfills_usage_rollups,
+            analytics::whole_months_read_like_their_days,
             analytics::alerts_are_inserted_exactly_once,
             analytics::alerts_list_newest_first_with_filters,
             analytics::deliveries_move_through_their_states,

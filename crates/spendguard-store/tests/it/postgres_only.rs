@@ -116,6 +116,53 @@ async fn the_tables_have_the_documented_columns() {
         Some(&tokio_postgres::error::SqlState::CHECK_VIOLATION),
         "{err:?}"
     );
+    // The rollups hold the token split, and `usage_rollups` the dimensions that `rollups`
+    // does not hold.
+    let rows = admin
+        .query(
+            &format!(
+                "SELECT scope_kind, tokens, input_tokens, cached_input_tokens, output_tokens \
+                 FROM {}.rollups",
+                schema(&db)
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 8);
+    for row in &rows {
+        let sums: [i64; 4] = [row.get(1), row.get(2), row.get(3), row.get(4)];
+        assert_eq!(sums, [1500, 1200, 200, 300], "{}", row.get::<_, &str>(0));
+    }
+    let dims: Vec<String> = admin
+        .query(
+            &format!(
+                "SELECT DISTINCT dim FROM {}.usage_rollups ORDER BY dim",
+                schema(&db)
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(dims, ["endpoint", "model", "user_model"]);
+    let indexes: Vec<String> = admin
+        .query(
+            "SELECT indexname::text FROM pg_indexes WHERE schemaname = $1 \
+             AND tablename = 'rollups' ORDER BY indexname",
+            &[&schema(&db)],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        indexes,
+        ["rollups_kind_window", "rollups_pkey", "rollups_window"]
+    );
 }
 
 #[tokio::test]

@@ -96,6 +96,54 @@ async fn the_file_has_the_documented_columns() {
         .execute("UPDATE ai_usage SET request_status = 'bogus'", [])
         .unwrap_err();
     assert!(err.to_string().contains("CHECK"), "{err}");
+    // The rollups hold the token split, and `usage_rollups` the dimensions that `rollups`
+    // does not hold.
+    let split: Vec<(String, String, i64, i64, i64, i64)> = conn
+        .prepare(
+            "SELECT scope_kind, \"window\", tokens, input_tokens, cached_input_tokens, \
+             output_tokens FROM rollups ORDER BY scope_kind, \"window\"",
+        )
+        .unwrap()
+        .query_map([], |row| {
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+                row.get(5)?,
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(split.len(), 8);
+    for (kind, window, tokens, input, cached, output) in &split {
+        assert_eq!(
+            (*tokens, *input, *cached, *output),
+            (1500, 1200, 200, 300),
+            "{kind} {window}"
+        );
+    }
+    let dims: Vec<String> = conn
+        .prepare("SELECT DISTINCT dim FROM usage_rollups ORDER BY dim")
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(dims, ["endpoint", "model", "user_model"]);
+    let indexes: Vec<String> = conn
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'rollups' \
+             AND sql IS NOT NULL ORDER BY name",
+        )
+        .unwrap()
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(indexes, ["rollups_kind_window", "rollups_window"]);
     for table in [
         "reservations",
         "rollups",
@@ -144,9 +192,7 @@ fn day_report() -> ReportQuery {
     ReportQuery {
         from_day: i64::MIN,
         to_day: i64::MAX,
-        tenant: None,
-        group_by: GroupBy::Day,
-        limit: None,
+        ..ReportQuery::default()
     }
 }
 
@@ -221,10 +267,17 @@ async fn lost_usage_rollups_are_rebuilt() {
     let rows: i64 = conn
         .query_row("SELECT count(*) FROM usage_rollups", [], |r| r.get(0))
         .unwrap();
-    // 3 days × (1 tenant + 1 company + 7 users… at most + 1 model + 1 endpoint + users).
-    assert!(rows > 12, "{rows}");
+    // 3 days × (1 model + 1 endpoint + 7 users of the model): every user is seen on every
+    // day (the record numbers 1 to 40 cover every pair of remainders by 7 and by 3).
+    assert_eq!(rows, 27);
     conn.execute("DELETE FROM usage_rollups", []).unwrap();
-    assert_eq!(store.report(&day_report()).await.unwrap().groups, 0);
+    let models = ReportQuery {
+        group_by: GroupBy::Model,
+        ..day_report()
+    };
+    assert_eq!(store.report(&models).await.unwrap().groups, 0);
+    // The groupings read from `rollups` do not depend on it.
+    assert_eq!(store.report(&day_report()).await.unwrap().groups, 3);
     store.rebuild_usage_rollups().await.unwrap();
     let again: i64 = conn
         .query_row("SELECT count(*) FROM usage_rollups", [], |r| r.get(0))

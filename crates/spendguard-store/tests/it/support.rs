@@ -317,7 +317,23 @@ impl Rng {
 pub struct Model {
     pub ids: HashSet<Uuid>,
     keys: HashSet<(TenantId, IdempotencyKey)>,
-    rows: BTreeMap<(ScopeKey, Window, Micros), (i64, u64, u64)>,
+    rows: BTreeMap<(ScopeKey, Window, Micros), Sums>,
+}
+
+/// The sums of one rollup row of the [`Model`].
+#[derive(Debug, Default)]
+struct Sums {
+    spent: i64,
+    requests: u64,
+    tokens: u64,
+    input: u64,
+    cached: u64,
+    output: u64,
+}
+
+/// `a + b`, saturating at `i64::MAX` like the rollups.
+fn add_count(a: u64, b: u64) -> u64 {
+    a.saturating_add(b).min(i64::MAX as u64)
 }
 
 impl Model {
@@ -348,12 +364,12 @@ impl Model {
                     (Window::Month, usage.month_start),
                 ] {
                     let row = self.rows.entry((scope.clone(), w, start)).or_default();
-                    row.0 = row.0.saturating_add(usage.cost.micros());
-                    row.1 += 1;
-                    row.2 = row
-                        .2
-                        .saturating_add(usage.tokens.total().min(i64::MAX as u64));
-                    row.2 = row.2.min(i64::MAX as u64);
+                    row.spent = row.spent.saturating_add(usage.cost.micros());
+                    row.requests += 1;
+                    row.tokens = add_count(row.tokens, usage.tokens.total());
+                    row.input = add_count(row.input, usage.tokens.input);
+                    row.cached = add_count(row.cached, usage.tokens.cached_input);
+                    row.output = add_count(row.output, usage.tokens.output);
                 }
             }
         }
@@ -363,16 +379,17 @@ impl Model {
     pub fn rows(&self) -> Vec<CounterRow> {
         self.rows
             .iter()
-            .map(
-                |((scope, window, start), (spent, requests, tokens))| CounterRow {
-                    scope: scope.clone(),
-                    window: *window,
-                    start: *start,
-                    spent: Money::from_micros(*spent),
-                    requests: *requests,
-                    tokens: *tokens,
-                },
-            )
+            .map(|((scope, window, start), sums)| CounterRow {
+                scope: scope.clone(),
+                window: *window,
+                start: *start,
+                spent: Money::from_micros(sums.spent),
+                requests: sums.requests,
+                tokens: sums.tokens,
+                input_tokens: sums.input,
+                cached_input_tokens: sums.cached,
+                output_tokens: sums.output,
+            })
             .collect()
     }
 }
