@@ -334,6 +334,8 @@ async fn run_spendguard(opts: &Options) -> anyhow::Result<TargetReport> {
     let key = random_key();
     let ring = KeyRing::load(guard.store(), Some(&key)).await?;
     let state = AppState::new(guard, ring);
+    // As `spendguard serve` runs: the alert engine and the webhook dispatcher too.
+    state.alerts.spawn();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop, rx) = oneshot::channel::<()>();

@@ -39,6 +39,8 @@ use crate::dashboard::usd_text;
 const MICROS_PER_HOUR: i64 = 3_600_000_000;
 /// The longest wait between two attempts of one delivery.
 const MAX_BACKOFF_US: i64 = MICROS_PER_HOUR;
+/// The shortest time between two alert evaluations: changed scopes gather meanwhile.
+const EVALUATE_EVERY: Duration = Duration::from_millis(250);
 /// How long one webhook request may take.
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -372,6 +374,12 @@ impl Alerts {
                     _ = stop.changed() => return,
                     _ = me.guard.spend_watch().changed() => {}
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                // Let changes gather: one evaluation (one store transaction) per interval,
+                // however busy the writer is.
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tokio::time::sleep(EVALUATE_EVERY) => {}
                 }
                 if let Err(e) = me.evaluate().await {
                     tracing::warn!(error = %e, "could not persist alerts; will retry");
