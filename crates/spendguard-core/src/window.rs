@@ -123,7 +123,6 @@ impl Calendar {
         p
     }
 
-    /// The start of the period of `window` containing `t`.
     /// The first instant of a calendar date in this time zone (local midnight, or the
     /// first instant after a gap that skips it).
     pub fn date_start(&self, date: jiff::civil::Date) -> Micros {
@@ -142,6 +141,7 @@ impl Calendar {
         ts.to_zoned_datetime(self.tz.clone()).date()
     }
 
+    /// The start of the period of `window` containing `t`.
     pub fn period(&self, window: Window, t: Micros) -> Option<Period> {
         let p = self.periods(t);
         match window {
@@ -152,17 +152,8 @@ impl Calendar {
     }
 
     fn compute(&self, t: Micros) -> Periods {
-        let ts = Timestamp::from_microsecond(t).unwrap_or(if t < 0 {
-            Timestamp::MIN
-        } else {
-            Timestamp::MAX
-        });
-        let date = ts.to_zoned_datetime(self.tz.clone()).date();
-        let at = |d: jiff::civil::Date| -> Micros {
-            d.to_zoned_datetime(self.tz.clone())
-                .map(|z| z.timestamp().as_microsecond())
-                .unwrap_or(Micros::MAX)
-        };
+        let date = self.date_of(t);
+        let at = |d: jiff::civil::Date| self.date_start(d);
         let day_start = at(date);
         let day_end = date.tomorrow().map(at).unwrap_or(Micros::MAX);
         let first = date.first_of_month();
