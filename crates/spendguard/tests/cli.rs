@@ -50,11 +50,21 @@ fn config_check_names_the_bad_key() {
 
 /// `spendguard serve` on a fresh directory: serves, refuses a second instance on the same
 /// database, and stops cleanly on SIGTERM.
+/// A child process killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+    let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
         .args(["serve", "--listen", "127.0.0.1:0"])
         .current_dir(dir.path())
         .env("SPENDGUARD_ADMIN_KEY", "cli-test-admin")
@@ -64,7 +74,9 @@ fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    // Killed if an assertion fails before the orderly stop below.
+    let mut child = KillOnDrop(child);
+    let stderr = child.0.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
     let addr = loop {
         let line = lines
@@ -195,11 +207,11 @@ fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
     );
 
     let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
-    let exit = child.wait().unwrap();
+    let exit = child.0.wait().unwrap();
     assert!(exit.success(), "exit status {exit:?}");
 }
 
