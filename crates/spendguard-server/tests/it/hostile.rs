@@ -102,6 +102,47 @@ async fn hostile_requests_get_clear_4xx_and_the_server_keeps_serving() {
         )
         .await;
     assert_eq!((st, error_code(&v)), (404, "not_found"));
+    // Reports, daily usage and alerts: hostile query strings are 400s in the error shape.
+    for path in [
+        "/v1/reports/usage?from=%FF%FE",
+        "/v1/reports/usage?from=2026-02-30",
+        "/v1/reports/usage?from=99999-01-01",
+        "/v1/reports/usage?limit=99999999999999999999999",
+        "/v1/reports/usage?limit=-1",
+        "/v1/reports/usage?group_by=day&group_by=user",
+        "/v1/reports/usage?format=csv%00",
+        "/v1/reports/usage?tenant_id=a%20b",
+        "/v1/users/a%20b/daily-usage?tenant_id=acme",
+        "/v1/users/alice/daily-usage?tenant_id=acme&date=2026-13-01",
+        "/v1/alerts?all=maybe",
+        "/v1/alerts?limit=0",
+    ] {
+        let (st, v, _) = s.call(M::GET, path, Some(ADMIN), None).await;
+        assert_eq!(st, 400, "{path}: {v}");
+        error_code(&v);
+    }
+    // The dashboard's form: junk is a 4xx page, never a session.
+    for (ct, body) in [
+        ("application/x-www-form-urlencoded", b"key=%FF%FE".to_vec()),
+        ("application/x-www-form-urlencoded", b"nokey=1".to_vec()),
+        ("application/json", br#"{"key":"test-admin-key"}"#.to_vec()),
+        (
+            "application/x-www-form-urlencoded",
+            format!("key={}", "a".repeat(10 * 1024 * 1024)).into_bytes(),
+        ),
+    ] {
+        let resp = s
+            .client
+            .post(format!("{}/login", s.url))
+            .header(CONTENT_TYPE, ct)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        assert!((400..500).contains(&status), "{ct}: {status}");
+        assert!(resp.headers().get("set-cookie").is_none());
+    }
     // Still serving normally.
     let (st, _) = s
         .post("/v1/reservations", ADMIN, reserve_body("acme", "alice"))
