@@ -1880,26 +1880,30 @@ impl Ledger {
         let mut out = Vec::new();
         for shard in self.scopes.iter() {
             for (key, state) in lock(shard).scopes.iter().filter(|(k, _)| k.kind() == kind) {
-                let d = state.day.at(periods.day.start);
-                let m = state.month.at(periods.month.start);
-                out.push((key.clone(), (d.spent, d.reserved), (m.spent, m.reserved)));
+                let (d, m) = Self::current(state, &periods);
+                out.push((key.clone(), d, m));
             }
         }
         out
     }
 
-    /// The spend of a scope in the current day and month: `(day, month)`. Zero for a scope
-    /// with no spend in them.
-    pub fn spent(&self, scope: &ScopeKey, now: Micros) -> (Money, Money) {
+    /// One scope's `((day spent, day reserved), (month spent, month reserved))` in the
+    /// current windows; zeros for a scope with nothing in them.
+    pub fn scope_totals(&self, scope: &ScopeKey, now: Micros) -> ((Money, Money), (Money, Money)) {
         let periods = self.policy().calendar.periods(now);
         let shard = lock(&self.scopes[scope.shard(&self.hasher)]);
-        match shard.scopes.get(scope) {
-            Some(state) => (
-                state.day.at(periods.day.start).spent,
-                state.month.at(periods.month.start).spent,
-            ),
-            None => (Money::ZERO, Money::ZERO),
-        }
+        shard
+            .scopes
+            .get(scope)
+            .map(|state| Self::current(state, &periods))
+            .unwrap_or_default()
+    }
+
+    /// A scope state's spent and reserved amounts in the windows of `periods`.
+    fn current(state: &ScopeState, periods: &Periods) -> ((Money, Money), (Money, Money)) {
+        let d = state.day.at(periods.day.start);
+        let m = state.month.at(periods.month.start);
+        ((d.spent, d.reserved), (m.spent, m.reserved))
     }
 
     /// The cost caps the ledger enforces on a scope, for spend under `tier`: a user's caps
@@ -1910,7 +1914,16 @@ impl Ledger {
             return self.budget_of(scope);
         };
         let policy = self.policy();
-        let stored = self.user_overrides(tenant, user).and_then(|u| u.tier);
+        // The stored tier is looked up only when the spend names none.
+        let stored = match tier {
+            Some(_) => None,
+            None => {
+                let o = self.overrides.read().unwrap_or_else(|e| e.into_inner());
+                o.users
+                    .get(&(tenant.clone(), user.clone()))
+                    .and_then(|(u, _)| u.tier.clone())
+            }
+        };
         let name = tier.or(stored.as_ref()).unwrap_or(&policy.default_tier);
         let base = policy
             .tier(name)

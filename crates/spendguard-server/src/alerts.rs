@@ -190,7 +190,7 @@ impl Alerts {
             });
             for (scope, tier) in self.guard.spend_watch().take() {
                 let budget = ledger.budget_for(&scope, tier.as_ref());
-                let (day, month) = ledger.spent(&scope, now);
+                let ((day, _), (month, _)) = ledger.scope_totals(&scope, now);
                 let windows = [
                     (Window::Day, day, budget.daily, periods.day),
                     (Window::Month, month, budget.monthly, periods.month),

@@ -161,18 +161,21 @@ pub async fn create_key(
     Ok((key, record))
 }
 
+/// The key of an `Authorization: Bearer <key>` header, if there is one.
+pub fn bearer_key(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, ApiError> {
-        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
-            return Err(ApiError::unauthorized("send `Authorization: Bearer <key>`"));
-        };
-        let key = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+        let key = bearer_key(&parts.headers)
             .ok_or_else(|| ApiError::unauthorized("send `Authorization: Bearer <key>`"))?;
         state
             .keys

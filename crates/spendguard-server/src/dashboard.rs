@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-use spendguard_core::{Calendar, Micros, Money, ScopeKey, ScopeKind};
+use spendguard_core::{Calendar, Micros, Money, ScopeKey};
 use spendguard_store::{GroupBy, Report, ReportQuery, StoreError};
 
 use crate::AppState;
@@ -80,12 +80,7 @@ fn viewer(state: &AppState, headers: &HeaderMap) -> Option<bool> {
     {
         return Some(true);
     }
-    let key = headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")?
-        .trim();
+    let key = crate::auth::bearer_key(headers)?;
     state
         .keys
         .authenticate(key)
@@ -214,12 +209,7 @@ pub async fn gather(state: &AppState) -> Result<DashboardData, StoreError> {
     let cal: &Calendar = &policy.calendar;
     let periods = cal.periods(now);
     let budget = ledger.budget_of(&ScopeKey::Global);
-    let ((ds, dr), (ms, mr)) = ledger
-        .totals(ScopeKind::Global, now)
-        .into_iter()
-        .next()
-        .map(|(_, d, m)| (d, m))
-        .unwrap_or_default();
+    let ((ds, dr), (ms, mr)) = ledger.scope_totals(&ScopeKey::Global, now);
     let today = cal.date_of(now);
     let first = today
         .checked_sub(jiff::Span::new().days(29))

@@ -37,13 +37,18 @@ pub enum Format {
 }
 
 impl Format {
-    pub fn parse(s: &str) -> Option<Format> {
-        match s {
-            "json" => Some(Format::Json),
-            "csv" => Some(Format::Csv),
-            "table" => Some(Format::Table),
-            _ => None,
+    pub const ALL: [Format; 3] = [Format::Json, Format::Csv, Format::Table];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Json => "json",
+            Format::Csv => "csv",
+            Format::Table => "table",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<Format> {
+        Format::ALL.into_iter().find(|f| f.as_str() == s)
     }
 }
 
@@ -312,16 +317,22 @@ pub fn table(header: &[String], rows: &[Vec<String>]) -> String {
             *w = (*w).max(v.chars().count());
         }
     }
-    let numeric = |i: usize| {
-        rows.iter()
-            .all(|r| r[i].is_empty() || r[i].chars().all(|c| c.is_ascii_digit() || c == '.'))
-            && !rows.is_empty()
-    };
+    // A column is numeric when every cell of it is (decided once per column).
+    let numeric: Vec<bool> = (0..header.len())
+        .map(|i| {
+            !rows.is_empty()
+                && rows.iter().all(|r| {
+                    r.get(i).is_none_or(|v| {
+                        v.is_empty() || v.chars().all(|c| c.is_ascii_digit() || c == '.')
+                    })
+                })
+        })
+        .collect();
     let mut out = String::new();
     let line = |out: &mut String, cells: &[String]| {
         let mut parts = Vec::new();
-        for (i, c) in cells.iter().enumerate() {
-            if numeric(i) {
+        for (i, c) in cells.iter().enumerate().take(widths.len()) {
+            if numeric[i] {
                 parts.push(format!("{c:>w$}", w = widths[i]));
             } else {
                 parts.push(format!("{c:<w$}", w = widths[i]));
@@ -408,13 +419,12 @@ pub async fn usage_report(
     ApiQuery(q): ApiQuery<ReportParams>,
 ) -> Result<Response, ApiError> {
     let format = match q.format.as_deref() {
-        None | Some("json") => Format::Json,
-        Some("csv") => Format::Csv,
-        Some(f) => {
-            return Err(ApiError::bad_request(format!(
-                "format must be json or csv, not `{f}`"
-            )));
-        }
+        None => Format::Json,
+        Some(f) => Format::parse(f)
+            .filter(|f| *f != Format::Table)
+            .ok_or_else(|| {
+                ApiError::bad_request(format!("format must be json or csv, not `{f}`"))
+            })?,
     };
     let tenant = read_scope(&caller, q.tenant_id)?;
     let policy = state.guard.ledger().policy();
@@ -631,6 +641,11 @@ mod tests {
 
     #[test]
     fn tables_align_numbers_right() {
+        // A row shorter than the header does not panic.
+        assert_eq!(
+            table(&["a".into(), "b".into()], &[vec!["1".into()]]),
+            "a  b\n1\n"
+        );
         let t = table(
             &["model".into(), "cost_usd".into()],
             &[

@@ -604,6 +604,16 @@ pub(crate) const USAGE_ROLLUP_CONFLICT: &str = concat!(
     saturating_add!("usage_rollups", "cost_micros"),
 );
 
+/// Orders a user's day: by cost descending, then by model.
+pub(crate) fn sort_models(models: &mut [crate::ModelUsage]) {
+    models.sort_by(|a, b| {
+        b.totals
+            .cost
+            .cmp(&a.totals.cost)
+            .then_with(|| a.model.cmp(&b.model))
+    });
+}
+
 /// Reads the sums of a `usage_rollups` row (or of a group of them).
 pub(crate) fn usage_totals(
     requests: i64,

@@ -11,9 +11,8 @@
 //! tokens, and the input, cached input and output tokens; read at start-up and by reports),
 //! `usage_rollups` (per calendar day and report dimension, model, endpoint or user and
 //! model: requests, tokens, cost; read by reports), `budget_overrides`, `user_overrides`,
-//! `api_keys`, `alerts` and
-//! `webhook_deliveries`. Money is integer micro-USD everywhere except
-//! `ai_usage.cost_usd`, which is `NUMERIC` on PostgreSQL (and a virtual column computed from
+//! `api_keys`, `alerts` and `webhook_deliveries`. Money is integer micro-USD everywhere
+//! except `ai_usage.cost_usd`, which is `NUMERIC` on PostgreSQL (and a virtual column computed from
 //! `cost_micros` on SQLite). Instants are `timestamptz` on PostgreSQL and integer
 //! microseconds since the Unix epoch on SQLite; window starts are integer microseconds on
 //! both, as they are keys.

@@ -13,7 +13,7 @@ use tokio_postgres::types::ToSql;
 
 use crate::common::{
     AlertCols, DeliveryCols, Groups, ReportPlan, alert_order, scope_columns, scope_kind_from_str,
-    sql_limit, usage_totals,
+    sort_models, sql_limit, usage_totals,
 };
 use crate::postgres::{Db, PostgresStore, from_time, get, time, to_time};
 use crate::{
@@ -221,12 +221,7 @@ impl PostgresStore {
                 )?,
             });
         }
-        out.sort_by(|a, b| {
-            b.totals
-                .cost
-                .cmp(&a.totals.cost)
-                .then_with(|| a.model.cmp(&b.model))
-        });
+        sort_models(&mut out);
         Ok(out)
     }
 

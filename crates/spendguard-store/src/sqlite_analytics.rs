@@ -7,8 +7,8 @@ use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 use spendguard_core::{Micros, ScopeKind, TenantId, UserId, Window};
 
 use crate::common::{
-    AlertCols, DeliveryCols, Groups, ReportPlan, alert_order, scope_columns, sql_limit,
-    usage_totals,
+    AlertCols, DeliveryCols, Groups, ReportPlan, alert_order, scope_columns, sort_models,
+    sql_limit, usage_totals,
 };
 use crate::sqlite::{Db, SqliteStore, int, opt_text, text};
 use crate::{
@@ -323,12 +323,7 @@ impl SqliteStore {
                     )?,
                 });
             }
-            out.sort_by(|a, b| {
-                b.totals
-                    .cost
-                    .cmp(&a.totals.cost)
-                    .then_with(|| a.model.cmp(&b.model))
-            });
+            sort_models(&mut out);
             Ok(out)
         })
         .await

@@ -369,11 +369,7 @@ fn parse_format(s: &str, allowed: &[Format]) -> anyhow::Result<Format> {
             "--format must be one of {}, not `{s}`",
             allowed
                 .iter()
-                .map(|f| match f {
-                    Format::Json => "json",
-                    Format::Csv => "csv",
-                    Format::Table => "table",
-                })
+                .map(|f| f.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         ),

@@ -684,36 +684,49 @@ fn restore_rebuilds_counters_and_open_reservations() {
 }
 
 #[test]
-fn spent_and_budget_for_report_what_alerts_compare() {
+fn scope_totals_and_budget_for_report_what_alerts_compare() {
     let l = Ledger::new(policy(&format!(
         "{CAPS}\n[tiers.pro]\nusd_per_day = \"20\"\nusd_per_month = \"200\"\n"
     )));
     let s = subject("t", "u", None);
     let user = ScopeKey::User(s.tenant.clone(), s.user.clone());
-    assert_eq!(l.spent(&user, T0), (Money::ZERO, Money::ZERO));
+    let spent = |scope: &ScopeKey, now| {
+        let ((day, _), (month, _)) = l.scope_totals(scope, now);
+        (day, month)
+    };
+    assert_eq!(spent(&user, T0), (Money::ZERO, Money::ZERO));
     l.reserve(&reserve_req(1, s.clone(), usd("0.40")), T0)
         .unwrap()
         .unwrap();
     // Reserved is not spent.
-    assert_eq!(l.spent(&user, T0), (Money::ZERO, Money::ZERO));
+    assert_eq!(spent(&user, T0), (Money::ZERO, Money::ZERO));
+    assert_eq!(l.scope_totals(&user, T0).0, (Money::ZERO, usd("0.40")));
     l.commit(&id(1), &commit_req(101, usd("0.25")), T0 + 1)
         .unwrap();
-    assert_eq!(l.spent(&user, T0 + 1), (usd("0.25"), usd("0.25")));
-    assert_eq!(
-        l.spent(&ScopeKey::Global, T0 + 1),
-        (usd("0.25"), usd("0.25"))
-    );
+    assert_eq!(spent(&user, T0 + 1), (usd("0.25"), usd("0.25")));
+    assert_eq!(spent(&ScopeKey::Global, T0 + 1), (usd("0.25"), usd("0.25")));
     // The next day: the day's spend starts again, the month's stays.
     let next_day = T0 + 86_400_000_000;
-    assert_eq!(l.spent(&user, next_day), (Money::ZERO, usd("0.25")));
+    assert_eq!(spent(&user, next_day), (Money::ZERO, usd("0.25")));
 
     // A user's caps follow the tier the spend was made under, then overrides.
     let free = TierName::parse("free").unwrap();
     let pro = TierName::parse("pro").unwrap();
     assert_eq!(l.budget_for(&user, Some(&free)).daily, Some(usd("1")));
     assert_eq!(l.budget_for(&user, Some(&pro)).daily, Some(usd("20")));
-    // No tier given: the default tier.
+    // No tier given: the default tier, or the user's stored tier.
     assert_eq!(l.budget_for(&user, None).monthly, Some(usd("5")));
+    l.set_user(
+        s.tenant.clone(),
+        s.user.clone(),
+        UserOverrides {
+            tier: Some(pro.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(l.budget_for(&user, None).monthly, Some(usd("200")));
+    assert_eq!(l.budget_for(&user, Some(&free)).monthly, Some(usd("5")));
     l.set_budget(
         user.clone(),
         BudgetOverride {

@@ -346,15 +346,7 @@ async fn operations_endpoints() {
     assert_eq!((st, v["store"].as_str()), (200, Some("ok")));
     s.post("/v1/reservations", ADMIN, reserve_body("acme", "erin"))
         .await;
-    let text = s
-        .client
-        .get(format!("{}/metrics", s.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics().await;
     assert!(
         text.contains("spendguard_decisions_total{outcome=\"admitted\",reason=\"ok\"} 1"),
         "{text}"

@@ -121,6 +121,18 @@ impl TestServer {
         (s, v)
     }
 
+    /// The Prometheus exposition of `/metrics` (no key needed).
+    pub async fn metrics(&self) -> String {
+        let resp = self
+            .client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap()
+    }
+
     /// Creates a tenant key through the API.
     pub async fn tenant_key(&self, tenant: &str) -> String {
         let (s, v) = self
