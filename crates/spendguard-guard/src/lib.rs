@@ -20,7 +20,7 @@ pub mod spool;
 mod watch;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,7 +30,7 @@ use spendguard_core::{
     LimitStatus, Micros, Policy, RecordRequest, ReserveRequest, Reserved, ScopeKey, Settlement,
     TenantId, TierName, UsageRecord, UserId, UserOverrides,
 };
-use spendguard_store::{ReservationState, Store, StoreError};
+use spendguard_store::{DeadLetter, ReservationState, Store, StoreError};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -95,6 +95,9 @@ pub struct GuardOptions {
     pub sweep_interval: Duration,
     /// How often the spool is retried while the store is down.
     pub retry_interval: Duration,
+    /// Failure injection (tests).
+    #[doc(hidden)]
+    pub spool_faults: spool::Faults,
 }
 
 impl GuardOptions {
@@ -105,6 +108,7 @@ impl GuardOptions {
             max_batch: 4096,
             sweep_interval: Duration::from_secs(1),
             retry_interval: Duration::from_millis(500),
+            spool_faults: spool::Faults::default(),
         }
     }
 }
@@ -121,6 +125,14 @@ pub enum GuardError {
     Store(#[from] StoreError),
     #[error("the spool could not be written: {0}")]
     Spool(std::io::Error),
+    /// The spool cannot be used as it is (damaged, another database's, another format);
+    /// the message names the file and the byte offset. Nothing was removed from it.
+    #[error("{0}")]
+    SpoolRefused(std::io::Error),
+    /// The store refused this change for a reason retrying cannot cure (a value it cannot
+    /// hold). It was not stored; it was kept as a dead letter with the error.
+    #[error("the store refused this change, which was kept as a dead letter: {0}")]
+    Rejected(String),
     #[error("spendguard is shutting down")]
     ShuttingDown,
 }
@@ -146,7 +158,22 @@ pub struct WriterStats {
     pub events: u64,
     pub last_batch_size: u64,
     pub store_errors: u64,
+    /// Events the store refused for good, kept as dead letters since start.
+    pub dead_letters: u64,
+    /// Spool appends (or reads) that failed since start.
+    pub spool_failures: u64,
+    /// The last spool append or read failed (the service is not ready).
+    pub spool_failing: bool,
+    /// The writer task is running.
+    pub writer_running: bool,
+    /// Expiry sweeps that failed since start.
+    pub sweep_failures: u64,
+    /// Expiry sweeps that failed in a row (0 when the last one worked).
+    pub sweeps_failing: u64,
 }
+
+/// Sweeps that fail in a row before the service reports itself not ready.
+const SWEEP_FAILURES_NOT_READY: u64 = 3;
 
 #[derive(Debug, Default)]
 struct Stats {
@@ -156,6 +183,21 @@ struct Stats {
     events: AtomicU64,
     last_batch: AtomicU64,
     store_errors: AtomicU64,
+    dead_letters: AtomicU64,
+    spool_failures: AtomicU64,
+    spool_failing: AtomicBool,
+    writer_running: AtomicBool,
+    sweep_failures: AtomicU64,
+    sweeps_failing: AtomicU64,
+}
+
+/// Marks the writer as stopped when its task ends, also by a panic.
+struct Running(Arc<Stats>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.writer_running.store(false, Ordering::SeqCst);
+    }
 }
 
 type Ack = oneshot::Sender<Result<(), GuardError>>;
@@ -164,6 +206,9 @@ enum Write {
     Events(Vec<Event>, Option<Ack>),
     Close,
 }
+
+/// An event the store refused for good: its index in the batch and the error.
+type Refused = (usize, StoreError);
 
 /// The ledger plus its durable writer. Clone it freely (it is an `Arc`).
 pub struct Guard<S: Store> {
@@ -207,17 +252,22 @@ impl<S: Store> Guard<S> {
         clock: Arc<dyn Clock>,
     ) -> Result<Guard<S>, GuardError> {
         let store = Arc::new(store);
-        let mut spool = Spool::open(&options.spool_path).map_err(GuardError::Spool)?;
+        let database_id = store.database_id().await?;
+        let mut spool =
+            Spool::open(&options.spool_path, &database_id).map_err(GuardError::SpoolRefused)?;
+        spool.set_faults(options.spool_faults.clone());
+        let stats = Arc::new(Stats::default());
         if !spool.is_empty() {
-            let batches = spool.read_all().map_err(GuardError::Spool)?;
             tracing::info!(
-                batches = batches.len(),
+                batches = spool.depth(),
+                path = %spool.path().display(),
                 "replaying the spool into the store"
             );
-            for batch in &batches {
-                store.apply(batch).await?;
+            match drain_spool(&*store, &mut spool, &stats).await {
+                Drain::Empty => {}
+                Drain::StoreDown(e) => return Err(e.into()),
+                Drain::Failed(e) => return Err(GuardError::SpoolRefused(e)),
             }
-            spool.clear().map_err(GuardError::Spool)?;
         }
         let now = clock.now();
         let periods = policy.calendar.periods(now);
@@ -230,7 +280,7 @@ impl<S: Store> Guard<S> {
         let ledger = Ledger::new(policy);
         ledger.restore(snapshot)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let stats = Arc::new(Stats::default());
+        stats.writer_running.store(true, Ordering::SeqCst);
         let watch = Arc::new(SpendWatch::default());
         let writer = tokio::spawn(writer(
             store.clone(),
@@ -256,16 +306,34 @@ impl<S: Store> Guard<S> {
         guard.sweep().await?;
         let weak = Arc::downgrade(&guard.inner);
         let every = guard.inner.options.sweep_interval;
+        // The sweeper never gives up: a failed sweep is logged, counted and retried (with
+        // the expiries it could not persist) at the next tick.
         let sweeper = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut unpersisted = Vec::new();
             loop {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
                 let g = Guard { inner };
-                if let Err(e) = g.sweep().await {
-                    tracing::debug!(error = %e, "expiry sweep stopped");
-                    return;
+                let stats = &g.inner.stats;
+                match g.sweep_keeping(&mut unpersisted).await {
+                    Ok(()) => {
+                        if stats.sweeps_failing.swap(0, Ordering::Relaxed) > 0 {
+                            tracing::info!("the expiry sweep works again");
+                        }
+                    }
+                    Err(GuardError::ShuttingDown) => return,
+                    Err(e) => {
+                        stats.sweep_failures.fetch_add(1, Ordering::Relaxed);
+                        let in_a_row = stats.sweeps_failing.fetch_add(1, Ordering::Relaxed) + 1;
+                        tracing::warn!(
+                            error = %e,
+                            in_a_row,
+                            unpersisted = unpersisted.len(),
+                            "the expiry sweep failed; retrying at the next tick"
+                        );
+                    }
                 }
             }
         });
@@ -306,6 +374,12 @@ impl<S: Store> Guard<S> {
             events: s.events.load(Ordering::Relaxed),
             last_batch_size: s.last_batch.load(Ordering::Relaxed),
             store_errors: s.store_errors.load(Ordering::Relaxed),
+            dead_letters: s.dead_letters.load(Ordering::Relaxed),
+            spool_failures: s.spool_failures.load(Ordering::Relaxed),
+            spool_failing: s.spool_failing.load(Ordering::Relaxed),
+            writer_running: s.writer_running.load(Ordering::Relaxed),
+            sweep_failures: s.sweep_failures.load(Ordering::Relaxed),
+            sweeps_failing: s.sweeps_failing.load(Ordering::Relaxed),
         }
     }
 
@@ -316,9 +390,31 @@ impl<S: Store> Guard<S> {
         }
     }
 
-    /// True when the service can admit reservations (it always can in `spool` mode).
+    /// True when the service can admit reservations and make them durable: no entry in
+    /// [`Guard::problems`].
     pub fn ready(&self) -> bool {
-        self.health() == StoreHealth::Ok || self.inner.options.on_store_error == OnStoreError::Spool
+        self.problems().is_empty()
+    }
+
+    /// Why the service is not ready, if it is not: the store is down in `deny` mode, the
+    /// last spool append (or read) failed, the writer stopped, or the expiry sweep failed
+    /// several times in a row.
+    pub fn problems(&self) -> Vec<&'static str> {
+        let s = self.stats();
+        let mut problems = Vec::new();
+        if s.health == StoreHealth::Spooling && s.on_store_error == OnStoreError::Deny {
+            problems.push("the store is unavailable and on_store_error is \"deny\"");
+        }
+        if s.spool_failing {
+            problems.push("the spool cannot be written or read");
+        }
+        if !s.writer_running {
+            problems.push("the writer is not running");
+        }
+        if s.sweeps_failing >= SWEEP_FAILURES_NOT_READY {
+            problems.push("the expiry sweep keeps failing");
+        }
+        problems
     }
 
     /// Hands events to the writer and waits until they are durable.
@@ -334,16 +430,32 @@ impl<S: Store> Guard<S> {
 
     /// Expires overdue reservations and persists the `expired` records.
     pub async fn sweep(&self) -> Result<(), GuardError> {
-        let events = self.inner.ledger.expire(self.now());
+        self.sweep_keeping(&mut Vec::new()).await
+    }
+
+    /// Like [`Guard::sweep`], first persisting `unpersisted` (expiries an earlier sweep
+    /// took from memory but could not persist); leaves in it what could not be persisted
+    /// this time either, for the next try. Expiries the store refused for good are dead
+    /// letters, not retried.
+    async fn sweep_keeping(&self, unpersisted: &mut Vec<Event>) -> Result<(), GuardError> {
+        let mut events = std::mem::take(unpersisted);
+        events.extend(self.inner.ledger.expire(self.now()));
         if events.is_empty() {
             return Ok(());
         }
         let (tx, rx) = oneshot::channel();
         self.inner
             .writes
-            .send(Write::Events(events, Some(tx)))
+            .send(Write::Events(events.clone(), Some(tx)))
             .map_err(|_| GuardError::ShuttingDown)?;
-        rx.await.map_err(|_| GuardError::ShuttingDown)?
+        match rx.await.map_err(|_| GuardError::ShuttingDown)? {
+            Ok(()) => Ok(()),
+            Err(e @ GuardError::Rejected(_)) => Err(e),
+            Err(e) => {
+                *unpersisted = events;
+                Err(e)
+            }
+        }
     }
 
     /// Reserves budget. The reservation id is assigned here (UUID v7).
@@ -582,6 +694,7 @@ async fn writer<S: Store>(
     options: GuardOptions,
     watch: Arc<SpendWatch>,
 ) {
+    let _running = Running(stats.clone());
     let mut closing = false;
     let mut retry = tokio::time::interval(options.retry_interval);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -595,11 +708,15 @@ async fn writer<S: Store>(
         };
         let Some(first) = first else { break };
         let mut events = Vec::new();
-        let mut acks = Vec::new();
-        let take = |w: Write, events: &mut Vec<Event>, acks: &mut Vec<Ack>| match w {
+        // Each caller's events: the range they fill in `events`.
+        let mut acks: Vec<(std::ops::Range<usize>, Ack)> = Vec::new();
+        let take = |w: Write, events: &mut Vec<Event>, acks: &mut Vec<_>| match w {
             Write::Events(e, ack) => {
+                let start = events.len();
                 events.extend(e);
-                acks.extend(ack);
+                if let Some(ack) = ack {
+                    acks.push((start..events.len(), ack));
+                }
                 false
             }
             Write::Close => true,
@@ -615,9 +732,19 @@ async fn writer<S: Store>(
             continue;
         }
         let result = write_batch(&*store, &mut spool, &stats, &events).await;
-        if result.is_ok() {
+        match &result {
             // Durable now: the alert engine may look at these scopes.
-            watch.note(&events);
+            Ok(refused) if refused.is_empty() => watch.note(&events),
+            Ok(refused) => {
+                let stored: Vec<Event> = events
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !refused.iter().any(|(r, _)| r == i))
+                    .map(|(_, e)| e.clone())
+                    .collect();
+                watch.note(&stored);
+            }
+            Err(_) => {}
         }
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats
@@ -626,9 +753,12 @@ async fn writer<S: Store>(
         stats
             .last_batch
             .store(events.len() as u64, Ordering::Relaxed);
-        for ack in acks {
+        for (range, ack) in acks {
             let r = match &result {
-                Ok(()) => Ok(()),
+                Ok(refused) => match refused.iter().find(|(i, _)| range.contains(i)) {
+                    None => Ok(()),
+                    Some((_, e)) => Err(GuardError::Rejected(e.to_string())),
+                },
                 Err(e) => Err(GuardError::Spool(std::io::Error::new(
                     e.kind(),
                     e.to_string(),
@@ -643,67 +773,222 @@ async fn writer<S: Store>(
     }
 }
 
+/// Store errors that a retry may cure: the events are kept (spooled) and retried. Any other
+/// error means the store will never take the batch as it is.
+fn transient(e: &StoreError) -> bool {
+    matches!(e, StoreError::Unavailable(_) | StoreError::Locked(_))
+}
+
+/// Applies `events`, in order; when the store refuses a part for good, splits it in halves
+/// until each refused event is alone, and applies all the others. Returns the refused
+/// events (index and error), or the first transient error (after which the caller keeps
+/// the whole batch: re-applying the part already stored changes nothing).
+async fn apply_isolating<S: Store>(
+    store: &S,
+    events: &[Event],
+) -> Result<Vec<Refused>, StoreError> {
+    let mut refused = Vec::new();
+    // Ranges still to apply, the next on top: halves are pushed right first, so events
+    // are applied in their order.
+    let mut todo: Vec<std::ops::Range<usize>> = Vec::new();
+    todo.push(0..events.len());
+    while let Some(range) = todo.pop() {
+        match store.apply(&events[range.clone()]).await {
+            Ok(()) => {}
+            Err(e) if transient(&e) => return Err(e),
+            Err(e) if range.len() == 1 => refused.push((range.start, e)),
+            Err(_) => {
+                let mid = range.start + range.len() / 2;
+                todo.push(mid..range.end);
+                todo.push(range.start..mid);
+            }
+        }
+    }
+    Ok(refused)
+}
+
+/// Keeps refused events as dead letters: in the store's `dead_letters` table, or, if the
+/// store cannot take even that, in a JSON-lines file beside the spool (synced). Counted in
+/// [`WriterStats::dead_letters`] and logged at error.
+async fn dead_letter<S: Store>(
+    store: &S,
+    spool: &Spool,
+    stats: &Stats,
+    events: &[Event],
+    refused: &[Refused],
+) -> std::io::Result<()> {
+    let now = SystemClock.now();
+    let letters: Vec<DeadLetter> = refused
+        .iter()
+        .map(|(i, e)| {
+            let event = serde_json::to_string(&events[*i]).unwrap_or_default();
+            DeadLetter {
+                id: digest(&event),
+                event,
+                // PostgreSQL's `text` cannot hold U+0000, wherever it comes from.
+                error: e.to_string().replace('\0', "\\u0000"),
+                created_at: now,
+            }
+        })
+        .collect();
+    for l in &letters {
+        tracing::error!(
+            error = %l.error,
+            dead_letter = %l.id,
+            "the store refused an event for good; kept as a dead letter"
+        );
+    }
+    if let Err(e) = store.dead_letter(&letters).await {
+        let path = dead_letter_path(spool.path());
+        tracing::error!(
+            error = %e,
+            path = %path.display(),
+            "the store cannot keep the dead letters; writing them to a file"
+        );
+        append_dead_letters(&path, &letters)?;
+    }
+    stats
+        .dead_letters
+        .fetch_add(letters.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Where dead letters go when the store cannot keep them: beside the spool.
+pub fn dead_letter_path(spool: &std::path::Path) -> PathBuf {
+    let mut name = spool.file_name().unwrap_or_default().to_owned();
+    name.push(".dead-letters");
+    spool.with_file_name(name)
+}
+
+fn append_dead_letters(path: &std::path::Path, letters: &[DeadLetter]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut text = String::new();
+    for l in letters {
+        let line = serde_json::json!({
+            "id": l.id,
+            "event": serde_json::from_str::<serde_json::Value>(&l.event).unwrap_or_default(),
+            "error": l.error,
+            "created_at": l.created_at,
+        });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_data()
+}
+
+/// The SHA-256 of `text`, in hex.
+fn digest(text: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Writes one batch: to the store when the spool is empty (keeping order), else to the spool.
+/// Returns the events the store refused for good (dead-lettered; the rest are stored).
 /// Spool writes are synchronous file I/O on this task; they happen only during an outage.
 async fn write_batch<S: Store>(
     store: &S,
     spool: &mut Spool,
     stats: &Stats,
     events: &[Event],
-) -> Result<(), std::io::Error> {
+) -> Result<Vec<Refused>, std::io::Error> {
     if spool.is_empty() {
-        match store.apply(events).await {
-            Ok(()) => return Ok(()),
+        match apply_isolating(store, events).await {
+            Ok(refused) => {
+                let kept = refused.is_empty()
+                    || match dead_letter(store, spool, stats, events, &refused).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot keep dead letters; spooling the batch");
+                            false
+                        }
+                    };
+                if kept {
+                    stats.spool_failing.store(false, Ordering::Relaxed);
+                    return Ok(refused);
+                }
+            }
             Err(e) => {
                 stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, events = events.len(), "store write failed; spooling");
             }
         }
     }
-    spool.append(events)?;
+    if let Err(e) = spool.append(events) {
+        stats.spool_failures.fetch_add(1, Ordering::Relaxed);
+        stats.spool_failing.store(true, Ordering::Relaxed);
+        tracing::error!(
+            error = %e,
+            path = %spool.path().display(),
+            events = events.len(),
+            "cannot write to the spool; the batch's callers get an error"
+        );
+        return Err(e);
+    }
+    stats.spool_failing.store(false, Ordering::Relaxed);
     stats.health.store(1, Ordering::Relaxed);
     stats.spool_depth.store(spool.depth(), Ordering::Relaxed);
-    Ok(())
+    Ok(Vec::new())
 }
 
-/// Replays the spool into the store, oldest batch first; empties it when all succeeded.
-/// While the store is down only the first batch is read and tried, so a long outage does
-/// not re-read a large spool at every retry.
-async fn drain_spool<S: Store>(store: &S, spool: &mut Spool, stats: &Stats) {
-    match spool.read_first() {
-        Ok(Some(first)) => {
-            if let Err(e) = store.apply(&first).await {
+/// How a replay of the spool ended.
+enum Drain {
+    /// Every batch reached the store (refused events as dead letters).
+    Empty,
+    /// The store is still unavailable; the rest of the spool waits.
+    StoreDown(StoreError),
+    /// The spool (or the dead-letter file) cannot be read or written.
+    Failed(std::io::Error),
+}
+
+/// Replays the spool into the store, oldest batch first, marking each applied batch; only
+/// what was applied is removed. While the store is down only the first pending batch is
+/// read and tried, so a long outage does not re-read a large spool at every retry.
+async fn drain_spool<S: Store>(store: &S, spool: &mut Spool, stats: &Stats) -> Drain {
+    let mut replayed = 0u64;
+    let path = spool.path().to_owned();
+    let failed = |e: std::io::Error, what: &str| {
+        stats.spool_failures.fetch_add(1, Ordering::Relaxed);
+        stats.spool_failing.store(true, Ordering::Relaxed);
+        tracing::error!(error = %e, path = %path.display(), "{what}");
+        Drain::Failed(e)
+    };
+    loop {
+        let (end, events) = match spool.next_pending() {
+            Ok(Some(next)) => next,
+            Ok(None) => break,
+            Err(e) => return failed(e, "cannot read the spool"),
+        };
+        match apply_isolating(store, &events).await {
+            Ok(refused) => {
+                if !refused.is_empty()
+                    && let Err(e) = dead_letter(store, spool, stats, &events, &refused).await
+                {
+                    return failed(e, "cannot keep dead letters from the spool");
+                }
+            }
+            Err(e) => {
                 stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "store still unavailable");
-                return;
+                return Drain::StoreDown(e);
             }
         }
-        Ok(None) => {}
-        Err(e) => {
-            tracing::error!(error = %e, path = %spool.path().display(), "cannot read the spool");
-            return;
+        if let Err(e) = spool.mark_applied(end) {
+            return failed(e, "cannot empty the spool");
         }
+        replayed += 1;
+        stats.spool_depth.store(spool.depth(), Ordering::Relaxed);
     }
-    let batches = match spool.read_all() {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!(error = %e, path = %spool.path().display(), "cannot read the spool");
-            return;
-        }
-    };
-    for batch in &batches {
-        if let Err(e) = store.apply(batch).await {
-            stats.store_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(error = %e, "store still unavailable");
-            return;
-        }
-    }
-    match spool.clear() {
-        Ok(()) => {
-            tracing::info!(batches = batches.len(), "spool replayed; the store is back");
-            stats.spool_depth.store(0, Ordering::Relaxed);
-            stats.health.store(0, Ordering::Relaxed);
-        }
-        Err(e) => tracing::error!(error = %e, "cannot clear the spool"),
-    }
+    tracing::info!(batches = replayed, "spool replayed; the store is back");
+    stats.spool_failing.store(false, Ordering::Relaxed);
+    stats.spool_depth.store(0, Ordering::Relaxed);
+    stats.health.store(0, Ordering::Relaxed);
+    Drain::Empty
 }

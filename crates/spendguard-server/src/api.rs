@@ -584,13 +584,11 @@ pub async fn release(
             }
         })?
     };
-    authorize_reservation(&state, &caller, id).await?;
     let reason = body.reason;
-    if reason.as_ref().is_some_and(|r| r.len() > 1024) {
-        return Err(ApiError::bad_request(
-            "reason is longer than 1024 characters",
-        ));
+    if let Some(r) = &reason {
+        free_text("reason", r, 1024)?;
     }
+    authorize_reservation(&state, &caller, id).await?;
     let s = state.guard.release(id, reason).await?;
     let state_name = match s {
         Settlement::Released { .. } => "released",
@@ -806,6 +804,23 @@ pub async fn revoke_api_key(
     Ok(Json(json!({ "id": k.id, "revoked": true })))
 }
 
+/// Checks a free text the server stores: at most `max` bytes and no U+0000, which
+/// PostgreSQL cannot hold in `text` (one such value would otherwise be refused by the store
+/// after the decision was made).
+fn free_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.len() > max {
+        return Err(ApiError::bad_request(format!(
+            "{field} is longer than {max} characters"
+        )));
+    }
+    if value.contains('\0') {
+        return Err(ApiError::bad_request(format!(
+            "{field} must not contain the NUL character (U+0000)"
+        )));
+    }
+    Ok(())
+}
+
 pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
@@ -818,6 +833,8 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         "store": stats.health,
         "on_store_error": stats.on_store_error,
         "spool_depth": stats.spool_depth,
+        "dead_letters": stats.dead_letters,
+        "problems": state.guard.problems(),
     });
     let status = if ready {
         StatusCode::OK

@@ -29,7 +29,7 @@ use crate::common::{
 };
 use crate::error::StoreError;
 use crate::migrations::{POSTGRES as MIGRATIONS, POSTGRES_REBUILD_USAGE_ROLLUPS};
-use crate::{ApiKeyRecord, OpenOptions, ReservationState, Store, UsageTotals};
+use crate::{ApiKeyRecord, DeadLetter, OpenOptions, ReservationState, Store, UsageTotals};
 
 /// A store in a PostgreSQL database (the schema is the first of the connection's
 /// `search_path`).
@@ -783,14 +783,15 @@ impl PostgresStore {
         )
         .await
         .db()?;
-        let row = tx
-            .query_one(
-                "SELECT coalesce(max(version), 0)::int8 FROM schema_migrations",
-                &[],
-            )
+        let rows = tx
+            .query("SELECT version FROM schema_migrations", &[])
             .await
             .db()?;
-        let current: i64 = get(&row, 0)?;
+        let applied = rows
+            .iter()
+            .map(|r| get::<i64>(r, 0))
+            .collect::<Result<Vec<_>, _>>()?;
+        let current = applied.iter().copied().max().unwrap_or(0);
         let latest = MIGRATIONS.last().map_or(0, |m| m.0);
         if current > latest {
             tracing::warn!(
@@ -799,7 +800,9 @@ impl PostgresStore {
                 "the PostgreSQL schema is newer than this version of spendguard knows"
             );
         }
-        for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        // Every version not applied yet, also one below the highest applied (a migration
+        // numbered before another that shipped first).
+        for (version, sql) in MIGRATIONS.iter().filter(|m| !applied.contains(&m.0)) {
             tx.batch_execute(sql).await.db()?;
             tx.execute(
                 "INSERT INTO schema_migrations (version) VALUES ($1)",
@@ -1036,6 +1039,58 @@ impl Store for PostgresStore {
             .db()?;
         let n: i64 = get(&row, 0)?;
         Ok(n as u64)
+    }
+
+    async fn database_id(&self) -> Result<String, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one(
+                "SELECT value FROM spendguard_meta WHERE key = 'database_id'",
+                &[],
+            )
+            .await
+            .db()?;
+        get(&row, 0)
+    }
+
+    async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.db()?;
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO dead_letters (id, event, error, created_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
+            )
+            .await
+            .db()?;
+        for l in letters {
+            tx.execute(&stmt, &[&l.id, &l.event, &l.error, &to_time(l.created_at)?])
+                .await
+                .db()?;
+        }
+        tx.commit().await.db()
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, event, error, created_at FROM dead_letters \
+                 ORDER BY created_at, id",
+                &[],
+            )
+            .await
+            .db()?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeadLetter {
+                    id: get(row, 0)?,
+                    event: get(row, 1)?,
+                    error: get(row, 2)?,
+                    created_at: from_time(get(row, 3)?),
+                })
+            })
+            .collect()
     }
 }
 

@@ -1,6 +1,8 @@
 //! Integration tests of the Guard against real stores.
 
 mod crash;
+mod dead_letters;
 mod durability;
 mod outage;
 mod support;
+mod writer_health;

@@ -698,7 +698,7 @@ async fn back_to_schema_1(db: &Db) -> AnyStore {
     )
     .await;
     let store = reopen(db).await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 4]);
     store
 }
 
