@@ -107,6 +107,9 @@ fn scan_bytes(data: &[u8]) -> Scan {
         Ok(Some(h)) => h,
         Ok(None) => return scan,
         Err(reason) => {
+            if let Some(legacy) = scan_legacy(data) {
+                return legacy;
+            }
             scan.problem = Some(Problem::Bad { offset: 0, reason });
             return scan;
         }
@@ -128,6 +131,94 @@ fn scan_bytes(data: &[u8]) -> Scan {
         }
     }
     scan
+}
+
+/// Reads a spool of the first format (frames `[length][CRC-32][JSON]`, no header), as left
+/// by an earlier version; `None` if the file does not start with such a frame. Its frames
+/// have version 0 and no database is named.
+fn scan_legacy(data: &[u8]) -> Option<Scan> {
+    let mut scan = Scan {
+        file_len: data.len() as u64,
+        ..Scan::default()
+    };
+    let mut at = 0usize;
+    while at < data.len() {
+        let offset = at as u64;
+        let rest = &data[at..];
+        if rest.len() < 8 {
+            if at == 0 {
+                return None;
+            }
+            scan.problem = Some(Problem::TornTail { offset });
+            break;
+        }
+        let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
+        let end = 8 + len as usize;
+        if len > MAX_FRAME || rest.len() < end {
+            if at == 0 {
+                return None;
+            }
+            scan.problem = Some(Problem::TornTail { offset });
+            break;
+        }
+        let payload = &rest[8..end];
+        let events = (crc32fast::hash(payload) == crc)
+            .then(|| serde_json::from_slice::<Vec<Event>>(payload).ok())
+            .flatten();
+        let Some(events) = events else {
+            if at == 0 {
+                return None;
+            }
+            scan.problem = Some(Problem::Bad {
+                offset,
+                reason: "a frame of the first spool format is damaged or cannot be decoded".into(),
+            });
+            break;
+        };
+        scan.frames.push(FrameInfo {
+            offset,
+            len: end as u64,
+            version: 0,
+            events,
+        });
+        at += end;
+        scan.valid_len = at as u64;
+    }
+    Some(scan)
+}
+
+/// Rewrites a spool of the first format in the current one (for `database_id`), through a
+/// temporary file renamed over it, so a crash leaves either the old or the new file.
+fn upgrade_legacy(path: &Path, scan: &Scan, database_id: &str) -> io::Result<()> {
+    let mut data = encode_header(database_id)?;
+    for f in &scan.frames {
+        data.extend_from_slice(&encode_frame(&f.events)?);
+    }
+    let mut tmp_name = path.file_name().unwrap_or_default().to_owned();
+    tmp_name.push(".upgrading");
+    let tmp = path.with_file_name(tmp_name);
+    let mut file = File::create(&tmp)?;
+    file.write_all(&data)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path);
+    Ok(())
+}
+
+fn encode_frame(events: &[Event]) -> io::Result<Vec<u8>> {
+    let payload = serde_json::to_vec(events).map_err(io::Error::other)?;
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|l| *l <= MAX_FRAME)
+        .ok_or_else(|| io::Error::other("batch too large for the spool"))?;
+    let mut frame = Vec::with_capacity(payload.len() + FRAME_HEADER);
+    frame.push(FRAME_VERSION);
+    frame.extend_from_slice(&len.to_le_bytes());
+    frame.extend_from_slice(&frame_crc(FRAME_VERSION, &payload).to_le_bytes());
+    frame.extend_from_slice(&payload);
+    Ok(frame)
 }
 
 /// `Ok(None)`: an empty file, or a header cut short by a crash while the file was created.
@@ -281,6 +372,17 @@ impl Spool {
             }
             None => {}
         }
+        if scan.header.is_none() && !scan.frames.is_empty() {
+            tracing::warn!(
+                path = %path.display(),
+                batches = scan.frames.len(),
+                "upgrading a spool of the first format; it names no database, so it is \
+                 replayed into this one"
+            );
+            drop(file);
+            upgrade_legacy(path, &scan, database_id)?;
+            return Spool::open(path, database_id);
+        }
         let header_len = match &scan.header {
             Some(h) if h.database_id == database_id => h.len,
             Some(h) if !scan.frames.is_empty() => {
@@ -346,16 +448,7 @@ impl Spool {
     /// again before the error is returned (and before any later append).
     pub fn append(&mut self, events: &[Event]) -> io::Result<()> {
         self.cut_failed_append()?;
-        let payload = serde_json::to_vec(events).map_err(io::Error::other)?;
-        let len = u32::try_from(payload.len())
-            .ok()
-            .filter(|l| *l <= MAX_FRAME)
-            .ok_or_else(|| io::Error::other("batch too large for the spool"))?;
-        let mut frame = Vec::with_capacity(payload.len() + FRAME_HEADER);
-        frame.push(FRAME_VERSION);
-        frame.extend_from_slice(&len.to_le_bytes());
-        frame.extend_from_slice(&frame_crc(FRAME_VERSION, &payload).to_le_bytes());
-        frame.extend_from_slice(&payload);
+        let frame = encode_frame(events)?;
         self.dirty = true;
         let written = if self.faults.append_fails() {
             self.file
@@ -652,5 +745,27 @@ mod tests {
         std::fs::write(&path, b"[1,2,3]").unwrap();
         assert!(Spool::open(&path, DB).is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"[1,2,3]");
+    }
+
+    #[test]
+    fn a_spool_of_the_first_format_is_upgraded_not_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool");
+        let mut old = Vec::new();
+        for batch in [vec![event(1), event(2)], vec![event(3)]] {
+            let payload = serde_json::to_vec(&batch).unwrap();
+            old.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            old.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+            old.extend_from_slice(&payload);
+        }
+        old.extend_from_slice(&[9, 0]); // a torn tail
+        std::fs::write(&path, &old).unwrap();
+        assert_eq!(scan(&path).unwrap().frames.len(), 2);
+        let mut s = Spool::open(&path, DB).unwrap();
+        assert_eq!(
+            drain(&mut s),
+            vec![vec![event(1), event(2)], vec![event(3)]]
+        );
+        assert_eq!(scan(&path).unwrap().header.unwrap().database_id, DB);
     }
 }

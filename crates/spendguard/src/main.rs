@@ -343,6 +343,11 @@ fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
                     h.format,
                     h.database_id
                 ),
+                None if !scan.frames.is_empty() => println!(
+                    "{}: {} bytes, the first spool format (no header, no database named)",
+                    path.display(),
+                    scan.file_len
+                ),
                 None if damage.is_none() => println!("{}: empty", path.display()),
                 None => println!(
                     "{}: {} bytes, no valid header",
