@@ -75,6 +75,11 @@ fn map_err(e: tokio_postgres::Error) -> StoreError {
             // deadlocks), insufficient resources (disk full), objects in use or locked,
             // operator intervention (shutdown, cancel), system errors (I/O).
             "08" | "40" | "53" | "55" | "57" | "58" => StoreError::Unavailable(text),
+            // The database's set-up, not the data: a failed login, a missing database,
+            // schema, table, column or privilege. No event is at fault, so a writer keeps
+            // the events and retries until an operator repairs it. (Data errors, class 22,
+            // and constraint violations, class 23, are permanent: `Invalid`.)
+            "28" | "3D" | "3F" | "42" => StoreError::Unavailable(text),
             // A read-only transaction: a standby during a failover.
             "25" if code == "25006" => StoreError::Unavailable(text),
             "XX" if code == "XX001" || code == "XX002" => StoreError::Corrupt(text),

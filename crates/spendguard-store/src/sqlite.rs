@@ -79,6 +79,14 @@ fn map_err(e: rusqlite::Error) -> StoreError {
             | ErrorCode::FileLockingProtocolFailed
             | ErrorCode::SchemaChanged
             | ErrorCode::NoLargeFileSupport => StoreError::Unavailable(e.to_string()),
+            // A table or column missing: the schema, not the data, is at fault (see the
+            // PostgreSQL mapping); a writer keeps the events and retries.
+            ErrorCode::Unknown
+                if matches!(&e, rusqlite::Error::SqliteFailure(_, Some(m))
+                    if m.starts_with("no such table") || m.starts_with("no such column")) =>
+            {
+                StoreError::Unavailable(e.to_string())
+            }
             _ => StoreError::Invalid(e.to_string()),
         },
         rusqlite::Error::FromSqlConversionFailure(..)

@@ -737,6 +737,23 @@ pub async fn a_gap_in_the_migrations_is_filled_later(db: &Db) {
     store.close().await;
 }
 
+/// A writer spools and retries transient errors and dead-letters permanent ones: a schema
+/// an operator broke (a table missing) is no event's fault, so it must be transient.
+/// (Permanent errors: `postgres_only::a_failing_batch_changes_nothing`, the NUL test of the
+/// guard.)
+pub async fn a_broken_schema_is_a_transient_error(db: &Db) {
+    let store = db.store().await;
+    execute(db, "ALTER TABLE ai_usage RENAME TO ai_usage_moved").await;
+    let err = store
+        .apply(&[Event::Recorded(record(1))])
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    execute(db, "ALTER TABLE ai_usage_moved RENAME TO ai_usage").await;
+    store.apply(&[Event::Recorded(record(1))]).await.unwrap();
+    store.close().await;
+}
+
 pub async fn concurrent_batches_are_serializable(db: &Db) {
     let store = std::sync::Arc::new(db.store().await);
     // Without idempotency keys: which of two records with one key wins depends on the order.

@@ -25,6 +25,7 @@ macro_rules! conformance {
             conformance::api_keys_round_trip,
             conformance::database_id_is_stable_and_dead_letters_are_kept_once,
             conformance::a_gap_in_the_migrations_is_filled_later,
+            conformance::a_broken_schema_is_a_transient_error,
             analytics::reports_match_a_brute_force_sum,
             analytics::user_day_sums_per_model,
             analytics::reapplying_leaves_usage_rollups_unchanged,
