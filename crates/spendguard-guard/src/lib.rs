@@ -9,10 +9,17 @@
 //! - **Outages.** When the store fails, batches go to the [`spool`] (checksummed, synced), the
 //!   ledger keeps enforcing exactly from memory, and the writer replays the spool, in order,
 //!   once the store answers again. The store applies events idempotently, so a batch replayed
-//!   twice (a crash between replay and truncation) counts once. With
+//!   twice (a crash between replay and truncation) counts once. A batch the store refuses
+//!   for good (a value it cannot hold) is split until the refused events are alone; they
+//!   become dead letters and their callers get [`GuardError::Rejected`], the rest is stored,
+//!   and nothing waits behind them. With
 //!   `on_store_error = "deny"`, new reservations are refused (503) while the store is
 //!   unreachable; acknowledged spend is still spooled, never lost.
-//! - **Start-up.** The spool is replayed first, then the current windows' counters and the
+//! - **Failures are visible.** The expiry sweeper survives its errors (logged, counted,
+//!   retried); [`Guard::problems`] reports a failing spool, a stopped writer or a failing
+//!   sweeper, for `/readyz`.
+//! - **Start-up.** The spool is replayed first (a damaged spool, or one of another
+//!   database, refuses the start and is left as it is), then the current windows' counters and the
 //!   open reservations are loaded (O(active scopes)); reservations whose TTL passed while the
 //!   service was down are expired at once.
 
