@@ -212,3 +212,67 @@ async fn restart(store: AnyStore, options: GuardOptions) -> spendguard_guard::Gu
         .await
         .expect("the guard could not start again")
 }
+
+/// Spooled during an outage, a refused event is found when the spool is replayed: it is
+/// dead-lettered, the batches around it are stored and the spool is emptied, instead of the
+/// replay retrying it forever with everything behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_event_in_the_spool_is_dead_lettered_at_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let flaky = FlakyStore {
+        inner: sqlite(&dir.path().join("db")).await,
+        down: Default::default(),
+    };
+    let down = flaky.down.clone();
+    let mut options = GuardOptions::new(dir.path().join("spool"));
+    options.retry_interval = Duration::from_millis(20);
+    let g = start_with(PoisonStore { inner: flaky }, options, Arc::new(SystemClock)).await;
+    let s = subject("t", "u");
+    let bad = g
+        .reserve(reserve(s.clone(), 10_000))
+        .await
+        .unwrap()
+        .unwrap();
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
+    let before = g
+        .reserve(reserve(s.clone(), 10_000))
+        .await
+        .unwrap()
+        .unwrap();
+    let before = g
+        .commit(before.reservation.id, commit(1_000))
+        .await
+        .unwrap();
+    // Spooled, so acknowledged: the store is not asked yet.
+    g.release(bad.reservation.id, Some("poison".into()))
+        .await
+        .unwrap();
+    let after = g
+        .reserve(reserve(s.clone(), 10_000))
+        .await
+        .unwrap()
+        .unwrap();
+    let after = g.commit(after.reservation.id, commit(1_000)).await.unwrap();
+    assert!(g.stats().spool_depth >= 3);
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while g.health() != StoreHealth::Ok {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the spool was never drained: {:?}",
+            g.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(g.stats().spool_depth, 0);
+    let store = &g.store().inner.inner;
+    for id in [before.usage.id, after.usage.id] {
+        assert!(store.usage(id).await.unwrap().is_some(), "lost {id}");
+    }
+    let letters = store.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(letters[0].event.contains("poison"));
+    assert_eq!(g.stats().dead_letters, 1);
+    assert_rollups_match(store).await;
+    g.shutdown().await;
+}
