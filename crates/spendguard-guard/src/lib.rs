@@ -398,7 +398,9 @@ impl<S: Store> Guard<S> {
     }
 
     /// True when the service can admit reservations and make them durable: no entry in
-    /// [`Guard::problems`].
+    /// [`Guard::problems`]. (Only the first problem, the store down in `deny` mode, refuses
+    /// reservations; the others are reported, and the next write that works clears a spool
+    /// failure.)
     pub fn ready(&self) -> bool {
         self.problems().is_empty()
     }
@@ -470,7 +472,9 @@ impl<S: Store> Guard<S> {
         &self,
         mut req: ReserveRequest,
     ) -> Result<Result<Reserved, CheckOutcome>, GuardError> {
-        if !self.ready() {
+        if self.health() == StoreHealth::Spooling
+            && self.inner.options.on_store_error == OnStoreError::Deny
+        {
             return Err(GuardError::Unavailable);
         }
         req.id = Uuid::now_v7();
