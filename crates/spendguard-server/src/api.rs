@@ -403,6 +403,8 @@ struct UsageOut<'a> {
     cached_input_tokens: u64,
     output_tokens: u64,
     cost_usd: Money,
+    /// How `cost_usd` was found: `catalog`, `caller`, `estimate`, `default` or `free`.
+    pricing: &'static str,
     request_status: &'static str,
     created_at: Rfc3339,
 }
@@ -421,6 +423,7 @@ fn usage_out(u: &spendguard_core::UsageRecord) -> UsageOut<'_> {
         cached_input_tokens: u.tokens.cached_input,
         output_tokens: u.tokens.output,
         cost_usd: u.cost,
+        pricing: u.pricing.as_str(),
         request_status: u.status.as_str(),
         created_at: Rfc3339(u.created_at),
     }
@@ -683,16 +686,15 @@ pub async fn set_budget(
 ) -> Result<Json<Value>, ApiError> {
     caller.require_admin()?;
     let key = scope_key(&scope, &id, q.tenant_id)?;
-    let current = state
+    // A field left out keeps its value: read, change and write as one step, so two partial
+    // updates racing each other both take effect.
+    let next = state
         .guard
-        .ledger()
-        .budget_override(&key)
-        .unwrap_or_default();
-    let next = BudgetOverride {
-        daily: body.daily_usd.unwrap_or(current.daily),
-        monthly: body.monthly_usd.unwrap_or(current.monthly),
-    };
-    state.guard.set_budget(key.clone(), next).await?;
+        .update_budget(key.clone(), |current| BudgetOverride {
+            daily: body.daily_usd.unwrap_or(current.daily),
+            monthly: body.monthly_usd.unwrap_or(current.monthly),
+        })
+        .await?;
     let effective = state.guard.ledger().budget_of(&key);
     Ok(Json(json!({
         "scope": key.kind().as_str(),

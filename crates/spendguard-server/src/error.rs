@@ -117,8 +117,7 @@ impl From<LedgerError> for ApiError {
             LedgerError::UnknownTier(_)
             | LedgerError::InvalidTtl { .. }
             | LedgerError::ExpiredStatus
-            | LedgerError::Overflow
-            | LedgerError::Unpriced(_) => ApiError::bad_request(message),
+            | LedgerError::Overflow => ApiError::bad_request(message),
         }
     }
 }
@@ -152,6 +151,11 @@ impl From<GuardError> for ApiError {
             }
             GuardError::Spool(e) => {
                 tracing::error!(error = %e, "spool error while answering a request");
+                ApiError::internal()
+            }
+            // Only at start-up.
+            e @ GuardError::TimeZoneChanged { .. } => {
+                tracing::error!(error = %e, "unexpected start-up error while answering a request");
                 ApiError::internal()
             }
         }
