@@ -12,6 +12,7 @@ pub mod error;
 pub mod metrics;
 pub mod openapi;
 pub mod reports;
+pub mod starting;
 
 use std::future::Future;
 use std::sync::Arc;

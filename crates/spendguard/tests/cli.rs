@@ -244,3 +244,196 @@ fn keys_create_list_revoke() {
     let bad = spendguard(&["keys", "create", "--tenant", "a b", "--database", db]);
     assert!(!bad.status.success());
 }
+
+/// `SPENDGUARD_TEST_DATABASE_URL`, or `None` after noting that the test is skipped (test
+/// output is captured; CI reads the skip log to fail on any skip).
+fn pg_url() -> Option<String> {
+    match std::env::var("SPENDGUARD_TEST_DATABASE_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            println!("SKIPPED: SPENDGUARD_TEST_DATABASE_URL not set");
+            if let Ok(log) = std::env::var("SPENDGUARD_TEST_SKIP_LOG") {
+                use std::io::Write;
+                if let Ok(mut f) = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                {
+                    let _ = writeln!(f, "skipped a PostgreSQL test");
+                }
+            }
+            None
+        }
+    }
+}
+
+/// A TCP proxy to `upstream` that drops every connection until `up` is set.
+fn switchable_proxy(
+    upstream: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = up.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            if !flag.load(Ordering::SeqCst) {
+                continue; // dropped: the connection is closed at once
+            }
+            let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    (addr, up)
+}
+
+/// With PostgreSQL unreachable at start, `serve` keeps retrying (answering `/healthz`, and
+/// `/readyz` with 503 and the reason) and starts serving once the database answers.
+#[test]
+fn postgres_serve_waits_for_an_unreachable_database() {
+    use std::io::{BufRead, BufReader};
+    let Some(url) = pg_url() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let schema = format!("sg_cli_start_{}", std::process::id());
+    let admin = rt.block_on(async {
+        let (admin, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+            ))
+            .await
+            .unwrap();
+        admin
+    });
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let upstream = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        .unwrap()
+        .next()
+        .unwrap();
+    let (proxy, up) = switchable_proxy(upstream);
+    let user = config.get_user().unwrap_or("postgres");
+    let db = config.get_dbname().unwrap_or("test");
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env(
+            "SPENDGUARD_DATABASE_URL",
+            format!(
+                "postgres://{user}@{proxy}/{db}?options=-csearch_path%3D{schema}&connect_timeout=2"
+            ),
+        )
+        .env("SPENDGUARD_ADMIN_KEY", "cli-test-admin-key-0123456789")
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the server exited before listening")
+            .unwrap();
+        if let Some(i) = line.find("address=") {
+            break line[i + 8..].split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let c = reqwest::Client::new();
+    // A keep-alive connection to the starting phase is closed when it ends: a request on it
+    // then fails, as it would for any client, and is tried again.
+    let try_get = |path: &str| -> Option<(u16, serde_json::Value)> {
+        let r = rt
+            .block_on(
+                c.get(format!("http://{addr}{path}"))
+                    .bearer_auth("cli-test-admin-key-0123456789")
+                    .send(),
+            )
+            .ok()?;
+        let status = r.status().as_u16();
+        Some((status, rt.block_on(r.json::<serde_json::Value>()).ok()?))
+    };
+    let get = |path: &str| try_get(path).or_else(|| try_get(path)).unwrap();
+    // Waits (bounded) until `/readyz` answers `status`.
+    let ready_is = |status: u16| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let answer = try_get("/readyz");
+            if let Some((st, body)) = &answer
+                && *st == status
+            {
+                return body.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/readyz did not become {status}: {answer:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let body = ready_is(503);
+    assert_eq!(body["store"], "starting");
+    assert!(body["reason"].as_str().is_some(), "{body}");
+    assert_eq!(get("/healthz").0, 200);
+    let (st, body) = get("/v1/alerts");
+    assert_eq!(
+        (st, body["error"]["code"].as_str()),
+        (503, Some("starting"))
+    );
+    assert!(child.0.try_wait().unwrap().is_none(), "serve gave up");
+
+    // The database answers: serve restores and serves.
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    ready_is(200);
+    assert_eq!(get("/v1/alerts").0, 200);
+    drop(child);
+    rt.block_on(async {
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn migrate_records_a_new_time_zone_and_refuses_an_unknown_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tz.db");
+    let db = db.to_str().unwrap();
+    let out = spendguard(&["migrate", "--database", db, "--time-zone", "Asia/Tokyo"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("time zone is now Asia/Tokyo"));
+    let out = spendguard(&["migrate", "--database", db, "--time-zone", "Mars/Olympus"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`Mars/Olympus` is not a time zone"));
+}
