@@ -5,6 +5,7 @@ mod analytics;
 mod api;
 mod browser;
 mod concurrency;
+mod contract;
 mod hostile;
 mod isolation;
 mod support;
