@@ -6,6 +6,7 @@ mod api;
 mod browser;
 mod concurrency;
 mod contract;
+mod fuzz;
 mod hostile;
 mod isolation;
 mod support;
