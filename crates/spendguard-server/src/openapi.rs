@@ -230,7 +230,7 @@ fn redirect(description: &str) -> Value {
 }
 
 /// The error answers a route can give, each with the error shape.
-fn errors(route: &crate::RouteDoc, error: &Schema) -> Vec<(&'static str, &'static str)> {
+fn errors(route: &crate::RouteDoc) -> Vec<(&'static str, &'static str)> {
     let mut out = vec![("400", "Invalid input (query string, path, body)")];
     if route.auth {
         out.push(("401", "No key, or an unknown or revoked one"));
@@ -262,7 +262,6 @@ fn errors(route: &crate::RouteDoc, error: &Schema) -> Vec<(&'static str, &'stati
             "The store is unavailable (on_store_error = \"deny\") or shutting down",
         ));
     }
-    let _ = error;
     out
 }
 
@@ -376,7 +375,7 @@ pub fn document() -> Value {
             route.answer,
             Answer::Html | Answer::Dashboard | Answer::Redirect
         ) {
-            for (code, what) in errors(route, &error) {
+            for (code, what) in errors(route) {
                 responses.entry(code).or_insert_with(|| {
                     let mut r = json!({
                         "description": what,
@@ -502,4 +501,67 @@ fn not_null(mut s: Value) -> Value {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(o) => {
+                if let Some(Value::String(r)) = o.get("$ref") {
+                    out.push(r);
+                }
+                o.values().for_each(|v| refs(v, out));
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_reference_resolves() {
+        let doc = document();
+        let mut all = Vec::new();
+        refs(&doc, &mut all);
+        assert!(all.len() > 20, "{all:?}");
+        for r in all {
+            let name = r
+                .strip_prefix("#/components/schemas/")
+                .unwrap_or_else(|| panic!("{r} points outside the components"));
+            assert!(
+                doc["components"]["schemas"].get(name).is_some(),
+                "{r} is not defined"
+            );
+        }
+    }
+
+    #[test]
+    fn the_user_overrides_schema_names_the_stored_fields() {
+        // The core type has no schema of its own (the core depends on no schema crate).
+        let stored = serde_json::to_value(spendguard_core::UserOverrides::default()).unwrap();
+        let mut stored: Vec<&String> = stored.as_object().unwrap().keys().collect();
+        stored.sort();
+        let doc = document();
+        let schema = &doc["components"]["schemas"]["UserOverridesSchema"];
+        let mut documented: Vec<&String> =
+            schema["properties"].as_object().unwrap().keys().collect();
+        documented.sort();
+        assert_eq!(documented, stored);
+        assert_eq!(schema["additionalProperties"], false);
+    }
+
+    #[test]
+    fn query_parameters_are_never_null() {
+        let doc = document();
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                for p in op["parameters"].as_array().into_iter().flatten() {
+                    let text = p["schema"].to_string();
+                    assert!(!text.contains("null"), "{method} {path}: {p}");
+                }
+            }
+        }
+    }
 }
