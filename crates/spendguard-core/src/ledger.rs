@@ -936,6 +936,26 @@ impl Ledger {
         })
     }
 
+    /// Every budget override, sorted by scope (kind, then ids).
+    pub fn budget_overrides(&self) -> Vec<(ScopeKey, BudgetOverride)> {
+        let o = self.overrides.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = o.budgets.iter().map(|(k, b)| (k.clone(), *b)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Every user's stored overrides, sorted by tenant, then user.
+    pub fn all_user_overrides(&self) -> Vec<(TenantId, UserId, UserOverrides)> {
+        let o = self.overrides.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = o
+            .users
+            .iter()
+            .map(|((t, u), (overrides, _))| (t.clone(), u.clone(), overrides.clone()))
+            .collect();
+        v.sort_by(|a, b| (a.0.as_str(), a.1.as_str()).cmp(&(b.0.as_str(), b.1.as_str())));
+        v
+    }
+
     pub fn user_overrides(&self, tenant: &TenantId, user: &UserId) -> Option<UserOverrides> {
         let o = self.overrides.read().unwrap_or_else(|e| e.into_inner());
         o.users

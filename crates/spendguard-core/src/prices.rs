@@ -150,6 +150,11 @@ impl PriceTable {
         self.unknown
     }
 
+    /// The price of unknown models under the `default_cost` policy.
+    pub fn default_price(&self) -> Option<&Price> {
+        self.default_price.as_ref()
+    }
+
     pub fn len(&self) -> usize {
         self.models.len()
     }

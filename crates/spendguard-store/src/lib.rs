@@ -208,10 +208,13 @@ impl Default for OpenOptions {
 enum Target<'a> {
     Postgres(&'a str),
     Sqlite(&'a str),
+    /// A URL of a scheme spendguard does not speak (`mysql://…`): the scheme.
+    Unsupported(&'a str),
 }
 
 /// `postgres://…` and `postgresql://…` are PostgreSQL; `sqlite://path`, `sqlite:path` and
-/// anything else are a SQLite file path.
+/// plain paths are a SQLite file path; any other `scheme://` is unsupported (not a file
+/// named after the URL).
 fn target(url: &str) -> Target<'_> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Target::Postgres(url)
@@ -219,9 +222,24 @@ fn target(url: &str) -> Target<'_> {
         Target::Sqlite(path)
     } else if let Some(path) = url.strip_prefix("sqlite:") {
         Target::Sqlite(path)
+    } else if let Some((scheme, _)) = url.split_once("://")
+        && !scheme.is_empty()
+        && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    {
+        Target::Unsupported(scheme)
     } else {
         Target::Sqlite(url)
     }
+}
+
+fn unsupported(scheme: &str) -> StoreError {
+    StoreError::Invalid(format!(
+        "unsupported database URL (scheme `{scheme}`): use a SQLite file path, \
+         sqlite://PATH or postgres://USER@HOST:PORT/DATABASE"
+    ))
 }
 
 /// A store of either backend, chosen by URL.
@@ -348,7 +366,23 @@ impl AnyStore {
         Ok(match target(url) {
             Target::Postgres(url) => AnyStore::Postgres(PostgresStore::open(url, options).await?),
             Target::Sqlite(path) => AnyStore::Sqlite(SqliteStore::open(path, options).await?),
+            Target::Unsupported(scheme) => return Err(unsupported(scheme)),
         })
+    }
+
+    /// Like [`AnyStore::open`], but never creates a database: a SQLite file that does not
+    /// exist is an error (for readers, where a mistyped path must not answer "no usage").
+    pub async fn open_existing(url: &str, options: &OpenOptions) -> Result<AnyStore, StoreError> {
+        if let Target::Sqlite(path) = target(url)
+            && path != ":memory:"
+            && !std::path::Path::new(path).exists()
+        {
+            return Err(StoreError::Invalid(format!(
+                "the SQLite database {path} does not exist (check --database or \
+                 server.database; `spendguard migrate` creates it)"
+            )));
+        }
+        AnyStore::open(url, options).await
     }
 
     /// Applies the migrations not applied yet (`open` does it already).
@@ -496,6 +530,8 @@ mod tests {
             target("./data/db.sqlite"),
             Target::Sqlite("./data/db.sqlite")
         );
+        assert_eq!(target("mysql://h/db"), Target::Unsupported("mysql"));
+        assert_eq!(target("data/x://y"), Target::Sqlite("data/x://y"));
     }
 
     #[test]

@@ -82,7 +82,11 @@ fn map_err(e: tokio_postgres::Error) -> StoreError {
             _ => StoreError::Invalid(text),
         };
     }
-    let text = e.to_string();
+    let mut text = e.to_string();
+    // The cause ("Connection refused", "failed to lookup address") is the source's.
+    if let Some(cause) = std::error::Error::source(&e) {
+        text = format!("{text}: {cause}");
+    }
     if text.starts_with("error deserializing") || text.starts_with("invalid column") {
         StoreError::Corrupt(text)
     } else if text.starts_with("error serializing") {
@@ -333,6 +337,29 @@ fn describe(config: &Config) -> String {
         .or(config.get_user())
         .unwrap_or("postgres");
     format!("PostgreSQL database `{db}`")
+}
+
+/// `host:port` of the servers a configuration names (never its password).
+fn server_of(config: &Config) -> String {
+    let ports = config.get_ports();
+    let servers: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match h {
+                tokio_postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(p) => format!("{}:{port}", p.display()),
+            }
+        })
+        .collect();
+    if servers.is_empty() {
+        "localhost:5432".into()
+    } else {
+        servers.join(", ")
+    }
 }
 
 async fn take_lock(config: &Config, name: &str) -> Result<LockConn, StoreError> {
@@ -723,6 +750,22 @@ impl PostgresStore {
             config.application_name("spendguard");
         }
         let name = describe(&config);
+        let server = server_of(&config);
+        PostgresStore::connect_named(config, options, name)
+            .await
+            .map_err(|e| match e {
+                StoreError::Unavailable(why) => {
+                    StoreError::Unavailable(format!("PostgreSQL at {server}: {why}"))
+                }
+                other => other,
+            })
+    }
+
+    async fn connect_named(
+        config: Config,
+        options: &OpenOptions,
+        name: String,
+    ) -> Result<PostgresStore, StoreError> {
         let manager = Manager::from_config(
             config.clone(),
             NoTls,

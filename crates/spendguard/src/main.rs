@@ -221,6 +221,21 @@ async fn open_store(config: &Config, writer: bool) -> anyhow::Result<AnyStore> {
     }
 }
 
+/// Opens an existing database for the read commands: a mistyped path is an error, not a
+/// new, empty database.
+async fn open_existing_store(config: &Config) -> anyhow::Result<AnyStore> {
+    let options = OpenOptions {
+        take_writer_lock: false,
+        ..OpenOptions::default()
+    };
+    match AnyStore::open_existing(&config.server.database, &options).await {
+        Ok(s) => Ok(s),
+        Err(StoreError::Locked(why)) => bail!("{why}"),
+        // The URL is not echoed: it may hold a password.
+        Err(e) => Err(e).context("failed to open the usage database"),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { common, listen } => {
@@ -303,9 +318,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Config(ConfigCommand::Check { file }) => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("failed to read {}", file.display()))?;
-            let (config, policy) = spendguard_core::config::load(&text)
+            // The same layering and checks as `serve`: the file, the environment, then
+            // every validation `serve` runs before it starts.
+            let config = load_config(&Common {
+                config: Some(file.clone()),
+                database: None,
+            })?;
+            let (policy, _) = checked(&config)
                 .with_context(|| format!("{} is not a valid configuration", file.display()))?;
             println!(
                 "{} is valid: time zone {}, {} tiers (default `{}`), {} priced models",
@@ -424,7 +443,7 @@ fn usage(
         None => cal.date_of(spendguard_guard::Clock::now(&SystemClock)),
     };
     runtime()?.block_on(async {
-        let store = open_store(&config, false).await?;
+        let store = open_existing_store(&config).await?;
         let models = store
             .user_day(&tenant, &user, cal.date_start(date))
             .await
@@ -490,7 +509,7 @@ fn report(
     let spec = reports::ReportSpec::new(cal, now, from, to, Some(group_by), tenant, limit)
         .map_err(anyhow::Error::msg)?;
     runtime()?.block_on(async {
-        let store = open_store(&config, false).await?;
+        let store = open_existing_store(&config).await?;
         let report = store
             .report(&spec.query)
             .await
@@ -531,7 +550,7 @@ fn alerts(common: &Common, all: bool, tenant: Option<&str>, format: &str) -> any
         .calendar
         .periods(spendguard_guard::Clock::now(&SystemClock));
     runtime()?.block_on(async {
-        let store = open_store(&config, false).await?;
+        let store = open_existing_store(&config).await?;
         let list = store
             .alerts(&spendguard_store::AlertQuery {
                 tenant,
@@ -602,21 +621,28 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
-    let policy = config.validate().context("invalid configuration")?;
+/// Every check `serve` makes of its configuration before it starts (`config check` runs
+/// them too): the validated policy and the alert settings (with the environment's secret).
+fn checked(config: &Config) -> anyhow::Result<(spendguard_core::Policy, AlertSettings)> {
+    let policy = config.validate()?;
     let secret = std::env::var("SPENDGUARD_WEBHOOK_SECRET")
         .ok()
         .filter(|s| !s.is_empty());
-    let alert_settings =
-        AlertSettings::from_config(&config.alerts, secret).context("invalid configuration")?;
+    let alert_settings = AlertSettings::from_config(&config.alerts, secret)?;
+    Ok((policy, alert_settings))
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let (policy, alert_settings) = checked(&config).context("invalid configuration")?;
     init_logging(config.server.log_format);
     runtime()?.block_on(async move {
-        // Listening first: a port in use fails before anything else happens, and while the
-        // database cannot be reached, health checks get an answer.
+        // Listening first: a port in use fails before anything else happens (a failed start
+        // must not have printed, and stored, a new admin key), and while the database cannot
+        // be reached, health checks get an answer.
         let listener = std::net::TcpListener::bind(&config.server.listen).with_context(|| {
             format!(
-                "failed to listen on {} (is another process using it? choose another address \
-                 with --listen or SPENDGUARD_LISTEN)",
+                "failed to listen on {}; if another process uses it, choose another address \
+                 with --listen (or SPENDGUARD_LISTEN, or server.listen)",
                 config.server.listen
             )
         })?;

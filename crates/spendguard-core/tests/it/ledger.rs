@@ -325,7 +325,10 @@ fn record_without_cost_uses_the_price_table_and_the_fallback_for_unpriced_models
         idempotency_key: None,
     };
     let listed = l.record(&rec, T0).unwrap().value;
-    assert_eq!((listed.cost, listed.pricing), (usd("2.50"), Pricing::Catalog));
+    assert_eq!(
+        (listed.cost, listed.pricing),
+        (usd("2.50"), Pricing::Catalog)
+    );
     // A call on a model without a price already happened: it is recorded, at the
     // conservative fallback price (no `default_price` is configured), and marked so.
     rec.subject.model = ModelName::parse("mystery-model").unwrap();
