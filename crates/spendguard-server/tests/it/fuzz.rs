@@ -27,20 +27,6 @@ fn schemathesis() -> Option<PathBuf> {
     venv.exists().then_some(venv)
 }
 
-fn skipped(why: &str) {
-    eprintln!("SKIPPED: {why}");
-    if let Ok(log) = std::env::var("SPENDGUARD_TEST_SKIP_LOG") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-        {
-            let _ = writeln!(f, "fuzz: {why}");
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_server_error_and_nothing_undocumented() {
     let Some(st) = schemathesis() else {
