@@ -117,8 +117,7 @@ impl From<LedgerError> for ApiError {
             LedgerError::UnknownTier(_)
             | LedgerError::InvalidTtl { .. }
             | LedgerError::ExpiredStatus
-            | LedgerError::Overflow
-            | LedgerError::Unpriced(_) => ApiError::bad_request(message),
+            | LedgerError::Overflow => ApiError::bad_request(message),
         }
     }
 }
@@ -162,6 +161,11 @@ impl From<GuardError> for ApiError {
                 "the usage store refused this change for good; it was not applied and was kept \
                  for an operator",
             ),
+            // Only at start-up.
+            e @ GuardError::TimeZoneChanged { .. } => {
+                tracing::error!(error = %e, "unexpected start-up error while answering a request");
+                ApiError::internal()
+            }
         }
     }
 }

@@ -465,7 +465,22 @@ CREATE UNIQUE INDEX webhook_deliveries_alert_url ON webhook_deliveries (alert_id
         ),
     ),
     (
-        // 3 is taken by another change on its way; 4 follows 2 until it lands.
+        3,
+        r#"
+-- How each record was priced (NULL: written before this column existed).
+ALTER TABLE ai_usage ADD COLUMN pricing TEXT
+    CHECK (pricing IN ('catalog', 'caller', 'estimate', 'default', 'free'));
+-- Keyed reservations are answered from here on retries memory no longer knows.
+CREATE INDEX reservations_idempotency ON reservations (tenant_id, idempotency_key, created_at)
+    WHERE idempotency_key IS NOT NULL;
+-- Facts about the database itself (its time zone, its identity).
+CREATE TABLE settings (
+    key TEXT NOT NULL PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT, WITHOUT ROWID;
+"#,
+    ),
+    (
         4,
         r#"
 -- Events the store refused for good (a value it cannot hold): kept with the error, so
@@ -477,13 +492,9 @@ CREATE TABLE dead_letters (
     created_at INTEGER NOT NULL
 ) STRICT;
 
--- Facts about this database. `database_id` names it in the spool's header, so a spool is
--- never replayed into another database.
-CREATE TABLE spendguard_meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-) STRICT;
-INSERT INTO spendguard_meta (key, value) VALUES ('database_id', lower(hex(randomblob(16))));
+-- This database's identity, named in the spool's header, so a spool is never replayed into
+-- another database.
+INSERT INTO settings (key, value) VALUES ('database_id', lower(hex(randomblob(16))));
 "#,
     ),
 ];
@@ -648,7 +659,22 @@ CREATE UNIQUE INDEX webhook_deliveries_alert_url ON webhook_deliveries (alert_id
         ),
     ),
     (
-        // 3 is taken by another change on its way; 4 follows 2 until it lands.
+        3,
+        r#"
+-- How each record was priced (NULL: written before this column existed).
+ALTER TABLE ai_usage ADD COLUMN pricing text
+    CHECK (pricing IN ('catalog', 'caller', 'estimate', 'default', 'free'));
+-- Keyed reservations are answered from here on retries memory no longer knows.
+CREATE INDEX reservations_idempotency ON reservations (tenant_id, idempotency_key, created_at)
+    WHERE idempotency_key IS NOT NULL;
+-- Facts about the database itself (its time zone, its identity).
+CREATE TABLE settings (
+    key text PRIMARY KEY,
+    value text NOT NULL
+);
+"#,
+    ),
+    (
         4,
         r#"
 -- Events the store refused for good (a value it cannot hold): kept with the error, so
@@ -661,13 +687,9 @@ CREATE TABLE dead_letters (
     created_at timestamptz NOT NULL
 );
 
--- Facts about this database. `database_id` names it in the spool's header, so a spool is
--- never replayed into another database.
-CREATE TABLE spendguard_meta (
-    key text PRIMARY KEY,
-    value text NOT NULL
-);
-INSERT INTO spendguard_meta (key, value)
+-- This database's identity, named in the spool's header, so a spool is never replayed into
+-- another database.
+INSERT INTO settings (key, value)
 VALUES ('database_id', md5(random()::text || clock_timestamp()::text));
 "#,
     ),
@@ -679,15 +701,9 @@ mod tests {
 
     #[test]
     fn versions_ascend_without_gaps() {
-        // Version 3 is reserved for a change not merged yet; 4 may follow 2 meanwhile.
         for list in [SQLITE, POSTGRES] {
-            let mut expected = 1;
-            for (v, _) in list.iter() {
-                if *v == 4 && expected == 3 {
-                    expected = 4;
-                }
-                assert_eq!(*v, expected);
-                expected += 1;
+            for (i, (v, _)) in list.iter().enumerate() {
+                assert_eq!(*v, i as i64 + 1);
             }
         }
     }

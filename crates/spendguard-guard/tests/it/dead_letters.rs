@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use spendguard_core::*;
 use spendguard_guard::{GuardOptions, StoreHealth, SystemClock};
-use spendguard_store::{AnyStore, DeadLetter, OpenOptions, ReservationState, Store, StoreError};
+use spendguard_store::{AnyStore, DeadLetter, OpenOptions, Store, StoreError, StoredReservation};
 use uuid::Uuid;
 
 use crate::support::*;
@@ -37,11 +37,21 @@ impl<S: Store> Store for PoisonStore<S> {
     async fn usage(&self, id: Uuid) -> Result<Option<UsageRecord>, StoreError> {
         self.inner.usage(id).await
     }
-    async fn reservation(
-        &self,
-        id: Uuid,
-    ) -> Result<Option<(ReservationState, Option<UsageRecord>)>, StoreError> {
+    async fn reservation(&self, id: Uuid) -> Result<Option<StoredReservation>, StoreError> {
         self.inner.reservation(id).await
+    }
+    async fn reservation_by_key(
+        &self,
+        tenant: &TenantId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<StoredReservation>, StoreError> {
+        self.inner.reservation_by_key(tenant, key).await
+    }
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.inner.setting(key).await
+    }
+    async fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.inner.put_setting(key, value).await
     }
     async fn usage_by_key(
         &self,

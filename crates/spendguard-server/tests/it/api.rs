@@ -462,11 +462,11 @@ async fn deny_mode_answers_503_while_the_store_is_down() {
 /// the reason, and shows in the metrics; the failed commit is an error, not a success.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_spool_makes_readyz_503_with_the_reason() {
-    let faults = spendguard_guard::spool::Faults::default();
-    let fail = faults.fail_appends.clone();
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let faults = fail.clone();
     let s = spawn_with(CONFIG, |o| {
         o.retry_interval = std::time::Duration::from_millis(100);
-        o.spool_faults = faults;
+        o.spool_faults = Some(faults);
     })
     .await;
     let (st, r) = s

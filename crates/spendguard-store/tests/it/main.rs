@@ -23,6 +23,7 @@ macro_rules! conformance {
             conformance::concurrent_batches_are_serializable,
             conformance::large_batches_count_each_record_once,
             conformance::api_keys_round_trip,
+            conformance::keyed_reservations_and_settings_round_trip,
             conformance::database_id_is_stable_and_dead_letters_are_kept_once,
             conformance::a_gap_in_the_migrations_is_filled_later,
             conformance::a_broken_schema_is_a_transient_error,
