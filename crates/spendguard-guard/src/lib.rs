@@ -9,10 +9,17 @@
 //! - **Outages.** When the store fails, batches go to the [`spool`] (checksummed, synced), the
 //!   ledger keeps enforcing exactly from memory, and the writer replays the spool, in order,
 //!   once the store answers again. The store applies events idempotently, so a batch replayed
-//!   twice (a crash between replay and truncation) counts once. With
+//!   twice (a crash between replay and truncation) counts once. A batch the store refuses
+//!   for good (a value it cannot hold) is split until the refused events are alone; they
+//!   become dead letters and their callers get [`GuardError::Rejected`], the rest is stored,
+//!   and nothing waits behind them. With
 //!   `on_store_error = "deny"`, new reservations are refused (503) while the store is
 //!   unreachable; acknowledged spend is still spooled, never lost.
-//! - **Start-up.** The spool is replayed first, then the current windows' counters and the
+//! - **Failures are visible.** The expiry sweeper survives its errors (logged, counted,
+//!   retried); [`Guard::problems`] reports a failing spool, a stopped writer or a failing
+//!   sweeper, for `/readyz`.
+//! - **Start-up.** The spool is replayed first (a damaged spool, or one of another
+//!   database, refuses the start and is left as it is), then the current windows' counters and the
 //!   open reservations are loaded (O(active scopes)); reservations whose TTL passed while the
 //!   service was down are expired at once.
 
@@ -32,7 +39,7 @@ use spendguard_core::{
     Settlement, TenantId, TierName, UsageRecord, UserId, UserOverrides, late_usage_id,
     reserve_fingerprint,
 };
-use spendguard_store::{ReservationState, Store, StoreError, settings};
+use spendguard_store::{DeadLetter, ReservationState, Store, StoreError, settings};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -127,6 +134,14 @@ pub enum GuardError {
     Store(#[from] StoreError),
     #[error("the spool could not be written: {0}")]
     Spool(std::io::Error),
+    /// The spool cannot be used as it is (damaged, another database's, another format);
+    /// the message names the file and the byte offset. Nothing was removed from it.
+    #[error("{0}")]
+    SpoolRefused(std::io::Error),
+    /// The store refused this change for a reason retrying cannot cure (a value it cannot
+    /// hold). It was not stored; it was kept as a dead letter with the error.
+    #[error("the store refused this change, which was kept as a dead letter: {0}")]
+    Rejected(String),
     #[error("spendguard is shutting down")]
     ShuttingDown,
     /// The configured time zone is not the one the database's windows are counted in.
@@ -162,7 +177,22 @@ pub struct WriterStats {
     pub events: u64,
     pub last_batch_size: u64,
     pub store_errors: u64,
+    /// Events the store refused for good, kept as dead letters since start.
+    pub dead_letters: u64,
+    /// Spool appends (or reads) that failed since start.
+    pub spool_failures: u64,
+    /// The last spool append or read failed (the service is not ready).
+    pub spool_failing: bool,
+    /// The writer task is running.
+    pub writer_running: bool,
+    /// Expiry sweeps that failed since start.
+    pub sweep_failures: u64,
+    /// Expiry sweeps that failed in a row (0 when the last one worked).
+    pub sweeps_failing: u64,
 }
+
+/// Sweeps that fail in a row before the service reports itself not ready.
+const SWEEP_FAILURES_NOT_READY: u64 = 3;
 
 #[derive(Debug, Default)]
 struct Stats {
@@ -172,6 +202,21 @@ struct Stats {
     events: AtomicU64,
     last_batch: AtomicU64,
     store_errors: AtomicU64,
+    dead_letters: AtomicU64,
+    spool_failures: AtomicU64,
+    spool_failing: AtomicBool,
+    writer_running: AtomicBool,
+    sweep_failures: AtomicU64,
+    sweeps_failing: AtomicU64,
+}
+
+/// Marks the writer as stopped when its task ends, also by a panic.
+struct Running(Arc<Stats>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.writer_running.store(false, Ordering::SeqCst);
+    }
 }
 
 type Ack = oneshot::Sender<Result<(), GuardError>>;
@@ -182,6 +227,9 @@ enum Write {
     Events(Vec<Event>, Option<Ack>, Option<Ticket>),
     Close,
 }
+
+/// An event the store refused for good: its index in the batch and the error.
+type Refused = (usize, StoreError);
 
 /// The ledger plus its durable writer. Clone it freely (it is an `Arc`).
 pub struct Guard<S: Store> {
@@ -235,17 +283,26 @@ impl<S: Store> Guard<S> {
     ) -> Result<Guard<S>, GuardError> {
         let store = Arc::new(store);
         check_time_zone(&*store, &policy).await?;
-        let mut spool = Spool::open(&options.spool_path).map_err(GuardError::Spool)?;
+        let database_id = store.database_id().await?;
+        let mut spool =
+            Spool::open(&options.spool_path, &database_id).map_err(GuardError::SpoolRefused)?;
+        if let Some(fail) = &options.spool_faults {
+            spool.set_faults(spool::Faults {
+                fail_appends: fail.clone(),
+            });
+        }
+        let stats = Arc::new(Stats::default());
         if !spool.is_empty() {
-            let batches = spool.read_all().map_err(GuardError::Spool)?;
             tracing::info!(
-                batches = batches.len(),
+                batches = spool.depth(),
+                path = %spool.path().display(),
                 "replaying the spool into the store"
             );
-            for batch in &batches {
-                store.apply(batch).await?;
+            match drain_spool(&*store, &mut spool, &stats).await {
+                Drain::Empty => {}
+                Drain::StoreDown(e) => return Err(e.into()),
+                Drain::Failed(e) => return Err(GuardError::SpoolRefused(e)),
             }
-            spool.clear().map_err(GuardError::Spool)?;
         }
         let now = clock.now();
         let periods = policy.calendar.periods(now);
@@ -267,7 +324,7 @@ impl<S: Store> Guard<S> {
             );
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        let stats = Arc::new(Stats::default());
+        stats.writer_running.store(true, Ordering::SeqCst);
         let watch = Arc::new(SpendWatch::default());
         let writer = tokio::spawn(writer(
             store.clone(),
@@ -297,6 +354,8 @@ impl<S: Store> Guard<S> {
         guard.sweep().await?;
         let weak = Arc::downgrade(&guard.inner);
         let every = guard.inner.options.sweep_interval;
+        // The sweeper never gives up: a failed sweep is logged, counted and retried at the
+        // next tick (the writer reopened the expiries it could not persist).
         let sweeper = tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -304,9 +363,23 @@ impl<S: Store> Guard<S> {
                 tick.tick().await;
                 let Some(inner) = weak.upgrade() else { return };
                 let g = Guard { inner };
-                if let Err(e) = g.sweep().await {
-                    tracing::debug!(error = %e, "expiry sweep stopped");
-                    return;
+                let stats = &g.inner.stats;
+                match g.sweep().await {
+                    Ok(()) => {
+                        if stats.sweeps_failing.swap(0, Ordering::Relaxed) > 0 {
+                            tracing::info!("the expiry sweep works again");
+                        }
+                    }
+                    Err(GuardError::ShuttingDown) => return,
+                    Err(e) => {
+                        stats.sweep_failures.fetch_add(1, Ordering::Relaxed);
+                        let in_a_row = stats.sweeps_failing.fetch_add(1, Ordering::Relaxed) + 1;
+                        tracing::warn!(
+                            error = %e,
+                            in_a_row,
+                            "the expiry sweep failed; retrying at the next tick"
+                        );
+                    }
                 }
             }
         });
@@ -347,6 +420,12 @@ impl<S: Store> Guard<S> {
             events: s.events.load(Ordering::Relaxed),
             last_batch_size: s.last_batch.load(Ordering::Relaxed),
             store_errors: s.store_errors.load(Ordering::Relaxed),
+            dead_letters: s.dead_letters.load(Ordering::Relaxed),
+            spool_failures: s.spool_failures.load(Ordering::Relaxed),
+            spool_failing: s.spool_failing.load(Ordering::Relaxed),
+            writer_running: s.writer_running.load(Ordering::Relaxed),
+            sweep_failures: s.sweep_failures.load(Ordering::Relaxed),
+            sweeps_failing: s.sweeps_failing.load(Ordering::Relaxed),
         }
     }
 
@@ -357,9 +436,33 @@ impl<S: Store> Guard<S> {
         }
     }
 
-    /// True when the service can admit reservations (it always can in `spool` mode).
+    /// True when the service can admit reservations and make them durable: no entry in
+    /// [`Guard::problems`]. (Only the first problem, the store down in `deny` mode, refuses
+    /// reservations; the others are reported, and the next write that works clears a spool
+    /// failure.)
     pub fn ready(&self) -> bool {
-        self.health() == StoreHealth::Ok || self.inner.options.on_store_error == OnStoreError::Spool
+        self.problems().is_empty()
+    }
+
+    /// Why the service is not ready, if it is not: the store is down in `deny` mode, the
+    /// last spool append (or read) failed, the writer stopped, or the expiry sweep failed
+    /// several times in a row.
+    pub fn problems(&self) -> Vec<&'static str> {
+        let s = self.stats();
+        let mut problems = Vec::new();
+        if s.health == StoreHealth::Spooling && s.on_store_error == OnStoreError::Deny {
+            problems.push("the store is unavailable and on_store_error is \"deny\"");
+        }
+        if s.spool_failing {
+            problems.push("the spool cannot be written or read");
+        }
+        if !s.writer_running {
+            problems.push("the writer is not running");
+        }
+        if s.sweeps_failing >= SWEEP_FAILURES_NOT_READY {
+            problems.push("the expiry sweep keeps failing");
+        }
+        problems
     }
 
     /// Hands an event to the writer and waits until it is durable. The ticket, if any, is
@@ -392,7 +495,8 @@ impl<S: Store> Guard<S> {
         }
     }
 
-    /// Expires overdue reservations and persists the `expired` records.
+    /// Expires overdue reservations and persists the `expired` records. If they cannot be
+    /// made durable, the writer reopens them in memory, so the next sweep expires them again.
     pub async fn sweep(&self) -> Result<(), GuardError> {
         let events = self.inner.ledger.expire(self.now());
         if events.is_empty() {
@@ -413,7 +517,9 @@ impl<S: Store> Guard<S> {
         &self,
         mut req: ReserveRequest,
     ) -> Result<Result<Reserved, CheckOutcome>, GuardError> {
-        if !self.ready() {
+        if self.health() == StoreHealth::Spooling
+            && self.inner.options.on_store_error == OnStoreError::Deny
+        {
             return Err(GuardError::Unavailable);
         }
         let ticket = self
@@ -706,6 +812,7 @@ async fn writer<S: Store>(
     options: GuardOptions,
     watch: Arc<SpendWatch>,
 ) {
+    let _running = Running(stats.clone());
     let mut closing = false;
     let mut retry = tokio::time::interval(options.retry_interval);
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -719,12 +826,16 @@ async fn writer<S: Store>(
         };
         let Some(first) = first else { break };
         let mut events = Vec::new();
-        let mut acks = Vec::new();
+        // Each caller's events: the range they fill in `events`.
+        let mut acks: Vec<(std::ops::Range<usize>, Ack)> = Vec::new();
         let mut tickets = Vec::new();
-        let mut take = |w: Write, events: &mut Vec<Event>, acks: &mut Vec<Ack>| match w {
+        let mut take = |w: Write, events: &mut Vec<Event>, acks: &mut Vec<_>| match w {
             Write::Events(e, ack, ticket) => {
+                let start = events.len();
                 events.extend(e);
-                acks.extend(ack);
+                if let Some(ack) = ack {
+                    acks.push((start..events.len(), ack));
+                }
                 tickets.extend(ticket);
                 false
             }
@@ -740,10 +851,23 @@ async fn writer<S: Store>(
         if events.is_empty() {
             continue;
         }
-        let result = write_batch(&*store, &mut spool, &stats, &events, &options).await;
+        let result = write_batch(&*store, &mut spool, &stats, &events).await;
         match &result {
             // Durable now: the alert engine may look at these scopes.
-            Ok(()) => watch.note(&events),
+            Ok(refused) if refused.is_empty() => watch.note(&events),
+            // The refused events are not in the store: memory goes back for them too (but
+            // an expiry stays: reopening it would only be refused again at the next sweep).
+            Ok(refused) => {
+                let mut stored = Vec::with_capacity(events.len());
+                for (i, event) in events.iter().enumerate() {
+                    if !refused.iter().any(|(r, _)| *r == i) {
+                        stored.push(event.clone());
+                    } else if !matches!(event, Event::Expired { .. }) {
+                        ledger.revert(event);
+                    }
+                }
+                watch.note(&stored);
+            }
             // Neither in the store nor in the spool: memory goes back to what is durable
             // before anyone is answered, so no answer or retry sees spend that is not there.
             Err(e) => {
@@ -760,9 +884,12 @@ async fn writer<S: Store>(
         stats
             .last_batch
             .store(events.len() as u64, Ordering::Relaxed);
-        for ack in acks {
+        for (range, ack) in acks {
             let r = match &result {
-                Ok(()) => Ok(()),
+                Ok(refused) => match refused.iter().find(|(i, _)| range.contains(i)) {
+                    None => Ok(()),
+                    Some((_, e)) => Err(GuardError::Rejected(e.to_string())),
+                },
                 Err(e) => Err(GuardError::Spool(std::io::Error::new(
                     e.kind(),
                     e.to_string(),
@@ -779,77 +906,222 @@ async fn writer<S: Store>(
     }
 }
 
+/// Store errors that a retry may cure: the events are kept (spooled) and retried. Any other
+/// error means the store will never take the batch as it is.
+fn transient(e: &StoreError) -> bool {
+    matches!(e, StoreError::Unavailable(_) | StoreError::Locked(_))
+}
+
+/// Applies `events`, in order; when the store refuses a part for good, splits it in halves
+/// until each refused event is alone, and applies all the others. Returns the refused
+/// events (index and error), or the first transient error (after which the caller keeps
+/// the whole batch: re-applying the part already stored changes nothing).
+async fn apply_isolating<S: Store>(
+    store: &S,
+    events: &[Event],
+) -> Result<Vec<Refused>, StoreError> {
+    let mut refused = Vec::new();
+    // Ranges still to apply, the next on top: halves are pushed right first, so events
+    // are applied in their order.
+    let mut todo: Vec<std::ops::Range<usize>> = Vec::new();
+    todo.push(0..events.len());
+    while let Some(range) = todo.pop() {
+        match store.apply(&events[range.clone()]).await {
+            Ok(()) => {}
+            Err(e) if transient(&e) => return Err(e),
+            Err(e) if range.len() == 1 => refused.push((range.start, e)),
+            Err(_) => {
+                let mid = range.start + range.len() / 2;
+                todo.push(mid..range.end);
+                todo.push(range.start..mid);
+            }
+        }
+    }
+    Ok(refused)
+}
+
+/// Keeps refused events as dead letters: in the store's `dead_letters` table, or, if the
+/// store cannot take even that, in a JSON-lines file beside the spool (synced). Counted in
+/// [`WriterStats::dead_letters`] and logged at error.
+async fn dead_letter<S: Store>(
+    store: &S,
+    spool: &Spool,
+    stats: &Stats,
+    events: &[Event],
+    refused: &[Refused],
+) -> std::io::Result<()> {
+    let now = SystemClock.now();
+    let letters: Vec<DeadLetter> = refused
+        .iter()
+        .map(|(i, e)| {
+            let event = serde_json::to_string(&events[*i]).unwrap_or_default();
+            DeadLetter {
+                id: digest(&event),
+                event,
+                // PostgreSQL's `text` cannot hold U+0000, wherever it comes from.
+                error: e.to_string().replace('\0', "\\u0000"),
+                created_at: now,
+            }
+        })
+        .collect();
+    for l in &letters {
+        tracing::error!(
+            error = %l.error,
+            dead_letter = %l.id,
+            "the store refused an event for good; kept as a dead letter"
+        );
+    }
+    if let Err(e) = store.dead_letter(&letters).await {
+        let path = dead_letter_path(spool.path());
+        tracing::error!(
+            error = %e,
+            path = %path.display(),
+            "the store cannot keep the dead letters; writing them to a file"
+        );
+        append_dead_letters(&path, &letters)?;
+    }
+    stats
+        .dead_letters
+        .fetch_add(letters.len() as u64, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Where dead letters go when the store cannot keep them: beside the spool.
+pub fn dead_letter_path(spool: &std::path::Path) -> PathBuf {
+    let mut name = spool.file_name().unwrap_or_default().to_owned();
+    name.push(".dead-letters");
+    spool.with_file_name(name)
+}
+
+fn append_dead_letters(path: &std::path::Path, letters: &[DeadLetter]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut text = String::new();
+    for l in letters {
+        let line = serde_json::json!({
+            "id": l.id,
+            "event": serde_json::from_str::<serde_json::Value>(&l.event).unwrap_or_default(),
+            "error": l.error,
+            "created_at": l.created_at,
+        });
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_data()
+}
+
+/// The SHA-256 of `text`, in hex.
+fn digest(text: &str) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Writes one batch: to the store when the spool is empty (keeping order), else to the spool.
+/// Returns the events the store refused for good (dead-lettered; the rest are stored).
 /// Spool writes are synchronous file I/O on this task; they happen only during an outage.
 async fn write_batch<S: Store>(
     store: &S,
     spool: &mut Spool,
     stats: &Stats,
     events: &[Event],
-    options: &GuardOptions,
-) -> Result<(), std::io::Error> {
+) -> Result<Vec<Refused>, std::io::Error> {
     if spool.is_empty() {
-        match store.apply(events).await {
-            Ok(()) => return Ok(()),
+        match apply_isolating(store, events).await {
+            Ok(refused) => {
+                let kept = refused.is_empty()
+                    || match dead_letter(store, spool, stats, events, &refused).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot keep dead letters; spooling the batch");
+                            false
+                        }
+                    };
+                if kept {
+                    stats.spool_failing.store(false, Ordering::Relaxed);
+                    return Ok(refused);
+                }
+            }
             Err(e) => {
                 stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, events = events.len(), "store write failed; spooling");
             }
         }
     }
-    if options
-        .spool_faults
-        .as_ref()
-        .is_some_and(|f| f.load(Ordering::SeqCst))
-    {
-        return Err(std::io::Error::other(
-            "the spool cannot be written (injected fault)",
-        ));
+    if let Err(e) = spool.append(events) {
+        stats.spool_failures.fetch_add(1, Ordering::Relaxed);
+        stats.spool_failing.store(true, Ordering::Relaxed);
+        tracing::error!(
+            error = %e,
+            path = %spool.path().display(),
+            events = events.len(),
+            "cannot write to the spool; the batch's callers get an error"
+        );
+        return Err(e);
     }
-    spool.append(events)?;
+    stats.spool_failing.store(false, Ordering::Relaxed);
     stats.health.store(1, Ordering::Relaxed);
     stats.spool_depth.store(spool.depth(), Ordering::Relaxed);
-    Ok(())
+    Ok(Vec::new())
 }
 
-/// Replays the spool into the store, oldest batch first; empties it when all succeeded.
-/// While the store is down only the first batch is read and tried, so a long outage does
-/// not re-read a large spool at every retry.
-async fn drain_spool<S: Store>(store: &S, spool: &mut Spool, stats: &Stats) {
-    match spool.read_first() {
-        Ok(Some(first)) => {
-            if let Err(e) = store.apply(&first).await {
+/// How a replay of the spool ended.
+enum Drain {
+    /// Every batch reached the store (refused events as dead letters).
+    Empty,
+    /// The store is still unavailable; the rest of the spool waits.
+    StoreDown(StoreError),
+    /// The spool (or the dead-letter file) cannot be read or written.
+    Failed(std::io::Error),
+}
+
+/// Replays the spool into the store, oldest batch first, marking each applied batch; only
+/// what was applied is removed. While the store is down only the first pending batch is
+/// read and tried, so a long outage does not re-read a large spool at every retry.
+async fn drain_spool<S: Store>(store: &S, spool: &mut Spool, stats: &Stats) -> Drain {
+    let mut replayed = 0u64;
+    let path = spool.path().to_owned();
+    let failed = |e: std::io::Error, what: &str| {
+        stats.spool_failures.fetch_add(1, Ordering::Relaxed);
+        stats.spool_failing.store(true, Ordering::Relaxed);
+        tracing::error!(error = %e, path = %path.display(), "{what}");
+        Drain::Failed(e)
+    };
+    loop {
+        let (end, events) = match spool.next_pending() {
+            Ok(Some(next)) => next,
+            Ok(None) => break,
+            Err(e) => return failed(e, "cannot read the spool"),
+        };
+        match apply_isolating(store, &events).await {
+            Ok(refused) => {
+                if !refused.is_empty()
+                    && let Err(e) = dead_letter(store, spool, stats, &events, &refused).await
+                {
+                    return failed(e, "cannot keep dead letters from the spool");
+                }
+            }
+            Err(e) => {
                 stats.store_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "store still unavailable");
-                return;
+                return Drain::StoreDown(e);
             }
         }
-        Ok(None) => {}
-        Err(e) => {
-            tracing::error!(error = %e, path = %spool.path().display(), "cannot read the spool");
-            return;
+        if let Err(e) = spool.mark_applied(end) {
+            return failed(e, "cannot empty the spool");
         }
+        replayed += 1;
+        stats.spool_depth.store(spool.depth(), Ordering::Relaxed);
     }
-    let batches = match spool.read_all() {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::error!(error = %e, path = %spool.path().display(), "cannot read the spool");
-            return;
-        }
-    };
-    for batch in &batches {
-        if let Err(e) = store.apply(batch).await {
-            stats.store_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(error = %e, "store still unavailable");
-            return;
-        }
-    }
-    match spool.clear() {
-        Ok(()) => {
-            tracing::info!(batches = batches.len(), "spool replayed; the store is back");
-            stats.spool_depth.store(0, Ordering::Relaxed);
-            stats.health.store(0, Ordering::Relaxed);
-        }
-        Err(e) => tracing::error!(error = %e, "cannot clear the spool"),
-    }
+    tracing::info!(batches = replayed, "spool replayed; the store is back");
+    stats.spool_failing.store(false, Ordering::Relaxed);
+    stats.spool_depth.store(0, Ordering::Relaxed);
+    stats.health.store(0, Ordering::Relaxed);
+    Drain::Empty
 }

@@ -642,13 +642,11 @@ pub async fn release(
             }
         })?
     };
-    authorize_reservation(&state, &caller, id).await?;
     let reason = body.reason;
-    if reason.as_ref().is_some_and(|r| r.len() > 1024) {
-        return Err(ApiError::bad_request(
-            "reason is longer than 1024 characters",
-        ));
+    if let Some(r) = &reason {
+        free_text("reason", r, 1024)?;
     }
+    authorize_reservation(&state, &caller, id).await?;
     let s = state.guard.release(id, reason).await?;
     let state_name = match s {
         Settlement::Released { .. } => "released",
@@ -922,6 +920,23 @@ pub async fn revoke_api_key(
     }))
 }
 
+/// Checks a free text the server stores: at most `max` bytes and no U+0000, which
+/// PostgreSQL cannot hold in `text` (one such value would otherwise be refused by the store
+/// after the decision was made).
+fn free_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.len() > max {
+        return Err(ApiError::bad_request(format!(
+            "{field} is longer than {max} characters"
+        )));
+    }
+    if value.contains('\0') {
+        return Err(ApiError::bad_request(format!(
+            "{field} must not contain the NUL character (U+0000)"
+        )));
+    }
+    Ok(())
+}
+
 /// The process is up.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct HealthOut {
@@ -943,6 +958,10 @@ pub struct ReadyOut {
     pub on_store_error: spendguard_core::config::OnStoreError,
     /// Batches waiting in the spool for the store.
     pub spool_depth: u64,
+    /// Events the store refused for good since start, kept as dead letters.
+    pub dead_letters: u64,
+    /// Why the service is not ready (the spool, the writer, the sweeper, deny mode).
+    pub problems: Vec<&'static str>,
 }
 
 pub async fn readyz(State(state): State<AppState>) -> Response {
@@ -953,6 +972,8 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         store: stats.health,
         on_store_error: stats.on_store_error,
         spool_depth: stats.spool_depth,
+        dead_letters: stats.dead_letters,
+        problems: state.guard.problems(),
     };
     let status = if ready {
         StatusCode::OK

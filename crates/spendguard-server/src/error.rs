@@ -149,10 +149,18 @@ impl From<GuardError> for ApiError {
                     "the usage store failed",
                 )
             }
-            GuardError::Spool(e) => {
+            GuardError::Spool(e) | GuardError::SpoolRefused(e) => {
                 tracing::error!(error = %e, "spool error while answering a request");
                 ApiError::internal()
             }
+            // The request was valid but the store cannot hold a value of it: retrying will
+            // not help. The change was kept as a dead letter (logged where it was handled).
+            GuardError::Rejected(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "not_stored",
+                "the usage store refused this change for good; it was not applied and was kept \
+                 for an operator",
+            ),
             // Only at start-up.
             e @ GuardError::TimeZoneChanged { .. } => {
                 tracing::error!(error = %e, "unexpected start-up error while answering a request");

@@ -64,6 +64,34 @@ pub struct Metrics {
     open_reservations: Gauge,
     alerts_raised: Gauge,
     webhooks: Family<OutcomeLabels, Gauge>,
+    dead_letters: Total,
+    spool_failures: Total,
+    sweep_failures: Total,
+    ready: Gauge,
+}
+
+/// A counter that follows a running total kept elsewhere (the guard's statistics).
+#[derive(Debug, Default)]
+struct Total {
+    counter: Counter,
+    seen: AtomicU64,
+}
+
+impl Total {
+    fn register(registry: &mut Registry, name: &str, help: &str) -> Total {
+        let t = Total::default();
+        registry.register(name, help, t.counter.clone());
+        t
+    }
+
+    fn set(&self, total: u64) {
+        let before = self
+            .seen
+            .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
+        if total > before {
+            self.counter.inc_by(total - before);
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -154,7 +182,31 @@ impl Metrics {
             "Webhook delivery attempts since start, by outcome (delivered, retry, failed)",
             webhooks.clone(),
         );
+        let dead_letters = Total::register(
+            &mut registry,
+            "dead_letters",
+            "Events the store refused for good, kept as dead letters, since start",
+        );
+        let spool_failures = Total::register(
+            &mut registry,
+            "spool_failures",
+            "Failed spool appends or reads since start",
+        );
+        let sweep_failures = Total::register(
+            &mut registry,
+            "sweep_failures",
+            "Failed expiry sweeps since start (each is retried at the next tick)",
+        );
+        let ready = gauge(
+            &mut registry,
+            "ready",
+            "1 when /readyz answers 200: the writer, the spool and the sweeper work",
+        );
         Metrics {
+            dead_letters,
+            spool_failures,
+            sweep_failures,
+            ready,
             alerts_raised,
             webhooks,
             registry,
@@ -210,6 +262,10 @@ impl Metrics {
         self.store_errors.set(to_i(stats.store_errors));
         self.store_up
             .set(i64::from(stats.health == StoreHealth::Ok));
+        self.dead_letters.set(stats.dead_letters);
+        self.spool_failures.set(stats.spool_failures);
+        self.sweep_failures.set(stats.sweep_failures);
+        self.ready.set(i64::from(guard.ready()));
         self.open_reservations
             .set(to_i(guard.ledger().open_reservations() as u64));
         let now = guard.now();

@@ -3,8 +3,11 @@
 /// An error of a store operation.
 ///
 /// [`StoreError::Unavailable`] is transient (the database cannot be reached, the disk is
-/// full, a connection broke): a writer should keep the events (spool them) and retry.
-/// The other kinds are not cured by retrying.
+/// full, a connection broke, the schema or a privilege is missing): a writer should keep the
+/// events (spool them) and retry. The other kinds are not cured by retrying: when `apply`
+/// fails with [`StoreError::Invalid`], a value of the batch cannot be stored (PostgreSQL
+/// SQLSTATE classes 22 and 23, SQLite constraint and type errors), and the writer isolates
+/// and dead-letters the events at fault.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or written right now (connection or I/O problem).

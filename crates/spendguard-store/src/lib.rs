@@ -127,6 +127,31 @@ pub trait Store: Send + Sync + 'static {
 
     /// The number of `ai_usage` rows.
     fn usage_count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// This database's identity, chosen at random when its schema was created. The spool
+    /// carries it, so a spool is never replayed into another database.
+    fn database_id(&self) -> impl Future<Output = Result<String, StoreError>> + Send;
+
+    /// Keeps events the store refused for good in `dead_letters`. Idempotent by id.
+    fn dead_letter(
+        &self,
+        letters: &[DeadLetter],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The dead letters, oldest first.
+    fn dead_letters(&self) -> impl Future<Output = Result<Vec<DeadLetter>, StoreError>> + Send;
+}
+
+/// An event the store refused for a reason retrying cannot cure, kept for an operator.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// A digest of `event`, so keeping the same event twice keeps one row.
+    pub id: String,
+    /// The event as JSON (the spool's encoding).
+    pub event: String,
+    /// Why the store refused it.
+    pub error: String,
+    pub created_at: Micros,
 }
 
 /// Keys of [`Store::setting`].
@@ -502,6 +527,27 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sqlite(s) => s.usage_count().await,
             AnyStore::Postgres(s) => s.usage_count().await,
+        }
+    }
+
+    async fn database_id(&self) -> Result<String, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.database_id().await,
+            AnyStore::Postgres(s) => s.database_id().await,
+        }
+    }
+
+    async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.dead_letter(letters).await,
+            AnyStore::Postgres(s) => s.dead_letter(letters).await,
+        }
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.dead_letters().await,
+            AnyStore::Postgres(s) => s.dead_letters().await,
         }
     }
 }

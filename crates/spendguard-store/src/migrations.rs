@@ -480,6 +480,23 @@ CREATE TABLE settings (
 ) STRICT, WITHOUT ROWID;
 "#,
     ),
+    (
+        4,
+        r#"
+-- Events the store refused for good (a value it cannot hold): kept with the error, so
+-- an operator can repair and re-apply them; they never block the events after them.
+CREATE TABLE dead_letters (
+    id TEXT PRIMARY KEY,
+    event TEXT NOT NULL,
+    error TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+) STRICT;
+
+-- This database's identity, named in the spool's header, so a spool is never replayed into
+-- another database.
+INSERT INTO settings (key, value) VALUES ('database_id', lower(hex(randomblob(16))));
+"#,
+    ),
 ];
 
 /// PostgreSQL: instants are `timestamptz`, `ai_usage.cost_usd` is `NUMERIC(19,6)` (every
@@ -655,6 +672,25 @@ CREATE TABLE settings (
     key text PRIMARY KEY,
     value text NOT NULL
 );
+"#,
+    ),
+    (
+        4,
+        r#"
+-- Events the store refused for good (a value it cannot hold): kept with the error, so
+-- an operator can repair and re-apply them; they never block the events after them.
+-- `event` is JSON text, not jsonb: jsonb refuses the \u0000 escape a refused event may hold.
+CREATE TABLE dead_letters (
+    id text PRIMARY KEY,
+    event text NOT NULL,
+    error text NOT NULL,
+    created_at timestamptz NOT NULL
+);
+
+-- This database's identity, named in the spool's header, so a spool is never replayed into
+-- another database.
+INSERT INTO settings (key, value)
+VALUES ('database_id', md5(random()::text || clock_timestamp()::text));
 "#,
     ),
 ];

@@ -29,7 +29,9 @@ use crate::common::{
 };
 use crate::error::StoreError;
 use crate::migrations::{POSTGRES as MIGRATIONS, POSTGRES_REBUILD_USAGE_ROLLUPS};
-use crate::{ApiKeyRecord, OpenOptions, ReservationState, Store, StoredReservation, UsageTotals};
+use crate::{
+    ApiKeyRecord, DeadLetter, OpenOptions, ReservationState, Store, StoredReservation, UsageTotals,
+};
 
 /// A store in a PostgreSQL database (the schema is the first of the connection's
 /// `search_path`).
@@ -75,6 +77,11 @@ fn map_err(e: tokio_postgres::Error) -> StoreError {
             // deadlocks), insufficient resources (disk full), objects in use or locked,
             // operator intervention (shutdown, cancel), system errors (I/O).
             "08" | "40" | "53" | "55" | "57" | "58" => StoreError::Unavailable(text),
+            // The database's set-up, not the data: a failed login, a missing database,
+            // schema, table, column or privilege. No event is at fault, so a writer keeps
+            // the events and retries until an operator repairs it. (Data errors, class 22,
+            // and constraint violations, class 23, are permanent: `Invalid`.)
+            "28" | "3D" | "3F" | "42" => StoreError::Unavailable(text),
             // A read-only transaction: a standby during a failover.
             "25" if code == "25006" => StoreError::Unavailable(text),
             "XX" if code == "XX001" || code == "XX002" => StoreError::Corrupt(text),
@@ -832,14 +839,15 @@ impl PostgresStore {
         )
         .await
         .db()?;
-        let row = tx
-            .query_one(
-                "SELECT coalesce(max(version), 0)::int8 FROM schema_migrations",
-                &[],
-            )
+        let rows = tx
+            .query("SELECT version FROM schema_migrations", &[])
             .await
             .db()?;
-        let current: i64 = get(&row, 0)?;
+        let applied = rows
+            .iter()
+            .map(|r| get::<i64>(r, 0))
+            .collect::<Result<Vec<_>, _>>()?;
+        let current = applied.iter().copied().max().unwrap_or(0);
         let latest = MIGRATIONS.last().map_or(0, |m| m.0);
         if current > latest {
             tracing::warn!(
@@ -848,7 +856,9 @@ impl PostgresStore {
                 "the PostgreSQL schema is newer than this version of spendguard knows"
             );
         }
-        for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+        // Every version not applied yet, also one below the highest applied (a migration
+        // numbered before another that shipped first).
+        for (version, sql) in MIGRATIONS.iter().filter(|m| !applied.contains(&m.0)) {
             tx.batch_execute(sql).await.db()?;
             tx.execute(
                 "INSERT INTO schema_migrations (version) VALUES ($1)",
@@ -1104,6 +1114,55 @@ impl Store for PostgresStore {
             .db()?;
         let n: i64 = get(&row, 0)?;
         Ok(n as u64)
+    }
+
+    async fn database_id(&self) -> Result<String, StoreError> {
+        let client = self.client().await?;
+        let row = client
+            .query_one("SELECT value FROM settings WHERE key = 'database_id'", &[])
+            .await
+            .db()?;
+        get(&row, 0)
+    }
+
+    async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.db()?;
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO dead_letters (id, event, error, created_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
+            )
+            .await
+            .db()?;
+        for l in letters {
+            tx.execute(&stmt, &[&l.id, &l.event, &l.error, &to_time(l.created_at)?])
+                .await
+                .db()?;
+        }
+        tx.commit().await.db()
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT id, event, error, created_at FROM dead_letters \
+                 ORDER BY created_at, id",
+                &[],
+            )
+            .await
+            .db()?;
+        rows.iter()
+            .map(|row| {
+                Ok(DeadLetter {
+                    id: get(row, 0)?,
+                    event: get(row, 1)?,
+                    error: get(row, 2)?,
+                    created_at: from_time(get(row, 3)?),
+                })
+            })
+            .collect()
     }
 }
 

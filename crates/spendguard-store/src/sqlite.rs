@@ -17,7 +17,6 @@ use spendguard_core::{
 };
 use uuid::Uuid;
 
-use crate::UsageTotals;
 use crate::common::{
     Deltas, Plan, ROLLUP_COLUMN_COUNT, ROLLUP_COLUMNS, ROLLUP_CONFLICT, ReservationCols,
     RollupCols, Settle, USAGE_ROLLUP_CONFLICT, UsageCols, UsageDeltas, UsageKey, clamp_u64,
@@ -27,6 +26,7 @@ use crate::common::{
 use crate::error::StoreError;
 use crate::migrations::{SQLITE as MIGRATIONS, SQLITE_REBUILD_USAGE_ROLLUPS};
 use crate::{ApiKeyRecord, OpenOptions, ReservationState, Store, StoredReservation};
+use crate::{DeadLetter, UsageTotals};
 
 /// A store in one SQLite database file.
 pub struct SqliteStore {
@@ -79,6 +79,14 @@ fn map_err(e: rusqlite::Error) -> StoreError {
             | ErrorCode::FileLockingProtocolFailed
             | ErrorCode::SchemaChanged
             | ErrorCode::NoLargeFileSupport => StoreError::Unavailable(e.to_string()),
+            // A table or column missing: the schema, not the data, is at fault (see the
+            // PostgreSQL mapping); a writer keeps the events and retries.
+            ErrorCode::Unknown
+                if matches!(&e, rusqlite::Error::SqliteFailure(_, Some(m))
+                    if m.starts_with("no such table") || m.starts_with("no such column")) =>
+            {
+                StoreError::Unavailable(e.to_string())
+            }
             _ => StoreError::Invalid(e.to_string()),
         },
         rusqlite::Error::FromSqlConversionFailure(..)
@@ -436,13 +444,14 @@ fn migrate_blocking(conn: &mut Connection) -> Result<(), StoreError> {
         ) STRICT",
     )
     .db()?;
-    let current: i64 = tx
-        .query_row(
-            "SELECT coalesce(max(version), 0) FROM schema_migrations",
-            [],
-            |r| r.get(0),
-        )
+    let applied: Vec<i64> = tx
+        .prepare("SELECT version FROM schema_migrations")
+        .db()?
+        .query_map([], |r| r.get(0))
+        .db()?
+        .collect::<rusqlite::Result<_>>()
         .db()?;
+    let current = applied.iter().copied().max().unwrap_or(0);
     let latest = MIGRATIONS.last().map_or(0, |m| m.0);
     if current > latest {
         tracing::warn!(
@@ -451,7 +460,9 @@ fn migrate_blocking(conn: &mut Connection) -> Result<(), StoreError> {
             "the SQLite schema is newer than this version of spendguard knows"
         );
     }
-    for (version, sql) in MIGRATIONS.iter().filter(|m| m.0 > current) {
+    // Every version not applied yet, also one below the highest applied (a migration
+    // numbered before another that shipped first).
+    for (version, sql) in MIGRATIONS.iter().filter(|m| !applied.contains(&m.0)) {
         tx.execute_batch(sql).db()?;
         tx.execute(
             "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
@@ -1050,6 +1061,62 @@ impl Store for SqliteStore {
                 .query_row("SELECT count(*) FROM ai_usage", [], |r| r.get(0))
                 .db()?;
             Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn database_id(&self) -> Result<String, StoreError> {
+        self.with_conn(|conn| {
+            conn.query_row(
+                "SELECT value FROM settings WHERE key = 'database_id'",
+                [],
+                |r| r.get(0),
+            )
+            .db()
+        })
+        .await
+    }
+
+    async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        let letters = letters.to_vec();
+        self.with_conn(move |conn| {
+            let tx = conn.transaction().db()?;
+            {
+                let mut stmt = tx
+                    .prepare_cached(
+                        "INSERT INTO dead_letters (id, event, error, created_at) \
+                         VALUES (?1, ?2, ?3, ?4) ON CONFLICT (id) DO NOTHING",
+                    )
+                    .db()?;
+                for l in &letters {
+                    stmt.execute(params![l.id, l.event, l.error, l.created_at])
+                        .db()?;
+                }
+            }
+            tx.commit().db()
+        })
+        .await
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT id, event, error, created_at FROM dead_letters \
+                     ORDER BY created_at, id",
+                )
+                .db()?;
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok(DeadLetter {
+                        id: r.get(0)?,
+                        event: r.get(1)?,
+                        error: r.get(2)?,
+                        created_at: r.get(3)?,
+                    })
+                })
+                .db()?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().db()
         })
         .await
     }

@@ -63,6 +63,10 @@ enum Command {
     /// Show or check configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Read a spool file (the batches kept while the database was unreachable), changing
+    /// nothing: to recover by hand when spendguard refuses to start over it.
+    #[command(subcommand)]
+    Spool(SpoolCommand),
     /// One user's usage on one day, per model.
     Usage {
         #[command(flatten)]
@@ -139,6 +143,21 @@ enum KeysCommand {
         #[command(flatten)]
         common: Common,
         id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SpoolCommand {
+    /// Print the header and every frame (byte offset, version, events), and any damage.
+    Inspect {
+        /// The spool file (`spool_path` in the configuration).
+        path: PathBuf,
+    },
+    /// Write the events of every readable frame to stdout as JSON lines, oldest first;
+    /// fails (after writing them) if the file is damaged further on.
+    Export {
+        /// The spool file (`spool_path` in the configuration).
+        path: PathBuf,
     },
 }
 
@@ -313,6 +332,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tenant,
             format,
         } => alerts(&common, all, tenant.as_deref(), &format),
+        Command::Spool(cmd) => spool(cmd),
         Command::Config(ConfigCommand::Defaults) => {
             print!("{}", spendguard_core::config::DEFAULTS_TOML);
             Ok(())
@@ -340,6 +360,89 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 toml::to_string(&config).context("failed to print the effective configuration")?
             );
             Ok(())
+        }
+    }
+}
+
+fn spool(cmd: SpoolCommand) -> anyhow::Result<()> {
+    use spendguard_guard::spool::{Problem, scan};
+    let path = match &cmd {
+        SpoolCommand::Inspect { path } | SpoolCommand::Export { path } => path,
+    };
+    let scan = scan(path).with_context(|| format!("failed to read {}", path.display()))?;
+    let damage = match &scan.problem {
+        Some(Problem::Bad { offset, reason }) => {
+            Some(format!("damaged at byte {offset}: {reason}"))
+        }
+        _ => None,
+    };
+    match cmd {
+        SpoolCommand::Inspect { .. } => {
+            match &scan.header {
+                Some(h) => println!(
+                    "{}: {} bytes, format {}, database {}",
+                    path.display(),
+                    scan.file_len,
+                    h.format,
+                    h.database_id
+                ),
+                None if !scan.frames.is_empty() => println!(
+                    "{}: {} bytes, the first spool format (no header, no database named)",
+                    path.display(),
+                    scan.file_len
+                ),
+                None if damage.is_none() => println!("{}: empty", path.display()),
+                None => println!(
+                    "{}: {} bytes, no valid header",
+                    path.display(),
+                    scan.file_len
+                ),
+            }
+            for f in &scan.frames {
+                println!(
+                    "frame at byte {}: version {}, {} bytes, {} events",
+                    f.offset,
+                    f.version,
+                    f.len,
+                    f.events.len()
+                );
+            }
+            let events: usize = scan.frames.iter().map(|f| f.events.len()).sum();
+            println!("{} frames, {events} events", scan.frames.len());
+            match &scan.problem {
+                Some(Problem::TornTail { offset }) => println!(
+                    "incomplete last frame at byte {offset} ({} bytes; never acknowledged, \
+                     cut at the next start)",
+                    scan.file_len - offset
+                ),
+                Some(Problem::Bad { .. }) => {
+                    println!("{}", damage.as_deref().unwrap_or_default());
+                    println!(
+                        "spendguard will not start over this file; export the frames before the \
+                         damage, apply or archive them, then move the file away"
+                    );
+                }
+                None => {}
+            }
+            Ok(())
+        }
+        SpoolCommand::Export { .. } => {
+            use std::io::Write as _;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for f in &scan.frames {
+                for e in &f.events {
+                    serde_json::to_writer(&mut out, e)?;
+                    out.write_all(b"\n")?;
+                }
+            }
+            out.flush()?;
+            match damage {
+                Some(d) => bail!(
+                    "{}: {d}; the frames before it were exported",
+                    path.display()
+                ),
+                None => Ok(()),
+            }
         }
     }
 }

@@ -687,3 +687,68 @@ fn migrate_records_a_new_time_zone_and_refuses_an_unknown_one() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("`Mars/Olympus` is not a time zone"));
 }
+
+#[test]
+fn spool_inspect_and_export_read_a_spool_and_name_its_damage() {
+    use spendguard_core::{BudgetOverride, Event, Money, ScopeKey};
+    use spendguard_guard::spool::Spool;
+    let event = |n: i64| Event::BudgetSet {
+        scope: ScopeKey::Global,
+        budget: BudgetOverride {
+            daily: Some(Money::from_micros(n)),
+            monthly: None,
+        },
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool");
+    let mut spool = Spool::open(&path, "db-test").unwrap();
+    spool.append(&[event(1), event(2)]).unwrap();
+    let second = std::fs::metadata(&path).unwrap().len();
+    spool.append(&[event(3)]).unwrap();
+    drop(spool);
+    let p = path.to_str().unwrap();
+
+    let out = spendguard(&["spool", "inspect", p]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("database db-test"), "{text}");
+    assert!(
+        text.contains(&format!("frame at byte {second}: version 1")),
+        "{text}"
+    );
+    assert!(text.contains("2 frames, 3 events"), "{text}");
+
+    let out = spendguard(&["spool", "export", p]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<Event> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events, vec![event(1), event(2), event(3)]);
+
+    // Damage in the second frame: inspect names its offset, export gives the first frame
+    // and fails.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[second as usize + 12] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let out = spendguard(&["spool", "inspect", p]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("damaged at byte {second}")),
+        "{text}"
+    );
+    let out = spendguard(&["spool", "export", p]);
+    assert!(!out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("byte {second}")));
+    // Nothing was changed.
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+}

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use spendguard_core::*;
 use spendguard_guard::{Guard, GuardError, GuardOptions, ManualClock};
-use spendguard_store::{AnyStore, Store, StoreError, StoredReservation};
+use spendguard_store::{AnyStore, DeadLetter, Store, StoreError, StoredReservation};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -75,6 +75,15 @@ impl<S: Store> Store for GatedStore<S> {
     }
     async fn usage_count(&self) -> Result<u64, StoreError> {
         self.inner.usage_count().await
+    }
+    async fn database_id(&self) -> Result<String, StoreError> {
+        self.inner.database_id().await
+    }
+    async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        self.inner.dead_letter(letters).await
+    }
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        self.inner.dead_letters().await
     }
     async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.inner.setting(key).await
@@ -228,6 +237,15 @@ impl Store for Shared {
     }
     async fn usage_count(&self) -> Result<u64, StoreError> {
         self.0.usage_count().await
+    }
+    async fn database_id(&self) -> Result<String, StoreError> {
+        self.0.database_id().await
+    }
+    async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        self.0.dead_letter(letters).await
+    }
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        self.0.dead_letters().await
     }
     async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.0.setting(key).await

@@ -2,6 +2,8 @@
 
 mod airtight;
 mod crash;
+mod dead_letters;
 mod durability;
 mod outage;
 mod support;
+mod writer_health;

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use spendguard_core::*;
 use spendguard_guard::{Clock, Guard, GuardOptions, SystemClock};
-use spendguard_store::{AnyStore, OpenOptions, Store, StoreError, StoredReservation};
+use spendguard_store::{AnyStore, DeadLetter, OpenOptions, Store, StoreError, StoredReservation};
 use uuid::Uuid;
 
 pub const POLICY: &str = r#"
@@ -164,6 +164,17 @@ impl<S: Store> Store for FlakyStore<S> {
     }
     async fn usage_count(&self) -> Result<u64, StoreError> {
         self.inner.usage_count().await
+    }
+    async fn database_id(&self) -> Result<String, StoreError> {
+        self.check()?;
+        self.inner.database_id().await
+    }
+    async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.dead_letter(letters).await
+    }
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
+        self.inner.dead_letters().await
     }
 }
 

@@ -457,3 +457,74 @@ async fn deny_mode_answers_503_while_the_store_is_down() {
     assert_eq!(st, 201);
     s.stop().await;
 }
+
+/// A spool that cannot be written (the store is down too) makes `/readyz` answer 503 with
+/// the reason, and shows in the metrics; the failed commit is an error, not a success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_spool_makes_readyz_503_with_the_reason() {
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let faults = fail.clone();
+    let s = spawn_with(CONFIG, |o| {
+        o.retry_interval = std::time::Duration::from_millis(100);
+        o.spool_faults = Some(faults);
+    })
+    .await;
+    let (st, r) = s
+        .post("/v1/reservations", ADMIN, reserve_body("acme", "erin"))
+        .await;
+    assert_eq!(st, 201);
+    let id = r["reservation_id"].as_str().unwrap().to_owned();
+    let (st, _, _) = s.call(M::GET, "/readyz", None, None).await;
+    assert_eq!(st, 200);
+
+    let blocker = rusqlite::Connection::open(s.db_path()).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE; INSERT INTO schema_migrations (version, applied_at) VALUES (999999, 0);").unwrap();
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (st, _) = s
+        .post(
+            &format!("/v1/reservations/{id}/commit"),
+            ADMIN,
+            json!({ "input_tokens": 1, "output_tokens": 1 }),
+        )
+        .await;
+    assert_eq!(
+        st, 500,
+        "a commit that is neither stored nor spooled succeeded"
+    );
+    let (st, v, _) = s.call(M::GET, "/readyz", None, None).await;
+    assert_eq!(st, 503, "{v}");
+    assert!(
+        v["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str().unwrap().contains("spool")),
+        "{v}"
+    );
+    let metrics = s
+        .client
+        .get(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("spendguard_spool_failures_total 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("spendguard_ready 0"), "{metrics}");
+
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    blocker.execute_batch("ROLLBACK").unwrap();
+    drop(blocker);
+    // The next write works: ready again.
+    let (st, _) = s
+        .post("/v1/reservations", ADMIN, reserve_body("acme", "erin"))
+        .await;
+    assert_eq!(st, 201);
+    let (st, v, _) = s.call(M::GET, "/readyz", None, None).await;
+    assert_eq!(st, 200, "{v}");
+    s.stop().await;
+}

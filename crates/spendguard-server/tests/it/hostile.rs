@@ -69,6 +69,7 @@ async fn hostile_table(s: &TestServer) {
         ("cached above input", "/v1/usage", String::new(), json!({"tenant_id":"acme","user_id":"a","model":"gpt-4o-mini","input_tokens":1,"output_tokens":1,"cached_input_tokens":2}).to_string().into_bytes(), 400),
         ("path trick in id", "/v1/reservations/..%2F..%2Fetc%2Fpasswd/commit", String::new(), b"{\"input_tokens\":1,\"output_tokens\":1}".to_vec(), 400),
         ("not a uuid", "/v1/reservations/12345/release", String::new(), b"{}".to_vec(), 400),
+        ("NUL in a release reason", "/v1/reservations/01000000-0000-7000-8000-000000000000/release", String::new(), br#"{"reason":"a\u0000b"}"#.to_vec(), 400),
         ("release junk", "/v1/reservations/01000000-0000-7000-8000-000000000000/release", String::new(), b"{\"why\":1}".to_vec(), 400),
         ("wrong content type", "/v1/reservations", "text/plain".into(), good.clone().into_bytes(), 415),
     ];

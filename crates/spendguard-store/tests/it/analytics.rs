@@ -700,7 +700,7 @@ async fn back_to_schema_1(db: &Db) -> AnyStore {
     )
     .await;
     let store = reopen(db).await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4]);
     store
 }
 

@@ -699,15 +699,79 @@ pub async fn writer_lock_is_exclusive(db: &Db) {
 
 pub async fn migrations_are_versioned(db: &Db) {
     let store = db.store().await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4]);
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4]);
     store.apply(&[Event::Recorded(record(1))]).await.unwrap();
     store.close().await;
     let store = db.store().await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4]);
     assert_eq!(store.usage_count().await.unwrap(), 1);
+}
+
+pub async fn database_id_is_stable_and_dead_letters_are_kept_once(db: &Db) {
+    let store = db.store().await;
+    let id = store.database_id().await.unwrap();
+    assert!(id.len() >= 16, "{id}");
+    let letter = spendguard_store::DeadLetter {
+        id: "d1".into(),
+        event: r#"{"released":{"reason":"a\u0000b"}}"#.into(),
+        error: "invalid byte sequence (22021)".into(),
+        created_at: 1_700_000_000_000_000,
+    };
+    store
+        .dead_letter(std::slice::from_ref(&letter))
+        .await
+        .unwrap();
+    // Kept again (a replay): still one.
+    store
+        .dead_letter(std::slice::from_ref(&letter))
+        .await
+        .unwrap();
+    store.close().await;
+    let store = db.store().await;
+    assert_eq!(store.database_id().await.unwrap(), id);
+    assert_eq!(store.dead_letters().await.unwrap(), vec![letter]);
+    store.close().await;
+}
+
+/// A migration numbered below one already applied (3 landing after 4) is applied later.
+pub async fn a_gap_in_the_migrations_is_filled_later(db: &Db) {
+    let store = db.store().await;
+    store.close().await;
+    // Undo migration 2 (as if it had not shipped yet), keeping 4.
+    execute(
+        db,
+        "DROP TABLE usage_rollups; DROP INDEX webhook_deliveries_alert_url; \
+         ALTER TABLE webhook_deliveries DROP COLUMN delivered_at; \
+         DROP INDEX rollups_kind_window; \
+         ALTER TABLE rollups DROP COLUMN input_tokens; \
+         ALTER TABLE rollups DROP COLUMN cached_input_tokens; \
+         ALTER TABLE rollups DROP COLUMN output_tokens; \
+         DELETE FROM schema_migrations WHERE version = 2",
+    )
+    .await;
+    let store = db.store().await;
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4]);
+    store.close().await;
+}
+
+/// A writer spools and retries transient errors and dead-letters permanent ones: a schema
+/// an operator broke (a table missing) is no event's fault, so it must be transient.
+/// (Permanent errors: `postgres_only::a_failing_batch_changes_nothing`, the NUL test of the
+/// guard.)
+pub async fn a_broken_schema_is_a_transient_error(db: &Db) {
+    let store = db.store().await;
+    execute(db, "ALTER TABLE ai_usage RENAME TO ai_usage_moved").await;
+    let err = store
+        .apply(&[Event::Recorded(record(1))])
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    execute(db, "ALTER TABLE ai_usage_moved RENAME TO ai_usage").await;
+    store.apply(&[Event::Recorded(record(1))]).await.unwrap();
+    store.close().await;
 }
 
 pub async fn concurrent_batches_are_serializable(db: &Db) {
