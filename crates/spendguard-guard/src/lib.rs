@@ -468,7 +468,16 @@ impl<S: Store> Guard<S> {
     }
 
     /// Records usage of a call that was not reserved. The record id is assigned here.
-    pub async fn record(&self, mut req: RecordRequest) -> Result<UsageRecord, GuardError> {
+    pub async fn record(&self, req: RecordRequest) -> Result<UsageRecord, GuardError> {
+        Ok(self.record_replayable(req).await?.0)
+    }
+
+    /// [`Guard::record`], also saying whether the answer is an earlier record with the same
+    /// idempotency key (`true`) rather than a new one.
+    pub async fn record_replayable(
+        &self,
+        mut req: RecordRequest,
+    ) -> Result<(UsageRecord, bool), GuardError> {
         req.id = Uuid::now_v7();
         if let Some(key) = &req.idempotency_key
             && let Some(prev) = self
@@ -484,11 +493,13 @@ impl<S: Store> Guard<S> {
             if !same {
                 return Err(LedgerError::IdempotencyConflict(key.clone()).into());
             }
-            return Ok(prev);
+            return Ok((prev, true));
         }
         let applied = self.inner.ledger.record(&req, self.now())?;
+        // The ledger answers a key it remembers with the first record and no event.
+        let replayed = applied.event.is_none();
         self.persist(applied.event).await?;
-        Ok(applied.value)
+        Ok((applied.value, replayed))
     }
 
     /// The tenant a reservation belongs to, from memory or the store. `None` when unknown.

@@ -12,6 +12,7 @@ pub mod error;
 pub mod metrics;
 pub mod openapi;
 pub mod reports;
+pub mod serve;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use tower_http::timeout::TimeoutLayer;
 pub use alerts::{AlertSettings, Alerts};
 pub use auth::{Caller, KeyRing};
 pub use metrics::Metrics;
+pub use serve::ConnectionLimits;
 
 /// The largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -44,7 +46,37 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub alerts: Arc<Alerts>,
     pub sessions: Arc<dashboard::Sessions>,
+    pub limits: Arc<ServerLimits>,
     shutting_down: Arc<AtomicBool>,
+}
+
+/// The limits of the HTTP service, from the `[http]` and `[reports]` sections.
+#[derive(Debug)]
+pub struct ServerLimits {
+    pub connections: ConnectionLimits,
+    /// Rows of a report page when the request gives no `limit`.
+    pub report_default_limit: usize,
+    /// Turns for report queries: at most this many run at once.
+    pub report_slots: tokio::sync::Semaphore,
+}
+
+impl ServerLimits {
+    pub fn from_config(config: &spendguard_core::Config) -> ServerLimits {
+        ServerLimits {
+            connections: ConnectionLimits::from_config(&config.http),
+            report_default_limit: usize::try_from(config.reports.default_limit)
+                .unwrap_or(usize::MAX),
+            report_slots: tokio::sync::Semaphore::new(
+                usize::try_from(config.reports.max_concurrent).unwrap_or(1),
+            ),
+        }
+    }
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits::from_config(&spendguard_core::Config::default())
+    }
 }
 
 impl AppState {
@@ -60,8 +92,15 @@ impl AppState {
             keys: Arc::new(keys),
             metrics: Arc::new(Metrics::new()),
             sessions: Arc::new(dashboard::Sessions::default()),
+            limits: Arc::new(ServerLimits::default()),
             shutting_down: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// With these limits instead of the built-in ones.
+    pub fn with_limits(mut self, limits: ServerLimits) -> AppState {
+        self.limits = Arc::new(limits);
+        self
     }
 
     pub fn shutting_down(&self) -> bool {
@@ -145,6 +184,26 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The router of the open metrics listener (`[metrics] open_listen`): `/metrics` without
+/// a key, nothing else.
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", axum::routing::get(api::open_metrics))
+        .fallback(api::fallback)
+        .with_state(state)
+}
+
+/// Serves [`metrics_app`] until `shutdown` resolves (the listener should be a loopback
+/// address; the configuration refuses any other).
+pub async fn run_metrics(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (limits, metrics) = (state.limits.connections, state.metrics.clone());
+    serve::serve(listener, metrics_app(state), limits, metrics, shutdown).await
+}
+
 /// How often keys are re-read from the store.
 pub const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -183,13 +242,13 @@ pub async fn run(
     let flag = state.shutting_down.clone();
     let guard = state.guard.clone();
     let alerts = state.alerts.clone();
-    let result = axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            flag.store(true, Ordering::Relaxed);
-            tracing::info!("shutting down: finishing in-flight requests");
-        })
-        .await;
+    let (limits, metrics) = (state.limits.connections, state.metrics.clone());
+    let result = serve::serve(listener, app(state), limits, metrics, async move {
+        shutdown.await;
+        flag.store(true, Ordering::Relaxed);
+        tracing::info!("shutting down: finishing in-flight requests");
+    })
+    .await;
     alerts.stop().await;
     guard.shutdown().await;
     tracing::info!("writer flushed; stopped");

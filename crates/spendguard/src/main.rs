@@ -134,6 +134,10 @@ enum KeysCommand {
         #[command(flatten)]
         common: Common,
         id: String,
+        /// Revoke it even if it is an admin key (without another admin key, only
+        /// SPENDGUARD_ADMIN_KEY can then sign in).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -346,7 +350,24 @@ fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                     );
                 }
             }
-            KeysCommand::Revoke { id, .. } => {
+            KeysCommand::Revoke { id, force, .. } => {
+                let keys = store.list_api_keys().await.context("failed to list keys")?;
+                let admin = |k: &&spendguard_store::ApiKeyRecord| {
+                    k.tenant.is_none() && k.revoked_at.is_none()
+                };
+                if !force && keys.iter().filter(admin).any(|k| k.id == id) {
+                    let others = keys.iter().filter(admin).filter(|k| k.id != id).count();
+                    bail!(
+                        "{id} is an admin key; {} Run again with --force to revoke it anyway.",
+                        if others == 0 {
+                            "it is the only stored one: without it, only SPENDGUARD_ADMIN_KEY \
+                             (if the server has one) can administer the service or sign in to \
+                             the dashboard."
+                        } else {
+                            "revoking it ends every session and script that uses it."
+                        }
+                    );
+                }
                 if !store
                     .revoke_api_key(&id, now)
                     .await
@@ -585,6 +606,19 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .filter(|s| !s.is_empty());
     let alert_settings =
         AlertSettings::from_config(&config.alerts, secret).context("invalid configuration")?;
+    let env_key = |name: &str| -> anyhow::Result<Option<String>> {
+        match std::env::var(name).ok().filter(|k| !k.is_empty()) {
+            Some(k) => {
+                spendguard_server::auth::check_env_key(name, &k).map_err(anyhow::Error::msg)?;
+                Ok(Some(k))
+            }
+            None => Ok(None),
+        }
+    };
+    let env_admin = env_key("SPENDGUARD_ADMIN_KEY")?;
+    let metrics_key = env_key("SPENDGUARD_METRICS_KEY")?;
+    let open_metrics = config.metrics.validate().context("invalid configuration")?;
+    let limits = spendguard_server::ServerLimits::from_config(&config);
     init_logging(config.server.log_format);
     runtime()?.block_on(async move {
         let store = open_store(&config, true).await?;
@@ -593,12 +627,10 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let guard = Guard::start(store, policy, options, Arc::new(SystemClock))
             .await
             .context("failed to start: could not restore the ledger from the database")?;
-        let env_admin = std::env::var("SPENDGUARD_ADMIN_KEY")
-            .ok()
-            .filter(|k| !k.is_empty());
         let ring = KeyRing::load(guard.store(), env_admin.as_deref())
             .await
-            .context("failed to load API keys")?;
+            .context("failed to load API keys")?
+            .with_metrics_key(metrics_key.as_deref());
         if !ring.has_admin() {
             let (key, _) =
                 spendguard_server::auth::create_key(guard.store(), &ring, None, guard.now())
@@ -610,8 +642,22 @@ fn serve(config: Config) -> anyhow::Result<()> {
             println!();
             println!("(Set SPENDGUARD_ADMIN_KEY to choose your own.)");
         }
-        let state = AppState::with_alerts(guard, ring, alert_settings);
+        let state = AppState::with_alerts(guard, ring, alert_settings).with_limits(limits);
         spendguard_server::spawn_background(&state);
+        if let Some(addr) = open_metrics {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("failed to listen on {addr} (metrics.open_listen)"))?;
+            tracing::info!(listen = %addr, "serving /metrics without a key on loopback");
+            let state = state.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    spendguard_server::run_metrics(listener, state, shutdown_signal()).await
+                {
+                    tracing::error!(error = %e, "the metrics listener failed");
+                }
+            });
+        }
         let listener = tokio::net::TcpListener::bind(&config.server.listen)
             .await
             .with_context(|| format!("failed to listen on {}", config.server.listen))?;

@@ -2,6 +2,9 @@
 
 use std::process::Command;
 
+/// An admin key of the required length (32 characters or more).
+const ADMIN: &str = "cli-test-admin-key-0123456789abcdef";
+
 fn spendguard(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_spendguard"))
         .args(args)
@@ -67,7 +70,7 @@ fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
     let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
         .args(["serve", "--listen", "127.0.0.1:0"])
         .current_dir(dir.path())
-        .env("SPENDGUARD_ADMIN_KEY", "cli-test-admin")
+        .env("SPENDGUARD_ADMIN_KEY", ADMIN)
         .env("RUST_LOG", "info")
         .env_remove("SPENDGUARD_DATABASE_URL")
         .stderr(std::process::Stdio::piped())
@@ -97,7 +100,7 @@ fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
         let c = reqwest::Client::new();
         let r = c
             .get(format!("http://{addr}/v1/alerts"))
-            .bearer_auth("cli-test-admin")
+            .bearer_auth(ADMIN)
             .send()
             .await
             .unwrap();
@@ -111,7 +114,7 @@ fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
         let c = reqwest::Client::new();
         let r = c
             .put(format!("http://{addr}/v1/admin/budgets/tenant/acme"))
-            .bearer_auth("cli-test-admin")
+            .bearer_auth(ADMIN)
             .json(&serde_json::json!({ "daily_usd": "4" }))
             .send()
             .await
@@ -124,7 +127,7 @@ fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
         ] {
             let r = c
                 .post(format!("http://{addr}/v1/usage"))
-                .bearer_auth("cli-test-admin")
+                .bearer_auth(ADMIN)
                 .json(&serde_json::json!({
                     "tenant_id": "acme", "user_id": user, "model": model, "tier": "enterprise",
                     "input_tokens": 100, "output_tokens": 50, "cost_usd": cost,
@@ -243,4 +246,67 @@ fn keys_create_list_revoke() {
     assert!(!again.status.success());
     let bad = spendguard(&["keys", "create", "--tenant", "a b", "--database", db]);
     assert!(!bad.status.success());
+}
+
+#[test]
+fn serve_refuses_a_short_admin_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (var, key) in [
+        ("SPENDGUARD_ADMIN_KEY", "short-admin"),
+        ("SPENDGUARD_METRICS_KEY", "short-metrics"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .current_dir(dir.path())
+            .env("SPENDGUARD_ADMIN_KEY", ADMIN)
+            .env(var, key)
+            .env_remove("SPENDGUARD_DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{var} of 11 characters was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("{var} must be at least 32 characters")),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn revoking_an_admin_key_needs_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let db = db.to_str().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let id = rt.block_on(async {
+        let store = spendguard_store::AnyStore::open(db, &Default::default())
+            .await
+            .unwrap();
+        let ring = spendguard_server::KeyRing::default();
+        let (_, record) = spendguard_server::auth::create_key(&store, &ring, None, 0)
+            .await
+            .unwrap();
+        store.close().await;
+        record.id
+    });
+    let out = spendguard(&["keys", "revoke", &id, "--database", db]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is an admin key") && err.contains("--force"),
+        "{err}"
+    );
+    let listing =
+        String::from_utf8(spendguard(&["keys", "list", "--database", db]).stdout).unwrap();
+    let line = listing.lines().find(|l| l.contains(&id)).unwrap();
+    assert!(line.trim_end().ends_with('-'), "still active: {line}");
+    let out = spendguard(&["keys", "revoke", &id, "--force", "--database", db]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
