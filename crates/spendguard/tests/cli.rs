@@ -255,16 +255,34 @@ fn serve_refuses_a_short_admin_key() {
         ("SPENDGUARD_ADMIN_KEY", "short-admin"),
         ("SPENDGUARD_METRICS_KEY", "short-metrics"),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+        let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
             .args(["serve", "--listen", "127.0.0.1:0"])
             .current_dir(dir.path())
             .env("SPENDGUARD_ADMIN_KEY", ADMIN)
             .env(var, key)
             .env_remove("SPENDGUARD_DATABASE_URL")
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
-        assert!(!out.status.success(), "{var} of 11 characters was accepted");
-        let err = String::from_utf8_lossy(&out.stderr);
+        // Killed if it serves instead of refusing to start.
+        let mut child = KillOnDrop(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{var} of 11 characters was accepted: the server is serving"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
+        let out = (status, stderr);
+        assert!(!out.0.success(), "{var} of 11 characters was accepted");
+        let err = &out.1;
         assert!(
             err.contains(&format!("{var} must be at least 32 characters")),
             "{err}"
