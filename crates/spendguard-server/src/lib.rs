@@ -158,7 +158,7 @@ api! {
     delete "/v1/admin/api-keys/{id}" => api::revoke_api_key { auth: true, body: none, summary: "Revoke an API key (admin)" }
     get "/healthz" => api::healthz { auth: false, body: none, summary: "The process is up" }
     get "/readyz" => api::readyz { auth: false, body: none, summary: "Ready to admit reservations (store state)" }
-    get "/metrics" => api::metrics { auth: false, body: none, summary: "Prometheus metrics" }
+    get "/metrics" => api::metrics { auth: true, body: none, summary: "Prometheus metrics (the admin key or the metrics key)" }
     get "/openapi.json" => api::openapi { auth: false, body: none, summary: "This API's OpenAPI document" }
     get "/" => dashboard::page { auth: false, body: none, summary: "The spend dashboard (HTML; admin session cookie or admin key)" }
     get "/login" => dashboard::login_page { auth: false, body: none, summary: "The dashboard's sign-in form (HTML)" }

@@ -9,7 +9,8 @@
 //!   for `idle_timeout` is closed.
 //!
 //! A request's body and handler are bounded by the router's request timeout instead.
-//! Each connection is watched by a timer computed from its last activity, not by polling.
+//! Each connection is watched by a timer computed from its last activity (and woken when a
+//! request's first byte arrives), not by polling.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,7 +26,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
 
@@ -67,6 +68,8 @@ struct Activity {
     /// The first byte read while no request was in flight (a request's head arriving).
     head_since: AtomicU64,
     in_flight: AtomicUsize,
+    /// Wakes the watchdog when a request's head starts (its deadline moves closer).
+    head_started: Notify,
 }
 
 impl Activity {
@@ -76,6 +79,7 @@ impl Activity {
             last: AtomicU64::new(0),
             head_since: AtomicU64::new(NONE),
             in_flight: AtomicUsize::new(0),
+            head_started: Notify::new(),
         }
     }
 
@@ -89,10 +93,13 @@ impl Activity {
         }
         let now = self.now();
         self.last.store(now, Ordering::Relaxed);
-        if self.in_flight.load(Ordering::Acquire) == 0 {
-            let _ =
-                self.head_since
-                    .compare_exchange(NONE, now, Ordering::AcqRel, Ordering::Relaxed);
+        if self.in_flight.load(Ordering::Acquire) == 0
+            && self
+                .head_since
+                .compare_exchange(NONE, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.head_started.notify_one();
         }
     }
 
@@ -131,7 +138,10 @@ impl Activity {
             if deadline <= now {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(deadline - now)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(deadline - now)) => {}
+                _ = self.head_started.notified() => {}
+            }
         }
     }
 }

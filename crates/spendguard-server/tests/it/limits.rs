@@ -43,15 +43,31 @@ async fn request(stream: &mut TcpStream) -> String {
 }
 
 #[tokio::test]
-async fn slow_headers_and_idle_connections_are_closed() {
-    let s = spawn("[http]\nheader_timeout_seconds = 1\nidle_timeout_seconds = 2\n").await;
+async fn slow_headers_are_closed_by_the_header_timeout() {
+    // The idle timeout is far away: only the header timeout can close these.
+    let s = spawn("[http]\nheader_timeout_seconds = 1\nidle_timeout_seconds = 600\n").await;
     let addr = s.url.trim_start_matches("http://").to_owned();
-    // A request's head sent a piece at a time, never finished.
+    // A request's head, never finished.
     let mut slow = TcpStream::connect(&addr).await.unwrap();
     slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
     closed_by_server(&mut slow).await;
+    // The same after a first request on a keep-alive connection.
+    let mut second = TcpStream::connect(&addr).await.unwrap();
+    assert!(request(&mut second).await.starts_with("HTTP/1.1 200"));
+    second
+        .write_all(b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    closed_by_server(&mut second).await;
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_by_the_idle_timeout() {
+    let s = spawn("[http]\nheader_timeout_seconds = 600\nidle_timeout_seconds = 1\n").await;
+    let addr = s.url.trim_start_matches("http://").to_owned();
     // A keep-alive connection that served a request, then stays idle.
     let mut idle = TcpStream::connect(&addr).await.unwrap();
     assert!(request(&mut idle).await.starts_with("HTTP/1.1 200"));
