@@ -245,11 +245,108 @@ impl AlertsConfig {
     }
 }
 
+/// The `[http]` section: limits of the HTTP listener.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Connections open at once; more are closed at once.
+    pub max_connections: u32,
+    /// Seconds from a request's first byte until its headers must be complete.
+    pub header_timeout_seconds: u64,
+    /// Seconds a keep-alive connection may stay idle between requests.
+    pub idle_timeout_seconds: u64,
+}
+
+impl HttpConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "http.max_connections",
+                "must be at least 1",
+            ));
+        }
+        for (key, v) in [
+            ("http.header_timeout_seconds", self.header_timeout_seconds),
+            ("http.idle_timeout_seconds", self.idle_timeout_seconds),
+        ] {
+            if !(1..=86_400).contains(&v) {
+                return Err(ConfigError::invalid(key, "must be from 1 to 86400"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `[metrics]` section: who may read `/metrics`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// A loopback address for a second listener serving `/metrics` without a key; empty:
+    /// none (`/metrics` then needs the admin or the metrics key).
+    pub open_listen: String,
+}
+
+impl MetricsConfig {
+    /// The open listener's address, if one is configured; it must be a loopback address.
+    pub fn validate(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if self.open_listen.trim().is_empty() {
+            return Ok(None);
+        }
+        let addr: std::net::SocketAddr = self.open_listen.parse().map_err(|_| {
+            ConfigError::invalid(
+                "metrics.open_listen",
+                format!(
+                    "`{}` is not an address such as 127.0.0.1:9464",
+                    self.open_listen
+                ),
+            )
+        })?;
+        if !addr.ip().is_loopback() {
+            return Err(ConfigError::invalid(
+                "metrics.open_listen",
+                "must be a loopback address (127.0.0.1 or [::1]): it serves metrics without a key",
+            ));
+        }
+        Ok(Some(addr))
+    }
+}
+
+/// The `[reports]` section.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportsConfig {
+    /// Rows per page when a request gives no `limit`.
+    pub default_limit: u32,
+    /// Report queries running at once.
+    pub max_concurrent: u32,
+}
+
+impl ReportsConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=100_000).contains(&self.default_limit) {
+            return Err(ConfigError::invalid(
+                "reports.default_limit",
+                "must be from 1 to 100000",
+            ));
+        }
+        if self.max_concurrent == 0 {
+            return Err(ConfigError::invalid(
+                "reports.max_concurrent",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The whole configuration file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub server: ServerConfig,
+    pub http: HttpConfig,
+    pub metrics: MetricsConfig,
+    pub reports: ReportsConfig,
     pub alerts: AlertsConfig,
     pub time_zone: String,
     pub default_tier: String,
@@ -305,6 +402,9 @@ impl Config {
     /// Checks every value and builds the policy the ledger enforces.
     pub fn validate(&self) -> Result<Policy, ConfigError> {
         self.server.validate()?;
+        self.http.validate()?;
+        self.metrics.validate()?;
+        self.reports.validate()?;
         self.alerts.validate()?;
         let calendar =
             Calendar::new(&self.time_zone).map_err(|e| ConfigError::invalid("time_zone", e))?;
@@ -463,6 +563,25 @@ mod tests {
         assert_eq!(config.tiers["team"].requests_per_day, Limit::Value(10));
         assert_eq!(config.tiers["team"].usd_per_day, Limit::Unlimited);
         assert!(config.tiers.contains_key("free"));
+    }
+
+    #[test]
+    fn http_metrics_and_reports_sections_are_validated() {
+        let c = Config::default();
+        assert_eq!(c.http.max_connections, 1024);
+        assert_eq!(c.reports.default_limit, 1000);
+        assert_eq!(c.metrics.validate().unwrap(), None);
+        assert!(
+            err("[metrics]\nopen_listen = \"0.0.0.0:9464\"")
+                .starts_with("metrics.open_listen: must be a loopback address")
+        );
+        let open = Config::from_toml("[metrics]\nopen_listen = \"127.0.0.1:9464\"").unwrap();
+        assert!(open.metrics.validate().unwrap().is_some());
+        assert!(err("[http]\nmax_connections = 0").starts_with("http.max_connections"));
+        assert!(
+            err("[http]\nheader_timeout_seconds = 0").starts_with("http.header_timeout_seconds")
+        );
+        assert!(err("[reports]\ndefault_limit = 0").starts_with("reports.default_limit"));
     }
 
     #[test]

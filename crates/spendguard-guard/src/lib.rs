@@ -646,9 +646,18 @@ impl<S: Store> Guard<S> {
         Ok(applied.value)
     }
 
-    /// Records usage of a call that was not reserved. The record id is assigned here. A
-    /// retry with the same idempotency key waits for the first attempt to be durable.
-    pub async fn record(&self, mut req: RecordRequest) -> Result<UsageRecord, GuardError> {
+    /// Records usage of a call that was not reserved. The record id is assigned here.
+    pub async fn record(&self, req: RecordRequest) -> Result<UsageRecord, GuardError> {
+        Ok(self.record_replayable(req).await?.0)
+    }
+
+    /// [`Guard::record`], also saying whether the answer is an earlier record with the same
+    /// idempotency key (`true`) rather than a new one. A retry with the same key waits for
+    /// the first attempt to be durable.
+    pub async fn record_replayable(
+        &self,
+        mut req: RecordRequest,
+    ) -> Result<(UsageRecord, bool), GuardError> {
         let ticket = self
             .enter_key(&req.subject.tenant, req.idempotency_key.as_ref())
             .await;
@@ -669,11 +678,13 @@ impl<S: Store> Guard<S> {
             if !same {
                 return Err(LedgerError::IdempotencyConflict(key.clone()).into());
             }
-            return Ok(prev);
+            return Ok((prev, true));
         }
         let applied = self.inner.ledger.record(&req, self.now())?;
+        // The ledger answers a key it remembers with the first record and no event.
+        let replayed = applied.event.is_none();
         self.persist(applied.event, ticket).await?;
-        Ok(applied.value)
+        Ok((applied.value, replayed))
     }
 
     /// The tenant of a reservation, from memory or the store. `None` when unknown.

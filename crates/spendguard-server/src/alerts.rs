@@ -3,15 +3,16 @@
 //! - **Raising.** The guard's writer notes every scope whose spend became durable
 //!   ([`SpendWatch`](spendguard_guard::SpendWatch)); the alert engine, one task, takes those
 //!   scopes, compares their current day and month spend with their cost budgets, and raises
-//!   an alert for each configured threshold reached (and a `projected` alert when the
+//!   an alert for the highest configured threshold reached (and a `projected` alert when the
 //!   month-to-date run rate projects the monthly budget to be exceeded). Nothing of this
 //!   runs on the decision path.
 //! - **Exactly once.** An alert is persisted with a unique key (scope, window, window start,
 //!   threshold, kind): a second insert, from a concurrent evaluation, a restart or another
 //!   instance, does nothing. The webhook deliveries of an alert are created in the same
 //!   transaction as the alert, so each alert is queued for delivery exactly once.
-//! - **Delivery.** A second task POSTs due deliveries, signed with HMAC-SHA256 of the body
-//!   (`X-Spendguard-Signature: sha256=<hex>`), and records each outcome: delivered, retry
+//! - **Delivery.** A second task POSTs due deliveries, signed with HMAC-SHA256 of
+//!   `<timestamp>.<delivery id>.<body>` (`X-Spendguard-Signature: t=<unix seconds>,v1=<hex>`;
+//!   see [`sign`]), and records each outcome: delivered, retry
 //!   with exponential backoff (1 s, 2 s, 4 s … at most one hour apart), or failed after the
 //!   configured attempts. The state is in the database, so a restart resumes where it
 //!   stopped; a crash between a receiver's 2xx and its recording sends that one delivery
@@ -34,7 +35,7 @@ use spendguard_store::{
 use tokio::sync::Notify;
 
 use crate::api::Rfc3339;
-use crate::dashboard::usd_text;
+use crate::dashboard::usd_cents;
 
 const MICROS_PER_HOUR: i64 = 3_600_000_000;
 /// The longest wait between two attempts of one delivery.
@@ -198,10 +199,16 @@ impl Alerts {
                 for (window, spent, cap, period) in windows {
                     let Some(cap) = cap else { continue };
                     let mut candidates = Vec::new();
-                    for &t in &self.settings.thresholds {
-                        if reached(spent, cap, t) {
-                            candidates.push((t, AlertKind::Threshold, spent));
-                        }
+                    // Only the highest threshold reached: spend that jumps past several at
+                    // once raises one alert, not one per threshold.
+                    if let Some(&t) = self
+                        .settings
+                        .thresholds
+                        .iter()
+                        .rev()
+                        .find(|&&t| reached(spent, cap, t))
+                    {
+                        candidates.push((t, AlertKind::Threshold, spent));
                     }
                     if window == Window::Month
                         && self.settings.projected
@@ -336,7 +343,12 @@ impl Alerts {
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(
                 "X-Spendguard-Signature",
-                sign(&self.settings.webhook_secret, &body),
+                sign(
+                    &self.settings.webhook_secret,
+                    self.guard.now().div_euclid(1_000_000),
+                    d.id,
+                    &body,
+                ),
             )
             .header("X-Spendguard-Delivery", d.id.to_string())
             .header("X-Spendguard-Attempt", (d.attempts + 1).to_string())
@@ -453,12 +465,19 @@ pub fn backoff(attempts_before: u32) -> i64 {
     (secs * 1_000_000).min(MAX_BACKOFF_US)
 }
 
-/// `sha256=<hex of HMAC-SHA256(secret, body)>`.
-pub fn sign(secret: &str, body: &[u8]) -> String {
+/// The signature header's value: `t=<unix seconds>,v1=<hex of HMAC-SHA256(secret,
+/// "<t>.<delivery id>.<body>")>`. The timestamp and the delivery id are signed with the
+/// body, so a receiver that checks the timestamp is recent and remembers the delivery ids
+/// it has seen cannot be sent a captured request again.
+pub fn sign(secret: &str, timestamp: i64, delivery: i64, body: &[u8]) -> String {
     let mut mac =
         Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes a key of any size");
+    mac.update(format!("{timestamp}.{delivery}.").as_bytes());
     mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    format!(
+        "t={timestamp},v1={}",
+        hex::encode(mac.finalize().into_bytes())
+    )
 }
 
 /// An alert as JSON: in `GET /v1/alerts`, and as a webhook's body.
@@ -505,8 +524,8 @@ pub fn payload(r: &AlertRecord) -> AlertOut {
     let message = match a.kind {
         AlertKind::Threshold => format!(
             "{scope} has spent {} of its {} {} budget ({}% threshold)",
-            usd_text(a.amount),
-            usd_text(a.limit),
+            usd_cents(a.amount),
+            usd_cents(a.limit),
             if a.window == Window::Day {
                 "daily"
             } else {
@@ -516,8 +535,8 @@ pub fn payload(r: &AlertRecord) -> AlertOut {
         ),
         AlertKind::Projected => format!(
             "{scope} is projected to spend {} this month, over its {} monthly budget",
-            usd_text(a.amount),
-            usd_text(a.limit)
+            usd_cents(a.amount),
+            usd_cents(a.limit)
         ),
     };
     AlertOut {
@@ -589,11 +608,26 @@ mod tests {
     }
 
     #[test]
-    fn signature_is_hmac_sha256_of_the_body() {
-        // RFC 4231, test case 2.
+    fn signature_covers_timestamp_delivery_and_body() {
+        // RFC 4231, test case 2: the signed text is "<t>.<delivery>.<body>".
+        let (t, d) = (1_700_000_000, 42);
+        let text = "what do ya want for nothing?";
+        let signed = format!("{t}.{d}.{text}");
+        let mut mac = Hmac::<Sha256>::new_from_slice(b"Jefe").unwrap();
+        mac.update(signed.as_bytes());
+        let expected = hex::encode(mac.finalize().into_bytes());
         assert_eq!(
-            sign("Jefe", b"what do ya want for nothing?"),
-            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+            sign("Jefe", t, d, text.as_bytes()),
+            format!("t={t},v1={expected}")
+        );
+        // Another timestamp or delivery id, same body: another signature.
+        assert_ne!(
+            sign("Jefe", t + 1, d, text.as_bytes()),
+            sign("Jefe", t, d, text.as_bytes())
+        );
+        assert_ne!(
+            sign("Jefe", t, d + 1, text.as_bytes()),
+            sign("Jefe", t, d, text.as_bytes())
         );
     }
 

@@ -81,8 +81,11 @@ impl ReserveBody {
                 model: self.model,
                 endpoint: self.endpoint,
             },
-            input_tokens: self.input_tokens,
-            max_output_tokens: self.max_output_tokens,
+            input_tokens: token_count("input_tokens", self.input_tokens)?,
+            max_output_tokens: self
+                .max_output_tokens
+                .map(|n| token_count("max_output_tokens", n))
+                .transpose()?,
             estimated_cost: self.estimated_cost_usd,
             idempotency_key: self.idempotency_key,
             ttl_us,
@@ -108,8 +111,24 @@ pub struct CommitBody {
     pub status: Option<RequestStatus>,
 }
 
+/// The largest token count accepted: the store keeps counts as signed 64-bit integers, so a
+/// larger one would be stored clamped; it is refused instead.
+pub const MAX_TOKENS: u64 = i64::MAX as u64;
+
+/// Refuses a token count the store cannot hold.
+fn token_count(field: &str, n: u64) -> Result<u64, ApiError> {
+    if n > MAX_TOKENS {
+        return Err(ApiError::bad_request(format!(
+            "{field} must be at most {MAX_TOKENS}"
+        )));
+    }
+    Ok(n)
+}
+
 fn tokens(input: u64, cached: Option<u64>, output: u64) -> Result<Tokens, ApiError> {
-    let cached = cached.unwrap_or(0);
+    let input = token_count("input_tokens", input)?;
+    let output = token_count("output_tokens", output)?;
+    let cached = token_count("cached_input_tokens", cached.unwrap_or(0))?;
     if cached > input {
         return Err(ApiError::bad_request(
             "cached_input_tokens cannot exceed input_tokens (input_tokens counts all prompt tokens)",
@@ -461,6 +480,15 @@ fn usage_out(u: &spendguard_core::UsageRecord) -> UsageOut<'_> {
     }
 }
 
+/// The answer to a direct record: the usage record, and whether it is the answer to an
+/// earlier request with the same idempotency key.
+#[derive(Serialize)]
+struct RecordedOut<'a> {
+    #[serde(flatten)]
+    usage: UsageOut<'a>,
+    replayed: bool,
+}
+
 /// The answer to a commit: the usage record and how it was settled.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct CommittedOut<'a> {
@@ -581,12 +609,10 @@ async fn authorize_reservation(
     if let Caller::Tenant(t) = caller {
         match state.guard.reservation_tenant(id).await? {
             Some(owner) if &owner == t => {}
-            Some(_) => {
-                return Err(ApiError::forbidden(
-                    "this reservation belongs to another tenant",
-                ));
+            // Another tenant's id answers exactly as an unknown one.
+            Some(_) | None => {
+                return Err(ApiError::not_found(format!("reservation {id} not found")));
             }
-            None => return Err(ApiError::not_found(format!("reservation {id} not found"))),
         }
     }
     Ok(())
@@ -694,9 +720,27 @@ pub async fn record(
         status: body.status.unwrap_or(RequestStatus::Success),
         idempotency_key: body.idempotency_key,
     };
-    let u = state.guard.record(req).await?;
+    let (u, replayed) = state.guard.record_replayable(req).await?;
+    if replayed {
+        // The same idempotency key again: the first record, as a commit replay answers.
+        return Ok((
+            StatusCode::OK,
+            Json(RecordedOut {
+                usage: usage_out(&u),
+                replayed,
+            }),
+        )
+            .into_response());
+    }
     state.metrics.spend(u.cost);
-    Ok((StatusCode::CREATED, Json(usage_out(&u))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(RecordedOut {
+            usage: usage_out(&u),
+            replayed,
+        }),
+    )
+        .into_response())
 }
 
 pub async fn limits(
@@ -983,7 +1027,20 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-pub async fn metrics(State(state): State<AppState>) -> Response {
+/// `GET /metrics`: needs the admin key or the metrics key.
+pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    match crate::auth::bearer_key(&headers) {
+        Some(k) if state.keys.may_read_metrics(k) => open_metrics(State(state)).await,
+        Some(_) => ApiError::unauthorized("unknown or revoked key").into_response(),
+        None => ApiError::unauthorized(
+            "send `Authorization: Bearer <key>` with the admin key or the metrics key",
+        )
+        .into_response(),
+    }
+}
+
+/// The exposition, to whoever asks (the open metrics listener, bound to loopback).
+pub async fn open_metrics(State(state): State<AppState>) -> Response {
     let text = state.metrics.render(&state.guard, state.alerts.counts());
     let mut headers = HeaderMap::new();
     headers.insert(

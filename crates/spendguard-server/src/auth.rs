@@ -45,6 +45,22 @@ impl Caller {
     }
 }
 
+/// The shortest admin or metrics key accepted from the environment: 32 characters (a
+/// generated key has 67, 256 random bits).
+pub const MIN_ENV_KEY_LEN: usize = 32;
+
+/// Checks a key given in the environment variable `name`.
+pub fn check_env_key(name: &str, key: &str) -> Result<(), String> {
+    let n = key.chars().count();
+    if n < MIN_ENV_KEY_LEN {
+        return Err(format!(
+            "{name} must be at least {MIN_ENV_KEY_LEN} characters long (it has {n}); a random \
+             one: `openssl rand -hex 32`"
+        ));
+    }
+    Ok(())
+}
+
 /// A new random key.
 pub fn generate_key() -> String {
     let mut bytes = [0u8; 32];
@@ -66,6 +82,8 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 #[derive(Debug, Default)]
 pub struct KeyRing {
     env_admin: Option<[u8; 32]>,
+    /// The key that may read `/metrics` only (`SPENDGUARD_METRICS_KEY`).
+    metrics: Option<[u8; 32]>,
     keys: RwLock<HashMap<[u8; 32], Option<TenantId>>>,
 }
 
@@ -75,8 +93,22 @@ impl KeyRing {
         let keys = active_keys(store).await?;
         Ok(KeyRing {
             env_admin: env_admin.map(hash_key),
+            metrics: None,
             keys: RwLock::new(keys),
         })
+    }
+
+    /// Also accepts `key` (from `SPENDGUARD_METRICS_KEY`) on `/metrics`, and nowhere else.
+    pub fn with_metrics_key(mut self, key: Option<&str>) -> KeyRing {
+        self.metrics = key.map(hash_key);
+        self
+    }
+
+    /// Whether `key` may read `/metrics`: the admin key or the metrics key.
+    pub fn may_read_metrics(&self, key: &str) -> bool {
+        let h = hash_key(key);
+        self.metrics.as_ref().is_some_and(|m| same(m, &h))
+            || matches!(self.authenticate(key), Some(Caller::Admin))
     }
 
     /// Re-reads the keys, so keys created or revoked by `spendguard keys` apply.
@@ -109,6 +141,19 @@ impl KeyRing {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(hash);
+    }
+
+    /// Whether the key whose hash is `h` is still an admin key (not revoked).
+    pub fn is_admin_hash(&self, h: &[u8; 32]) -> bool {
+        if let Some(admin) = &self.env_admin
+            && same(admin, h)
+        {
+            return true;
+        }
+        matches!(
+            self.keys.read().unwrap_or_else(|e| e.into_inner()).get(h),
+            Some(None)
+        )
     }
 
     pub fn authenticate(&self, key: &str) -> Option<Caller> {
@@ -161,14 +206,19 @@ pub async fn create_key(
     Ok((key, record))
 }
 
-/// The key of an `Authorization: Bearer <key>` header, if there is one.
+/// The key of an `Authorization: Bearer <key>` header, if there is one. The scheme is
+/// matched without regard to case (RFC 7235 §2.1).
 pub fn bearer_key(headers: &axum::http::HeaderMap) -> Option<&str> {
-    headers
+    let value = headers
         .get(header::AUTHORIZATION)?
         .to_str()
         .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
+        .trim_start();
+    let (scheme, key) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| key.trim())
+        .filter(|k| !k.is_empty())
 }
 
 impl FromRequestParts<AppState> for Caller {

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -30,36 +31,162 @@ pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// How often the page reloads itself, in seconds.
 pub const REFRESH_SECONDS: u32 = 30;
 
-/// Dashboard sessions: SHA-256 of the cookie value → expiry.
+/// The most sessions kept at once: opening one more drops the one closest to expiry.
+pub const MAX_SESSIONS: usize = 1024;
+/// Failed sign-ins allowed per client address in [`LOGIN_WINDOW`]; more answer 429.
+pub const LOGIN_FAILURES: u32 = 10;
+/// The window of [`LOGIN_FAILURES`].
+pub const LOGIN_WINDOW: Duration = Duration::from_secs(60);
+/// The most client addresses the sign-in throttle tracks; beyond it, sign-ins from new
+/// addresses are refused until entries expire (a flood cannot grow memory).
+pub const MAX_THROTTLED: usize = 10_000;
+
+/// One session: when it ends and the hash of the admin key that opened it.
+#[derive(Clone, Copy, Debug)]
+struct Session {
+    expires: Instant,
+    key: [u8; 32],
+}
+
+/// Dashboard sessions (SHA-256 of the cookie value → session), and the sign-in throttle.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    live: Mutex<HashMap<[u8; 32], Instant>>,
+    live: Mutex<HashMap<[u8; 32], Session>>,
+    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
 }
 
 impl Sessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Instant>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Session>> {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A new session; returns the cookie value.
-    pub fn open(&self) -> String {
+    /// A new session for the admin key whose hash is `key`; returns the cookie value.
+    pub fn open(&self, key: [u8; 32]) -> String {
         let token = crate::auth::generate_key();
         let now = Instant::now();
         let mut live = self.lock();
-        live.retain(|_, exp| *exp > now);
-        live.insert(Sha256::digest(token.as_bytes()).into(), now + SESSION_TTL);
+        live.retain(|_, s| s.expires > now);
+        while live.len() >= MAX_SESSIONS {
+            let Some(oldest) = live.iter().min_by_key(|(_, s)| s.expires).map(|(h, _)| *h) else {
+                break;
+            };
+            live.remove(&oldest);
+        }
+        live.insert(
+            Sha256::digest(token.as_bytes()).into(),
+            Session {
+                expires: now + SESSION_TTL,
+                key,
+            },
+        );
         token
     }
 
-    pub fn valid(&self, token: &str) -> bool {
+    /// Whether `token` is a live session whose key `still_admin` accepts (a revoked key
+    /// ends its sessions).
+    pub fn valid(&self, token: &str, still_admin: impl Fn(&[u8; 32]) -> bool) -> bool {
         let h: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-        self.lock().get(&h).is_some_and(|exp| *exp > Instant::now())
+        let mut live = self.lock();
+        match live.get(&h) {
+            Some(s) if s.expires > Instant::now() && still_admin(&s.key) => true,
+            Some(_) => {
+                live.remove(&h);
+                false
+            }
+            None => false,
+        }
     }
 
     pub fn close(&self, token: &str) {
         let h: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         self.lock().remove(&h);
     }
+
+    /// How many sessions are kept.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `ip` may try to sign in now.
+    pub fn may_try(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        match f.get(&ip) {
+            Some((since, n)) if now.duration_since(*since) < LOGIN_WINDOW => *n < LOGIN_FAILURES,
+            Some(_) => {
+                f.remove(&ip);
+                true
+            }
+            None => {
+                if f.len() >= MAX_THROTTLED {
+                    f.retain(|_, (since, _)| now.duration_since(*since) < LOGIN_WINDOW);
+                }
+                f.len() < MAX_THROTTLED
+            }
+        }
+    }
+
+    /// Counts a failed sign-in from `ip`.
+    pub fn failed(&self, ip: IpAddr) {
+        let now = Instant::now();
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if f.len() >= MAX_THROTTLED && !f.contains_key(&ip) {
+            return;
+        }
+        let e = f.entry(ip).or_insert((now, 0));
+        if now.duration_since(e.0) >= LOGIN_WINDOW {
+            *e = (now, 0);
+        }
+        e.1 = e.1.saturating_add(1);
+    }
+}
+
+/// The client's address, when the server knows it (it does when served by [`crate::run`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub Option<SocketAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Peer, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<SocketAddr>>()
+                .map(|c| c.0),
+        ))
+    }
+}
+
+/// Whether the browser reached us over HTTPS: a TLS-terminating proxy says so with
+/// `X-Forwarded-Proto: https` or `Forwarded: proto=https`. The session cookie is then
+/// marked `Secure`. (Trusting the header is safe here: it can only make the cookie stricter.)
+pub fn over_https(headers: &HeaderMap) -> bool {
+    let xfp = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .next()
+                .is_some_and(|p| p.trim().eq_ignore_ascii_case("https"))
+        });
+    let forwarded = headers
+        .get_all(header::FORWARDED)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([';', ',']))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .any(|(k, v)| {
+            k.eq_ignore_ascii_case("proto") && v.trim_matches('"').eq_ignore_ascii_case("https")
+        });
+    xfp || forwarded
 }
 
 fn cookie_token(headers: &HeaderMap) -> Option<&str> {
@@ -76,7 +203,7 @@ fn cookie_token(headers: &HeaderMap) -> Option<&str> {
 /// Who is looking: `Some(true)` admin, `Some(false)` a valid non-admin key, `None` nobody.
 fn viewer(state: &AppState, headers: &HeaderMap) -> Option<bool> {
     if let Some(t) = cookie_token(headers)
-        && state.sessions.valid(t)
+        && state.sessions.valid(t, |k| state.keys.is_admin_hash(k))
     {
         return Some(true);
     }
@@ -250,7 +377,10 @@ pub async fn gather(state: &AppState) -> Result<DashboardData, StoreError> {
             Err(_) => break,
         }
     }
-    let alerts = crate::reports::list_alerts(state, None, false, 20).await?;
+    // The same list as `GET /v1/alerts` (its default limit), so the count agrees with it.
+    let alerts =
+        crate::reports::list_alerts(state, None, false, crate::reports::ALERTS_DEFAULT_LIMIT)
+            .await?;
     let stats = state.guard.stats();
     Ok(DashboardData {
         now,
@@ -501,28 +631,8 @@ fn ranked_table(out: &mut String, class: &str, id: &str, title: &str, what: &str
     out.push_str("</section>");
 }
 
-/// The alerts worth showing: per budget (scope, window, window start) and kind, only the
-/// highest threshold reached; newest first.
-pub fn active_alerts(alerts: &[AlertOut]) -> Vec<&AlertOut> {
-    let mut best: Vec<&AlertOut> = Vec::new();
-    for a in alerts {
-        let same = |b: &&AlertOut| {
-            b.scope == a.scope
-                && b.scope_id == a.scope_id
-                && b.tenant_id == a.tenant_id
-                && b.window == a.window
-                && b.window_start.0 == a.window_start.0
-                && b.kind == a.kind
-        };
-        match best.iter_mut().find(|b| same(b)) {
-            Some(b) if b.threshold_percent < a.threshold_percent => *b = a,
-            Some(_) => {}
-            None => best.push(a),
-        }
-    }
-    best.sort_by_key(|a| std::cmp::Reverse((a.created_at.0, a.id)));
-    best
-}
+/// The most alert rows the page lists; the rest are counted ("N more").
+pub const ALERT_ROWS: usize = 20;
 
 /// The whole page.
 pub fn render(d: &DashboardData) -> String {
@@ -541,16 +651,12 @@ pub fn render(d: &DashboardData) -> String {
     );
     gauge(&mut out, "spend-today", "Global spend today", &d.today);
     gauge(&mut out, "spend-month", "Global spend this month", &d.month);
-    let alerts = active_alerts(&d.alerts);
+    let alerts = &d.alerts;
     let _ = write!(
         out,
         r#"<section class="third"><h2>Active alerts</h2><div class="big" id="alert-count">{}</div><div class="sub">{} in the current day and month · store {}</div></section>"#,
         alerts.len(),
-        if alerts.len() == 1 {
-            "budget"
-        } else {
-            "budgets"
-        },
+        if alerts.len() == 1 { "alert" } else { "alerts" },
         if d.store_ok {
             "ok".to_owned()
         } else {
@@ -592,12 +698,12 @@ pub fn render(d: &DashboardData) -> String {
         "User (tenant)",
         &d.users,
     );
-    out.push_str(r#"<section><h2>Alerts, highest threshold per budget</h2>"#);
+    out.push_str(r#"<section><h2>Alerts, newest first</h2>"#);
     if alerts.is_empty() {
         out.push_str(r#"<p class="empty" id="alerts">No alerts in the current day or month.</p>"#);
     } else {
         out.push_str(r#"<table id="alerts"><thead><tr><th>Raised</th><th>Alert</th><th>Budget</th><th>Window</th></tr></thead><tbody>"#);
-        for a in alerts {
+        for a in alerts.iter().take(ALERT_ROWS) {
             let badge = if a.kind == "projected" || a.threshold_percent < 100 {
                 "badge warn"
             } else {
@@ -650,6 +756,13 @@ pub fn render(d: &DashboardData) -> String {
             );
         }
         out.push_str("</tbody></table>");
+        if alerts.len() > ALERT_ROWS {
+            let _ = write!(
+                out,
+                r#"<p class="sub" id="alerts-more">{} more (all of them: <code>GET /v1/alerts</code>)</p>"#,
+                alerts.len() - ALERT_ROWS
+            );
+        }
     }
     out.push_str("</section></main></body></html>");
     out
@@ -720,23 +833,52 @@ pub struct LoginForm {
     key: String,
 }
 
-/// `POST /login`: the admin key opens a session.
+/// `POST /login`: the admin key opens a session. Failed attempts are throttled per client
+/// address ([`LOGIN_FAILURES`] per [`LOGIN_WINDOW`]).
 pub async fn login(
     State(state): State<AppState>,
+    peer: Peer,
+    headers: HeaderMap,
     form: Result<Form<LoginForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    let Ok(Form(form)) = form else {
-        return html_page(
-            StatusCode::BAD_REQUEST,
-            login_html(Some("Send the form with the key field.")),
+    let ip = peer
+        .0
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    if !state.sessions.may_try(ip) {
+        let mut resp = html_page(
+            StatusCode::TOO_MANY_REQUESTS,
+            login_html(Some("Too many failed sign-ins; try again in a minute.")),
         );
+        resp.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(LOGIN_WINDOW.as_secs()),
+        );
+        return resp;
+    }
+    let form = match form {
+        Ok(Form(form)) => form,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return html_page(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                login_html(Some("The form is too large.")),
+            );
+        }
+        Err(_) => {
+            return html_page(
+                StatusCode::BAD_REQUEST,
+                login_html(Some("Send the form with the key field.")),
+            );
+        }
     };
-    match state.keys.authenticate(form.key.trim()) {
+    let key = form.key.trim();
+    match state.keys.authenticate(key) {
         Some(Caller::Admin) => {
-            let token = state.sessions.open();
+            let token = state.sessions.open(crate::auth::hash_key(key));
             let mut resp = Redirect::to("/").into_response();
+            let secure = if over_https(&headers) { "; Secure" } else { "" };
             let cookie = format!(
-                "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}",
+                "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
                 SESSION_TTL.as_secs()
             );
             if let Ok(v) = HeaderValue::from_str(&cookie) {
@@ -750,10 +892,13 @@ pub async fn login(
                 "That is a tenant key; the dashboard needs the admin key.",
             )),
         ),
-        None => html_page(
-            StatusCode::UNAUTHORIZED,
-            login_html(Some("Unknown or revoked key.")),
-        ),
+        None => {
+            state.sessions.failed(ip);
+            html_page(
+                StatusCode::UNAUTHORIZED,
+                login_html(Some("Unknown or revoked key.")),
+            )
+        }
     }
 }
 
@@ -804,11 +949,11 @@ mod tests {
     #[test]
     fn sessions_open_check_and_close() {
         let s = Sessions::default();
-        let t = s.open();
-        assert!(s.valid(&t));
-        assert!(!s.valid("sg_forged"));
+        let t = s.open([1; 32]);
+        assert!(s.valid(&t, |_| true));
+        assert!(!s.valid("sg_forged", |_| true));
         s.close(&t);
-        assert!(!s.valid(&t));
+        assert!(!s.valid(&t, |_| true));
     }
 
     #[test]

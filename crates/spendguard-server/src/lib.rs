@@ -12,6 +12,7 @@ pub mod error;
 pub mod metrics;
 pub mod openapi;
 pub mod reports;
+pub mod serve;
 pub mod starting;
 
 use std::future::Future;
@@ -31,6 +32,7 @@ use tower_http::timeout::TimeoutLayer;
 pub use alerts::{AlertSettings, Alerts};
 pub use auth::{Caller, KeyRing};
 pub use metrics::Metrics;
+pub use serve::ConnectionLimits;
 
 /// The largest request body accepted.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -45,7 +47,37 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub alerts: Arc<Alerts>,
     pub sessions: Arc<dashboard::Sessions>,
+    pub limits: Arc<ServerLimits>,
     shutting_down: Arc<AtomicBool>,
+}
+
+/// The limits of the HTTP service, from the `[http]` and `[reports]` sections.
+#[derive(Debug)]
+pub struct ServerLimits {
+    pub connections: ConnectionLimits,
+    /// Rows of a report page when the request gives no `limit`.
+    pub report_default_limit: usize,
+    /// Turns for report queries: at most this many run at once.
+    pub report_slots: tokio::sync::Semaphore,
+}
+
+impl ServerLimits {
+    pub fn from_config(config: &spendguard_core::Config) -> ServerLimits {
+        ServerLimits {
+            connections: ConnectionLimits::from_config(&config.http),
+            report_default_limit: usize::try_from(config.reports.default_limit)
+                .unwrap_or(usize::MAX),
+            report_slots: tokio::sync::Semaphore::new(
+                usize::try_from(config.reports.max_concurrent).unwrap_or(1),
+            ),
+        }
+    }
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits::from_config(&spendguard_core::Config::default())
+    }
 }
 
 impl AppState {
@@ -61,8 +93,15 @@ impl AppState {
             keys: Arc::new(keys),
             metrics: Arc::new(Metrics::new()),
             sessions: Arc::new(dashboard::Sessions::default()),
+            limits: Arc::new(ServerLimits::default()),
             shutting_down: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// With these limits instead of the built-in ones.
+    pub fn with_limits(mut self, limits: ServerLimits) -> AppState {
+        self.limits = Arc::new(limits);
+        self
     }
 
     pub fn shutting_down(&self) -> bool {
@@ -141,7 +180,7 @@ api! {
     post "/v1/reservations" => api::reserve { auth: true, query: none, body: (api::ReserveBody), answer: (201, api::ReservedDoc), summary: "Reserve a worst-case estimate before a model call (201; 200 when an idempotency key replays)" }
     post "/v1/reservations/{id}/commit" => api::commit { auth: true, query: none, body: (api::CommitBody), answer: (200, api::CommittedDoc), summary: "Commit the actual usage of a reservation" }
     post "/v1/reservations/{id}/release" => api::release { auth: true, query: none, body: (api::ReleaseBody), answer: (200, api::ReleasedOut), summary: "Release a reservation whose call never happened" }
-    post "/v1/usage" => api::record { auth: true, query: none, body: (api::UsageBody), answer: (201, api::UsageDoc), summary: "Record usage of a call that was not reserved (never refused)" }
+    post "/v1/usage" => api::record { auth: true, query: none, body: (api::UsageBody), answer: (201, api::UsageDoc), summary: "Record usage of a call that was not reserved (never refused; 200 when an idempotency key replays)" }
     post "/v1/check" => api::check { auth: true, query: none, body: (api::ReserveBody), answer: (200, api::CheckOut), summary: "Would this reservation be admitted? Changes nothing" }
     get "/v1/limits" => api::limits { auth: true, query: (api::LimitsQuery), body: none, answer: (200, api::LimitsAnswer), summary: "A user's effective limits, used, reserved and remaining" }
     get "/v1/users/{user_id}/daily-usage" => reports::daily_usage { auth: true, query: (reports::DailyParams), body: none, answer: (200, reports::DailyOut), summary: "A user's usage on one day (?date=YYYY-MM-DD, default today), by model" }
@@ -159,7 +198,7 @@ api! {
     delete "/v1/admin/api-keys/{id}" => api::revoke_api_key { auth: true, query: none, body: none, answer: (200, api::RevokedOut), summary: "Revoke an API key (admin)" }
     get "/healthz" => api::healthz { auth: false, query: none, body: none, answer: (200, api::HealthOut), summary: "The process is up" }
     get "/readyz" => api::readyz { auth: false, query: none, body: none, answer: ready, summary: "Ready to admit reservations (store state)" }
-    get "/metrics" => api::metrics { auth: false, query: none, body: none, answer: text, summary: "Prometheus metrics" }
+    get "/metrics" => api::metrics { auth: true, query: none, body: none, answer: text, summary: "Prometheus metrics (the admin key or the metrics key)" }
     get "/openapi.json" => api::openapi { auth: false, query: none, body: none, answer: (200, serde_json::Value), summary: "This API's OpenAPI document" }
     get "/" => dashboard::page { auth: false, query: none, body: none, answer: dashboard, summary: "The spend dashboard (HTML; admin session cookie or admin key)" }
     get "/login" => dashboard::login_page { auth: false, query: none, body: none, answer: html, summary: "The dashboard's sign-in form (HTML)" }
@@ -183,6 +222,26 @@ pub fn app(state: AppState) -> Router {
         .layer(CatchPanicLayer::new())
         .layer(axum::middleware::from_fn(error::normalize_errors))
         .with_state(state)
+}
+
+/// The router of the open metrics listener (`[metrics] open_listen`): `/metrics` without
+/// a key, nothing else.
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", axum::routing::get(api::open_metrics))
+        .fallback(api::fallback)
+        .with_state(state)
+}
+
+/// Serves [`metrics_app`] until `shutdown` resolves (the listener should be a loopback
+/// address; the configuration refuses any other).
+pub async fn run_metrics(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (limits, metrics) = (state.limits.connections, state.metrics.clone());
+    serve::serve(listener, metrics_app(state), limits, metrics, shutdown).await
 }
 
 /// How often keys are re-read from the store.
@@ -223,13 +282,13 @@ pub async fn run(
     let flag = state.shutting_down.clone();
     let guard = state.guard.clone();
     let alerts = state.alerts.clone();
-    let result = axum::serve(listener, app(state))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            flag.store(true, Ordering::Relaxed);
-            tracing::info!("shutting down: finishing in-flight requests");
-        })
-        .await;
+    let (limits, metrics) = (state.limits.connections, state.metrics.clone());
+    let result = serve::serve(listener, app(state), limits, metrics, async move {
+        shutdown.await;
+        flag.store(true, Ordering::Relaxed);
+        tracing::info!("shutting down: finishing in-flight requests");
+    })
+    .await;
     alerts.stop().await;
     guard.shutdown().await;
     tracing::info!("writer flushed; stopped");

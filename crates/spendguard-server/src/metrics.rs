@@ -1,6 +1,12 @@
 //! Prometheus metrics: decisions by outcome and reason, spend, budget utilisation of the
 //! global scope and of tenants, request latency by route, writer batches, spool depth and
 //! store health. No label ever carries a user id.
+//!
+//! Every label has a bounded set of values: `method` is one of the standard methods or
+//! `other`, `route` a route template or `unmatched`, `status` a status code the server
+//! sends, `outcome` and `reason` fixed codes, `scope_id` the global scope or a tenant id
+//! (tenants exist only through keys the admin creates). Money is exposed as integer
+//! micro-USD, so sums are exact; things counted since start are counters.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -51,47 +57,27 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     decisions: Family<DecisionLabels, Counter>,
-    spend: Counter<f64, AtomicU64>,
+    spend: Counter,
     latency: Family<RouteLabels, Histogram, fn() -> Histogram>,
-    spent: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
+    spent: Family<BudgetLabels, Gauge>,
     utilisation: Family<BudgetLabels, Gauge<f64, AtomicU64>>,
-    batches: Gauge,
-    events: Gauge,
+    batches: Counter,
+    events: Counter,
     last_batch: Gauge,
     spool_depth: Gauge,
-    store_errors: Gauge,
+    store_errors: Counter,
     store_up: Gauge,
     open_reservations: Gauge,
-    alerts_raised: Gauge,
-    webhooks: Family<OutcomeLabels, Gauge>,
-    dead_letters: Total,
-    spool_failures: Total,
-    sweep_failures: Total,
+    alerts_raised: Counter,
+    webhooks: Family<OutcomeLabels, Counter>,
+    dead_letters: Counter,
+    spool_failures: Counter,
+    sweep_failures: Counter,
     ready: Gauge,
-}
-
-/// A counter that follows a running total kept elsewhere (the guard's statistics).
-#[derive(Debug, Default)]
-struct Total {
-    counter: Counter,
-    seen: AtomicU64,
-}
-
-impl Total {
-    fn register(registry: &mut Registry, name: &str, help: &str) -> Total {
-        let t = Total::default();
-        registry.register(name, help, t.counter.clone());
-        t
-    }
-
-    fn set(&self, total: u64) {
-        let before = self
-            .seen
-            .fetch_max(total, std::sync::atomic::Ordering::Relaxed);
-        if total > before {
-            self.counter.inc_by(total - before);
-        }
-    }
+    connections: Gauge,
+    connections_refused: Counter,
+    /// Renders one at a time: counters read from elsewhere advance by their difference.
+    rendering: std::sync::Mutex<()>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -114,10 +100,10 @@ impl Metrics {
             "Reservation decisions by outcome and reason",
             decisions.clone(),
         );
-        let spend = Counter::<f64, AtomicU64>::default();
+        let spend = Counter::default();
         registry.register(
-            "spend_usd",
-            "USD committed and recorded since start",
+            "spend_micro_usd",
+            "Micro-USD (millionths of a dollar) committed and recorded since start",
             spend.clone(),
         );
         let latency: Family<RouteLabels, Histogram, fn() -> Histogram> =
@@ -127,10 +113,10 @@ impl Metrics {
             "HTTP request latency by route",
             latency.clone(),
         );
-        let spent = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
+        let spent = Family::<BudgetLabels, Gauge>::default();
         registry.register(
-            "budget_spent_usd",
-            "Spent plus reserved USD in the current window",
+            "budget_spent_micro_usd",
+            "Spent plus reserved micro-USD in the current window",
             spent.clone(),
         );
         let utilisation = Family::<BudgetLabels, Gauge<f64, AtomicU64>>::default();
@@ -144,19 +130,24 @@ impl Metrics {
             registry.register(name, help, g.clone());
             g
         };
-        let batches = gauge(
+        let counter = |registry: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let batches = counter(
             &mut registry,
             "writer_batches",
             "Store transactions written since start",
         );
-        let events = gauge(&mut registry, "writer_events", "Events written since start");
+        let events = counter(&mut registry, "writer_events", "Events written since start");
         let last_batch = gauge(
             &mut registry,
             "writer_last_batch_size",
             "Events in the last batch",
         );
         let spool_depth = gauge(&mut registry, "spool_depth", "Batches waiting in the spool");
-        let store_errors = gauge(
+        let store_errors = counter(
             &mut registry,
             "store_errors",
             "Failed store writes since start",
@@ -171,28 +162,28 @@ impl Metrics {
             "open_reservations",
             "Reservations not settled yet",
         );
-        let alerts_raised = gauge(
+        let alerts_raised = counter(
             &mut registry,
             "alerts_raised",
             "Cost alerts raised (persisted) since start",
         );
-        let webhooks = Family::<OutcomeLabels, Gauge>::default();
+        let webhooks = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "webhook_attempts",
             "Webhook delivery attempts since start, by outcome (delivered, retry, failed)",
             webhooks.clone(),
         );
-        let dead_letters = Total::register(
+        let dead_letters = counter(
             &mut registry,
             "dead_letters",
             "Events the store refused for good, kept as dead letters, since start",
         );
-        let spool_failures = Total::register(
+        let spool_failures = counter(
             &mut registry,
             "spool_failures",
             "Failed spool appends or reads since start",
         );
-        let sweep_failures = Total::register(
+        let sweep_failures = counter(
             &mut registry,
             "sweep_failures",
             "Failed expiry sweeps since start (each is retried at the next tick)",
@@ -201,6 +192,12 @@ impl Metrics {
             &mut registry,
             "ready",
             "1 when /readyz answers 200: the writer, the spool and the sweeper work",
+        );
+        let connections = gauge(&mut registry, "http_connections", "Open HTTP connections");
+        let connections_refused = counter(
+            &mut registry,
+            "http_connections_refused",
+            "Connections closed at once because the connection limit was reached",
         );
         Metrics {
             dead_letters,
@@ -222,7 +219,24 @@ impl Metrics {
             store_errors,
             store_up,
             open_reservations,
+            connections,
+            connections_refused,
+            rendering: std::sync::Mutex::new(()),
         }
+    }
+
+    /// A connection opened (`true`) or closed.
+    pub fn connection(&self, open: bool) {
+        if open {
+            self.connections.inc();
+        } else {
+            self.connections.dec();
+        }
+    }
+
+    /// A connection refused at the connection limit.
+    pub fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     pub fn decision(&self, outcome: &str, reason: &str) {
@@ -235,36 +249,45 @@ impl Metrics {
     }
 
     pub fn spend(&self, usd: Money) {
-        self.spend.inc_by(usd.as_usd_f64());
+        self.spend.inc_by(u64::try_from(usd.micros()).unwrap_or(0));
     }
 
     /// The text exposition, with the gauges read at this moment.
     pub fn render(&self, guard: &Guard<AnyStore>, alerts: &AlertCounts) -> String {
+        let _one = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
         let to_i = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        let load = |c: &std::sync::atomic::AtomicU64| to_i(c.load(Ordering::Relaxed));
-        self.alerts_raised.set(load(&alerts.raised));
+        // A counter kept elsewhere: advance ours to its value.
+        let advance = |c: &Counter, to: u64| {
+            let at = c.get();
+            if to > at {
+                c.inc_by(to - at);
+            }
+        };
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        advance(&self.alerts_raised, load(&alerts.raised));
         for (outcome, c) in [
             ("delivered", &alerts.delivered),
             ("retry", &alerts.retried),
             ("failed", &alerts.failed),
         ] {
-            self.webhooks
-                .get_or_create(&OutcomeLabels {
+            advance(
+                &self.webhooks.get_or_create(&OutcomeLabels {
                     outcome: outcome.into(),
-                })
-                .set(load(c));
+                }),
+                load(c),
+            );
         }
         let stats = guard.stats();
-        self.batches.set(to_i(stats.batches));
-        self.events.set(to_i(stats.events));
+        advance(&self.batches, stats.batches);
+        advance(&self.events, stats.events);
         self.last_batch.set(to_i(stats.last_batch_size));
         self.spool_depth.set(to_i(stats.spool_depth));
-        self.store_errors.set(to_i(stats.store_errors));
+        advance(&self.store_errors, stats.store_errors);
         self.store_up
             .set(i64::from(stats.health == StoreHealth::Ok));
-        self.dead_letters.set(stats.dead_letters);
-        self.spool_failures.set(stats.spool_failures);
-        self.sweep_failures.set(stats.sweep_failures);
+        advance(&self.dead_letters, stats.dead_letters);
+        advance(&self.spool_failures, stats.spool_failures);
+        advance(&self.sweep_failures, stats.sweep_failures);
         self.ready.set(i64::from(guard.ready()));
         self.open_reservations
             .set(to_i(guard.ledger().open_reservations() as u64));
@@ -282,7 +305,7 @@ impl Metrics {
                         window: window.into(),
                     };
                     let used = spent.saturating_add(reserved);
-                    self.spent.get_or_create(&labels).set(used.as_usd_f64());
+                    self.spent.get_or_create(&labels).set(used.micros());
                     if let Some(cap) = cap.filter(|c| *c > Money::ZERO) {
                         self.utilisation
                             .get_or_create(&labels)
@@ -295,7 +318,62 @@ impl Metrics {
         if encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
-        out
+        text_format(&out)
+    }
+}
+
+/// The Prometheus text format (0.0.4, what `/metrics` is served as) from the registry's
+/// OpenMetrics text: a counter's HELP and TYPE lines name it with its `_total` suffix, as
+/// its samples do, and there is no `# EOF` line.
+pub fn text_format(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find(|p| line.starts_with(p));
+        match meta {
+            Some(prefix) => {
+                let rest = &line[prefix.len()..];
+                let name = rest.split(' ').next().unwrap_or_default();
+                if counters.contains(name) {
+                    out.push_str(prefix);
+                    out.push_str(name);
+                    out.push_str("_total");
+                    out.push_str(&rest[name.len()..]);
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// A method as a label: the standard ones by name, any other as `other` (a client may
+/// send any token as a method; each would otherwise start new series).
+pub fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::TRACE => "TRACE",
+        Method::CONNECT => "CONNECT",
+        _ => "other",
     }
 }
 
@@ -306,7 +384,7 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".into());
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method()).to_owned();
     let started = std::time::Instant::now();
     let response = next.run(req).await;
     state
@@ -319,4 +397,27 @@ pub async fn track(State(state): State<AppState>, req: Request, next: Next) -> R
         })
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_with_total_in_the_text_format() {
+        let om = "# HELP x_requests Requests.\n# TYPE x_requests counter\nx_requests_total 3\n\
+                  # HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n# EOF\n";
+        assert_eq!(
+            text_format(om),
+            "# HELP x_requests_total Requests.\n# TYPE x_requests_total counter\n\
+             x_requests_total 3\n# HELP x_up Up.\n# TYPE x_up gauge\nx_up 1\n"
+        );
+    }
+
+    #[test]
+    fn unknown_methods_are_other() {
+        assert_eq!(method_label(&axum::http::Method::GET), "GET");
+        let invented = axum::http::Method::from_bytes(b"INVENTED").unwrap();
+        assert_eq!(method_label(&invented), "other");
+    }
 }

@@ -28,6 +28,8 @@ use crate::error::{ApiError, ApiQuery};
 pub const MAX_REPORT_DAYS: i64 = 3 * 366;
 /// The most rows a report may be limited to (and the default cap of the alert list).
 pub const MAX_LIMIT: usize = 100_000;
+/// Alerts listed when the request gives no `limit` (the dashboard counts the same list).
+pub const ALERTS_DEFAULT_LIMIT: usize = 1000;
 
 /// Output formats of reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -260,6 +262,8 @@ pub struct ReportOut {
     pub rows: Vec<ReportRowOut>,
     /// The sums over every group.
     pub totals: TotalsOut,
+    /// When not null, `?cursor=` this fetches the next page of rows.
+    pub next_cursor: Option<String>,
 }
 
 /// The report as a typed answer.
@@ -295,6 +299,7 @@ pub fn report_out(calendar: &Calendar, spec: &ReportSpec, report: &Report) -> Re
         groups: report.groups,
         rows,
         totals: TotalsOut::from(&report.totals),
+        next_cursor: None,
     }
 }
 
@@ -507,9 +512,34 @@ pub struct ReportParams {
     /// Keep the top N groups (1 to 100000).
     #[schemars(range(min = 1, max = 100_000))]
     pub limit: Option<usize>,
+    /// Where the previous page ended (its `next_cursor`).
+    pub cursor: Option<String>,
 }
 
-/// `GET /v1/reports/usage`.
+/// The furthest a cursor may point into a report.
+pub const MAX_CURSOR: usize = 10_000_000;
+/// How long a report waits for a turn (`[reports] max_concurrent`) before answering 503.
+pub const REPORT_QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sets its flag when dropped: the store's read stops when the request is dropped (the
+/// client went away, or the request timed out).
+struct CancelOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn parse_cursor(c: &str) -> Result<usize, ApiError> {
+    c.parse::<usize>()
+        .ok()
+        .filter(|n| *n <= MAX_CURSOR && c.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| ApiError::bad_request("cursor must be the `next_cursor` of a previous page"))
+}
+
+/// `GET /v1/reports/usage`: one page of at most `limit` rows (default `[reports]
+/// default_limit`); `next_cursor`, when not null, fetches the next page (`?cursor=`).
 pub async fn usage_report(
     State(state): State<AppState>,
     caller: Caller,
@@ -533,15 +563,43 @@ pub async fn usage_report(
         q.to.as_deref(),
         q.group_by.as_deref(),
         tenant,
-        q.limit,
+        Some(q.limit.unwrap_or(state.limits.report_default_limit)),
     )
     .map_err(ApiError::bad_request)?;
-    let report = state
+    let offset = q
+        .cursor
+        .as_deref()
+        .map(parse_cursor)
+        .transpose()?
+        .unwrap_or(0);
+    let page = spec.query.limit.unwrap_or(MAX_LIMIT);
+    let mut query = spec.query.clone();
+    query.limit = Some(offset.saturating_add(page));
+    // At most `max_concurrent` reports read at once: each holds its groups in memory.
+    let _turn = tokio::time::timeout(REPORT_QUEUE_WAIT, state.limits.report_slots.acquire())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or_else(|| {
+            let mut e = ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "too many reports are being read right now; try again shortly",
+            );
+            e.headers
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            e
+        })?;
+    let cancel = CancelOnDrop(Default::default());
+    let mut report = state
         .guard
         .store()
-        .report(&spec.query)
+        .report_cancellable(&query, cancel.0.clone())
         .await
         .map_err(store_error)?;
+    report.rows.drain(..offset.min(report.rows.len()));
+    let next = offset.saturating_add(page);
+    let next_cursor = (report.groups > next).then(|| next.to_string());
     Ok(match format {
         Format::Csv => {
             let name = format!(
@@ -559,9 +617,18 @@ pub async fn usage_report(
             if let Ok(v) = HeaderValue::from_str(&name) {
                 h.insert(header::CONTENT_DISPOSITION, v);
             }
+            if let Some(c) = &next_cursor
+                && let Ok(v) = HeaderValue::from_str(c)
+            {
+                h.insert("x-next-cursor", v);
+            }
             resp
         }
-        _ => Json(report_out(calendar, &spec, &report)).into_response(),
+        _ => Json(ReportOut {
+            next_cursor,
+            ..report_out(calendar, &spec, &report)
+        })
+        .into_response(),
     })
 }
 
@@ -647,7 +714,7 @@ pub async fn alerts(
     ApiQuery(q): ApiQuery<AlertParams>,
 ) -> Result<Json<AlertsOut>, ApiError> {
     let tenant = read_scope(&caller, q.tenant_id)?;
-    let limit = q.limit.unwrap_or(1000);
+    let limit = q.limit.unwrap_or(ALERTS_DEFAULT_LIMIT);
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ApiError::bad_request(format!(
             "limit must be from 1 to {MAX_LIMIT}"

@@ -301,8 +301,20 @@ impl AnyStore {
 
     /// A usage report from `rollups` and `usage_rollups` (see [`ReportQuery`]).
     pub async fn report(&self, query: &ReportQuery) -> Result<Report, StoreError> {
+        self.report_cancellable(query, Default::default()).await
+    }
+
+    /// [`AnyStore::report`] that stops early, with [`StoreError::Unavailable`], once
+    /// `cancel` is set: a caller that gives up (its request was dropped or timed out) sets
+    /// it, so a SQLite read on the blocking pool does not run on for nobody. (PostgreSQL
+    /// reads stop when their future is dropped.)
+    pub async fn report_cancellable(
+        &self,
+        query: &ReportQuery,
+        cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Report, StoreError> {
         match self {
-            AnyStore::Sqlite(s) => s.report(query).await,
+            AnyStore::Sqlite(s) => s.report_cancellable(query, cancel).await,
             AnyStore::Postgres(s) => s.report(query).await,
         }
     }

@@ -217,9 +217,26 @@ fn insert_alerts_blocking(
 
 impl SqliteStore {
     pub async fn report(&self, query: &ReportQuery) -> Result<Report, StoreError> {
+        self.report_cancellable(query, Default::default()).await
+    }
+
+    /// A report; stops at the next row once `cancel` is set.
+    pub async fn report_cancellable(
+        &self,
+        query: &ReportQuery,
+        cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<Report, StoreError> {
         let plan = ReportPlan::new(query)?;
         let query = query.clone();
+        let cancelled = move || {
+            if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                Err(StoreError::Unavailable("the report was cancelled".into()))
+            } else {
+                Ok(())
+            }
+        };
         self.with_reader(move |conn| {
+            cancelled()?;
             // One read transaction: a consistent snapshot across the statements.
             let tx = conn.transaction().db()?;
             let mut groups = Groups::new(query.group_by);
@@ -239,6 +256,7 @@ impl SqliteStore {
                     }
                     .db()?;
                     while let Some(row) = rows.next().db()? {
+                        cancelled()?;
                         let totals = usage_totals(
                             int(row, 3)?,
                             int(row, 4)?,
@@ -273,6 +291,7 @@ impl SqliteStore {
                             }
                             .db()?;
                             while let Some(row) = rows.next().db()? {
+                                cancelled()?;
                                 let totals = usage_totals(
                                     int(row, 4)?,
                                     int(row, 5)?,

@@ -143,6 +143,10 @@ enum KeysCommand {
         #[command(flatten)]
         common: Common,
         id: String,
+        /// Revoke it even if it is an admin key (without another admin key, only
+        /// SPENDGUARD_ADMIN_KEY can then sign in).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -344,7 +348,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config: Some(file.clone()),
                 database: None,
             })?;
-            let (policy, _) = checked(&config)
+            let Checked { policy, .. } = checked(&config)
                 .with_context(|| format!("{} is not a valid configuration", file.display()))?;
             println!(
                 "{} is valid: time zone {}, {} tiers (default `{}`), {} priced models",
@@ -492,7 +496,24 @@ fn keys(cmd: KeysCommand) -> anyhow::Result<()> {
                     );
                 }
             }
-            KeysCommand::Revoke { id, .. } => {
+            KeysCommand::Revoke { id, force, .. } => {
+                let keys = store.list_api_keys().await.context("failed to list keys")?;
+                let admin = |k: &&spendguard_store::ApiKeyRecord| {
+                    k.tenant.is_none() && k.revoked_at.is_none()
+                };
+                if !force && keys.iter().filter(admin).any(|k| k.id == id) {
+                    let others = keys.iter().filter(admin).filter(|k| k.id != id).count();
+                    bail!(
+                        "{id} is an admin key; {} Run again with --force to revoke it anyway.",
+                        if others == 0 {
+                            "it is the only stored one: without it, only SPENDGUARD_ADMIN_KEY \
+                             (if the server has one) can administer the service or sign in to \
+                             the dashboard."
+                        } else {
+                            "revoking it ends every session and script that uses it."
+                        }
+                    );
+                }
                 if !store
                     .revoke_api_key(&id, now)
                     .await
@@ -724,19 +745,50 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Every check `serve` makes of its configuration before it starts (`config check` runs
-/// them too): the validated policy and the alert settings (with the environment's secret).
-fn checked(config: &Config) -> anyhow::Result<(spendguard_core::Policy, AlertSettings)> {
+/// What `serve` takes from its configuration and environment, all checked.
+struct Checked {
+    policy: spendguard_core::Policy,
+    alert_settings: AlertSettings,
+    admin_key: Option<String>,
+    metrics_key: Option<String>,
+    open_metrics: Option<std::net::SocketAddr>,
+}
+
+/// Every check `serve` makes of its configuration and environment before it starts
+/// (`config check` runs them too).
+fn checked(config: &Config) -> anyhow::Result<Checked> {
     let policy = config.validate()?;
     let secret = std::env::var("SPENDGUARD_WEBHOOK_SECRET")
         .ok()
         .filter(|s| !s.is_empty());
     let alert_settings = AlertSettings::from_config(&config.alerts, secret)?;
-    Ok((policy, alert_settings))
+    let env_key = |name: &str| -> anyhow::Result<Option<String>> {
+        match std::env::var(name).ok().filter(|k| !k.is_empty()) {
+            Some(k) => {
+                spendguard_server::auth::check_env_key(name, &k).map_err(anyhow::Error::msg)?;
+                Ok(Some(k))
+            }
+            None => Ok(None),
+        }
+    };
+    Ok(Checked {
+        policy,
+        alert_settings,
+        admin_key: env_key("SPENDGUARD_ADMIN_KEY")?,
+        metrics_key: env_key("SPENDGUARD_METRICS_KEY")?,
+        open_metrics: config.metrics.validate()?,
+    })
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
-    let (policy, alert_settings) = checked(&config).context("invalid configuration")?;
+    let Checked {
+        policy,
+        alert_settings,
+        admin_key: env_admin,
+        metrics_key,
+        open_metrics,
+    } = checked(&config).context("invalid configuration")?;
+    let limits = spendguard_server::ServerLimits::from_config(&config);
     init_logging(config.server.log_format);
     runtime()?.block_on(async move {
         // Listening first: a port in use fails before anything else happens (a failed start
@@ -754,12 +806,10 @@ fn serve(config: Config) -> anyhow::Result<()> {
         let Some(guard) = start_guard(&config, policy, &listener).await? else {
             return Ok(());
         };
-        let env_admin = std::env::var("SPENDGUARD_ADMIN_KEY")
-            .ok()
-            .filter(|k| !k.is_empty());
         let ring = KeyRing::load(guard.store(), env_admin.as_deref())
             .await
-            .context("failed to load API keys")?;
+            .context("failed to load API keys")?
+            .with_metrics_key(metrics_key.as_deref());
         if !ring.has_admin() {
             let (key, _) =
                 spendguard_server::auth::create_key(guard.store(), &ring, None, guard.now())
@@ -771,8 +821,22 @@ fn serve(config: Config) -> anyhow::Result<()> {
             println!();
             println!("(Set SPENDGUARD_ADMIN_KEY to choose your own.)");
         }
-        let state = AppState::with_alerts(guard, ring, alert_settings);
+        let state = AppState::with_alerts(guard, ring, alert_settings).with_limits(limits);
         spendguard_server::spawn_background(&state);
+        if let Some(addr) = open_metrics {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("failed to listen on {addr} (metrics.open_listen)"))?;
+            tracing::info!(listen = %addr, "serving /metrics without a key on loopback");
+            let state = state.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    spendguard_server::run_metrics(listener, state, shutdown_signal()).await
+                {
+                    tracing::error!(error = %e, "the metrics listener failed");
+                }
+            });
+        }
         let listener = tokio::net::TcpListener::from_std(listener)?;
         tracing::info!(
             listen = %listener.local_addr()?,

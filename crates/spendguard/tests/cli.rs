@@ -2,6 +2,9 @@
 
 use std::process::Command;
 
+/// An admin key of the required length (32 characters or more).
+const ADMIN: &str = "cli-test-admin-key-0123456789abcdef";
+
 fn spendguard(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_spendguard"))
         .args(args)
@@ -67,7 +70,7 @@ fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
     let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
         .args(["serve", "--listen", "127.0.0.1:0"])
         .current_dir(dir.path())
-        .env("SPENDGUARD_ADMIN_KEY", "cli-test-admin")
+        .env("SPENDGUARD_ADMIN_KEY", ADMIN)
         .env("RUST_LOG", "info")
         .env_remove("SPENDGUARD_DATABASE_URL")
         .stderr(std::process::Stdio::piped())
@@ -97,7 +100,7 @@ fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
         let c = reqwest::Client::new();
         let r = c
             .get(format!("http://{addr}/v1/alerts"))
-            .bearer_auth("cli-test-admin")
+            .bearer_auth(ADMIN)
             .send()
             .await
             .unwrap();
@@ -111,7 +114,7 @@ fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
         let c = reqwest::Client::new();
         let r = c
             .put(format!("http://{addr}/v1/admin/budgets/tenant/acme"))
-            .bearer_auth("cli-test-admin")
+            .bearer_auth(ADMIN)
             .json(&serde_json::json!({ "daily_usd": "4" }))
             .send()
             .await
@@ -124,7 +127,7 @@ fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
         ] {
             let r = c
                 .post(format!("http://{addr}/v1/usage"))
-                .bearer_auth("cli-test-admin")
+                .bearer_auth(ADMIN)
                 .json(&serde_json::json!({
                     "tenant_id": "acme", "user_id": user, "model": model, "tier": "enterprise",
                     "input_tokens": 100, "output_tokens": 50, "cost_usd": cost,
@@ -423,7 +426,7 @@ fn the_readme_walkthrough_runs_as_written() {
     let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
         .args(["serve", "--listen", "127.0.0.1:0"])
         .current_dir(dir.path())
-        .env("SPENDGUARD_ADMIN_KEY", "walkthrough-admin")
+        .env("SPENDGUARD_ADMIN_KEY", "walkthrough-admin-key-0123456789abcdef")
         .env("RUST_LOG", "info")
         .env_remove("SPENDGUARD_DATABASE_URL")
         .env_remove("SPENDGUARD_CONFIG")
@@ -457,7 +460,7 @@ fn the_readme_walkthrough_runs_as_written() {
         .arg("-c")
         .arg(format!("{prelude}{script}"))
         .current_dir(dir.path())
-        .env("KEY", "walkthrough-admin")
+        .env("KEY", "walkthrough-admin-key-0123456789abcdef")
         .env("URL", format!("http://{addr}"))
         .output()
         .unwrap();
@@ -597,7 +600,7 @@ fn postgres_serve_waits_for_an_unreachable_database() {
                 "postgres://{user}@{proxy}/{db}?options=-csearch_path%3D{schema}&connect_timeout=2"
             ),
         )
-        .env("SPENDGUARD_ADMIN_KEY", "cli-test-admin-key-0123456789")
+        .env("SPENDGUARD_ADMIN_KEY", ADMIN)
         .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -622,7 +625,7 @@ fn postgres_serve_waits_for_an_unreachable_database() {
         let r = rt
             .block_on(
                 c.get(format!("http://{addr}{path}"))
-                    .bearer_auth("cli-test-admin-key-0123456789")
+                    .bearer_auth(ADMIN)
                     .send(),
             )
             .ok()?;
@@ -751,4 +754,85 @@ fn spool_inspect_and_export_read_a_spool_and_name_its_damage() {
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("byte {second}")));
     // Nothing was changed.
     assert_eq!(std::fs::read(&path).unwrap(), bytes);
+}
+
+#[test]
+fn serve_refuses_a_short_admin_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (var, key) in [
+        ("SPENDGUARD_ADMIN_KEY", "short-admin"),
+        ("SPENDGUARD_METRICS_KEY", "short-metrics"),
+    ] {
+        let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .current_dir(dir.path())
+            .env("SPENDGUARD_ADMIN_KEY", ADMIN)
+            .env(var, key)
+            .env_remove("SPENDGUARD_DATABASE_URL")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Killed if it serves instead of refusing to start.
+        let mut child = KillOnDrop(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{var} of 11 characters was accepted: the server is serving"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr).unwrap();
+        let out = (status, stderr);
+        assert!(!out.0.success(), "{var} of 11 characters was accepted");
+        let err = &out.1;
+        assert!(
+            err.contains(&format!("{var} must be at least 32 characters")),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn revoking_an_admin_key_needs_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.db");
+    let db = db.to_str().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let id = rt.block_on(async {
+        let store = spendguard_store::AnyStore::open(db, &Default::default())
+            .await
+            .unwrap();
+        let ring = spendguard_server::KeyRing::default();
+        let (_, record) = spendguard_server::auth::create_key(&store, &ring, None, 0)
+            .await
+            .unwrap();
+        store.close().await;
+        record.id
+    });
+    let out = spendguard(&["keys", "revoke", &id, "--database", db]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is an admin key") && err.contains("--force"),
+        "{err}"
+    );
+    let listing =
+        String::from_utf8(spendguard(&["keys", "list", "--database", db]).stdout).unwrap();
+    let line = listing.lines().find(|l| l.contains(&id)).unwrap();
+    assert!(line.trim_end().ends_with('-'), "still active: {line}");
+    let out = spendguard(&["keys", "revoke", &id, "--force", "--database", db]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -105,7 +105,8 @@ async fn reserve_commit_release_record_check_and_limits() {
     let (st, u) = s.post("/v1/usage", ADMIN, usage.clone()).await;
     assert_eq!((st, &u["cost_usd"]), (201, &json!(0.5)));
     let (st, u2) = s.post("/v1/usage", ADMIN, usage).await;
-    assert_eq!((st, &u2["usage_id"]), (201, &u["usage_id"]));
+    assert_eq!((st, &u2["usage_id"]), (200, &u["usage_id"]));
+    assert_eq!(u2["replayed"], true);
 
     // Now over the user's $0.01 day: check says no, reserve answers 429.
     let (st, chk) = s
@@ -354,8 +355,8 @@ async fn operations_endpoints() {
     assert!(text.contains("spendguard_http_request_duration_seconds_bucket"));
     assert!(text.contains("route=\"/v1/reservations\""));
     assert!(text.contains("spendguard_budget_utilisation_ratio{scope=\"global\""));
-    assert!(text.contains("spendguard_alerts_raised 0"), "{text}");
-    assert!(text.contains("spendguard_webhook_attempts{outcome=\"delivered\"} 0"));
+    assert!(text.contains("spendguard_alerts_raised_total 0"), "{text}");
+    assert!(text.contains("spendguard_webhook_attempts_total{outcome=\"delivered\"} 0"));
     assert!(!text.contains("erin"), "metrics must not carry user ids");
     let (st, v) = s.get("/v1/alerts", ADMIN).await;
     assert_eq!((st, v["alerts"].as_array().map(Vec::len)), (200, Some(0)));

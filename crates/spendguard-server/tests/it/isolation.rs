@@ -36,11 +36,11 @@ async fn tenant_keys_are_confined_to_their_tenant() {
     let (st, e) = s
         .post(&format!("/v1/reservations/{id}/commit"), &b, commit.clone())
         .await;
-    assert_eq!((st, error_code(&e)), (403, "forbidden"));
+    assert_eq!((st, error_code(&e)), (404, "not_found"));
     let (st, _) = s
         .post(&format!("/v1/reservations/{id}/release"), &b, json!({}))
         .await;
-    assert_eq!(st, 403);
+    assert_eq!(st, 404);
     // Admin routes.
     let (st, _) = s
         .post("/v1/admin/api-keys", &a, json!({ "tenant_id": "tenant-a" }))

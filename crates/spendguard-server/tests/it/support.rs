@@ -14,6 +14,8 @@ use spendguard_store::{AnyStore, OpenOptions};
 use tokio::sync::oneshot;
 
 pub const ADMIN: &str = "test-admin-key";
+/// The key that may read `/metrics` and nothing else.
+pub const METRICS_KEY: &str = "test-metrics-key";
 /// 2026-03-10T12:00:00Z.
 pub const T0: i64 = 1_773_144_000_000_000;
 
@@ -112,8 +114,12 @@ async fn start_on(
     let guard = Guard::start(store, policy, options, clock.clone())
         .await
         .unwrap();
-    let ring = KeyRing::load(guard.store(), Some(ADMIN)).await.unwrap();
-    let state = AppState::with_alerts(guard, ring, alerts);
+    let ring = KeyRing::load(guard.store(), Some(ADMIN))
+        .await
+        .unwrap()
+        .with_metrics_key(Some(METRICS_KEY));
+    let state = AppState::with_alerts(guard, ring, alerts)
+        .with_limits(spendguard_server::ServerLimits::from_config(&parsed));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, rx) = oneshot::channel();
@@ -174,11 +180,12 @@ impl TestServer {
         (s, v)
     }
 
-    /// The Prometheus exposition of `/metrics` (no key needed).
+    /// The Prometheus exposition of `/metrics` (read with the admin key).
     pub async fn metrics(&self) -> String {
         let resp = self
             .client
             .get(format!("{}/metrics", self.url))
+            .bearer_auth(ADMIN)
             .send()
             .await
             .unwrap();

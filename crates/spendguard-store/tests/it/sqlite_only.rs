@@ -196,6 +196,26 @@ fn day_report() -> ReportQuery {
     }
 }
 
+/// A report whose caller gave up stops instead of reading on: here the flag is set before
+/// the read starts; the read checks it at every row too.
+#[tokio::test]
+async fn a_cancelled_report_stops() {
+    let store = SqliteStore::open(":memory:", &OpenOptions::default())
+        .await
+        .unwrap();
+    store.apply(&[Event::Recorded(record(1))]).await.unwrap();
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let err = store
+        .report_cancellable(&day_report(), cancel)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cancelled"), "{err}");
+    assert_eq!(
+        store.report(&day_report()).await.unwrap().totals.requests,
+        1
+    );
+}
+
 /// Reports run on their own connection: a batch waiting for the database's write lock
 /// (holding the store's writer connection) does not hold them up.
 #[tokio::test]
