@@ -122,6 +122,8 @@ pub struct Alerts {
     stopping: tokio::sync::watch::Sender<bool>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     counts: AlertCounts,
+    /// The guard's dead-letter count when the last dead-letter alert was persisted.
+    dead_letters_seen: AtomicU64,
 }
 
 /// Counters of the alert engine and the dispatcher since start (for metrics).
@@ -163,6 +165,7 @@ impl Alerts {
             stopping: tokio::sync::watch::channel(false).0,
             tasks: Mutex::new(Vec::new()),
             counts: AlertCounts::default(),
+            dead_letters_seen: AtomicU64::new(0),
         }
     }
 
@@ -242,6 +245,28 @@ impl Alerts {
                 }
             }
         }
+        // Events the store refused for good: an alert, at most one a day, while new ones
+        // come (the database's unique key keeps it once across restarts too).
+        let dead_letters = self.guard.stats().dead_letters;
+        if dead_letters > self.dead_letters_seen.load(Ordering::Relaxed) {
+            let alert = NewAlert {
+                scope: ScopeKey::Global,
+                window: Window::Day,
+                window_start: periods.day.start,
+                threshold_percent: 0,
+                kind: AlertKind::DeadLetter,
+                amount: Money::ZERO,
+                limit: Money::ZERO,
+                created_at: now,
+            };
+            let key = key_of(&alert);
+            if lock(&self.raised).contains(&key) {
+                self.dead_letters_seen
+                    .store(dead_letters, Ordering::Relaxed);
+            } else if !new.iter().any(|a| key_of(a) == key) {
+                new.push(alert);
+            }
+        }
         if new.is_empty() {
             return Ok(Vec::new());
         }
@@ -253,6 +278,8 @@ impl Alerts {
         {
             Ok(inserted) => {
                 lock(&self.raised).extend(new.iter().map(key_of));
+                self.dead_letters_seen
+                    .fetch_max(dead_letters, Ordering::Relaxed);
                 self.counts
                     .raised
                     .fetch_add(inserted.len() as u64, Ordering::Relaxed);
@@ -538,6 +565,9 @@ pub fn payload(r: &AlertRecord) -> AlertOut {
             usd_cents(a.amount),
             usd_cents(a.limit)
         ),
+        AlertKind::DeadLetter => "the usage database refused events for good today; they \
+             are kept as dead letters (see /readyz and spendguard_dead_letters_total)"
+            .to_owned(),
     };
     AlertOut {
         id: r.id,

@@ -134,6 +134,9 @@ pub enum AlertKind {
     Threshold,
     /// The month-to-date run rate projects spend above the monthly budget.
     Projected,
+    /// The store refused events for good today; they were kept as dead letters (global
+    /// scope, day window; at most one a day).
+    DeadLetter,
 }
 
 impl AlertKind {
@@ -141,6 +144,7 @@ impl AlertKind {
         match self {
             AlertKind::Threshold => "threshold",
             AlertKind::Projected => "projected",
+            AlertKind::DeadLetter => "dead_letter",
         }
     }
 
@@ -148,6 +152,7 @@ impl AlertKind {
         match s {
             "threshold" => Some(AlertKind::Threshold),
             "projected" => Some(AlertKind::Projected),
+            "dead_letter" => Some(AlertKind::DeadLetter),
             _ => None,
         }
     }

@@ -426,7 +426,10 @@ fn the_readme_walkthrough_runs_as_written() {
     let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
         .args(["serve", "--listen", "127.0.0.1:0"])
         .current_dir(dir.path())
-        .env("SPENDGUARD_ADMIN_KEY", "walkthrough-admin-key-0123456789abcdef")
+        .env(
+            "SPENDGUARD_ADMIN_KEY",
+            "walkthrough-admin-key-0123456789abcdef",
+        )
         .env("RUST_LOG", "info")
         .env_remove("SPENDGUARD_DATABASE_URL")
         .env_remove("SPENDGUARD_CONFIG")

@@ -444,3 +444,45 @@ async fn the_dashboard_counts_the_same_alerts_as_the_api() {
     );
     server.stop().await;
 }
+
+/// An event the database refuses for good (a NUL in text, on PostgreSQL; the HTTP edge
+/// refuses it, so it is sent through the guard) is kept as a dead letter and raises one
+/// alert for the day, listed by `/v1/alerts`, however often the engine evaluates.
+#[tokio::test]
+async fn postgres_a_dead_letter_raises_one_alert() {
+    let Some(s) = crate::support::spawn_postgres("", "deadletter").await else {
+        return;
+    };
+    let (st, r) = s
+        .post(
+            "/v1/reservations",
+            ADMIN,
+            crate::support::reserve_body("acme", "ann"),
+        )
+        .await;
+    assert_eq!(st, 201, "{r}");
+    let id: uuid::Uuid = r["reservation_id"].as_str().unwrap().parse().unwrap();
+    let refused = s.state.guard.release(id, Some("a\u{0}b".into())).await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(s.state.guard.stats().dead_letters, 1);
+    for _ in 0..3 {
+        s.state.alerts.evaluate().await.unwrap();
+    }
+    let (st, v) = s.get("/v1/alerts", ADMIN).await;
+    assert_eq!(st, 200, "{v}");
+    let dead: Vec<&Value> = v["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "dead_letter")
+        .collect();
+    assert_eq!(dead.len(), 1, "{v}");
+    assert_eq!(dead[0]["scope"], "global");
+    assert!(
+        dead[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("dead letters")
+    );
+    s.stop().await;
+}
