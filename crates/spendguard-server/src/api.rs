@@ -61,7 +61,8 @@ pub struct ReserveBody {
 }
 
 impl ReserveBody {
-    fn into_request(self) -> Result<ReserveRequest, ApiError> {
+    /// `trusted_tier`: the caller may name any tier (the admin key).
+    fn into_request(self, trusted_tier: bool) -> Result<ReserveRequest, ApiError> {
         let ttl_us = match self.ttl_seconds {
             None => None,
             Some(s) => Some(
@@ -78,6 +79,7 @@ impl ReserveBody {
                 user: self.user_id,
                 company: self.company_id,
                 tier: self.tier,
+                trusted_tier,
                 model: self.model,
                 endpoint: self.endpoint,
             },
@@ -236,46 +238,78 @@ impl Serialize for Rfc3339 {
     }
 }
 
-/// One limit entry of the contract, serialized without building a JSON tree.
+/// One limit entry of the contract, serialized without building a JSON tree. The amounts
+/// are left out of the global scope's entries shown to a tenant key.
 #[derive(Serialize)]
 struct LimitOut<'a> {
     scope: &'static str,
     scope_id: &'a str,
     window: &'static str,
     unit: &'static str,
-    limit: spendguard_core::Amount,
-    used: spendguard_core::Amount,
-    reserved: spendguard_core::Amount,
-    remaining: spendguard_core::Amount,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<spendguard_core::Amount>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    used: Option<spendguard_core::Amount>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reserved: Option<spendguard_core::Amount>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remaining: Option<spendguard_core::Amount>,
     resets_at: Option<Rfc3339>,
+}
+
+/// Who an answer is for: a tenant key sees its own scopes in full, and of the global
+/// scope only which limit applies and when it resets, never the amounts (they would show
+/// the other tenants' spend as it happens).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum View {
+    Admin,
+    Tenant,
+}
+
+impl View {
+    pub fn of(caller: &Caller) -> View {
+        match caller {
+            Caller::Admin => View::Admin,
+            Caller::Tenant(_) => View::Tenant,
+        }
+    }
+
+    /// Whether this view shows the amounts of `l`.
+    fn shows(self, l: &LimitStatus) -> bool {
+        self == View::Admin || l.scope != ScopeKey::Global
+    }
 }
 
 /// A list of limits, serialized entry by entry.
 #[derive(Debug)]
-pub struct LimitsOut<'a>(pub &'a [LimitStatus]);
+pub struct LimitsOut<'a>(pub &'a [LimitStatus], pub View);
 
 impl Serialize for LimitsOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(|l| LimitOut {
-            scope: l.scope.kind().as_str(),
-            scope_id: l.scope.id(),
-            window: l.window.as_str(),
-            unit: l.unit_str(),
-            limit: l.limit,
-            used: l.used,
-            reserved: l.reserved,
-            remaining: l.remaining,
-            resets_at: l.resets_at.map(Rfc3339),
+        s.collect_seq(self.0.iter().map(|l| {
+            let shown = self.1.shows(l);
+            let amount = |a: spendguard_core::Amount| shown.then_some(a);
+            LimitOut {
+                scope: l.scope.kind().as_str(),
+                scope_id: l.scope.id(),
+                window: l.window.as_str(),
+                unit: l.unit_str(),
+                limit: amount(l.limit),
+                used: amount(l.used),
+                reserved: amount(l.reserved),
+                remaining: amount(l.remaining),
+                resets_at: l.resets_at.map(Rfc3339),
+            }
         }))
     }
 }
 
-fn limits_json(limits: &[LimitStatus]) -> Value {
-    serde_json::to_value(LimitsOut(limits)).unwrap_or(Value::Null)
+fn limits_json(limits: &[LimitStatus], view: View) -> Value {
+    serde_json::to_value(LimitsOut(limits, view)).unwrap_or(Value::Null)
 }
 
 /// The error for a refused reservation, with `Retry-After` and the IETF `RateLimit` headers.
-fn denial_error(denial: &Denial, now: Micros) -> ApiError {
+fn denial_error(denial: &Denial, now: Micros, view: View) -> ApiError {
     match denial {
         Denial::Limits(failing) => {
             let budget = denial.is_budget();
@@ -301,7 +335,7 @@ fn denial_error(denial: &Denial, now: Micros) -> ApiError {
                 code,
                 format!("this call would exceed {what}: {}", names.join(", ")),
             )
-            .with("limits", limits_json(failing));
+            .with("limits", limits_json(failing, view));
             let retry = denial
                 .retry_at()
                 .map(|t| ((t - now).max(0) + 999_999) / 1_000_000)
@@ -309,7 +343,8 @@ fn denial_error(denial: &Denial, now: Micros) -> ApiError {
                 .max(1);
             e.headers
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry));
-            if let Some(first) = failing.first() {
+            // The headers quote the first failing limit this caller may see the amounts of.
+            if let Some(first) = failing.iter().find(|l| view.shows(l)) {
                 let (limit, remaining) = (amount_num(first.limit), amount_num(first.remaining));
                 let window = match first.window {
                     Window::Minute => 60,
@@ -353,6 +388,24 @@ fn denial_error(denial: &Denial, now: Micros) -> ApiError {
             "max_output_tokens_exceeded",
             format!("max_output_tokens {requested} is above the tier's maximum of {max}"),
         ),
+        Denial::TooManySubjects { tenant, limit, .. } => {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_subjects",
+                format!(
+                    "tenant `{tenant}` already has {limit} users and companies tracked this month (max_tracked_subjects); reservations for new ones are refused until they are freed"
+                ),
+            )
+            .with("limit", json!(limit));
+            let retry = denial
+                .retry_at()
+                .map(|t| ((t - now).max(0) + 999_999) / 1_000_000)
+                .unwrap_or(1)
+                .max(1);
+            e.headers
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+            e
+        }
     }
 }
 
@@ -379,8 +432,8 @@ impl UnitStr for LimitStatus {
     }
 }
 
-fn denial_json(d: &Denial, now: Micros) -> Value {
-    let e = denial_error(d, now);
+fn denial_json(d: &Denial, now: Micros, view: View) -> Value {
+    let e = denial_error(d, now, view);
     let mut m = serde_json::Map::new();
     m.insert("code".into(), e.code.into());
     m.insert("message".into(), e.message.clone().into());
@@ -446,7 +499,8 @@ pub async fn reserve(
     ApiJson(body): ApiJson<ReserveBody>,
 ) -> Result<Response, ApiError> {
     caller.may_act_on(&body.tenant_id)?;
-    let req = body.into_request()?;
+    let view = View::of(&caller);
+    let req = body.into_request(view == View::Admin)?;
     let now = state.guard.now();
     match state.guard.reserve(req).await? {
         Ok(r) => {
@@ -463,13 +517,13 @@ pub async fn reserve(
                 expires_at: Rfc3339(r.reservation.expires_at),
                 tier: r.reservation.tier.as_str(),
                 replayed: r.replayed,
-                limits: LimitsOut(&r.limits),
+                limits: LimitsOut(&r.limits, view),
             };
             Ok((status, Json(body)).into_response())
         }
         Err(outcome) => {
             let denial = outcome.denial.expect("a refused reservation has a denial");
-            let e = denial_error(&denial, now);
+            let e = denial_error(&denial, now, view);
             state.metrics.decision("denied", e.code);
             Err(e)
         }
@@ -494,13 +548,14 @@ pub async fn check(
     ApiJson(body): ApiJson<ReserveBody>,
 ) -> Result<Json<Value>, ApiError> {
     caller.may_act_on(&body.tenant_id)?;
-    let req = body.into_request()?;
+    let view = View::of(&caller);
+    let req = body.into_request(view == View::Admin)?;
     let now = state.guard.now();
     let CheckOutcome { limits, denial } = state.guard.check(&req)?;
     Ok(Json(json!({
         "allowed": denial.is_none(),
-        "limits": limits_json(&limits),
-        "denial": denial.as_ref().map(|d| denial_json(d, now)),
+        "limits": limits_json(&limits, view),
+        "denial": denial.as_ref().map(|d| denial_json(d, now, view)),
     })))
 }
 
@@ -618,6 +673,7 @@ pub async fn record(
             user: body.user_id,
             company: body.company_id,
             tier: body.tier,
+            trusted_tier: matches!(caller, Caller::Admin),
             model: body.model,
             endpoint: body.endpoint,
         },
@@ -636,16 +692,19 @@ pub async fn limits(
     ApiQuery(q): ApiQuery<LimitsQuery>,
 ) -> Result<Json<Value>, ApiError> {
     caller.may_act_on(&q.tenant_id)?;
-    let limits = state.guard.limits(
+    let view = View::of(&caller);
+    let limits = state.guard.ledger().limits_as(
         &q.tenant_id,
         &q.user_id,
         q.company_id.as_ref(),
         q.tier.as_ref(),
+        view == View::Admin,
+        state.guard.now(),
     )?;
     Ok(Json(json!({
         "tenant_id": q.tenant_id,
         "user_id": q.user_id,
-        "limits": limits_json(&limits),
+        "limits": limits_json(&limits, view),
     })))
 }
 

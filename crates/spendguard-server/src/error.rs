@@ -118,7 +118,10 @@ impl From<LedgerError> for ApiError {
             | LedgerError::InvalidTtl { .. }
             | LedgerError::ExpiredStatus
             | LedgerError::Overflow
-            | LedgerError::Unpriced(_) => ApiError::bad_request(message),
+            | LedgerError::Unpriced(_)
+            | LedgerError::LargeReservationTtl { .. }
+            | LedgerError::RecordCostTooLarge { .. }
+            | LedgerError::RecordTokensTooLarge { .. } => ApiError::bad_request(message),
         }
     }
 }

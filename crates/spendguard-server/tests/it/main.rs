@@ -8,3 +8,4 @@ mod concurrency;
 mod hostile;
 mod isolation;
 mod support;
+mod tenants;
