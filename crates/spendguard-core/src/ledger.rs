@@ -967,40 +967,6 @@ impl Ledger {
         present
     }
 
-    /// A refusal when admitting would create more user and company scopes than the
-    /// tenant may have in memory.
-    fn subjects_denial(
-        locked: &mut Locked<'_>,
-        scopes: &Scopes,
-        idx: &[usize; 4],
-        eff: &Effective,
-        periods: &Periods,
-    ) -> Option<Denial> {
-        let cap = eff.max_subjects?;
-        let mut new = 0u32;
-        for i in [2, 3] {
-            if let Some(key) = &scopes.keys[i]
-                && !locked.shard(idx[i]).scopes.contains_key(key)
-            {
-                new += 1;
-            }
-        }
-        if new == 0 {
-            return None;
-        }
-        let tkey = scopes.keys[1].as_ref()?;
-        let tracked = locked
-            .shard(idx[1])
-            .scopes
-            .get(tkey)
-            .map_or(0, |s| s.subjects);
-        (tracked.saturating_add(new) > cap).then(|| Denial::TooManySubjects {
-            tenant: tkey.tenant().cloned().expect("a tenant scope"),
-            limit: cap,
-            retry_at: periods.month.end,
-        })
-    }
-
     fn lock_scopes(&self, scopes: &Scopes) -> (Locked<'_>, [usize; 4]) {
         let mut idx = [usize::MAX; 4];
         for (i, k) in scopes.keys.iter().enumerate() {
@@ -1030,7 +996,9 @@ impl Ledger {
     }
 
     /// Evaluates every limit for a reservation of `estimate` (read-only). Returns all
-    /// statuses (as they would be after admission when `after` is set) and the failing ones.
+    /// statuses (as they would be after admission when `after` is set), the failing ones,
+    /// and a refusal when admitting would track more user and company scopes than the
+    /// tenant may have (found in the same scope lookups, so it costs no extra hashing).
     #[allow(clippy::too_many_arguments)]
     fn evaluate(
         locked: &mut Locked<'_>,
@@ -1044,14 +1012,21 @@ impl Ledger {
         now: Micros,
         want_all: bool,
         after: bool,
-    ) -> (Vec<LimitStatus>, Vec<LimitStatus>) {
+    ) -> (Vec<LimitStatus>, Vec<LimitStatus>, Option<Denial>) {
         let mut all = Vec::with_capacity(if want_all { 16 } else { 0 });
         let mut failing = Vec::new();
         let empty = ScopeState::default();
+        let (mut tracked, mut new_subjects) = (0u32, 0u32);
         for (i, key) in scopes.keys.iter().enumerate() {
             let Some(key) = key else { continue };
             let shard = locked.shard(idx[i]);
-            let state = shard.scopes.get(key).unwrap_or(&empty);
+            let found = shard.scopes.get(key);
+            match key {
+                ScopeKey::Tenant(_) => tracked = found.map_or(0, |s| s.subjects),
+                ScopeKey::Company(..) | ScopeKey::User(..) if found.is_none() => new_subjects += 1,
+                _ => {}
+            }
+            let state = found.unwrap_or(&empty);
             let day = state.day.at(periods.day.start);
             let month = state.month.at(periods.month.start);
             let mut push = |status: LimitStatus, ok: bool| {
@@ -1178,7 +1153,19 @@ impl Ledger {
                 );
             }
         }
-        (all, failing)
+        let too_many = match (eff.max_subjects, &scopes.keys[1]) {
+            (Some(cap), Some(ScopeKey::Tenant(t)))
+                if new_subjects > 0 && tracked.saturating_add(new_subjects) > cap =>
+            {
+                Some(Denial::TooManySubjects {
+                    tenant: t.clone(),
+                    limit: cap,
+                    retry_at: periods.month.end,
+                })
+            }
+            _ => None,
+        };
+        (all, failing, too_many)
     }
 
     /// Admission rules that do not depend on counters.
@@ -1244,7 +1231,7 @@ impl Ledger {
             Err(d) => (Money::ZERO, req.input_tokens, Some(d)),
         };
         let (mut locked, idx) = self.lock_scopes(&scopes);
-        let (limits, failing) = Self::evaluate(
+        let (limits, failing, too_many) = Self::evaluate(
             &mut locked,
             &scopes,
             &idx,
@@ -1259,7 +1246,7 @@ impl Ledger {
         );
         let denial = denial
             .or((!failing.is_empty()).then_some(Denial::Limits(failing)))
-            .or_else(|| Self::subjects_denial(&mut locked, &scopes, &idx, &eff, &periods));
+            .or(too_many);
         Ok(CheckOutcome { limits, denial })
     }
 
@@ -1301,7 +1288,7 @@ impl Ledger {
         let periods = policy.calendar.periods(now);
         let scopes = subject.scopes();
         let (mut locked, idx) = self.lock_scopes(&scopes);
-        let (limits, _) = Self::evaluate(
+        let (limits, _, _) = Self::evaluate(
             &mut locked,
             &scopes,
             &idx,
@@ -1400,7 +1387,7 @@ impl Ledger {
         let periods = policy.calendar.periods(now);
         let scopes = req.subject.scopes();
         let (mut locked, idx) = self.lock_scopes(&scopes);
-        let (limits, failing) = Self::evaluate(
+        let (limits, failing, too_many) = Self::evaluate(
             &mut locked,
             &scopes,
             &idx,
@@ -1419,7 +1406,7 @@ impl Ledger {
                 denial: Some(Denial::Limits(failing)),
             }));
         }
-        if let Some(d) = Self::subjects_denial(&mut locked, &scopes, &idx, &eff, &periods) {
+        if let Some(d) = too_many {
             return Ok(Err(CheckOutcome {
                 limits,
                 denial: Some(d),
@@ -1448,10 +1435,19 @@ impl Ledger {
             }
             rs.open.insert(req.id, Box::new(reservation.clone()));
         }
-        Self::ensure_scopes(&mut locked, &scopes, &idx, None);
+        let mut new_subjects = 0;
         for (i, key) in scopes.keys.iter().enumerate() {
             let Some(key) = key else { continue };
-            let state = locked.shard(idx[i]).scopes.entry(key.clone()).or_default();
+            let state = locked
+                .shard(idx[i])
+                .scopes
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    if i >= 2 {
+                        new_subjects += 1;
+                    }
+                    ScopeState::default()
+                });
             state.in_flight += 1;
             for (c, start) in [
                 (&mut state.day, periods.day.start),
@@ -1468,6 +1464,13 @@ impl Ledger {
             {
                 state.tat = Gcra::new(rpm).try_admit(state.tat, now, 1).1;
             }
+        }
+        if new_subjects > 0
+            && let Some(tkey) = &scopes.keys[1]
+            && let Some(t) = locked.shard(idx[1]).scopes.get_mut(tkey)
+        {
+            // The tenant's state was created first (scopes run global, tenant, company, user).
+            t.subjects += new_subjects;
         }
         drop(locked);
         if let Some((k, shard)) = &mut idem {
