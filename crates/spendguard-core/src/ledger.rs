@@ -18,7 +18,7 @@
 //! then the shard of the reservation, then nothing else. Idempotency shards, when needed, are
 //! locked before all of them.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 
 use foldhash::fast::RandomState;
 
@@ -28,12 +28,13 @@ type HashMap<K, V> = std::collections::HashMap<K, V, RandomState>;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::ids::{CompanyId, Endpoint, IdempotencyKey, ModelName, TenantId, TierName, UserId};
 use crate::money::Money;
 use crate::policy::{Budget, ModelPatterns, Policy, UserOverrides};
-use crate::prices::Tokens;
+use crate::prices::{Priced, Tokens};
 use crate::window::{Micros, Periods, Window};
 
 const SHARDS: usize = 64;
@@ -204,6 +205,48 @@ impl RequestStatus {
     }
 }
 
+/// How a usage record's cost was found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pricing {
+    /// The price table (built in, or configured). Also records written before spendguard
+    /// stored how a record was priced.
+    #[default]
+    Catalog,
+    /// The caller passed the cost (`cost_usd`).
+    Caller,
+    /// A model without a price, charged its reservation's estimate.
+    Estimate,
+    /// A model without a price, charged the default price (`default_price`, else the
+    /// built-in conservative price).
+    Default,
+    /// A model without a price under `unknown_model = "free"`: tokens counted, no cost.
+    Free,
+}
+
+impl Pricing {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pricing::Catalog => "catalog",
+            Pricing::Caller => "caller",
+            Pricing::Estimate => "estimate",
+            Pricing::Default => "default",
+            Pricing::Free => "free",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Pricing> {
+        Some(match s {
+            "catalog" => Pricing::Catalog,
+            "caller" => Pricing::Caller,
+            "estimate" => Pricing::Estimate,
+            "default" => Pricing::Default,
+            "free" => Pricing::Free,
+            _ => return None,
+        })
+    }
+}
+
 /// The actual usage of a reserved call.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CommitRequest {
@@ -268,6 +311,9 @@ pub struct UsageRecord {
     pub tier: TierName,
     pub tokens: Tokens,
     pub cost: Money,
+    /// How `cost` was found.
+    #[serde(default)]
+    pub pricing: Pricing,
     pub status: RequestStatus,
     /// When the call started: the reservation's admission time, or the record's time.
     pub created_at: Micros,
@@ -349,6 +395,14 @@ pub struct Snapshot {
     pub open: Vec<Reservation>,
     pub budgets: Vec<(ScopeKey, BudgetOverride)>,
     pub users: Vec<(TenantId, UserId, UserOverrides)>,
+}
+
+/// What [`Ledger::restore`] had to adjust.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Users whose stored tier the configuration no longer has: `(tenant, user, tier)`.
+    /// They fall back to the default tier.
+    pub dropped_tiers: Vec<(TenantId, UserId, TierName)>,
 }
 
 /// `(scope, (day spent, day reserved), (month spent, month reserved))`.
@@ -532,8 +586,6 @@ pub enum LedgerError {
     ExpiredStatus,
     #[error("the amounts are too large")]
     Overflow,
-    #[error("model `{0}` has no price; pass cost_usd or configure a price")]
-    Unpriced(ModelName),
     #[error(
         "a reservation of more than {threshold} USD may be held at most {max_seconds} seconds (ttl_seconds)"
     )]
@@ -620,8 +672,9 @@ struct Settled {
     commit: Option<CommitRequest>,
     /// The usage recorded by a commit that arrived after expiry.
     late: Option<UsageRecord>,
-    /// The reservation's tenant (for access checks on retries).
-    tenant: TenantId,
+    /// The reservation that was settled: what a replay answers, and what an undone
+    /// settlement reopens.
+    reservation: Box<Reservation>,
     at: Micros,
 }
 
@@ -642,7 +695,8 @@ enum Remembered {
 struct IdemEntry {
     fingerprint: u64,
     result: Remembered,
-    at: Micros,
+    /// Remembered until then: the retention, and for a reservation at least its expiry.
+    until: Micros,
 }
 
 #[derive(Debug, Default)]
@@ -726,26 +780,94 @@ fn fits_count(used: u64, reserved: u64, add: u64, capacity: u64) -> bool {
         .is_some_and(|total| total <= capacity)
 }
 
-/// FNV-1a: a stable fingerprint of a request, for idempotency comparisons.
-#[derive(Debug)]
-struct Fnv(u64);
+/// The canonical encoding of a request whose SHA-256 is its fingerprint: a version tag and
+/// the request's kind, then each field in a fixed order, strings and options with explicit
+/// lengths and markers, integers big-endian. It is persisted (reservations keep it for
+/// retries across restarts), so it never depends on `Hash` implementations or the
+/// toolchain; changing it needs a new version tag.
+struct Canonical(Sha256);
 
-impl Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
+impl Canonical {
+    fn new(kind: &str) -> Canonical {
+        let mut c = Canonical(Sha256::new());
+        c.str("spendguard.fingerprint.v1");
+        c.str(kind);
+        c
     }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 ^= *b as u64;
-            self.0 = self.0.wrapping_mul(0x100_0000_01b3);
+    fn u64(&mut self, v: u64) {
+        self.0.update(v.to_be_bytes());
+    }
+    fn i64(&mut self, v: i64) {
+        self.0.update(v.to_be_bytes());
+    }
+    fn str(&mut self, s: &str) {
+        self.u64(s.len() as u64);
+        self.0.update(s.as_bytes());
+    }
+    fn opt<T>(&mut self, v: Option<T>, f: impl FnOnce(&mut Self, T)) {
+        match v {
+            None => self.0.update([0u8]),
+            Some(v) => {
+                self.0.update([1u8]);
+                f(self, v);
+            }
         }
+    }
+    fn subject(&mut self, s: &Subject) {
+        self.str(s.tenant.as_str());
+        self.str(s.user.as_str());
+        self.opt(s.company.as_ref(), |c, v| c.str(v.as_str()));
+        self.opt(s.tier.as_ref(), |c, v| c.str(v.as_str()));
+        self.str(s.model.as_str());
+        self.opt(s.endpoint.as_ref(), |c, v| c.str(v.as_str()));
+    }
+    /// The first eight bytes of the digest, big-endian.
+    fn finish(self) -> u64 {
+        let digest = self.0.finalize();
+        u64::from_be_bytes(
+            digest[..8]
+                .try_into()
+                .expect("a SHA-256 digest has 32 bytes"),
+        )
     }
 }
 
-fn fingerprint(f: impl FnOnce(&mut Fnv)) -> u64 {
-    let mut h = Fnv(0xcbf2_9ce4_8422_2325);
-    f(&mut h);
-    h.finish()
+/// The fingerprint of a reservation request, compared when its idempotency key is reused.
+pub fn reserve_fingerprint(req: &ReserveRequest) -> u64 {
+    let mut c = Canonical::new("reserve");
+    c.subject(&req.subject);
+    c.u64(req.input_tokens);
+    c.opt(req.max_output_tokens, Canonical::u64);
+    c.opt(req.estimated_cost, |c, m| c.i64(m.micros()));
+    c.opt(req.ttl_us, Canonical::i64);
+    c.finish()
+}
+
+/// The fingerprint of a direct record request, compared when its idempotency key is reused.
+pub fn record_fingerprint(req: &RecordRequest) -> u64 {
+    let mut c = Canonical::new("record");
+    c.subject(&req.subject);
+    c.u64(req.tokens.input);
+    c.u64(req.tokens.cached_input);
+    c.u64(req.tokens.output);
+    c.opt(req.cost, |c, m| c.i64(m.micros()));
+    c.str(req.status.as_str());
+    c.finish()
+}
+
+/// The id of the usage record of a commit that arrives after its reservation expired: a
+/// UUID (version 8) derived from the reservation id, so a retried late commit, even after a
+/// restart, can only ever create the same record.
+pub fn late_usage_id(reservation: &Uuid) -> Uuid {
+    let mut h = Sha256::new();
+    h.update(b"spendguard.late-commit.v1");
+    h.update(reservation.as_bytes());
+    let digest = h.finalize();
+    Uuid::new_v8(
+        digest[..16]
+            .try_into()
+            .expect("a SHA-256 digest has 32 bytes"),
+    )
 }
 
 impl Ledger {
@@ -841,6 +963,26 @@ impl Ledger {
                 overrides,
             }),
         })
+    }
+
+    /// Every budget override, sorted by scope (kind, then ids).
+    pub fn budget_overrides(&self) -> Vec<(ScopeKey, BudgetOverride)> {
+        let o = self.overrides.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = o.budgets.iter().map(|(k, b)| (k.clone(), *b)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Every user's stored overrides, sorted by tenant, then user.
+    pub fn all_user_overrides(&self) -> Vec<(TenantId, UserId, UserOverrides)> {
+        let o = self.overrides.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = o
+            .users
+            .iter()
+            .map(|((t, u), (overrides, _))| (t.clone(), u.clone(), overrides.clone()))
+            .collect();
+        v.sort_by(|a, b| (a.0.as_str(), a.1.as_str()).cmp(&(b.0.as_str(), b.1.as_str())));
+        v
     }
 
     pub fn user_overrides(&self, tenant: &TenantId, user: &UserId) -> Option<UserOverrides> {
@@ -1320,15 +1462,10 @@ impl Ledger {
                 max_seconds: policy.max_reservation_ttl_us / 1_000_000,
             });
         }
-        let fp = req.idempotency_key.as_ref().map_or(0, |_| {
-            fingerprint(|h| {
-                req.subject.hash(h);
-                req.input_tokens.hash(h);
-                req.max_output_tokens.hash(h);
-                req.estimated_cost.hash(h);
-                req.ttl_us.hash(h);
-            })
-        });
+        let fp = req
+            .idempotency_key
+            .as_ref()
+            .map_or(0, |_| reserve_fingerprint(req));
         // Idempotency: the key's shard stays locked for the whole operation, so two retries
         // racing each other admit once.
         let mut idem = req
@@ -1479,7 +1616,9 @@ impl Ledger {
                 IdemEntry {
                     fingerprint: fp,
                     result: Remembered::Reservation(Box::new(reservation.clone())),
-                    at: now,
+                    until: now
+                        .saturating_add(self.retention_us)
+                        .max(reservation.expires_at),
                 },
             );
         }
@@ -1502,24 +1641,22 @@ impl Ledger {
         self.find_reservation(id)
     }
 
-    /// Takes an open reservation out under the locks of its scopes and applies `f` to its
-    /// counters. Returns `None` when it is no longer open.
+    /// Takes an open reservation out under the locks of its scopes, applies `apply` to its
+    /// counters and keeps it among the settled ones with the settlement (and the commit)
+    /// that `settled` makes. Returns the reservation's estimate and the settlement, or `None`
+    /// when it is no longer open.
     fn settle_open(
         &self,
         id: &Uuid,
         now: Micros,
-        settled: impl FnOnce(&Reservation) -> Settled,
+        settled: impl FnOnce(&Reservation) -> (Settlement, Option<CommitRequest>),
         mut apply: impl FnMut(&mut ScopeState, &Reservation),
-    ) -> Option<(Reservation, Settlement)> {
+    ) -> Option<(Money, Settlement)> {
         let scopes = lock(self.res_shard(id)).open.get(id)?.subject.scopes();
         let (mut locked, idx) = self.lock_scopes(&scopes);
         let mut rs = lock(self.res_shard(id));
         // Re-check under the scope locks: another thread may have settled it meanwhile.
         let res = rs.open.remove(id)?;
-        let s = settled(&res);
-        let settlement = s.settlement.clone();
-        rs.settled.insert(*id, Box::new(Settled { at: now, ..s }));
-        drop(rs);
         for (i, key) in scopes.keys.iter().enumerate() {
             let Some(key) = key else { continue };
             if let Some(state) = locked.shard(idx[i]).scopes.get_mut(key) {
@@ -1527,7 +1664,19 @@ impl Ledger {
                 apply(state, &res);
             }
         }
-        Some((*res, settlement))
+        let (settlement, commit) = settled(&res);
+        let estimate = res.estimate;
+        rs.settled.insert(
+            *id,
+            Box::new(Settled {
+                settlement: settlement.clone(),
+                commit,
+                late: None,
+                reservation: res,
+                at: now,
+            }),
+        );
+        Some((estimate, settlement))
     }
 
     fn release_counters(c: &mut Counters, res: &Reservation) {
@@ -1542,7 +1691,18 @@ impl Ledger {
         c.tokens = c.tokens.saturating_add(tokens);
     }
 
-    fn usage_from(res: &Reservation, commit: &CommitRequest, cost: Money) -> UsageRecord {
+    fn uncharge(c: &mut Counters, cost: Money, tokens: u64) {
+        c.spent = c.spent.saturating_sub(cost);
+        c.requests = c.requests.saturating_sub(1);
+        c.tokens = c.tokens.saturating_sub(tokens);
+    }
+
+    fn usage_from(
+        res: &Reservation,
+        commit: &CommitRequest,
+        cost: Money,
+        pricing: Pricing,
+    ) -> UsageRecord {
         UsageRecord {
             id: commit.usage_id,
             tenant: res.subject.tenant.clone(),
@@ -1553,6 +1713,7 @@ impl Ledger {
             tier: res.tier.clone(),
             tokens: commit.tokens,
             cost,
+            pricing,
             status: commit.status,
             created_at: res.created_at,
             reservation_id: Some(res.id),
@@ -1560,24 +1721,6 @@ impl Ledger {
             day_start: res.day_start,
             month_start: res.month_start,
         }
-    }
-
-    fn actual_cost(&self, model: &ModelName, commit: &CommitRequest) -> Result<Money, LedgerError> {
-        let policy = self.policy();
-        let cost = match commit.cost {
-            Some(c) => c,
-            // An unpriced model that got past admission (policy changed, or a caller's own
-            // estimate) is charged by the default price if any, else at zero: real spend is
-            // only known to the caller then, who should pass `cost`.
-            None => policy
-                .prices
-                .price(model)
-                .map(|p| p.cost(commit.tokens).ok_or(LedgerError::Overflow))
-                .transpose()?
-                .unwrap_or(Money::ZERO),
-        };
-        Self::within_record_ceiling(&policy, cost, commit.tokens)?;
-        Ok(cost)
     }
 
     /// Refuses a usage record larger than any real model call (`max_record_cost_usd`,
@@ -1603,6 +1746,52 @@ impl Ledger {
         Ok(())
     }
 
+    /// The cost of a finished call and how it was found: the caller's cost, else the price
+    /// table. A model without a price is never charged zero by accident: a reserved call
+    /// (`floor` is its estimate) pays at least its estimate, or the default price when that
+    /// is more (`unknown_model = "default_cost"`); a direct record pays the default price
+    /// ([`PriceTable::fallback`](crate::prices::PriceTable::fallback)). Only
+    /// `unknown_model = "free"` charges nothing, as configured.
+    fn price_call(
+        policy: &Policy,
+        model: &ModelName,
+        tokens: Tokens,
+        given: Option<Money>,
+        floor: Option<Money>,
+    ) -> Result<(Money, Pricing), LedgerError> {
+        let priced = match given {
+            Some(c) => (c, Pricing::Caller),
+            None => Self::price_listed(policy, model, tokens, floor)?,
+        };
+        Self::within_record_ceiling(policy, priced.0, tokens)?;
+        Ok(priced)
+    }
+
+    /// [`Ledger::price_call`] without a caller's cost.
+    fn price_listed(
+        policy: &Policy,
+        model: &ModelName,
+        tokens: Tokens,
+        floor: Option<Money>,
+    ) -> Result<(Money, Pricing), LedgerError> {
+        let at = |p: crate::prices::Price| p.cost(tokens).ok_or(LedgerError::Overflow);
+        Ok(match (policy.prices.price(model), floor) {
+            (Some(Priced::Listed(p)), _) => (at(p)?, Pricing::Catalog),
+            (Some(Priced::Free), _) => (Money::ZERO, Pricing::Free),
+            (Some(Priced::Default(p)), Some(estimate)) => {
+                let cost = at(p)?;
+                if cost >= estimate {
+                    (cost, Pricing::Default)
+                } else {
+                    (estimate, Pricing::Estimate)
+                }
+            }
+            (Some(Priced::Default(p)), None) => (at(p)?, Pricing::Default),
+            (None, Some(estimate)) => (estimate, Pricing::Estimate),
+            (None, None) => (at(policy.prices.fallback())?, Pricing::Default),
+        })
+    }
+
     /// Commits the actual usage of a reservation. Below the estimate, the rest is released;
     /// above it, the whole actual cost is charged. Committing the same usage again returns
     /// the same record; a commit after expiry is recorded on its own (never dropped).
@@ -1616,26 +1805,31 @@ impl Ledger {
             return Err(LedgerError::ExpiredStatus);
         }
         // The common case first: an open reservation. Settled ones are answered below.
-        let model = lock(self.res_shard(id))
+        let open = lock(self.res_shard(id))
             .open
             .get(id)
-            .map(|r| r.subject.model.clone());
-        let Some(model) = model else {
+            .map(|r| (r.subject.model.clone(), r.estimate));
+        let Some((model, estimate)) = open else {
             return self
                 .settled_answer(id, commit, now)?
                 .ok_or(LedgerError::NotFound(*id));
         };
-        let cost = self.actual_cost(&model, commit)?;
+        let (cost, pricing) = Self::price_call(
+            &self.policy(),
+            &model,
+            commit.tokens,
+            commit.cost,
+            Some(estimate),
+        )?;
         let total_tokens = commit.tokens.total();
         let settled = self.settle_open(
             id,
             now,
-            |res| Settled {
-                settlement: Settlement::Committed(Self::usage_from(res, commit, cost)),
-                commit: Some(commit.clone()),
-                late: None,
-                tenant: res.subject.tenant.clone(),
-                at: now,
+            |res| {
+                (
+                    Settlement::Committed(Self::usage_from(res, commit, cost, pricing)),
+                    Some(commit.clone()),
+                )
             },
             |state, res| {
                 for (c, start) in [
@@ -1650,10 +1844,10 @@ impl Ledger {
             },
         );
         match settled {
-            Some((res, Settlement::Committed(usage))) => Ok(Applied {
+            Some((estimate, Settlement::Committed(usage))) => Ok(Applied {
                 value: Committed {
                     usage: usage.clone(),
-                    reserved: res.estimate,
+                    reserved: estimate,
                     replayed: false,
                     late: false,
                 },
@@ -1676,7 +1870,7 @@ impl Ledger {
         commit: &CommitRequest,
         now: Micros,
     ) -> Result<Option<Applied<Committed>>, LedgerError> {
-        let expired = {
+        let (expired, estimate) = {
             let rs = lock(self.res_shard(id));
             let Some(s) = rs.settled.get(id) else {
                 return Ok(None);
@@ -1686,10 +1880,11 @@ impl Ledger {
                     if !s.commit.as_ref().is_some_and(|c| c.same_usage(commit)) {
                         return Err(LedgerError::CommitMismatch(*id));
                     }
+                    // Exactly the first answer.
                     return Ok(Some(Applied {
                         value: Committed {
                             usage: usage.clone(),
-                            reserved: Money::ZERO,
+                            reserved: s.reservation.estimate,
                             replayed: true,
                             late: false,
                         },
@@ -1702,21 +1897,21 @@ impl Ledger {
                         state: "released",
                     });
                 }
-                Settlement::Expired(usage) => usage.clone(),
+                Settlement::Expired(usage) => (usage.clone(), s.reservation.estimate),
             }
         };
         // Expired, yet the call happened after all: its real spend is recorded on its own,
-        // in the current windows, exactly once.
+        // in the current windows, exactly once, under an id derived from the reservation's.
         let policy = self.policy();
         let record = RecordRequest {
-            id: commit.usage_id,
+            id: late_usage_id(id),
             subject: expired.subject(),
             tokens: commit.tokens,
             cost: commit.cost,
             status: commit.status,
             idempotency_key: None,
         };
-        let mut usage = self.build_record(&policy, &record, now)?;
+        let mut usage = self.build_record(&policy, &record, now, Some(estimate))?;
         usage.reservation_id = Some(*id);
         let first = {
             let mut rs = lock(self.res_shard(id));
@@ -1760,14 +1955,13 @@ impl Ledger {
         let settled = self.settle_open(
             id,
             now,
-            |res| Settled {
-                settlement: Settlement::Released {
-                    reason: reason.clone(),
-                },
-                commit: None,
-                late: None,
-                tenant: res.subject.tenant.clone(),
-                at: now,
+            |_| {
+                (
+                    Settlement::Released {
+                        reason: reason.clone(),
+                    },
+                    None,
+                )
             },
             |state, res| {
                 for (c, start) in [
@@ -1834,17 +2028,8 @@ impl Ledger {
                         cost: Some(Money::ZERO),
                         status: RequestStatus::Expired,
                     };
-                    Settled {
-                        settlement: Settlement::Expired(Self::usage_from(
-                            res,
-                            &commit,
-                            Money::ZERO,
-                        )),
-                        commit: None,
-                        late: None,
-                        tenant: res.subject.tenant.clone(),
-                        at: now,
-                    }
+                    let usage = Self::usage_from(res, &commit, Money::ZERO, Pricing::Catalog);
+                    (Settlement::Expired(usage), None)
                 },
                 |state, res| {
                     for (c, start) in [
@@ -1857,9 +2042,9 @@ impl Ledger {
                     }
                 },
             );
-            if let Some((res, Settlement::Expired(usage))) = settled {
+            if let Some((_, Settlement::Expired(usage))) = settled {
                 events.push(Event::Expired {
-                    reservation_id: res.id,
+                    reservation_id: id,
                     usage,
                 });
             }
@@ -1876,9 +2061,8 @@ impl Ledger {
 
     /// Drops idempotency keys past the retention and scope states of finished windows.
     fn forget(&self, now: Micros) {
-        let horizon = now.saturating_sub(self.retention_us);
         for shard in self.idempotency.iter() {
-            lock(shard).keys.retain(|_, e| e.at > horizon);
+            lock(shard).keys.retain(|_, e| e.until > now);
         }
         let periods = self.policy().calendar.periods(now);
         let keep = |s: &ScopeState| {
@@ -1924,14 +2108,10 @@ impl Ledger {
             return Err(LedgerError::ExpiredStatus);
         }
         let policy = self.policy();
-        let fp = req.idempotency_key.as_ref().map_or(0, |_| {
-            fingerprint(|h| {
-                req.subject.hash(h);
-                req.tokens.hash(h);
-                req.cost.hash(h);
-                req.status.hash(h);
-            })
-        });
+        let fp = req
+            .idempotency_key
+            .as_ref()
+            .map_or(0, |_| record_fingerprint(req));
         let tenant = &req.subject.tenant;
         let mut idem = req
             .idempotency_key
@@ -1951,7 +2131,7 @@ impl Ledger {
             }
             return Err(LedgerError::IdempotencyConflict((*k).clone()));
         }
-        let usage = self.build_record(&policy, req, now)?;
+        let usage = self.build_record(&policy, req, now, None)?;
         self.charge_usage(&usage);
         if let Some((k, shard)) = &mut idem {
             shard.keys.insert(
@@ -1959,7 +2139,7 @@ impl Ledger {
                 IdemEntry {
                     fingerprint: fp,
                     result: Remembered::Usage(Box::new(usage.clone())),
-                    at: now,
+                    until: now.saturating_add(self.retention_us),
                 },
             );
         }
@@ -1969,22 +2149,18 @@ impl Ledger {
         })
     }
 
-    /// The usage record of a direct record at `now` (pure).
+    /// The usage record of a direct record at `now` (pure). `floor` is the estimate of the
+    /// reservation a late commit belonged to (see [`Ledger::price_call`]).
     fn build_record(
         &self,
         policy: &Policy,
         req: &RecordRequest,
         now: Micros,
+        floor: Option<Money>,
     ) -> Result<UsageRecord, LedgerError> {
         let eff = self.effective(policy, &req.subject)?;
-        let cost = match req.cost {
-            Some(c) => c,
-            None => match policy.prices.price(&req.subject.model) {
-                Some(p) => p.cost(req.tokens).ok_or(LedgerError::Overflow)?,
-                None => return Err(LedgerError::Unpriced(req.subject.model.clone())),
-            },
-        };
-        Self::within_record_ceiling(policy, cost, req.tokens)?;
+        let (cost, pricing) =
+            Self::price_call(policy, &req.subject.model, req.tokens, req.cost, floor)?;
         let periods = policy.calendar.periods(now);
         Ok(UsageRecord {
             id: req.id,
@@ -1996,6 +2172,7 @@ impl Ledger {
             tier: eff.tier,
             tokens: req.tokens,
             cost,
+            pricing,
             status: req.status,
             created_at: now,
             reservation_id: None,
@@ -2040,11 +2217,25 @@ impl Ledger {
     /// windows, the open reservations (their estimates become reserved again) and the
     /// overrides. Rolling request rates are not persisted: after a restart each user may
     /// send one fresh burst.
-    pub fn restore(&self, snapshot: Snapshot) -> Result<(), LedgerError> {
+    ///
+    /// A stored user tier that the configuration no longer has is dropped (the user falls
+    /// back to the default tier, keeping the other overrides) and reported, so that removing
+    /// a tier from the configuration never stops start-up.
+    pub fn restore(&self, snapshot: Snapshot) -> Result<Restored, LedgerError> {
+        let mut restored = Restored::default();
         for (scope, budget) in snapshot.budgets {
             self.set_budget(scope, budget);
         }
-        for (tenant, user, overrides) in snapshot.users {
+        let policy = self.policy();
+        for (tenant, user, mut overrides) in snapshot.users {
+            if let Some(tier) = &overrides.tier
+                && policy.tier(tier).is_none()
+            {
+                restored
+                    .dropped_tiers
+                    .push((tenant.clone(), user.clone(), tier.clone()));
+                overrides.tier = None;
+            }
             self.set_user(tenant, user, overrides)?;
         }
         for row in snapshot.counters {
@@ -2102,7 +2293,10 @@ impl Ledger {
                     IdemEntry {
                         fingerprint: res.fingerprint,
                         result: Remembered::Reservation(Box::new(res.clone())),
-                        at: res.created_at,
+                        until: res
+                            .created_at
+                            .saturating_add(self.retention_us)
+                            .max(res.expires_at),
                     },
                 );
             }
@@ -2110,7 +2304,218 @@ impl Ledger {
                 .open
                 .insert(res.id, Box::new(res));
         }
-        Ok(())
+        Ok(restored)
+    }
+
+    /// True when an idempotency key of this tenant is remembered in memory.
+    pub fn knows_key(&self, tenant: &TenantId, key: &IdempotencyKey) -> bool {
+        lock(self.idem_shard(tenant, key))
+            .keys
+            .contains_key(&(tenant.clone(), key.clone()))
+    }
+
+    /// Remembers a reservation that was settled before memory knew it (read back from the
+    /// store to answer a retry), so that the retry goes through the usual settled path:
+    /// a late commit is then recorded once however many retries race. Does nothing when the
+    /// reservation is open or settled in memory already.
+    ///
+    /// `usage` is the stored record that settled it (a commit's or an expiry's; none after a
+    /// release) and `late` the stored record of a commit that arrived after its expiry.
+    pub fn remember_settled(
+        &self,
+        reservation: Reservation,
+        usage: Option<UsageRecord>,
+        late: Option<UsageRecord>,
+        now: Micros,
+    ) {
+        let id = reservation.id;
+        let settlement = match usage {
+            Some(u) if u.status == RequestStatus::Expired => Settlement::Expired(u),
+            Some(u) => Settlement::Committed(u),
+            None => Settlement::Released { reason: None },
+        };
+        // What a retry is compared with: the stored usage, as its commit gave it.
+        let commit = match (&settlement, &late) {
+            (Settlement::Committed(u), _) | (Settlement::Expired(_), Some(u)) => {
+                Some(CommitRequest {
+                    usage_id: u.id,
+                    tokens: u.tokens,
+                    cost: (u.pricing == Pricing::Caller).then_some(u.cost),
+                    status: u.status,
+                })
+            }
+            _ => None,
+        };
+        let mut rs = lock(self.res_shard(&id));
+        if rs.open.contains_key(&id) || rs.settled.contains_key(&id) {
+            return;
+        }
+        rs.settled.insert(
+            id,
+            Box::new(Settled {
+                settlement,
+                commit,
+                late,
+                reservation: Box::new(reservation),
+                at: now,
+            }),
+        );
+    }
+
+    /// How long idempotency keys are remembered (for a reservation, at least until it
+    /// expires).
+    pub fn key_retention(&self) -> i64 {
+        self.retention_us
+    }
+
+    /// Undoes in memory what an event did, when the event could not be made durable (the
+    /// store and the spool both failed): memory goes back to what the store holds, and a
+    /// retry starts afresh. A reservation is taken back (its key forgotten), a settlement
+    /// reopens its reservation, a record is uncounted. Admin events are not undone here (the
+    /// caller knows the previous value). Events that no longer match memory (already undone,
+    /// or forgotten) change nothing.
+    pub fn revert(&self, event: &Event) {
+        match event {
+            Event::Reserved(res) => self.unreserve(res),
+            Event::Committed {
+                reservation_id,
+                usage,
+            } => self.reopen(
+                reservation_id,
+                |s| matches!(&s.settlement, Settlement::Committed(u) if u.id == usage.id),
+            ),
+            Event::Released { reservation_id, .. } => self.reopen(reservation_id, |s| {
+                matches!(s.settlement, Settlement::Released { .. })
+            }),
+            Event::Expired { reservation_id, .. } => self.reopen(reservation_id, |s| {
+                matches!(s.settlement, Settlement::Expired(_))
+            }),
+            Event::Recorded(usage) => self.unrecord(usage),
+            Event::BudgetSet { .. } | Event::UserSet { .. } => {}
+        }
+    }
+
+    /// Undoes an admitted reservation that is still open.
+    fn unreserve(&self, res: &Reservation) {
+        let mut idem = res
+            .idempotency_key
+            .as_ref()
+            .map(|k| (k, lock(self.idem_shard(&res.subject.tenant, k))));
+        let scopes = res.subject.scopes();
+        let (mut locked, idx) = self.lock_scopes(&scopes);
+        if lock(self.res_shard(&res.id)).open.remove(&res.id).is_none() {
+            return;
+        }
+        for (i, key) in scopes.keys.iter().enumerate() {
+            let Some(key) = key else { continue };
+            if let Some(state) = locked.shard(idx[i]).scopes.get_mut(key) {
+                state.in_flight = state.in_flight.saturating_sub(1);
+                for (c, start) in [
+                    (&mut state.day, res.day_start),
+                    (&mut state.month, res.month_start),
+                ] {
+                    if c.start == start {
+                        Self::release_counters(c, res);
+                    }
+                }
+            }
+        }
+        drop(locked);
+        if let Some((k, shard)) = &mut idem {
+            let key = (res.subject.tenant.clone(), (*k).clone());
+            if matches!(shard.keys.get(&key), Some(IdemEntry { result: Remembered::Reservation(r), .. }) if r.id == res.id)
+            {
+                shard.keys.remove(&key);
+            }
+        }
+    }
+
+    /// Reopens a settled reservation whose settlement `is_it` recognises: its estimate is
+    /// reserved again and a commit's charge is taken back.
+    fn reopen(&self, id: &Uuid, is_it: impl FnOnce(&Settled) -> bool) {
+        let Some(scopes) = lock(self.res_shard(id))
+            .settled
+            .get(id)
+            .map(|s| s.reservation.subject.scopes())
+        else {
+            return;
+        };
+        let (mut locked, idx) = self.lock_scopes(&scopes);
+        let mut rs = lock(self.res_shard(id));
+        if !rs.settled.get(id).is_some_and(|s| is_it(s)) {
+            return;
+        }
+        let Some(settled) = rs.settled.remove(id) else {
+            return;
+        };
+        let res = settled.reservation;
+        let charged = match &settled.settlement {
+            Settlement::Committed(u) => Some((u.cost, u.tokens.total())),
+            _ => None,
+        };
+        for (i, key) in scopes.keys.iter().enumerate() {
+            let Some(key) = key else { continue };
+            let state = locked.shard(idx[i]).scopes.entry(key.clone()).or_default();
+            state.in_flight += 1;
+            for (c, start) in [
+                (&mut state.day, res.day_start),
+                (&mut state.month, res.month_start),
+            ] {
+                if let Some(c) = c.window_mut(start) {
+                    if let Some((cost, tokens)) = charged {
+                        Self::uncharge(c, cost, tokens);
+                    }
+                    c.reserved = c.reserved.saturating_add(res.estimate);
+                    c.requests_reserved += 1;
+                    c.tokens_reserved = c.tokens_reserved.saturating_add(res.estimated_tokens);
+                }
+            }
+        }
+        rs.open.insert(*id, res);
+    }
+
+    /// Uncounts a record: a direct one (its key forgotten) or a late commit (its
+    /// reservation's late usage cleared).
+    fn unrecord(&self, usage: &UsageRecord) {
+        if let Some(rid) = usage.reservation_id {
+            let mut rs = lock(self.res_shard(&rid));
+            let Some(s) = rs.settled.get_mut(&rid) else {
+                return;
+            };
+            if s.late.as_ref().is_none_or(|l| l.id != usage.id) {
+                return;
+            }
+            s.late = None;
+            s.commit = None;
+        } else if let Some(k) = &usage.idempotency_key {
+            let mut shard = lock(self.idem_shard(&usage.tenant, k));
+            let key = (usage.tenant.clone(), k.clone());
+            match shard.keys.get(&key) {
+                Some(IdemEntry {
+                    result: Remembered::Usage(u),
+                    ..
+                }) if u.id == usage.id => {
+                    shard.keys.remove(&key);
+                }
+                _ => return,
+            }
+        }
+        let scopes = usage.subject().scopes();
+        let (mut locked, idx) = self.lock_scopes(&scopes);
+        let tokens = usage.tokens.total();
+        for (i, key) in scopes.keys.iter().enumerate() {
+            let Some(key) = key else { continue };
+            if let Some(state) = locked.shard(idx[i]).scopes.get_mut(key) {
+                for (c, start) in [
+                    (&mut state.day, usage.day_start),
+                    (&mut state.month, usage.month_start),
+                ] {
+                    if c.start == start {
+                        Self::uncharge(c, usage.cost, tokens);
+                    }
+                }
+            }
+        }
     }
 
     /// The tenant of a reservation that is open or recently settled.
@@ -2119,10 +2524,9 @@ impl Ledger {
         if let Some(r) = rs.open.get(id) {
             return Some(r.subject.tenant.clone());
         }
-        rs.settled.get(id).map(|s| match &s.settlement {
-            Settlement::Committed(u) | Settlement::Expired(u) => u.tenant.clone(),
-            Settlement::Released { .. } => s.tenant.clone(),
-        })
+        rs.settled
+            .get(id)
+            .map(|s| s.reservation.subject.tenant.clone())
     }
 
     /// Spent and reserved money in the current day and month of every scope of `kind` held

@@ -44,6 +44,15 @@ impl Price {
     }
 }
 
+/// The price of last resort for a call on a model without a price when no `default_price`
+/// is configured: as dear as the dearest models of the built-in table (USD 15 per million
+/// input tokens, 75 per million output tokens), so such a call is never undercounted.
+pub const CONSERVATIVE_PRICE: Price = Price {
+    input: Money::from_micros(15_000_000),
+    cached_input: None,
+    output: Money::from_micros(75_000_000),
+};
+
 /// Token counts of one call.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Tokens {
@@ -141,6 +150,11 @@ impl PriceTable {
         self.unknown
     }
 
+    /// The price of unknown models under the `default_cost` policy.
+    pub fn default_price(&self) -> Option<&Price> {
+        self.default_price.as_ref()
+    }
+
     pub fn len(&self) -> usize {
         self.models.len()
     }
@@ -167,6 +181,13 @@ impl PriceTable {
         }
         let base = strip_version_suffix(name)?;
         self.models.get(base)
+    }
+
+    /// The price of a call on a model without a price that already happened (a direct
+    /// record, which is never refused): `default_price` when configured, else
+    /// [`CONSERVATIVE_PRICE`].
+    pub fn fallback(&self) -> Price {
+        self.default_price.unwrap_or(CONSERVATIVE_PRICE)
     }
 
     /// The price to charge for a model, or `None` when the policy is `deny`.

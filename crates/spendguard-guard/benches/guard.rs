@@ -71,6 +71,7 @@ fn usage(i: u64, at: i64, periods_of: &Calendar) -> UsageRecord {
             output: 200,
         },
         cost: Money::from_micros(165),
+        pricing: Pricing::Catalog,
         status: RequestStatus::Success,
         created_at: at,
         reservation_id: None,

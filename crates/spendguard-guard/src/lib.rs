@@ -16,27 +16,30 @@
 //!   open reservations are loaded (O(active scopes)); reservations whose TTL passed while the
 //!   service was down are expired at once.
 
+mod inflight;
 pub mod spool;
 mod watch;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
 use spendguard_core::{
-    BudgetOverride, CheckOutcome, CommitRequest, Committed, CompanyId, Event, LedgerError,
-    LimitStatus, Micros, Policy, RecordRequest, ReserveRequest, Reserved, ScopeKey, Settlement,
-    TenantId, TierName, UsageRecord, UserId, UserOverrides,
+    BudgetOverride, CheckOutcome, CommitRequest, Committed, CompanyId, Event, IdempotencyKey,
+    LedgerError, LimitStatus, Micros, Policy, RecordRequest, ReserveRequest, Reserved, ScopeKey,
+    Settlement, TenantId, TierName, UsageRecord, UserId, UserOverrides, late_usage_id,
+    reserve_fingerprint,
 };
-use spendguard_store::{ReservationState, Store, StoreError};
+use spendguard_store::{ReservationState, Store, StoreError, settings};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 pub use spendguard_core::Ledger;
 
+use crate::inflight::{InFlight, OpKey, Ticket};
 use crate::spool::Spool;
 pub use crate::watch::SpendWatch;
 
@@ -95,6 +98,8 @@ pub struct GuardOptions {
     pub sweep_interval: Duration,
     /// How often the spool is retried while the store is down.
     pub retry_interval: Duration,
+    /// Fault injection for tests: while set, every spool append fails as if the disk did.
+    pub spool_faults: Option<Arc<AtomicBool>>,
 }
 
 impl GuardOptions {
@@ -105,6 +110,7 @@ impl GuardOptions {
             max_batch: 4096,
             sweep_interval: Duration::from_secs(1),
             retry_interval: Duration::from_millis(500),
+            spool_faults: None,
         }
     }
 }
@@ -123,6 +129,16 @@ pub enum GuardError {
     Spool(std::io::Error),
     #[error("spendguard is shutting down")]
     ShuttingDown,
+    /// The configured time zone is not the one the database's windows are counted in.
+    #[error(
+        "the database counts its days and months in time zone `{stored}`, but the configuration \
+         says `{configured}`. Changing it in place would miscount the current day and month \
+         (moving east stops counting today's spend, moving west drops it), so spendguard does \
+         not start. Set time_zone back to `{stored}`; or, to switch knowing that the current \
+         day's and month's budgets then count only spend from the switch on, run \
+         `spendguard migrate --time-zone {configured}` first"
+    )]
+    TimeZoneChanged { stored: String, configured: String },
 }
 
 /// The health of the write path, for `/readyz` and metrics.
@@ -161,7 +177,9 @@ struct Stats {
 type Ack = oneshot::Sender<Result<(), GuardError>>;
 
 enum Write {
-    Events(Vec<Event>, Option<Ack>),
+    /// Events to persist, who waits for them, and the ticket that holds back retries of the
+    /// same operation until they are durable (or undone).
+    Events(Vec<Event>, Option<Ack>, Option<Ticket>),
     Close,
 }
 
@@ -187,8 +205,17 @@ impl<S: Store> std::fmt::Debug for Guard<S> {
 }
 
 struct Inner<S> {
-    ledger: Ledger,
+    ledger: Arc<Ledger>,
     store: Arc<S>,
+    /// Operations whose write is in flight, by what a retry would repeat.
+    inflight: Arc<InFlight>,
+    /// Serializes admin writes (budgets, user overrides): each reads, changes, persists and,
+    /// if persisting fails, restores under it, so no update is lost and the store keeps
+    /// the last value memory has.
+    admin: tokio::sync::Mutex<()>,
+    /// When this guard started: keyed reservations made before it are answered from the
+    /// store for as long as they can be retried.
+    started_at: Micros,
     clock: Arc<dyn Clock>,
     writes: mpsc::UnboundedSender<Write>,
     stats: Arc<Stats>,
@@ -207,6 +234,7 @@ impl<S: Store> Guard<S> {
         clock: Arc<dyn Clock>,
     ) -> Result<Guard<S>, GuardError> {
         let store = Arc::new(store);
+        check_time_zone(&*store, &policy).await?;
         let mut spool = Spool::open(&options.spool_path).map_err(GuardError::Spool)?;
         if !spool.is_empty() {
             let batches = spool.read_all().map_err(GuardError::Spool)?;
@@ -227,13 +255,23 @@ impl<S: Store> Guard<S> {
             open_reservations = snapshot.open.len(),
             "restored the ledger"
         );
-        let ledger = Ledger::new(policy);
-        ledger.restore(snapshot)?;
+        let ledger = Arc::new(Ledger::new(policy));
+        let restored = ledger.restore(snapshot)?;
+        for (tenant, user, tier) in &restored.dropped_tiers {
+            tracing::warn!(
+                tenant = %tenant,
+                user = %user,
+                tier = %tier,
+                "a stored user tier is not in the configuration; the user falls back to the \
+                 default tier until the tier is configured again or the user is updated"
+            );
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
         let watch = Arc::new(SpendWatch::default());
         let writer = tokio::spawn(writer(
             store.clone(),
+            ledger.clone(),
             spool,
             rx,
             stats.clone(),
@@ -244,6 +282,9 @@ impl<S: Store> Guard<S> {
             inner: Arc::new(Inner {
                 ledger,
                 store,
+                inflight: Arc::default(),
+                admin: tokio::sync::Mutex::new(()),
+                started_at: now,
                 clock,
                 writes: tx,
                 stats,
@@ -321,15 +362,34 @@ impl<S: Store> Guard<S> {
         self.health() == StoreHealth::Ok || self.inner.options.on_store_error == OnStoreError::Spool
     }
 
-    /// Hands events to the writer and waits until they are durable.
-    async fn persist(&self, event: Option<Event>) -> Result<(), GuardError> {
+    /// Hands an event to the writer and waits until it is durable. The ticket, if any, is
+    /// released by the writer once the event is durable or, when it cannot be made durable,
+    /// once memory is undone; either way before this returns.
+    async fn persist(
+        &self,
+        event: Option<Event>,
+        ticket: Option<Ticket>,
+    ) -> Result<(), GuardError> {
         let Some(event) = event else { return Ok(()) };
         let (tx, rx) = oneshot::channel();
         self.inner
             .writes
-            .send(Write::Events(vec![event], Some(tx)))
+            .send(Write::Events(vec![event], Some(tx), ticket))
             .map_err(|_| GuardError::ShuttingDown)?;
         rx.await.map_err(|_| GuardError::ShuttingDown)?
+    }
+
+    /// Waits until no other operation on `key` is in flight, and takes its ticket.
+    async fn enter(&self, key: OpKey) -> Ticket {
+        self.inner.inflight.enter(key).await
+    }
+
+    /// The ticket of a keyed operation (none without a key).
+    async fn enter_key(&self, tenant: &TenantId, key: Option<&IdempotencyKey>) -> Option<Ticket> {
+        match key {
+            Some(k) => Some(self.enter(OpKey::Key(tenant.clone(), k.clone())).await),
+            None => None,
+        }
     }
 
     /// Expires overdue reservations and persists the `expired` records.
@@ -341,12 +401,14 @@ impl<S: Store> Guard<S> {
         let (tx, rx) = oneshot::channel();
         self.inner
             .writes
-            .send(Write::Events(events, Some(tx)))
+            .send(Write::Events(events, Some(tx), None))
             .map_err(|_| GuardError::ShuttingDown)?;
         rx.await.map_err(|_| GuardError::ShuttingDown)?
     }
 
-    /// Reserves budget. The reservation id is assigned here (UUID v7).
+    /// Reserves budget. The reservation id is assigned here (UUID v7). A retry with the
+    /// same idempotency key waits for the first attempt to be durable and answers the same
+    /// reservation, also after memory forgot the key (a restart).
     pub async fn reserve(
         &self,
         mut req: ReserveRequest,
@@ -354,92 +416,110 @@ impl<S: Store> Guard<S> {
         if !self.ready() {
             return Err(GuardError::Unavailable);
         }
+        let ticket = self
+            .enter_key(&req.subject.tenant, req.idempotency_key.as_ref())
+            .await;
+        if let Some(answer) = self.reserved_in_store(&req).await? {
+            return Ok(Ok(answer));
+        }
         req.id = Uuid::now_v7();
         match self.inner.ledger.reserve(&req, self.now())? {
             Err(denied) => Ok(Err(denied)),
             Ok(applied) => {
-                let id = applied.value.reservation.id;
-                if let Err(e) = self.persist(applied.event).await {
-                    // Not durable: take it back so memory and store agree.
-                    if applied.value.replayed {
-                        return Err(e);
-                    }
-                    let _ =
-                        self.inner
-                            .ledger
-                            .release(&id, Some("not persisted".into()), self.now());
-                    return Err(e);
-                }
+                // Not durable: the writer takes it back (and frees the key) before this
+                // returns, so memory and store agree.
+                self.persist(applied.event, ticket).await?;
                 Ok(Ok(applied.value))
             }
         }
     }
 
-    /// Commits a reservation's actual usage. The usage id is assigned here.
-    pub async fn commit(&self, id: Uuid, mut req: CommitRequest) -> Result<Committed, GuardError> {
-        req.usage_id = Uuid::now_v7();
+    /// A keyed reservation that memory does not know but the store may: one made before
+    /// this guard started (start-up restores the open ones only). A reservation can be
+    /// retried until its key would have been forgotten (its expiry, or the key retention if
+    /// longer), and lives at most `max_reservation_ttl`, so the store is asked only during
+    /// that long after start-up.
+    async fn reserved_in_store(
+        &self,
+        req: &ReserveRequest,
+    ) -> Result<Option<Reserved>, GuardError> {
+        let Some(key) = &req.idempotency_key else {
+            return Ok(None);
+        };
+        let ledger = &self.inner.ledger;
         let now = self.now();
-        match self.inner.ledger.commit(&id, &req, now) {
-            Ok(applied) => {
-                self.persist(applied.event).await?;
-                Ok(applied.value)
-            }
-            // Settled longer ago than memory remembers: the store answers.
-            Err(LedgerError::NotFound(_)) => self.commit_from_store(id, &req).await,
-            Err(e) => Err(e.into()),
+        let horizon = ledger
+            .policy()
+            .max_reservation_ttl_us
+            .max(ledger.key_retention());
+        if now >= self.inner.started_at.saturating_add(horizon)
+            || ledger.knows_key(&req.subject.tenant, key)
+        {
+            return Ok(None);
         }
+        let Some(stored) = self
+            .inner
+            .store
+            .reservation_by_key(&req.subject.tenant, key)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let r = stored.reservation;
+        let until = r
+            .created_at
+            .saturating_add(ledger.key_retention())
+            .max(r.expires_at);
+        if until <= now {
+            return Ok(None);
+        }
+        if r.fingerprint != reserve_fingerprint(req) {
+            return Err(LedgerError::IdempotencyConflict(key.clone()).into());
+        }
+        let s = &req.subject;
+        let limits = ledger.limits(&s.tenant, &s.user, s.company.as_ref(), s.tier.as_ref(), now)?;
+        Ok(Some(Reserved {
+            reservation: r,
+            limits,
+            replayed: true,
+        }))
     }
 
-    async fn commit_from_store(
-        &self,
-        id: Uuid,
-        req: &CommitRequest,
-    ) -> Result<Committed, GuardError> {
-        match self.inner.store.reservation(id).await? {
-            None => Err(LedgerError::NotFound(id).into()),
-            Some((ReservationState::Committed, Some(usage))) => {
-                let same = usage.tokens == req.tokens
-                    && usage.status == req.status
-                    && req.cost.is_none_or(|c| c == usage.cost);
-                if !same {
-                    return Err(LedgerError::CommitMismatch(id).into());
-                }
-                Ok(Committed {
-                    usage,
-                    reserved: spendguard_core::Money::ZERO,
-                    replayed: true,
-                    late: false,
-                })
+    /// Commits a reservation's actual usage. The usage id is assigned here. A retry waits
+    /// for the first attempt to be durable and answers exactly what it answered; a commit
+    /// after expiry is recorded once, however often it is retried.
+    pub async fn commit(&self, id: Uuid, mut req: CommitRequest) -> Result<Committed, GuardError> {
+        let ticket = self.enter(OpKey::Reservation(id)).await;
+        req.usage_id = Uuid::now_v7();
+        let now = self.now();
+        let applied = match self.inner.ledger.commit(&id, &req, now) {
+            // Settled longer ago than memory remembers: the store knows.
+            Err(LedgerError::NotFound(_)) if self.remember_from_store(id, now).await? => {
+                self.inner.ledger.commit(&id, &req, now)?
             }
-            Some((ReservationState::Released, _)) => Err(LedgerError::AlreadySettled {
-                id,
-                state: "released",
-            }
-            .into()),
-            Some((ReservationState::Expired, Some(expired))) => {
-                // Expired long ago and now committed: record the real spend.
-                let record = RecordRequest {
-                    id: Uuid::now_v7(),
-                    subject: expired.subject(),
-                    tokens: req.tokens,
-                    cost: req.cost,
-                    status: req.status,
-                    idempotency_key: None,
-                };
-                let applied = self.inner.ledger.record(&record, self.now())?;
-                let mut usage = applied.value;
-                usage.reservation_id = Some(id);
-                let event = applied.event.map(|_| Event::Recorded(usage.clone()));
-                self.persist(event).await?;
-                Ok(Committed {
-                    usage,
-                    reserved: spendguard_core::Money::ZERO,
-                    replayed: false,
-                    late: true,
-                })
-            }
-            Some(_) => Err(LedgerError::NotFound(id).into()),
-        }
+            r => r?,
+        };
+        self.persist(applied.event, Some(ticket)).await?;
+        Ok(applied.value)
+    }
+
+    /// Puts a reservation that memory forgot back among the settled ones, as the store has
+    /// it (with the record of a late commit, if one was stored), so that a retry is answered
+    /// exactly as the first attempt was. `false` when the store knows no settled
+    /// reservation of that id.
+    async fn remember_from_store(&self, id: Uuid, now: Micros) -> Result<bool, GuardError> {
+        let Some(stored) = self.inner.store.reservation(id).await? else {
+            return Ok(false);
+        };
+        let late = match stored.state {
+            ReservationState::Open => return Ok(false),
+            ReservationState::Expired => self.inner.store.usage(late_usage_id(&id)).await?,
+            ReservationState::Committed | ReservationState::Released => None,
+        };
+        self.inner
+            .ledger
+            .remember_settled(stored.reservation, stored.usage, late, now);
+        Ok(true)
     }
 
     /// Releases a reservation whose call never happened.
@@ -448,29 +528,27 @@ impl<S: Store> Guard<S> {
         id: Uuid,
         reason: Option<String>,
     ) -> Result<Settlement, GuardError> {
-        match self.inner.ledger.release(&id, reason, self.now()) {
-            Ok(applied) => {
-                self.persist(applied.event).await?;
-                Ok(applied.value)
+        let ticket = self.enter(OpKey::Reservation(id)).await;
+        let now = self.now();
+        let applied = match self.inner.ledger.release(&id, reason.clone(), now) {
+            Err(LedgerError::NotFound(_)) if self.remember_from_store(id, now).await? => {
+                self.inner.ledger.release(&id, reason, now)?
             }
-            Err(LedgerError::NotFound(_)) => match self.inner.store.reservation(id).await? {
-                Some((ReservationState::Released, _)) => Ok(Settlement::Released { reason: None }),
-                Some((ReservationState::Expired, Some(u))) => Ok(Settlement::Expired(u)),
-                Some((ReservationState::Committed, _)) => Err(LedgerError::AlreadySettled {
-                    id,
-                    state: "committed",
-                }
-                .into()),
-                _ => Err(LedgerError::NotFound(id).into()),
-            },
-            Err(e) => Err(e.into()),
-        }
+            r => r?,
+        };
+        self.persist(applied.event, Some(ticket)).await?;
+        Ok(applied.value)
     }
 
-    /// Records usage of a call that was not reserved. The record id is assigned here.
+    /// Records usage of a call that was not reserved. The record id is assigned here. A
+    /// retry with the same idempotency key waits for the first attempt to be durable.
     pub async fn record(&self, mut req: RecordRequest) -> Result<UsageRecord, GuardError> {
+        let ticket = self
+            .enter_key(&req.subject.tenant, req.idempotency_key.as_ref())
+            .await;
         req.id = Uuid::now_v7();
         if let Some(key) = &req.idempotency_key
+            && !self.inner.ledger.knows_key(&req.subject.tenant, key)
             && let Some(prev) = self
                 .inner
                 .store
@@ -480,6 +558,7 @@ impl<S: Store> Guard<S> {
             let same = prev.user == req.subject.user
                 && prev.model == req.subject.model
                 && prev.tokens == req.tokens
+                && prev.status == req.status
                 && req.cost.is_none_or(|c| c == prev.cost);
             if !same {
                 return Err(LedgerError::IdempotencyConflict(key.clone()).into());
@@ -487,11 +566,11 @@ impl<S: Store> Guard<S> {
             return Ok(prev);
         }
         let applied = self.inner.ledger.record(&req, self.now())?;
-        self.persist(applied.event).await?;
+        self.persist(applied.event, ticket).await?;
         Ok(applied.value)
     }
 
-    /// The tenant a reservation belongs to, from memory or the store. `None` when unknown.
+    /// The tenant of a reservation, from memory or the store. `None` when unknown.
     pub async fn reservation_tenant(&self, id: Uuid) -> Result<Option<TenantId>, GuardError> {
         if let Some(t) = self.inner.ledger.reservation_tenant(&id) {
             return Ok(Some(t));
@@ -501,7 +580,7 @@ impl<S: Store> Guard<S> {
             .store
             .reservation(id)
             .await?
-            .and_then(|(_, u)| u.map(|u| u.tenant)))
+            .map(|r| r.reservation.subject.tenant))
     }
 
     /// Would this reservation be admitted? Changes nothing.
@@ -529,8 +608,27 @@ impl<S: Store> Guard<S> {
         scope: ScopeKey,
         budget: BudgetOverride,
     ) -> Result<(), GuardError> {
-        let applied = self.inner.ledger.set_budget(scope, budget);
-        self.persist(applied.event).await
+        self.update_budget(scope, |_| budget).await.map(|_| ())
+    }
+
+    /// Changes a scope's budget override from its current value (`change` gets the current
+    /// override, or the empty one); durable when this returns. Updates are serialized, so
+    /// two partial updates racing each other both take effect. Returns the new override.
+    pub async fn update_budget(
+        &self,
+        scope: ScopeKey,
+        change: impl FnOnce(BudgetOverride) -> BudgetOverride,
+    ) -> Result<BudgetOverride, GuardError> {
+        let _admin = self.inner.admin.lock().await;
+        let ledger = &self.inner.ledger;
+        let before = ledger.budget_override(&scope).unwrap_or_default();
+        let after = change(before);
+        let applied = ledger.set_budget(scope.clone(), after);
+        if let Err(e) = self.persist(applied.event, None).await {
+            ledger.set_budget(scope, before);
+            return Err(e);
+        }
+        Ok(after)
     }
 
     /// Sets a user's tier and overrides; durable when this returns.
@@ -540,8 +638,16 @@ impl<S: Store> Guard<S> {
         user: UserId,
         overrides: UserOverrides,
     ) -> Result<(), GuardError> {
-        let applied = self.inner.ledger.set_user(tenant, user, overrides)?;
-        self.persist(applied.event).await
+        let _admin = self.inner.admin.lock().await;
+        let ledger = &self.inner.ledger;
+        let before = ledger.user_overrides(&tenant, &user).unwrap_or_default();
+        let applied = ledger.set_user(tenant.clone(), user.clone(), overrides)?;
+        if let Err(e) = self.persist(applied.event, None).await {
+            // The previous value was valid when it was set; a tier removed since is dropped.
+            let _ = ledger.set_user(tenant, user, before);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Stops the sweeper, writes everything queued and stops the writer.
@@ -573,9 +679,27 @@ impl<S> Drop for Inner<S> {
     }
 }
 
+/// The database keeps the time zone its windows are counted in: recorded at the first start,
+/// and a start with another one is refused (see [`GuardError::TimeZoneChanged`]).
+async fn check_time_zone<S: Store>(store: &S, policy: &Policy) -> Result<(), GuardError> {
+    let configured = policy.calendar.time_zone_name();
+    match store.setting(settings::TIME_ZONE).await? {
+        None => {
+            store.put_setting(settings::TIME_ZONE, configured).await?;
+            Ok(())
+        }
+        Some(stored) if stored == configured => Ok(()),
+        Some(stored) => Err(GuardError::TimeZoneChanged {
+            stored,
+            configured: configured.to_owned(),
+        }),
+    }
+}
+
 /// The group-commit writer: one store transaction per batch of queued events.
 async fn writer<S: Store>(
     store: Arc<S>,
+    ledger: Arc<Ledger>,
     mut spool: Spool,
     mut rx: mpsc::UnboundedReceiver<Write>,
     stats: Arc<Stats>,
@@ -596,10 +720,12 @@ async fn writer<S: Store>(
         let Some(first) = first else { break };
         let mut events = Vec::new();
         let mut acks = Vec::new();
-        let take = |w: Write, events: &mut Vec<Event>, acks: &mut Vec<Ack>| match w {
-            Write::Events(e, ack) => {
+        let mut tickets = Vec::new();
+        let mut take = |w: Write, events: &mut Vec<Event>, acks: &mut Vec<Ack>| match w {
+            Write::Events(e, ack, ticket) => {
                 events.extend(e);
                 acks.extend(ack);
+                tickets.extend(ticket);
                 false
             }
             Write::Close => true,
@@ -614,10 +740,18 @@ async fn writer<S: Store>(
         if events.is_empty() {
             continue;
         }
-        let result = write_batch(&*store, &mut spool, &stats, &events).await;
-        if result.is_ok() {
+        let result = write_batch(&*store, &mut spool, &stats, &events, &options).await;
+        match &result {
             // Durable now: the alert engine may look at these scopes.
-            watch.note(&events);
+            Ok(()) => watch.note(&events),
+            // Neither in the store nor in the spool: memory goes back to what is durable
+            // before anyone is answered, so no answer or retry sees spend that is not there.
+            Err(e) => {
+                tracing::error!(error = %e, events = events.len(), "a batch could not be made durable; undoing it in memory");
+                for event in &events {
+                    ledger.revert(event);
+                }
+            }
         }
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats
@@ -636,6 +770,8 @@ async fn writer<S: Store>(
             };
             let _ = ack.send(r);
         }
+        // Retries of these operations may go on now.
+        drop(tickets);
     }
     // Last attempt to leave the spool empty at shutdown.
     if !spool.is_empty() {
@@ -650,6 +786,7 @@ async fn write_batch<S: Store>(
     spool: &mut Spool,
     stats: &Stats,
     events: &[Event],
+    options: &GuardOptions,
 ) -> Result<(), std::io::Error> {
     if spool.is_empty() {
         match store.apply(events).await {
@@ -659,6 +796,15 @@ async fn write_batch<S: Store>(
                 tracing::error!(error = %e, events = events.len(), "store write failed; spooling");
             }
         }
+    }
+    if options
+        .spool_faults
+        .as_ref()
+        .is_some_and(|f| f.load(Ordering::SeqCst))
+    {
+        return Err(std::io::Error::other(
+            "the spool cannot be written (injected fault)",
+        ));
     }
     spool.append(events)?;
     stats.health.store(1, Ordering::Relaxed);

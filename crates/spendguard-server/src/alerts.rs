@@ -462,23 +462,28 @@ pub fn sign(secret: &str, body: &[u8]) -> String {
 }
 
 /// An alert as JSON: in `GET /v1/alerts`, and as a webhook's body.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, schemars::JsonSchema)]
 pub struct AlertOut {
     pub id: i64,
     /// Always `spendguard.alert` (for receivers that take several kinds of events).
     #[serde(rename = "type")]
     pub event_type: &'static str,
     /// `threshold` or `projected`.
+    #[schemars(with = "crate::openapi::AlertKindName")]
     pub kind: &'static str,
+    #[schemars(with = "crate::openapi::ScopeName")]
     pub scope: &'static str,
     pub scope_id: String,
     /// `null` for the global scope.
     pub tenant_id: Option<String>,
+    #[schemars(with = "crate::openapi::WindowName")]
     pub window: &'static str,
     pub window_start: Rfc3339,
     pub threshold_percent: u32,
     /// Spend when raised; for `projected`, the projected spend of the month.
+    #[schemars(with = "crate::openapi::Usd")]
     pub amount_usd: Money,
+    #[schemars(with = "crate::openapi::Usd")]
     pub limit_usd: Money,
     pub created_at: Rfc3339,
     pub message: String,

@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use spendguard_core::{
     BudgetOverride, CheckOutcome, CommitRequest, CompanyId, Denial, Endpoint, IdempotencyKey,
     LimitStatus, Micros, ModelName, Money, RecordRequest, RequestStatus, ReserveRequest, ScopeKey,
@@ -29,21 +29,21 @@ use crate::error::{ApiError, ApiJson, ApiQuery};
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReserveBody {
-    #[schemars(with = "String")]
+    #[schemars(with = "crate::openapi::Id")]
     pub user_id: UserId,
-    #[schemars(with = "String")]
+    #[schemars(with = "crate::openapi::Id")]
     pub tenant_id: TenantId,
     #[serde(default)]
-    #[schemars(with = "Option<String>")]
+    #[schemars(with = "Option<crate::openapi::Id>")]
     pub company_id: Option<CompanyId>,
     /// The user's tier; else the stored tier; else the configured default.
     #[serde(default)]
-    #[schemars(with = "Option<String>")]
+    #[schemars(with = "Option<crate::openapi::Id>")]
     pub tier: Option<TierName>,
-    #[schemars(with = "String")]
+    #[schemars(with = "crate::openapi::Id")]
     pub model: ModelName,
     #[serde(default)]
-    #[schemars(with = "Option<String>")]
+    #[schemars(with = "Option<crate::openapi::Id>")]
     pub endpoint: Option<Endpoint>,
     pub input_tokens: u64,
     /// Defaults to the tier's maximum.
@@ -51,10 +51,10 @@ pub struct ReserveBody {
     pub max_output_tokens: Option<u64>,
     /// A worst-case cost instead of the price-table estimate (number or decimal string).
     #[serde(default)]
-    #[schemars(with = "Option<f64>")]
+    #[schemars(with = "Option<crate::openapi::UsdIn>")]
     pub estimated_cost_usd: Option<Money>,
     #[serde(default)]
-    #[schemars(with = "Option<String>")]
+    #[schemars(with = "Option<crate::openapi::Id>")]
     pub idempotency_key: Option<IdempotencyKey>,
     #[serde(default)]
     pub ttl_seconds: Option<u64>,
@@ -102,11 +102,11 @@ pub struct CommitBody {
     pub cached_input_tokens: Option<u64>,
     /// The real cost, if known; else computed from the tokens.
     #[serde(default)]
-    #[schemars(with = "Option<f64>")]
+    #[schemars(with = "Option<crate::openapi::UsdIn>")]
     pub cost_usd: Option<Money>,
     /// `success` (default), `error` or `cancelled`.
     #[serde(default)]
-    #[schemars(with = "Option<String>")]
+    #[schemars(with = "Option<crate::openapi::CommitStatus>")]
     pub status: Option<RequestStatus>,
 }
 
@@ -135,33 +135,34 @@ pub struct ReleaseBody {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UsageBody {
-    #[schemars(with = "String")]
+    #[schemars(with = "crate::openapi::Id")]
     pub user_id: UserId,
-    #[schemars(with = "String")]
+    #[schemars(with = "crate::openapi::Id")]
     pub tenant_id: TenantId,
     #[serde(default)]
-    #[schemars(with = "Option<String>")]
+    #[schemars(with = "Option<crate::openapi::Id>")]
     pub company_id: Option<CompanyId>,
     #[serde(default)]
-    #[schemars(with = "Option<String>")]
+    #[schemars(with = "Option<crate::openapi::Id>")]
     pub tier: Option<TierName>,
-    #[schemars(with = "String")]
+    #[schemars(with = "crate::openapi::Id")]
     pub model: ModelName,
     #[serde(default)]
-    #[schemars(with = "Option<String>")]
+    #[schemars(with = "Option<crate::openapi::Id>")]
     pub endpoint: Option<Endpoint>,
     pub input_tokens: u64,
     pub output_tokens: u64,
     #[serde(default)]
     pub cached_input_tokens: Option<u64>,
     #[serde(default)]
-    #[schemars(with = "Option<f64>")]
+    #[schemars(with = "Option<crate::openapi::UsdIn>")]
     pub cost_usd: Option<Money>,
+    /// `success` (default), `error` or `cancelled`.
     #[serde(default)]
-    #[schemars(with = "Option<String>")]
+    #[schemars(with = "Option<crate::openapi::CommitStatus>")]
     pub status: Option<RequestStatus>,
     #[serde(default)]
-    #[schemars(with = "Option<String>")]
+    #[schemars(with = "Option<crate::openapi::Id>")]
     pub idempotency_key: Option<IdempotencyKey>,
 }
 
@@ -177,11 +178,11 @@ fn double_option<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 pub struct BudgetBody {
     /// USD per calendar day; `null` clears the override.
     #[serde(default, deserialize_with = "double_option")]
-    #[schemars(with = "Option<f64>")]
+    #[schemars(with = "Option<crate::openapi::UsdIn>")]
     pub daily_usd: Option<Option<Money>>,
     /// USD per calendar month; `null` clears the override.
     #[serde(default, deserialize_with = "double_option")]
-    #[schemars(with = "Option<f64>")]
+    #[schemars(with = "Option<crate::openapi::UsdIn>")]
     pub monthly_usd: Option<Option<Money>>,
 }
 
@@ -189,29 +190,31 @@ pub struct BudgetBody {
 #[serde(deny_unknown_fields)]
 pub struct TenantQuery {
     #[serde(default)]
-    #[schemars(with = "Option<String>")]
+    #[schemars(with = "Option<crate::openapi::Id>")]
     pub tenant_id: Option<TenantId>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsQuery {
-    #[schemars(with = "String")]
+    #[schemars(with = "crate::openapi::Id")]
     pub user_id: UserId,
-    #[schemars(with = "String")]
-    pub tenant_id: TenantId,
+    /// The user's tenant: required with the admin key; a tenant key's own by default.
     #[serde(default)]
-    #[schemars(with = "Option<String>")]
+    #[schemars(with = "Option<crate::openapi::Id>")]
+    pub tenant_id: Option<TenantId>,
+    #[serde(default)]
+    #[schemars(with = "Option<crate::openapi::Id>")]
     pub company_id: Option<CompanyId>,
     #[serde(default)]
-    #[schemars(with = "Option<String>")]
+    #[schemars(with = "Option<crate::openapi::Id>")]
     pub tier: Option<TierName>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyBody {
-    #[schemars(with = "String")]
+    #[schemars(with = "crate::openapi::Id")]
     pub tenant_id: TenantId,
 }
 
@@ -240,22 +243,35 @@ impl Serialize for Rfc3339 {
 
 /// One limit entry of the contract, serialized without building a JSON tree. The amounts
 /// are left out of the global scope's entries shown to a tenant key.
-#[derive(Serialize)]
-struct LimitOut<'a> {
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct LimitOut<'a> {
+    #[schemars(with = "crate::openapi::ScopeName")]
     scope: &'static str,
     scope_id: &'a str,
+    #[schemars(with = "crate::openapi::WindowName")]
     window: &'static str,
+    #[schemars(with = "crate::openapi::UnitName")]
     unit: &'static str,
+    /// USD for `usd`, a count otherwise (as for the next three). Left out of the global
+    /// scope's entries shown to a tenant key.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<f64>")]
     limit: Option<spendguard_core::Amount>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<f64>")]
     used: Option<spendguard_core::Amount>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<f64>")]
     reserved: Option<spendguard_core::Amount>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<f64>")]
     remaining: Option<spendguard_core::Amount>,
+    /// When the window ends (`null`: a concurrency limit).
     resets_at: Option<Rfc3339>,
 }
+
+/// A limit entry, for the OpenAPI document.
+pub type LimitDoc = LimitOut<'static>;
 
 /// Who an answer is for: a tenant key sees its own scopes in full, and of the global
 /// scope only which limit applies and when it resets, never the amounts (they would show
@@ -283,6 +299,15 @@ impl View {
 /// A list of limits, serialized entry by entry.
 #[derive(Debug)]
 pub struct LimitsOut<'a>(pub &'a [LimitStatus], pub View);
+
+impl JsonSchema for LimitsOut<'_> {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Limits".into()
+    }
+    fn json_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        g.subschema_for::<Vec<LimitDoc>>()
+    }
+}
 
 impl Serialize for LimitsOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -396,7 +421,7 @@ fn denial_error(denial: &Denial, now: Micros, view: View) -> ApiError {
                     "tenant `{tenant}` already has {limit} users and companies tracked this month (max_tracked_subjects); reservations for new ones are refused until they are freed"
                 ),
             )
-            .with("limit", json!(limit));
+            .with("limit", Value::from(*limit));
             let retry = denial
                 .retry_at()
                 .map(|t| ((t - now).max(0) + 999_999) / 1_000_000)
@@ -442,9 +467,11 @@ fn denial_json(d: &Denial, now: Micros, view: View) -> Value {
 }
 
 /// A usage record as the API shows it.
-#[derive(Serialize)]
-struct UsageOut<'a> {
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct UsageOut<'a> {
+    #[schemars(with = "crate::openapi::UuidStr")]
     usage_id: Uuid,
+    #[schemars(with = "Option<crate::openapi::UuidStr>")]
     reservation_id: Option<Uuid>,
     tenant_id: &'a str,
     user_id: &'a str,
@@ -455,10 +482,18 @@ struct UsageOut<'a> {
     input_tokens: u64,
     cached_input_tokens: u64,
     output_tokens: u64,
+    #[schemars(with = "crate::openapi::Usd")]
     cost_usd: Money,
+    /// How `cost_usd` was found: `catalog`, `caller`, `estimate`, `default` or `free`.
+    #[schemars(with = "crate::openapi::PricingName")]
+    pricing: &'static str,
+    #[schemars(with = "crate::openapi::RequestStatusName")]
     request_status: &'static str,
     created_at: Rfc3339,
 }
+
+/// A usage record, for the OpenAPI document.
+pub type UsageDoc = UsageOut<'static>;
 
 fn usage_out(u: &spendguard_core::UsageRecord) -> UsageOut<'_> {
     UsageOut {
@@ -474,20 +509,27 @@ fn usage_out(u: &spendguard_core::UsageRecord) -> UsageOut<'_> {
         cached_input_tokens: u.tokens.cached_input,
         output_tokens: u.tokens.output,
         cost_usd: u.cost,
+        pricing: u.pricing.as_str(),
         request_status: u.status.as_str(),
         created_at: Rfc3339(u.created_at),
     }
 }
 
 /// The answer to a commit: the usage record and how it was settled.
-#[derive(Serialize)]
-struct CommittedOut<'a> {
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct CommittedOut<'a> {
     #[serde(flatten)]
     usage: UsageOut<'a>,
+    #[schemars(with = "crate::openapi::Usd")]
     reserved_cost_usd: Money,
+    /// The same commit was answered before: this is its record.
     replayed: bool,
+    /// Committed after the reservation expired: recorded on its own.
     late: bool,
 }
+
+/// A commit's answer, for the OpenAPI document.
+pub type CommittedDoc = CommittedOut<'static>;
 
 // ---------------------------------------------------------------------------------------
 // Handlers
@@ -531,32 +573,49 @@ pub async fn reserve(
 }
 
 /// The answer to an admitted reservation.
-#[derive(Serialize)]
-struct ReservedOut<'a> {
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ReservedOut<'a> {
+    #[schemars(with = "crate::openapi::UuidStr")]
     reservation_id: Uuid,
+    #[schemars(with = "crate::openapi::Usd")]
     reserved_cost_usd: Money,
     reserved_tokens: u64,
     expires_at: Rfc3339,
     tier: &'a str,
+    /// The same idempotency key and body were answered before (status 200).
     replayed: bool,
     limits: LimitsOut<'a>,
+}
+
+/// A reservation's answer, for the OpenAPI document.
+pub type ReservedDoc = ReservedOut<'static>;
+
+/// The answer to a check.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct CheckOut {
+    pub allowed: bool,
+    #[schemars(with = "LimitsOut<'static>")]
+    pub limits: Value,
+    /// Why it would be refused (`null`: it would be admitted).
+    #[schemars(with = "Option<crate::openapi::ErrorDetail>")]
+    pub denial: Option<Value>,
 }
 
 pub async fn check(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(body): ApiJson<ReserveBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CheckOut>, ApiError> {
     caller.may_act_on(&body.tenant_id)?;
     let view = View::of(&caller);
     let req = body.into_request(view == View::Admin)?;
     let now = state.guard.now();
     let CheckOutcome { limits, denial } = state.guard.check(&req)?;
-    Ok(Json(json!({
-        "allowed": denial.is_none(),
-        "limits": limits_json(&limits, view),
-        "denial": denial.as_ref().map(|d| denial_json(d, now, view)),
-    })))
+    Ok(Json(CheckOut {
+        allowed: denial.is_none(),
+        limits: limits_json(&limits, view),
+        denial: denial.as_ref().map(|d| denial_json(d, now, view)),
+    }))
 }
 
 fn parse_reservation_id(id: &str) -> Result<Uuid, ApiError> {
@@ -625,7 +684,7 @@ pub async fn release(
     caller: Caller,
     Path(id): Path<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ReleasedOut>, ApiError> {
     let id = parse_reservation_id(&id)?;
     // The body is optional: empty means no reason.
     let body: ReleaseBody = if body.iter().all(u8::is_ascii_whitespace) {
@@ -652,7 +711,20 @@ pub async fn release(
         Settlement::Expired(_) => "expired",
         Settlement::Committed(_) => "committed",
     };
-    Ok(Json(json!({ "reservation_id": id, "state": state_name })))
+    Ok(Json(ReleasedOut {
+        reservation_id: id,
+        state: state_name,
+    }))
+}
+
+/// The answer to a release: the state the reservation is in (a release of a reservation
+/// already released or expired answers the same).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ReleasedOut {
+    #[schemars(with = "crate::openapi::UuidStr")]
+    pub reservation_id: Uuid,
+    #[schemars(with = "crate::openapi::SettledName")]
+    pub state: &'static str,
 }
 
 pub async fn record(
@@ -690,22 +762,41 @@ pub async fn limits(
     State(state): State<AppState>,
     caller: Caller,
     ApiQuery(q): ApiQuery<LimitsQuery>,
-) -> Result<Json<Value>, ApiError> {
-    caller.may_act_on(&q.tenant_id)?;
+) -> Result<Json<LimitsAnswer>, ApiError> {
+    // As for reports: a tenant key reads its own tenant unless it names it.
+    let tenant = match (&caller, q.tenant_id) {
+        (_, Some(t)) => t,
+        (Caller::Tenant(own), None) => own.clone(),
+        (Caller::Admin, None) => {
+            return Err(ApiError::bad_request(
+                "users belong to a tenant: add ?tenant_id= (a tenant key may leave it out)",
+            ));
+        }
+    };
+    caller.may_act_on(&tenant)?;
     let view = View::of(&caller);
     let limits = state.guard.ledger().limits_as(
-        &q.tenant_id,
+        &tenant,
         &q.user_id,
         q.company_id.as_ref(),
         q.tier.as_ref(),
         view == View::Admin,
         state.guard.now(),
     )?;
-    Ok(Json(json!({
-        "tenant_id": q.tenant_id,
-        "user_id": q.user_id,
-        "limits": limits_json(&limits, view),
-    })))
+    Ok(Json(LimitsAnswer {
+        tenant_id: tenant.as_str().to_owned(),
+        user_id: q.user_id.as_str().to_owned(),
+        limits: limits_json(&limits, view),
+    }))
+}
+
+/// A user's effective limits.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct LimitsAnswer {
+    pub tenant_id: String,
+    pub user_id: String,
+    #[schemars(with = "LimitsOut<'static>")]
+    pub limits: Value,
 }
 
 fn scope_key(scope: &str, id: &str, tenant: Option<TenantId>) -> Result<ScopeKey, ApiError> {
@@ -739,27 +830,19 @@ pub async fn set_budget(
     Path((scope, id)): Path<(String, String)>,
     ApiQuery(q): ApiQuery<TenantQuery>,
     ApiJson(body): ApiJson<BudgetBody>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<BudgetOut>, ApiError> {
     caller.require_admin()?;
     let key = scope_key(&scope, &id, q.tenant_id)?;
-    let current = state
+    // A field left out keeps its value: read, change and write as one step, so two partial
+    // updates racing each other both take effect.
+    state
         .guard
-        .ledger()
-        .budget_override(&key)
-        .unwrap_or_default();
-    let next = BudgetOverride {
-        daily: body.daily_usd.unwrap_or(current.daily),
-        monthly: body.monthly_usd.unwrap_or(current.monthly),
-    };
-    state.guard.set_budget(key.clone(), next).await?;
-    let effective = state.guard.ledger().budget_of(&key);
-    Ok(Json(json!({
-        "scope": key.kind().as_str(),
-        "scope_id": key.id(),
-        "tenant_id": key.tenant(),
-        "override": { "daily_usd": next.daily, "monthly_usd": next.monthly },
-        "effective": { "daily_usd": effective.daily, "monthly_usd": effective.monthly },
-    })))
+        .update_budget(key.clone(), |current| BudgetOverride {
+            daily: body.daily_usd.unwrap_or(current.daily),
+            monthly: body.monthly_usd.unwrap_or(current.monthly),
+        })
+        .await?;
+    Ok(Json(budget_out(&state, &key)))
 }
 
 pub async fn set_user(
@@ -768,7 +851,7 @@ pub async fn set_user(
     Path(user): Path<String>,
     ApiQuery(q): ApiQuery<TenantQuery>,
     ApiJson(body): ApiJson<UserOverrides>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<UserOut>, ApiError> {
     caller.require_admin()?;
     let user = UserId::parse(&user).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let tenant = q
@@ -778,9 +861,11 @@ pub async fn set_user(
         .guard
         .set_user(tenant.clone(), user.clone(), body.clone())
         .await?;
-    Ok(Json(
-        json!({ "tenant_id": tenant, "user_id": user, "overrides": body }),
-    ))
+    Ok(Json(UserOut {
+        tenant_id: tenant.as_str().to_owned(),
+        user_id: user.as_str().to_owned(),
+        overrides: body,
+    }))
 }
 
 pub async fn create_api_key(
@@ -799,21 +884,63 @@ pub async fn create_api_key(
     .map_err(|e| ApiError::from(spendguard_guard::GuardError::Store(e)))?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "id": record.id,
-            "tenant_id": record.tenant,
-            "key": key,
-            "prefix": record.prefix,
-            "created_at": rfc3339(record.created_at),
-        })),
+        Json(KeyCreatedOut {
+            key,
+            info: KeyOut::from(&record),
+        }),
     )
         .into_response())
+}
+
+/// An API key as listings show it (never the key itself).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct KeyOut {
+    pub id: String,
+    /// `null` for an admin key.
+    pub tenant_id: Option<String>,
+    /// The key's first characters, to recognise it.
+    pub prefix: String,
+    pub created_at: Rfc3339,
+    pub revoked_at: Option<Rfc3339>,
+}
+
+impl From<&spendguard_store::ApiKeyRecord> for KeyOut {
+    fn from(k: &spendguard_store::ApiKeyRecord) -> KeyOut {
+        KeyOut {
+            id: k.id.clone(),
+            tenant_id: k.tenant.as_ref().map(|t| t.as_str().to_owned()),
+            prefix: k.prefix.clone(),
+            created_at: Rfc3339(k.created_at),
+            revoked_at: k.revoked_at.map(Rfc3339),
+        }
+    }
+}
+
+/// A new key: shown in this answer only.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct KeyCreatedOut {
+    pub key: String,
+    #[serde(flatten)]
+    pub info: KeyOut,
+}
+
+/// Every API key.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct KeysOut {
+    pub keys: Vec<KeyOut>,
+}
+
+/// A revoked key.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RevokedOut {
+    pub id: String,
+    pub revoked: bool,
 }
 
 pub async fn list_api_keys(
     State(state): State<AppState>,
     caller: Caller,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeysOut>, ApiError> {
     caller.require_admin()?;
     let keys = state
         .guard
@@ -821,26 +948,16 @@ pub async fn list_api_keys(
         .list_api_keys()
         .await
         .map_err(|e| ApiError::from(spendguard_guard::GuardError::Store(e)))?;
-    let keys: Vec<Value> = keys
-        .iter()
-        .map(|k| {
-            json!({
-                "id": k.id,
-                "tenant_id": k.tenant,
-                "prefix": k.prefix,
-                "created_at": rfc3339(k.created_at),
-                "revoked_at": k.revoked_at.map(rfc3339),
-            })
-        })
-        .collect();
-    Ok(Json(json!({ "keys": keys })))
+    Ok(Json(KeysOut {
+        keys: keys.iter().map(KeyOut::from).collect(),
+    }))
 }
 
 pub async fn revoke_api_key(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RevokedOut>, ApiError> {
     caller.require_admin()?;
     let store = state.guard.store();
     let keys = store
@@ -862,22 +979,44 @@ pub async fn revoke_api_key(
     {
         state.keys.remove(&hash);
     }
-    Ok(Json(json!({ "id": k.id, "revoked": true })))
+    Ok(Json(RevokedOut {
+        id: k.id,
+        revoked: true,
+    }))
 }
 
-pub async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
+/// The process is up.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct HealthOut {
+    /// Always `ok`.
+    pub status: &'static str,
+}
+
+pub async fn healthz() -> Json<HealthOut> {
+    Json(HealthOut { status: "ok" })
+}
+
+/// Whether reservations are admitted, and the write path's state.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ReadyOut {
+    pub ready: bool,
+    #[schemars(with = "crate::openapi::StoreHealthName")]
+    pub store: spendguard_guard::StoreHealth,
+    #[schemars(with = "crate::openapi::OnStoreErrorName")]
+    pub on_store_error: spendguard_core::config::OnStoreError,
+    /// Batches waiting in the spool for the store.
+    pub spool_depth: u64,
 }
 
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let stats = state.guard.stats();
     let ready = state.guard.ready() && !state.shutting_down();
-    let body = json!({
-        "ready": ready,
-        "store": stats.health,
-        "on_store_error": stats.on_store_error,
-        "spool_depth": stats.spool_depth,
-    });
+    let body = ReadyOut {
+        ready,
+        store: stats.health,
+        on_store_error: stats.on_store_error,
+        spool_depth: stats.spool_depth,
+    };
     let status = if ready {
         StatusCode::OK
     } else {
@@ -902,4 +1041,204 @@ pub async fn openapi() -> Json<Value> {
 
 pub async fn fallback() -> ApiError {
     ApiError::not_found("no such route")
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading back what the admin routes set, and the price table
+// ---------------------------------------------------------------------------------------
+
+/// A daily and a monthly cap (`null`: none).
+#[derive(Clone, Copy, Debug, Serialize, JsonSchema)]
+pub struct CapsOut {
+    #[schemars(with = "Option<crate::openapi::Usd>")]
+    pub daily_usd: Option<Money>,
+    #[schemars(with = "Option<crate::openapi::Usd>")]
+    pub monthly_usd: Option<Money>,
+}
+
+/// A scope's budget: the override set through the admin API and the caps in force.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct BudgetOut {
+    #[schemars(with = "crate::openapi::ScopeName")]
+    pub scope: &'static str,
+    pub scope_id: String,
+    /// The tenant of a company or user scope.
+    pub tenant_id: Option<String>,
+    /// What the admin API set (`null` fields: the configuration applies).
+    #[serde(rename = "override")]
+    pub overrides: CapsOut,
+    /// The caps enforced: the override, else the configuration.
+    pub effective: CapsOut,
+}
+
+fn budget_out(state: &AppState, key: &ScopeKey) -> BudgetOut {
+    let ledger = state.guard.ledger();
+    let o = ledger.budget_override(key).unwrap_or_default();
+    let e = ledger.budget_of(key);
+    BudgetOut {
+        scope: key.kind().as_str(),
+        scope_id: key.id().to_owned(),
+        tenant_id: key.tenant().map(|t| t.as_str().to_owned()),
+        overrides: CapsOut {
+            daily_usd: o.daily,
+            monthly_usd: o.monthly,
+        },
+        effective: CapsOut {
+            daily_usd: e.daily,
+            monthly_usd: e.monthly,
+        },
+    }
+}
+
+/// `GET /v1/admin/budgets/{scope}/{id}`: what `PUT` set, and the caps in force.
+pub async fn get_budget(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((scope, id)): Path<(String, String)>,
+    ApiQuery(q): ApiQuery<TenantQuery>,
+) -> Result<Json<BudgetOut>, ApiError> {
+    caller.require_admin()?;
+    let key = scope_key(&scope, &id, q.tenant_id)?;
+    Ok(Json(budget_out(&state, &key)))
+}
+
+/// Every scope with a budget override.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct BudgetsOut {
+    pub budgets: Vec<BudgetOut>,
+}
+
+/// `GET /v1/admin/budgets`: every override, by scope kind then id.
+pub async fn list_budgets(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<BudgetsOut>, ApiError> {
+    caller.require_admin()?;
+    let budgets = state
+        .guard
+        .ledger()
+        .budget_overrides()
+        .into_iter()
+        .map(|(key, _)| budget_out(&state, &key))
+        .collect();
+    Ok(Json(BudgetsOut { budgets }))
+}
+
+/// A user's stored tier and limit overrides (`null`: the tier's).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct UserOut {
+    pub tenant_id: String,
+    pub user_id: String,
+    #[schemars(with = "crate::openapi::UserOverridesSchema")]
+    pub overrides: UserOverrides,
+}
+
+/// `GET /v1/admin/users/{user_id}?tenant_id=`: what `PUT` set.
+pub async fn get_user(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(user): Path<String>,
+    ApiQuery(q): ApiQuery<TenantQuery>,
+) -> Result<Json<UserOut>, ApiError> {
+    caller.require_admin()?;
+    let user = UserId::parse(&user).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let tenant = q
+        .tenant_id
+        .ok_or_else(|| ApiError::bad_request("users belong to a tenant: add ?tenant_id="))?;
+    let overrides = state
+        .guard
+        .ledger()
+        .user_overrides(&tenant, &user)
+        .unwrap_or_default();
+    Ok(Json(UserOut {
+        tenant_id: tenant.as_str().to_owned(),
+        user_id: user.as_str().to_owned(),
+        overrides,
+    }))
+}
+
+/// Every user with stored overrides.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct UsersOut {
+    pub users: Vec<UserOut>,
+}
+
+/// `GET /v1/admin/users`: every user with overrides, by tenant then user.
+pub async fn list_users(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<UsersOut>, ApiError> {
+    caller.require_admin()?;
+    let users = state
+        .guard
+        .ledger()
+        .all_user_overrides()
+        .into_iter()
+        .map(|(tenant, user, overrides)| UserOut {
+            tenant_id: tenant.as_str().to_owned(),
+            user_id: user.as_str().to_owned(),
+            overrides,
+        })
+        .collect();
+    Ok(Json(UsersOut { users }))
+}
+
+/// One model's price, USD per million tokens.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct PriceOut {
+    /// The model name; dated names (`gpt-4o-2024-08-06`) resolve to it.
+    pub model: String,
+    #[schemars(with = "crate::openapi::Usd")]
+    pub input: Money,
+    #[schemars(with = "crate::openapi::Usd")]
+    pub cached_input: Money,
+    #[schemars(with = "crate::openapi::Usd")]
+    pub output: Money,
+}
+
+impl PriceOut {
+    fn new(model: &str, p: &spendguard_core::Price) -> PriceOut {
+        PriceOut {
+            model: model.to_owned(),
+            input: p.input,
+            cached_input: p.cached_input(),
+            output: p.output,
+        }
+    }
+}
+
+/// The price table the server charges by.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct PricesOut {
+    /// Always `usd_per_million_tokens`.
+    #[schemars(with = "crate::openapi::PriceUnit")]
+    pub unit: &'static str,
+    /// What happens to a model not in the table.
+    #[schemars(with = "crate::openapi::UnknownModel")]
+    pub unknown_model: &'static str,
+    /// The price of unknown models under `unknown_model = "default_cost"`.
+    pub default_price: Option<PriceOut>,
+    /// By model name.
+    pub models: Vec<PriceOut>,
+}
+
+/// `GET /v1/prices`: the built-in table with the configuration's overrides.
+pub async fn prices(State(state): State<AppState>, _caller: Caller) -> Json<PricesOut> {
+    let policy = state.guard.ledger().policy();
+    let table = &policy.prices;
+    let unknown_model = match table.unknown_policy() {
+        spendguard_core::UnknownModelPolicy::Deny => "deny",
+        spendguard_core::UnknownModelPolicy::DefaultCost => "default_cost",
+        spendguard_core::UnknownModelPolicy::Free => "free",
+    };
+    Json(PricesOut {
+        unit: "usd_per_million_tokens",
+        unknown_model,
+        default_price: table.default_price().map(|p| PriceOut::new("default", p)),
+        models: table
+            .entries()
+            .into_iter()
+            .map(|(m, p)| PriceOut::new(m, p))
+            .collect(),
+    })
 }

@@ -118,7 +118,6 @@ impl From<LedgerError> for ApiError {
             | LedgerError::InvalidTtl { .. }
             | LedgerError::ExpiredStatus
             | LedgerError::Overflow
-            | LedgerError::Unpriced(_)
             | LedgerError::LargeReservationTtl { .. }
             | LedgerError::RecordCostTooLarge { .. }
             | LedgerError::RecordTokensTooLarge { .. } => ApiError::bad_request(message),
@@ -155,6 +154,11 @@ impl From<GuardError> for ApiError {
             }
             GuardError::Spool(e) => {
                 tracing::error!(error = %e, "spool error while answering a request");
+                ApiError::internal()
+            }
+            // Only at start-up.
+            e @ GuardError::TimeZoneChanged { .. } => {
+                tracing::error!(error = %e, "unexpected start-up error while answering a request");
                 ApiError::internal()
             }
         }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod metrics;
 pub mod openapi;
 pub mod reports;
+pub mod starting;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -77,16 +78,36 @@ pub struct RouteDoc {
     /// Whether it needs `Authorization: Bearer <key>`.
     pub auth: bool,
     pub summary: &'static str,
-    /// The JSON schema of its request body, if it takes one.
-    pub body: Option<fn() -> serde_json::Value>,
+    /// The schema of its query string, if it takes one.
+    pub query: Option<SchemaFn>,
+    /// The schema of its request body, if it takes one.
+    pub body: Option<SchemaFn>,
+    /// What it answers when it succeeds.
+    pub answer: Answer,
 }
 
-fn schema_of<T: schemars::JsonSchema>() -> serde_json::Value {
-    serde_json::to_value(schemars::schema_for!(T)).unwrap_or_default()
+/// Builds a schema (a `$ref` for named types) with the document's generators.
+pub type SchemaFn = fn(&mut openapi::Generators) -> schemars::Schema;
+
+/// A route's successful answer.
+#[derive(Debug)]
+pub enum Answer {
+    /// JSON of this status and schema.
+    Json(u16, SchemaFn),
+    /// `/readyz`: the same JSON as 200 or 503.
+    Ready,
+    /// Plain text (Prometheus).
+    Text,
+    /// An HTML page.
+    Html,
+    /// The dashboard: HTML, or a redirect to the sign-in page.
+    Dashboard,
+    /// A form post answered with a redirect (HTML on errors).
+    Redirect,
 }
 
 macro_rules! api {
-    ($( $m:ident $path:literal => $h:path { auth: $auth:literal, body: $body:tt, summary: $s:literal } )*) => {
+    ($( $m:ident $path:literal => $h:path { auth: $auth:literal, query: $query:tt, body: $body:tt, answer: $answer:tt, summary: $s:literal } )*) => {
         fn routes() -> Router<AppState> {
             let mut r = Router::new();
             $( r = r.route($path, axum::routing::$m($h)); )*
@@ -95,36 +116,55 @@ macro_rules! api {
 
         /// Every route the router serves.
         pub const ROUTES: &[RouteDoc] = &[
-            $( RouteDoc { method: stringify!($m), path: $path, auth: $auth, summary: $s, body: api!(@body $body) }, )*
+            $( RouteDoc {
+                method: stringify!($m),
+                path: $path,
+                auth: $auth,
+                summary: $s,
+                query: api!(@request $query),
+                body: api!(@request $body),
+                answer: api!(@answer $answer),
+            }, )*
         ];
     };
-    (@body none) => { None };
-    (@body ($t:ty)) => { Some(schema_of::<$t> as fn() -> serde_json::Value) };
+    (@request none) => { None };
+    (@request ($t:ty)) => { Some(openapi::request::<$t> as SchemaFn) };
+    (@answer ($code:literal, $t:ty)) => { Answer::Json($code, openapi::answer::<$t> as SchemaFn) };
+    (@answer ready) => { Answer::Ready };
+    (@answer text) => { Answer::Text };
+    (@answer html) => { Answer::Html };
+    (@answer dashboard) => { Answer::Dashboard };
+    (@answer redirect) => { Answer::Redirect };
 }
 
 api! {
-    post "/v1/reservations" => api::reserve { auth: true, body: (api::ReserveBody), summary: "Reserve a worst-case estimate before a model call" }
-    post "/v1/reservations/{id}/commit" => api::commit { auth: true, body: (api::CommitBody), summary: "Commit the actual usage of a reservation" }
-    post "/v1/reservations/{id}/release" => api::release { auth: true, body: (api::ReleaseBody), summary: "Release a reservation whose call never happened" }
-    post "/v1/usage" => api::record { auth: true, body: (api::UsageBody), summary: "Record usage of a call that was not reserved (never refused)" }
-    post "/v1/check" => api::check { auth: true, body: (api::ReserveBody), summary: "Would this reservation be admitted? Changes nothing" }
-    get "/v1/limits" => api::limits { auth: true, body: none, summary: "A user's effective limits, used, reserved and remaining" }
-    get "/v1/users/{user_id}/daily-usage" => reports::daily_usage { auth: true, body: none, summary: "A user's usage on one day (?date=YYYY-MM-DD, default today), by model" }
-    get "/v1/reports/usage" => reports::usage_report { auth: true, body: none, summary: "Usage over whole days (?from=&to=, default the last 30), grouped by day, tenant, company, user, model or endpoint (?group_by=); top spenders first; JSON or CSV (?format=)" }
-    get "/v1/alerts" => reports::alerts { auth: true, body: none, summary: "Cost alerts of the current day and month (?all=true: of every window), newest first" }
-    put "/v1/admin/budgets/{scope}/{id}" => api::set_budget { auth: true, body: (api::BudgetBody), summary: "Set or clear a scope's daily and monthly caps (admin)" }
-    put "/v1/admin/users/{user_id}" => api::set_user { auth: true, body: none, summary: "Set a user's tier and limit overrides (admin)" }
-    post "/v1/admin/api-keys" => api::create_api_key { auth: true, body: (api::KeyBody), summary: "Create a tenant API key, shown once (admin)" }
-    get "/v1/admin/api-keys" => api::list_api_keys { auth: true, body: none, summary: "List API keys, without the keys (admin)" }
-    delete "/v1/admin/api-keys/{id}" => api::revoke_api_key { auth: true, body: none, summary: "Revoke an API key (admin)" }
-    get "/healthz" => api::healthz { auth: false, body: none, summary: "The process is up" }
-    get "/readyz" => api::readyz { auth: false, body: none, summary: "Ready to admit reservations (store state)" }
-    get "/metrics" => api::metrics { auth: false, body: none, summary: "Prometheus metrics" }
-    get "/openapi.json" => api::openapi { auth: false, body: none, summary: "This API's OpenAPI document" }
-    get "/" => dashboard::page { auth: false, body: none, summary: "The spend dashboard (HTML; admin session cookie or admin key)" }
-    get "/login" => dashboard::login_page { auth: false, body: none, summary: "The dashboard's sign-in form (HTML)" }
-    post "/login" => dashboard::login { auth: false, body: none, summary: "Sign in to the dashboard with the admin key (form field `key`)" }
-    post "/logout" => dashboard::logout { auth: false, body: none, summary: "Sign out of the dashboard" }
+    post "/v1/reservations" => api::reserve { auth: true, query: none, body: (api::ReserveBody), answer: (201, api::ReservedDoc), summary: "Reserve a worst-case estimate before a model call (201; 200 when an idempotency key replays)" }
+    post "/v1/reservations/{id}/commit" => api::commit { auth: true, query: none, body: (api::CommitBody), answer: (200, api::CommittedDoc), summary: "Commit the actual usage of a reservation" }
+    post "/v1/reservations/{id}/release" => api::release { auth: true, query: none, body: (api::ReleaseBody), answer: (200, api::ReleasedOut), summary: "Release a reservation whose call never happened" }
+    post "/v1/usage" => api::record { auth: true, query: none, body: (api::UsageBody), answer: (201, api::UsageDoc), summary: "Record usage of a call that was not reserved (never refused)" }
+    post "/v1/check" => api::check { auth: true, query: none, body: (api::ReserveBody), answer: (200, api::CheckOut), summary: "Would this reservation be admitted? Changes nothing" }
+    get "/v1/limits" => api::limits { auth: true, query: (api::LimitsQuery), body: none, answer: (200, api::LimitsAnswer), summary: "A user's effective limits, used, reserved and remaining" }
+    get "/v1/users/{user_id}/daily-usage" => reports::daily_usage { auth: true, query: (reports::DailyParams), body: none, answer: (200, reports::DailyOut), summary: "A user's usage on one day (?date=YYYY-MM-DD, default today), by model" }
+    get "/v1/reports/usage" => reports::usage_report { auth: true, query: (reports::ReportParams), body: none, answer: (200, reports::ReportOut), summary: "Usage over whole days (?from=&to=, default the last 30), grouped by day, tenant, company, user, model or endpoint (?group_by=); top spenders first; JSON or CSV (?format=)" }
+    get "/v1/alerts" => reports::alerts { auth: true, query: (reports::AlertParams), body: none, answer: (200, reports::AlertsOut), summary: "Cost alerts of the current day and month (?all=true: of every window), newest first" }
+    get "/v1/prices" => api::prices { auth: true, query: none, body: none, answer: (200, api::PricesOut), summary: "The price table the server charges by (USD per million tokens)" }
+    get "/v1/admin/budgets" => api::list_budgets { auth: true, query: none, body: none, answer: (200, api::BudgetsOut), summary: "Every scope with a budget override (admin)" }
+    get "/v1/admin/budgets/{scope}/{id}" => api::get_budget { auth: true, query: (api::TenantQuery), body: none, answer: (200, api::BudgetOut), summary: "A scope's budget override and the caps in force (admin)" }
+    put "/v1/admin/budgets/{scope}/{id}" => api::set_budget { auth: true, query: (api::TenantQuery), body: (api::BudgetBody), answer: (200, api::BudgetOut), summary: "Set or clear a scope's daily and monthly caps (admin)" }
+    get "/v1/admin/users" => api::list_users { auth: true, query: none, body: none, answer: (200, api::UsersOut), summary: "Every user with a stored tier or limit overrides (admin)" }
+    get "/v1/admin/users/{user_id}" => api::get_user { auth: true, query: (api::TenantQuery), body: none, answer: (200, api::UserOut), summary: "A user's stored tier and limit overrides (admin)" }
+    put "/v1/admin/users/{user_id}" => api::set_user { auth: true, query: (api::TenantQuery), body: (openapi::UserOverridesSchema), answer: (200, api::UserOut), summary: "Set a user's tier and limit overrides; an empty object clears them (admin)" }
+    post "/v1/admin/api-keys" => api::create_api_key { auth: true, query: none, body: (api::KeyBody), answer: (201, api::KeyCreatedOut), summary: "Create a tenant API key, shown once (admin)" }
+    get "/v1/admin/api-keys" => api::list_api_keys { auth: true, query: none, body: none, answer: (200, api::KeysOut), summary: "List API keys, without the keys (admin)" }
+    delete "/v1/admin/api-keys/{id}" => api::revoke_api_key { auth: true, query: none, body: none, answer: (200, api::RevokedOut), summary: "Revoke an API key (admin)" }
+    get "/healthz" => api::healthz { auth: false, query: none, body: none, answer: (200, api::HealthOut), summary: "The process is up" }
+    get "/readyz" => api::readyz { auth: false, query: none, body: none, answer: ready, summary: "Ready to admit reservations (store state)" }
+    get "/metrics" => api::metrics { auth: false, query: none, body: none, answer: text, summary: "Prometheus metrics" }
+    get "/openapi.json" => api::openapi { auth: false, query: none, body: none, answer: (200, serde_json::Value), summary: "This API's OpenAPI document" }
+    get "/" => dashboard::page { auth: false, query: none, body: none, answer: dashboard, summary: "The spend dashboard (HTML; admin session cookie or admin key)" }
+    get "/login" => dashboard::login_page { auth: false, query: none, body: none, answer: html, summary: "The dashboard's sign-in form (HTML)" }
+    post "/login" => dashboard::login { auth: false, query: none, body: (openapi::LoginForm), answer: redirect, summary: "Sign in to the dashboard with the admin key (form field `key`)" }
+    post "/logout" => dashboard::logout { auth: false, query: none, body: none, answer: redirect, summary: "Sign out of the dashboard" }
 }
 
 /// The router with every route and layer.

@@ -11,8 +11,9 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use jiff::civil::Date;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use spendguard_core::{Calendar, Money, TenantId, UserId};
 use spendguard_store::{
     AlertQuery, GroupBy, ModelUsage, Report, ReportQuery, ReportRow, StoreError, UsageTotals,
@@ -149,13 +150,14 @@ impl ReportSpec {
 }
 
 /// Sums as JSON (money as a USD number).
-#[derive(Clone, Copy, Debug, Serialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, JsonSchema)]
 pub struct TotalsOut {
     pub requests: u64,
     pub input_tokens: u64,
     pub cached_input_tokens: u64,
     pub output_tokens: u64,
     pub total_tokens: u64,
+    #[schemars(with = "crate::openapi::Usd")]
     pub cost_usd: Money,
 }
 
@@ -214,36 +216,91 @@ fn total_values(t: &UsageTotals) -> [String; 6] {
     ]
 }
 
-/// The report as JSON.
-pub fn report_json(calendar: &Calendar, spec: &ReportSpec, report: &Report) -> Value {
+/// One row of a report: the grouping's key columns (only those), then the sums.
+#[derive(Debug, Default, Serialize, JsonSchema)]
+pub struct ReportRowOut {
+    /// With `group_by=day`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<crate::openapi::DateStr>")]
+    pub day: Option<String>,
+    /// With `group_by=tenant`, `company` and `user`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
+    /// With `group_by=company`; `null`: usage without a company.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub company_id: Option<Option<String>>,
+    /// With `group_by=user`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// With `group_by=model`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// With `group_by=endpoint`; `null`: usage without an endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<Option<String>>,
+    #[serde(flatten)]
+    pub totals: TotalsOut,
+}
+
+/// A usage report.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ReportOut {
+    #[schemars(with = "crate::openapi::DateStr")]
+    pub from: String,
+    #[schemars(with = "crate::openapi::DateStr")]
+    pub to: String,
+    /// The IANA time zone the days are counted in.
+    pub time_zone: String,
+    #[schemars(with = "crate::openapi::GroupByName")]
+    pub group_by: &'static str,
+    /// The tenant the report is restricted to, if any.
+    pub tenant_id: Option<String>,
+    /// How many groups there are (`rows` may hold fewer, with `limit`).
+    pub groups: usize,
+    pub rows: Vec<ReportRowOut>,
+    /// The sums over every group.
+    pub totals: TotalsOut,
+}
+
+/// The report as a typed answer.
+pub fn report_out(calendar: &Calendar, spec: &ReportSpec, report: &Report) -> ReportOut {
     let g = spec.query.group_by;
-    let rows: Vec<Value> = report
+    let rows = report
         .rows
         .iter()
         .map(|r| {
-            let mut obj = serde_json::Map::new();
+            let mut row = ReportRowOut {
+                totals: TotalsOut::from(&r.totals),
+                ..ReportRowOut::default()
+            };
             for (col, v) in key_columns(g).iter().zip(key_values(calendar, g, r)) {
-                obj.insert(
-                    (*col).to_owned(),
-                    v.map(Value::String).unwrap_or(Value::Null),
-                );
+                match *col {
+                    "day" => row.day = v,
+                    "tenant_id" => row.tenant_id = v,
+                    "company_id" => row.company_id = Some(v),
+                    "user_id" => row.user_id = v,
+                    "model" => row.model = v,
+                    _ => row.endpoint = Some(v),
+                }
             }
-            if let Value::Object(t) = json!(TotalsOut::from(&r.totals)) {
-                obj.extend(t);
-            }
-            Value::Object(obj)
+            row
         })
         .collect();
-    json!({
-        "from": spec.from.to_string(),
-        "to": spec.to.to_string(),
-        "time_zone": calendar.time_zone_name(),
-        "group_by": g.as_str(),
-        "tenant_id": spec.query.tenant.as_ref().map(|t| t.as_str()),
-        "groups": report.groups,
-        "rows": rows,
-        "totals": TotalsOut::from(&report.totals),
-    })
+    ReportOut {
+        from: spec.from.to_string(),
+        to: spec.to.to_string(),
+        time_zone: calendar.time_zone_name().to_owned(),
+        group_by: g.as_str(),
+        tenant_id: spec.query.tenant.as_ref().map(|t| t.as_str().to_owned()),
+        groups: report.groups,
+        rows,
+        totals: TotalsOut::from(&report.totals),
+    }
+}
+
+/// The report as JSON.
+pub fn report_json(calendar: &Calendar, spec: &ReportSpec, report: &Report) -> Value {
+    serde_json::to_value(report_out(calendar, spec, report)).unwrap_or(Value::Null)
 }
 
 /// One CSV field (RFC 4180): quoted when it holds a comma, quote or line break.
@@ -347,6 +404,55 @@ pub fn table(header: &[String], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// One model's share of a user's day.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ModelDayOut {
+    pub model: String,
+    #[serde(flatten)]
+    pub totals: TotalsOut,
+}
+
+/// A user's usage on one day.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct DailyOut {
+    pub tenant_id: String,
+    pub user_id: String,
+    #[schemars(with = "crate::openapi::DateStr")]
+    pub date: String,
+    pub time_zone: String,
+    pub totals: TotalsOut,
+    /// By cost, highest first.
+    pub models: Vec<ModelDayOut>,
+}
+
+/// A user's day as a typed answer.
+pub fn daily_out(
+    calendar: &Calendar,
+    tenant: &TenantId,
+    user: &UserId,
+    date: Date,
+    models: &[ModelUsage],
+) -> DailyOut {
+    let mut totals = UsageTotals::default();
+    for m in models {
+        totals.add(&m.totals);
+    }
+    DailyOut {
+        tenant_id: tenant.as_str().to_owned(),
+        user_id: user.as_str().to_owned(),
+        date: date.to_string(),
+        time_zone: calendar.time_zone_name().to_owned(),
+        totals: TotalsOut::from(&totals),
+        models: models
+            .iter()
+            .map(|m| ModelDayOut {
+                model: m.model.clone(),
+                totals: TotalsOut::from(&m.totals),
+            })
+            .collect(),
+    }
+}
+
 /// A user's day as JSON.
 pub fn daily_json(
     calendar: &Calendar,
@@ -355,28 +461,7 @@ pub fn daily_json(
     date: Date,
     models: &[ModelUsage],
 ) -> Value {
-    let mut totals = UsageTotals::default();
-    for m in models {
-        totals.add(&m.totals);
-    }
-    let models: Vec<Value> = models
-        .iter()
-        .map(|m| {
-            let mut v = json!(TotalsOut::from(&m.totals));
-            if let Value::Object(o) = &mut v {
-                o.insert("model".into(), Value::String(m.model.clone()));
-            }
-            v
-        })
-        .collect();
-    json!({
-        "tenant_id": tenant,
-        "user_id": user,
-        "date": date.to_string(),
-        "time_zone": calendar.time_zone_name(),
-        "totals": TotalsOut::from(&totals),
-        "models": models,
-    })
+    serde_json::to_value(daily_out(calendar, tenant, user, date, models)).unwrap_or(Value::Null)
 }
 
 fn store_error(e: StoreError) -> ApiError {
@@ -401,14 +486,26 @@ fn read_scope(caller: &Caller, asked: Option<TenantId>) -> Result<Option<TenantI
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReportParams {
+    /// The first day (default: 29 days before `to`).
+    #[schemars(with = "Option<crate::openapi::DateStr>")]
     pub from: Option<String>,
+    /// The last day (default: today).
+    #[schemars(with = "Option<crate::openapi::DateStr>")]
     pub to: Option<String>,
+    /// Default `day`.
+    #[schemars(with = "Option<crate::openapi::GroupByName>")]
     pub group_by: Option<String>,
+    /// Default `json`.
+    #[schemars(with = "Option<crate::openapi::ReportFormat>")]
     pub format: Option<String>,
+    /// Admin key: only this tenant (a tenant key always reads its own).
+    #[schemars(with = "Option<crate::openapi::Id>")]
     pub tenant_id: Option<TenantId>,
+    /// Keep the top N groups (1 to 100000).
+    #[schemars(range(min = 1, max = 100_000))]
     pub limit: Option<usize>,
 }
 
@@ -464,14 +561,18 @@ pub async fn usage_report(
             }
             resp
         }
-        _ => Json(report_json(calendar, &spec, &report)).into_response(),
+        _ => Json(report_out(calendar, &spec, &report)).into_response(),
     })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DailyParams {
+    /// Default: today.
+    #[schemars(with = "Option<crate::openapi::DateStr>")]
     pub date: Option<String>,
+    /// The user's tenant: required with the admin key; a tenant key's own by default.
+    #[schemars(with = "Option<crate::openapi::Id>")]
     pub tenant_id: Option<TenantId>,
 }
 
@@ -481,7 +582,7 @@ pub async fn daily_usage(
     caller: Caller,
     Path(user_id): Path<String>,
     ApiQuery(q): ApiQuery<DailyParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DailyOut>, ApiError> {
     let user = UserId::parse(&user_id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let tenant = read_scope(&caller, q.tenant_id)?.ok_or_else(|| {
         ApiError::bad_request("users belong to a tenant: add ?tenant_id= (admin key)")
@@ -498,16 +599,26 @@ pub async fn daily_usage(
         .user_day(&tenant, &user, calendar.date_start(date))
         .await
         .map_err(store_error)?;
-    Ok(Json(daily_json(calendar, &tenant, &user, date, &models)))
+    Ok(Json(daily_out(calendar, &tenant, &user, date, &models)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AlertParams {
     /// Also alerts of past windows.
     pub all: Option<bool>,
+    /// Admin key: only this tenant (a tenant key always reads its own).
+    #[schemars(with = "Option<crate::openapi::Id>")]
     pub tenant_id: Option<TenantId>,
+    /// At most this many (1 to 100000; default 1000).
+    #[schemars(range(min = 1, max = 100_000))]
     pub limit: Option<usize>,
+}
+
+/// Alerts, newest first.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct AlertsOut {
+    pub alerts: Vec<AlertOut>,
 }
 
 /// The alert list.
@@ -534,7 +645,7 @@ pub async fn alerts(
     State(state): State<AppState>,
     caller: Caller,
     ApiQuery(q): ApiQuery<AlertParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AlertsOut>, ApiError> {
     let tenant = read_scope(&caller, q.tenant_id)?;
     let limit = q.limit.unwrap_or(1000);
     if !(1..=MAX_LIMIT).contains(&limit) {
@@ -545,7 +656,7 @@ pub async fn alerts(
     let list = list_alerts(&state, tenant, q.all.unwrap_or(false), limit)
         .await
         .map_err(store_error)?;
-    Ok(Json(json!({ "alerts": list })))
+    Ok(Json(AlertsOut { alerts: list }))
 }
 
 #[cfg(test)]

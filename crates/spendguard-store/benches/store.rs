@@ -8,8 +8,8 @@ use std::hint::black_box;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use spendguard_core::{
-    CompanyId, Endpoint, Event, ModelName, Money, RequestStatus, TenantId, TierName, Tokens,
-    UsageRecord, UserId,
+    CompanyId, Endpoint, Event, ModelName, Money, Pricing, RequestStatus, TenantId, TierName,
+    Tokens, UsageRecord, UserId,
 };
 use spendguard_store::{OpenOptions, PostgresStore, SqliteStore, Store};
 use tokio::runtime::Runtime;
@@ -99,6 +99,7 @@ impl Workload {
                         output: 100 + (r >> 20) % 800,
                     },
                     cost: Money::from_micros(100 + (r % 20_000) as i64),
+                    pricing: Pricing::Catalog,
                     status: RequestStatus::Success,
                     created_at: at,
                     reservation_id: None,

@@ -6,8 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use spendguard_core::{
     BudgetOverride, CompanyId, CounterRow, Endpoint, Event, IdError, IdempotencyKey, Micros,
-    ModelName, Money, RequestStatus, Reservation, ScopeKey, ScopeKind, Subject, TenantId, TierName,
-    Tokens, UsageRecord, UserId, UserOverrides, Window,
+    ModelName, Money, Pricing, RequestStatus, Reservation, ScopeKey, ScopeKind, Subject, TenantId,
+    TierName, Tokens, UsageRecord, UserId, UserOverrides, Window,
 };
 use uuid::Uuid;
 
@@ -127,6 +127,7 @@ pub(crate) struct UsageCols<'a> {
     pub idempotency_key: Option<&'a str>,
     pub day_start: Micros,
     pub month_start: Micros,
+    pub pricing: Option<&'a str>,
 }
 
 impl UsageCols<'_> {
@@ -145,6 +146,12 @@ impl UsageCols<'_> {
                 output: to_u64("output_tokens", self.output_tokens)?,
             },
             cost: Money::from_micros(self.cost_micros),
+            pricing: match self.pricing {
+                None => Pricing::Catalog,
+                Some(p) => {
+                    Pricing::parse(p).ok_or_else(|| corrupt(format!("unknown pricing `{p}`")))?
+                }
+            },
             status: RequestStatus::parse(self.status)
                 .ok_or_else(|| corrupt(format!("unknown request_status `{}`", self.status)))?,
             created_at: self.created_at,

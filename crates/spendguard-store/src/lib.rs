@@ -27,7 +27,9 @@
 
 use std::future::Future;
 
-use spendguard_core::{CounterRow, Event, IdempotencyKey, Micros, Snapshot, TenantId, UsageRecord};
+use spendguard_core::{
+    CounterRow, Event, IdempotencyKey, Micros, Reservation, Snapshot, TenantId, UsageRecord,
+};
 use uuid::Uuid;
 
 mod analytics;
@@ -82,11 +84,30 @@ pub trait Store: Send + Sync + 'static {
         id: Uuid,
     ) -> impl Future<Output = Result<Option<UsageRecord>, StoreError>> + Send;
 
-    /// A reservation's persisted state and its usage record, if any.
+    /// A reservation as persisted: its state and the usage record that settled it, if any.
     fn reservation(
         &self,
         id: Uuid,
-    ) -> impl Future<Output = Result<Option<(ReservationState, Option<UsageRecord>)>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<StoredReservation>, StoreError>> + Send;
+
+    /// The newest reservation a tenant made with this idempotency key, for keyed retries
+    /// that memory no longer knows (after a restart).
+    fn reservation_by_key(
+        &self,
+        tenant: &TenantId,
+        key: &IdempotencyKey,
+    ) -> impl Future<Output = Result<Option<StoredReservation>, StoreError>> + Send;
+
+    /// A fact about the database itself (see [`settings`]), if it was ever set.
+    fn setting(&self, key: &str)
+    -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
+    /// Sets a fact about the database itself.
+    fn put_setting(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// A direct usage record (one not made by a reservation) by (tenant, idempotency key),
     /// for idempotent retries older than the ledger's memory retention.
@@ -106,6 +127,22 @@ pub trait Store: Send + Sync + 'static {
 
     /// The number of `ai_usage` rows.
     fn usage_count(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+/// Keys of [`Store::setting`].
+pub mod settings {
+    /// The IANA time zone the database's calendar windows are counted in.
+    pub const TIME_ZONE: &str = "time_zone";
+}
+
+/// A reservation as the store holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredReservation {
+    pub reservation: Reservation,
+    pub state: ReservationState,
+    /// The record that settled it (a commit's, or an expiry's); `None` while open and after
+    /// a release.
+    pub usage: Option<UsageRecord>,
 }
 
 /// The persisted state of a reservation.
@@ -171,10 +208,13 @@ impl Default for OpenOptions {
 enum Target<'a> {
     Postgres(&'a str),
     Sqlite(&'a str),
+    /// A URL of a scheme spendguard does not speak (`mysql://…`): the scheme.
+    Unsupported(&'a str),
 }
 
 /// `postgres://…` and `postgresql://…` are PostgreSQL; `sqlite://path`, `sqlite:path` and
-/// anything else are a SQLite file path.
+/// plain paths are a SQLite file path; any other `scheme://` is unsupported (not a file
+/// named after the URL).
 fn target(url: &str) -> Target<'_> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Target::Postgres(url)
@@ -182,9 +222,24 @@ fn target(url: &str) -> Target<'_> {
         Target::Sqlite(path)
     } else if let Some(path) = url.strip_prefix("sqlite:") {
         Target::Sqlite(path)
+    } else if let Some((scheme, _)) = url.split_once("://")
+        && !scheme.is_empty()
+        && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    {
+        Target::Unsupported(scheme)
     } else {
         Target::Sqlite(url)
     }
+}
+
+fn unsupported(scheme: &str) -> StoreError {
+    StoreError::Invalid(format!(
+        "unsupported database URL (scheme `{scheme}`): use a SQLite file path, \
+         sqlite://PATH or postgres://USER@HOST:PORT/DATABASE"
+    ))
 }
 
 /// A store of either backend, chosen by URL.
@@ -311,7 +366,23 @@ impl AnyStore {
         Ok(match target(url) {
             Target::Postgres(url) => AnyStore::Postgres(PostgresStore::open(url, options).await?),
             Target::Sqlite(path) => AnyStore::Sqlite(SqliteStore::open(path, options).await?),
+            Target::Unsupported(scheme) => return Err(unsupported(scheme)),
         })
+    }
+
+    /// Like [`AnyStore::open`], but never creates a database: a SQLite file that does not
+    /// exist is an error (for readers, where a mistyped path must not answer "no usage").
+    pub async fn open_existing(url: &str, options: &OpenOptions) -> Result<AnyStore, StoreError> {
+        if let Target::Sqlite(path) = target(url)
+            && path != ":memory:"
+            && !std::path::Path::new(path).exists()
+        {
+            return Err(StoreError::Invalid(format!(
+                "the SQLite database {path} does not exist (check --database or \
+                 server.database; `spendguard migrate` creates it)"
+            )));
+        }
+        AnyStore::open(url, options).await
     }
 
     /// Applies the migrations not applied yet (`open` does it already).
@@ -370,13 +441,35 @@ impl Store for AnyStore {
         }
     }
 
-    async fn reservation(
-        &self,
-        id: Uuid,
-    ) -> Result<Option<(ReservationState, Option<UsageRecord>)>, StoreError> {
+    async fn reservation(&self, id: Uuid) -> Result<Option<StoredReservation>, StoreError> {
         match self {
             AnyStore::Sqlite(s) => s.reservation(id).await,
             AnyStore::Postgres(s) => s.reservation(id).await,
+        }
+    }
+
+    async fn reservation_by_key(
+        &self,
+        tenant: &TenantId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<StoredReservation>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.reservation_by_key(tenant, key).await,
+            AnyStore::Postgres(s) => s.reservation_by_key(tenant, key).await,
+        }
+    }
+
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.setting(key).await,
+            AnyStore::Postgres(s) => s.setting(key).await,
+        }
+    }
+
+    async fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.put_setting(key, value).await,
+            AnyStore::Postgres(s) => s.put_setting(key, value).await,
         }
     }
 
@@ -437,6 +530,8 @@ mod tests {
             target("./data/db.sqlite"),
             Target::Sqlite("./data/db.sqlite")
         );
+        assert_eq!(target("mysql://h/db"), Target::Unsupported("mysql"));
+        assert_eq!(target("data/x://y"), Target::Sqlite("data/x://y"));
     }
 
     #[test]

@@ -464,6 +464,22 @@ CREATE UNIQUE INDEX webhook_deliveries_alert_url ON webhook_deliveries (alert_id
             "CREATE INDEX rollups_kind_window ON rollups (scope_kind, \"window\", window_start);\n"
         ),
     ),
+    (
+        3,
+        r#"
+-- How each record was priced (NULL: written before this column existed).
+ALTER TABLE ai_usage ADD COLUMN pricing TEXT
+    CHECK (pricing IN ('catalog', 'caller', 'estimate', 'default', 'free'));
+-- Keyed reservations are answered from here on retries memory no longer knows.
+CREATE INDEX reservations_idempotency ON reservations (tenant_id, idempotency_key, created_at)
+    WHERE idempotency_key IS NOT NULL;
+-- Facts about the database itself (its time zone, its identity).
+CREATE TABLE settings (
+    key TEXT NOT NULL PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT, WITHOUT ROWID;
+"#,
+    ),
 ];
 
 /// PostgreSQL: instants are `timestamptz`, `ai_usage.cost_usd` is `NUMERIC(19,6)` (every
@@ -624,6 +640,22 @@ CREATE UNIQUE INDEX webhook_deliveries_alert_url ON webhook_deliveries (alert_id
             // Reports scan one scope kind over a range of window starts.
             "CREATE INDEX rollups_kind_window ON rollups (scope_kind, \"window\", window_start);\n"
         ),
+    ),
+    (
+        3,
+        r#"
+-- How each record was priced (NULL: written before this column existed).
+ALTER TABLE ai_usage ADD COLUMN pricing text
+    CHECK (pricing IN ('catalog', 'caller', 'estimate', 'default', 'free'));
+-- Keyed reservations are answered from here on retries memory no longer knows.
+CREATE INDEX reservations_idempotency ON reservations (tenant_id, idempotency_key, created_at)
+    WHERE idempotency_key IS NOT NULL;
+-- Facts about the database itself (its time zone, its identity).
+CREATE TABLE settings (
+    key text PRIMARY KEY,
+    value text NOT NULL
+);
+"#,
     ),
 ];
 

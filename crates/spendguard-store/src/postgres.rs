@@ -29,7 +29,7 @@ use crate::common::{
 };
 use crate::error::StoreError;
 use crate::migrations::{POSTGRES as MIGRATIONS, POSTGRES_REBUILD_USAGE_ROLLUPS};
-use crate::{ApiKeyRecord, OpenOptions, ReservationState, Store, UsageTotals};
+use crate::{ApiKeyRecord, OpenOptions, ReservationState, Store, StoredReservation, UsageTotals};
 
 /// A store in a PostgreSQL database (the schema is the first of the connection's
 /// `search_path`).
@@ -82,7 +82,11 @@ fn map_err(e: tokio_postgres::Error) -> StoreError {
             _ => StoreError::Invalid(text),
         };
     }
-    let text = e.to_string();
+    let mut text = e.to_string();
+    // The cause ("Connection refused", "failed to lookup address") is the source's.
+    if let Some(cause) = std::error::Error::source(&e) {
+        text = format!("{text}: {cause}");
+    }
     if text.starts_with("error deserializing") || text.starts_with("invalid column") {
         StoreError::Corrupt(text)
     } else if text.starts_with("error serializing") {
@@ -141,7 +145,7 @@ pub(crate) fn time(row: &Row, idx: usize) -> Result<Micros, StoreError> {
 const USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, model, endpoint, \
     subscription_tier, input_tokens, cached_input_tokens, output_tokens, \
     (cost_usd * 1000000)::int8, request_status, created_at, reservation_id, idempotency_key, \
-    day_start, month_start";
+    day_start, month_start, pricing";
 
 const RESERVATION_COLUMNS: &str = "id, tenant_id, user_id, company_id, tier, admitted_tier, \
     model, endpoint, estimate_micros, estimated_tokens, created_at, expires_at, day_start, \
@@ -179,15 +183,17 @@ const EXPIRE_RESERVATIONS: &str = "UPDATE reservations AS r SET state = 'expired
 /// inserted, which are the ones to count.
 const INSERT_USAGE: &str = "INSERT INTO ai_usage (id, tenant_id, user_id, company_id, model, \
     endpoint, subscription_tier, input_tokens, cached_input_tokens, output_tokens, cost_usd, \
-    request_status, created_at, reservation_id, idempotency_key, day_start, month_start) \
+    request_status, created_at, reservation_id, idempotency_key, day_start, month_start, \
+    pricing) \
     SELECT u.id, u.tenant_id, u.user_id, u.company_id, u.model, u.endpoint, u.tier, u.input, \
     u.cached, u.output, u.cost * 0.000001, u.status, u.created_at, u.reservation_id, \
-    u.idempotency_key, u.day_start, u.month_start \
+    u.idempotency_key, u.day_start, u.month_start, u.pricing \
     FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
     $7::text[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::text[], \
-    $13::timestamptz[], $14::uuid[], $15::text[], $16::int8[], $17::int8[]) \
+    $13::timestamptz[], $14::uuid[], $15::text[], $16::int8[], $17::int8[], $18::text[]) \
     AS u (id, tenant_id, user_id, company_id, model, endpoint, tier, input, cached, output, \
-    cost, status, created_at, reservation_id, idempotency_key, day_start, month_start) \
+    cost, status, created_at, reservation_id, idempotency_key, day_start, month_start, \
+    pricing) \
     ON CONFLICT DO NOTHING RETURNING id";
 
 const UPSERT_BUDGET: &str = "INSERT INTO budget_overrides (scope_kind, tenant_id, scope_id, \
@@ -279,6 +285,7 @@ fn usage_row(row: &Row) -> Result<UsageRecord, StoreError> {
         idempotency_key: get(row, 14)?,
         day_start: get(row, 15)?,
         month_start: get(row, 16)?,
+        pricing: get(row, 17)?,
     }
     .decode()
 }
@@ -330,6 +337,29 @@ fn describe(config: &Config) -> String {
         .or(config.get_user())
         .unwrap_or("postgres");
     format!("PostgreSQL database `{db}`")
+}
+
+/// `host:port` of the servers a configuration names (never its password).
+fn server_of(config: &Config) -> String {
+    let ports = config.get_ports();
+    let servers: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match h {
+                tokio_postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(p) => format!("{}:{port}", p.display()),
+            }
+        })
+        .collect();
+    if servers.is_empty() {
+        "localhost:5432".into()
+    } else {
+        servers.join(", ")
+    }
 }
 
 async fn take_lock(config: &Config, name: &str) -> Result<LockConn, StoreError> {
@@ -499,6 +529,7 @@ async fn insert_usage(
     let mut keys = Vec::with_capacity(n);
     let mut days = Vec::with_capacity(n);
     let mut months = Vec::with_capacity(n);
+    let mut pricings = Vec::with_capacity(n);
     for u in usage {
         ids.push(u.id);
         tenants.push(u.tenant.as_str());
@@ -517,9 +548,10 @@ async fn insert_usage(
         keys.push(u.idempotency_key.as_ref().map(|k| k.as_str()));
         days.push(u.day_start);
         months.push(u.month_start);
+        pricings.push(u.pricing.as_str());
     }
     let stmt = tx.prepare_cached(INSERT_USAGE).await.db()?;
-    let params: [&(dyn ToSql + Sync); 17] = [
+    let params: [&(dyn ToSql + Sync); 18] = [
         &ids,
         &tenants,
         &users,
@@ -537,6 +569,7 @@ async fn insert_usage(
         &keys,
         &days,
         &months,
+        &pricings,
     ];
     let rows = tx.query(&stmt, &params).await.db()?;
     let mut inserted = HashSet::with_capacity(rows.len());
@@ -717,6 +750,22 @@ impl PostgresStore {
             config.application_name("spendguard");
         }
         let name = describe(&config);
+        let server = server_of(&config);
+        PostgresStore::connect_named(config, options, name)
+            .await
+            .map_err(|e| match e {
+                StoreError::Unavailable(why) => {
+                    StoreError::Unavailable(format!("PostgreSQL at {server}: {why}"))
+                }
+                other => other,
+            })
+    }
+
+    async fn connect_named(
+        config: Config,
+        options: &OpenOptions,
+        name: String,
+    ) -> Result<PostgresStore, StoreError> {
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -962,28 +1011,47 @@ impl Store for PostgresStore {
             .transpose()
     }
 
-    async fn reservation(
+    async fn reservation(&self, id: Uuid) -> Result<Option<StoredReservation>, StoreError> {
+        let sql = format!(
+            "SELECT {RESERVATION_COLUMNS}, state, usage_id FROM reservations WHERE id = $1"
+        );
+        self.stored_reservation(&sql, &[&id]).await
+    }
+
+    async fn reservation_by_key(
         &self,
-        id: Uuid,
-    ) -> Result<Option<(ReservationState, Option<UsageRecord>)>, StoreError> {
+        tenant: &TenantId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<StoredReservation>, StoreError> {
+        let sql = format!(
+            "SELECT {RESERVATION_COLUMNS}, state, usage_id FROM reservations \
+             WHERE tenant_id = $1 AND idempotency_key = $2 ORDER BY created_at DESC LIMIT 1"
+        );
+        self.stored_reservation(&sql, &[&tenant.as_str(), &key.as_str()])
+            .await
+    }
+
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
         let client = self.client().await?;
         let stmt = client
-            .prepare_cached("SELECT state, usage_id FROM reservations WHERE id = $1")
+            .prepare_cached("SELECT value FROM settings WHERE key = $1")
             .await
             .db()?;
-        let Some(row) = client.query_opt(&stmt, &[&id]).await.db()? else {
-            return Ok(None);
-        };
-        let state: &str = get(&row, 0)?;
-        let state = ReservationState::parse(state)
-            .ok_or_else(|| corrupt(format!("unknown reservation state `{state}`")))?;
-        let usage_id: Option<Uuid> = get(&row, 1)?;
-        drop(client);
-        let usage = match usage_id {
-            Some(u) => self.usage(u).await?,
-            None => None,
-        };
-        Ok(Some((state, usage)))
+        let row = client.query_opt(&stmt, &[&key]).await.db()?;
+        row.map(|r| get::<String>(&r, 0)).transpose()
+    }
+
+    async fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO settings (key, value) VALUES ($1, $2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .await
+            .db()?;
+        client.execute(&stmt, &[&key, &value]).await.db()?;
+        Ok(())
     }
 
     async fn usage_by_key(
@@ -1041,6 +1109,35 @@ impl Store for PostgresStore {
 
 /// API keys (hashes only).
 impl PostgresStore {
+    /// The reservation that `sql` (selecting [`RESERVATION_COLUMNS`], `state` and
+    /// `usage_id`) finds, with its settling record.
+    async fn stored_reservation(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<StoredReservation>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await.db()?;
+        let Some(row) = client.query_opt(&stmt, params).await.db()? else {
+            return Ok(None);
+        };
+        let reservation = reservation_row(&row)?;
+        let state: &str = get(&row, 16)?;
+        let state = ReservationState::parse(state)
+            .ok_or_else(|| corrupt(format!("unknown reservation state `{state}`")))?;
+        let usage_id: Option<Uuid> = get(&row, 17)?;
+        drop(client);
+        let usage = match usage_id {
+            Some(u) => self.usage(u).await?,
+            None => None,
+        };
+        Ok(Some(StoredReservation {
+            reservation,
+            state,
+            usage,
+        }))
+    }
+
     pub async fn insert_api_key(&self, key: &ApiKeyRecord) -> Result<(), StoreError> {
         let client = self.client().await?;
         client

@@ -26,7 +26,7 @@ use crate::common::{
 };
 use crate::error::StoreError;
 use crate::migrations::{SQLITE as MIGRATIONS, SQLITE_REBUILD_USAGE_ROLLUPS};
-use crate::{ApiKeyRecord, OpenOptions, ReservationState, Store};
+use crate::{ApiKeyRecord, OpenOptions, ReservationState, Store, StoredReservation};
 
 /// A store in one SQLite database file.
 pub struct SqliteStore {
@@ -106,7 +106,8 @@ pub(crate) async fn blocking<T: Send + 'static>(
 
 const USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, model, endpoint, \
     subscription_tier, input_tokens, cached_input_tokens, output_tokens, cost_micros, \
-    request_status, created_at, reservation_id, idempotency_key, day_start, month_start";
+    request_status, created_at, reservation_id, idempotency_key, day_start, month_start, \
+    pricing";
 
 const RESERVATION_COLUMNS: &str = "id, tenant_id, user_id, company_id, tier, admitted_tier, \
     model, endpoint, estimate_micros, estimated_tokens, created_at, expires_at, day_start, \
@@ -130,8 +131,9 @@ const EXPIRE_RESERVATION: &str = "UPDATE reservations SET state = 'expired', usa
 /// The columns of an `ai_usage` insert, in binding order.
 const INSERT_USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, model, endpoint, \
     subscription_tier, input_tokens, cached_input_tokens, output_tokens, cost_micros, \
-    request_status, created_at, reservation_id, idempotency_key, day_start, month_start";
-const USAGE_PARAMS: usize = 17;
+    request_status, created_at, reservation_id, idempotency_key, day_start, month_start, \
+    pricing";
+const USAGE_PARAMS: usize = 18;
 
 /// Rows per multi-row statement (a statement per row is about a quarter slower).
 const USAGE_CHUNK: usize = 32;
@@ -316,6 +318,7 @@ fn usage_row(row: &Row<'_>) -> Result<UsageRecord, StoreError> {
         idempotency_key: opt_text(row, 14)?,
         day_start: int(row, 15)?,
         month_start: int(row, 16)?,
+        pricing: opt_text(row, 17)?,
     }
     .decode()
 }
@@ -502,6 +505,8 @@ fn bind_usage(
         .db()?;
     stmt.raw_bind_parameter(base + 16, u.day_start).db()?;
     stmt.raw_bind_parameter(base + 17, u.month_start).db()?;
+    stmt.raw_bind_parameter(base + 18, u.pricing.as_str())
+        .db()?;
     Ok(())
 }
 
@@ -740,6 +745,35 @@ fn load_blocking(
     Ok(snapshot)
 }
 
+/// The reservation that `sql` (selecting [`RESERVATION_COLUMNS`], `state` and `usage_id`)
+/// finds, with its settling record.
+fn stored_reservation(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Option<StoredReservation>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).db()?;
+    let mut rows = stmt.query(params).db()?;
+    let Some(row) = rows.next().db()? else {
+        return Ok(None);
+    };
+    let reservation = reservation_row(row)?;
+    let state = text(row, 16)?;
+    let state = ReservationState::parse(state)
+        .ok_or_else(|| corrupt(format!("unknown reservation state `{state}`")))?;
+    let usage_id = opt_uuid(row, 17)?;
+    drop(rows);
+    let usage = match usage_id {
+        Some(u) => usage_blocking(conn, u)?,
+        None => None,
+    };
+    Ok(Some(StoredReservation {
+        reservation,
+        state,
+        usage,
+    }))
+}
+
 fn usage_blocking(conn: &Connection, id: Uuid) -> Result<Option<UsageRecord>, StoreError> {
     let sql = format!("SELECT {USAGE_COLUMNS} FROM ai_usage WHERE id = ?1");
     let mut stmt = conn.prepare_cached(&sql).db()?;
@@ -917,27 +951,56 @@ impl Store for SqliteStore {
         self.with_conn(move |conn| usage_blocking(conn, id)).await
     }
 
-    async fn reservation(
-        &self,
-        id: Uuid,
-    ) -> Result<Option<(ReservationState, Option<UsageRecord>)>, StoreError> {
+    async fn reservation(&self, id: Uuid) -> Result<Option<StoredReservation>, StoreError> {
         self.with_conn(move |conn| {
-            let found: Option<(String, Option<String>)> = conn
-                .prepare_cached("SELECT state, usage_id FROM reservations WHERE id = ?1")
+            let sql = format!(
+                "SELECT {RESERVATION_COLUMNS}, state, usage_id FROM reservations WHERE id = ?1"
+            );
+            stored_reservation(conn, &sql, [id.to_string()])
+        })
+        .await
+    }
+
+    async fn reservation_by_key(
+        &self,
+        tenant: &TenantId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<StoredReservation>, StoreError> {
+        let (tenant, key) = (tenant.clone(), key.clone());
+        self.with_conn(move |conn| {
+            let sql = format!(
+                "SELECT {RESERVATION_COLUMNS}, state, usage_id FROM reservations \
+                 WHERE tenant_id = ?1 AND idempotency_key = ?2 \
+                 ORDER BY created_at DESC LIMIT 1"
+            );
+            stored_reservation(conn, &sql, [tenant.to_string(), key.to_string()])
+        })
+        .await
+    }
+
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let key = key.to_owned();
+        self.with_conn(move |conn| {
+            conn.prepare_cached("SELECT value FROM settings WHERE key = ?1")
                 .db()?
-                .query_row([id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .query_row([key], |r| r.get(0))
                 .optional()
-                .db()?;
-            let Some((state, usage_id)) = found else {
-                return Ok(None);
-            };
-            let state = ReservationState::parse(&state)
-                .ok_or_else(|| corrupt(format!("unknown reservation state `{state}`")))?;
-            let usage = match usage_id {
-                Some(u) => usage_blocking(conn, parse_uuid(&u)?)?,
-                None => None,
-            };
-            Ok(Some((state, usage)))
+                .db()
+        })
+        .await
+    }
+
+    async fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let (key, value) = (key.to_owned(), value.to_owned());
+        self.with_conn(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .db()?
+            .execute([key, value])
+            .db()?;
+            Ok(())
         })
         .await
     }

@@ -51,6 +51,11 @@ enum Command {
     Migrate {
         #[command(flatten)]
         common: Common,
+        /// Switch the database to another time zone (an IANA name). The current day's and
+        /// month's budgets then count only spend from the switch on; `serve` refuses to
+        /// start while the configuration and the database disagree.
+        #[arg(long, value_name = "ZONE")]
+        time_zone: Option<String>,
     },
     /// Manage tenant API keys.
     #[command(subcommand)]
@@ -216,6 +221,21 @@ async fn open_store(config: &Config, writer: bool) -> anyhow::Result<AnyStore> {
     }
 }
 
+/// Opens an existing database for the read commands: a mistyped path is an error, not a
+/// new, empty database.
+async fn open_existing_store(config: &Config) -> anyhow::Result<AnyStore> {
+    let options = OpenOptions {
+        take_writer_lock: false,
+        ..OpenOptions::default()
+    };
+    match AnyStore::open_existing(&config.server.database, &options).await {
+        Ok(s) => Ok(s),
+        Err(StoreError::Locked(why)) => bail!("{why}"),
+        // The URL is not echoed: it may hold a password.
+        Err(e) => Err(e).context("failed to open the usage database"),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { common, listen } => {
@@ -225,11 +245,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             serve(config)
         }
-        Command::Migrate { common } => {
+        Command::Migrate { common, time_zone } => {
             let config = load_config(&common)?;
+            if let Some(zone) = &time_zone {
+                spendguard_core::Calendar::new(zone)
+                    .with_context(|| format!("`{zone}` is not a time zone"))?;
+            }
             runtime()?.block_on(async {
                 // Opening runs every pending migration.
                 let store = open_store(&config, false).await?;
+                if let Some(zone) = &time_zone {
+                    use spendguard_store::{Store, settings};
+                    let before = store
+                        .setting(settings::TIME_ZONE)
+                        .await
+                        .context("failed to read the database's time zone")?;
+                    store
+                        .put_setting(settings::TIME_ZONE, zone)
+                        .await
+                        .context("failed to record the time zone")?;
+                    println!(
+                        "the database's time zone is now {zone} (it was {}); set time_zone = \"{zone}\" in the configuration",
+                        before.as_deref().unwrap_or("not recorded")
+                    );
+                }
                 let versions = store
                     .schema_versions()
                     .await
@@ -279,9 +318,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Config(ConfigCommand::Check { file }) => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("failed to read {}", file.display()))?;
-            let (config, policy) = spendguard_core::config::load(&text)
+            // The same layering and checks as `serve`: the file, the environment, then
+            // every validation `serve` runs before it starts.
+            let config = load_config(&Common {
+                config: Some(file.clone()),
+                database: None,
+            })?;
+            let (policy, _) = checked(&config)
                 .with_context(|| format!("{} is not a valid configuration", file.display()))?;
             println!(
                 "{} is valid: time zone {}, {} tiers (default `{}`), {} priced models",
@@ -400,7 +443,7 @@ fn usage(
         None => cal.date_of(spendguard_guard::Clock::now(&SystemClock)),
     };
     runtime()?.block_on(async {
-        let store = open_store(&config, false).await?;
+        let store = open_existing_store(&config).await?;
         let models = store
             .user_day(&tenant, &user, cal.date_start(date))
             .await
@@ -466,7 +509,7 @@ fn report(
     let spec = reports::ReportSpec::new(cal, now, from, to, Some(group_by), tenant, limit)
         .map_err(anyhow::Error::msg)?;
     runtime()?.block_on(async {
-        let store = open_store(&config, false).await?;
+        let store = open_existing_store(&config).await?;
         let report = store
             .report(&spec.query)
             .await
@@ -507,7 +550,7 @@ fn alerts(common: &Common, all: bool, tenant: Option<&str>, format: &str) -> any
         .calendar
         .periods(spendguard_guard::Clock::now(&SystemClock));
     runtime()?.block_on(async {
-        let store = open_store(&config, false).await?;
+        let store = open_existing_store(&config).await?;
         let list = store
             .alerts(&spendguard_store::AlertQuery {
                 tenant,
@@ -578,21 +621,36 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
-    let policy = config.validate().context("invalid configuration")?;
+/// Every check `serve` makes of its configuration before it starts (`config check` runs
+/// them too): the validated policy and the alert settings (with the environment's secret).
+fn checked(config: &Config) -> anyhow::Result<(spendguard_core::Policy, AlertSettings)> {
+    let policy = config.validate()?;
     let secret = std::env::var("SPENDGUARD_WEBHOOK_SECRET")
         .ok()
         .filter(|s| !s.is_empty());
-    let alert_settings =
-        AlertSettings::from_config(&config.alerts, secret).context("invalid configuration")?;
+    let alert_settings = AlertSettings::from_config(&config.alerts, secret)?;
+    Ok((policy, alert_settings))
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    let (policy, alert_settings) = checked(&config).context("invalid configuration")?;
     init_logging(config.server.log_format);
     runtime()?.block_on(async move {
-        let store = open_store(&config, true).await?;
-        let mut options = GuardOptions::new(&config.server.spool_path);
-        options.on_store_error = config.server.on_store_error;
-        let guard = Guard::start(store, policy, options, Arc::new(SystemClock))
-            .await
-            .context("failed to start: could not restore the ledger from the database")?;
+        // Listening first: a port in use fails before anything else happens (a failed start
+        // must not have printed, and stored, a new admin key), and while the database cannot
+        // be reached, health checks get an answer.
+        let listener = std::net::TcpListener::bind(&config.server.listen).with_context(|| {
+            format!(
+                "failed to listen on {}; if another process uses it, choose another address \
+                 with --listen (or SPENDGUARD_LISTEN, or server.listen)",
+                config.server.listen
+            )
+        })?;
+        listener.set_nonblocking(true)?;
+        tracing::info!(address = %listener.local_addr()?, "bound; restoring the ledger");
+        let Some(guard) = start_guard(&config, policy, &listener).await? else {
+            return Ok(());
+        };
         let env_admin = std::env::var("SPENDGUARD_ADMIN_KEY")
             .ok()
             .filter(|k| !k.is_empty());
@@ -612,9 +670,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         }
         let state = AppState::with_alerts(guard, ring, alert_settings);
         spendguard_server::spawn_background(&state);
-        let listener = tokio::net::TcpListener::bind(&config.server.listen)
-            .await
-            .with_context(|| format!("failed to listen on {}", config.server.listen))?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         tracing::info!(
             listen = %listener.local_addr()?,
             backend = state.guard.store().backend(),
@@ -624,6 +680,70 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .await
             .context("the server failed")?;
         anyhow::Ok(())
+    })
+}
+
+/// Opens the store and restores the ledger. While the database cannot be reached, it retries
+/// with backoff (1 s, doubling, at most 30 s apart), logging why, and serves the starting
+/// phase on `listener` (`/readyz` 503 with the reason): deciding without the restored counters
+/// would not be exact. Other errors (a bad URL, another writer, a refused time zone) end it.
+/// `None` when a shutdown signal came first.
+async fn start_guard(
+    config: &Config,
+    policy: spendguard_core::Policy,
+    listener: &std::net::TcpListener,
+) -> anyhow::Result<Option<Guard<AnyStore>>> {
+    let starting = spendguard_server::starting::Starting::default();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let phase = tokio::spawn(spendguard_server::starting::serve(
+        tokio::net::TcpListener::from_std(listener.try_clone()?)?,
+        starting.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut delay = std::time::Duration::from_secs(1);
+    let result = loop {
+        let attempt = async {
+            let store = open_store(config, true).await?;
+            let mut options = GuardOptions::new(&config.server.spool_path);
+            options.on_store_error = config.server.on_store_error;
+            Guard::start(store, policy.clone(), options, Arc::new(SystemClock))
+                .await
+                .context("failed to start: could not restore the ledger from the database")
+        };
+        let e = match attempt.await {
+            Ok(guard) => break Ok(Some(guard)),
+            Err(e) if is_unavailable(&e) => e,
+            Err(e) => break Err(e),
+        };
+        let why = format!("{e:#}");
+        tracing::warn!(retry_in_s = delay.as_secs(), reason = %why, "cannot start yet; retrying");
+        starting.set_reason(why);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = &mut shutdown => break Ok(None),
+        }
+        delay = (delay * 2).min(std::time::Duration::from_secs(30));
+    };
+    let _ = stop.send(());
+    let _ = phase.await;
+    result
+}
+
+/// True for an error of starting that a retry may cure: the database cannot be reached.
+fn is_unavailable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<StoreError>()
+            .is_some_and(StoreError::is_unavailable)
+            || matches!(
+                c.downcast_ref::<spendguard_guard::GuardError>(),
+                Some(spendguard_guard::GuardError::Store(
+                    StoreError::Unavailable(_)
+                ))
+            )
     })
 }
 

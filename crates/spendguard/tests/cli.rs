@@ -244,3 +244,446 @@ fn keys_create_list_revoke() {
     let bad = spendguard(&["keys", "create", "--tenant", "a b", "--database", db]);
     assert!(!bad.status.success());
 }
+
+/// Runs `spendguard` in `dir` with no database or config taken from the environment.
+fn spendguard_in(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_spendguard"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("SPENDGUARD_DATABASE_URL")
+        .env_remove("SPENDGUARD_CONFIG")
+        .env_remove("SPENDGUARD_WEBHOOK_SECRET")
+        .env_remove("SPENDGUARD_ADMIN_KEY")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn read_commands_do_not_create_a_database() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["report", "--database", "typo.db"][..],
+        &[
+            "usage",
+            "--tenant",
+            "acme",
+            "--user",
+            "ann",
+            "--database",
+            "typo.db",
+        ],
+        &["alerts", "--database", "typo.db"],
+    ] {
+        let out = spendguard_in(dir.path(), args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded: {err}");
+        assert!(
+            err.contains("typo.db") && err.contains("does not exist"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            !dir.path().join("typo.db").exists(),
+            "{args:?} created the database"
+        );
+    }
+    // Nor does the default path.
+    let out = spendguard_in(dir.path(), &["report"]);
+    assert!(!out.status.success());
+    assert!(!dir.path().join("spendguard.db").exists());
+}
+
+#[test]
+fn unsupported_database_urls_and_unreachable_servers_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["migrate", "--database", "mysql://db.internal/spend"][..],
+        &["report", "--database", "mysql://db.internal/spend"],
+    ] {
+        let out = spendguard_in(dir.path(), args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("unsupported database URL"), "{args:?}: {err}");
+        assert!(err.contains("mysql"), "{err}");
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    // Nothing listens on port 1.
+    let out = spendguard_in(
+        dir.path(),
+        &["migrate", "--database", "postgres://postgres@127.0.0.1:1/x"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+    assert!(err.to_lowercase().contains("refused"), "{err}");
+}
+
+#[test]
+fn config_check_runs_the_checks_serve_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hooks.toml");
+    std::fs::write(
+        &path,
+        "[alerts]\nwebhook_urls = [\"https://hooks.example.com/x\"]\n",
+    )
+    .unwrap();
+    let path = path.to_str().unwrap();
+    let out = spendguard_in(dir.path(), &["config", "check", path]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a missing webhook secret passed");
+    assert!(err.contains("alerts.webhook_secret"), "{err}");
+    // The secret from the environment counts, as it does for `serve`.
+    let out = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+        .args(["config", "check", path])
+        .env("SPENDGUARD_WEBHOOK_SECRET", "s3cret")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn serve_checks_the_port_before_making_an_admin_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = spendguard_in(dir.path(), &["serve", "--listen", &addr]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success());
+    assert!(err.contains(&addr) && err.contains("--listen"), "{err}");
+    assert!(!stdout.contains("sg_"), "a key was printed: {stdout}");
+    drop(taken);
+    // No key was stored either: the next start prints one.
+    let keys = spendguard_in(dir.path(), &["keys", "list"]);
+    let listing = String::from_utf8_lossy(&keys.stdout);
+    assert!(!listing.contains("(admin)"), "{listing}");
+}
+
+#[test]
+fn the_example_configuration_is_the_built_in_one() {
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../spendguard.example.toml"
+    ))
+    .expect("spendguard.example.toml at the repository root");
+    let out = spendguard(&["config", "defaults"]);
+    assert!(out.status.success());
+    assert_eq!(
+        example,
+        String::from_utf8(out.stdout).unwrap(),
+        "regenerate it: spendguard config defaults > spendguard.example.toml"
+    );
+}
+
+/// The README's walk-through, the fenced block after its `<!-- walk-through -->` marker.
+fn readme_walkthrough() -> String {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let start = readme
+        .find("<!-- walk-through -->")
+        .expect("README.md marks its walk-through with <!-- walk-through -->");
+    let rest = &readme[start..];
+    let open = rest
+        .find("```sh\n")
+        .expect("a ```sh block after the marker")
+        + 6;
+    let len = rest[open..].find("\n```").expect("the block is closed");
+    rest[open..open + len].to_owned()
+}
+
+/// Logs a skipped test where CI looks for skips.
+fn skipped(why: &str) {
+    eprintln!("SKIPPED: {why}");
+    if let Ok(log) = std::env::var("SPENDGUARD_TEST_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{why}");
+        }
+    }
+}
+
+/// Every command of the README's walk-through, pasted in order into bash against a fresh
+/// server, on whatever day the test runs: each answers 2xx except the one refusal it shows.
+#[test]
+fn the_readme_walkthrough_runs_as_written() {
+    use std::io::{BufRead, BufReader};
+    let script = readme_walkthrough();
+    if Command::new("curl").arg("--version").output().is_err() {
+        skipped("the README walk-through needs curl");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("SPENDGUARD_ADMIN_KEY", "walkthrough-admin")
+        .env("RUST_LOG", "info")
+        .env_remove("SPENDGUARD_DATABASE_URL")
+        .env_remove("SPENDGUARD_CONFIG")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the server exited before serving")
+            .unwrap();
+        if let Some(i) = line.find("listen=") {
+            break line[i + 7..].split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+
+    // curl records each answer's status line; the script itself is run unchanged.
+    let statuses = dir.path().join("statuses");
+    let prelude = format!(
+        "set -u\n\
+         curl() {{ local h; h=$(mktemp); command curl -D \"$h\" \"$@\"; local rc=$?; \
+         sed -n '1s/^HTTP\\/[0-9.]* \\([0-9]*\\).*/\\1/p' \"$h\" >> '{}'; rm -f \"$h\"; \
+         echo; return $rc; }}\n",
+        statuses.display()
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("{prelude}{script}"))
+        .current_dir(dir.path())
+        .env("KEY", "walkthrough-admin")
+        .env("URL", format!("http://{addr}"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.trim().is_empty(),
+        "the walk-through wrote errors: {stderr}"
+    );
+    let codes: Vec<u16> = std::fs::read_to_string(&statuses)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let curls = script
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(|l| l.matches("curl ").count())
+        .sum::<usize>();
+    assert_eq!(
+        codes.len(),
+        curls,
+        "every curl was answered: {codes:?}\n{stdout}"
+    );
+    let refused: Vec<&u16> = codes.iter().filter(|c| !(200..300).contains(*c)).collect();
+    assert_eq!(
+        refused,
+        [&429],
+        "only the refusal it shows fails: {codes:?}\n{stdout}"
+    );
+    // The reports cover today: the calls just made are in them.
+    assert!(
+        stdout.contains("\"group_by\":\"model\"") && stdout.contains("\"model\":\"gpt-4o-mini\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"models\":[{"),
+        "the user's day is empty: {stdout}"
+    );
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    assert!(child.0.wait().unwrap().success());
+}
+
+/// `SPENDGUARD_TEST_DATABASE_URL`, or `None` after noting that the test is skipped.
+fn pg_url() -> Option<String> {
+    match std::env::var("SPENDGUARD_TEST_DATABASE_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ => {
+            skipped("skipped a PostgreSQL test");
+            None
+        }
+    }
+}
+
+/// A TCP proxy to `upstream` that drops every connection until `up` is set.
+fn switchable_proxy(
+    upstream: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = up.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            if !flag.load(Ordering::SeqCst) {
+                continue; // dropped: the connection is closed at once
+            }
+            let Ok(server) = std::net::TcpStream::connect(upstream) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    (addr, up)
+}
+
+/// With PostgreSQL unreachable at start, `serve` keeps retrying (answering `/healthz`, and
+/// `/readyz` with 503 and the reason) and starts serving once the database answers.
+#[test]
+fn postgres_serve_waits_for_an_unreachable_database() {
+    use std::io::{BufRead, BufReader};
+    let Some(url) = pg_url() else { return };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let schema = format!("sg_cli_start_{}", std::process::id());
+    let admin = rt.block_on(async {
+        let (admin, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+            ))
+            .await
+            .unwrap();
+        admin
+    });
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".into(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let upstream = std::net::ToSocketAddrs::to_socket_addrs(&(host.as_str(), port))
+        .unwrap()
+        .next()
+        .unwrap();
+    let (proxy, up) = switchable_proxy(upstream);
+    let user = config.get_user().unwrap_or("postgres");
+    let db = config.get_dbname().unwrap_or("test");
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env(
+            "SPENDGUARD_DATABASE_URL",
+            format!(
+                "postgres://{user}@{proxy}/{db}?options=-csearch_path%3D{schema}&connect_timeout=2"
+            ),
+        )
+        .env("SPENDGUARD_ADMIN_KEY", "cli-test-admin-key-0123456789")
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the server exited before listening")
+            .unwrap();
+        if let Some(i) = line.find("address=") {
+            break line[i + 8..].split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let c = reqwest::Client::new();
+    // A keep-alive connection to the starting phase is closed when it ends: a request on it
+    // then fails, as it would for any client, and is tried again.
+    let try_get = |path: &str| -> Option<(u16, serde_json::Value)> {
+        let r = rt
+            .block_on(
+                c.get(format!("http://{addr}{path}"))
+                    .bearer_auth("cli-test-admin-key-0123456789")
+                    .send(),
+            )
+            .ok()?;
+        let status = r.status().as_u16();
+        Some((status, rt.block_on(r.json::<serde_json::Value>()).ok()?))
+    };
+    let get = |path: &str| try_get(path).or_else(|| try_get(path)).unwrap();
+    // Waits (bounded) until `/readyz` answers `status`.
+    let ready_is = |status: u16| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let answer = try_get("/readyz");
+            if let Some((st, body)) = &answer
+                && *st == status
+            {
+                return body.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/readyz did not become {status}: {answer:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    let body = ready_is(503);
+    assert_eq!(body["store"], "starting");
+    assert!(body["reason"].as_str().is_some(), "{body}");
+    assert_eq!(get("/healthz").0, 200);
+    let (st, body) = get("/v1/alerts");
+    assert_eq!(
+        (st, body["error"]["code"].as_str()),
+        (503, Some("starting"))
+    );
+    assert!(child.0.try_wait().unwrap().is_none(), "serve gave up");
+
+    // The database answers: serve restores and serves.
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    ready_is(200);
+    assert_eq!(get("/v1/alerts").0, 200);
+    drop(child);
+    rt.block_on(async {
+        admin
+            .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn migrate_records_a_new_time_zone_and_refuses_an_unknown_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("tz.db");
+    let db = db.to_str().unwrap();
+    let out = spendguard(&["migrate", "--database", db, "--time-zone", "Asia/Tokyo"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("time zone is now Asia/Tokyo"));
+    let out = spendguard(&["migrate", "--database", db, "--time-zone", "Mars/Olympus"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`Mars/Olympus` is not a time zone"));
+}

@@ -310,7 +310,7 @@ fn record_is_counted_never_refused_and_idempotent() {
 }
 
 #[test]
-fn record_without_cost_uses_the_price_table_and_refuses_unpriced_models() {
+fn record_without_cost_uses_the_price_table_and_the_fallback_for_unpriced_models() {
     let l = ledger();
     let mut rec = RecordRequest {
         id: id(1),
@@ -324,10 +324,20 @@ fn record_without_cost_uses_the_price_table_and_refuses_unpriced_models() {
         status: RequestStatus::Success,
         idempotency_key: None,
     };
-    assert_eq!(l.record(&rec, T0).unwrap().value.cost, usd("2.50"));
+    let listed = l.record(&rec, T0).unwrap().value;
+    assert_eq!(
+        (listed.cost, listed.pricing),
+        (usd("2.50"), Pricing::Catalog)
+    );
+    // A call on a model without a price already happened: it is recorded, at the
+    // conservative fallback price (no `default_price` is configured), and marked so.
     rec.subject.model = ModelName::parse("mystery-model").unwrap();
     rec.id = id(2);
-    assert!(matches!(l.record(&rec, T0), Err(LedgerError::Unpriced(_))));
+    let unlisted = l.record(&rec, T0).unwrap().value;
+    assert_eq!(
+        (unlisted.cost, unlisted.pricing),
+        (usd("15.00"), Pricing::Default)
+    );
 }
 
 #[test]

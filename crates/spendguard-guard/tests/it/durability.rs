@@ -21,13 +21,14 @@ async fn acknowledged_operations_are_in_the_store() {
         .unwrap();
     let id = r.reservation.id;
     assert_eq!(id.get_version_num(), 7);
-    let (state, _) = g.store().reservation(id).await.unwrap().unwrap();
+    let state = g.store().reservation(id).await.unwrap().unwrap().state;
     assert_eq!(state, ReservationState::Open);
     let c = g.commit(id, commit(3000)).await.unwrap();
     let stored = g.store().usage(c.usage.id).await.unwrap().unwrap();
     assert_eq!(stored.cost, Money::from_micros(3000));
     assert_eq!(stored.reservation_id, Some(id));
-    let (state, usage) = g.store().reservation(id).await.unwrap().unwrap();
+    let stored = g.store().reservation(id).await.unwrap().unwrap();
+    let (state, usage) = (stored.state, stored.usage);
     assert_eq!(
         (state, usage.map(|u| u.id)),
         (ReservationState::Committed, Some(c.usage.id))
@@ -127,7 +128,8 @@ async fn reservations_that_expired_while_down_are_expired_at_start() {
     clock.advance(61_000_000);
     let g = start_with(sqlite(&db).await, options(), clock.clone()).await;
     assert_eq!(g.ledger().open_reservations(), 0);
-    let (state, usage) = g.store().reservation(id).await.unwrap().unwrap();
+    let stored = g.store().reservation(id).await.unwrap().unwrap();
+    let (state, usage) = (stored.state, stored.usage);
     assert_eq!(state, ReservationState::Expired);
     assert_eq!(usage.unwrap().status, RequestStatus::Expired);
     let s = subject("t", "u");

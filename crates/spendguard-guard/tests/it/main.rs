@@ -1,5 +1,6 @@
 //! Integration tests of the Guard against real stores.
 
+mod airtight;
 mod crash;
 mod durability;
 mod outage;

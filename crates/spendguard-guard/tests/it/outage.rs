@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use spendguard_guard::{GuardOptions, StoreHealth, SystemClock};
@@ -87,10 +87,12 @@ async fn postgres_outage_under_load_loses_and_doubles_nothing() {
     let g = start_with(store, options, Arc::new(SystemClock)).await;
 
     let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for w in 0..8 {
         let g = g.clone();
         let stop = stop.clone();
+        let done = done.clone();
         workers.push(tokio::spawn(async move {
             let mut acked = Vec::new();
             let mut n = 0u64;
@@ -100,24 +102,36 @@ async fn postgres_outage_under_load_loses_and_doubles_nothing() {
                 let r = g.reserve(reserve(s, 10_000)).await.unwrap().unwrap();
                 let c = g.commit(r.reservation.id, commit(4_000)).await.unwrap();
                 acked.push(c.usage.id);
+                done.fetch_add(1, Ordering::Relaxed);
             }
             acked
         }));
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Each phase waits for what it is about (bounded), not for a time.
+    let more = |n: u64| {
+        let target = done.load(Ordering::Relaxed) + n;
+        let done = done.clone();
+        move || done.load(Ordering::Relaxed) >= target
+    };
+    wait_until("acknowledged commits before the outage", more(50)).await;
     p.cut.send(true).unwrap();
+    wait_until("the outage noticed", || g.health() == StoreHealth::Spooling).await;
     // Decisions go on while the database is gone.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let spooled = g.health() == StoreHealth::Spooling;
+    wait_until("acknowledged commits during the outage", more(50)).await;
+    let spooled = g.stats().spool_depth > 0;
     p.cut.send(false).unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    wait_until("the spool replayed", || {
+        g.health() == StoreHealth::Ok && g.stats().spool_depth == 0
+    })
+    .await;
+    wait_until("acknowledged commits after the outage", more(50)).await;
     stop.store(true, Ordering::Relaxed);
     let mut acked = Vec::new();
     for w in workers {
         acked.extend(w.await.unwrap());
     }
     g.shutdown().await;
-    assert!(spooled, "the outage was not noticed");
+    assert!(spooled, "nothing was spooled during the outage");
     assert_eq!(g.stats().spool_depth, 0, "the spool was not drained");
 
     let store = AnyStore::open(
@@ -144,6 +158,18 @@ async fn postgres_outage_under_load_loses_and_doubles_nothing() {
         .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
         .await
         .unwrap();
+}
+
+/// Polls `cond` every 10 ms until it holds; fails after 60 s (a hung test, not a slow one).
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 fn url_with_schema(url: &str, schema: &str) -> String {

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use spendguard_core::*;
 use spendguard_guard::{Clock, Guard, GuardOptions, SystemClock};
-use spendguard_store::{AnyStore, OpenOptions, ReservationState, Store, StoreError};
+use spendguard_store::{AnyStore, OpenOptions, Store, StoreError, StoredReservation};
 use uuid::Uuid;
 
 pub const POLICY: &str = r#"
@@ -129,12 +129,25 @@ impl<S: Store> Store for FlakyStore<S> {
         self.check()?;
         self.inner.usage(id).await
     }
-    async fn reservation(
-        &self,
-        id: Uuid,
-    ) -> Result<Option<(ReservationState, Option<UsageRecord>)>, StoreError> {
+    async fn reservation(&self, id: Uuid) -> Result<Option<StoredReservation>, StoreError> {
         self.check()?;
         self.inner.reservation(id).await
+    }
+    async fn reservation_by_key(
+        &self,
+        tenant: &TenantId,
+        key: &IdempotencyKey,
+    ) -> Result<Option<StoredReservation>, StoreError> {
+        self.check()?;
+        self.inner.reservation_by_key(tenant, key).await
+    }
+    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.check()?;
+        self.inner.setting(key).await
+    }
+    async fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.put_setting(key, value).await
     }
     async fn usage_by_key(
         &self,

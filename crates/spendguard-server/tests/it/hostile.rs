@@ -5,9 +5,28 @@ use serde_json::json;
 
 use crate::support::*;
 
+const CONFIG: &str = "[tiers.free]\nrequests_per_minute = \"unlimited\"";
+
 #[tokio::test]
 async fn hostile_requests_get_clear_4xx_and_the_server_keeps_serving() {
-    let s = spawn("[tiers.free]\nrequests_per_minute = \"unlimited\"").await;
+    let s = spawn(CONFIG).await;
+    hostile_table(&s).await;
+    s.stop().await;
+}
+
+/// The same table on PostgreSQL, which refuses values SQLite stores (U+0000 in text): every
+/// one must be a 4xx at the edge, and the writer must keep writing.
+#[tokio::test]
+async fn postgres_hostile_requests_get_clear_4xx_and_the_server_keeps_serving() {
+    let Some(s) = spawn_postgres(CONFIG, "hostile").await else {
+        return;
+    };
+    hostile_table(&s).await;
+    assert_eq!(s.state.guard.stats().store_errors, 0);
+    s.stop().await;
+}
+
+async fn hostile_table(s: &TestServer) {
     let good = reserve_body("acme", "alice").to_string();
     let with = |field: &str, value: &str| good.replacen('}', &format!(",\"{field}\":{value}}}"), 1);
     let set = |field: &str, value: serde_json::Value| {
@@ -150,5 +169,4 @@ async fn hostile_requests_get_clear_4xx_and_the_server_keeps_serving() {
     assert_eq!(st, 201);
     let (st, _, _) = s.call(M::GET, "/healthz", None, None).await;
     assert_eq!(st, 200);
-    s.stop().await;
 }

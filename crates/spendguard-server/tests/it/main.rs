@@ -5,6 +5,8 @@ mod analytics;
 mod api;
 mod browser;
 mod concurrency;
+mod contract;
+mod fuzz;
 mod hostile;
 mod isolation;
 mod support;

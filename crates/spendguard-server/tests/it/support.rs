@@ -1,4 +1,5 @@
-//! A server on port 0 over a temporary SQLite database, with a manual clock.
+//! A server on port 0 over a temporary SQLite database (or a fresh PostgreSQL schema), with
+//! a manual clock.
 
 use std::sync::Arc;
 
@@ -36,6 +37,49 @@ pub async fn spawn_with(config: &str, tune: impl FnOnce(&mut GuardOptions)) -> T
     start(dir, config, T0, tune).await
 }
 
+/// Notes a skipped test: printed (captured) and appended to `SPENDGUARD_TEST_SKIP_LOG`,
+/// which CI reads to fail on any skip.
+pub fn skipped(why: &str) {
+    eprintln!("SKIPPED: {why}");
+    if let Ok(log) = std::env::var("SPENDGUARD_TEST_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{why}");
+        }
+    }
+}
+
+/// A server over a fresh schema `name` of the PostgreSQL database named by
+/// `SPENDGUARD_TEST_DATABASE_URL`; `None`, noted in the skip log, when that is not set.
+pub async fn spawn_postgres(config: &str, name: &str) -> Option<TestServer> {
+    let url = match std::env::var("SPENDGUARD_TEST_DATABASE_URL") {
+        Ok(u) if !u.is_empty() => u,
+        _ => {
+            skipped("skipped a PostgreSQL test");
+            return None;
+        }
+    };
+    let schema = format!("sg_srv_{name}_{}", std::process::id());
+    let (admin, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+        ))
+        .await
+        .unwrap();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let database = format!("{url}{sep}options=-csearch_path%3D{schema}");
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    Some(start_on(dir, &database, config, T0, |_| {}).await)
+}
+
 /// A server over the database in `dir`, its clock at `now`, with the alert settings of
 /// `config`.
 async fn start(
@@ -44,15 +88,24 @@ async fn start(
     now: i64,
     tune: impl FnOnce(&mut GuardOptions),
 ) -> TestServer {
+    let database = dir.path().join("db").to_str().unwrap().to_owned();
+    start_on(dir, &database, config, now, tune).await
+}
+
+/// A server over `database` (a SQLite path or a PostgreSQL URL), its spool in `dir`.
+async fn start_on(
+    dir: Arc<tempfile::TempDir>,
+    database: &str,
+    config: &str,
+    now: i64,
+    tune: impl FnOnce(&mut GuardOptions),
+) -> TestServer {
     let parsed = Config::from_toml(config).unwrap();
     let policy = parsed.validate().unwrap();
     let alerts = AlertSettings::from_config(&parsed.alerts, None).unwrap();
-    let store = AnyStore::open(
-        dir.path().join("db").to_str().unwrap(),
-        &OpenOptions::default(),
-    )
-    .await
-    .unwrap();
+    let store = AnyStore::open(database, &OpenOptions::default())
+        .await
+        .unwrap();
     let clock = ManualClock::new(now);
     let mut options = GuardOptions::new(dir.path().join("spool"));
     tune(&mut options);

@@ -684,7 +684,7 @@ pub async fn whole_months_read_like_their_days(db: &Db) {
 }
 
 /// Takes the database back to the schema of version 1 (keeping the usage and rollup rows),
-/// then opens a store on it, which applies migration 2 again.
+/// then opens a store on it, which applies migration 2 (and those after it) again.
 async fn back_to_schema_1(db: &Db) -> AnyStore {
     execute(
         db,
@@ -694,11 +694,13 @@ async fn back_to_schema_1(db: &Db) -> AnyStore {
          ALTER TABLE rollups DROP COLUMN input_tokens; \
          ALTER TABLE rollups DROP COLUMN cached_input_tokens; \
          ALTER TABLE rollups DROP COLUMN output_tokens; \
-         DELETE FROM schema_migrations WHERE version = 2",
+         ALTER TABLE ai_usage DROP COLUMN pricing; \
+         DROP INDEX reservations_idempotency; DROP TABLE settings; \
+         DELETE FROM schema_migrations WHERE version IN (2, 3)",
     )
     .await;
     let store = reopen(db).await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3]);
     store
 }
 

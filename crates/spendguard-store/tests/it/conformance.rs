@@ -4,9 +4,11 @@
 use std::time::Duration;
 
 use spendguard_core::{
-    BudgetOverride, Event, Money, RequestStatus, ScopeKey, Snapshot, Tokens, UserOverrides, Window,
+    BudgetOverride, Event, Money, Pricing, RequestStatus, ScopeKey, Snapshot, Tokens, UsageRecord,
+    UserOverrides, Window,
 };
 use spendguard_store::{AnyStore, OpenOptions, ReservationState, Store, StoreError};
+use uuid::Uuid;
 
 use crate::support::*;
 
@@ -30,6 +32,15 @@ async fn state(
     (rollups, count, snapshot, reservations)
 }
 
+/// A reservation's stored state and settling record.
+async fn state_of(store: &impl Store, id: Uuid) -> Option<(ReservationState, Option<UsageRecord>)> {
+    store
+        .reservation(id)
+        .await
+        .unwrap()
+        .map(|r| (r.state, r.usage))
+}
+
 pub async fn applies_each_event_kind(db: &Db) {
     let store = db.store().await;
 
@@ -37,11 +48,20 @@ pub async fn applies_each_event_kind(db: &Db) {
     let res = reservation(1);
     store.apply(&[Event::Reserved(res.clone())]).await.unwrap();
     assert_eq!(
-        store.reservation(res.id).await.unwrap(),
+        state_of(&store, res.id).await,
         Some((ReservationState::Open, None))
     );
     assert_eq!(store.load(JAN, JAN).await.unwrap().open, vec![res.clone()]);
     assert_eq!(store.reservation(id(999)).await.unwrap(), None);
+    assert_eq!(
+        store
+            .reservation(res.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .reservation,
+        res
+    );
 
     // Committed.
     let used = commit_usage(&res, 101, 61_234);
@@ -53,7 +73,7 @@ pub async fn applies_each_event_kind(db: &Db) {
         .await
         .unwrap();
     assert_eq!(
-        store.reservation(res.id).await.unwrap(),
+        state_of(&store, res.id).await,
         Some((ReservationState::Committed, Some(used.clone())))
     );
     assert_eq!(store.usage(used.id).await.unwrap(), Some(used.clone()));
@@ -94,7 +114,7 @@ pub async fn applies_each_event_kind(db: &Db) {
         .await
         .unwrap();
     assert_eq!(
-        store.reservation(res2.id).await.unwrap(),
+        state_of(&store, res2.id).await,
         Some((ReservationState::Released, None))
     );
 
@@ -110,7 +130,7 @@ pub async fn applies_each_event_kind(db: &Db) {
         .await
         .unwrap();
     assert_eq!(
-        store.reservation(res3.id).await.unwrap(),
+        state_of(&store, res3.id).await,
         Some((ReservationState::Expired, Some(gone.clone())))
     );
 
@@ -679,14 +699,14 @@ pub async fn writer_lock_is_exclusive(db: &Db) {
 
 pub async fn migrations_are_versioned(db: &Db) {
     let store = db.store().await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3]);
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3]);
     store.apply(&[Event::Recorded(record(1))]).await.unwrap();
     store.close().await;
     let store = db.store().await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3]);
     assert_eq!(store.usage_count().await.unwrap(), 1);
 }
 
@@ -821,4 +841,65 @@ pub async fn api_keys_round_trip(db: &Db) {
     let keys = store.list_api_keys().await.unwrap();
     assert_eq!(keys[1].revoked_at, Some(1_700_000_000_000_002));
     assert_eq!(keys[0].revoked_at, None);
+}
+
+/// Keyed reservations are found by (tenant, key), newest first, with their settlement;
+/// settings persist; how a record was priced round-trips.
+pub async fn keyed_reservations_and_settings_round_trip(db: &Db) {
+    let store = db.store().await;
+    let older = reservation(41);
+    let mut newer = reservation(42);
+    newer.idempotency_key = older.idempotency_key.clone();
+    newer.created_at = older.created_at + 1;
+    let key = older.idempotency_key.clone().unwrap();
+    let mut used = commit_usage(&newer, 142, 1_000);
+    used.pricing = Pricing::Estimate;
+    store
+        .apply(&[
+            Event::Reserved(older.clone()),
+            Event::Reserved(newer.clone()),
+            Event::Committed {
+                reservation_id: newer.id,
+                usage: used.clone(),
+            },
+        ])
+        .await
+        .unwrap();
+    let found = store
+        .reservation_by_key(&tenant("acme"), &key)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.reservation, newer);
+    assert_eq!(found.state, ReservationState::Committed);
+    assert_eq!(found.usage, Some(used.clone()));
+    assert_eq!(found.usage.unwrap().pricing, Pricing::Estimate);
+    assert_eq!(
+        store
+            .reservation_by_key(&tenant("other"), &key)
+            .await
+            .unwrap(),
+        None
+    );
+    for p in [
+        Pricing::Catalog,
+        Pricing::Caller,
+        Pricing::Default,
+        Pricing::Free,
+    ] {
+        let mut r = record(300 + p as u128);
+        r.pricing = p;
+        store.apply(&[Event::Recorded(r.clone())]).await.unwrap();
+        assert_eq!(store.usage(r.id).await.unwrap().unwrap().pricing, p);
+    }
+    assert_eq!(store.setting("time_zone").await.unwrap(), None);
+    store.put_setting("time_zone", "Asia/Tokyo").await.unwrap();
+    store
+        .put_setting("time_zone", "Europe/Paris")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.setting("time_zone").await.unwrap().as_deref(),
+        Some("Europe/Paris")
+    );
 }

@@ -23,6 +23,7 @@ macro_rules! conformance {
             conformance::concurrent_batches_are_serializable,
             conformance::large_batches_count_each_record_once,
             conformance::api_keys_round_trip,
+            conformance::keyed_reservations_and_settings_round_trip,
             analytics::reports_match_a_brute_force_sum,
             analytics::user_day_sums_per_model,
             analytics::reapplying_leaves_usage_rollups_unchanged,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use spendguard_core::{
-    CompanyId, CounterRow, Endpoint, Event, IdempotencyKey, Micros, ModelName, Money,
+    CompanyId, CounterRow, Endpoint, Event, IdempotencyKey, Micros, ModelName, Money, Pricing,
     RequestStatus, Reservation, ScopeKey, Subject, TenantId, TierName, Tokens, UsageRecord, UserId,
     Window,
 };
@@ -205,6 +205,7 @@ pub fn record(n: u128) -> UsageRecord {
             output: 300,
         },
         cost: Money::from_micros(4_250),
+        pricing: Pricing::Catalog,
         status: RequestStatus::Success,
         created_at: JAN + 9 * DAY + 3_600_000_000,
         reservation_id: None,
@@ -256,6 +257,7 @@ pub fn commit_usage(res: &Reservation, usage_id: u128, cost: i64) -> UsageRecord
             output: 150,
         },
         cost: Money::from_micros(cost),
+        pricing: Pricing::Caller,
         status: RequestStatus::Success,
         created_at: res.created_at,
         reservation_id: Some(res.id),
