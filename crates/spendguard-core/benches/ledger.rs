@@ -24,7 +24,7 @@ fn ledger_with_retention(retention_us: i64) -> Ledger {
         "default_tier = \"enterprise\"\n[global]\nusd_per_day = \"1000000000\"\nusd_per_month = \"1000000000\"\n\
          [tiers.enterprise]\nrequests_per_minute = 1000000\nrequests_per_day = 1000000000\n\
          tokens_per_day = 1000000000000\nusd_per_day = \"1000000\"\nusd_per_month = \"1000000\"\n\
-         [tenant]\nusd_per_day = \"1000000000\"\n[company]\nusd_per_day = \"1000000000\"",
+         [tenant]\nusd_per_day = \"1000000000\"\nmax_tracked_subjects = \"unlimited\"\n[company]\nusd_per_day = \"1000000000\"",
     )
     .unwrap()
     .validate()
@@ -38,6 +38,7 @@ fn subject(i: usize) -> Subject {
         user: UserId::parse(&format!("user-{i}")).unwrap(),
         company: Some(CompanyId::parse(&format!("company-{}", i % 100)).unwrap()),
         tier: None,
+        trusted_tier: true,
         model: ModelName::parse("gpt-4o-2024-08-06").unwrap(),
         endpoint: None,
     }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::ids::TierName;
 use crate::money::Money;
-use crate::policy::{Budget, Policy, Tier};
+use crate::policy::{Budget, Policy, TenantRules, Tier};
 use crate::prices::{Price, PriceTable, UnknownModelPolicy};
 use crate::window::Calendar;
 
@@ -102,6 +102,38 @@ pub struct BudgetConfig {
     pub usd_per_day: Limit<Money>,
     #[serde(default)]
     pub usd_per_month: Limit<Money>,
+}
+
+/// The `[tenant]` section: caps and rules applied to every tenant without its own
+/// `[tenants.<id>]` section (budgets also yield to admin overrides).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    #[serde(default)]
+    pub usd_per_day: Limit<Money>,
+    #[serde(default)]
+    pub usd_per_month: Limit<Money>,
+    /// The tiers a tenant key may name on a request (admin keys may name any).
+    #[serde(default)]
+    pub allowed_tiers: Vec<String>,
+    /// The largest fraction (0 < share <= 1) of each global budget one tenant may hold.
+    #[serde(default)]
+    pub max_share_of_global: Limit<f64>,
+    /// The most user and company scopes one tenant may have in memory at once.
+    #[serde(default)]
+    pub max_tracked_subjects: Limit<u32>,
+}
+
+/// A `[tenants.<id>]` section: one tenant's rules; a key left out keeps the `[tenant]` one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantRulesConfig {
+    #[serde(default)]
+    pub allowed_tiers: Option<Vec<String>>,
+    #[serde(default)]
+    pub max_share_of_global: Option<Limit<f64>>,
+    #[serde(default)]
+    pub max_tracked_subjects: Option<Limit<u32>>,
 }
 
 /// The limits of one subscription tier. A limit left out is unlimited.
@@ -352,12 +384,22 @@ pub struct Config {
     pub default_tier: String,
     pub reservation_ttl_seconds: u64,
     pub max_reservation_ttl_seconds: u64,
+    /// A reservation whose estimate is above this amount (USD) may be held at most
+    /// `large_reservation_max_ttl_seconds`.
+    pub large_reservation_usd: Money,
+    pub large_reservation_max_ttl_seconds: u64,
+    /// The largest cost (USD) and token count (input plus output) one usage record may
+    /// carry; a direct record or commit above them is refused (400).
+    pub max_record_cost_usd: Money,
+    pub max_record_tokens: u64,
     pub unknown_model: UnknownModelPolicy,
     #[serde(default)]
     pub default_price: Option<Price>,
     pub global: BudgetConfig,
     #[serde(default)]
-    pub tenant: BudgetConfig,
+    pub tenant: TenantConfig,
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantRulesConfig>,
     #[serde(default)]
     pub company: BudgetConfig,
     pub tiers: BTreeMap<String, TierConfig>,
@@ -496,18 +538,119 @@ impl Config {
             daily: b.usd_per_day.value(),
             monthly: b.usd_per_month.value(),
         };
+        if self.large_reservation_max_ttl_seconds < self.reservation_ttl_seconds
+            || self.large_reservation_max_ttl_seconds > self.max_reservation_ttl_seconds
+        {
+            return Err(ConfigError::invalid(
+                "large_reservation_max_ttl_seconds",
+                "must be from reservation_ttl_seconds to max_reservation_ttl_seconds",
+            ));
+        }
+        if self.max_record_cost_usd <= Money::ZERO {
+            return Err(ConfigError::invalid(
+                "max_record_cost_usd",
+                "must be more than zero",
+            ));
+        }
+        if self.max_record_tokens == 0 {
+            return Err(ConfigError::invalid(
+                "max_record_tokens",
+                "must be at least 1",
+            ));
+        }
+        let default_rules = tenant_rules(
+            "tenant",
+            &tiers,
+            &self.tenant.allowed_tiers,
+            self.tenant.max_share_of_global,
+            self.tenant.max_tracked_subjects,
+        )?;
+        let mut tenants = BTreeMap::new();
+        for (id, t) in &self.tenants {
+            let path = format!("tenants.{id}");
+            let tenant_id =
+                crate::ids::TenantId::parse(id).map_err(|e| ConfigError::invalid(&path, e))?;
+            let rules = tenant_rules(
+                &path,
+                &tiers,
+                t.allowed_tiers
+                    .as_ref()
+                    .unwrap_or(&self.tenant.allowed_tiers),
+                t.max_share_of_global
+                    .unwrap_or(self.tenant.max_share_of_global),
+                t.max_tracked_subjects
+                    .unwrap_or(self.tenant.max_tracked_subjects),
+            )?;
+            tenants.insert(tenant_id, rules);
+        }
         Ok(Policy {
             calendar,
             default_tier,
             tiers,
             global: budget(&self.global),
-            tenant: budget(&self.tenant),
+            tenant: Budget {
+                daily: self.tenant.usd_per_day.value(),
+                monthly: self.tenant.usd_per_month.value(),
+            },
             company: budget(&self.company),
+            tenant_rules: default_rules,
+            tenants,
             prices,
             reservation_ttl_us: self.reservation_ttl_seconds as i64 * 1_000_000,
             max_reservation_ttl_us: self.max_reservation_ttl_seconds as i64 * 1_000_000,
+            large_reservation: self.large_reservation_usd,
+            large_reservation_max_ttl_us: self.large_reservation_max_ttl_seconds as i64 * 1_000_000,
+            max_record_cost: self.max_record_cost_usd,
+            max_record_tokens: self.max_record_tokens,
         })
     }
+}
+
+/// Validates one tenant's rules (`path` is `tenant` or `tenants.<id>`).
+fn tenant_rules(
+    path: &str,
+    tiers: &BTreeMap<TierName, Tier>,
+    allowed: &[String],
+    share: Limit<f64>,
+    subjects: Limit<u32>,
+) -> Result<TenantRules, ConfigError> {
+    let mut allowed_tiers = Vec::with_capacity(allowed.len());
+    for (i, name) in allowed.iter().enumerate() {
+        let tier = TierName::parse(name)
+            .ok()
+            .filter(|t| tiers.contains_key(t))
+            .ok_or_else(|| {
+                ConfigError::invalid(
+                    format!("{path}.allowed_tiers[{i}]"),
+                    format!("no tier named `{name}` is configured"),
+                )
+            })?;
+        allowed_tiers.push(tier);
+    }
+    let share_of_global_ppm = match share {
+        Limit::Unlimited => None,
+        Limit::Value(s) if s.is_finite() && s > 0.0 && s <= 1.0 => {
+            // A fraction, not an amount: rounded to parts per million once, here.
+            Some(((s * 1_000_000.0).round() as u32).max(1))
+        }
+        Limit::Value(_) => {
+            return Err(ConfigError::invalid(
+                format!("{path}.max_share_of_global"),
+                "must be a fraction above 0 and at most 1 (or \"unlimited\")",
+            ));
+        }
+    };
+    if subjects == Limit::Value(0) {
+        return Err(ConfigError::invalid(
+            format!("{path}.max_tracked_subjects"),
+            "must be at least 1 (or \"unlimited\")",
+        ));
+    }
+    Ok(TenantRules {
+        allowed_tiers,
+        share_of_global_ppm,
+        max_tracked_subjects: subjects.value(),
+    })
 }
 
 /// Parses, merges and validates in one step.
@@ -639,6 +782,48 @@ mod tests {
             err("[server]\non_store_error = \"panic\"")
                 .starts_with("server.on_store_error: unknown variant")
         );
+    }
+
+    #[test]
+    fn tenant_rules_are_validated_and_resolved_per_tenant() {
+        let (_, policy) = load("").unwrap();
+        let tier = |t: &str| TierName::parse(t).unwrap();
+        assert_eq!(
+            policy.tenant_rules.allowed_tiers,
+            vec![tier("free"), tier("pro")]
+        );
+        assert_eq!(policy.tenant_rules.share_of_global_ppm, Some(250_000));
+        assert_eq!(policy.tenant_rules.max_tracked_subjects, Some(100_000));
+        let (_, policy) = load(
+            "[tenant]\nmax_share_of_global = \"unlimited\"\n[tenants.acme]\nallowed_tiers = [\"enterprise\"]\nmax_share_of_global = 0.5\n",
+        )
+        .unwrap();
+        let acme = policy.tenant_rules(&"acme".parse().unwrap());
+        assert_eq!(acme.allowed_tiers, vec![tier("enterprise")]);
+        assert_eq!(acme.share_of_global_ppm, Some(500_000));
+        assert_eq!(acme.max_tracked_subjects, Some(100_000));
+        let other = policy.tenant_rules(&"other".parse().unwrap());
+        assert_eq!(other.share_of_global_ppm, None);
+        assert_eq!(
+            err("[tenant]\nallowed_tiers = [\"gold\"]"),
+            "tenant.allowed_tiers[0]: no tier named `gold` is configured"
+        );
+        assert!(
+            err("[tenant]\nmax_share_of_global = 1.5").starts_with("tenant.max_share_of_global")
+        );
+        assert!(err("[tenant]\nmax_share_of_global = 0").starts_with("tenant.max_share_of_global"));
+        assert!(
+            err("[tenants.acme]\nmax_tracked_subjects = 0")
+                .starts_with("tenants.acme.max_tracked_subjects")
+        );
+        assert!(err("[tenants.\"bad id\"]").starts_with("tenants.bad id"));
+        assert!(err("[tenants.acme]\nbogus = 1").starts_with("tenants.acme.bogus"));
+        assert!(
+            err("large_reservation_max_ttl_seconds = 100000")
+                .starts_with("large_reservation_max_ttl_seconds")
+        );
+        assert!(err("max_record_cost_usd = 0").starts_with("max_record_cost_usd"));
+        assert!(err("max_record_tokens = 0").starts_with("max_record_tokens"));
     }
 
     #[test]

@@ -125,6 +125,12 @@ pub struct Subject {
     pub company: Option<CompanyId>,
     /// The caller's tier; else the stored tier; else the configured default.
     pub tier: Option<TierName>,
+    /// Whether `tier` was named by a trusted caller (the admin key, or code in the same
+    /// process), which may name any tier. When false (a tenant key), `tier` applies only if
+    /// the tenant's rules allow it and the user has no stored tier: a stored tier always
+    /// wins over a tenant key's request.
+    #[serde(default)]
+    pub trusted_tier: bool,
     pub model: ModelName,
     pub endpoint: Option<Endpoint>,
 }
@@ -348,6 +354,8 @@ impl UsageRecord {
             user: self.user.clone(),
             company: self.company.clone(),
             tier: Some(self.tier.clone()),
+            // The tier a record was admitted with was already resolved.
+            trusted_tier: true,
             model: self.model.clone(),
             endpoint: self.endpoint.clone(),
         }
@@ -486,6 +494,13 @@ pub enum Denial {
     UnknownModel { model: ModelName },
     /// `max_output_tokens` is above the tier's maximum.
     OutputTokensTooHigh { requested: u64, max: u64 },
+    /// The reservation would add a user or company scope to a tenant that already has
+    /// `limit` of them in memory. Scopes are freed when their month ends (`retry_at`).
+    TooManySubjects {
+        tenant: TenantId,
+        limit: u32,
+        retry_at: Micros,
+    },
 }
 
 impl Denial {
@@ -493,6 +508,7 @@ impl Denial {
     pub fn retry_at(&self) -> Option<Micros> {
         match self {
             Denial::Limits(l) => l.iter().filter_map(|s| s.resets_at).max(),
+            Denial::TooManySubjects { retry_at, .. } => Some(*retry_at),
             _ => None,
         }
     }
@@ -570,6 +586,14 @@ pub enum LedgerError {
     ExpiredStatus,
     #[error("the amounts are too large")]
     Overflow,
+    #[error(
+        "a reservation of more than {threshold} USD may be held at most {max_seconds} seconds (ttl_seconds)"
+    )]
+    LargeReservationTtl { threshold: Money, max_seconds: i64 },
+    #[error("cost {cost} USD is above the most one usage record may carry ({max} USD)")]
+    RecordCostTooLarge { cost: Money, max: Money },
+    #[error("{tokens} tokens are above the most one usage record may carry ({max})")]
+    RecordTokensTooLarge { tokens: u64, max: u64 },
 }
 
 /// The result of an operation that changes state: the value and the event to persist
@@ -629,6 +653,9 @@ struct ScopeState {
     month: Counters,
     /// Reservations open against this scope.
     in_flight: u32,
+    /// Tenant scopes only: how many user and company scopes of the tenant are held in
+    /// memory (maintained where they are created and dropped).
+    subjects: u32,
     /// GCRA theoretical arrival time (users only).
     tat: Micros,
 }
@@ -689,6 +716,8 @@ struct Effective {
     allowed_models: Option<Arc<ModelPatterns>>,
     /// Budgets of [global, tenant, company, user].
     budgets: [Budget; 4],
+    /// The most user and company scopes the tenant may have in memory.
+    max_subjects: Option<u32>,
 }
 
 /// A user's stored overrides and their compiled model patterns.
@@ -969,11 +998,18 @@ impl Ledger {
         let o = self.overrides.read().unwrap_or_else(|e| e.into_inner());
         let user_key = (subject.tenant.clone(), subject.user.clone());
         let stored = o.users.get(&user_key);
-        let tier_name = subject
-            .tier
-            .as_ref()
-            .or_else(|| stored.and_then(|(u, _)| u.tier.as_ref()))
-            .unwrap_or(&policy.default_tier);
+        let rules = policy.tenant_rules(&subject.tenant);
+        let stored_tier = stored.and_then(|(u, _)| u.tier.as_ref());
+        // A trusted caller names any tier. A tenant key's tier applies only when its tenant
+        // may use it and the admin stored no tier for the user: a stored tier always wins.
+        let requested = match &subject.tier {
+            Some(t) if policy.tier(t).is_none() => return Err(LedgerError::UnknownTier(t.clone())),
+            Some(t) if subject.trusted_tier || (stored_tier.is_none() && rules.allows_tier(t)) => {
+                Some(t)
+            }
+            _ => None,
+        };
+        let tier_name = requested.or(stored_tier).unwrap_or(&policy.default_tier);
         let tier = policy
             .tier(tier_name)
             .ok_or_else(|| LedgerError::UnknownTier(tier_name.clone()))?;
@@ -986,6 +1022,7 @@ impl Ledger {
             max_output_tokens: tier.limits.max_output_tokens,
             allowed_models: tier.limits.allowed_models.clone(),
             budgets: [policy.global, policy.tenant, policy.company, tier.budget],
+            max_subjects: rules.max_tracked_subjects,
         };
         if let Some((u, patterns)) = stored {
             e.rpm = u.requests_per_minute.or(e.rpm);
@@ -997,15 +1034,79 @@ impl Ledger {
                 e.allowed_models = patterns.clone();
             }
         }
+        let mut tenant_override = BudgetOverride::default();
         if !o.budgets.is_empty() {
             for (i, key) in subject.scopes().keys.iter().enumerate() {
                 if let Some(b) = key.as_ref().and_then(|k| o.budgets.get(k)) {
                     e.budgets[i].daily = b.daily.or(e.budgets[i].daily);
                     e.budgets[i].monthly = b.monthly.or(e.budgets[i].monthly);
+                    if i == 1 {
+                        tenant_override = *b;
+                    }
                 }
             }
         }
+        e.budgets[1] = Self::tenant_share(rules, e.budgets[1], e.budgets[0], tenant_override);
         Ok(e)
+    }
+
+    /// A tenant's caps after its share of the global caps: for each window, the admin's
+    /// override of that tenant wins if it sets one; else the cap is the smaller of the
+    /// configured tenant cap and `share × global cap`.
+    fn tenant_share(
+        rules: &crate::policy::TenantRules,
+        tenant: Budget,
+        global: Budget,
+        overridden: BudgetOverride,
+    ) -> Budget {
+        if rules.share_of_global_ppm.is_none() {
+            return tenant;
+        }
+        Budget {
+            daily: match overridden.daily {
+                Some(d) => Some(d),
+                None => rules.share_cap(tenant.daily, global.daily),
+            },
+            monthly: match overridden.monthly {
+                Some(m) => Some(m),
+                None => rules.share_cap(tenant.monthly, global.monthly),
+            },
+        }
+    }
+
+    /// Creates the missing states of `scopes`, counting each new user or company scope on
+    /// its tenant's state. With `cap`, a missing user or company scope is left uncreated
+    /// when its tenant already tracks `cap` of them. Returns which scopes exist afterwards.
+    fn ensure_scopes(
+        locked: &mut Locked<'_>,
+        scopes: &Scopes,
+        idx: &[usize; 4],
+        cap: Option<u32>,
+    ) -> [bool; 4] {
+        let mut present = [false; 4];
+        for (i, key) in scopes.keys.iter().enumerate() {
+            let Some(key) = key else { continue };
+            if locked.shard(idx[i]).scopes.contains_key(key) {
+                present[i] = true;
+                continue;
+            }
+            if let (ScopeKey::Company(t, _) | ScopeKey::User(t, _), Some(tkey)) =
+                (key, &scopes.keys[1])
+            {
+                debug_assert_eq!(tkey.tenant(), Some(t));
+                let tenant = locked.shard(idx[1]).scopes.entry(tkey.clone()).or_default();
+                if cap.is_some_and(|cap| tenant.subjects >= cap) {
+                    continue;
+                }
+                tenant.subjects += 1;
+            }
+            locked
+                .shard(idx[i])
+                .scopes
+                .insert(key.clone(), ScopeState::default());
+            present[i] = true;
+        }
+        present
     }
 
     fn lock_scopes(&self, scopes: &Scopes) -> (Locked<'_>, [usize; 4]) {
@@ -1037,7 +1138,9 @@ impl Ledger {
     }
 
     /// Evaluates every limit for a reservation of `estimate` (read-only). Returns all
-    /// statuses (as they would be after admission when `after` is set) and the failing ones.
+    /// statuses (as they would be after admission when `after` is set), the failing ones,
+    /// and a refusal when admitting would track more user and company scopes than the
+    /// tenant may have (found in the same scope lookups, so it costs no extra hashing).
     #[allow(clippy::too_many_arguments)]
     fn evaluate(
         locked: &mut Locked<'_>,
@@ -1051,14 +1154,21 @@ impl Ledger {
         now: Micros,
         want_all: bool,
         after: bool,
-    ) -> (Vec<LimitStatus>, Vec<LimitStatus>) {
+    ) -> (Vec<LimitStatus>, Vec<LimitStatus>, Option<Denial>) {
         let mut all = Vec::with_capacity(if want_all { 16 } else { 0 });
         let mut failing = Vec::new();
         let empty = ScopeState::default();
+        let (mut tracked, mut new_subjects) = (0u32, 0u32);
         for (i, key) in scopes.keys.iter().enumerate() {
             let Some(key) = key else { continue };
             let shard = locked.shard(idx[i]);
-            let state = shard.scopes.get(key).unwrap_or(&empty);
+            let found = shard.scopes.get(key);
+            match key {
+                ScopeKey::Tenant(_) => tracked = found.map_or(0, |s| s.subjects),
+                ScopeKey::Company(..) | ScopeKey::User(..) if found.is_none() => new_subjects += 1,
+                _ => {}
+            }
+            let state = found.unwrap_or(&empty);
             let day = state.day.at(periods.day.start);
             let month = state.month.at(periods.month.start);
             let mut push = |status: LimitStatus, ok: bool| {
@@ -1185,7 +1295,19 @@ impl Ledger {
                 );
             }
         }
-        (all, failing)
+        let too_many = match (eff.max_subjects, &scopes.keys[1]) {
+            (Some(cap), Some(ScopeKey::Tenant(t)))
+                if new_subjects > 0 && tracked.saturating_add(new_subjects) > cap =>
+            {
+                Some(Denial::TooManySubjects {
+                    tenant: t.clone(),
+                    limit: cap,
+                    retry_at: periods.month.end,
+                })
+            }
+            _ => None,
+        };
+        (all, failing, too_many)
     }
 
     /// Admission rules that do not depend on counters.
@@ -1251,7 +1373,7 @@ impl Ledger {
             Err(d) => (Money::ZERO, req.input_tokens, Some(d)),
         };
         let (mut locked, idx) = self.lock_scopes(&scopes);
-        let (limits, failing) = Self::evaluate(
+        let (limits, failing, too_many) = Self::evaluate(
             &mut locked,
             &scopes,
             &idx,
@@ -1264,11 +1386,14 @@ impl Ledger {
             true,
             false,
         );
-        let denial = denial.or((!failing.is_empty()).then_some(Denial::Limits(failing)));
+        let denial = denial
+            .or((!failing.is_empty()).then_some(Denial::Limits(failing)))
+            .or(too_many);
         Ok(CheckOutcome { limits, denial })
     }
 
-    /// The effective limits of a user and what remains of them. Changes nothing.
+    /// The effective limits of a user and what remains of them, `tier` named by a trusted
+    /// caller. Changes nothing.
     pub fn limits(
         &self,
         tenant: &TenantId,
@@ -1277,12 +1402,27 @@ impl Ledger {
         tier: Option<&TierName>,
         now: Micros,
     ) -> Result<Vec<LimitStatus>, LedgerError> {
+        self.limits_as(tenant, user, company, tier, true, now)
+    }
+
+    /// The effective limits of a user, `tier` named by a trusted caller or not (see
+    /// [`Subject::trusted_tier`]). Changes nothing.
+    pub fn limits_as(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        company: Option<&CompanyId>,
+        tier: Option<&TierName>,
+        trusted_tier: bool,
+        now: Micros,
+    ) -> Result<Vec<LimitStatus>, LedgerError> {
         let policy = self.policy();
         let subject = Subject {
             tenant: tenant.clone(),
             user: user.clone(),
             company: company.cloned(),
             tier: tier.cloned(),
+            trusted_tier,
             model: ModelName::parse("-").expect("valid"),
             endpoint: None,
         };
@@ -1290,7 +1430,7 @@ impl Ledger {
         let periods = policy.calendar.periods(now);
         let scopes = subject.scopes();
         let (mut locked, idx) = self.lock_scopes(&scopes);
-        let (limits, _) = Self::evaluate(
+        let (limits, _, _) = Self::evaluate(
             &mut locked,
             &scopes,
             &idx,
@@ -1343,8 +1483,14 @@ impl Ledger {
             };
             let reservation = (**reservation).clone();
             let s = &req.subject;
-            let limits =
-                self.limits(&s.tenant, &s.user, s.company.as_ref(), s.tier.as_ref(), now)?;
+            let limits = self.limits_as(
+                &s.tenant,
+                &s.user,
+                s.company.as_ref(),
+                s.tier.as_ref(),
+                s.trusted_tier,
+                now,
+            )?;
             return Ok(Ok(Applied {
                 value: Reserved {
                     reservation,
@@ -1369,10 +1515,16 @@ impl Ledger {
                 denial: Some(d),
             }));
         }
+        if estimate > policy.large_reservation && ttl > policy.large_reservation_max_ttl_us {
+            return Err(LedgerError::LargeReservationTtl {
+                threshold: policy.large_reservation,
+                max_seconds: policy.large_reservation_max_ttl_us / 1_000_000,
+            });
+        }
         let periods = policy.calendar.periods(now);
         let scopes = req.subject.scopes();
         let (mut locked, idx) = self.lock_scopes(&scopes);
-        let (limits, failing) = Self::evaluate(
+        let (limits, failing, too_many) = Self::evaluate(
             &mut locked,
             &scopes,
             &idx,
@@ -1389,6 +1541,12 @@ impl Ledger {
             return Ok(Err(CheckOutcome {
                 limits,
                 denial: Some(Denial::Limits(failing)),
+            }));
+        }
+        if let Some(d) = too_many {
+            return Ok(Err(CheckOutcome {
+                limits,
+                denial: Some(d),
             }));
         }
         let reservation = Reservation {
@@ -1414,9 +1572,19 @@ impl Ledger {
             }
             rs.open.insert(req.id, Box::new(reservation.clone()));
         }
+        let mut new_subjects = 0;
         for (i, key) in scopes.keys.iter().enumerate() {
             let Some(key) = key else { continue };
-            let state = locked.shard(idx[i]).scopes.entry(key.clone()).or_default();
+            let state = locked
+                .shard(idx[i])
+                .scopes
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    if i >= 2 {
+                        new_subjects += 1;
+                    }
+                    ScopeState::default()
+                });
             state.in_flight += 1;
             for (c, start) in [
                 (&mut state.day, periods.day.start),
@@ -1433,6 +1601,13 @@ impl Ledger {
             {
                 state.tat = Gcra::new(rpm).try_admit(state.tat, now, 1).1;
             }
+        }
+        if new_subjects > 0
+            && let Some(tkey) = &scopes.keys[1]
+            && let Some(t) = locked.shard(idx[1]).scopes.get_mut(tkey)
+        {
+            // The tenant's state was created first (scopes run global, tenant, company, user).
+            t.subjects += new_subjects;
         }
         drop(locked);
         if let Some((k, shard)) = &mut idem {
@@ -1548,6 +1723,29 @@ impl Ledger {
         }
     }
 
+    /// Refuses a usage record larger than any real model call (`max_record_cost_usd`,
+    /// `max_record_tokens`), so no caller can charge a budget an arbitrary amount.
+    fn within_record_ceiling(
+        policy: &Policy,
+        cost: Money,
+        tokens: Tokens,
+    ) -> Result<(), LedgerError> {
+        if cost > policy.max_record_cost {
+            return Err(LedgerError::RecordCostTooLarge {
+                cost,
+                max: policy.max_record_cost,
+            });
+        }
+        let total = tokens.total();
+        if total > policy.max_record_tokens {
+            return Err(LedgerError::RecordTokensTooLarge {
+                tokens: total,
+                max: policy.max_record_tokens,
+            });
+        }
+        Ok(())
+    }
+
     /// The cost of a finished call and how it was found: the caller's cost, else the price
     /// table. A model without a price is never charged zero by accident: a reserved call
     /// (`floor` is its estimate) pays at least its estimate, or the default price when that
@@ -1561,9 +1759,21 @@ impl Ledger {
         given: Option<Money>,
         floor: Option<Money>,
     ) -> Result<(Money, Pricing), LedgerError> {
-        if let Some(c) = given {
-            return Ok((c, Pricing::Caller));
-        }
+        let priced = match given {
+            Some(c) => (c, Pricing::Caller),
+            None => Self::price_listed(policy, model, tokens, floor)?,
+        };
+        Self::within_record_ceiling(policy, priced.0, tokens)?;
+        Ok(priced)
+    }
+
+    /// [`Ledger::price_call`] without a caller's cost.
+    fn price_listed(
+        policy: &Policy,
+        model: &ModelName,
+        tokens: Tokens,
+        floor: Option<Money>,
+    ) -> Result<(Money, Pricing), LedgerError> {
         let at = |p: crate::prices::Price| p.cost(tokens).ok_or(LedgerError::Overflow);
         Ok(match (policy.prices.price(model), floor) {
             (Some(Priced::Listed(p)), _) => (at(p)?, Pricing::Catalog),
@@ -1855,13 +2065,36 @@ impl Ledger {
             lock(shard).keys.retain(|_, e| e.until > now);
         }
         let periods = self.policy().calendar.periods(now);
+        let keep = |s: &ScopeState| {
+            s.in_flight > 0
+                || s.subjects > 0
+                || s.month.start >= periods.month.start
+                || s.day.start >= periods.day.start
+                || s.tat > now
+        };
+        let mut dropped: Vec<TenantId> = Vec::new();
         for shard in self.scopes.iter() {
-            lock(shard).scopes.retain(|_, s| {
-                s.in_flight > 0
-                    || s.month.start >= periods.month.start
-                    || s.day.start >= periods.day.start
-                    || s.tat > now
+            lock(shard).scopes.retain(|key, s| {
+                let kept = keep(s);
+                if !kept && let ScopeKey::User(t, _) | ScopeKey::Company(t, _) = key {
+                    dropped.push(t.clone());
+                }
+                kept
             });
+            // Each tenant's count is lowered after its subjects' shard is unlocked (one lock
+            // at a time, so no lock order is needed). Meanwhile the count is too high, which
+            // can only refuse, never admit, a new subject. A finished tenant state whose
+            // last subject went is dropped too.
+            for t in dropped.drain(..) {
+                let tkey = ScopeKey::Tenant(t);
+                let mut tshard = lock(&self.scopes[tkey.shard(&self.hasher)]);
+                if let Some(s) = tshard.scopes.get_mut(&tkey) {
+                    s.subjects = s.subjects.saturating_sub(1);
+                    if !keep(s) {
+                        tshard.scopes.remove(&tkey);
+                    }
+                }
+            }
         }
     }
 
@@ -1950,12 +2183,24 @@ impl Ledger {
     }
 
     /// Adds a usage record to the counters of its windows, in every scope.
+    ///
+    /// Usage of a user or company the tenant cannot track any more (its
+    /// `max_tracked_subjects` are all in memory) is counted against the global and tenant
+    /// scopes (and whichever of the others are tracked) only: the record itself is kept whole.
     fn charge_usage(&self, usage: &UsageRecord) {
+        let cap = self
+            .policy()
+            .tenant_rules(&usage.tenant)
+            .max_tracked_subjects;
         let scopes = usage.subject().scopes();
         let (mut locked, idx) = self.lock_scopes(&scopes);
+        let present = Self::ensure_scopes(&mut locked, &scopes, &idx, cap);
         let tokens = usage.tokens.total();
         for (i, key) in scopes.keys.iter().enumerate() {
             let Some(key) = key else { continue };
+            if !present[i] {
+                continue;
+            }
             let state = locked.shard(idx[i]).scopes.entry(key.clone()).or_default();
             for (c, start) in [
                 (&mut state.day, usage.day_start),
@@ -1994,6 +2239,21 @@ impl Ledger {
             self.set_user(tenant, user, overrides)?;
         }
         for row in snapshot.counters {
+            // Persisted spend is restored whole, even above a tenant's subject cap (new
+            // reservations for new subjects are then refused until scopes are freed).
+            if let Some(t) = row.scope.tenant()
+                && matches!(row.scope.kind(), ScopeKind::User | ScopeKind::Company)
+                && !lock(&self.scopes[row.scope.shard(&self.hasher)])
+                    .scopes
+                    .contains_key(&row.scope)
+            {
+                let tkey = ScopeKey::Tenant(t.clone());
+                lock(&self.scopes[tkey.shard(&self.hasher)])
+                    .scopes
+                    .entry(tkey)
+                    .or_default()
+                    .subjects += 1;
+            }
             let mut shard = lock(&self.scopes[row.scope.shard(&self.hasher)]);
             let state = shard.scopes.entry(row.scope).or_default();
             let c = match row.window {
@@ -2010,6 +2270,7 @@ impl Ledger {
         for res in snapshot.open {
             let scopes = res.subject.scopes();
             let (mut locked, idx) = self.lock_scopes(&scopes);
+            Self::ensure_scopes(&mut locked, &scopes, &idx, None);
             for (i, key) in scopes.keys.iter().enumerate() {
                 let Some(key) = key else { continue };
                 let state = locked.shard(idx[i]).scopes.entry(key.clone()).or_default();
@@ -2338,6 +2599,15 @@ impl Ledger {
     /// user, the tier's caps of `tier` (or the configured default tier).
     pub fn budget_of(&self, scope: &ScopeKey) -> Budget {
         let policy = self.policy();
+        if let ScopeKey::Tenant(t) = scope {
+            let own = self.budget_override(scope).unwrap_or_default();
+            let base = Budget {
+                daily: own.daily.or(policy.tenant.daily),
+                monthly: own.monthly.or(policy.tenant.monthly),
+            };
+            let global = self.budget_of(&ScopeKey::Global);
+            return Self::tenant_share(policy.tenant_rules(t), base, global, own);
+        }
         let base = match scope {
             ScopeKey::Global => policy.global,
             ScopeKey::Tenant(_) => policy.tenant,
@@ -2354,6 +2624,16 @@ impl Ledger {
             },
             None => base,
         }
+    }
+
+    /// How many user and company scopes of `tenant` the ledger counts as held in memory
+    /// (the count `max_tracked_subjects` is checked against).
+    pub fn tracked_subjects(&self, tenant: &TenantId) -> u32 {
+        let key = ScopeKey::Tenant(tenant.clone());
+        lock(&self.scopes[key.shard(&self.hasher)])
+            .scopes
+            .get(&key)
+            .map_or(0, |s| s.subjects)
     }
 
     /// The number of scope states held in memory (for metrics and memory tests).

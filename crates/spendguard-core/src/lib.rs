@@ -19,6 +19,6 @@ pub use ids::{
 };
 pub use ledger::*;
 pub use money::{Money, MoneyError};
-pub use policy::{Budget, Policy, Tier, UserOverrides};
+pub use policy::{Budget, Policy, TenantRules, Tier, UserOverrides};
 pub use prices::{Price, PriceTable, Tokens, UnknownModelPolicy};
 pub use window::{Calendar, Micros, Window};

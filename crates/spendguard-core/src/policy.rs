@@ -117,6 +117,38 @@ impl UserOverrides {
     }
 }
 
+/// What a tenant may do on its own (with its tenant key), beyond its budgets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantRules {
+    /// The tiers a tenant key may name on a request. A tier named by a tenant key wins only
+    /// when it is one of these and the user has no stored tier; otherwise it is ignored.
+    pub allowed_tiers: Vec<TierName>,
+    /// The tenant's share of each global budget, in parts per million: the tenant scope's
+    /// cap is at most `share × global cap` (unless an admin override of that tenant's budget
+    /// says otherwise). `None`: no share cap.
+    pub share_of_global_ppm: Option<u32>,
+    /// The most user and company scopes of this tenant held in memory at once. `None`:
+    /// unbounded.
+    pub max_tracked_subjects: Option<u32>,
+}
+
+impl TenantRules {
+    pub fn allows_tier(&self, tier: &TierName) -> bool {
+        self.allowed_tiers.iter().any(|t| t == tier)
+    }
+
+    /// `cap` limited to this tenant's share of the global `global` cap.
+    pub fn share_cap(&self, cap: Option<Money>, global: Option<Money>) -> Option<Money> {
+        let (Some(ppm), Some(global)) = (self.share_of_global_ppm, global) else {
+            return cap;
+        };
+        let share = Money::from_micros(
+            (global.micros() as i128 * ppm as i128 / 1_000_000).clamp(0, i64::MAX as i128) as i64,
+        );
+        Some(cap.map_or(share, |c| c.min(share)))
+    }
+}
+
 /// Everything the ledger enforces, validated from [`crate::config::Config`].
 #[derive(Clone, Debug)]
 pub struct Policy {
@@ -128,9 +160,21 @@ pub struct Policy {
     pub tenant: Budget,
     /// Caps applied to every company without an override.
     pub company: Budget,
+    /// What every tenant may do, unless `tenants` names it.
+    pub tenant_rules: TenantRules,
+    /// Per-tenant rules from the `[tenants.<id>]` sections.
+    pub tenants: BTreeMap<crate::ids::TenantId, TenantRules>,
     pub prices: PriceTable,
     pub reservation_ttl_us: i64,
     pub max_reservation_ttl_us: i64,
+    /// A reservation whose estimate is above this amount may be held at most
+    /// `large_reservation_max_ttl_us`.
+    pub large_reservation: Money,
+    pub large_reservation_max_ttl_us: i64,
+    /// The largest cost one usage record (a direct record or a commit) may carry.
+    pub max_record_cost: Money,
+    /// The most tokens (input plus output) one usage record may carry.
+    pub max_record_tokens: u64,
 }
 
 impl Policy {
@@ -143,5 +187,13 @@ impl Policy {
 
     pub fn tier(&self, name: &TierName) -> Option<&Tier> {
         self.tiers.get(name)
+    }
+
+    /// The rules of one tenant: its `[tenants.<id>]` section, else the `[tenant]` defaults.
+    pub fn tenant_rules(&self, tenant: &crate::ids::TenantId) -> &TenantRules {
+        if self.tenants.is_empty() {
+            return &self.tenant_rules;
+        }
+        self.tenants.get(tenant).unwrap_or(&self.tenant_rules)
     }
 }

@@ -48,6 +48,7 @@ fn subject(i: u64) -> Subject {
         user: UserId::parse(&format!("user-{i}")).unwrap(),
         company: Some(CompanyId::parse(&format!("company-{}", i % 100)).unwrap()),
         tier: None,
+        trusted_tier: true,
         model: ModelName::parse("gpt-4o-mini").unwrap(),
         endpoint: None,
     }

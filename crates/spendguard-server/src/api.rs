@@ -61,7 +61,8 @@ pub struct ReserveBody {
 }
 
 impl ReserveBody {
-    fn into_request(self) -> Result<ReserveRequest, ApiError> {
+    /// `trusted_tier`: the caller may name any tier (the admin key).
+    fn into_request(self, trusted_tier: bool) -> Result<ReserveRequest, ApiError> {
         let ttl_us = match self.ttl_seconds {
             None => None,
             Some(s) => Some(
@@ -78,6 +79,7 @@ impl ReserveBody {
                 user: self.user_id,
                 company: self.company_id,
                 tier: self.tier,
+                trusted_tier,
                 model: self.model,
                 endpoint: self.endpoint,
             },
@@ -258,7 +260,8 @@ impl Serialize for Rfc3339 {
     }
 }
 
-/// One limit entry of the contract, serialized without building a JSON tree.
+/// One limit entry of the contract, serialized without building a JSON tree. The amounts
+/// are left out of the global scope's entries shown to a tenant key.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct LimitOut<'a> {
     #[schemars(with = "crate::openapi::ScopeName")]
@@ -268,15 +271,20 @@ pub struct LimitOut<'a> {
     window: &'static str,
     #[schemars(with = "crate::openapi::UnitName")]
     unit: &'static str,
-    /// USD for `usd`, a count otherwise (as for the next three).
-    #[schemars(with = "f64")]
-    limit: spendguard_core::Amount,
-    #[schemars(with = "f64")]
-    used: spendguard_core::Amount,
-    #[schemars(with = "f64")]
-    reserved: spendguard_core::Amount,
-    #[schemars(with = "f64")]
-    remaining: spendguard_core::Amount,
+    /// USD for `usd`, a count otherwise (as for the next three). Left out of the global
+    /// scope's entries shown to a tenant key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<f64>")]
+    limit: Option<spendguard_core::Amount>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<f64>")]
+    used: Option<spendguard_core::Amount>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<f64>")]
+    reserved: Option<spendguard_core::Amount>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<f64>")]
+    remaining: Option<spendguard_core::Amount>,
     /// When the window ends (`null`: a concurrency limit).
     resets_at: Option<Rfc3339>,
 }
@@ -284,9 +292,32 @@ pub struct LimitOut<'a> {
 /// A limit entry, for the OpenAPI document.
 pub type LimitDoc = LimitOut<'static>;
 
+/// Who an answer is for: a tenant key sees its own scopes in full, and of the global
+/// scope only which limit applies and when it resets, never the amounts (they would show
+/// the other tenants' spend as it happens).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum View {
+    Admin,
+    Tenant,
+}
+
+impl View {
+    pub fn of(caller: &Caller) -> View {
+        match caller {
+            Caller::Admin => View::Admin,
+            Caller::Tenant(_) => View::Tenant,
+        }
+    }
+
+    /// Whether this view shows the amounts of `l`.
+    fn shows(self, l: &LimitStatus) -> bool {
+        self == View::Admin || l.scope != ScopeKey::Global
+    }
+}
+
 /// A list of limits, serialized entry by entry.
 #[derive(Debug)]
-pub struct LimitsOut<'a>(pub &'a [LimitStatus]);
+pub struct LimitsOut<'a>(pub &'a [LimitStatus], pub View);
 
 impl JsonSchema for LimitsOut<'_> {
     fn schema_name() -> std::borrow::Cow<'static, str> {
@@ -299,26 +330,30 @@ impl JsonSchema for LimitsOut<'_> {
 
 impl Serialize for LimitsOut<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.iter().map(|l| LimitOut {
-            scope: l.scope.kind().as_str(),
-            scope_id: l.scope.id(),
-            window: l.window.as_str(),
-            unit: l.unit_str(),
-            limit: l.limit,
-            used: l.used,
-            reserved: l.reserved,
-            remaining: l.remaining,
-            resets_at: l.resets_at.map(Rfc3339),
+        s.collect_seq(self.0.iter().map(|l| {
+            let shown = self.1.shows(l);
+            let amount = |a: spendguard_core::Amount| shown.then_some(a);
+            LimitOut {
+                scope: l.scope.kind().as_str(),
+                scope_id: l.scope.id(),
+                window: l.window.as_str(),
+                unit: l.unit_str(),
+                limit: amount(l.limit),
+                used: amount(l.used),
+                reserved: amount(l.reserved),
+                remaining: amount(l.remaining),
+                resets_at: l.resets_at.map(Rfc3339),
+            }
         }))
     }
 }
 
-fn limits_json(limits: &[LimitStatus]) -> Value {
-    serde_json::to_value(LimitsOut(limits)).unwrap_or(Value::Null)
+fn limits_json(limits: &[LimitStatus], view: View) -> Value {
+    serde_json::to_value(LimitsOut(limits, view)).unwrap_or(Value::Null)
 }
 
 /// The error for a refused reservation, with `Retry-After` and the IETF `RateLimit` headers.
-fn denial_error(denial: &Denial, now: Micros) -> ApiError {
+fn denial_error(denial: &Denial, now: Micros, view: View) -> ApiError {
     match denial {
         Denial::Limits(failing) => {
             let budget = denial.is_budget();
@@ -344,7 +379,7 @@ fn denial_error(denial: &Denial, now: Micros) -> ApiError {
                 code,
                 format!("this call would exceed {what}: {}", names.join(", ")),
             )
-            .with("limits", limits_json(failing));
+            .with("limits", limits_json(failing, view));
             let retry = denial
                 .retry_at()
                 .map(|t| ((t - now).max(0) + 999_999) / 1_000_000)
@@ -352,7 +387,8 @@ fn denial_error(denial: &Denial, now: Micros) -> ApiError {
                 .max(1);
             e.headers
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry));
-            if let Some(first) = failing.first() {
+            // The headers quote the first failing limit this caller may see the amounts of.
+            if let Some(first) = failing.iter().find(|l| view.shows(l)) {
                 let (limit, remaining) = (amount_num(first.limit), amount_num(first.remaining));
                 let window = match first.window {
                     Window::Minute => 60,
@@ -396,6 +432,24 @@ fn denial_error(denial: &Denial, now: Micros) -> ApiError {
             "max_output_tokens_exceeded",
             format!("max_output_tokens {requested} is above the tier's maximum of {max}"),
         ),
+        Denial::TooManySubjects { tenant, limit, .. } => {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_subjects",
+                format!(
+                    "tenant `{tenant}` already has {limit} users and companies tracked this month (max_tracked_subjects); reservations for new ones are refused until they are freed"
+                ),
+            )
+            .with("limit", Value::from(*limit));
+            let retry = denial
+                .retry_at()
+                .map(|t| ((t - now).max(0) + 999_999) / 1_000_000)
+                .unwrap_or(1)
+                .max(1);
+            e.headers
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+            e
+        }
     }
 }
 
@@ -422,8 +476,8 @@ impl UnitStr for LimitStatus {
     }
 }
 
-fn denial_json(d: &Denial, now: Micros) -> Value {
-    let e = denial_error(d, now);
+fn denial_json(d: &Denial, now: Micros, view: View) -> Value {
+    let e = denial_error(d, now, view);
     let mut m = serde_json::Map::new();
     m.insert("code".into(), e.code.into());
     m.insert("message".into(), e.message.clone().into());
@@ -515,7 +569,8 @@ pub async fn reserve(
     ApiJson(body): ApiJson<ReserveBody>,
 ) -> Result<Response, ApiError> {
     caller.may_act_on(&body.tenant_id)?;
-    let req = body.into_request()?;
+    let view = View::of(&caller);
+    let req = body.into_request(view == View::Admin)?;
     let now = state.guard.now();
     match state.guard.reserve(req).await? {
         Ok(r) => {
@@ -532,13 +587,13 @@ pub async fn reserve(
                 expires_at: Rfc3339(r.reservation.expires_at),
                 tier: r.reservation.tier.as_str(),
                 replayed: r.replayed,
-                limits: LimitsOut(&r.limits),
+                limits: LimitsOut(&r.limits, view),
             };
             Ok((status, Json(body)).into_response())
         }
         Err(outcome) => {
             let denial = outcome.denial.expect("a refused reservation has a denial");
-            let e = denial_error(&denial, now);
+            let e = denial_error(&denial, now, view);
             state.metrics.decision("denied", e.code);
             Err(e)
         }
@@ -580,13 +635,14 @@ pub async fn check(
     ApiJson(body): ApiJson<ReserveBody>,
 ) -> Result<Json<CheckOut>, ApiError> {
     caller.may_act_on(&body.tenant_id)?;
-    let req = body.into_request()?;
+    let view = View::of(&caller);
+    let req = body.into_request(view == View::Admin)?;
     let now = state.guard.now();
     let CheckOutcome { limits, denial } = state.guard.check(&req)?;
     Ok(Json(CheckOut {
         allowed: denial.is_none(),
-        limits: limits_json(&limits),
-        denial: denial.as_ref().map(|d| denial_json(d, now)),
+        limits: limits_json(&limits, view),
+        denial: denial.as_ref().map(|d| denial_json(d, now, view)),
     }))
 }
 
@@ -713,6 +769,7 @@ pub async fn record(
             user: body.user_id,
             company: body.company_id,
             tier: body.tier,
+            trusted_tier: matches!(caller, Caller::Admin),
             model: body.model,
             endpoint: body.endpoint,
         },
@@ -759,13 +816,19 @@ pub async fn limits(
         }
     };
     caller.may_act_on(&tenant)?;
-    let limits = state
-        .guard
-        .limits(&tenant, &q.user_id, q.company_id.as_ref(), q.tier.as_ref())?;
+    let view = View::of(&caller);
+    let limits = state.guard.ledger().limits_as(
+        &tenant,
+        &q.user_id,
+        q.company_id.as_ref(),
+        q.tier.as_ref(),
+        view == View::Admin,
+        state.guard.now(),
+    )?;
     Ok(Json(LimitsAnswer {
         tenant_id: tenant.as_str().to_owned(),
         user_id: q.user_id.as_str().to_owned(),
-        limits: limits_json(&limits),
+        limits: limits_json(&limits, view),
     }))
 }
 

@@ -117,7 +117,10 @@ impl From<LedgerError> for ApiError {
             LedgerError::UnknownTier(_)
             | LedgerError::InvalidTtl { .. }
             | LedgerError::ExpiredStatus
-            | LedgerError::Overflow => ApiError::bad_request(message),
+            | LedgerError::Overflow
+            | LedgerError::LargeReservationTtl { .. }
+            | LedgerError::RecordCostTooLarge { .. }
+            | LedgerError::RecordTokensTooLarge { .. } => ApiError::bad_request(message),
         }
     }
 }

@@ -196,6 +196,8 @@ impl ReservationCols<'_> {
                 user: parse_id("user_id", self.user, UserId::parse)?,
                 company: parse_opt("company_id", self.company, CompanyId::parse)?,
                 tier: parse_opt("tier", self.tier, TierName::parse)?,
+                // An admitted reservation's tier is already resolved (`admitted_tier`).
+                trusted_tier: true,
                 model: parse_id("model", self.model, ModelName::parse)?,
                 endpoint: parse_opt("endpoint", self.endpoint, Endpoint::parse)?,
             },

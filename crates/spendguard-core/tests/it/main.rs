@@ -4,3 +4,4 @@ mod concurrency;
 mod ledger;
 mod properties;
 mod support;
+mod tenants;

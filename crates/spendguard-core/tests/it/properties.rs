@@ -232,6 +232,21 @@ impl Model {
                 }
             }
         }
+        // Each tenant's count of tracked users and companies is exact.
+        let mut tenants: Vec<TenantId> = (0..5).map(|u| user_subject(u).tenant).collect();
+        tenants.dedup();
+        for t in &tenants {
+            let held = [ScopeKind::User, ScopeKind::Company]
+                .into_iter()
+                .flat_map(|k| ledger.totals(k, now))
+                .filter(|(k, _, _)| k.tenant() == Some(t))
+                .count();
+            assert_eq!(
+                ledger.tracked_subjects(t) as usize,
+                held,
+                "tracked subjects of {t}"
+            );
+        }
         // Every usage record is dated in the windows its creation time falls in.
         for r in &self.usage {
             assert_eq!(

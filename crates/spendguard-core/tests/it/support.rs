@@ -22,6 +22,7 @@ pub fn subject(tenant: &str, user: &str, company: Option<&str>) -> Subject {
         user: UserId::parse(user).unwrap(),
         company: company.map(|c| CompanyId::parse(c).unwrap()),
         tier: None,
+        trusted_tier: true,
         model: ModelName::parse("gpt-4o").unwrap(),
         endpoint: None,
     }

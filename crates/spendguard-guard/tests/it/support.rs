@@ -32,6 +32,7 @@ pub fn subject(tenant: &str, user: &str) -> Subject {
         user: UserId::parse(user).unwrap(),
         company: Some(CompanyId::parse("acme").unwrap()),
         tier: None,
+        trusted_tier: true,
         model: ModelName::parse("gpt-4o-mini").unwrap(),
         endpoint: None,
     }

@@ -6,9 +6,10 @@ use crate::support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reservations_admit_exactly_what_fits() {
-    // Each reservation estimates $0.01; the global day admits $0.05: 5 of 240.
+    // Each reservation estimates $0.01; the global day admits $0.05: 5 of 240 (no tenant
+    // share, so any tenant may take the global budget's last cent).
     let s = spawn(
-        "[global]\nusd_per_day = \"0.05\"\n[tiers.free]\nrequests_per_minute = \"unlimited\"\nallowed_models = [\"*\"]",
+        "[global]\nusd_per_day = \"0.05\"\n[tenant]\nmax_share_of_global = \"unlimited\"\n[tiers.free]\nrequests_per_minute = \"unlimited\"\nallowed_models = [\"*\"]",
     )
     .await;
     let mut tasks = Vec::new();

@@ -13,3 +13,4 @@ mod isolation;
 mod limits;
 mod security;
 mod support;
+mod tenants;

@@ -225,6 +225,7 @@ pub fn reservation(n: u128) -> Reservation {
             user: user("alice"),
             company: Some(company("eng")),
             tier: Some(TierName::parse("pro").unwrap()),
+            trusted_tier: true,
             model: ModelName::parse("gpt-4o").unwrap(),
             endpoint: Some(Endpoint::parse("chat").unwrap()),
         },
