@@ -1724,17 +1724,21 @@ impl Ledger {
     }
 
     /// Refuses a usage record larger than any real model call (`max_record_cost_usd`,
-    /// `max_record_tokens`), so no caller can charge a budget an arbitrary amount.
+    /// `max_record_tokens`), so no caller can charge a budget an arbitrary amount. A commit
+    /// (`floor` is its reservation's estimate) may always charge its estimate, and exceed it
+    /// by at most `max_record_cost_usd`: a large reservation is committed in full, and one
+    /// call's overshoot past its estimate stays bounded.
     fn within_record_ceiling(
         policy: &Policy,
         cost: Money,
         tokens: Tokens,
+        floor: Option<Money>,
     ) -> Result<(), LedgerError> {
-        if cost > policy.max_record_cost {
-            return Err(LedgerError::RecordCostTooLarge {
-                cost,
-                max: policy.max_record_cost,
-            });
+        let max = floor.map_or(policy.max_record_cost, |estimate| {
+            estimate.saturating_add(policy.max_record_cost)
+        });
+        if cost > max {
+            return Err(LedgerError::RecordCostTooLarge { cost, max });
         }
         let total = tokens.total();
         if total > policy.max_record_tokens {
@@ -1763,7 +1767,7 @@ impl Ledger {
             Some(c) => (c, Pricing::Caller),
             None => Self::price_listed(policy, model, tokens, floor)?,
         };
-        Self::within_record_ceiling(policy, priced.0, tokens)?;
+        Self::within_record_ceiling(policy, priced.0, tokens, floor)?;
         Ok(priced)
     }
 

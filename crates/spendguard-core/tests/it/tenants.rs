@@ -311,3 +311,46 @@ fn a_tenant_named_tier_applies_only_when_allowed_and_nothing_is_stored() {
         LedgerError::UnknownTier(tier("gold"))
     );
 }
+
+/// The ceiling on one record bounds direct records; a commit may always charge its own
+/// reservation's estimate (a large reservation is committed in full, never refused and left
+/// to expire at $0), and exceed it by at most the ceiling.
+#[test]
+fn a_large_reservation_commits_in_full_and_overshoots_by_at_most_the_ceiling() {
+    let l = Ledger::new(policy(&format!(
+        "[global]\nusd_per_day = \"100000\"\nusd_per_month = \"100000\"\n\
+         [tenant]\nmax_share_of_global = \"unlimited\"\n{OPEN_FREE_TIER}"
+    )));
+    let mut req = reserve_req(1, subject("t", "u", None), usd("300"));
+    req.ttl_us = Some(60_000_000);
+    let r = l.reserve(&req, T0).unwrap().unwrap();
+    // Above the $100 ceiling of a direct record, within the estimate: charged in full.
+    let c = l
+        .commit(&r.value.reservation.id, &commit_req(2, usd("300")), T0)
+        .unwrap();
+    assert_eq!(c.value.usage.cost, usd("300"));
+    // Past the estimate by more than the ceiling: refused, the reservation stays open.
+    let mut req = reserve_req(3, subject("t", "u", None), usd("300"));
+    req.ttl_us = Some(60_000_000);
+    let big = l.reserve(&req, T0).unwrap().unwrap().value.reservation.id;
+    assert!(matches!(
+        l.commit(&big, &commit_req(4, usd("400.01")), T0),
+        Err(LedgerError::RecordCostTooLarge { .. })
+    ));
+    assert!(l.reservation(&big).is_some());
+    let c = l.commit(&big, &commit_req(5, usd("400")), T0).unwrap();
+    assert_eq!(c.value.usage.cost, usd("400"));
+    // A direct record above the ceiling is refused.
+    let rec = RecordRequest {
+        id: id(6),
+        subject: subject("t", "u", None),
+        tokens: Tokens::default(),
+        cost: Some(usd("100.01")),
+        status: RequestStatus::Success,
+        idempotency_key: None,
+    };
+    assert!(matches!(
+        l.record(&rec, T0),
+        Err(LedgerError::RecordCostTooLarge { .. })
+    ));
+}
