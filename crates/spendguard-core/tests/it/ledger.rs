@@ -175,6 +175,9 @@ fn commit_is_idempotent_and_refuses_a_different_body() {
     assert_eq!(again.value.usage, first.value.usage);
     assert!(again.value.replayed);
     assert_eq!(again.event, None);
+    // Exactly the first answer, the reservation's estimate included.
+    assert_eq!(again.value.reserved, first.value.reserved);
+    assert_eq!(first.value.reserved, usd("0.5"));
     assert_eq!(amount_usd(user_day(&l, "t", "u", T0).used), usd("0.2"));
     assert!(matches!(
         l.commit(&id(1), &commit_req(101, usd("0.3")), T0),
