@@ -505,6 +505,7 @@ async fn a_failing_spool_makes_readyz_503_with_the_reason() {
     let metrics = s
         .client
         .get(format!("{}/metrics", s.url))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()

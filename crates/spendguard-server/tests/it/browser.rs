@@ -301,8 +301,10 @@ async fn dashboard_shows_seeded_spend_in_chromium() {
         return;
     };
     let started = Instant::now();
+    // The seeded records are larger than the default ceiling of one record.
     let config = format!(
-        "[global]\nusd_per_day = \"{}\"\nusd_per_month = \"{}\"\n\
+        "max_record_cost_usd = \"100000\"\n\
+         [global]\nusd_per_day = \"{}\"\nusd_per_month = \"{}\"\n\
          [tiers.free]\nusd_per_day = \"unlimited\"\nusd_per_month = \"unlimited\"\n\
          requests_per_minute = \"unlimited\"\nrequests_per_day = \"unlimited\"\n\
          tokens_per_day = \"unlimited\"\n",
