@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use spendguard_core::*;
 use spendguard_guard::{Guard, GuardError, GuardOptions, ManualClock};
-use spendguard_store::{AnyStore, DeadLetter, Store, StoreError, StoredReservation};
+use spendguard_store::{AnyStore, Store, StoreError, StoredReservation};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
@@ -44,53 +44,7 @@ impl<S: Store> Store for GatedStore<S> {
         }
         self.inner.apply(events).await
     }
-    async fn load(&self, day_start: Micros, month_start: Micros) -> Result<Snapshot, StoreError> {
-        self.inner.load(day_start, month_start).await
-    }
-    async fn usage(&self, id: Uuid) -> Result<Option<UsageRecord>, StoreError> {
-        self.inner.usage(id).await
-    }
-    async fn reservation(&self, id: Uuid) -> Result<Option<StoredReservation>, StoreError> {
-        self.inner.reservation(id).await
-    }
-    async fn reservation_by_key(
-        &self,
-        tenant: &TenantId,
-        key: &IdempotencyKey,
-    ) -> Result<Option<StoredReservation>, StoreError> {
-        self.inner.reservation_by_key(tenant, key).await
-    }
-    async fn usage_by_key(
-        &self,
-        tenant: &TenantId,
-        key: &IdempotencyKey,
-    ) -> Result<Option<UsageRecord>, StoreError> {
-        self.inner.usage_by_key(tenant, key).await
-    }
-    async fn recount(&self) -> Result<Vec<CounterRow>, StoreError> {
-        self.inner.recount().await
-    }
-    async fn rollups(&self) -> Result<Vec<CounterRow>, StoreError> {
-        self.inner.rollups().await
-    }
-    async fn usage_count(&self) -> Result<u64, StoreError> {
-        self.inner.usage_count().await
-    }
-    async fn database_id(&self) -> Result<String, StoreError> {
-        self.inner.database_id().await
-    }
-    async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
-        self.inner.dead_letter(letters).await
-    }
-    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
-        self.inner.dead_letters().await
-    }
-    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.inner.setting(key).await
-    }
-    async fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        self.inner.put_setting(key, value).await
-    }
+    forward_store!(inner);
 }
 
 async fn manual(dir: &std::path::Path, clock: &Arc<ManualClock>) -> Guard<AnyStore> {
@@ -206,53 +160,7 @@ impl Store for Shared {
     async fn apply(&self, events: &[Event]) -> Result<(), StoreError> {
         self.0.apply(events).await
     }
-    async fn load(&self, day_start: Micros, month_start: Micros) -> Result<Snapshot, StoreError> {
-        self.0.load(day_start, month_start).await
-    }
-    async fn usage(&self, id: Uuid) -> Result<Option<UsageRecord>, StoreError> {
-        self.0.usage(id).await
-    }
-    async fn reservation(&self, id: Uuid) -> Result<Option<StoredReservation>, StoreError> {
-        self.0.reservation(id).await
-    }
-    async fn reservation_by_key(
-        &self,
-        tenant: &TenantId,
-        key: &IdempotencyKey,
-    ) -> Result<Option<StoredReservation>, StoreError> {
-        self.0.reservation_by_key(tenant, key).await
-    }
-    async fn usage_by_key(
-        &self,
-        tenant: &TenantId,
-        key: &IdempotencyKey,
-    ) -> Result<Option<UsageRecord>, StoreError> {
-        self.0.usage_by_key(tenant, key).await
-    }
-    async fn recount(&self) -> Result<Vec<CounterRow>, StoreError> {
-        self.0.recount().await
-    }
-    async fn rollups(&self) -> Result<Vec<CounterRow>, StoreError> {
-        self.0.rollups().await
-    }
-    async fn usage_count(&self) -> Result<u64, StoreError> {
-        self.0.usage_count().await
-    }
-    async fn database_id(&self) -> Result<String, StoreError> {
-        self.0.database_id().await
-    }
-    async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
-        self.0.dead_letter(letters).await
-    }
-    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
-        self.0.dead_letters().await
-    }
-    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.0.setting(key).await
-    }
-    async fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        self.0.put_setting(key, value).await
-    }
+    forward_store!(0);
 }
 
 async fn gated(dir: &std::path::Path) -> (Arc<GatedStore<AnyStore>>, Guard<Shared>) {

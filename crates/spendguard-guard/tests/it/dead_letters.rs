@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use spendguard_core::*;
 use spendguard_guard::{GuardOptions, StoreHealth, SystemClock};
-use spendguard_store::{AnyStore, DeadLetter, OpenOptions, Store, StoreError, StoredReservation};
+use spendguard_store::{AnyStore, OpenOptions, Store, StoreError, StoredReservation};
 use uuid::Uuid;
 
 use crate::support::*;
@@ -31,53 +31,7 @@ impl<S: Store> Store for PoisonStore<S> {
         }
         self.inner.apply(events).await
     }
-    async fn load(&self, day_start: Micros, month_start: Micros) -> Result<Snapshot, StoreError> {
-        self.inner.load(day_start, month_start).await
-    }
-    async fn usage(&self, id: Uuid) -> Result<Option<UsageRecord>, StoreError> {
-        self.inner.usage(id).await
-    }
-    async fn reservation(&self, id: Uuid) -> Result<Option<StoredReservation>, StoreError> {
-        self.inner.reservation(id).await
-    }
-    async fn reservation_by_key(
-        &self,
-        tenant: &TenantId,
-        key: &IdempotencyKey,
-    ) -> Result<Option<StoredReservation>, StoreError> {
-        self.inner.reservation_by_key(tenant, key).await
-    }
-    async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
-        self.inner.setting(key).await
-    }
-    async fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
-        self.inner.put_setting(key, value).await
-    }
-    async fn usage_by_key(
-        &self,
-        tenant: &TenantId,
-        key: &IdempotencyKey,
-    ) -> Result<Option<UsageRecord>, StoreError> {
-        self.inner.usage_by_key(tenant, key).await
-    }
-    async fn recount(&self) -> Result<Vec<CounterRow>, StoreError> {
-        self.inner.recount().await
-    }
-    async fn rollups(&self) -> Result<Vec<CounterRow>, StoreError> {
-        self.inner.rollups().await
-    }
-    async fn usage_count(&self) -> Result<u64, StoreError> {
-        self.inner.usage_count().await
-    }
-    async fn database_id(&self) -> Result<String, StoreError> {
-        self.inner.database_id().await
-    }
-    async fn dead_letter(&self, letters: &[DeadLetter]) -> Result<(), StoreError> {
-        self.inner.dead_letter(letters).await
-    }
-    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, StoreError> {
-        self.inner.dead_letters().await
-    }
+    forward_store!(inner);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

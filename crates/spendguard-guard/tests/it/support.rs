@@ -101,6 +101,68 @@ pub async fn assert_rollups_match<S: Store>(store: &S) {
     assert_eq!(rollups, recount);
 }
 
+/// The `Store` methods a test wrapper passes on unchanged to its field `$field` (all but
+/// `apply`, which each wrapper writes itself): `forward_store!(inner);`.
+macro_rules! forward_store {
+    ($field:tt) => {
+        async fn load(
+            &self,
+            day_start: Micros,
+            month_start: Micros,
+        ) -> Result<Snapshot, StoreError> {
+            self.$field.load(day_start, month_start).await
+        }
+        async fn usage(&self, id: Uuid) -> Result<Option<UsageRecord>, StoreError> {
+            self.$field.usage(id).await
+        }
+        async fn reservation(&self, id: Uuid) -> Result<Option<StoredReservation>, StoreError> {
+            self.$field.reservation(id).await
+        }
+        async fn reservation_by_key(
+            &self,
+            tenant: &TenantId,
+            key: &IdempotencyKey,
+        ) -> Result<Option<StoredReservation>, StoreError> {
+            self.$field.reservation_by_key(tenant, key).await
+        }
+        async fn setting(&self, key: &str) -> Result<Option<String>, StoreError> {
+            self.$field.setting(key).await
+        }
+        async fn put_setting(&self, key: &str, value: &str) -> Result<(), StoreError> {
+            self.$field.put_setting(key, value).await
+        }
+        async fn usage_by_key(
+            &self,
+            tenant: &TenantId,
+            key: &IdempotencyKey,
+        ) -> Result<Option<UsageRecord>, StoreError> {
+            self.$field.usage_by_key(tenant, key).await
+        }
+        async fn recount(&self) -> Result<Vec<CounterRow>, StoreError> {
+            self.$field.recount().await
+        }
+        async fn rollups(&self) -> Result<Vec<CounterRow>, StoreError> {
+            self.$field.rollups().await
+        }
+        async fn usage_count(&self) -> Result<u64, StoreError> {
+            self.$field.usage_count().await
+        }
+        async fn database_id(&self) -> Result<String, StoreError> {
+            self.$field.database_id().await
+        }
+        async fn dead_letter(
+            &self,
+            letters: &[spendguard_store::DeadLetter],
+        ) -> Result<(), StoreError> {
+            self.$field.dead_letter(letters).await
+        }
+        async fn dead_letters(&self) -> Result<Vec<spendguard_store::DeadLetter>, StoreError> {
+            self.$field.dead_letters().await
+        }
+    };
+}
+pub(crate) use forward_store;
+
 /// A store whose writes fail while `down` is set.
 pub struct FlakyStore<S> {
     pub inner: S,
