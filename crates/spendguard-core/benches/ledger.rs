@@ -61,6 +61,7 @@ fn reserve_commit(c: &mut Criterion) {
         },
         cost: None,
         status: RequestStatus::Success,
+        origin: None,
     };
     c.bench_function("reserve_commit", |b| {
         b.iter(|| {
@@ -125,6 +126,7 @@ fn memory_per_user(_: &mut Criterion) {
             },
             cost: None,
             status: RequestStatus::Success,
+            origin: None,
         };
         ledger.commit(&r.value.reservation.id, &commit, T0).unwrap();
         if i % 10_000 == 0 {

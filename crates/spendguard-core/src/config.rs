@@ -371,6 +371,124 @@ impl ReportsConfig {
     }
 }
 
+/// The `[gateway]` section: spendguard as an OpenAI- and Anthropic-compatible proxy. Off
+/// while `upstreams` is empty.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// The user charged when a request names none; empty: such a request is refused.
+    pub default_user: String,
+    /// The largest request body accepted on the gateway's routes.
+    pub max_body_bytes: u64,
+    /// Seconds an upstream call may take in all (a whole stream included).
+    pub upstream_timeout_seconds: u64,
+    /// Seconds the upstream is still read, after the client went away mid-stream, to learn
+    /// the call's usage.
+    pub drain_timeout_seconds: u64,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// One provider the gateway forwards to (`[[gateway.upstreams]]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Named on each usage record it served.
+    pub name: String,
+    pub kind: UpstreamKind,
+    /// The provider's API base, as its SDKs take it: `https://api.openai.com/v1`,
+    /// `https://api.anthropic.com`.
+    pub base_url: String,
+    /// The environment variable holding the provider's API key (never logged, never sent
+    /// to callers). Empty: no key is sent.
+    pub api_key_env: String,
+    /// The models it serves: names, or patterns with `*` and `?`.
+    pub models: Vec<String>,
+}
+
+/// The API an upstream speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamKind {
+    Openai,
+    Anthropic,
+}
+
+impl UpstreamKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamKind::Openai => "openai",
+            UpstreamKind::Anthropic => "anthropic",
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Whether the gateway is on (it has an upstream).
+    pub fn enabled(&self) -> bool {
+        !self.upstreams.is_empty()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.default_user.is_empty() && crate::UserId::parse(&self.default_user).is_err() {
+            return Err(ConfigError::invalid(
+                "gateway.default_user",
+                "is not a valid user id",
+            ));
+        }
+        if !(1024..=1 << 30).contains(&self.max_body_bytes) {
+            return Err(ConfigError::invalid(
+                "gateway.max_body_bytes",
+                "must be from 1024 to 1073741824",
+            ));
+        }
+        for (key, v) in [
+            (
+                "gateway.upstream_timeout_seconds",
+                self.upstream_timeout_seconds,
+            ),
+            ("gateway.drain_timeout_seconds", self.drain_timeout_seconds),
+        ] {
+            if !(1..=86_400).contains(&v) {
+                return Err(ConfigError::invalid(key, "must be from 1 to 86400"));
+            }
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let at = |k: &str| format!("gateway.upstreams[{i}].{k}");
+            if u.name.is_empty()
+                || u.name.len() > 64
+                || !u
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(ConfigError::invalid(
+                    at("name"),
+                    "must be 1 to 64 letters, digits, `-`, `_` or `.`",
+                ));
+            }
+            if !names.insert(u.name.as_str()) {
+                return Err(ConfigError::invalid(at("name"), "is used twice"));
+            }
+            if !(u.base_url.starts_with("http://") || u.base_url.starts_with("https://"))
+                || u.base_url.len() <= "https://".len()
+            {
+                return Err(ConfigError::invalid(
+                    at("base_url"),
+                    "must be an http:// or https:// URL",
+                ));
+            }
+            if u.models.is_empty() || u.models.iter().any(|m| m.is_empty()) {
+                return Err(ConfigError::invalid(
+                    at("models"),
+                    "must name at least one model or pattern, none empty",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The whole configuration file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -380,6 +498,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub reports: ReportsConfig,
     pub alerts: AlertsConfig,
+    pub gateway: GatewayConfig,
     pub time_zone: String,
     pub default_tier: String,
     pub reservation_ttl_seconds: u64,
@@ -448,6 +567,7 @@ impl Config {
         self.metrics.validate()?;
         self.reports.validate()?;
         self.alerts.validate()?;
+        self.gateway.validate()?;
         let calendar =
             Calendar::new(&self.time_zone).map_err(|e| ConfigError::invalid("time_zone", e))?;
         if self.reservation_ttl_seconds == 0 {

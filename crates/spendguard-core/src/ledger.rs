@@ -182,6 +182,9 @@ pub enum RequestStatus {
     Error,
     Cancelled,
     Expired,
+    /// The call's output was cut off before its usage was known (a streamed call whose
+    /// upstream stopped early): charged at least its reservation's estimate, never zero.
+    Truncated,
 }
 
 impl RequestStatus {
@@ -191,6 +194,7 @@ impl RequestStatus {
             RequestStatus::Error => "error",
             RequestStatus::Cancelled => "cancelled",
             RequestStatus::Expired => "expired",
+            RequestStatus::Truncated => "truncated",
         }
     }
 
@@ -200,6 +204,7 @@ impl RequestStatus {
             "error" => RequestStatus::Error,
             "cancelled" => RequestStatus::Cancelled,
             "expired" => RequestStatus::Expired,
+            "truncated" => RequestStatus::Truncated,
             _ => return None,
         })
     }
@@ -255,8 +260,21 @@ pub struct CommitRequest {
     pub tokens: Tokens,
     /// The real cost if the caller knows it; else computed from the tokens.
     pub cost: Option<Money>,
-    /// Defaults to `success`. `expired` is reserved for the ledger.
+    /// Defaults to `success`. `expired` is reserved for the ledger. `truncated` without a
+    /// cost charges at least the reservation's estimate.
     pub status: RequestStatus,
+    /// Where spendguard forwarded the call, when it did (gateway mode).
+    pub origin: Option<Origin>,
+}
+
+/// Where a call was forwarded, when spendguard forwarded it itself (gateway mode): kept on
+/// its usage record.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Origin {
+    /// The configured upstream's name.
+    pub upstream: String,
+    /// The provider's id of the request (its request-id header), when it gave one.
+    pub request_id: Option<String>,
 }
 
 impl CommitRequest {
@@ -322,6 +340,9 @@ pub struct UsageRecord {
     /// The calendar windows this record is counted in.
     pub day_start: Micros,
     pub month_start: Micros,
+    /// Where the call was forwarded (gateway mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
 }
 
 /// A per-scope budget override set at run time. `None` fields fall back to configuration.
@@ -1720,6 +1741,7 @@ impl Ledger {
             idempotency_key: res.idempotency_key.clone(),
             day_start: res.day_start,
             month_start: res.month_start,
+            origin: commit.origin.clone(),
         }
     }
 
@@ -1771,6 +1793,21 @@ impl Ledger {
         Ok(priced)
     }
 
+    /// A truncated call without a caller's cost is charged at least its estimate: its real
+    /// usage is unknown, and the estimate is the worst case it was admitted for.
+    fn at_least_estimate_if_truncated(
+        commit: &CommitRequest,
+        estimate: Money,
+        priced: (Money, Pricing),
+    ) -> (Money, Pricing) {
+        if commit.status == RequestStatus::Truncated && commit.cost.is_none() && priced.0 < estimate
+        {
+            (estimate, Pricing::Estimate)
+        } else {
+            priced
+        }
+    }
+
     /// [`Ledger::price_call`] without a caller's cost.
     fn price_listed(
         policy: &Policy,
@@ -1818,13 +1855,17 @@ impl Ledger {
                 .settled_answer(id, commit, now)?
                 .ok_or(LedgerError::NotFound(*id));
         };
-        let (cost, pricing) = Self::price_call(
-            &self.policy(),
-            &model,
-            commit.tokens,
-            commit.cost,
-            Some(estimate),
-        )?;
+        let (cost, pricing) = Self::at_least_estimate_if_truncated(
+            commit,
+            estimate,
+            Self::price_call(
+                &self.policy(),
+                &model,
+                commit.tokens,
+                commit.cost,
+                Some(estimate),
+            )?,
+        );
         let total_tokens = commit.tokens.total();
         let settled = self.settle_open(
             id,
@@ -1916,7 +1957,10 @@ impl Ledger {
             idempotency_key: None,
         };
         let mut usage = self.build_record(&policy, &record, now, Some(estimate))?;
+        (usage.cost, usage.pricing) =
+            Self::at_least_estimate_if_truncated(commit, estimate, (usage.cost, usage.pricing));
         usage.reservation_id = Some(*id);
+        usage.origin = commit.origin.clone();
         let first = {
             let mut rs = lock(self.res_shard(id));
             let Some(s) = rs.settled.get_mut(id) else {
@@ -2031,6 +2075,7 @@ impl Ledger {
                         tokens: Tokens::default(),
                         cost: Some(Money::ZERO),
                         status: RequestStatus::Expired,
+                        origin: None,
                     };
                     let usage = Self::usage_from(res, &commit, Money::ZERO, Pricing::Catalog);
                     (Settlement::Expired(usage), None)
@@ -2183,6 +2228,7 @@ impl Ledger {
             idempotency_key: req.idempotency_key.clone(),
             day_start: periods.day.start,
             month_start: periods.month.start,
+            origin: None,
         })
     }
 
@@ -2346,6 +2392,7 @@ impl Ledger {
                     tokens: u.tokens,
                     cost: (u.pricing == Pricing::Caller).then_some(u.cost),
                     status: u.status,
+                    origin: u.origin.clone(),
                 })
             }
             _ => None,

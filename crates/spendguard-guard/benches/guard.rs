@@ -78,6 +78,7 @@ fn usage(i: u64, at: i64, periods_of: &Calendar) -> UsageRecord {
         idempotency_key: None,
         day_start: p.day.start,
         month_start: p.month.start,
+        origin: None,
     }
 }
 
@@ -146,6 +147,7 @@ async fn measure(label: &str, store: AnyStore, dir: &std::path::Path) {
                     },
                     cost: None,
                     status: RequestStatus::Success,
+                    origin: None,
                 };
                 g.commit(r.reservation.id, commit).await.unwrap();
                 lat.push(t.elapsed());

@@ -691,6 +691,7 @@ pub async fn commit(
         )?,
         cost: body.cost_usd,
         status: body.status.unwrap_or(RequestStatus::Success),
+        origin: None,
     };
     let c = state.guard.commit(id, req).await?;
     if !c.replayed {

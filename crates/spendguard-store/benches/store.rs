@@ -106,6 +106,7 @@ impl Workload {
                     idempotency_key: None,
                     day_start: DAY_START,
                     month_start: MONTH_START,
+                    origin: None,
                 })
             })
             .collect()

@@ -6,8 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use spendguard_core::{
     BudgetOverride, CompanyId, CounterRow, Endpoint, Event, IdError, IdempotencyKey, Micros,
-    ModelName, Money, Pricing, RequestStatus, Reservation, ScopeKey, ScopeKind, Subject, TenantId,
-    TierName, Tokens, UsageRecord, UserId, UserOverrides, Window,
+    ModelName, Money, Origin, Pricing, RequestStatus, Reservation, ScopeKey, ScopeKind, Subject,
+    TenantId, TierName, Tokens, UsageRecord, UserId, UserOverrides, Window,
 };
 use uuid::Uuid;
 
@@ -128,6 +128,8 @@ pub(crate) struct UsageCols<'a> {
     pub day_start: Micros,
     pub month_start: Micros,
     pub pricing: Option<&'a str>,
+    pub upstream: Option<&'a str>,
+    pub provider_request_id: Option<&'a str>,
 }
 
 impl UsageCols<'_> {
@@ -163,6 +165,10 @@ impl UsageCols<'_> {
             )?,
             day_start: self.day_start,
             month_start: self.month_start,
+            origin: self.upstream.map(|u| Origin {
+                upstream: u.to_owned(),
+                request_id: self.provider_request_id.map(str::to_owned),
+            }),
         })
     }
 }

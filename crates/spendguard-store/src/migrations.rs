@@ -497,6 +497,54 @@ CREATE TABLE dead_letters (
 INSERT INTO settings (key, value) VALUES ('database_id', lower(hex(randomblob(16))));
 "#,
     ),
+    (
+        5,
+        r#"
+-- Gateway mode: a record names the upstream it was forwarded to and the provider's request
+-- id, and a streamed call cut off before its usage arrived is `truncated`. SQLite cannot
+-- change a CHECK constraint in place, so the table is rebuilt (one copy of every row).
+CREATE TABLE ai_usage_v5 (
+    id TEXT NOT NULL PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    company_id TEXT,
+    tenant_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    endpoint TEXT,
+    subscription_tier TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    cached_input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cost_micros INTEGER NOT NULL,
+    cost_usd REAL GENERATED ALWAYS AS (cost_micros / 1000000.0) VIRTUAL,
+    request_status TEXT NOT NULL
+        CHECK (request_status IN ('success', 'error', 'cancelled', 'expired', 'truncated')),
+    created_at INTEGER NOT NULL,
+    reservation_id TEXT,
+    idempotency_key TEXT,
+    day_start INTEGER NOT NULL,
+    month_start INTEGER NOT NULL,
+    pricing TEXT
+        CHECK (pricing IN ('catalog', 'caller', 'estimate', 'default', 'free')),
+    upstream TEXT,
+    provider_request_id TEXT
+) STRICT;
+INSERT INTO ai_usage_v5 (id, user_id, company_id, tenant_id, model, endpoint,
+    subscription_tier, input_tokens, cached_input_tokens, output_tokens, cost_micros,
+    request_status, created_at, reservation_id, idempotency_key, day_start, month_start,
+    pricing)
+SELECT id, user_id, company_id, tenant_id, model, endpoint, subscription_tier, input_tokens,
+    cached_input_tokens, output_tokens, cost_micros, request_status, created_at,
+    reservation_id, idempotency_key, day_start, month_start, pricing
+FROM ai_usage;
+DROP TABLE ai_usage;
+ALTER TABLE ai_usage_v5 RENAME TO ai_usage;
+CREATE INDEX ai_usage_tenant_created ON ai_usage (tenant_id, created_at);
+CREATE INDEX ai_usage_tenant_user_created ON ai_usage (tenant_id, user_id, created_at);
+CREATE INDEX ai_usage_created ON ai_usage (created_at);
+CREATE UNIQUE INDEX ai_usage_idempotency ON ai_usage (tenant_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL AND reservation_id IS NULL;
+"#,
+    ),
 ];
 
 /// PostgreSQL: instants are `timestamptz`, `ai_usage.cost_usd` is `NUMERIC(19,6)` (every
@@ -691,6 +739,19 @@ CREATE TABLE dead_letters (
 -- another database.
 INSERT INTO settings (key, value)
 VALUES ('database_id', md5(random()::text || clock_timestamp()::text));
+"#,
+    ),
+    (
+        5,
+        r#"
+-- Gateway mode: a record names the upstream it was forwarded to and the provider's request
+-- id, and a streamed call cut off before its usage arrived is `truncated`.
+ALTER TABLE ai_usage DROP CONSTRAINT ai_usage_request_status_check;
+ALTER TABLE ai_usage
+    ADD CONSTRAINT ai_usage_request_status_check
+        CHECK (request_status IN ('success', 'error', 'cancelled', 'expired', 'truncated')),
+    ADD COLUMN upstream text,
+    ADD COLUMN provider_request_id text;
 "#,
     ),
 ];

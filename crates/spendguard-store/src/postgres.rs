@@ -152,7 +152,7 @@ pub(crate) fn time(row: &Row, idx: usize) -> Result<Micros, StoreError> {
 const USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, model, endpoint, \
     subscription_tier, input_tokens, cached_input_tokens, output_tokens, \
     (cost_usd * 1000000)::int8, request_status, created_at, reservation_id, idempotency_key, \
-    day_start, month_start, pricing";
+    day_start, month_start, pricing, upstream, provider_request_id";
 
 const RESERVATION_COLUMNS: &str = "id, tenant_id, user_id, company_id, tier, admitted_tier, \
     model, endpoint, estimate_micros, estimated_tokens, created_at, expires_at, day_start, \
@@ -191,16 +191,17 @@ const EXPIRE_RESERVATIONS: &str = "UPDATE reservations AS r SET state = 'expired
 const INSERT_USAGE: &str = "INSERT INTO ai_usage (id, tenant_id, user_id, company_id, model, \
     endpoint, subscription_tier, input_tokens, cached_input_tokens, output_tokens, cost_usd, \
     request_status, created_at, reservation_id, idempotency_key, day_start, month_start, \
-    pricing) \
+    pricing, upstream, provider_request_id) \
     SELECT u.id, u.tenant_id, u.user_id, u.company_id, u.model, u.endpoint, u.tier, u.input, \
     u.cached, u.output, u.cost * 0.000001, u.status, u.created_at, u.reservation_id, \
-    u.idempotency_key, u.day_start, u.month_start, u.pricing \
+    u.idempotency_key, u.day_start, u.month_start, u.pricing, u.upstream, u.provider_request_id \
     FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
     $7::text[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::text[], \
-    $13::timestamptz[], $14::uuid[], $15::text[], $16::int8[], $17::int8[], $18::text[]) \
+    $13::timestamptz[], $14::uuid[], $15::text[], $16::int8[], $17::int8[], $18::text[], \
+    $19::text[], $20::text[]) \
     AS u (id, tenant_id, user_id, company_id, model, endpoint, tier, input, cached, output, \
     cost, status, created_at, reservation_id, idempotency_key, day_start, month_start, \
-    pricing) \
+    pricing, upstream, provider_request_id) \
     ON CONFLICT DO NOTHING RETURNING id";
 
 const UPSERT_BUDGET: &str = "INSERT INTO budget_overrides (scope_kind, tenant_id, scope_id, \
@@ -293,6 +294,8 @@ fn usage_row(row: &Row) -> Result<UsageRecord, StoreError> {
         day_start: get(row, 15)?,
         month_start: get(row, 16)?,
         pricing: get(row, 17)?,
+        upstream: get(row, 18)?,
+        provider_request_id: get(row, 19)?,
     }
     .decode()
 }
@@ -537,6 +540,8 @@ async fn insert_usage(
     let mut days = Vec::with_capacity(n);
     let mut months = Vec::with_capacity(n);
     let mut pricings = Vec::with_capacity(n);
+    let mut upstreams = Vec::with_capacity(n);
+    let mut request_ids = Vec::with_capacity(n);
     for u in usage {
         ids.push(u.id);
         tenants.push(u.tenant.as_str());
@@ -556,9 +561,11 @@ async fn insert_usage(
         days.push(u.day_start);
         months.push(u.month_start);
         pricings.push(u.pricing.as_str());
+        upstreams.push(u.origin.as_ref().map(|o| o.upstream.as_str()));
+        request_ids.push(u.origin.as_ref().and_then(|o| o.request_id.as_deref()));
     }
     let stmt = tx.prepare_cached(INSERT_USAGE).await.db()?;
-    let params: [&(dyn ToSql + Sync); 18] = [
+    let params: [&(dyn ToSql + Sync); 20] = [
         &ids,
         &tenants,
         &users,
@@ -577,6 +584,8 @@ async fn insert_usage(
         &days,
         &months,
         &pricings,
+        &upstreams,
+        &request_ids,
     ];
     let rows = tx.query(&stmt, &params).await.db()?;
     let mut inserted = HashSet::with_capacity(rows.len());

@@ -115,7 +115,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 const USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, model, endpoint, \
     subscription_tier, input_tokens, cached_input_tokens, output_tokens, cost_micros, \
     request_status, created_at, reservation_id, idempotency_key, day_start, month_start, \
-    pricing";
+    pricing, upstream, provider_request_id";
 
 const RESERVATION_COLUMNS: &str = "id, tenant_id, user_id, company_id, tier, admitted_tier, \
     model, endpoint, estimate_micros, estimated_tokens, created_at, expires_at, day_start, \
@@ -140,8 +140,8 @@ const EXPIRE_RESERVATION: &str = "UPDATE reservations SET state = 'expired', usa
 const INSERT_USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, model, endpoint, \
     subscription_tier, input_tokens, cached_input_tokens, output_tokens, cost_micros, \
     request_status, created_at, reservation_id, idempotency_key, day_start, month_start, \
-    pricing";
-const USAGE_PARAMS: usize = 18;
+    pricing, upstream, provider_request_id";
+const USAGE_PARAMS: usize = 20;
 
 /// Rows per multi-row statement (a statement per row is about a quarter slower).
 const USAGE_CHUNK: usize = 32;
@@ -327,6 +327,8 @@ fn usage_row(row: &Row<'_>) -> Result<UsageRecord, StoreError> {
         day_start: int(row, 15)?,
         month_start: int(row, 16)?,
         pricing: opt_text(row, 17)?,
+        upstream: opt_text(row, 18)?,
+        provider_request_id: opt_text(row, 19)?,
     }
     .decode()
 }
@@ -517,6 +519,11 @@ fn bind_usage(
     stmt.raw_bind_parameter(base + 16, u.day_start).db()?;
     stmt.raw_bind_parameter(base + 17, u.month_start).db()?;
     stmt.raw_bind_parameter(base + 18, u.pricing.as_str())
+        .db()?;
+    let origin = u.origin.as_ref();
+    stmt.raw_bind_parameter(base + 19, origin.map(|o| o.upstream.as_str()))
+        .db()?;
+    stmt.raw_bind_parameter(base + 20, origin.and_then(|o| o.request_id.as_deref()))
         .db()?;
     Ok(())
 }

@@ -55,6 +55,7 @@ pub fn commit_req(n: u64, cost: Money) -> CommitRequest {
         },
         cost: Some(cost),
         status: RequestStatus::Success,
+        origin: None,
     }
 }
 

@@ -60,6 +60,7 @@ pub fn commit(micros: i64) -> CommitRequest {
         },
         cost: Some(Money::from_micros(micros)),
         status: RequestStatus::Success,
+        origin: None,
     }
 }
 

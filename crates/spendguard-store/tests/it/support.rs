@@ -212,6 +212,7 @@ pub fn record(n: u128) -> UsageRecord {
         idempotency_key: None,
         day_start: JAN + 9 * DAY,
         month_start: JAN,
+        origin: None,
     }
 }
 
@@ -264,6 +265,7 @@ pub fn commit_usage(res: &Reservation, usage_id: u128, cost: i64) -> UsageRecord
         idempotency_key: res.idempotency_key.clone(),
         day_start: res.day_start,
         month_start: res.month_start,
+        origin: None,
     }
 }
 
