@@ -461,7 +461,7 @@ fn amount_num(a: spendguard_core::Amount) -> String {
     }
 }
 
-trait UnitStr {
+pub trait UnitStr {
     fn unit_str(&self) -> &'static str;
 }
 

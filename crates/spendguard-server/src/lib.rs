@@ -279,16 +279,34 @@ pub async fn run(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    run_with(listener, state, None, shutdown, async {}).await
+}
+
+/// [`run`], also serving `extra` routes beside the API's (the gateway's, which bring their
+/// own limits and layers). After the listener stops and before the writer is flushed,
+/// `settle` runs (the gateway waits there for the streams it is still reading).
+pub async fn run_with(
+    listener: TcpListener,
+    state: AppState,
+    extra: Option<Router>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    settle: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let flag = state.shutting_down.clone();
     let guard = state.guard.clone();
     let alerts = state.alerts.clone();
     let (limits, metrics) = (state.limits.connections, state.metrics.clone());
-    let result = serve::serve(listener, app(state), limits, metrics, async move {
+    let mut router = app(state);
+    if let Some(extra) = extra {
+        router = router.merge(extra);
+    }
+    let result = serve::serve(listener, router, limits, metrics, async move {
         shutdown.await;
         flag.store(true, Ordering::Relaxed);
         tracing::info!("shutting down: finishing in-flight requests");
     })
     .await;
+    settle.await;
     alerts.stop().await;
     guard.shutdown().await;
     tracing::info!("writer flushed; stopped");

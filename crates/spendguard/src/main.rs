@@ -789,6 +789,9 @@ fn serve(config: Config) -> anyhow::Result<()> {
         open_metrics,
     } = checked(&config).context("invalid configuration")?;
     let limits = spendguard_server::ServerLimits::from_config(&config);
+    spendguard_gateway::check_keys(&config.gateway)
+        .map_err(anyhow::Error::msg)
+        .context("invalid gateway configuration")?;
     init_logging(config.server.log_format);
     runtime()?.block_on(async move {
         // Listening first: a port in use fails before anything else happens (a failed start
@@ -843,7 +846,25 @@ fn serve(config: Config) -> anyhow::Result<()> {
             backend = state.guard.store().backend(),
             "spendguard is serving"
         );
-        spendguard_server::run(listener, state, shutdown_signal())
+        let gateway = if config.gateway.enabled() {
+            let g = spendguard_gateway::Gateway::new(state.clone(), &config.gateway)
+                .map_err(anyhow::Error::msg)
+                .context("invalid gateway configuration")?;
+            tracing::info!(
+                upstreams = config.gateway.upstreams.len(),
+                "gateway mode: serving /openai/v1 and /anthropic"
+            );
+            Some(g)
+        } else {
+            None
+        };
+        let router = gateway.as_ref().map(|g| g.router());
+        let settle = async move {
+            if let Some(g) = gateway {
+                g.idle().await;
+            }
+        };
+        spendguard_server::run_with(listener, state, router, shutdown_signal(), settle)
             .await
             .context("the server failed")?;
         anyhow::Ok(())

@@ -1,0 +1,5 @@
+//! The gateway's integration tests: a real listener, a real guard over SQLite (or
+//! PostgreSQL), and the mock upstream.
+
+mod gateway;
+mod support;
