@@ -51,6 +51,9 @@ pub mod usage {
     pub const MESSAGES_OUTPUT: u64 = 89;
     /// Anthropic `count_tokens`.
     pub const COUNT_TOKENS: u64 = 77;
+    /// A `…-held…` chat completion: a small call, within any worst case of its request.
+    pub const HELD_PROMPT: u64 = 5;
+    pub const HELD_COMPLETION: u64 = 100;
 }
 
 /// Chunks of a `…-slow…` stream.
@@ -224,6 +227,7 @@ enum Scenario {
     Cut,
     Slow,
     Error,
+    Held,
 }
 
 fn scenario(model: &str) -> Scenario {
@@ -233,6 +237,8 @@ fn scenario(model: &str) -> Scenario {
         Scenario::Cut
     } else if model.contains("-slow") {
         Scenario::Slow
+    } else if model.contains("-held") {
+        Scenario::Held
     } else {
         Scenario::Normal
     }
@@ -256,7 +262,10 @@ fn sse(
                 tokio::time::sleep(SLOW_CHUNK_DELAY).await;
             }
             if scenario == Scenario::Cut && usage {
-                // Drop the connection mid-stream: a broken chunked body.
+                // Let what was sent so far reach the caller (the server writes when the
+                // body has nothing ready), then drop the connection mid-stream: a broken
+                // chunked body.
+                tokio::time::sleep(Duration::from_millis(20)).await;
                 return Some((
                     Err(std::io::Error::other("the mock cut this stream")),
                     (events, None),
@@ -318,8 +327,15 @@ fn pieces(scenario: Scenario) -> Vec<String> {
     (0..n).map(|i| format!("piece {i} ")).collect()
 }
 
-fn chat_usage() -> Value {
+fn chat_usage(scenario: Scenario) -> Value {
     use usage::*;
+    if scenario == Scenario::Held {
+        return json!({
+            "prompt_tokens": HELD_PROMPT,
+            "completion_tokens": HELD_COMPLETION,
+            "total_tokens": HELD_PROMPT + HELD_COMPLETION
+        });
+    }
     json!({
         "prompt_tokens": CHAT_PROMPT,
         "completion_tokens": CHAT_COMPLETION,
@@ -363,7 +379,7 @@ async fn chat(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes) ->
                     "logprobs": null,
                     "finish_reason": "stop"
                 }],
-                "usage": chat_usage(),
+                "usage": chat_usage(scenario),
                 "system_fingerprint": "fp_mock"
             }),
         );
@@ -390,7 +406,7 @@ async fn chat(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes) ->
     if include_usage {
         let last = json!({
             "id": id, "object": "chat.completion.chunk", "created": CREATED, "model": model,
-            "system_fingerprint": "fp_mock", "choices": [], "usage": chat_usage()
+            "system_fingerprint": "fp_mock", "choices": [], "usage": chat_usage(scenario)
         });
         events.push((data(&last), true));
     }

@@ -98,12 +98,10 @@ pub struct Harness {
     _dir: tempfile::TempDir,
 }
 
-/// The gateway configuration over `mock`, with `extra` TOML appended (after the tier and
-/// prices).
+/// The gateway configuration over `mock`, with `extra` TOML merged over it key by key.
 pub fn config(mock: &MockUpstream, extra: &str) -> String {
-    format!(
+    let base = format!(
         r#"{TIER}
-{extra}
 [gateway]
 [[gateway.upstreams]]
 name = "openai-mock"
@@ -121,7 +119,22 @@ models = ["claude-*"]
 "#,
         openai = mock.openai_base(),
         anthropic = mock.anthropic_base(),
-    )
+    );
+    let mut table: toml::Table = base.parse().unwrap();
+    let extra: toml::Table = extra.parse().unwrap();
+    merge(&mut table, extra);
+    toml::to_string(&table).unwrap()
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
 }
 
 /// A server over a temporary SQLite database with the gateway on, `extra` added to its
