@@ -192,13 +192,13 @@ async fn wait_if_held(seen: &Seen, model: &str) {
     }
 }
 
-fn parse(body: &Bytes) -> Result<Value, Response> {
+fn parse(body: &Bytes) -> Result<Value, Box<Response>> {
     serde_json::from_slice(body).map_err(|e| {
-        (
+        Box::new((
             StatusCode::BAD_REQUEST,
             axum::Json(json!({"error": {"message": format!("bad JSON: {e}"), "type": "invalid_request_error"}})),
         )
-            .into_response()
+            .into_response())
     })
 }
 
@@ -353,7 +353,7 @@ fn chat_usage(scenario: Scenario) -> Value {
 async fn chat(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let guard = InFlight::enter(&seen, &headers, &req);
     let model = model_of(&req);
@@ -456,7 +456,7 @@ fn response_object(model: &str, status: &str, text: &str) -> Value {
 async fn responses(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let guard = InFlight::enter(&seen, &headers, &req);
     let model = model_of(&req);
@@ -517,7 +517,7 @@ async fn responses(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Byte
 async fn embeddings(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let _guard = InFlight::enter(&seen, &headers, &req);
     let model = model_of(&req);
@@ -562,7 +562,7 @@ fn message_usage(output: u64) -> Value {
 async fn messages(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let guard = InFlight::enter(&seen, &headers, &req);
     let model = model_of(&req);
@@ -648,7 +648,7 @@ async fn messages(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes
 async fn count_tokens(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes) -> Response {
     let req = match parse(&body) {
         Ok(v) => v,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let _guard = InFlight::enter(&seen, &headers, &req);
     json_answer(

@@ -839,3 +839,49 @@ fn revoking_an_admin_key_needs_force() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn serve_refuses_a_gateway_whose_provider_key_variable_is_not_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spendguard.toml");
+    std::fs::write(
+        &path,
+        "[gateway]\n[[gateway.upstreams]]\nname = \"openai\"\nkind = \"openai\"\n\
+         base_url = \"https://api.openai.com/v1\"\napi_key_env = \"SPENDGUARD_TEST_UNSET_KEY\"\n\
+         models = [\"gpt-*\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .current_dir(dir.path())
+        .env_remove("SPENDGUARD_TEST_UNSET_KEY")
+        .env_remove("SPENDGUARD_DATABASE_URL")
+        .env("SPENDGUARD_ADMIN_KEY", ADMIN)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("gateway.upstreams[0].api_key_env")
+            && err.contains("SPENDGUARD_TEST_UNSET_KEY"),
+        "{err}"
+    );
+    // Refused before anything was created.
+    assert!(!dir.path().join("spendguard.db").exists());
+
+    // A bad upstream kind is named by its key path.
+    std::fs::write(
+        &path,
+        "[gateway]\n[[gateway.upstreams]]\nname = \"x\"\nkind = \"gemini\"\n\
+         base_url = \"https://example.com\"\napi_key_env = \"\"\nmodels = [\"*\"]\n",
+    )
+    .unwrap();
+    let out = spendguard(&["config", "check", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("gateway.upstreams[0].kind"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -92,6 +92,8 @@ pub struct Harness {
     pub gateway: Gateway,
     /// A key of tenant `acme`.
     pub key: String,
+    /// The server's clock (tests that move time).
+    #[allow(dead_code)]
     pub clock: Arc<ManualClock>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,

@@ -685,6 +685,46 @@ pub async fn whole_months_read_like_their_days(db: &Db) {
 
 /// Takes the database back to the schema of version 1 (keeping the usage and rollup rows),
 /// then opens a store on it, which applies migration 2 (and those after it) again.
+/// Migration 5 (the gateway's columns, status `truncated`) keeps every record and every
+/// rollup of a database at version 4; on SQLite it rebuilds `ai_usage`.
+pub async fn migration_5_keeps_every_record(db: &Db) {
+    let store = db.store().await;
+    let records = usage_records(0x5005, 200);
+    for batch in batches(&records) {
+        store.apply(&batch).await.unwrap();
+    }
+    let rollups = store.rollups().await.unwrap();
+    let before = all_reports(&store).await;
+    store.close().await;
+    let sql = match db {
+        Db::Sqlite { .. } => {
+            "CREATE TABLE ai_usage_v4 AS SELECT id, user_id, company_id, tenant_id, model, \
+             endpoint, subscription_tier, input_tokens, cached_input_tokens, output_tokens, \
+             cost_micros, request_status, created_at, reservation_id, idempotency_key, \
+             day_start, month_start, pricing FROM ai_usage; \
+             DROP TABLE ai_usage; ALTER TABLE ai_usage_v4 RENAME TO ai_usage; \
+             DELETE FROM schema_migrations WHERE version = 5"
+        }
+        Db::Postgres { .. } => {
+            "ALTER TABLE ai_usage DROP COLUMN upstream, DROP COLUMN provider_request_id, \
+             DROP CONSTRAINT ai_usage_request_status_check, \
+             ADD CONSTRAINT ai_usage_request_status_check \
+             CHECK (request_status IN ('success', 'error', 'cancelled', 'expired')); \
+             DELETE FROM schema_migrations WHERE version = 5"
+        }
+    };
+    execute(db, sql).await;
+    let store = reopen(db).await;
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(store.usage_count().await.unwrap(), records.len() as u64);
+    for r in &records {
+        assert_eq!(store.usage(r.id).await.unwrap().as_ref(), Some(r));
+    }
+    assert_eq!(store.rollups().await.unwrap(), rollups);
+    assert_eq!(store.recount().await.unwrap(), rollups);
+    assert_eq!(all_reports(&store).await, before);
+}
+
 async fn back_to_schema_1(db: &Db) -> AnyStore {
     execute(
         db,
@@ -700,7 +740,7 @@ async fn back_to_schema_1(db: &Db) -> AnyStore {
     )
     .await;
     let store = reopen(db).await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4, 5]);
     store
 }
 

@@ -575,6 +575,32 @@ pub async fn expired_rows_do_not_count(db: &Db) {
     assert!(store.load(JAN, JAN).await.unwrap().counters.is_empty());
 }
 
+/// A gateway call's record: its upstream and provider request id, and a truncated one.
+pub async fn origins_and_truncated_records_round_trip(db: &Db) {
+    let store = db.store().await;
+    let mut forwarded = record(1);
+    forwarded.origin = Some(spendguard_core::Origin {
+        upstream: "openai-main".into(),
+        request_id: Some("req_0123abc".into()),
+    });
+    let mut cut = record(2);
+    cut.status = RequestStatus::Truncated;
+    cut.pricing = Pricing::Estimate;
+    cut.origin = Some(spendguard_core::Origin {
+        upstream: "anthropic".into(),
+        request_id: None,
+    });
+    store
+        .apply(&[Event::Recorded(forwarded.clone()), Event::Recorded(cut.clone())])
+        .await
+        .unwrap();
+    assert_eq!(store.usage(forwarded.id).await.unwrap(), Some(forwarded));
+    assert_eq!(store.usage(cut.id).await.unwrap(), Some(cut));
+    // A truncated record counts, like any call that happened.
+    assert_eq!(store.rollups().await.unwrap(), store.recount().await.unwrap());
+    assert!(!store.rollups().await.unwrap().is_empty());
+}
+
 pub async fn large_money_values_round_trip(db: &Db) {
     let store = db.store().await;
     let mut huge = record(1);
@@ -699,14 +725,14 @@ pub async fn writer_lock_is_exclusive(db: &Db) {
 
 pub async fn migrations_are_versioned(db: &Db) {
     let store = db.store().await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4, 5]);
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4, 5]);
     store.apply(&[Event::Recorded(record(1))]).await.unwrap();
     store.close().await;
     let store = db.store().await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4, 5]);
     assert_eq!(store.usage_count().await.unwrap(), 1);
 }
 
@@ -753,7 +779,7 @@ pub async fn a_gap_in_the_migrations_is_filled_later(db: &Db) {
     )
     .await;
     let store = db.store().await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4]);
+    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4, 5]);
     store.close().await;
 }
 
