@@ -107,7 +107,8 @@ pub struct CommitBody {
     #[serde(default)]
     #[schemars(with = "Option<crate::openapi::UsdIn>")]
     pub cost_usd: Option<Money>,
-    /// `success` (default), `error` or `cancelled`.
+    /// `success` (default), `error`, `cancelled` or `truncated` (cut off before its usage
+    /// was known: a commit is then charged at least its estimate).
     #[serde(default)]
     #[schemars(with = "Option<crate::openapi::CommitStatus>")]
     pub status: Option<RequestStatus>,
@@ -176,7 +177,8 @@ pub struct UsageBody {
     #[serde(default)]
     #[schemars(with = "Option<crate::openapi::UsdIn>")]
     pub cost_usd: Option<Money>,
-    /// `success` (default), `error` or `cancelled`.
+    /// `success` (default), `error`, `cancelled` or `truncated` (cut off before its usage
+    /// was known: a commit is then charged at least its estimate).
     #[serde(default)]
     #[schemars(with = "Option<crate::openapi::CommitStatus>")]
     pub status: Option<RequestStatus>,

@@ -136,7 +136,7 @@ names! {
     /// The state a release left a reservation in.
     SettledName [Released, Expired, Committed]
     /// How a call ended.
-    RequestStatusName [Success, Error, Cancelled, Expired]
+    RequestStatusName [Success, Error, Cancelled, Expired, Truncated]
     /// How a usage record's cost was found.
     PricingName [Catalog, Caller, Estimate, Default, Free]
     /// A report's grouping.
@@ -169,6 +169,9 @@ pub enum CommitStatus {
     Success,
     Error,
     Cancelled,
+    /// The output was cut off before its usage was known; a commit is charged at least its
+    /// reservation's estimate.
+    Truncated,
 }
 
 /// A user's tier and limit overrides (`PUT /v1/admin/users/{user_id}`): each field set wins

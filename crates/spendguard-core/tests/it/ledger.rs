@@ -751,3 +751,32 @@ fn scope_totals_and_budget_for_report_what_alerts_compare() {
     assert_eq!((b.daily, b.monthly), (Some(usd("3")), Some(usd("200"))));
     assert_eq!(l.budget_for(&ScopeKey::Global, None).daily, Some(usd("10")));
 }
+
+#[test]
+fn a_truncated_commit_without_a_cost_is_charged_at_least_its_estimate() {
+    let l = ledger();
+    l.reserve(&reserve_req(1, subject("t", "u", None), usd("0.40")), T0)
+        .unwrap()
+        .unwrap();
+    let mut cut = commit_req(101, usd("0"));
+    cut.cost = None;
+    cut.status = RequestStatus::Truncated;
+    cut.origin = Some(Origin {
+        upstream: "openai".into(),
+        request_id: Some("req_1".into()),
+    });
+    let c = l.commit(&id(1), &cut, T0 + 1).unwrap();
+    // The listed price of 100 + 50 tokens is far below the estimate.
+    assert_eq!(c.value.usage.cost, usd("0.40"));
+    assert_eq!(c.value.usage.pricing, Pricing::Estimate);
+    assert_eq!(c.value.usage.status, RequestStatus::Truncated);
+    assert_eq!(c.value.usage.origin, cut.origin);
+    assert_eq!(amount_usd(user_day(&l, "t", "u", T0).used), usd("0.40"));
+    // A truncated commit that names its cost is charged that cost.
+    l.reserve(&reserve_req(2, subject("t", "u", None), usd("0.40")), T0)
+        .unwrap()
+        .unwrap();
+    let mut named = commit_req(102, usd("0.05"));
+    named.status = RequestStatus::Truncated;
+    assert_eq!(l.commit(&id(2), &named, T0 + 1).unwrap().value.usage.cost, usd("0.05"));
+}
