@@ -219,6 +219,25 @@ async fn startup(users: u64) {
     let store = AnyStore::open(path.to_str().unwrap(), &OpenOptions::default())
         .await
         .unwrap();
+    // Where start-up goes: reading the snapshot, then restoring it into a ledger.
+    let periods = cal.periods(now);
+    let t = Instant::now();
+    let snapshot = store
+        .load(periods.day.start, periods.month.start)
+        .await
+        .unwrap();
+    let load = t.elapsed();
+    let rows = snapshot.counters.len();
+    let t = Instant::now();
+    let ledger = spendguard_core::Ledger::new(policy());
+    ledger.restore(snapshot).unwrap();
+    let restore = t.elapsed();
+    drop(ledger);
+    println!(
+        "  of which: loading {rows} rollup rows {:.2} s, restoring them {:.2} s",
+        load.as_secs_f64(),
+        restore.as_secs_f64()
+    );
     let t = Instant::now();
     let g = Guard::start(
         store,

@@ -778,5 +778,8 @@ fn a_truncated_commit_without_a_cost_is_charged_at_least_its_estimate() {
         .unwrap();
     let mut named = commit_req(102, usd("0.05"));
     named.status = RequestStatus::Truncated;
-    assert_eq!(l.commit(&id(2), &named, T0 + 1).unwrap().value.usage.cost, usd("0.05"));
+    assert_eq!(
+        l.commit(&id(2), &named, T0 + 1).unwrap().value.usage.cost,
+        usd("0.05")
+    );
 }

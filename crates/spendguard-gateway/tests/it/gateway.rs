@@ -586,3 +586,48 @@ async fn two_hundred_concurrent_streams_at_a_budget_of_twenty_worst_cases_forwar
     assert_eq!(rows.len(), 20);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn max_tokens_above_the_tiers_maximum_is_400_and_the_models_are_listed() {
+    let h = start("").await;
+    let r = h
+        .post(
+            "/anthropic/v1/messages",
+            json!({"model": "claude-mock", "max_tokens": 5000, "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("4096"),
+        "{body}"
+    );
+    assert_eq!(h.mock.calls(), 0);
+
+    let r = h
+        .client
+        .get(format!("{}/openai/v1/models", h.url))
+        .bearer_auth(&h.key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    let ids: Vec<&str> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["gpt-*", "text-embedding-*"]);
+    assert_eq!(body["data"][0]["owned_by"], "openai-mock");
+    let r = h
+        .client
+        .get(format!("{}/openai/v1/models", h.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    h.stop().await;
+}

@@ -591,13 +591,19 @@ pub async fn origins_and_truncated_records_round_trip(db: &Db) {
         request_id: None,
     });
     store
-        .apply(&[Event::Recorded(forwarded.clone()), Event::Recorded(cut.clone())])
+        .apply(&[
+            Event::Recorded(forwarded.clone()),
+            Event::Recorded(cut.clone()),
+        ])
         .await
         .unwrap();
     assert_eq!(store.usage(forwarded.id).await.unwrap(), Some(forwarded));
     assert_eq!(store.usage(cut.id).await.unwrap(), Some(cut));
     // A truncated record counts, like any call that happened.
-    assert_eq!(store.rollups().await.unwrap(), store.recount().await.unwrap());
+    assert_eq!(
+        store.rollups().await.unwrap(),
+        store.recount().await.unwrap()
+    );
     assert!(!store.rollups().await.unwrap().is_empty());
 }
 
