@@ -2,7 +2,7 @@
 //! time against the number of active users.
 //!
 //! ```sh
-//! cargo bench -p spendguard-guard --bench guard -- [--history ROWS] [--users N]
+//! cargo bench -p spendguard-guard --bench guard -- [--history ROWS] [--users N] [--startup-only] [--keep DIR]
 //! ```
 //!
 //! 1. Seeds a database with `--history` usage rows (default 10,000,000) spread over the
@@ -198,7 +198,11 @@ async fn measure(label: &str, store: AnyStore, dir: &std::path::Path) {
 
 async fn startup(users: u64) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("startup.db");
+    // `--keep DIR`: build the database there and leave it, to look at it afterwards.
+    let path = match std::env::args().skip_while(|a| a != "--keep").nth(1) {
+        Some(keep) => std::path::PathBuf::from(keep).join("startup.db"),
+        None => dir.path().join("startup.db"),
+    };
     let store = AnyStore::open(path.to_str().unwrap(), &OpenOptions::default())
         .await
         .unwrap();
@@ -275,6 +279,10 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
+        if std::env::args().any(|a| a == "--startup-only") {
+            startup(users).await;
+            return;
+        }
         let now = SystemClock.now_micros();
         let empty = tempfile::tempdir().unwrap();
         let store = AnyStore::open(

@@ -545,6 +545,38 @@ CREATE UNIQUE INDEX ai_usage_idempotency ON ai_usage (tenant_id, idempotency_key
     WHERE idempotency_key IS NOT NULL AND reservation_id IS NULL;
 "#,
     ),
+    (
+        6,
+        r#"
+-- The counters ordered by window first: the current windows' rows (read at start-up) and a
+-- report's range of days (read by reports) are each a contiguous range of the primary key,
+-- read in order instead of through an index with a lookup per row; and today's counters,
+-- the ones being written, sit together. The old table's two window indexes are not needed
+-- any more; one tenant's rows are found through `rollups_tenant`.
+CREATE TABLE rollups_v6 (
+    scope_kind TEXT NOT NULL,
+    tenant_id TEXT NOT NULL,
+    scope_id TEXT NOT NULL,
+    "window" TEXT NOT NULL CHECK ("window" IN ('day', 'month')),
+    window_start INTEGER NOT NULL,
+    spent_micros INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    cached_input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope_kind, "window", window_start, tenant_id, scope_id)
+) STRICT, WITHOUT ROWID;
+INSERT INTO rollups_v6 (scope_kind, tenant_id, scope_id, "window", window_start,
+    spent_micros, requests, tokens, input_tokens, cached_input_tokens, output_tokens)
+SELECT scope_kind, tenant_id, scope_id, "window", window_start, spent_micros, requests,
+    tokens, input_tokens, cached_input_tokens, output_tokens
+FROM rollups;
+DROP TABLE rollups;
+ALTER TABLE rollups_v6 RENAME TO rollups;
+CREATE INDEX rollups_tenant ON rollups (scope_kind, tenant_id, "window", window_start);
+"#,
+    ),
 ];
 
 /// PostgreSQL: instants are `timestamptz`, `ai_usage.cost_usd` is `NUMERIC(19,6)` (every
@@ -752,6 +784,15 @@ ALTER TABLE ai_usage
         CHECK (request_status IN ('success', 'error', 'cancelled', 'expired', 'truncated')),
     ADD COLUMN upstream text,
     ADD COLUMN provider_request_id text;
+"#,
+    ),
+    (
+        6,
+        r#"
+-- SQLite's migration 6 orders its counters by window first. A PostgreSQL table is a heap
+-- whatever its primary key, and reads the current windows through `rollups_window`; nothing
+-- changes here, so both backends keep the same versions.
+SELECT 1;
 "#,
     ),
 ];

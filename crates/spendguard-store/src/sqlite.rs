@@ -699,10 +699,14 @@ fn load_blocking(
     let tx = conn.transaction().db()?;
     let mut snapshot = Snapshot::default();
     {
+        // Two ranges of the primary key per scope kind (see migration 6).
         let sql = format!(
             "SELECT {ROLLUP_COLUMNS} FROM rollups \
-             WHERE (\"window\" = 'day' AND window_start >= ?1) \
-             OR (\"window\" = 'month' AND window_start >= ?2)"
+             WHERE scope_kind IN ('global', 'tenant', 'company', 'user') \
+             AND \"window\" = 'day' AND window_start >= ?1 \
+             UNION ALL SELECT {ROLLUP_COLUMNS} FROM rollups \
+             WHERE scope_kind IN ('global', 'tenant', 'company', 'user') \
+             AND \"window\" = 'month' AND window_start >= ?2"
         );
         let mut stmt = tx.prepare_cached(&sql).db()?;
         let mut rows = stmt.query(params![day_start, month_start]).db()?;

@@ -4,7 +4,7 @@
 //! by the writer connection, each call in one transaction.
 
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
-use spendguard_core::{Micros, ScopeKind, TenantId, UserId, Window};
+use spendguard_core::{Micros, ScopeKind, TenantId, UserId};
 
 use crate::common::{
     AlertCols, DeliveryCols, Groups, ReportPlan, alert_order, scope_columns, sort_models,
@@ -16,72 +16,25 @@ use crate::{
     StoreError,
 };
 
-/// The `rollups` rows of one scope kind in one window with starts in a range, found through
-/// `rollups_kind_window`. The sums are added up in Rust, saturating (SQLite's `sum` fails on
-/// overflow).
+/// The `rollups` rows of one scope kind in one window with starts in a range: a range of
+/// the primary key, read in order (migration 6). The sums are added up in Rust, saturating
+/// (SQLite's `sum` fails on overflow).
 const ROLLUP_ROWS: &str = "SELECT window_start, tenant_id, scope_id, spent_micros, requests, \
     input_tokens, cached_input_tokens, output_tokens FROM rollups \
     WHERE scope_kind = ?1 AND \"window\" = ?2 AND window_start >= ?3 AND window_start <= ?4";
 
-/// [`ROLLUP_ROWS`] by a scan of all the kind's rows in primary-key order (the unary `+`
-/// keeps SQLite off `rollups_kind_window`). Each row found through the index costs a
-/// lookup in the primary key, many times a row of a scan (see [`LOOKUP_COST`]), so a range
-/// holding much of the kind's history is read faster this way.
-const ROLLUP_SCAN: &str = "SELECT window_start, tenant_id, scope_id, spent_micros, requests, \
-    input_tokens, cached_input_tokens, output_tokens FROM rollups \
-    WHERE scope_kind = ?1 AND +\"window\" = ?2 AND +window_start >= ?3 \
-    AND +window_start <= ?4";
-
-/// [`ROLLUP_SCAN`] of one tenant's rows: a range of the primary key (the tenant's scopes
-/// of the kind, all windows), rather than every tenant's rows of the windows.
-const ROLLUP_SCAN_OF_TENANT: &str = "SELECT window_start, tenant_id, scope_id, spent_micros, \
+/// [`ROLLUP_ROWS`] of one tenant, through `rollups_tenant`, rather than every tenant's rows
+/// of the windows.
+const ROLLUP_ROWS_OF_TENANT: &str = "SELECT window_start, tenant_id, scope_id, spent_micros, \
     requests, input_tokens, cached_input_tokens, output_tokens FROM rollups \
-    WHERE scope_kind = ?1 AND +\"window\" = ?2 AND +window_start >= ?3 \
-    AND +window_start <= ?4 AND tenant_id = ?5";
+    WHERE scope_kind = ?1 AND \"window\" = ?2 AND window_start >= ?3 \
+    AND window_start <= ?4 AND tenant_id = ?5";
 
-/// The tenant's own rows (whose `scope_id` is the tenant id): the whole primary key is
-/// bound, so SQLite reads just those rows.
+/// The tenant's own rows (whose `scope_id` is the tenant id).
 const TENANT_ROLLUP_ROWS: &str = "SELECT window_start, tenant_id, scope_id, spent_micros, \
     requests, input_tokens, cached_input_tokens, output_tokens FROM rollups \
     WHERE scope_kind = ?1 AND \"window\" = ?2 AND window_start >= ?3 AND window_start <= ?4 \
     AND tenant_id = ?5 AND scope_id = ?5";
-
-/// The first and the last day with rows of a scope kind (each subquery is one index seek).
-const DAY_EXTENT: &str = "SELECT \
-    (SELECT min(window_start) FROM rollups WHERE scope_kind = ?1 AND \"window\" = 'day'), \
-    (SELECT max(window_start) FROM rollups WHERE scope_kind = ?1 AND \"window\" = 'day')";
-
-/// About how many rows of a scan in primary-key order cost as much as one row found through
-/// `rollups_kind_window` (measured: about 0.08 µs against 1.5 µs).
-const LOOKUP_COST: i64 = 16;
-
-/// A calendar day, give or take a daylight-saving hour: enough to count days roughly.
-const ABOUT_A_DAY: i64 = 86_400_000_000;
-
-/// Whether the day rows of `kind` from `first` to `last` are read faster by [`ROLLUP_SCAN`]
-/// than by [`ROLLUP_ROWS`]: when the range covers more than a `1 / LOOKUP_COST` share of
-/// the days with rows of the kind (each day holding about as many rows).
-fn scan_days(
-    tx: &rusqlite::Transaction<'_>,
-    kind: ScopeKind,
-    first: Micros,
-    last: Micros,
-) -> Result<bool, StoreError> {
-    let (min, max): (Option<i64>, Option<i64>) = tx
-        .prepare_cached(DAY_EXTENT)
-        .db()?
-        .query_row([kind.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
-        .db()?;
-    let (Some(min), Some(max)) = (min, max) else {
-        return Ok(false);
-    };
-    let (from, to) = (first.max(min), last.min(max));
-    if from > to {
-        return Ok(false);
-    }
-    let days = |a: i64, b: i64| (b.saturating_sub(a) / ABOUT_A_DAY).saturating_add(1);
-    Ok(days(from, to).saturating_mul(LOOKUP_COST) >= days(min, max))
-}
 
 /// The `usage_rollups` rows of one dimension in a range of days, summed in Rust like
 /// [`ROLLUP_ROWS`].
@@ -270,17 +223,9 @@ impl SqliteStore {
                 ReportPlan::Rollups { kinds, ranges } => {
                     for &kind in kinds {
                         for &(window, first, last) in ranges {
-                            // A tenant's rows are a range of the primary key; without a
-                            // tenant, a month's rows are few, and days are read through
-                            // the index unless the range holds much of the history.
                             let sql = match tenant {
                                 Some(_) if kind == ScopeKind::Tenant => TENANT_ROLLUP_ROWS,
-                                Some(_) => ROLLUP_SCAN_OF_TENANT,
-                                None if window == Window::Day
-                                    && scan_days(&tx, kind, first, last)? =>
-                                {
-                                    ROLLUP_SCAN
-                                }
+                                Some(_) => ROLLUP_ROWS_OF_TENANT,
                                 None => ROLLUP_ROWS,
                             };
                             let mut stmt = tx.prepare_cached(sql).db()?;

@@ -715,7 +715,10 @@ pub async fn migration_5_keeps_every_record(db: &Db) {
     };
     execute(db, sql).await;
     let store = reopen(db).await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        store.schema_versions().await.unwrap(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
     assert_eq!(store.usage_count().await.unwrap(), records.len() as u64);
     for r in &records {
         assert_eq!(store.usage(r.id).await.unwrap().as_ref(), Some(r));
@@ -730,7 +733,7 @@ async fn back_to_schema_1(db: &Db) -> AnyStore {
         db,
         "DROP TABLE usage_rollups; DROP INDEX webhook_deliveries_alert_url; \
          ALTER TABLE webhook_deliveries DROP COLUMN delivered_at; \
-         DROP INDEX rollups_kind_window; \
+         DROP INDEX IF EXISTS rollups_kind_window; \
          ALTER TABLE rollups DROP COLUMN input_tokens; \
          ALTER TABLE rollups DROP COLUMN cached_input_tokens; \
          ALTER TABLE rollups DROP COLUMN output_tokens; \
@@ -740,7 +743,10 @@ async fn back_to_schema_1(db: &Db) -> AnyStore {
     )
     .await;
     let store = reopen(db).await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        store.schema_versions().await.unwrap(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
     store
 }
 

@@ -731,14 +731,23 @@ pub async fn writer_lock_is_exclusive(db: &Db) {
 
 pub async fn migrations_are_versioned(db: &Db) {
     let store = db.store().await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        store.schema_versions().await.unwrap(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        store.schema_versions().await.unwrap(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
     store.apply(&[Event::Recorded(record(1))]).await.unwrap();
     store.close().await;
     let store = db.store().await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        store.schema_versions().await.unwrap(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
     assert_eq!(store.usage_count().await.unwrap(), 1);
 }
 
@@ -777,7 +786,7 @@ pub async fn a_gap_in_the_migrations_is_filled_later(db: &Db) {
         db,
         "DROP TABLE usage_rollups; DROP INDEX webhook_deliveries_alert_url; \
          ALTER TABLE webhook_deliveries DROP COLUMN delivered_at; \
-         DROP INDEX rollups_kind_window; \
+         DROP INDEX IF EXISTS rollups_kind_window; \
          ALTER TABLE rollups DROP COLUMN input_tokens; \
          ALTER TABLE rollups DROP COLUMN cached_input_tokens; \
          ALTER TABLE rollups DROP COLUMN output_tokens; \
@@ -785,7 +794,10 @@ pub async fn a_gap_in_the_migrations_is_filled_later(db: &Db) {
     )
     .await;
     let store = db.store().await;
-    assert_eq!(store.schema_versions().await.unwrap(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(
+        store.schema_versions().await.unwrap(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
     store.close().await;
 }
 
