@@ -440,7 +440,8 @@ impl Deltas {
 
 /// Sorts counter rows by scope, window and start.
 pub(crate) fn sort_rows(rows: &mut [CounterRow]) {
-    rows.sort_by(|a, b| (&a.scope, a.window, a.start).cmp(&(&b.scope, b.window, b.start)));
+    // Keys are unique (the primary key), so an unstable sort gives the one order.
+    rows.sort_unstable_by(|a, b| (&a.scope, a.window, a.start).cmp(&(&b.scope, b.window, b.start)));
 }
 
 /// The columns of a `rollups` row, in the order of inserts and selects alike.
@@ -466,10 +467,42 @@ pub(crate) struct RollupCols<'a> {
     pub output_tokens: i64,
 }
 
+/// The tenant id of the previous row, reused when the next row names the same tenant:
+/// rows read in primary-key order come grouped by tenant, so a million users' counters share
+/// a handful of tenant ids instead of parsing and allocating one each.
+#[derive(Debug, Default)]
+pub(crate) struct TenantCache(Option<TenantId>);
+
+impl TenantCache {
+    fn get(&mut self, s: &str) -> Result<TenantId, StoreError> {
+        if let Some(t) = &self.0 {
+            if t.as_str() == s {
+                return Ok(t.clone());
+            }
+        }
+        let t = parse_id("tenant_id", s, TenantId::parse)?;
+        self.0 = Some(t.clone());
+        Ok(t)
+    }
+}
+
 impl RollupCols<'_> {
-    pub fn decode(&self) -> Result<CounterRow, StoreError> {
+    pub fn decode_with(&self, tenants: &mut TenantCache) -> Result<CounterRow, StoreError> {
+        let scope = match self.kind {
+            "global" => ScopeKey::Global,
+            "tenant" => ScopeKey::Tenant(tenants.get(self.tenant)?),
+            "company" => ScopeKey::Company(
+                tenants.get(self.tenant)?,
+                parse_id("scope_id", self.id, CompanyId::parse)?,
+            ),
+            "user" => ScopeKey::User(
+                tenants.get(self.tenant)?,
+                parse_id("scope_id", self.id, UserId::parse)?,
+            ),
+            other => return Err(corrupt(format!("unknown scope_kind `{other}`"))),
+        };
         Ok(CounterRow {
-            scope: scope_from_columns(self.kind, self.tenant, self.id)?,
+            scope,
             window: window_from_str(self.window)?,
             start: self.start,
             spent: Money::from_micros(self.spent),

@@ -24,8 +24,8 @@ use uuid::Uuid;
 
 use crate::common::{
     Deltas, Plan, ROLLUP_COLUMNS, ROLLUP_CONFLICT, ReservationCols, RollupCols, Settle,
-    USAGE_ROLLUP_CONFLICT, UsageCols, UsageDeltas, UsageKey, clamp_u64, corrupt, decode_user,
-    encode_user, parse_id, scope_columns, scope_from_columns, sort_rows,
+    TenantCache, USAGE_ROLLUP_CONFLICT, UsageCols, UsageDeltas, UsageKey, clamp_u64, corrupt,
+    decode_user, encode_user, parse_id, scope_columns, scope_from_columns, sort_rows,
 };
 use crate::error::StoreError;
 use crate::migrations::{POSTGRES as MIGRATIONS, POSTGRES_REBUILD_USAGE_ROLLUPS};
@@ -324,6 +324,10 @@ fn reservation_row(row: &Row) -> Result<Reservation, StoreError> {
 
 /// Reads a row of [`ROLLUP_COLUMNS`].
 fn rollup_row(row: &Row) -> Result<CounterRow, StoreError> {
+    rollup_row_with(row, &mut TenantCache::default())
+}
+
+fn rollup_row_with(row: &Row, tenants: &mut TenantCache) -> Result<CounterRow, StoreError> {
     RollupCols {
         kind: get(row, 0)?,
         tenant: get(row, 1)?,
@@ -337,7 +341,7 @@ fn rollup_row(row: &Row) -> Result<CounterRow, StoreError> {
         cached_input_tokens: get(row, 9)?,
         output_tokens: get(row, 10)?,
     }
-    .decode()
+    .decode_with(tenants)
 }
 
 /// A short description of the database for messages (never the password).
@@ -976,8 +980,9 @@ impl Store for PostgresStore {
              WHERE (\"window\" = 'day' AND window_start >= $1) \
              OR (\"window\" = 'month' AND window_start >= $2)"
         );
+        let mut tenants = TenantCache::default();
         for row in tx.query(&sql, &[&day_start, &month_start]).await.db()? {
-            snapshot.counters.push(rollup_row(&row)?);
+            snapshot.counters.push(rollup_row_with(&row, &mut tenants)?);
         }
         sort_rows(&mut snapshot.counters);
         let sql = format!(

@@ -19,9 +19,9 @@ use uuid::Uuid;
 
 use crate::common::{
     Deltas, Plan, ROLLUP_COLUMN_COUNT, ROLLUP_COLUMNS, ROLLUP_CONFLICT, ReservationCols,
-    RollupCols, Settle, USAGE_ROLLUP_CONFLICT, UsageCols, UsageDeltas, UsageKey, clamp_u64,
-    corrupt, decode_user, encode_user, now_micros, parse_id, scope_columns, scope_from_columns,
-    sort_rows, to_u64,
+    RollupCols, Settle, TenantCache, USAGE_ROLLUP_CONFLICT, UsageCols, UsageDeltas, UsageKey,
+    clamp_u64, corrupt, decode_user, encode_user, now_micros, parse_id, scope_columns,
+    scope_from_columns, sort_rows, to_u64,
 };
 use crate::error::StoreError;
 use crate::migrations::{SQLITE as MIGRATIONS, SQLITE_REBUILD_USAGE_ROLLUPS};
@@ -358,6 +358,10 @@ fn reservation_row(row: &Row<'_>) -> Result<spendguard_core::Reservation, StoreE
 
 /// Reads a row of [`ROLLUP_COLUMNS`].
 fn rollup_row(row: &Row<'_>) -> Result<CounterRow, StoreError> {
+    rollup_row_with(row, &mut TenantCache::default())
+}
+
+fn rollup_row_with(row: &Row<'_>, tenants: &mut TenantCache) -> Result<CounterRow, StoreError> {
     RollupCols {
         kind: text(row, 0)?,
         tenant: text(row, 1)?,
@@ -371,7 +375,7 @@ fn rollup_row(row: &Row<'_>) -> Result<CounterRow, StoreError> {
         cached_input_tokens: int(row, 9)?,
         output_tokens: int(row, 10)?,
     }
-    .decode()
+    .decode_with(tenants)
 }
 
 fn take_lock(path: &str) -> Result<File, StoreError> {
@@ -710,8 +714,9 @@ fn load_blocking(
         );
         let mut stmt = tx.prepare_cached(&sql).db()?;
         let mut rows = stmt.query(params![day_start, month_start]).db()?;
+        let mut tenants = TenantCache::default();
         while let Some(row) = rows.next().db()? {
-            snapshot.counters.push(rollup_row(row)?);
+            snapshot.counters.push(rollup_row_with(row, &mut tenants)?);
         }
         sort_rows(&mut snapshot.counters);
     }
