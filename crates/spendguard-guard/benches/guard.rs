@@ -198,18 +198,21 @@ async fn measure(label: &str, store: AnyStore, dir: &std::path::Path) {
 
 async fn startup(users: u64) {
     let dir = tempfile::tempdir().unwrap();
-    // `--keep DIR`: build the database there and leave it, to look at it afterwards.
+    // `--keep DIR`: build the database there and leave it (to look at it afterwards, or to
+    // time start-up again without seeding: a kept database is reused).
     let path = match std::env::args().skip_while(|a| a != "--keep").nth(1) {
         Some(keep) => std::path::PathBuf::from(keep).join("startup.db"),
         None => dir.path().join("startup.db"),
     };
+    // A kept database is seeded once and reused.
+    let seeded = path.exists();
     let store = AnyStore::open(path.to_str().unwrap(), &OpenOptions::default())
         .await
         .unwrap();
     let now = SystemClock.now_micros();
     let cal = Calendar::utc();
     let mut batch = Vec::with_capacity(10_000);
-    for i in 0..users {
+    for i in (0..users).filter(|_| !seeded) {
         let mut u = usage(i, now, &cal);
         u.user = UserId::parse(&format!("user-{i}")).unwrap();
         batch.push(Event::Recorded(u));
