@@ -1,0 +1,555 @@
+//! Shard state: the counters of every scope, interned in slots of 64 shards, and the
+//! reservations, open and recently settled.
+//!
+//! A request hashes each of its scopes once (from borrowed ids, cloning nothing), locks
+//! their shards in ascending order and finds their slots; from then on it works with slot
+//! numbers. An open reservation keeps its slots, so settling it hashes no scope at all.
+//! A slot is freed only when its scope has nothing in flight (see `Ledger::forget`), so the
+//! slots of an open reservation stay valid for as long as it is open.
+
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
+use std::sync::{Mutex, MutexGuard};
+
+use foldhash::fast::RandomState;
+use hashbrown::HashTable;
+use uuid::Uuid;
+
+use super::types::{CommitRequest, Reservation, ScopeKey, ScopeRef, Settlement, UsageRecord};
+use super::{HashMap, Ledger, SHARDS};
+use crate::money::Money;
+use crate::window::Micros;
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a shard cannot leave it half-updated (updates are applied after
+    // all checks), so a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counters of one calendar window of one scope.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Counters {
+    pub(super) start: Micros,
+    pub(super) spent: Money,
+    pub(super) reserved: Money,
+    pub(super) requests: u64,
+    pub(super) requests_reserved: u64,
+    pub(super) tokens: u64,
+    pub(super) tokens_reserved: u64,
+}
+
+impl Counters {
+    /// The counters as of the window starting at `start`: zero if they are of another one.
+    pub(super) fn at(&self, start: Micros) -> Counters {
+        if self.start == start {
+            *self
+        } else {
+            Counters {
+                start,
+                ..Counters::default()
+            }
+        }
+    }
+
+    /// Moves to the window at `start` if that is newer than the current one. Returns the
+    /// counters to update for `start`, or `None` when `start` is an older, finished window.
+    pub(super) fn window_mut(&mut self, start: Micros) -> Option<&mut Counters> {
+        if self.start < start {
+            *self = Counters {
+                start,
+                ..Counters::default()
+            };
+        }
+        (self.start == start).then_some(self)
+    }
+
+    fn hold(&mut self, estimate: Money, tokens: u64) {
+        self.reserved = self.reserved.saturating_add(estimate);
+        self.requests_reserved += 1;
+        self.tokens_reserved = self.tokens_reserved.saturating_add(tokens);
+    }
+
+    fn unhold(&mut self, estimate: Money, tokens: u64) {
+        self.reserved = self.reserved.saturating_sub(estimate);
+        self.requests_reserved = self.requests_reserved.saturating_sub(1);
+        self.tokens_reserved = self.tokens_reserved.saturating_sub(tokens);
+    }
+
+    pub(super) fn charge(&mut self, cost: Money, tokens: u64) {
+        self.spent = self.spent.saturating_add(cost);
+        self.requests += 1;
+        self.tokens = self.tokens.saturating_add(tokens);
+    }
+
+    pub(super) fn uncharge(&mut self, cost: Money, tokens: u64) {
+        self.spent = self.spent.saturating_sub(cost);
+        self.requests = self.requests.saturating_sub(1);
+        self.tokens = self.tokens.saturating_sub(tokens);
+    }
+}
+
+/// The live state of one scope. Only the current windows are kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct ScopeState {
+    pub(super) day: Counters,
+    pub(super) month: Counters,
+    /// Reservations open against this scope.
+    pub(super) in_flight: u32,
+    /// Tenant scopes only: how many user and company scopes of the tenant are held in
+    /// memory (maintained where they are created and dropped).
+    pub(super) subjects: u32,
+    /// GCRA theoretical arrival time (users only).
+    pub(super) tat: Micros,
+}
+
+/// How a change reaches the day and month counters of a scope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Windows {
+    /// A window newer than the one held replaces it (its counters start at zero); an
+    /// older, finished one is left alone. For what adds: reservations and charges.
+    Advance,
+    /// Only the windows held are changed. For what takes back what was added earlier.
+    Held,
+}
+
+impl ScopeState {
+    /// The day and month loop, written once: calls `f` with the counters of the windows
+    /// starting at `day` and `month`, as `how` says.
+    pub(super) fn windows(
+        &mut self,
+        day: Micros,
+        month: Micros,
+        how: Windows,
+        mut f: impl FnMut(&mut Counters),
+    ) {
+        for (c, start) in [(&mut self.day, day), (&mut self.month, month)] {
+            let c = match how {
+                Windows::Advance => c.window_mut(start),
+                Windows::Held => (c.start == start).then_some(c),
+            };
+            if let Some(c) = c {
+                f(c);
+            }
+        }
+    }
+
+    /// Holds a reservation: in flight, and its estimate in the windows it was admitted in.
+    /// `uncharge` first takes back what a commit of it charged (when it is reopened).
+    pub(super) fn hold(&mut self, res: &Reservation, uncharge: Option<(Money, u64)>) {
+        self.in_flight += 1;
+        self.windows(res.day_start, res.month_start, Windows::Advance, |c| {
+            if let Some((cost, tokens)) = uncharge {
+                c.uncharge(cost, tokens);
+            }
+            c.hold(res.estimate, res.estimated_tokens);
+        });
+    }
+
+    /// Lets a reservation go (settled or undone); `charge` is what its commit costs.
+    pub(super) fn unhold(&mut self, res: &Reservation, charge: Option<(Money, u64)>) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.windows(res.day_start, res.month_start, Windows::Held, |c| {
+            c.unhold(res.estimate, res.estimated_tokens);
+            if let Some((cost, tokens)) = charge {
+                c.charge(cost, tokens);
+            }
+        });
+    }
+}
+
+#[derive(Debug)]
+struct Slot {
+    /// `None` while the slot is free.
+    key: Option<ScopeKey>,
+    state: ScopeState,
+}
+
+/// The scopes of one shard: their states in a slab of slots, found through a table of
+/// slot numbers keyed by the scope's hash.
+#[derive(Debug, Default)]
+pub(super) struct Shard {
+    index: HashTable<u32>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+}
+
+/// The shard of a scope, from its hash (bits the table does not use for its buckets).
+pub(super) fn shard_of(hash: u64) -> usize {
+    ((hash >> 40) as usize) % SHARDS
+}
+
+impl Shard {
+    pub(super) fn find(&self, hash: u64, r: ScopeRef<'_>) -> Option<u32> {
+        self.index
+            .find(hash, |&i| {
+                self.slots[i as usize]
+                    .key
+                    .as_ref()
+                    .is_some_and(|k| k.as_ref() == r)
+            })
+            .copied()
+    }
+
+    /// Interns a new scope (that is not in the shard) and returns its slot.
+    pub(super) fn insert(&mut self, hash: u64, key: ScopeKey, hasher: &RandomState) -> u32 {
+        let slot = Slot {
+            key: Some(key),
+            state: ScopeState::default(),
+        };
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = slot;
+                i
+            }
+            None => {
+                self.slots.push(slot);
+                u32::try_from(self.slots.len() - 1).expect("fewer than 2^32 scopes per shard")
+            }
+        };
+        let slots = &self.slots;
+        self.index.insert_unique(hash, i, |&j| {
+            hasher.hash_one(
+                slots[j as usize]
+                    .key
+                    .as_ref()
+                    .expect("indexed slots are used"),
+            )
+        });
+        i
+    }
+
+    pub(super) fn state(&self, slot: u32) -> &ScopeState {
+        &self.slots[slot as usize].state
+    }
+
+    pub(super) fn state_mut(&mut self, slot: u32) -> &mut ScopeState {
+        &mut self.slots[slot as usize].state
+    }
+
+    fn remove(&mut self, hasher: &RandomState, slot: u32) {
+        let Some(key) = self.slots[slot as usize].key.take() else {
+            return;
+        };
+        if let Ok(e) = self.index.find_entry(hasher.hash_one(&key), |&j| j == slot) {
+            e.remove();
+        }
+        self.slots[slot as usize].state = ScopeState::default();
+        self.free.push(slot);
+    }
+
+    /// Removes the state of `key`, if there is one.
+    pub(super) fn remove_key(&mut self, hasher: &RandomState, key: &ScopeKey) {
+        let r = key.as_ref();
+        if let Some(i) = self.find(hasher.hash_one(r), r) {
+            self.remove(hasher, i);
+        }
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&ScopeKey, &ScopeState)> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.key.as_ref().map(|k| (k, &s.state)))
+    }
+
+    /// Keeps the scopes for which `keep` is true, freeing the slots of the others.
+    pub(super) fn retain(
+        &mut self,
+        hasher: &RandomState,
+        mut keep: impl FnMut(&ScopeKey, &ScopeState) -> bool,
+    ) {
+        for i in 0..self.slots.len() {
+            let slot = &self.slots[i];
+            if let Some(key) = &slot.key
+                && !keep(key, &slot.state)
+            {
+                self.remove(hasher, i as u32);
+            }
+        }
+    }
+}
+
+/// Where a scope's state lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct SlotRef {
+    pub(super) shard: usize,
+    pub(super) slot: u32,
+}
+
+/// The (up to four) scopes of a request, hashed once: global, tenant, company, user.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Resolved<'a> {
+    pub(super) refs: [Option<ScopeRef<'a>>; 4],
+    pub(super) hashes: [u64; 4],
+    pub(super) shards: [usize; 4],
+    /// The slot of each scope that exists.
+    pub(super) slots: [Option<u32>; 4],
+}
+
+impl Resolved<'_> {
+    /// The states of the scopes as they are (zero for the missing ones).
+    pub(super) fn states(&self, locked: &Locked<'_>) -> [ScopeState; 4] {
+        let mut states = [ScopeState::default(); 4];
+        for (i, state) in states.iter_mut().enumerate() {
+            if let Some(slot) = self.slots[i] {
+                *state = *locked.shard_ref(self.shards[i]).state(slot);
+            }
+        }
+        states
+    }
+
+    /// Where each existing scope lives.
+    pub(super) fn slot_refs(&self) -> [Option<SlotRef>; 4] {
+        std::array::from_fn(|i| {
+            self.slots[i].map(|slot| SlotRef {
+                shard: self.shards[i],
+                slot,
+            })
+        })
+    }
+}
+
+/// The shards of up to four scopes, locked in ascending order.
+pub(super) struct Locked<'a> {
+    guards: [Option<(usize, MutexGuard<'a, Shard>)>; 4],
+}
+
+impl Locked<'_> {
+    pub(super) fn shard(&mut self, idx: usize) -> &mut Shard {
+        self.guards
+            .iter_mut()
+            .flatten()
+            .find(|(i, _)| *i == idx)
+            .map(|(_, g)| &mut **g)
+            .expect("the shard is locked")
+    }
+
+    pub(super) fn shard_ref(&self, idx: usize) -> &Shard {
+        self.guards
+            .iter()
+            .flatten()
+            .find(|(i, _)| *i == idx)
+            .map(|(_, g)| &**g)
+            .expect("the shard is locked")
+    }
+
+    pub(super) fn state_mut(&mut self, at: SlotRef) -> &mut ScopeState {
+        self.shard(at.shard).state_mut(at.slot)
+    }
+}
+
+impl Ledger {
+    /// Locks the shards (`usize::MAX`: none) in ascending order, so two operations can
+    /// never deadlock.
+    pub(super) fn lock_shards(&self, shards: [usize; 4]) -> Locked<'_> {
+        let mut order = shards;
+        order.sort_unstable();
+        let mut guards: [Option<(usize, MutexGuard<'_, Shard>)>; 4] = [None, None, None, None];
+        let mut last = usize::MAX;
+        for (slot, &s) in order.iter().enumerate() {
+            if s != usize::MAX && s != last {
+                guards[slot] = Some((s, lock(&self.scopes[s])));
+                last = s;
+            }
+        }
+        Locked { guards }
+    }
+
+    /// Hashes each scope once, locks their shards and finds their slots.
+    pub(super) fn lock_scopes<'s>(
+        &self,
+        refs: [Option<ScopeRef<'s>>; 4],
+    ) -> (Locked<'_>, Resolved<'s>) {
+        let mut hashes = [0u64; 4];
+        let mut shards = [usize::MAX; 4];
+        for (i, r) in refs.iter().enumerate() {
+            if let Some(r) = r {
+                hashes[i] = self.hasher.hash_one(r);
+                shards[i] = shard_of(hashes[i]);
+            }
+        }
+        let locked = self.lock_shards(shards);
+        let mut slots = [None; 4];
+        for (i, r) in refs.iter().enumerate() {
+            if let Some(r) = r {
+                slots[i] = locked.shard_ref(shards[i]).find(hashes[i], *r);
+            }
+        }
+        (
+            locked,
+            Resolved {
+                refs,
+                hashes,
+                shards,
+                slots,
+            },
+        )
+    }
+
+    /// Creates the missing states of `scopes`, counting each new user or company scope on
+    /// its tenant's state. With `cap`, a missing user or company scope is left uncreated
+    /// when its tenant already tracks `cap` of them. Returns which scopes exist afterwards.
+    pub(super) fn ensure(
+        &self,
+        locked: &mut Locked<'_>,
+        scopes: &mut Resolved<'_>,
+        cap: Option<u32>,
+    ) -> [bool; 4] {
+        let mut present = [false; 4];
+        for (i, present) in present.iter_mut().enumerate() {
+            let Some(r) = scopes.refs[i] else { continue };
+            if scopes.slots[i].is_some() {
+                *present = true;
+                continue;
+            }
+            if matches!(r, ScopeRef::Company(..) | ScopeRef::User(..))
+                && let Some(tenant) = scopes.refs[1]
+            {
+                // The tenant comes before its subjects, so it exists by now.
+                debug_assert!(matches!(tenant, ScopeRef::Tenant(_)));
+                let t = scopes.slots[1].expect("the tenant scope was created first");
+                let tenant = locked.shard(scopes.shards[1]).state_mut(t);
+                if cap.is_some_and(|cap| tenant.subjects >= cap) {
+                    continue;
+                }
+                tenant.subjects += 1;
+            }
+            let slot =
+                locked
+                    .shard(scopes.shards[i])
+                    .insert(scopes.hashes[i], r.to_key(), &self.hasher);
+            scopes.slots[i] = Some(slot);
+            *present = true;
+        }
+        present
+    }
+
+    pub(super) fn res_shard(&self, id: &Uuid) -> &Mutex<ResShard> {
+        &self.reservations[(self.hasher.hash_one(id) as usize) % SHARDS]
+    }
+}
+
+/// An open reservation and where its scopes live.
+#[derive(Debug)]
+pub(super) struct Open {
+    pub(super) res: Reservation,
+    pub(super) slots: [Option<SlotRef>; 4],
+}
+
+#[derive(Debug)]
+pub(super) struct Settled {
+    pub(super) settlement: Settlement,
+    /// The commit that settled it (or, after expiry, the late commit recorded on its own).
+    pub(super) commit: Option<CommitRequest>,
+    /// The usage recorded by a commit that arrived after expiry.
+    pub(super) late: Option<Box<UsageRecord>>,
+    /// The reservation that was settled: what a replay answers, and what an undone
+    /// settlement reopens.
+    pub(super) reservation: Reservation,
+    pub(super) at: Micros,
+}
+
+// Unboxed on purpose: a reservation's entry is stored and settled without allocating.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+enum Entry {
+    Open(Open),
+    Settled(Settled),
+}
+
+/// The reservations of one shard, open and recently settled, in one map. Settled ones are
+/// also queued in the order they were settled, so forgetting the old ones reads only those.
+#[derive(Debug, Default)]
+pub(super) struct ResShard {
+    entries: HashMap<Uuid, Entry>,
+    settled_order: VecDeque<(Micros, Uuid)>,
+    open: usize,
+}
+
+impl ResShard {
+    pub(super) fn contains(&self, id: &Uuid) -> bool {
+        self.entries.contains_key(id)
+    }
+
+    pub(super) fn open(&self, id: &Uuid) -> Option<&Open> {
+        match self.entries.get(id) {
+            Some(Entry::Open(o)) => Some(o),
+            _ => None,
+        }
+    }
+
+    pub(super) fn settled(&self, id: &Uuid) -> Option<&Settled> {
+        match self.entries.get(id) {
+            Some(Entry::Settled(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub(super) fn settled_mut(&mut self, id: &Uuid) -> Option<&mut Settled> {
+        match self.entries.get_mut(id) {
+            Some(Entry::Settled(s)) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub(super) fn insert_open(&mut self, open: Open) {
+        self.open += 1;
+        self.entries.insert(open.res.id, Entry::Open(open));
+    }
+
+    pub(super) fn take_open(&mut self, id: &Uuid) -> Option<Open> {
+        match self.entries.remove(id)? {
+            Entry::Open(o) => {
+                self.open -= 1;
+                Some(o)
+            }
+            settled => {
+                self.entries.insert(*id, settled);
+                None
+            }
+        }
+    }
+
+    pub(super) fn insert_settled(&mut self, id: Uuid, settled: Settled) {
+        self.settled_order.push_back((settled.at, id));
+        self.entries.insert(id, Entry::Settled(settled));
+    }
+
+    pub(super) fn take_settled(&mut self, id: &Uuid) -> Option<Settled> {
+        match self.entries.remove(id)? {
+            Entry::Settled(s) => Some(s),
+            open => {
+                self.entries.insert(*id, open);
+                None
+            }
+        }
+    }
+
+    /// Forgets reservations settled at or before `horizon`, oldest first.
+    pub(super) fn forget_settled(&mut self, horizon: Micros) {
+        while let Some(&(at, id)) = self.settled_order.front() {
+            if at > horizon {
+                break;
+            }
+            self.settled_order.pop_front();
+            if self.settled(&id).is_some_and(|s| s.at <= horizon) {
+                self.entries.remove(&id);
+            }
+        }
+    }
+
+    /// The ids of the open reservations that expire at or before `now`.
+    pub(super) fn due(&self, now: Micros) -> impl Iterator<Item = Uuid> + '_ {
+        self.entries.values().filter_map(move |e| match e {
+            Entry::Open(o) if o.res.expires_at <= now => Some(o.res.id),
+            _ => None,
+        })
+    }
+
+    pub(super) fn open_count(&self) -> usize {
+        self.open
+    }
+}
