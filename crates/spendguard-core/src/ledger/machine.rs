@@ -92,6 +92,10 @@ impl Ledger {
             });
         }
         let periods = policy.calendar.periods(now);
+        let mut rs = lock(self.res_shard(&req.id));
+        if rs.contains(&req.id) {
+            return Err(LedgerError::DuplicateId(req.id));
+        }
         let (mut locked, mut scopes) = self.lock_scopes(req.subject.scope_refs());
         let states = scopes.states(&locked);
         let ask = Ask {
@@ -143,15 +147,10 @@ impl Ledger {
             idempotency_key: req.idempotency_key.clone(),
             fingerprint: fp,
         };
-        {
-            let mut rs = lock(self.res_shard(&req.id));
-            if rs.contains(&req.id) {
-                return Err(LedgerError::DuplicateId(req.id));
-            }
-            let rate = eff.caps.rpm.map(|rpm| (Gcra::new(rpm), now));
-            self.admit(&mut locked, &mut scopes, &mut rs, reservation.clone(), rate);
-        }
+        let rate = eff.caps.rpm.map(|rpm| (Gcra::new(rpm), now));
+        self.admit(&mut locked, &mut scopes, &mut rs, reservation.clone(), rate);
         drop(locked);
+        drop(rs);
         if let Some((_, shard)) = &mut idem {
             let until = now
                 .saturating_add(self.retention_us)
@@ -196,56 +195,42 @@ impl Ledger {
         rs.insert_open(Open { res, slots });
     }
 
-    /// Takes an open reservation out under the locks of its scopes (through the slots it
-    /// keeps: no scope is hashed) and calls `f` with them. `None` when it is not open.
-    fn take_open<R>(
+    /// Settles an open reservation, its reservation shard locked in `rs`: under the locks
+    /// of its scopes (found through the slots it keeps: no scope is hashed), lets it go in
+    /// every scope (charging `charge`, a commit's cost and tokens) and keeps it among the
+    /// settled ones with the settlement (and the commit) that `settled` makes. Returns the
+    /// reservation's estimate and the settlement, or `None` when it is not open.
+    fn settle_locked(
         &self,
-        id: &Uuid,
-        f: impl FnOnce(&mut Locked<'_>, &mut ResShard, Open) -> R,
-    ) -> Option<R> {
-        loop {
-            let slots = lock(self.res_shard(id)).open(id)?.slots;
-            let mut locked = self.lock_shards(slots.map(|s| s.map_or(usize::MAX, |s| s.shard)));
-            let mut rs = lock(self.res_shard(id));
-            // Re-check under the scope locks: another thread may have settled it meanwhile
-            // (or settled and reopened it, with other slots).
-            if rs.open(id)?.slots != slots {
-                continue;
-            }
-            let open = rs.take_open(id).expect("checked just now");
-            return Some(f(&mut locked, &mut rs, open));
-        }
-    }
-
-    /// Settles an open reservation: lets it go in every scope (charging `charge`, a
-    /// commit's cost and tokens) and keeps it among the settled ones with the settlement
-    /// (and the commit) that `settled` makes. Returns the reservation's estimate and the
-    /// settlement, or `None` when it is no longer open.
-    fn settle_open(
-        &self,
+        rs: &mut ResShard,
         id: &Uuid,
         now: Micros,
         charge: Option<(Money, u64)>,
-        settled: impl FnOnce(&Reservation) -> (Settlement, Option<CommitRequest>),
+        settled: impl FnOnce(&Reservation) -> Settlement,
     ) -> Option<(Money, Settlement)> {
-        self.take_open(id, |locked, rs, open| {
-            for at in open.slots.iter().flatten() {
-                locked.state_mut(*at).unhold(&open.res, charge);
-            }
-            let (settlement, commit) = settled(&open.res);
-            let estimate = open.res.estimate;
-            rs.insert_settled(
-                *id,
-                Settled {
-                    settlement: settlement.clone(),
-                    commit,
-                    late: None,
-                    reservation: open.res,
-                    at: now,
-                },
-            );
-            (estimate, settlement)
-        })
+        let mut locked = self.lock_slots(rs.open(id)?);
+        let open = rs.take_open(id)?;
+        for at in open.slots.iter().flatten() {
+            locked.state_mut(*at).unhold(&open.res, charge);
+        }
+        drop(locked);
+        let settlement = settled(&open.res);
+        let estimate = open.res.estimate;
+        rs.insert_settled(
+            *id,
+            Settled {
+                settlement: settlement.clone(),
+                late: None,
+                reservation: open.res,
+                at: now,
+            },
+        );
+        Some((estimate, settlement))
+    }
+
+    /// Locks the scope shards of an open reservation.
+    fn lock_slots(&self, open: &Open) -> Locked<'_> {
+        self.lock_shards(open.slots.map(|s| s.map_or(usize::MAX, |s| s.shard)))
     }
 
     pub(super) fn usage_from(
@@ -377,48 +362,55 @@ impl Ledger {
         }
         // The common case first: an open reservation. Settled ones are answered below.
         let policy = self.policy();
-        let priced = lock(self.res_shard(id)).open(id).map(|o| {
-            let estimate = o.res.estimate;
-            Self::price_call(
-                &policy,
-                &o.res.subject.model,
-                commit.tokens,
-                commit.cost,
-                Some(estimate),
-            )
-            .map(|p| Self::at_least_estimate_if_truncated(commit, estimate, p))
-        });
-        let Some(priced) = priced else {
+        let mut rs = lock(self.res_shard(id));
+        let Some(open) = rs.open(id) else {
+            drop(rs);
             return self
                 .settled_answer(id, commit, now)?
                 .ok_or(LedgerError::NotFound(*id));
         };
-        let (cost, pricing) = priced?;
+        let estimate = open.res.estimate;
+        let (cost, pricing) = Self::at_least_estimate_if_truncated(
+            commit,
+            estimate,
+            Self::price_call(
+                &policy,
+                &open.res.subject.model,
+                commit.tokens,
+                commit.cost,
+                Some(estimate),
+            )?,
+        );
         let total_tokens = commit.tokens.total();
-        let settled = self.settle_open(id, now, Some((cost, total_tokens)), |res| {
-            (
-                Settlement::Committed(Self::usage_from(res, commit, cost, pricing)),
-                Some(commit.clone()),
-            )
+        let settled = self.settle_locked(&mut rs, id, now, Some((cost, total_tokens)), |res| {
+            Settlement::Committed(Self::usage_from(res, commit, cost, pricing))
         });
-        match settled {
-            Some((estimate, Settlement::Committed(usage))) => Ok(Applied {
-                value: Committed {
-                    usage: usage.clone(),
-                    reserved: estimate,
-                    replayed: false,
-                    late: false,
-                },
-                event: Some(Event::Committed {
-                    reservation_id: *id,
-                    usage,
-                }),
+        drop(rs);
+        let Some((estimate, Settlement::Committed(usage))) = settled else {
+            unreachable!("an open reservation is settled under its shard's lock");
+        };
+        Ok(Applied {
+            value: Committed {
+                usage: usage.clone(),
+                reserved: estimate,
+                replayed: false,
+                late: false,
+            },
+            event: Some(Event::Committed {
+                reservation_id: *id,
+                usage,
             }),
-            // Settled by someone else between the two looks.
-            _ => self
-                .settled_answer(id, commit, now)?
-                .ok_or(LedgerError::NotFound(*id)),
-        }
+        })
+    }
+
+    /// Whether `usage` is what `commit` recorded, as [`CommitRequest::same_usage`] compares
+    /// commits: the same tokens, status and caller's cost (a record carries the caller's
+    /// cost exactly when it was priced `caller`). A settled reservation keeps its record,
+    /// not the commit that made it.
+    fn commits(usage: &UsageRecord, commit: &CommitRequest) -> bool {
+        usage.tokens == commit.tokens
+            && usage.status == commit.status
+            && (usage.pricing == Pricing::Caller).then_some(usage.cost) == commit.cost
     }
 
     /// The answer for a commit of an already settled reservation, if it is settled.
@@ -435,7 +427,7 @@ impl Ledger {
             };
             match &s.settlement {
                 Settlement::Committed(usage) => {
-                    if !s.commit.as_ref().is_some_and(|c| c.same_usage(commit)) {
+                    if !Self::commits(usage, commit) {
                         return Err(LedgerError::CommitMismatch(*id));
                     }
                     // Exactly the first answer.
@@ -479,14 +471,13 @@ impl Ledger {
             let Some(s) = rs.settled_mut(id) else {
                 return Ok(None);
             };
-            match &s.commit {
+            match &s.late {
                 None => {
-                    s.commit = Some(commit.clone());
                     s.late = Some(Box::new(usage.clone()));
                     true
                 }
-                Some(prev) if prev.same_usage(commit) => {
-                    usage = s.late.as_deref().cloned().unwrap_or(usage);
+                Some(late) if Self::commits(late, commit) => {
+                    usage = (**late).clone();
                     false
                 }
                 Some(_) => return Err(LedgerError::CommitMismatch(*id)),
@@ -513,13 +504,9 @@ impl Ledger {
         reason: Option<String>,
         now: Micros,
     ) -> Result<Applied<Settlement>, LedgerError> {
-        let settled = self.settle_open(id, now, None, |_| {
-            (
-                Settlement::Released {
-                    reason: reason.clone(),
-                },
-                None,
-            )
+        let mut rs = lock(self.res_shard(id));
+        let settled = self.settle_locked(&mut rs, id, now, None, |_| Settlement::Released {
+            reason: reason.clone(),
         });
         if settled.is_some() {
             return Ok(Applied {
@@ -533,7 +520,6 @@ impl Ledger {
                 }),
             });
         }
-        let rs = lock(self.res_shard(id));
         match rs.settled(id).map(|s| &s.settlement) {
             None => Err(LedgerError::NotFound(*id)),
             Some(Settlement::Committed(_)) => Err(LedgerError::AlreadySettled {
@@ -560,17 +546,18 @@ impl Ledger {
         }
         let mut events = Vec::with_capacity(due.len());
         for id in due {
-            let settled = self.settle_open(&id, now, None, |res| {
-                let commit = CommitRequest {
-                    usage_id: res.id,
-                    tokens: Tokens::default(),
-                    cost: Some(Money::ZERO),
-                    status: RequestStatus::Expired,
-                    origin: None,
-                };
-                let usage = Self::usage_from(res, &commit, Money::ZERO, Pricing::Catalog);
-                (Settlement::Expired(usage), None)
-            });
+            let settled =
+                self.settle_locked(&mut lock(self.res_shard(&id)), &id, now, None, |res| {
+                    let commit = CommitRequest {
+                        usage_id: res.id,
+                        tokens: Tokens::default(),
+                        cost: Some(Money::ZERO),
+                        status: RequestStatus::Expired,
+                        origin: None,
+                    };
+                    let usage = Self::usage_from(res, &commit, Money::ZERO, Pricing::Catalog);
+                    Settlement::Expired(usage)
+                });
             if let Some((_, Settlement::Expired(usage))) = settled {
                 events.push(Event::Expired {
                     reservation_id: id,
@@ -770,13 +757,16 @@ impl Ledger {
             .idempotency_key
             .as_ref()
             .map(|k| (k, lock(self.idem_shard(&res.subject.tenant, k))));
-        let undone = self.take_open(&res.id, |locked, _, open| {
+        {
+            let mut rs = lock(self.res_shard(&res.id));
+            let Some(open) = rs.open(&res.id) else {
+                return;
+            };
+            let mut locked = self.lock_slots(open);
+            let open = rs.take_open(&res.id).expect("checked just now");
             for at in open.slots.iter().flatten() {
                 locked.state_mut(*at).unhold(&open.res, None);
             }
-        });
-        if undone.is_none() {
-            return;
         }
         if let Some((k, shard)) = &mut idem {
             let key = (res.subject.tenant.clone(), (*k).clone());
@@ -790,13 +780,6 @@ impl Ledger {
     /// Reopens a settled reservation whose settlement `is_it` recognises: its estimate is
     /// reserved again and a commit's charge is taken back.
     fn reopen(&self, id: &Uuid, is_it: impl FnOnce(&Settled) -> bool) {
-        let Some(subject) = lock(self.res_shard(id))
-            .settled(id)
-            .map(|s| s.reservation.subject.clone())
-        else {
-            return;
-        };
-        let (mut locked, mut scopes) = self.lock_scopes(subject.scope_refs());
         let mut rs = lock(self.res_shard(id));
         if !rs.settled(id).is_some_and(is_it) {
             return;
@@ -804,6 +787,7 @@ impl Ledger {
         let Some(settled) = rs.take_settled(id) else {
             return;
         };
+        let (mut locked, mut scopes) = self.lock_scopes(settled.reservation.subject.scope_refs());
         let charged = match &settled.settlement {
             Settlement::Committed(u) => Some((u.cost, u.tokens.total())),
             _ => None,
@@ -831,7 +815,6 @@ impl Ledger {
                 return;
             }
             s.late = None;
-            s.commit = None;
         } else if let Some(k) = &usage.idempotency_key {
             let mut shard = lock(self.idem_shard(&usage.tenant, k));
             let key = (usage.tenant.clone(), k.clone());

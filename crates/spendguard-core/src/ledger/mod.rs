@@ -13,10 +13,11 @@
 //! scopes involved, so they are atomic (all or nothing) with respect to every other operation.
 //!
 //! # Concurrency
-//! Scope states live in 64 shards, each behind its own mutex. An operation locks the shards
-//! of the scopes it touches in ascending shard order (so two operations can never deadlock),
-//! then the shard of the reservation, then nothing else. Idempotency shards, when needed, are
-//! locked before all of them.
+//! Scope states live in 64 shards, each behind its own mutex, and reservations in 64 more.
+//! An operation locks, in this order and each only if it needs it: the shard of the
+//! idempotency key, the shard of the reservation, then the shards of the scopes it touches
+//! in ascending shard order. No one holding a scope shard waits for any other kind of shard,
+//! and scope shards are taken in one order, so two operations can never deadlock.
 //!
 //! # Layout
 //! - `types` — the public types: scopes, subjects, requests, records, events, limits.

@@ -80,8 +80,8 @@ impl Ledger {
                     until,
                 );
             }
-            let (mut locked, mut scopes) = self.lock_scopes(res.subject.scope_refs());
             let mut rs = lock(self.res_shard(&res.id));
+            let (mut locked, mut scopes) = self.lock_scopes(res.subject.scope_refs());
             self.admit(&mut locked, &mut scopes, &mut rs, res.clone(), None);
         }
         Ok(restored)
@@ -107,19 +107,6 @@ impl Ledger {
             Some(u) => Settlement::Committed(u),
             None => Settlement::Released { reason: None },
         };
-        // What a retry is compared with: the stored usage, as its commit gave it.
-        let commit = match (&settlement, &late) {
-            (Settlement::Committed(u), _) | (Settlement::Expired(_), Some(u)) => {
-                Some(CommitRequest {
-                    usage_id: u.id,
-                    tokens: u.tokens,
-                    cost: (u.pricing == Pricing::Caller).then_some(u.cost),
-                    status: u.status,
-                    origin: u.origin.clone(),
-                })
-            }
-            _ => None,
-        };
         let mut rs = lock(self.res_shard(&id));
         if rs.contains(&id) {
             return;
@@ -128,7 +115,6 @@ impl Ledger {
             id,
             Settled {
                 settlement,
-                commit,
                 late: late.map(Box::new),
                 reservation,
                 at: now,

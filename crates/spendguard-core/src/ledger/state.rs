@@ -15,7 +15,7 @@ use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 use uuid::Uuid;
 
-use super::types::{CommitRequest, Reservation, ScopeKey, ScopeRef, Settlement, UsageRecord};
+use super::types::{Reservation, ScopeKey, ScopeRef, Settlement, UsageRecord};
 use super::{HashMap, Ledger, SHARDS};
 use crate::money::Money;
 use crate::window::Micros;
@@ -442,8 +442,6 @@ pub(super) struct Open {
 #[derive(Debug)]
 pub(super) struct Settled {
     pub(super) settlement: Settlement,
-    /// The commit that settled it (or, after expiry, the late commit recorded on its own).
-    pub(super) commit: Option<CommitRequest>,
     /// The usage recorded by a commit that arrived after expiry.
     pub(super) late: Option<Box<UsageRecord>>,
     /// The reservation that was settled: what a replay answers, and what an undone
@@ -452,104 +450,88 @@ pub(super) struct Settled {
     pub(super) at: Micros,
 }
 
-// Unboxed on purpose: a reservation's entry is stored and settled without allocating.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-enum Entry {
-    Open(Open),
-    Settled(Settled),
-}
-
-/// The reservations of one shard, open and recently settled, in one map. Settled ones are
-/// also queued in the order they were settled, so forgetting the old ones reads only those.
+/// The reservations of one shard: the open ones by id, and the recently settled ones in a
+/// ring, oldest first, found through their sequence numbers. Settling appends to the ring
+/// (memory written in order, reused once the front is forgotten), and forgetting pops its
+/// front: the sweep reads only what it forgets.
 #[derive(Debug, Default)]
 pub(super) struct ResShard {
-    entries: HashMap<Uuid, Entry>,
-    settled_order: VecDeque<(Micros, Uuid)>,
-    open: usize,
+    open: HashMap<Uuid, Open>,
+    /// The sequence number of each settled reservation's place in `ring`.
+    settled: HashMap<Uuid, u64>,
+    /// Settled reservations in the order they were settled; `None` once one was reopened.
+    ring: VecDeque<(Uuid, Option<Settled>)>,
+    /// The sequence number of the ring's front.
+    head: u64,
 }
 
 impl ResShard {
     pub(super) fn contains(&self, id: &Uuid) -> bool {
-        self.entries.contains_key(id)
+        self.open.contains_key(id) || self.settled.contains_key(id)
     }
 
     pub(super) fn open(&self, id: &Uuid) -> Option<&Open> {
-        match self.entries.get(id) {
-            Some(Entry::Open(o)) => Some(o),
-            _ => None,
-        }
+        self.open.get(id)
+    }
+
+    fn place(&self, id: &Uuid) -> Option<usize> {
+        let seq = *self.settled.get(id)?;
+        Some((seq - self.head) as usize)
     }
 
     pub(super) fn settled(&self, id: &Uuid) -> Option<&Settled> {
-        match self.entries.get(id) {
-            Some(Entry::Settled(s)) => Some(s),
-            _ => None,
-        }
+        let at = self.place(id)?;
+        self.ring.get(at)?.1.as_ref()
     }
 
     pub(super) fn settled_mut(&mut self, id: &Uuid) -> Option<&mut Settled> {
-        match self.entries.get_mut(id) {
-            Some(Entry::Settled(s)) => Some(s),
-            _ => None,
-        }
+        let at = self.place(id)?;
+        self.ring.get_mut(at)?.1.as_mut()
     }
 
     pub(super) fn insert_open(&mut self, open: Open) {
-        self.open += 1;
-        self.entries.insert(open.res.id, Entry::Open(open));
+        self.open.insert(open.res.id, open);
     }
 
     pub(super) fn take_open(&mut self, id: &Uuid) -> Option<Open> {
-        match self.entries.remove(id)? {
-            Entry::Open(o) => {
-                self.open -= 1;
-                Some(o)
-            }
-            settled => {
-                self.entries.insert(*id, settled);
-                None
-            }
-        }
+        self.open.remove(id)
     }
 
     pub(super) fn insert_settled(&mut self, id: Uuid, settled: Settled) {
-        self.settled_order.push_back((settled.at, id));
-        self.entries.insert(id, Entry::Settled(settled));
+        let seq = self.head + self.ring.len() as u64;
+        self.ring.push_back((id, Some(settled)));
+        self.settled.insert(id, seq);
     }
 
     pub(super) fn take_settled(&mut self, id: &Uuid) -> Option<Settled> {
-        match self.entries.remove(id)? {
-            Entry::Settled(s) => Some(s),
-            open => {
-                self.entries.insert(*id, open);
-                None
-            }
-        }
+        let at = self.place(id)?;
+        self.settled.remove(id);
+        self.ring.get_mut(at)?.1.take()
     }
 
     /// Forgets reservations settled at or before `horizon`, oldest first.
     pub(super) fn forget_settled(&mut self, horizon: Micros) {
-        while let Some(&(at, id)) = self.settled_order.front() {
-            if at > horizon {
+        while let Some((_, front)) = self.ring.front() {
+            if front.as_ref().is_some_and(|s| s.at > horizon) {
                 break;
             }
-            self.settled_order.pop_front();
-            if self.settled(&id).is_some_and(|s| s.at <= horizon) {
-                self.entries.remove(&id);
+            let (id, settled) = self.ring.pop_front().expect("the front exists");
+            if settled.is_some() {
+                self.settled.remove(&id);
             }
+            self.head += 1;
         }
     }
 
     /// The ids of the open reservations that expire at or before `now`.
     pub(super) fn due(&self, now: Micros) -> impl Iterator<Item = Uuid> + '_ {
-        self.entries.values().filter_map(move |e| match e {
-            Entry::Open(o) if o.res.expires_at <= now => Some(o.res.id),
-            _ => None,
-        })
+        self.open
+            .values()
+            .filter(move |o| o.res.expires_at <= now)
+            .map(|o| o.res.id)
     }
 
     pub(super) fn open_count(&self) -> usize {
-        self.open
+        self.open.len()
     }
 }
