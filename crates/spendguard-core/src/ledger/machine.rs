@@ -5,7 +5,9 @@ use super::gcra::Gcra;
 use super::idempotency::{
     IdemEntry, Remembered, late_usage_id, record_fingerprint, reserve_fingerprint,
 };
-use super::state::{Locked, Open, ResShard, Resolved, ScopeState, Settled, Windows, lock};
+use super::state::{
+    Charge, Locked, Open, Outcome, ResShard, Resolved, ScopeState, Settled, Windows, lock,
+};
 use super::types::*;
 use super::{Ledger, MICROS_PER_MINUTE};
 use crate::ids::{ModelName, TenantId};
@@ -197,67 +199,53 @@ impl Ledger {
 
     /// Settles an open reservation, its reservation shard locked in `rs`: under the locks
     /// of its scopes (found through the slots it keeps: no scope is hashed), lets it go in
-    /// every scope (charging `charge`, a commit's cost and tokens) and keeps it among the
-    /// settled ones with the settlement (and the commit) that `settled` makes. Returns the
-    /// reservation's estimate and the settlement, or `None` when it is not open.
-    fn settle_locked(
+    /// every scope (charging a commit's cost and tokens) and keeps it among the settled ones
+    /// with `outcome`. Returns what `answer` makes of the reservation and the outcome, or
+    /// `None` when it is not open.
+    fn settle_locked<R>(
         &self,
         rs: &mut ResShard,
         id: &Uuid,
         now: Micros,
-        charge: Option<(Money, u64)>,
-        settled: impl FnOnce(&Reservation) -> Settlement,
-    ) -> Option<(Money, Settlement)> {
+        outcome: Outcome,
+        answer: impl FnOnce(&Reservation, &Outcome) -> R,
+    ) -> Option<R> {
         let mut locked = self.lock_slots(rs.open(id)?);
         let open = rs.take_open(id)?;
+        let charge = match &outcome {
+            Outcome::Charged(c) if c.status != RequestStatus::Expired => {
+                Some((c.cost, c.tokens.total()))
+            }
+            _ => None,
+        };
         for at in open.slots.iter().flatten() {
             locked.state_mut(*at).unhold(&open.res, charge);
         }
         drop(locked);
-        let settlement = settled(&open.res);
-        let estimate = open.res.estimate;
+        let answer = answer(&open.res, &outcome);
         rs.insert_settled(
             *id,
             Settled {
-                settlement: settlement.clone(),
+                outcome,
                 late: None,
                 reservation: open.res,
                 at: now,
             },
         );
-        Some((estimate, settlement))
+        Some(answer)
+    }
+
+    /// The usage record of a reservation settled with a charge.
+    fn charged_usage(res: &Reservation, outcome: &Outcome) -> UsageRecord {
+        match outcome {
+            Outcome::Charged(c) => c.usage(res),
+            _ => unreachable!("settled with a charge"),
+        }
     }
 
     /// Locks the scope shards of an open reservation.
     fn lock_slots(&self, open: &Open) -> Locked<'_> {
         self.lock_shards(open.slots.map(|s| s.map_or(usize::MAX, |s| s.shard)))
-    }
-
-    pub(super) fn usage_from(
-        res: &Reservation,
-        commit: &CommitRequest,
-        cost: Money,
-        pricing: Pricing,
-    ) -> UsageRecord {
-        UsageRecord {
-            id: commit.usage_id,
-            tenant: res.subject.tenant.clone(),
-            user: res.subject.user.clone(),
-            company: res.subject.company.clone(),
-            model: res.subject.model.clone(),
-            endpoint: res.subject.endpoint.clone(),
-            tier: res.tier.clone(),
-            tokens: commit.tokens,
-            cost,
-            pricing,
-            status: commit.status,
-            created_at: res.created_at,
-            reservation_id: Some(res.id),
-            idempotency_key: res.idempotency_key.clone(),
-            day_start: res.day_start,
-            month_start: res.month_start,
-            origin: commit.origin.clone(),
-        }
     }
 
     /// Refuses a usage record larger than any real model call (`max_record_cost_usd`,
@@ -381,14 +369,20 @@ impl Ledger {
                 Some(estimate),
             )?,
         );
-        let total_tokens = commit.tokens.total();
-        let settled = self.settle_locked(&mut rs, id, now, Some((cost, total_tokens)), |res| {
-            Settlement::Committed(Self::usage_from(res, commit, cost, pricing))
+        let charge = Charge {
+            usage_id: commit.usage_id,
+            tokens: commit.tokens,
+            cost,
+            pricing,
+            status: commit.status,
+            origin: commit.origin.clone().map(Box::new),
+        };
+        let settled = self.settle_locked(&mut rs, id, now, Outcome::Charged(charge), |res, o| {
+            (res.estimate, Self::charged_usage(res, o))
         });
         drop(rs);
-        let Some((estimate, Settlement::Committed(usage))) = settled else {
-            unreachable!("an open reservation is settled under its shard's lock");
-        };
+        let (estimate, usage) =
+            settled.expect("an open reservation is settled under its shard's lock");
         Ok(Applied {
             value: Committed {
                 usage: usage.clone(),
@@ -425,15 +419,15 @@ impl Ledger {
             let Some(s) = rs.settled(id) else {
                 return Ok(None);
             };
-            match &s.settlement {
+            match s.settlement() {
                 Settlement::Committed(usage) => {
-                    if !Self::commits(usage, commit) {
+                    if !Self::commits(&usage, commit) {
                         return Err(LedgerError::CommitMismatch(*id));
                     }
                     // Exactly the first answer.
                     return Ok(Some(Applied {
                         value: Committed {
-                            usage: usage.clone(),
+                            usage,
                             reserved: s.reservation.estimate,
                             replayed: true,
                             late: false,
@@ -447,7 +441,7 @@ impl Ledger {
                         state: "released",
                     });
                 }
-                Settlement::Expired(usage) => (usage.clone(), s.reservation.estimate),
+                Settlement::Expired(usage) => (usage, s.reservation.estimate),
             }
         };
         // Expired, yet the call happened after all: its real spend is recorded on its own,
@@ -505,9 +499,10 @@ impl Ledger {
         now: Micros,
     ) -> Result<Applied<Settlement>, LedgerError> {
         let mut rs = lock(self.res_shard(id));
-        let settled = self.settle_locked(&mut rs, id, now, None, |_| Settlement::Released {
+        let outcome = Outcome::Released {
             reason: reason.clone(),
-        });
+        };
+        let settled = self.settle_locked(&mut rs, id, now, outcome, |_, _| ());
         if settled.is_some() {
             return Ok(Applied {
                 value: Settlement::Released {
@@ -520,7 +515,7 @@ impl Ledger {
                 }),
             });
         }
-        match rs.settled(id).map(|s| &s.settlement) {
+        match rs.settled(id).map(Settled::settlement) {
             None => Err(LedgerError::NotFound(*id)),
             Some(Settlement::Committed(_)) => Err(LedgerError::AlreadySettled {
                 id: *id,
@@ -546,19 +541,24 @@ impl Ledger {
         }
         let mut events = Vec::with_capacity(due.len());
         for id in due {
-            let settled =
-                self.settle_locked(&mut lock(self.res_shard(&id)), &id, now, None, |res| {
-                    let commit = CommitRequest {
-                        usage_id: res.id,
-                        tokens: Tokens::default(),
-                        cost: Some(Money::ZERO),
-                        status: RequestStatus::Expired,
-                        origin: None,
-                    };
-                    let usage = Self::usage_from(res, &commit, Money::ZERO, Pricing::Catalog);
-                    Settlement::Expired(usage)
-                });
-            if let Some((_, Settlement::Expired(usage))) = settled {
+            let charge = Charge {
+                usage_id: id,
+                tokens: Tokens::default(),
+                cost: Money::ZERO,
+                pricing: Pricing::Catalog,
+                status: RequestStatus::Expired,
+                origin: None,
+            };
+            let mut rs = lock(self.res_shard(&id));
+            let settled = self.settle_locked(
+                &mut rs,
+                &id,
+                now,
+                Outcome::Charged(charge),
+                Self::charged_usage,
+            );
+            drop(rs);
+            if let Some(usage) = settled {
                 events.push(Event::Expired {
                     reservation_id: id,
                     usage,
@@ -738,13 +738,13 @@ impl Ledger {
                 usage,
             } => self.reopen(
                 reservation_id,
-                |s| matches!(&s.settlement, Settlement::Committed(u) if u.id == usage.id),
+                |s| matches!(s.settlement(), Settlement::Committed(u) if u.id == usage.id),
             ),
             Event::Released { reservation_id, .. } => self.reopen(reservation_id, |s| {
-                matches!(s.settlement, Settlement::Released { .. })
+                matches!(s.outcome, Outcome::Released { .. })
             }),
             Event::Expired { reservation_id, .. } => self.reopen(reservation_id, |s| {
-                matches!(s.settlement, Settlement::Expired(_))
+                matches!(s.settlement(), Settlement::Expired(_))
             }),
             Event::Recorded(usage) => self.unrecord(usage),
             Event::BudgetSet { .. } | Event::UserSet { .. } => {}
@@ -788,10 +788,7 @@ impl Ledger {
             return;
         };
         let (mut locked, mut scopes) = self.lock_scopes(settled.reservation.subject.scope_refs());
-        let charged = match &settled.settlement {
-            Settlement::Committed(u) => Some((u.cost, u.tokens.total())),
-            _ => None,
-        };
+        let charged = settled.charged();
         self.ensure(&mut locked, &mut scopes, None);
         let slots = scopes.slot_refs();
         for at in slots.iter().flatten() {

@@ -5,7 +5,7 @@
 //! that admitted them held (rolling request rates aside).
 
 use super::Ledger;
-use super::state::{Settled, lock};
+use super::state::{Outcome, Settled, lock};
 use super::types::*;
 use crate::window::{Micros, Window};
 
@@ -102,10 +102,9 @@ impl Ledger {
         now: Micros,
     ) {
         let id = reservation.id;
-        let settlement = match usage {
-            Some(u) if u.status == RequestStatus::Expired => Settlement::Expired(u),
-            Some(u) => Settlement::Committed(u),
-            None => Settlement::Released { reason: None },
+        let outcome = match usage {
+            Some(u) => Outcome::Stored(Box::new(u)),
+            None => Outcome::Released { reason: None },
         };
         let mut rs = lock(self.res_shard(&id));
         if rs.contains(&id) {
@@ -114,7 +113,7 @@ impl Ledger {
         rs.insert_settled(
             id,
             Settled {
-                settlement,
+                outcome,
                 late: late.map(Box::new),
                 reservation,
                 at: now,

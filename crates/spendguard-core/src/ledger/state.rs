@@ -15,9 +15,12 @@ use foldhash::fast::RandomState;
 use hashbrown::HashTable;
 use uuid::Uuid;
 
-use super::types::{Reservation, ScopeKey, ScopeRef, Settlement, UsageRecord};
+use super::types::{
+    Origin, Pricing, RequestStatus, Reservation, ScopeKey, ScopeRef, Settlement, UsageRecord,
+};
 use super::{HashMap, Ledger, SHARDS};
 use crate::money::Money;
+use crate::prices::Tokens;
 use crate::window::Micros;
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -439,15 +442,94 @@ pub(super) struct Open {
     pub(super) slots: [Option<SlotRef>; 4],
 }
 
+/// What a commit or an expiry recorded, kept without the parts its reservation already
+/// holds: the usage record is rebuilt from the two ([`Charge::usage`]) when asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Charge {
+    pub(super) usage_id: Uuid,
+    pub(super) tokens: Tokens,
+    pub(super) cost: Money,
+    pub(super) pricing: Pricing,
+    pub(super) status: RequestStatus,
+    pub(super) origin: Option<Box<Origin>>,
+}
+
+impl Charge {
+    /// The usage record of `res` settled with this charge.
+    pub(super) fn usage(&self, res: &Reservation) -> UsageRecord {
+        UsageRecord {
+            id: self.usage_id,
+            tenant: res.subject.tenant.clone(),
+            user: res.subject.user.clone(),
+            company: res.subject.company.clone(),
+            model: res.subject.model.clone(),
+            endpoint: res.subject.endpoint.clone(),
+            tier: res.tier.clone(),
+            tokens: self.tokens,
+            cost: self.cost,
+            pricing: self.pricing,
+            status: self.status,
+            created_at: res.created_at,
+            reservation_id: Some(res.id),
+            idempotency_key: res.idempotency_key.clone(),
+            day_start: res.day_start,
+            month_start: res.month_start,
+            origin: self.origin.as_deref().cloned(),
+        }
+    }
+}
+
+/// How a reservation was settled.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    /// Committed, or expired (status `expired`).
+    Charged(Charge),
+    Released {
+        reason: Option<String>,
+    },
+    /// Read back from the store: the record that settled it, as stored.
+    Stored(Box<UsageRecord>),
+}
+
 #[derive(Debug)]
 pub(super) struct Settled {
-    pub(super) settlement: Settlement,
+    pub(super) outcome: Outcome,
     /// The usage recorded by a commit that arrived after expiry.
     pub(super) late: Option<Box<UsageRecord>>,
     /// The reservation that was settled: what a replay answers, and what an undone
     /// settlement reopens.
     pub(super) reservation: Reservation,
     pub(super) at: Micros,
+}
+
+impl Settled {
+    /// The settlement, with its usage record (built anew).
+    pub(super) fn settlement(&self) -> Settlement {
+        let of = |u: UsageRecord| {
+            if u.status == RequestStatus::Expired {
+                Settlement::Expired(u)
+            } else {
+                Settlement::Committed(u)
+            }
+        };
+        match &self.outcome {
+            Outcome::Charged(c) => of(c.usage(&self.reservation)),
+            Outcome::Released { reason } => Settlement::Released {
+                reason: reason.clone(),
+            },
+            Outcome::Stored(u) => of((**u).clone()),
+        }
+    }
+
+    /// What a commit charged: its cost and tokens (none for a release or an expiry).
+    pub(super) fn charged(&self) -> Option<(Money, u64)> {
+        let (cost, tokens, status) = match &self.outcome {
+            Outcome::Charged(c) => (c.cost, c.tokens, c.status),
+            Outcome::Stored(u) => (u.cost, u.tokens, u.status),
+            Outcome::Released { .. } => return None,
+        };
+        (status != RequestStatus::Expired).then(|| (cost, tokens.total()))
+    }
 }
 
 /// The reservations of one shard: the open ones by id, and the recently settled ones in a
