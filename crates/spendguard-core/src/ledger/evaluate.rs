@@ -6,15 +6,13 @@
 //! denial, on `check`, or when [`Limits`] of an admitted reservation are read) are built
 //! from the same walk, so they can never disagree with the decision.
 
-use std::sync::Arc;
-
 use super::gcra::Gcra;
 use super::state::{ScopeState, lock};
 use super::types::*;
 use super::{Ledger, UserRef};
 use crate::ids::{CompanyId, ModelName, TenantId, TierName, UserId};
 use crate::money::Money;
-use crate::policy::{Budget, ModelPatterns, Policy};
+use crate::policy::{Budget, Policy};
 use crate::prices::Tokens;
 use crate::window::{Micros, Periods, Window};
 
@@ -35,7 +33,8 @@ pub(super) struct Effective {
     pub(super) tier: TierName,
     pub(super) caps: Caps,
     pub(super) max_output_tokens: Option<u64>,
-    pub(super) allowed_models: Option<Arc<ModelPatterns>>,
+    /// Whether the tier (or the user's override) allows the subject's model.
+    pub(super) model_allowed: bool,
     /// The most user and company scopes the tenant may have in memory.
     pub(super) max_subjects: Option<u32>,
 }
@@ -375,9 +374,10 @@ impl Ledger {
                 max_concurrent: tier.limits.max_concurrent,
             },
             max_output_tokens: tier.limits.max_output_tokens,
-            allowed_models: tier.limits.allowed_models.clone(),
+            model_allowed: true,
             max_subjects: rules.max_tracked_subjects,
         };
+        let mut allowed_models = tier.limits.allowed_models.as_deref();
         if let Some((u, patterns)) = stored {
             let c = &mut e.caps;
             c.rpm = u.requests_per_minute.or(c.rpm);
@@ -386,9 +386,10 @@ impl Ledger {
             c.max_concurrent = u.max_concurrent.or(c.max_concurrent);
             e.max_output_tokens = u.max_output_tokens.or(e.max_output_tokens);
             if patterns.is_some() {
-                e.allowed_models = patterns.clone();
+                allowed_models = patterns.as_deref();
             }
         }
+        e.model_allowed = allowed_models.is_none_or(|p| p.allows(&subject.model));
         let mut tenant_override = BudgetOverride::default();
         if !o.budgets.is_empty() {
             for (i, r) in subject.scope_refs().iter().enumerate() {
@@ -437,9 +438,7 @@ impl Ledger {
         subject: &Subject,
         max_output: u64,
     ) -> Option<Denial> {
-        if let Some(p) = &eff.allowed_models
-            && !p.allows(&subject.model)
-        {
+        if !eff.model_allowed {
             return Some(Denial::ModelNotAllowed {
                 model: subject.model.clone(),
                 tier: eff.tier.clone(),

@@ -136,10 +136,11 @@ impl Ledger {
                 denial: Some(d),
             }));
         }
+        let rate = eff.caps.rpm.map(|rpm| (Gcra::new(rpm), now));
         let reservation = Reservation {
             id: req.id,
             subject: req.subject.clone(),
-            tier: eff.tier.clone(),
+            tier: eff.tier,
             estimate,
             estimated_tokens: tokens,
             created_at: now,
@@ -149,7 +150,6 @@ impl Ledger {
             idempotency_key: req.idempotency_key.clone(),
             fingerprint: fp,
         };
-        let rate = eff.caps.rpm.map(|rpm| (Gcra::new(rpm), now));
         self.admit(&mut locked, &mut scopes, &mut rs, reservation.clone(), rate);
         drop(locked);
         drop(rs);
