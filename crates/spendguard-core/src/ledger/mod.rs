@@ -50,7 +50,7 @@ use crate::money::Money;
 use crate::policy::{Budget, ModelPatterns, Policy, UserOverrides};
 use crate::window::{Micros, Periods};
 use idempotency::IdemShard;
-use state::{ResShard, ScopeState, Shard, lock, shard_of};
+use state::{ResShard, ScopeState, Shard, lock};
 
 /// Hash maps of the hot path use foldhash: several times faster than SipHash on short keys.
 /// Keys are chosen by callers, but every map is per-process seeded.
@@ -234,7 +234,7 @@ impl Ledger {
     /// A scope's hash and shard.
     fn scope_hash(&self, key: &ScopeKey) -> (u64, usize) {
         let hash = self.hasher.hash_one(key.as_ref());
-        (hash, shard_of(hash))
+        (hash, self.shard_for(key.as_ref(), hash))
     }
 
     /// An open reservation, if there is one with this id.

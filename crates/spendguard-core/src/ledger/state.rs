@@ -176,8 +176,11 @@ pub(super) struct Shard {
     free: Vec<u32>,
 }
 
-/// The shard of a scope, from its hash (bits the table does not use for its buckets).
-pub(super) fn shard_of(hash: u64) -> usize {
+/// The shard of a global or tenant scope, from its hash (bits the table does not use for
+/// its buckets). A tenant's companies and users live in their tenant's shard: every request
+/// locks its tenant's shard anyway, so this adds no contention, and a request locks two
+/// shards (global and tenant) instead of four.
+fn shard_of(hash: u64) -> usize {
     ((hash >> 40) as usize) % SHARDS
 }
 
@@ -371,7 +374,13 @@ impl Ledger {
         for (i, r) in refs.iter().enumerate() {
             if let Some(r) = r {
                 hashes[i] = self.hasher.hash_one(r);
-                shards[i] = shard_of(hashes[i]);
+                shards[i] = match (r, refs[1]) {
+                    // The tenant's shard, from the hash just made.
+                    (ScopeRef::Company(..) | ScopeRef::User(..), Some(ScopeRef::Tenant(_))) => {
+                        shards[1]
+                    }
+                    _ => self.shard_for(*r, hashes[i]),
+                };
             }
         }
         let locked = self.lock_shards(shards);
@@ -428,6 +437,16 @@ impl Ledger {
             *present = true;
         }
         present
+    }
+
+    /// The shard of a scope whose hash is `hash`: its tenant's for a company or a user.
+    pub(super) fn shard_for(&self, r: ScopeRef<'_>, hash: u64) -> usize {
+        match r {
+            ScopeRef::Global | ScopeRef::Tenant(_) => shard_of(hash),
+            ScopeRef::Company(t, _) | ScopeRef::User(t, _) => {
+                shard_of(self.hasher.hash_one(ScopeRef::Tenant(t)))
+            }
+        }
     }
 
     pub(super) fn res_shard(&self, id: &Uuid) -> &Mutex<ResShard> {
