@@ -95,9 +95,6 @@ impl Ledger {
         }
         let periods = policy.calendar.periods(now);
         let mut rs = lock(self.res_shard(&req.id));
-        if rs.contains(&req.id) {
-            return Err(LedgerError::DuplicateId(req.id));
-        }
         let (mut locked, mut scopes) = self.lock_scopes(req.subject.scope_refs());
         let states = scopes.states(&locked);
         let ask = Ask {
@@ -135,6 +132,9 @@ impl Ledger {
                 limits: view.statuses(),
                 denial: Some(d),
             }));
+        }
+        if rs.contains(&req.id) {
+            return Err(LedgerError::DuplicateId(req.id));
         }
         let rate = eff.caps.rpm.map(|rpm| (Gcra::new(rpm), now));
         let reservation = Reservation {
