@@ -7,7 +7,7 @@
 //! from the same walk, so they can never disagree with the decision.
 
 use super::gcra::Gcra;
-use super::state::{ScopeState, lock};
+use super::state::{ScopeState, Seen, lock};
 use super::types::*;
 use super::{Ledger, UserRef};
 use crate::ids::{CompanyId, ModelName, TenantId, TierName, UserId};
@@ -56,8 +56,8 @@ fn fits_count(used: u64, reserved: u64, add: u64, capacity: u64) -> bool {
 /// A request against the counters of its scopes: everything a limit's answer depends on.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Ask<'a> {
-    /// The states of [global, tenant, company, user] (`None`: the subject has no company).
-    pub(super) states: [Option<&'a ScopeState>; 4],
+    /// What the limits read from the scopes.
+    pub(super) seen: &'a Seen,
     pub(super) caps: &'a Caps,
     pub(super) periods: &'a Periods,
     pub(super) estimate: Money,
@@ -102,21 +102,35 @@ impl Limit {
 #[inline]
 pub(super) fn each_limit(ask: &Ask<'_>, mut f: impl FnMut(Limit)) {
     let periods = ask.periods;
-    for (i, state) in ask.states.iter().enumerate() {
-        let Some(state) = state else { continue };
-        let day = state.day.at(periods.day.start);
-        let month = state.month.at(periods.month.start);
+    let seen = ask.seen;
+    for i in 0..4 {
+        if !seen.has[i] {
+            continue;
+        }
+        let [day_spent, day_reserved, month_spent, month_reserved] = seen.money[i];
         let budget = ask.caps.budgets[i];
-        for (cap, c, window, end) in [
-            (budget.daily, day, Window::Day, periods.day.end),
-            (budget.monthly, month, Window::Month, periods.month.end),
+        for (cap, spent, reserved, window, end) in [
+            (
+                budget.daily,
+                day_spent,
+                day_reserved,
+                Window::Day,
+                periods.day.end,
+            ),
+            (
+                budget.monthly,
+                month_spent,
+                month_reserved,
+                Window::Month,
+                periods.month.end,
+            ),
         ] {
             let Some(cap) = cap else { continue };
-            let ok = fits_money(c.spent, c.reserved, ask.estimate, cap);
+            let ok = fits_money(spent, reserved, ask.estimate, cap);
             let reserved = if ask.after && ok {
-                c.reserved.saturating_add(ask.estimate)
+                reserved.saturating_add(ask.estimate)
             } else {
-                c.reserved
+                reserved
             };
             f(Limit {
                 scope: i,
@@ -124,10 +138,10 @@ pub(super) fn each_limit(ask: &Ask<'_>, mut f: impl FnMut(Limit)) {
                 window,
                 unit: Unit::Usd,
                 limit: Amount::Usd(cap),
-                used: Amount::Usd(c.spent),
+                used: Amount::Usd(spent),
                 reserved: Amount::Usd(reserved),
                 remaining: Amount::Usd(
-                    cap.saturating_sub(c.spent.saturating_add(reserved))
+                    cap.saturating_sub(spent.saturating_add(reserved))
                         .max(Money::ZERO),
                 ),
                 resets_at: Some(end),
@@ -136,18 +150,19 @@ pub(super) fn each_limit(ask: &Ask<'_>, mut f: impl FnMut(Limit)) {
         if i != 3 {
             continue;
         }
+        let [requests, requests_reserved, tokens, tokens_reserved] = seen.user_day;
         let counts = [
             (
                 ask.caps.requests_per_day,
-                day.requests,
-                day.requests_reserved,
+                requests,
+                requests_reserved,
                 ask.requests,
                 Unit::Requests,
             ),
             (
                 ask.caps.tokens_per_day,
-                day.tokens,
-                day.tokens_reserved,
+                tokens,
+                tokens_reserved,
                 ask.tokens,
                 Unit::Tokens,
             ),
@@ -174,11 +189,12 @@ pub(super) fn each_limit(ask: &Ask<'_>, mut f: impl FnMut(Limit)) {
         }
         if let Some(cap) = ask.caps.max_concurrent {
             let add = ask.requests as u32;
-            let ok = state.in_flight.saturating_add(add) <= cap;
+            let in_flight = seen.user_in_flight;
+            let ok = in_flight.saturating_add(add) <= cap;
             let level = if ask.after && ok {
-                state.in_flight + add
+                in_flight + add
             } else {
-                state.in_flight
+                in_flight
             };
             f(Limit {
                 scope: i,
@@ -194,11 +210,11 @@ pub(super) fn each_limit(ask: &Ask<'_>, mut f: impl FnMut(Limit)) {
         }
         if let Some(rpm) = ask.caps.rpm {
             let g = Gcra::new(rpm);
-            let (ok, tat_after) = g.try_admit(state.tat, ask.now, ask.requests);
+            let (ok, tat_after) = g.try_admit(seen.user_tat, ask.now, ask.requests);
             let tat = if ask.after && ok {
                 tat_after
             } else {
-                state.tat
+                seen.user_tat
             };
             let used = g.used(tat, ask.now);
             f(Limit {
@@ -213,7 +229,7 @@ pub(super) fn each_limit(ask: &Ask<'_>, mut f: impl FnMut(Limit)) {
                 resets_at: Some(if ok {
                     tat.max(ask.now)
                 } else {
-                    g.next_allowed(state.tat, ask.now)
+                    g.next_allowed(seen.user_tat, ask.now)
                 }),
             });
         }
@@ -234,7 +250,7 @@ pub(super) struct LimitView {
     tenant: TenantId,
     user: UserId,
     company: Option<CompanyId>,
-    states: [ScopeState; 4],
+    seen: Seen,
     caps: Caps,
     periods: Periods,
     estimate: Money,
@@ -245,12 +261,12 @@ pub(super) struct LimitView {
 }
 
 impl LimitView {
-    pub(super) fn new(subject: &Subject, states: [ScopeState; 4], ask: &Ask<'_>) -> LimitView {
+    pub(super) fn new(subject: &Subject, ask: &Ask<'_>) -> LimitView {
         LimitView {
             tenant: subject.tenant.clone(),
             user: subject.user.clone(),
             company: subject.company.clone(),
-            states,
+            seen: *ask.seen,
             caps: *ask.caps,
             periods: *ask.periods,
             estimate: ask.estimate,
@@ -273,14 +289,8 @@ impl LimitView {
     }
 
     fn ask(&self) -> Ask<'_> {
-        let s = &self.states;
         Ask {
-            states: [
-                Some(&s[0]),
-                Some(&s[1]),
-                self.company.as_ref().map(|_| &s[2]),
-                Some(&s[3]),
-            ],
+            seen: &self.seen,
             caps: &self.caps,
             periods: &self.periods,
             estimate: self.estimate,
@@ -496,13 +506,13 @@ impl Ledger {
             Err(d) => (Money::ZERO, req.input_tokens, Some(d)),
         };
         let (locked, scopes) = self.lock_scopes(req.subject.scope_refs());
-        let states = scopes.states(&locked);
-        let tracked = states[1].subjects;
+        let seen = scopes.seen(&locked, &periods);
         let missing =
             std::array::from_fn(|i| scopes.refs[i].is_some() && scopes.slots[i].is_none());
         drop(locked);
+        let tracked = seen.tenant_subjects;
         let ask = Ask {
-            states: [None; 4],
+            seen: &seen,
             caps: &eff.caps,
             periods: &periods,
             estimate,
@@ -511,7 +521,7 @@ impl Ledger {
             now,
             after: false,
         };
-        let view = LimitView::new(&req.subject, states, &ask);
+        let view = LimitView::new(&req.subject, &ask);
         let failing = view.failing();
         let denial = denial
             .or((!failing.is_empty()).then_some(Denial::Limits(failing)))
@@ -559,10 +569,10 @@ impl Ledger {
         let eff = self.effective(&policy, &subject)?;
         let periods = policy.calendar.periods(now);
         let (locked, scopes) = self.lock_scopes(subject.scope_refs());
-        let states = scopes.states(&locked);
+        let seen = scopes.seen(&locked, &periods);
         drop(locked);
         let ask = Ask {
-            states: [None; 4],
+            seen: &seen,
             caps: &eff.caps,
             periods: &periods,
             estimate: Money::ZERO,
@@ -571,7 +581,7 @@ impl Ledger {
             now,
             after: false,
         };
-        Ok(LimitView::new(&subject, states, &ask).statuses())
+        Ok(LimitView::new(&subject, &ask).statuses())
     }
 }
 

@@ -96,14 +96,9 @@ impl Ledger {
         let periods = policy.calendar.periods(now);
         let mut rs = lock(self.res_shard(&req.id));
         let (mut locked, mut scopes) = self.lock_scopes(req.subject.scope_refs());
-        let states = scopes.states(&locked);
+        let seen = scopes.seen(&locked, &periods);
         let ask = Ask {
-            states: [
-                Some(&states[0]),
-                Some(&states[1]),
-                req.subject.company.as_ref().map(|_| &states[2]),
-                Some(&states[3]),
-            ],
+            seen: &seen,
             caps: &eff.caps,
             periods: &periods,
             estimate,
@@ -116,11 +111,11 @@ impl Ledger {
         let missing =
             std::array::from_fn(|i| scopes.refs[i].is_some() && scopes.slots[i].is_none());
         let too_many = if admitted {
-            too_many_subjects(&eff, &req.subject, states[1].subjects, missing, &periods)
+            too_many_subjects(&eff, &req.subject, seen.tenant_subjects, missing, &periods)
         } else {
             None
         };
-        let view = LimitView::new(&req.subject, states, &ask);
+        let view = LimitView::new(&req.subject, &ask);
         if !admitted {
             return Ok(Err(CheckOutcome {
                 limits: view.statuses(),

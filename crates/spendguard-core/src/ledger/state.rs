@@ -21,7 +21,7 @@ use super::types::{
 use super::{HashMap, Ledger, SHARDS};
 use crate::money::Money;
 use crate::prices::Tokens;
-use crate::window::Micros;
+use crate::window::{Micros, Periods};
 
 pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a shard cannot leave it half-updated (updates are applied after
@@ -278,6 +278,22 @@ impl Shard {
     }
 }
 
+/// What the limits of a request read from its scopes, in the current windows: the few
+/// counters the checks and the statuses need, copied under the locks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Seen {
+    /// Which of [global, tenant, company, user] the request has (it may have no company).
+    pub(super) has: [bool; 4],
+    /// Per scope: spent and reserved in the current day, then in the current month.
+    pub(super) money: [[Money; 4]; 4],
+    /// The user's requests, requests reserved, tokens and tokens reserved today.
+    pub(super) user_day: [u64; 4],
+    pub(super) user_in_flight: u32,
+    pub(super) user_tat: Micros,
+    /// How many user and company scopes the tenant tracks.
+    pub(super) tenant_subjects: u32,
+}
+
 /// Where a scope's state lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct SlotRef {
@@ -296,15 +312,33 @@ pub(super) struct Resolved<'a> {
 }
 
 impl Resolved<'_> {
-    /// The states of the scopes as they are (zero for the missing ones).
-    pub(super) fn states(&self, locked: &Locked<'_>) -> [ScopeState; 4] {
-        let mut states = [ScopeState::default(); 4];
-        for (i, state) in states.iter_mut().enumerate() {
-            if let Some(slot) = self.slots[i] {
-                *state = *locked.shard_ref(self.shards[i]).state(slot);
+    /// What the limits read from the scopes in the windows of `periods` (zero for the
+    /// missing scopes and for windows other than those).
+    pub(super) fn seen(&self, locked: &Locked<'_>, periods: &Periods) -> Seen {
+        let mut seen = Seen::default();
+        for i in 0..4 {
+            seen.has[i] = self.refs[i].is_some();
+            let Some(slot) = self.slots[i] else { continue };
+            let state = locked.shard_ref(self.shards[i]).state(slot);
+            let day = state.day.at(periods.day.start);
+            let month = state.month.at(periods.month.start);
+            seen.money[i] = [day.spent, day.reserved, month.spent, month.reserved];
+            match i {
+                1 => seen.tenant_subjects = state.subjects,
+                3 => {
+                    seen.user_day = [
+                        day.requests,
+                        day.requests_reserved,
+                        day.tokens,
+                        day.tokens_reserved,
+                    ];
+                    seen.user_in_flight = state.in_flight;
+                    seen.user_tat = state.tat;
+                }
+                _ => {}
             }
         }
-        states
+        seen
     }
 
     /// Where each existing scope lives.
