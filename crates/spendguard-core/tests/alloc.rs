@@ -107,4 +107,6 @@ fn reserve_and_commit_allocate_nothing_in_steady_state() {
         .unwrap()
         .unwrap();
     assert_eq!(r.value.limits.len(), 11);
+    assert_eq!((&r.value.limits).into_iter().count(), 11);
+    assert_eq!(r.value.limits.clone().into_vec(), r.value.limits.to_vec());
 }

@@ -706,6 +706,14 @@ impl std::ops::Deref for Limits {
     }
 }
 
+impl<'a> IntoIterator for &'a Limits {
+    type Item = &'a LimitStatus;
+    type IntoIter = std::slice::Iter<'a, LimitStatus>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.as_slice().iter()
+    }
+}
+
 impl std::fmt::Debug for Limits {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list().entries(self.as_slice()).finish()
