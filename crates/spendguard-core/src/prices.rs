@@ -176,7 +176,9 @@ impl PriceTable {
             return Some(p);
         }
         let name = model.rsplit('/').next().unwrap_or(model);
-        if let Some(p) = self.models.get(name) {
+        if name.len() != model.len()
+            && let Some(p) = self.models.get(name)
+        {
             return Some(p);
         }
         let base = strip_version_suffix(name)?;

@@ -5,7 +5,8 @@
 //! nothing ever has to be reset, and nothing a concurrent request spent can be wiped.
 //! Time is always an argument (microseconds since the Unix epoch); nothing here reads a clock.
 
-use std::sync::RwLock;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering, fence};
 
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan};
@@ -65,7 +66,53 @@ pub struct Periods {
 pub struct Calendar {
     tz: TimeZone,
     name: String,
-    current: RwLock<Option<Periods>>,
+    current: Current,
+}
+
+/// The remembered periods, read without taking a lock: four atomics inside a sequence
+/// number that is odd while a writer changes them (a sequence lock), so the hot path's
+/// read is a handful of plain loads. Writers (once a day) take a mutex.
+#[derive(Debug, Default)]
+struct Current {
+    /// 0 while nothing is remembered; odd while being written.
+    seq: AtomicU64,
+    /// Day start, day end, month start, month end.
+    bounds: [AtomicI64; 4],
+    write: Mutex<()>,
+}
+
+impl Current {
+    fn load(&self) -> Option<Periods> {
+        let before = self.seq.load(Ordering::Acquire);
+        if before == 0 || before % 2 == 1 {
+            return None;
+        }
+        let [ds, de, ms, me] = self.bounds.each_ref().map(|b| b.load(Ordering::Relaxed));
+        fence(Ordering::Acquire);
+        (self.seq.load(Ordering::Relaxed) == before).then_some(Periods {
+            day: Period { start: ds, end: de },
+            month: Period { start: ms, end: me },
+        })
+    }
+
+    /// Remembers `p` unless newer periods are remembered already.
+    fn store_latest(&self, p: Periods) {
+        let _writer = self.write.lock().unwrap_or_else(|e| e.into_inner());
+        if self.load().is_some_and(|c| c.day.start >= p.day.start) {
+            return;
+        }
+        let seq = self.seq.load(Ordering::Relaxed);
+        self.seq.store(seq + 1, Ordering::Relaxed);
+        fence(Ordering::Release);
+        for (b, v) in self
+            .bounds
+            .iter()
+            .zip([p.day.start, p.day.end, p.month.start, p.month.end])
+        {
+            b.store(v, Ordering::Relaxed);
+        }
+        self.seq.store(seq + 2, Ordering::Release);
+    }
 }
 
 impl Clone for Calendar {
@@ -73,7 +120,7 @@ impl Clone for Calendar {
         Calendar {
             tz: self.tz.clone(),
             name: self.name.clone(),
-            current: RwLock::new(None),
+            current: Current::default(),
         }
     }
 }
@@ -91,7 +138,7 @@ impl Calendar {
         Ok(Calendar {
             tz,
             name: time_zone.to_owned(),
-            current: RwLock::new(None),
+            current: Current::default(),
         })
     }
 
@@ -109,17 +156,14 @@ impl Calendar {
 
     /// The day and month containing `t`. Cheap when `t` is in the remembered periods.
     pub fn periods(&self, t: Micros) -> Periods {
-        if let Some(p) = *self.current.read().unwrap_or_else(|e| e.into_inner())
+        if let Some(p) = self.current.load()
             && p.day.contains(t)
         {
             return p;
         }
         let p = self.compute(t);
         // Remember the latest periods only: a stale clock must not evict the current ones.
-        let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
-        if cur.is_none_or(|c| c.day.start < p.day.start) {
-            *cur = Some(p);
-        }
+        self.current.store_latest(p);
         p
     }
 
@@ -215,7 +259,7 @@ mod tests {
         let a = c.periods(now);
         let old = c.periods(micros("2024-04-30T10:00:00Z"));
         assert_ne!(a, old);
-        assert_eq!(*c.current.read().unwrap(), Some(a));
+        assert_eq!(c.current.load(), Some(a));
     }
 
     #[test]

@@ -586,7 +586,7 @@ impl<S: Store> Guard<S> {
         let limits = ledger.limits(&s.tenant, &s.user, s.company.as_ref(), s.tier.as_ref(), now)?;
         Ok(Some(Reserved {
             reservation: r,
-            limits,
+            limits: limits.into(),
             replayed: true,
         }))
     }

@@ -3,5 +3,6 @@
 mod concurrency;
 mod ledger;
 mod properties;
+mod restore;
 mod support;
 mod tenants;
