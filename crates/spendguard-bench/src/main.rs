@@ -9,6 +9,8 @@
 //! cargo run --release -p spendguard-bench -- --mode spendguard --requests 50000 --json
 //! # a running spendguard (the key must be allowed to act on tenants t0..t19, e.g. the admin key)
 //! cargo run --release -p spendguard-bench -- --mode spendguard --url http://127.0.0.1:8080 --key "$KEY"
+//! # the gateway in front of a mock upstream, against the mock alone: 3 alternated rounds
+//! cargo run --release -p spendguard-bench -- --mode gateway --connections 64 --duration 10
 //! # the baseline on PostgreSQL (schema `spendguard_bench_baseline`, its table recreated)
 //! cargo run --release -p spendguard-bench -- --mode baseline --database postgres://postgres@127.0.0.1:5432/test
 //! ```
@@ -30,7 +32,8 @@ use spendguard_bench::{LoadOptions, Mode, Options};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// spendguard, baseline (seed design), ceiling (empty handler) or all side by side.
+    /// spendguard, baseline (seed design), ceiling (empty handler), all three side by side,
+    /// or gateway (the gateway in front of a mock upstream against the mock alone).
     #[arg(long, value_enum, default_value = "spendguard")]
     mode: Mode,
     /// Drive a running spendguard at this URL instead of an in-process one.
@@ -70,6 +73,9 @@ struct Args {
     /// Users whose limits are read back after a spendguard run.
     #[arg(long, default_value_t = 200)]
     verify_sample: usize,
+    /// Gateway mode: rounds, each running every variant directly and through the gateway.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Print a machine-readable JSON summary instead of tables.
     #[arg(long)]
     json: bool,
@@ -103,6 +109,7 @@ async fn main() -> ExitCode {
         database: a.database,
         baseline_budget_usd: a.baseline_budget,
         verify_sample: a.verify_sample,
+        rounds: a.rounds,
     };
     let summary = match spendguard_bench::run(&opts).await {
         Ok(s) => s,
@@ -124,6 +131,10 @@ async fn main() -> ExitCode {
     }
     if summary.overspent() {
         eprintln!("FAIL: spendguard overspent");
+        return ExitCode::FAILURE;
+    }
+    if summary.gateway.as_ref().is_some_and(|g| g.failed()) {
+        eprintln!("FAIL: a gateway call failed or was not charged exactly once");
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
