@@ -136,7 +136,8 @@ pub struct Overhead {
 pub struct GatewayReport {
     pub runs: Vec<CallRun>,
     pub overhead: Vec<Overhead>,
-    /// Calls answered 200 through the gateway, and calls its usage report counts.
+    /// Calls answered 200 through the gateway (the warm-up's included), and calls its usage
+    /// report counts.
     pub gateway_calls: u64,
     pub charged_calls: u64,
     /// Calls the mock answered (direct and through the gateway).
@@ -253,6 +254,21 @@ impl Server {
 struct Target {
     url: String,
     key: String,
+}
+
+impl Target {
+    fn of(path: Path, mock: &MockUpstream, server: &Server) -> Target {
+        match path {
+            Path::Direct => Target {
+                url: mock.openai_base(),
+                key: PROVIDER_KEY.to_owned(),
+            },
+            Path::Gateway => Target {
+                url: format!("{}/openai/v1", server.url),
+                key: server.key.clone(),
+            },
+        }
+    }
 }
 
 struct Shared {
@@ -454,6 +470,26 @@ pub async fn run(load: &LoadOptions, rounds: usize) -> anyhow::Result<GatewayRep
     let rounds = rounds.max(1);
     let mock = MockUpstream::start().await;
     let server = start_server(&mock).await?;
+    // Warm-up, not measured: connections opened, the tokenizer's tables loaded (about a
+    // second), the store's first pages in memory.
+    let warmup = LoadOptions {
+        duration: None,
+        requests: Some(load.connections.max(1) as u64 * 4),
+        ..load.clone()
+    };
+    let mut warmup_calls = 0;
+    for variant in [Variant::Chat, Variant::Stream] {
+        for path in [Path::Direct, Path::Gateway] {
+            let (requests, _, _, _, errors, examples) =
+                drive(Target::of(path, &mock, &server), variant, &warmup).await?;
+            if errors > 0 {
+                anyhow::bail!("the warm-up failed: {examples:?}");
+            }
+            if path == Path::Gateway {
+                warmup_calls += requests;
+            }
+        }
+    }
     let mut runs = Vec::new();
     for round in 0..rounds {
         for variant in [Variant::Chat, Variant::Stream] {
@@ -463,16 +499,7 @@ pub async fn run(load: &LoadOptions, rounds: usize) -> anyhow::Result<GatewayRep
                 [Path::Gateway, Path::Direct]
             };
             for path in order {
-                let target = match path {
-                    Path::Direct => Target {
-                        url: mock.openai_base(),
-                        key: PROVIDER_KEY.to_owned(),
-                    },
-                    Path::Gateway => Target {
-                        url: format!("{}/openai/v1", server.url),
-                        key: server.key.clone(),
-                    },
-                };
+                let target = Target::of(path, &mock, &server);
                 if load.progress {
                     eprintln!(
                         "round {}/{rounds}: {} {:?}",
@@ -498,11 +525,12 @@ pub async fn run(load: &LoadOptions, rounds: usize) -> anyhow::Result<GatewayRep
             }
         }
     }
-    let gateway_calls = runs
-        .iter()
-        .filter(|r| r.path == Path::Gateway)
-        .map(|r| r.requests - r.errors)
-        .sum();
+    let gateway_calls = warmup_calls
+        + runs
+            .iter()
+            .filter(|r| r.path == Path::Gateway)
+            .map(|r| r.requests - r.errors)
+            .sum::<u64>();
     let charged_calls = server.charged_calls().await?;
     let mock_calls = mock.calls();
     server.stop().await?;

@@ -554,6 +554,12 @@ async fn run_baseline(opts: &Options, history: u64) -> anyhow::Result<TargetRepo
 pub fn render(summary: &Summary) -> String {
     use std::fmt::Write;
     let mut out = String::new();
+    if let Some(g) = &summary.gateway {
+        gateway::render(&mut out, g);
+    }
+    if summary.runs.is_empty() {
+        return out;
+    }
     let _ = writeln!(
         out,
         "{:<22} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7}  denials",
@@ -609,9 +615,6 @@ pub fn render(summary: &Summary) -> String {
                 o.worst_user_over_limit
             );
         }
-    }
-    if let Some(g) = &summary.gateway {
-        gateway::render(&mut out, g);
     }
     if !summary.ratios.is_empty() {
         let _ = writeln!(out);
