@@ -8,6 +8,12 @@
 //! first byte measured too). What the gateway adds is the difference of each pair of adjacent
 //! runs; the medians over the rounds are reported.
 //!
+//! By default each connection sends its next call as soon as the last one is answered (a
+//! closed loop: the gateway runs flat out, and at saturation its latency is mostly
+//! queueing). With a rate, calls are sent on a fixed schedule spread over the connections
+//! (an open loop), and each latency counts from the call's scheduled time, so a stall is not
+//! hidden by the calls it delayed.
+//!
 //! After the runs every call through the gateway must have been charged: the usage report's
 //! request count is compared with the calls it answered.
 
@@ -134,6 +140,8 @@ pub struct Overhead {
 /// What `--mode gateway` measured.
 #[derive(Debug, Serialize)]
 pub struct GatewayReport {
+    /// Open loop: the calls per second sent; `None`: a closed loop.
+    pub rate: Option<f64>,
     pub runs: Vec<CallRun>,
     pub overhead: Vec<Overhead>,
     /// Calls answered 200 through the gateway (the warm-up's included), and calls its usage
@@ -273,6 +281,9 @@ impl Target {
 
 struct Shared {
     target: Target,
+    /// Open loop: the time between two calls of one connection.
+    interval: Option<Duration>,
+    start: Instant,
     body: Vec<u8>,
     stream: bool,
     opts: LoadOptions,
@@ -338,8 +349,8 @@ async fn call(
     s: &Shared,
     client: &reqwest::Client,
     user: &str,
+    t: Instant,
 ) -> Result<(Duration, Duration), String> {
-    let t = Instant::now();
     let mut resp = client
         .post(format!("{}/chat/completions", s.target.url))
         .bearer_auth(&s.target.key)
@@ -373,7 +384,7 @@ async fn call(
     Ok((first.unwrap_or(total), total))
 }
 
-async fn worker(s: Arc<Shared>) -> Worker {
+async fn worker(s: Arc<Shared>, index: usize) -> Worker {
     let mut w = Worker {
         latency: histogram(),
         ttfb: histogram(),
@@ -392,10 +403,22 @@ async fn worker(s: Arc<Shared>) -> Worker {
             return w;
         }
     };
+    // Open loop: connection `index` of N sends at start + (index / N + k) × interval.
+    let mut next = s
+        .interval
+        .map(|i| s.start + i.mul_f64(index as f64 / s.opts.connections.max(1) as f64));
     while s.take() {
         let user = format!("u{}", fastrand::usize(..s.opts.users.max(1)));
+        let t = match (next, s.interval) {
+            (Some(at), Some(interval)) => {
+                tokio::time::sleep_until(at.into()).await;
+                next = Some(at + interval);
+                at
+            }
+            _ => Instant::now(),
+        };
         w.requests += 1;
-        match call(&s, &client, &user).await {
+        match call(&s, &client, &user, t).await {
             Ok((first, total)) => {
                 w.ttfb.saturating_record((first.as_micros() as u64).max(1));
                 w.latency
@@ -412,6 +435,7 @@ async fn drive(
     target: Target,
     variant: Variant,
     opts: &LoadOptions,
+    rate: Option<f64>,
 ) -> anyhow::Result<(u64, f64, Histogram<u64>, Histogram<u64>, u64, Vec<String>)> {
     if opts.duration.is_none() && opts.requests.is_none() {
         anyhow::bail!("give a duration or a request count");
@@ -429,8 +453,13 @@ async fn drive(
         body["stream"] = json!(true);
     }
     let start = Instant::now();
+    let interval = rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(opts.connections.max(1) as f64 / r));
     let shared = Arc::new(Shared {
         target,
+        interval,
+        start,
         body: serde_json::to_vec(&body)?,
         stream,
         opts: opts.clone(),
@@ -439,7 +468,7 @@ async fn drive(
         stopped: AtomicBool::new(false),
     });
     let tasks: Vec<_> = (0..opts.connections.max(1))
-        .map(|_| tokio::spawn(worker(shared.clone())))
+        .map(|i| tokio::spawn(worker(shared.clone(), i)))
         .collect();
     let (mut latency, mut ttfb) = (histogram(), histogram());
     let (mut requests, mut errors, mut examples) = (0, 0, Vec::new());
@@ -465,8 +494,13 @@ fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
 }
 
 /// Runs `rounds` rounds; in each, every variant directly and through the gateway (which
-/// goes first alternates from round to round).
-pub async fn run(load: &LoadOptions, rounds: usize) -> anyhow::Result<GatewayReport> {
+/// goes first alternates from round to round). `rate`: calls per second in all, on a fixed
+/// schedule; `None`: each connection as fast as it is answered.
+pub async fn run(
+    load: &LoadOptions,
+    rounds: usize,
+    rate: Option<f64>,
+) -> anyhow::Result<GatewayReport> {
     let rounds = rounds.max(1);
     let mock = MockUpstream::start().await;
     let server = start_server(&mock).await?;
@@ -481,7 +515,7 @@ pub async fn run(load: &LoadOptions, rounds: usize) -> anyhow::Result<GatewayRep
     for variant in [Variant::Chat, Variant::Stream] {
         for path in [Path::Direct, Path::Gateway] {
             let (requests, _, _, _, errors, examples) =
-                drive(Target::of(path, &mock, &server), variant, &warmup).await?;
+                drive(Target::of(path, &mock, &server), variant, &warmup, None).await?;
             if errors > 0 {
                 anyhow::bail!("the warm-up failed: {examples:?}");
             }
@@ -509,7 +543,7 @@ pub async fn run(load: &LoadOptions, rounds: usize) -> anyhow::Result<GatewayRep
                     );
                 }
                 let (requests, elapsed, latency, ttfb, errors, error_examples) =
-                    drive(target, variant, load).await?;
+                    drive(target, variant, load, rate).await?;
                 runs.push(CallRun {
                     round,
                     variant,
@@ -539,6 +573,7 @@ pub async fn run(load: &LoadOptions, rounds: usize) -> anyhow::Result<GatewayRep
         .map(|v| overhead(&runs, v, rounds))
         .collect();
     Ok(GatewayReport {
+        rate,
         runs,
         overhead,
         gateway_calls,
@@ -596,6 +631,16 @@ fn overhead(runs: &[CallRun], variant: Variant, rounds: usize) -> Overhead {
 /// The gateway report as text tables.
 pub fn render(out: &mut String, g: &GatewayReport) {
     use std::fmt::Write;
+    let _ = match g.rate {
+        Some(r) => writeln!(
+            out,
+            "open loop: {r:.0} calls/s in all, latency from each call's scheduled time"
+        ),
+        None => writeln!(
+            out,
+            "closed loop: each connection sends its next call when the last is answered"
+        ),
+    };
     let _ = writeln!(
         out,
         "{:<5} {:<12} {:<8} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7}",

@@ -134,6 +134,8 @@ pub struct Options {
     pub verify_sample: usize,
     /// Gateway mode: rounds of direct and gateway runs, alternated.
     pub rounds: usize,
+    /// Gateway mode: calls per second in all, on a fixed schedule; `None`: closed loop.
+    pub rate: Option<f64>,
 }
 
 /// One measured run of one target.
@@ -220,7 +222,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Summary> {
             if opts.url.is_some() {
                 bail!("--mode gateway runs in-process; --url is not supported");
             }
-            gateway = Some(gateway::run(&opts.load, opts.rounds).await?);
+            gateway = Some(gateway::run(&opts.load, opts.rounds, opts.rate).await?);
         }
         Mode::Baseline => {
             for &h in &history {

@@ -76,6 +76,11 @@ struct Args {
     /// Gateway mode: rounds, each running every variant directly and through the gateway.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Gateway mode: send this many calls per second in all, on a fixed schedule (latency
+    /// counted from each call's scheduled time); default: each connection as fast as it
+    /// is answered.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Print a machine-readable JSON summary instead of tables.
     #[arg(long)]
     json: bool,
@@ -110,6 +115,7 @@ async fn main() -> ExitCode {
         baseline_budget_usd: a.baseline_budget,
         verify_sample: a.verify_sample,
         rounds: a.rounds,
+        rate: a.rate,
     };
     let summary = match spendguard_bench::run(&opts).await {
         Ok(s) => s,

@@ -25,6 +25,7 @@ async fn all_three_modes_run_and_spendguard_does_not_overspend() {
         baseline_budget_usd: None,
         verify_sample: 50,
         rounds: 1,
+        rate: None,
     };
     let summary = spendguard_bench::run(&opts)
         .await
@@ -76,6 +77,7 @@ async fn gateway_mode_runs_both_paths_and_charges_every_gateway_call() {
         baseline_budget_usd: None,
         verify_sample: 0,
         rounds: 2,
+        rate: Some(2000.0),
     };
     let summary = spendguard_bench::run(&opts)
         .await
