@@ -11,8 +11,8 @@
 //! By default each connection sends its next call as soon as the last one is answered (a
 //! closed loop: the gateway runs flat out, and at saturation its latency is mostly
 //! queueing). With a rate, calls are sent on a fixed schedule spread over the connections
-//! (an open loop), and each latency counts from the call's scheduled time, so a stall is not
-//! hidden by the calls it delayed.
+//! (an open loop); a call that has to wait for its connection's previous one counts from its
+//! scheduled time, so a stall is not hidden by the calls it delayed.
 //!
 //! After the runs every call through the gateway must have been charged: the usage report's
 //! request count is compared with the calls it answered.
@@ -407,18 +407,24 @@ async fn worker(s: Arc<Shared>, index: usize) -> Worker {
     let mut next = s
         .interval
         .map(|i| s.start + i.mul_f64(index as f64 / s.opts.connections.max(1) as f64));
+    // When the last call of this connection was answered.
+    let mut free_at = s.start;
     while s.take() {
         let user = format!("u{}", fastrand::usize(..s.opts.users.max(1)));
         let t = match (next, s.interval) {
             (Some(at), Some(interval)) => {
                 tokio::time::sleep_until(at.into()).await;
                 next = Some(at + interval);
-                at
+                // Late because the last call was still running: the wait counts. Late only
+                // because the timer wakes on whole milliseconds: it does not.
+                if free_at > at { at } else { Instant::now() }
             }
             _ => Instant::now(),
         };
         w.requests += 1;
-        match call(&s, &client, &user, t).await {
+        let answered = call(&s, &client, &user, t).await;
+        free_at = Instant::now();
+        match answered {
             Ok((first, total)) => {
                 w.ttfb.saturating_record((first.as_micros() as u64).max(1));
                 w.latency
@@ -634,7 +640,7 @@ pub fn render(out: &mut String, g: &GatewayReport) {
     let _ = match g.rate {
         Some(r) => writeln!(
             out,
-            "open loop: {r:.0} calls/s in all, latency from each call's scheduled time"
+            "open loop: {r:.0} calls/s in all; a call held up by its connection's last one is timed from its scheduled time"
         ),
         None => writeln!(
             out,

@@ -76,9 +76,9 @@ struct Args {
     /// Gateway mode: rounds, each running every variant directly and through the gateway.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Gateway mode: send this many calls per second in all, on a fixed schedule (latency
-    /// counted from each call's scheduled time); default: each connection as fast as it
-    /// is answered.
+    /// Gateway mode: send this many calls per second in all, on a fixed schedule (a call
+    /// held up by its connection's previous one is timed from its scheduled time); default:
+    /// each connection as fast as it is answered.
     #[arg(long)]
     rate: Option<f64>,
     /// Print a machine-readable JSON summary instead of tables.
