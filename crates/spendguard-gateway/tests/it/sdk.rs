@@ -1,8 +1,8 @@
 //! The official Python SDKs (`openai`, `anthropic`) against the gateway: the suite in
 //! `tests/sdk` makes whole and streamed calls of every kind through the gateway in front of
 //! the mock upstream and checks, per call, the text and usage the SDK sees and the usage and
-//! cost recorded for its user, to the micro-dollar; and that a refusal is the SDK's
-//! `RateLimitError`.
+//! cost recorded for its user, to the micro-dollar (a stream its caller leaves early too);
+//! and that a refusal is the SDK's `RateLimitError`.
 //!
 //! The interpreter is `SPENDGUARD_SDK_PYTHON`, else the workspace's `.venv-sdk`
 //! (`python3 -m venv .venv-sdk && .venv-sdk/bin/pip install openai anthropic pytest`).
@@ -17,9 +17,9 @@ use spendguard_gateway::mock::usage::*;
 use crate::support::*;
 
 /// Tests in `tests/sdk`: a run that passes fewer (collected nothing, skipped some) fails.
-const PYTHON_TESTS: u64 = 14;
+const PYTHON_TESTS: u64 = 16;
 /// Calls of the suite that reach the provider and are charged (the refused ones do not).
-const CHARGED_CALLS: usize = 11;
+const CHARGED_CALLS: usize = 13;
 /// `count_tokens` calls: forwarded, never charged.
 const FREE_CALLS: u64 = 1;
 

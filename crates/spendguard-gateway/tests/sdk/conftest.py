@@ -14,6 +14,7 @@ runs a gateway in front of the mock upstream and passes, through the environment
 
 import json
 import os
+import time
 from decimal import Decimal
 
 import httpx
@@ -74,6 +75,13 @@ class Gateway:
         got = self.day(user)
         assert got == want, f"{user}, {api}: recorded {got}, expected {want}"
 
+    def wait_recorded(self, user, timeout_s=30):
+        """Waits until the user's day holds a call (one settled after its caller left)."""
+        deadline = time.monotonic() + timeout_s
+        while self.day(user)["requests"] == 0:
+            assert time.monotonic() < deadline, f"{user}: nothing recorded in {timeout_s} s"
+            time.sleep(0.02)
+
     def starve(self, user):
         """Gives the user a daily budget of one micro-dollar: every call is refused."""
         r = self.http.put(
@@ -94,4 +102,5 @@ def gateway():
 @pytest.fixture
 def user(request):
     """A user of this test alone, so its day holds only this test's calls."""
-    return "sdk-" + request.node.name.replace("_", "-")
+    name = f"{request.node.module.__name__}-{request.node.name}"
+    return "sdk-" + name.replace("_", "-")

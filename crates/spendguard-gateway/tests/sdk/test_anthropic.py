@@ -5,6 +5,8 @@ import anthropic
 import pytest
 
 MODEL = "claude-mock"
+# Priced like MODEL; the mock streams it slowly.
+SLOW_MODEL = "claude-mock-slow"
 
 
 @pytest.fixture
@@ -65,6 +67,15 @@ def test_raw_stream_charges_the_metadata_user(gateway, user):
     )
     assert text == gateway.expect["text"]["streamed"]
     assert events[-1].type == "message_stop"
+    gateway.assert_charged(user, "messages")
+
+
+def test_a_stream_left_early_is_charged_in_full(gateway, user, client):
+    # A slow stream the caller leaves after its first piece of text.
+    with client.messages.stream(model=SLOW_MODEL, max_tokens=1000, messages=ask()) as stream:
+        first = next(iter(stream.text_stream))
+    assert first == "piece 0 "
+    gateway.wait_recorded(user)
     gateway.assert_charged(user, "messages")
 
 

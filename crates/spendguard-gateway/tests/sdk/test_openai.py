@@ -5,6 +5,8 @@ import openai
 import pytest
 
 CHAT_MODEL = "gpt-4o-mock"
+# Priced like CHAT_MODEL; the mock streams it slowly.
+SLOW_MODEL = "gpt-4o-mock-slow"
 EMBEDDING_MODEL = "text-embedding-3-mock"
 
 
@@ -81,6 +83,17 @@ def test_chat_stream_helper(gateway, user, client):
     with client.chat.completions.stream(model=CHAT_MODEL, messages=ask()) as stream:
         final = stream.get_final_completion()
     assert final.choices[0].message.content == gateway.expect["text"]["streamed"]
+    gateway.assert_charged(user, "chat")
+
+
+def test_a_stream_left_early_is_charged_in_full(gateway, user, client):
+    # A slow stream (20 chunks) the caller stops reading after its first chunk: the gateway
+    # reads on to the provider's usage and charges all of it.
+    stream = client.chat.completions.create(model=SLOW_MODEL, messages=ask(), stream=True)
+    first = next(iter(stream))
+    assert first.choices[0].delta.role == "assistant"
+    stream.close()
+    gateway.wait_recorded(user)
     gateway.assert_charged(user, "chat")
 
 
