@@ -11,6 +11,8 @@
 //! cargo run --release -p spendguard-bench -- --mode spendguard --url http://127.0.0.1:8080 --key "$KEY"
 //! # the gateway in front of a mock upstream, against the mock alone: 3 alternated rounds
 //! cargo run --release -p spendguard-bench -- --mode gateway --connections 64 --duration 10
+//! # the same at a fixed 1,170 calls/s (an open loop) instead of flat out
+//! cargo run --release -p spendguard-bench -- --mode gateway --connections 64 --duration 10 --rate 1170
 //! # the baseline on PostgreSQL (schema `spendguard_bench_baseline`, its table recreated)
 //! cargo run --release -p spendguard-bench -- --mode baseline --database postgres://postgres@127.0.0.1:5432/test
 //! ```
