@@ -9,8 +9,12 @@
 //! - **ceiling**: an empty handler that parses the same body: what the machine allows.
 //!
 //! [`run`] drives them with N keep-alive connections and returns a [`Summary`].
+//!
+//! A fourth mode, **gateway** ([`gateway`]), measures what the gateway adds to a model
+//! call: chat completions sent to the mock upstream directly and through the gateway.
 
 pub mod baseline;
+pub mod gateway;
 pub mod load;
 
 use std::collections::BTreeMap;
@@ -104,6 +108,8 @@ pub enum Mode {
     Baseline,
     Ceiling,
     All,
+    /// The gateway in front of the mock upstream, against the mock alone.
+    Gateway,
 }
 
 /// Everything [`run`] needs.
@@ -126,6 +132,10 @@ pub struct Options {
     pub baseline_budget_usd: Option<f64>,
     /// How many users' limits to read back after a spendguard run.
     pub verify_sample: usize,
+    /// Gateway mode: rounds of direct and gateway runs, alternated.
+    pub rounds: usize,
+    /// Gateway mode: calls per second in all, on a fixed schedule; `None`: closed loop.
+    pub rate: Option<f64>,
 }
 
 /// One measured run of one target.
@@ -180,6 +190,8 @@ pub struct Summary {
     pub runs: Vec<TargetReport>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ratios: Vec<RatioRow>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<gateway::GatewayReport>,
 }
 
 impl Summary {
@@ -197,6 +209,7 @@ impl Summary {
 pub async fn run(opts: &Options) -> anyhow::Result<Summary> {
     let mut runs = Vec::new();
     let mut ratios = Vec::new();
+    let mut gateway = None;
     let history = if opts.history.is_empty() {
         vec![0]
     } else {
@@ -205,6 +218,12 @@ pub async fn run(opts: &Options) -> anyhow::Result<Summary> {
     match opts.mode {
         Mode::Spendguard => runs.push(run_spendguard(opts).await?),
         Mode::Ceiling => runs.push(run_ceiling(opts).await?),
+        Mode::Gateway => {
+            if opts.url.is_some() {
+                bail!("--mode gateway runs in-process; --url is not supported");
+            }
+            gateway = Some(gateway::run(&opts.load, opts.rounds, opts.rate).await?);
+        }
         Mode::Baseline => {
             for &h in &history {
                 runs.push(run_baseline(opts, h).await?);
@@ -257,6 +276,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Summary> {
         requests_target: opts.load.requests,
         runs,
         ratios,
+        gateway,
     })
 }
 
@@ -297,7 +317,7 @@ pub async fn serve_router(router: Router) -> anyhow::Result<Served> {
     })
 }
 
-fn random_key() -> String {
+pub(crate) fn random_key() -> String {
     format!("bench-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
 }
 
@@ -536,6 +556,12 @@ async fn run_baseline(opts: &Options, history: u64) -> anyhow::Result<TargetRepo
 pub fn render(summary: &Summary) -> String {
     use std::fmt::Write;
     let mut out = String::new();
+    if let Some(g) = &summary.gateway {
+        gateway::render(&mut out, g);
+    }
+    if summary.runs.is_empty() {
+        return out;
+    }
     let _ = writeln!(
         out,
         "{:<22} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7}  denials",

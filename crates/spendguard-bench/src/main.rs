@@ -9,6 +9,10 @@
 //! cargo run --release -p spendguard-bench -- --mode spendguard --requests 50000 --json
 //! # a running spendguard (the key must be allowed to act on tenants t0..t19, e.g. the admin key)
 //! cargo run --release -p spendguard-bench -- --mode spendguard --url http://127.0.0.1:8080 --key "$KEY"
+//! # the gateway in front of a mock upstream, against the mock alone: 3 alternated rounds
+//! cargo run --release -p spendguard-bench -- --mode gateway --connections 64 --duration 10
+//! # the same at a fixed 1,170 calls/s (an open loop) instead of flat out
+//! cargo run --release -p spendguard-bench -- --mode gateway --connections 64 --duration 10 --rate 1170
 //! # the baseline on PostgreSQL (schema `spendguard_bench_baseline`, its table recreated)
 //! cargo run --release -p spendguard-bench -- --mode baseline --database postgres://postgres@127.0.0.1:5432/test
 //! ```
@@ -30,7 +34,8 @@ use spendguard_bench::{LoadOptions, Mode, Options};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// spendguard, baseline (seed design), ceiling (empty handler) or all side by side.
+    /// spendguard, baseline (seed design), ceiling (empty handler), all three side by side,
+    /// or gateway (the gateway in front of a mock upstream against the mock alone).
     #[arg(long, value_enum, default_value = "spendguard")]
     mode: Mode,
     /// Drive a running spendguard at this URL instead of an in-process one.
@@ -70,6 +75,14 @@ struct Args {
     /// Users whose limits are read back after a spendguard run.
     #[arg(long, default_value_t = 200)]
     verify_sample: usize,
+    /// Gateway mode: rounds, each running every variant directly and through the gateway.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Gateway mode: send this many calls per second in all, on a fixed schedule (a call
+    /// held up by its connection's previous one is timed from its scheduled time); default:
+    /// each connection as fast as it is answered.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Print a machine-readable JSON summary instead of tables.
     #[arg(long)]
     json: bool,
@@ -103,6 +116,8 @@ async fn main() -> ExitCode {
         database: a.database,
         baseline_budget_usd: a.baseline_budget,
         verify_sample: a.verify_sample,
+        rounds: a.rounds,
+        rate: a.rate,
     };
     let summary = match spendguard_bench::run(&opts).await {
         Ok(s) => s,
@@ -124,6 +139,10 @@ async fn main() -> ExitCode {
     }
     if summary.overspent() {
         eprintln!("FAIL: spendguard overspent");
+        return ExitCode::FAILURE;
+    }
+    if summary.gateway.as_ref().is_some_and(|g| g.failed()) {
+        eprintln!("FAIL: a gateway call failed or was not charged exactly once");
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS

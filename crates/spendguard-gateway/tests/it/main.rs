@@ -2,4 +2,5 @@
 //! PostgreSQL), and the mock upstream.
 
 mod gateway;
+mod sdk;
 mod support;
