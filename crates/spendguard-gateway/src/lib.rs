@@ -458,10 +458,7 @@ impl Gateway {
             api != Api::Embeddings && json.get("stream").and_then(Value::as_bool) == Some(true);
         let counter = count::Counter::for_model(kind, model.as_str());
         let (input_tokens, max_output) = match api {
-            Api::Chat => (
-                count::chat_input(counter, &json),
-                max_tokens(&json, &["max_completion_tokens", "max_tokens"])?,
-            ),
+            Api::Chat => (count::chat_input(counter, &json), chat_max_output(&json)?),
             Api::Responses => (
                 count::responses_input(counter, &json),
                 max_tokens(&json, &["max_output_tokens"])?,
@@ -566,6 +563,24 @@ impl Gateway {
             input_estimate: p.request.input_tokens,
             output_estimate: res.estimated_tokens.saturating_sub(p.request.input_tokens),
         };
+        // Neither the request nor the tier bounds the output: the worst case is unknown, and
+        // reserving the input alone would let the call overshoot by all of its output.
+        if p.api != Api::Embeddings
+            && p.request.max_output_tokens.is_none()
+            && call.output_estimate == 0
+        {
+            call.release("no output bound").await;
+            return Err(GatewayError::bad_request(format!(
+                "spendguard: send `{}`, or give tier `{}` a max_output_tokens, so this call's \
+                 worst case can be reserved",
+                match p.api {
+                    Api::Chat => "max_completion_tokens",
+                    Api::Responses => "max_output_tokens",
+                    _ => "max_tokens",
+                },
+                res.tier.as_str()
+            )));
+        }
         let resp = match self.send(up, p.api.path(), headers, p.body, p.stream).await {
             Ok(r) => r,
             Err(e) => {
@@ -940,6 +955,28 @@ fn header_id<T, E: std::fmt::Display>(
             parse(s).map_err(|e| GatewayError::bad_request(format!("{name}: {e}")))
         })
         .transpose()
+}
+
+/// A chat completion's most output: `max_completion_tokens` (or `max_tokens`) for each of
+/// its `n` choices. Several choices need an explicit bound: the tier's maximum is a bound
+/// for one.
+fn chat_max_output(v: &Value) -> Result<Option<u64>, GatewayError> {
+    let per_choice = max_tokens(v, &["max_completion_tokens", "max_tokens"])?;
+    let n = match v.get("n") {
+        None | Some(Value::Null) => 1,
+        Some(n) => n
+            .as_u64()
+            .filter(|n| (1..=128).contains(n))
+            .ok_or_else(|| GatewayError::bad_request("`n` must be a whole number from 1 to 128"))?,
+    };
+    match (per_choice, n) {
+        (per, 1) => Ok(per),
+        (Some(per), n) => Ok(Some(per.saturating_mul(n))),
+        (None, _) => Err(GatewayError::bad_request(
+            "spendguard: a chat completion with several choices (`n`) needs \
+             `max_completion_tokens` or `max_tokens`, so its worst case can be reserved",
+        )),
+    }
 }
 
 /// The first of `keys` the body sets, as a token count.

@@ -48,6 +48,12 @@ impl GatewayError {
         if let Some(s) = self.retry_after {
             r.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(s));
+            // The SDKs retry a 429 on their own, after at most a minute whatever
+            // Retry-After says: a denial that lasts longer (a daily budget) is final now.
+            if s > 60 {
+                r.headers_mut()
+                    .insert("x-should-retry", HeaderValue::from_static("false"));
+            }
         }
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut()

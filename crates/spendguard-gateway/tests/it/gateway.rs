@@ -395,6 +395,8 @@ async fn a_denial_is_a_429_with_retry_after_in_either_shape_and_nothing_is_forwa
         .await;
     assert_eq!(r.status(), 429);
     assert!(r.headers().contains_key("retry-after"));
+    // A daily budget resets in hours: the SDKs are told not to retry on their own.
+    assert_eq!(r.headers()["x-should-retry"], "false");
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "budget_exceeded");
     assert_eq!(body["error"]["type"], "insufficient_quota");
@@ -629,5 +631,71 @@ async fn max_tokens_above_the_tiers_maximum_is_400_and_the_models_are_listed() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn several_choices_reserve_each_ones_output_and_an_unbounded_output_is_refused() {
+    let h = start("[tiers.open]\nusd_per_day = \"100\"\nallowed_models = [\"*\"]\n").await;
+    // 50 choices of 100 tokens: 5,000 output tokens, above the tier's 4,096.
+    let r = h
+        .post(
+            "/openai/v1/chat/completions",
+            json!({"model": "gpt-4o-mock", "n": 50, "max_tokens": 100, "messages": []}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "max_tokens_too_high", "{body}");
+    // Several choices without a bound per choice.
+    let r = h
+        .post(
+            "/openai/v1/chat/completions",
+            json!({"model": "gpt-4o-mock", "n": 2, "messages": []}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    // A tier without max_output_tokens and a request without max_tokens: no worst case.
+    let r = h
+        .client
+        .post(format!("{}/openai/v1/chat/completions", h.url))
+        .bearer_auth(&h.key)
+        .header("x-spendguard-user", "u1")
+        .header("x-spendguard-tenant", "acme")
+        .json(&json!({"model": "gpt-4o-mock", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the gw tier bounds the output");
+    h.stop().await;
+
+    let h = start(
+        "default_tier = \"open\"\n[tiers.open]\nusd_per_day = \"100\"\nallowed_models = [\"*\"]\n",
+    )
+    .await;
+    let r = h
+        .post(
+            "/openai/v1/chat/completions",
+            json!({"model": "gpt-4o-mock", "messages": []}),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_completion_tokens"),
+        "{body}"
+    );
+    assert_eq!(h.mock.calls(), 0);
+    assert_eq!(h.state.guard.ledger().open_reservations(), 0);
+    let r = h
+        .post(
+            "/openai/v1/chat/completions",
+            json!({"model": "gpt-4o-mock", "max_tokens": 10, "messages": []}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
     h.stop().await;
 }
