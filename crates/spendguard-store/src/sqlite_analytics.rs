@@ -23,16 +23,38 @@ const ROLLUP_ROWS: &str = "SELECT window_start, tenant_id, scope_id, spent_micro
     input_tokens, cached_input_tokens, output_tokens FROM rollups \
     WHERE scope_kind = ?1 AND \"window\" = ?2 AND window_start >= ?3 AND window_start <= ?4";
 
-/// [`ROLLUP_ROWS`] of one tenant, through `rollups_tenant`, rather than every tenant's rows
-/// of the windows.
+/// [`ROLLUP_ROWS`] of one tenant, through `rollups_tenant`: a seek there and a lookup in the
+/// primary key per row (about 1.5 µs a row), for a tenant with few rows in the range.
 const ROLLUP_ROWS_OF_TENANT: &str = "SELECT window_start, tenant_id, scope_id, spent_micros, \
     requests, input_tokens, cached_input_tokens, output_tokens FROM rollups \
+    INDEXED BY rollups_tenant \
     WHERE scope_kind = ?1 AND \"window\" = ?2 AND window_start >= ?3 \
     AND window_start <= ?4 AND tenant_id = ?5";
 
-/// The tenant's own rows (whose `scope_id` is the tenant id).
+/// [`ROLLUP_ROWS`] of one tenant by reading every tenant's rows of the range in key order
+/// (about 0.05 µs a row) and keeping the tenant's (the unary `+` keeps SQLite off the
+/// index): for a tenant with many rows in the range.
+const ROLLUP_RANGE_OF_TENANT: &str = "SELECT window_start, tenant_id, scope_id, spent_micros, \
+    requests, input_tokens, cached_input_tokens, output_tokens FROM rollups \
+    WHERE scope_kind = ?1 AND \"window\" = ?2 AND window_start >= ?3 \
+    AND window_start <= ?4 AND +tenant_id = ?5";
+
+/// How many of the tenant's rows the range holds, counted in `rollups_tenant` alone (no
+/// lookups) and only up to [`FEW_TENANT_ROWS`] + 1.
+const TENANT_ROWS_UP_TO: &str = "SELECT count(*) FROM (SELECT 1 FROM rollups \
+    INDEXED BY rollups_tenant \
+    WHERE scope_kind = ?1 AND \"window\" = ?2 AND window_start >= ?3 \
+    AND window_start <= ?4 AND tenant_id = ?5 LIMIT 10001)";
+
+/// Up to this many rows, a tenant's rows are read through `rollups_tenant` (at most about
+/// 15 ms of lookups); more are read as a range of the key, which costs what the same report
+/// over every tenant costs.
+const FEW_TENANT_ROWS: i64 = 10_000;
+
+/// The tenant's own rows (whose `scope_id` is the tenant id): one a window.
 const TENANT_ROLLUP_ROWS: &str = "SELECT window_start, tenant_id, scope_id, spent_micros, \
     requests, input_tokens, cached_input_tokens, output_tokens FROM rollups \
+    INDEXED BY rollups_tenant \
     WHERE scope_kind = ?1 AND \"window\" = ?2 AND window_start >= ?3 AND window_start <= ?4 \
     AND tenant_id = ?5 AND scope_id = ?5";
 
@@ -223,13 +245,26 @@ impl SqliteStore {
                 ReportPlan::Rollups { kinds, ranges } => {
                     for &kind in kinds {
                         for &(window, first, last) in ranges {
+                            let (kind_str, window) = (kind.as_str(), window.as_str());
                             let sql = match tenant {
                                 Some(_) if kind == ScopeKind::Tenant => TENANT_ROLLUP_ROWS,
-                                Some(_) => ROLLUP_ROWS_OF_TENANT,
+                                Some(t) => {
+                                    let few: i64 = tx
+                                        .prepare_cached(TENANT_ROWS_UP_TO)
+                                        .db()?
+                                        .query_row(params![kind_str, window, first, last, t], |r| {
+                                            r.get(0)
+                                        })
+                                        .db()?;
+                                    if few <= FEW_TENANT_ROWS {
+                                        ROLLUP_ROWS_OF_TENANT
+                                    } else {
+                                        ROLLUP_RANGE_OF_TENANT
+                                    }
+                                }
                                 None => ROLLUP_ROWS,
                             };
                             let mut stmt = tx.prepare_cached(sql).db()?;
-                            let (kind_str, window) = (kind.as_str(), window.as_str());
                             let mut rows = match tenant {
                                 Some(t) => stmt.query(params![kind_str, window, first, last, t]),
                                 None => stmt.query(params![kind_str, window, first, last]),
