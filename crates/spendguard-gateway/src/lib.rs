@@ -288,36 +288,24 @@ impl Api {
     }
 }
 
-async fn chat(
-    State(g): State<Gateway>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    g.call(Api::Chat, headers, body).await
+/// The handlers of the model routes: each is [`Gateway::call`] with its API.
+macro_rules! model_route {
+    ($($name:ident => $api:expr),* $(,)?) => {$(
+        async fn $name(
+            State(g): State<Gateway>,
+            headers: HeaderMap,
+            body: Result<Bytes, BytesRejection>,
+        ) -> Response {
+            g.call($api, headers, body).await
+        }
+    )*};
 }
 
-async fn responses(
-    State(g): State<Gateway>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    g.call(Api::Responses, headers, body).await
-}
-
-async fn embeddings(
-    State(g): State<Gateway>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    g.call(Api::Embeddings, headers, body).await
-}
-
-async fn messages(
-    State(g): State<Gateway>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    g.call(Api::Messages, headers, body).await
+model_route! {
+    chat => Api::Chat,
+    responses => Api::Responses,
+    embeddings => Api::Embeddings,
+    messages => Api::Messages,
 }
 
 /// `GET /openai/v1/models`: the models the OpenAI-kind upstreams are configured with.

@@ -350,18 +350,47 @@ fn chat_usage(scenario: Scenario) -> Value {
     })
 }
 
-async fn chat(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes) -> Response {
-    let req = match parse(&body) {
-        Ok(v) => v,
-        Err(r) => return *r,
-    };
-    let guard = InFlight::enter(&seen, &headers, &req);
+/// What every model route starts with: the parsed body, the call counted (until the
+/// answer ends), a `…-held…` call waiting at the gate, and a `…-error…` model's failure.
+struct Begun {
+    req: Value,
+    guard: InFlight,
+    model: String,
+    scenario: Scenario,
+}
+
+async fn begin(
+    seen: &Arc<Seen>,
+    headers: &HeaderMap,
+    body: &Bytes,
+    error: fn(StatusCode, &str) -> Response,
+) -> Result<Begun, Response> {
+    let req = parse(body).map_err(|r| *r)?;
+    let guard = InFlight::enter(seen, headers, &req);
     let model = model_of(&req);
-    wait_if_held(&seen, &model).await;
+    wait_if_held(seen, &model).await;
     let scenario = scenario(&model);
     if scenario == Scenario::Error {
-        return openai_error(StatusCode::INTERNAL_SERVER_ERROR, "the mock failed");
+        return Err(error(StatusCode::INTERNAL_SERVER_ERROR, "the mock failed"));
     }
+    Ok(Begun {
+        req,
+        guard,
+        model,
+        scenario,
+    })
+}
+
+async fn chat(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes) -> Response {
+    let Begun {
+        req,
+        guard,
+        model,
+        scenario,
+    } = match begin(&seen, &headers, &body, openai_error).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let id = "chatcmpl-mock";
     let request_id = "req_mock_chat";
     if !wants_stream(&req) {
@@ -454,17 +483,15 @@ fn response_object(model: &str, status: &str, text: &str) -> Value {
 }
 
 async fn responses(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes) -> Response {
-    let req = match parse(&body) {
-        Ok(v) => v,
-        Err(r) => return *r,
+    let Begun {
+        req,
+        guard,
+        model,
+        scenario,
+    } = match begin(&seen, &headers, &body, openai_error).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
-    let guard = InFlight::enter(&seen, &headers, &req);
-    let model = model_of(&req);
-    wait_if_held(&seen, &model).await;
-    let scenario = scenario(&model);
-    if scenario == Scenario::Error {
-        return openai_error(StatusCode::INTERNAL_SERVER_ERROR, "the mock failed");
-    }
     let request_id = "req_mock_responses";
     if !wants_stream(&req) {
         return json_answer(
@@ -560,17 +587,15 @@ fn message_usage(output: u64) -> Value {
 }
 
 async fn messages(State(seen): State<Arc<Seen>>, headers: HeaderMap, body: Bytes) -> Response {
-    let req = match parse(&body) {
-        Ok(v) => v,
-        Err(r) => return *r,
+    let Begun {
+        req,
+        guard,
+        model,
+        scenario,
+    } = match begin(&seen, &headers, &body, anthropic_error).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
-    let guard = InFlight::enter(&seen, &headers, &req);
-    let model = model_of(&req);
-    wait_if_held(&seen, &model).await;
-    let scenario = scenario(&model);
-    if scenario == Scenario::Error {
-        return anthropic_error(StatusCode::INTERNAL_SERVER_ERROR, "the mock failed");
-    }
     let request_id = "req_mock_messages";
     if !wants_stream(&req) {
         return json_answer(
