@@ -532,7 +532,9 @@ impl Gateway {
     async fn run(&self, p: Prepared, headers: &HeaderMap) -> Result<Response, GatewayError> {
         let state = &self.inner.state;
         let now = state.guard.now();
-        let reserved = match state.guard.reserve(p.request.clone()).await {
+        // Decided in memory, stored in order before the commit; the caller's answer waits
+        // for the commit to be durable (see `Guard::reserve_unacknowledged`).
+        let reserved = match state.guard.reserve_unacknowledged(p.request.clone()).await {
             Ok(Ok(r)) => r,
             Ok(Err(outcome)) => {
                 let e = denial_error(outcome.denial.as_ref(), now);

@@ -540,6 +540,42 @@ impl<S: Store> Guard<S> {
         }
     }
 
+    /// [`Guard::reserve`] answered as soon as it is decided, before it is durable: the
+    /// reservation holds the budget in memory at once, and the writer stores it in order,
+    /// before anything sent after it (such as its commit). For a caller whose own answer
+    /// waits for the commit to be durable, like the gateway, whose caller sees the provider's
+    /// answer only after its usage is stored: the reservation's record matters only if the
+    /// process dies mid-call, and then the call's spend is lost with or without it (an
+    /// expired reservation is recorded at $0). If the reservation cannot be written at all
+    /// (store and spool failing), the writer takes it back and its commit fails.
+    /// A keyed request waits for durability, as [`Guard::reserve`] does.
+    pub async fn reserve_unacknowledged(
+        &self,
+        mut req: ReserveRequest,
+    ) -> Result<Result<Reserved, CheckOutcome>, GuardError> {
+        if req.idempotency_key.is_some() {
+            return self.reserve(req).await;
+        }
+        if self.health() == StoreHealth::Spooling
+            && self.inner.options.on_store_error == OnStoreError::Deny
+        {
+            return Err(GuardError::Unavailable);
+        }
+        req.id = Uuid::now_v7();
+        match self.inner.ledger.reserve(&req, self.now())? {
+            Err(denied) => Ok(Err(denied)),
+            Ok(applied) => {
+                if let Some(event) = applied.event {
+                    self.inner
+                        .writes
+                        .send(Write::Events(vec![event], None, None))
+                        .map_err(|_| GuardError::ShuttingDown)?;
+                }
+                Ok(Ok(applied.value))
+            }
+        }
+    }
+
     /// A keyed reservation that memory does not know but the store may: one made before
     /// this guard started (start-up restores the open ones only). A reservation can be
     /// retried until its key would have been forgotten (its expiry, or the key retention if

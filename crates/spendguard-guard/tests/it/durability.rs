@@ -293,3 +293,40 @@ async fn deny_mode_refuses_new_reservations_while_the_store_is_down() {
     assert!(g.store().inner.usage(c.usage.id).await.unwrap().is_some());
     g.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_unacknowledged_reservation_holds_at_once_and_is_stored_before_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let g = start(sqlite(&path).await, dir.path()).await;
+    let r = g
+        .reserve_unacknowledged(reserve(subject("t", "u"), 5000))
+        .await
+        .unwrap()
+        .unwrap();
+    let id = r.reservation.id;
+    // Held in memory at once.
+    assert_eq!(g.ledger().open_reservations(), 1);
+    // The commit, acknowledged durable, comes after the reservation in the store.
+    let c = g.commit(id, commit(3000)).await.unwrap();
+    let stored = g.store().reservation(id).await.unwrap().unwrap();
+    assert_eq!(stored.state, ReservationState::Committed);
+    assert_eq!(stored.usage.map(|u| u.id), Some(c.usage.id));
+    assert_rollups_match(g.store()).await;
+    // One left open is made durable by the writer, and restored after a restart.
+    let open = g
+        .reserve_unacknowledged(reserve(subject("t", "u"), 700))
+        .await
+        .unwrap()
+        .unwrap();
+    g.shutdown().await;
+    drop(g);
+    let g = start(sqlite(&path).await, dir.path()).await;
+    assert_eq!(
+        g.ledger()
+            .reservation(&open.reservation.id)
+            .map(|r| r.estimate),
+        Some(Money::from_micros(700))
+    );
+    g.shutdown().await;
+}
