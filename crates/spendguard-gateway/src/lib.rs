@@ -711,7 +711,16 @@ impl Gateway {
                             break;
                         }
                     },
-                    None => upstream.next().await,
+                    // A caller that leaves while the upstream is silent is noticed at once.
+                    None => tokio::select! {
+                        n = upstream.next() => n,
+                        _ = tx.closed() => {
+                            caller_gone = true;
+                            deadline = Some(tokio::time::Instant::now() + drain);
+                            tracing::debug!("the caller left mid-stream; reading on for the usage");
+                            continue;
+                        }
+                    },
                 };
                 let chunk = match next {
                     None => break,

@@ -8,6 +8,7 @@
 //! - `…-cut…`: a stream that breaks off (the connection is dropped) before its usage;
 //! - `…-slow…`: a stream of [`SLOW_CHUNKS`] chunks, [`SLOW_CHUNK_DELAY`] apart;
 //! - `…-held…`: an answer that waits until [`MockUpstream::open_gate`] is called;
+//! - `…-stall…`: a stream that stops sending, without ending, before its usage;
 //! - anything else: an answer with the usage in [`usage`].
 //!
 //! Streams follow the providers: an OpenAI chat stream carries its usage in a last chunk
@@ -228,6 +229,7 @@ enum Scenario {
     Slow,
     Error,
     Held,
+    Stall,
 }
 
 fn scenario(model: &str) -> Scenario {
@@ -239,6 +241,8 @@ fn scenario(model: &str) -> Scenario {
         Scenario::Slow
     } else if model.contains("-held") {
         Scenario::Held
+    } else if model.contains("-stall") {
+        Scenario::Stall
     } else {
         Scenario::Normal
     }
@@ -260,6 +264,10 @@ fn sse(
             let (event, usage) = events.next()?;
             if scenario == Scenario::Slow {
                 tokio::time::sleep(SLOW_CHUNK_DELAY).await;
+            }
+            if scenario == Scenario::Stall && usage {
+                // Neither sends nor ends: a provider that hangs mid-stream.
+                std::future::pending::<()>().await;
             }
             if scenario == Scenario::Cut && usage {
                 // Let what was sent so far reach the caller (the server writes when the

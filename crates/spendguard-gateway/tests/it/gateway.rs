@@ -699,3 +699,32 @@ async fn several_choices_reserve_each_ones_output_and_an_unbounded_output_is_ref
     assert_eq!(r.status(), 200);
     h.stop().await;
 }
+
+#[tokio::test]
+async fn a_stream_that_hangs_after_its_caller_left_is_charged_its_estimate_when_the_drain_times_out()
+ {
+    use futures_util::StreamExt;
+    let h = start("[gateway]\ndrain_timeout_seconds = 1\n").await;
+    let r = h
+        .post(
+            "/openai/v1/chat/completions",
+            json!({"model": "gpt-4o-mock-stall", "stream": true, "max_tokens": 100,
+                   "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let mut body = r.bytes_stream();
+    assert!(body.next().await.unwrap().unwrap().starts_with(b"data: "));
+    drop(body);
+    // The upstream never ends: the drain gives up after drain_timeout_seconds and the call
+    // is charged its worst case.
+    let rows = h.records().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].status.as_str(), rows[0].output),
+        ("truncated", 100)
+    );
+    assert!(rows[0].cost.micros() > 0);
+    assert_eq!(h.state.guard.ledger().open_reservations(), 0);
+    h.stop().await;
+}

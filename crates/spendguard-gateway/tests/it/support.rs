@@ -50,6 +50,10 @@ output = "15.00"
 input = "3.00"
 cached_input = "0.30"
 output = "15.00"
+[prices."gpt-4o-mock-stall"]
+input = "2.50"
+cached_input = "1.25"
+output = "10.00"
 [prices."claude-mock-cut"]
 input = "3.00"
 cached_input = "0.30"
