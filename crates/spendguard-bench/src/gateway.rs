@@ -18,7 +18,6 @@
 //! request count is compared with the calls it answered.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -29,12 +28,10 @@ use serde_json::{Value, json};
 use spendguard_core::Config;
 use spendguard_gateway::Gateway;
 use spendguard_gateway::mock::{MockUpstream, PROVIDER_KEY};
-use spendguard_guard::{Guard, GuardOptions, SystemClock};
 use spendguard_server::{AppState, KeyRing};
-use spendguard_store::{AnyStore, OpenOptions};
 use tokio::sync::oneshot;
 
-use crate::load::{Latency, LoadOptions};
+use crate::load::{Latency, LoadOptions, RunLimit};
 
 /// The mock's model every call asks for: a normal answer with usage.
 pub const GATEWAY_MODEL: &str = "gpt-4o-mock";
@@ -172,22 +169,8 @@ struct Server {
 
 async fn start_server(mock: &MockUpstream) -> anyhow::Result<Server> {
     let dir = tempfile::tempdir()?;
-    let db = dir
-        .path()
-        .join("spendguard.db")
-        .to_str()
-        .context("temporary path is not UTF-8")?
-        .to_owned();
     let config = Config::from_toml(&gateway_config(mock))?;
-    let policy = config.validate()?;
-    let store = AnyStore::open(&db, &OpenOptions::default()).await?;
-    let guard = Guard::start(
-        store,
-        policy,
-        GuardOptions::new(dir.path().join("spool")),
-        Arc::new(SystemClock),
-    )
-    .await?;
+    let guard = crate::temporary_guard(&dir, config.validate()?).await?;
     let admin = crate::random_key();
     let ring = KeyRing::load(guard.store(), Some(&admin)).await?;
     let tenant = spendguard_core::TenantId::parse("bench").map_err(anyhow::Error::msg)?;
@@ -287,28 +270,7 @@ struct Shared {
     body: Vec<u8>,
     stream: bool,
     opts: LoadOptions,
-    stop_at: Option<Instant>,
-    issued: AtomicU64,
-    stopped: AtomicBool,
-}
-
-impl Shared {
-    fn take(&self) -> bool {
-        if self.stopped.load(Ordering::Relaxed) {
-            return false;
-        }
-        if self.stop_at.is_some_and(|t| Instant::now() >= t) {
-            self.stopped.store(true, Ordering::Relaxed);
-            return false;
-        }
-        if let Some(n) = self.opts.requests
-            && self.issued.fetch_add(1, Ordering::Relaxed) >= n
-        {
-            self.stopped.store(true, Ordering::Relaxed);
-            return false;
-        }
-        true
-    }
+    limit: RunLimit,
 }
 
 struct Worker {
@@ -409,7 +371,7 @@ async fn worker(s: Arc<Shared>, index: usize) -> Worker {
         .map(|i| s.start + i.mul_f64(index as f64 / s.opts.connections.max(1) as f64));
     // When the last call of this connection was answered.
     let mut free_at = s.start;
-    while s.take() {
+    while s.limit.take() {
         let user = format!("u{}", fastrand::usize(..s.opts.users.max(1)));
         let t = match (next, s.interval) {
             (Some(at), Some(interval)) => {
@@ -469,9 +431,7 @@ async fn drive(
         body: serde_json::to_vec(&body)?,
         stream,
         opts: opts.clone(),
-        stop_at: opts.duration.map(|d| start + d),
-        issued: AtomicU64::new(0),
-        stopped: AtomicBool::new(false),
+        limit: RunLimit::new(start, opts),
     });
     let tasks: Vec<_> = (0..opts.connections.max(1))
         .map(|i| tokio::spawn(worker(shared.clone(), i)))

@@ -336,21 +336,8 @@ async fn run_spendguard(opts: &Options) -> anyhow::Result<TargetReport> {
         });
     }
     let dir = tempfile::tempdir()?;
-    let db = dir
-        .path()
-        .join("spendguard.db")
-        .to_str()
-        .context("temporary path is not UTF-8")?
-        .to_owned();
     let policy = Config::from_toml(&spendguard_config())?.validate()?;
-    let store = AnyStore::open(&db, &OpenOptions::default()).await?;
-    let guard = Guard::start(
-        store,
-        policy,
-        GuardOptions::new(dir.path().join("spool")),
-        Arc::new(SystemClock),
-    )
-    .await?;
+    let guard = temporary_guard(&dir, policy).await?;
     let key = random_key();
     let ring = KeyRing::load(guard.store(), Some(&key)).await?;
     let state = AppState::new(guard, ring);
@@ -648,4 +635,25 @@ pub fn render(summary: &Summary) -> String {
         }
     }
     out
+}
+
+/// A guard over a new SQLite database (and its spool) in `dir`.
+pub(crate) async fn temporary_guard(
+    dir: &tempfile::TempDir,
+    policy: spendguard_core::Policy,
+) -> anyhow::Result<Guard<AnyStore>> {
+    let db = dir
+        .path()
+        .join("spendguard.db")
+        .to_str()
+        .context("temporary path is not UTF-8")?
+        .to_owned();
+    let store = AnyStore::open(&db, &OpenOptions::default()).await?;
+    Ok(Guard::start(
+        store,
+        policy,
+        GuardOptions::new(dir.path().join("spool")),
+        Arc::new(SystemClock),
+    )
+    .await?)
 }

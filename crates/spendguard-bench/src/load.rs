@@ -115,15 +115,31 @@ struct Shared {
     url: String,
     key: String,
     opts: LoadOptions,
-    stop_at: Option<Instant>,
-    issued: AtomicU64,
+    limit: RunLimit,
     done: AtomicU64,
-    stopped: AtomicBool,
 }
 
-impl Shared {
+/// When a run ends: at a time, after a number of requests, or when told to stop.
+#[derive(Debug)]
+pub(crate) struct RunLimit {
+    pub stop_at: Option<Instant>,
+    requests: Option<u64>,
+    pub issued: AtomicU64,
+    pub stopped: AtomicBool,
+}
+
+impl RunLimit {
+    pub fn new(start: Instant, opts: &LoadOptions) -> RunLimit {
+        RunLimit {
+            stop_at: opts.duration.map(|d| start + d),
+            requests: opts.requests,
+            issued: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
+        }
+    }
+
     /// Takes one request from the budget; false when the run is over.
-    fn take(&self) -> bool {
+    pub fn take(&self) -> bool {
         if self.stopped.load(Ordering::Relaxed) {
             return false;
         }
@@ -131,7 +147,7 @@ impl Shared {
             self.stopped.store(true, Ordering::Relaxed);
             return false;
         }
-        if let Some(n) = self.opts.requests
+        if let Some(n) = self.requests
             && self.issued.fetch_add(1, Ordering::Relaxed) >= n
         {
             self.stopped.store(true, Ordering::Relaxed);
@@ -194,7 +210,7 @@ async fn worker(s: Arc<Shared>) -> Worker {
             return w;
         }
     };
-    while s.take() {
+    while s.limit.take() {
         let i = fastrand::usize(..s.opts.users.max(1));
         let (tenant, user, tier) = s.opts.identity(i);
         let body = json!({
@@ -228,7 +244,7 @@ async fn worker(s: Arc<Shared>) -> Worker {
         };
         // The settlement of an admitted reservation always happens, even past the end, so
         // that nothing is left reserved.
-        s.issued.fetch_add(1, Ordering::Relaxed);
+        s.limit.issued.fetch_add(1, Ordering::Relaxed);
         if fastrand::f64() < s.opts.release_ratio {
             w.report.releases += 1;
             let path = format!("/v1/reservations/{id}/release");
@@ -258,7 +274,7 @@ fn progress_bar(s: &Shared, label: &str) -> Option<ProgressBar> {
     if !s.opts.progress || !std::io::stderr().is_terminal() {
         return None;
     }
-    let (len, template) = match (s.stop_at, s.opts.requests) {
+    let (len, template) = match (s.limit.stop_at, s.opts.requests) {
         (Some(_), _) => (
             s.opts.duration.unwrap_or_default().as_millis() as u64,
             "{prefix:>18} [{bar:40}] {elapsed_precise} {msg}",
@@ -290,10 +306,8 @@ pub async fn drive(
         url: url.trim_end_matches('/').to_owned(),
         key: key.to_owned(),
         opts: opts.clone(),
-        stop_at: opts.duration.map(|d| start + d),
-        issued: AtomicU64::new(0),
+        limit: RunLimit::new(start, opts),
         done: AtomicU64::new(0),
-        stopped: AtomicBool::new(false),
     });
     let bar = progress_bar(&shared, label);
     let ticker = bar.clone().map(|bar| {
@@ -304,13 +318,13 @@ pub async fn drive(
                 tick.tick().await;
                 let done = s.done.load(Ordering::Relaxed);
                 let secs = start.elapsed().as_secs_f64().max(1e-3);
-                if s.stop_at.is_some() {
+                if s.limit.stop_at.is_some() {
                     bar.set_position(start.elapsed().as_millis() as u64);
                 } else {
                     bar.set_position(done);
                 }
                 bar.set_message(format!("{done} requests, {:.0} req/s", done as f64 / secs));
-                if s.stopped.load(Ordering::Relaxed) {
+                if s.limit.stopped.load(Ordering::Relaxed) {
                     break;
                 }
             }
@@ -341,7 +355,7 @@ pub async fn drive(
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    shared.stopped.store(true, Ordering::Relaxed);
+    shared.limit.stopped.store(true, Ordering::Relaxed);
     if let Some(t) = ticker {
         let _ = t.await;
     }

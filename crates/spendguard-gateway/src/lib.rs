@@ -224,7 +224,7 @@ impl Gateway {
                 spendguard_server::metrics::track,
             ))
             .layer(DefaultBodyLimit::max(self.inner.max_body))
-            .layer(tower_http_catch_panic())
+            .layer(tower_http::catch_panic::CatchPanicLayer::new())
             .with_state(self.clone())
     }
 
@@ -242,17 +242,14 @@ impl Gateway {
         }
     }
 
-    fn upstream(&self, kind: UpstreamKind, model: &str) -> Option<&Upstream> {
+    /// The first upstream of `kind` that serves `model` (its index), or 404.
+    fn upstream(&self, kind: UpstreamKind, model: &ModelName) -> Result<usize, GatewayError> {
         self.inner
             .upstreams
             .iter()
-            .find(|u| u.kind == kind && u.patterns.iter().any(|p| p.matches(model)))
+            .position(|u| u.kind == kind && u.patterns.iter().any(|p| p.matches(model.as_str())))
+            .ok_or_else(|| no_upstream(model))
     }
-}
-
-fn tower_http_catch_panic()
--> tower_http::catch_panic::CatchPanicLayer<tower_http::catch_panic::DefaultResponseForPanic> {
-    tower_http::catch_panic::CatchPanicLayer::new()
 }
 
 impl Api {
@@ -276,15 +273,16 @@ impl Api {
     /// Whether this event ends the stream (the gateway commits before passing it on, so a
     /// caller that saw the end of its stream finds the call recorded).
     fn is_end(self, event: &[u8]) -> bool {
-        let needle: &[u8] = match self {
-            Api::Chat | Api::Embeddings => b"data: [DONE]",
-            Api::Responses => b"\"response.completed\"",
-            Api::Messages => b"\"message_stop\"",
+        let ends: &[&[u8]] = match self {
+            Api::Chat | Api::Embeddings => &[b"data: [DONE]"],
+            Api::Responses => &[
+                b"\"response.completed\"",
+                b"\"response.incomplete\"",
+                b"\"response.failed\"",
+            ],
+            Api::Messages => &[b"\"message_stop\""],
         };
-        event.windows(needle.len()).any(|w| w == needle)
-            || (self == Api::Responses
-                && (event.windows(21).any(|w| w == b"\"response.incomplete\"")
-                    || event.windows(17).any(|w| w == b"\"response.failed\"")))
+        ends.iter().any(|end| usage::contains(event, end))
     }
 }
 
@@ -339,9 +337,7 @@ async fn count_tokens(
         let body = body.map_err(rejection)?;
         let json = parse_body(&body)?;
         let model = model_name(&json)?;
-        let up = g
-            .upstream(kind, model.as_str())
-            .ok_or_else(|| no_upstream(&model))?;
+        let up = &g.inner.upstreams[g.upstream(kind, &model)?];
         let resp = g
             .send(up, "/v1/messages/count_tokens", &headers, body, false)
             .await?;
@@ -434,12 +430,7 @@ impl Gateway {
         let mut json = parse_body(&body)?;
         let model = model_name(&json)?;
         let kind = api.kind();
-        let up_index = self
-            .inner
-            .upstreams
-            .iter()
-            .position(|u| u.kind == kind && u.patterns.iter().any(|p| p.matches(model.as_str())))
-            .ok_or_else(|| no_upstream(&model))?;
+        let up_index = self.upstream(kind, &model)?;
         let user = self.user(api, headers, &json)?;
         let company = header_id(headers, "x-spendguard-company", CompanyId::parse)?;
         let stream =

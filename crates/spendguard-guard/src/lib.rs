@@ -517,11 +517,7 @@ impl<S: Store> Guard<S> {
         &self,
         mut req: ReserveRequest,
     ) -> Result<Result<Reserved, CheckOutcome>, GuardError> {
-        if self.health() == StoreHealth::Spooling
-            && self.inner.options.on_store_error == OnStoreError::Deny
-        {
-            return Err(GuardError::Unavailable);
-        }
+        self.refuse_new_while_spooling()?;
         let ticket = self
             .enter_key(&req.subject.tenant, req.idempotency_key.as_ref())
             .await;
@@ -556,11 +552,7 @@ impl<S: Store> Guard<S> {
         if req.idempotency_key.is_some() {
             return self.reserve(req).await;
         }
-        if self.health() == StoreHealth::Spooling
-            && self.inner.options.on_store_error == OnStoreError::Deny
-        {
-            return Err(GuardError::Unavailable);
-        }
+        self.refuse_new_while_spooling()?;
         req.id = Uuid::now_v7();
         match self.inner.ledger.reserve(&req, self.now())? {
             Err(denied) => Ok(Err(denied)),
@@ -574,6 +566,16 @@ impl<S: Store> Guard<S> {
                 Ok(Ok(applied.value))
             }
         }
+    }
+
+    /// `on_store_error = "deny"`: no new reservation while the store cannot be written.
+    fn refuse_new_while_spooling(&self) -> Result<(), GuardError> {
+        if self.health() == StoreHealth::Spooling
+            && self.inner.options.on_store_error == OnStoreError::Deny
+        {
+            return Err(GuardError::Unavailable);
+        }
+        Ok(())
     }
 
     /// A keyed reservation that memory does not know but the store may: one made before
