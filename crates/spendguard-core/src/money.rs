@@ -75,8 +75,9 @@ impl Money {
 
     /// USD as a float, for display and JSON output only (never for state).
     pub fn as_usd_f64(self) -> f64 {
-        // One correctly rounded division: below 2^53 micro-dollars (9 billion USD) the
-        // shortest decimal form of the result is the amount with at most six decimals.
+        // One correctly rounded division: below 10^15 micro-dollars (15 digits, a billion
+        // USD) the shortest decimal form of the result is the amount with at most six
+        // decimals.
         self.0 as f64 / MICROS_PER_USD as f64
     }
 
@@ -187,10 +188,17 @@ impl fmt::Display for Money {
     }
 }
 
-/// Serialized as a JSON number of USD with at most six decimals.
+/// Serialized as a JSON number of USD with at most six decimals; from 1,000,000,000 USD
+/// (10^15 micro-dollars, 16 digits) up, where a float's shortest form no longer reads back
+/// as every micro-dollar, as a decimal string, so that every amount reads back exactly (the
+/// spool and the journal rely on it).
 impl Serialize for Money {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_f64(self.as_usd_f64())
+        if self.0.unsigned_abs() < 1_000_000_000_000_000 {
+            serializer.serialize_f64(self.as_usd_f64())
+        } else {
+            serializer.collect_str(self)
+        }
     }
 }
 
@@ -303,6 +311,24 @@ mod tests {
         assert!(serde_json::from_str::<Money>("1e300").is_err());
         assert!(serde_json::from_str::<Money>("true").is_err());
         assert_eq!(serde_json::to_string(&usd("0.3")).unwrap(), "0.3");
+        // Every amount reads back exactly: a float below 10^15 micro-dollars, a string from
+        // there up.
+        for micros in [
+            0,
+            1,
+            999_999_999_999_999,
+            1_000_000_000_000_000,
+            (1 << 53) - 1,
+            i64::MAX,
+        ] {
+            let m = Money::from_micros(micros);
+            let text = serde_json::to_string(&m).unwrap();
+            assert_eq!(serde_json::from_str::<Money>(&text).unwrap(), m, "{text}");
+        }
+        assert_eq!(
+            serde_json::to_string(&Money::from_micros(i64::MAX)).unwrap(),
+            "\"9223372036854.775807\""
+        );
         assert_eq!(
             serde_json::to_string(&usd("1234.000001")).unwrap(),
             "1234.000001"

@@ -62,9 +62,13 @@ macro_rules! described {
 }
 
 described!(
-    /// An amount of USD in an answer: a number with at most 6 decimals.
+    /// An amount of USD in an answer: a number with at most 6 decimals (a decimal string from
+    /// a billion USD up, which a float cannot hold to the micro-dollar).
     Usd,
-    { "type": "number", "description": "USD, at most 6 decimals" }
+    {
+        "type": ["number", "string"],
+        "description": "USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string (\"9223372036854.775807\"), which a float cannot hold to the micro-dollar"
+    }
 );
 described!(
     /// An amount of USD in a request: a non-negative number or decimal string, parsed exactly

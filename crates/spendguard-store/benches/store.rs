@@ -2,16 +2,21 @@
 //! users, 100 companies) into a temporary SQLite file and, when
 //! `SPENDGUARD_TEST_DATABASE_URL` is set, into a fresh PostgreSQL schema.
 //!
-//! Run with `cargo bench -p spendguard-store`; throughput is reported in records per second.
+//! Run with `cargo bench -p spendguard-store`; throughput is reported in records per second:
+//! `apply_1000_records` is the acknowledged rate (batches appended to the journal, the
+//! projector running behind), `apply_and_project_1000_records` the rate end to end (the
+//! batches applied, then the journal caught up: every record in `ai_usage` and the rollups).
 
+use std::future::Future;
 use std::hint::black_box;
+use std::time::Instant;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use spendguard_core::{
     CompanyId, Endpoint, Event, ModelName, Money, Pricing, RequestStatus, TenantId, TierName,
     Tokens, UsageRecord, UserId,
 };
-use spendguard_store::{OpenOptions, PostgresStore, SqliteStore, Store};
+use spendguard_store::{OpenOptions, PostgresStore, SqliteStore, Store, StoreError};
 use tokio::runtime::Runtime;
 use uuid::Uuid;
 
@@ -113,7 +118,16 @@ impl Workload {
     }
 }
 
-fn bench_store<S: Store>(c: &mut Criterion, rt: &Runtime, name: &str, store: &S) {
+/// Two figures per store: how fast batches are acknowledged (appended to the journal; the
+/// projector runs behind, as in the service), and how fast they are acknowledged and
+/// projected into the tables, end to end (batches applied, then the journal caught up).
+fn bench_store<S: Store, F: Future<Output = Result<(), StoreError>>>(
+    c: &mut Criterion,
+    rt: &Runtime,
+    name: &str,
+    store: &S,
+    catch_up: impl Fn() -> F,
+) {
     let mut group = c.benchmark_group("apply_1000_records");
     group.throughput(Throughput::Elements(BATCH as u64));
     let mut workload = Workload::new();
@@ -123,6 +137,23 @@ fn bench_store<S: Store>(c: &mut Criterion, rt: &Runtime, name: &str, store: &S)
             |batch| rt.block_on(store.apply(black_box(&batch))).unwrap(),
             BatchSize::SmallInput,
         )
+    });
+    rt.block_on(catch_up()).unwrap();
+    group.finish();
+    let mut group = c.benchmark_group("apply_and_project_1000_records");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let batches: Vec<Vec<Event>> = (0..iters).map(|_| workload.batch()).collect();
+            let start = Instant::now();
+            rt.block_on(async {
+                for batch in &batches {
+                    store.apply(black_box(batch)).await.unwrap();
+                }
+                catch_up().await.unwrap();
+            });
+            start.elapsed()
+        })
     });
     group.finish();
 }
@@ -141,7 +172,7 @@ fn sqlite(c: &mut Criterion) {
             ..OpenOptions::default()
         };
         let store = rt.block_on(SqliteStore::open(&path, &options)).unwrap();
-        bench_store(c, &rt, name, &store);
+        bench_store(c, &rt, name, &store, || store.catch_up());
         rt.block_on(store.close());
         let _ = std::fs::remove_dir_all(&dir);
     }
@@ -171,7 +202,7 @@ fn postgres(c: &mut Criterion) {
     let store = rt
         .block_on(PostgresStore::connect(config, &OpenOptions::default()))
         .unwrap();
-    bench_store(c, &rt, "postgres", &store);
+    bench_store(c, &rt, "postgres", &store, || store.catch_up());
     rt.block_on(async {
         store.close().await;
         admin

@@ -228,9 +228,12 @@ impl ReservationCols<'_> {
 /// How a reservation is settled by a batch.
 #[derive(Debug)]
 pub(crate) enum Settle<'a> {
+    /// Settled when its record was made (so a projection made later, or again, writes the
+    /// same row).
     Commit {
         id: Uuid,
         usage_id: Uuid,
+        at: Micros,
     },
     Release {
         id: Uuid,
@@ -257,8 +260,6 @@ pub(crate) struct Plan<'a> {
     pub usage: Vec<&'a UsageRecord>,
     pub budgets: Vec<(&'a ScopeKey, BudgetOverride)>,
     pub users: Vec<(&'a TenantId, &'a UserId, &'a UserOverrides)>,
-    /// When the batch is applied: the settle time of commits (the event has none).
-    pub now: Micros,
 }
 
 impl<'a> Plan<'a> {
@@ -269,7 +270,6 @@ impl<'a> Plan<'a> {
             usage: Vec::with_capacity(events.len()),
             budgets: Vec::new(),
             users: Vec::new(),
-            now: now_micros(),
         };
         let mut reserved = HashSet::new();
         let mut settled = HashSet::new();
@@ -291,6 +291,7 @@ impl<'a> Plan<'a> {
                         plan.settles.push(Settle::Commit {
                             id: *reservation_id,
                             usage_id: u.id,
+                            at: u.created_at,
                         });
                     }
                     if usage.insert(u.id) {

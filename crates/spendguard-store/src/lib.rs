@@ -35,6 +35,7 @@ use uuid::Uuid;
 mod analytics;
 mod common;
 mod error;
+mod journal;
 mod migrations;
 mod postgres;
 mod postgres_analytics;
@@ -216,6 +217,10 @@ pub struct OpenOptions {
     pub pool_size: usize,
     /// Take the single-writer lock: refuse to open while another instance holds it.
     pub take_writer_lock: bool,
+    /// Keep the journal's batches once they are projected into the tables: a complete
+    /// history of every event, from which every table can be recounted (it grows with
+    /// every batch). Off by default: a projected batch is deleted as it is projected.
+    pub keep_journal: bool,
 }
 
 impl Default for OpenOptions {
@@ -224,6 +229,7 @@ impl Default for OpenOptions {
             sync_every_batch: false,
             pool_size: 8,
             take_writer_lock: true,
+            keep_journal: false,
         }
     }
 }
@@ -420,6 +426,25 @@ impl AnyStore {
             )));
         }
         AnyStore::open(url, options).await
+    }
+
+    /// Projects every journal batch not projected yet into the tables (reads through the
+    /// store do it themselves; a reader of the tables in SQL may want it first).
+    pub async fn catch_up(&self) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.catch_up().await,
+            AnyStore::Postgres(s) => s.catch_up().await,
+        }
+    }
+
+    /// Every batch in the journal, oldest first: with
+    /// [`OpenOptions::keep_journal`], every batch ever acknowledged (else only those not
+    /// projected yet). Reads the whole journal.
+    pub async fn journal(&self) -> Result<Vec<Vec<Event>>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.journal().await,
+            AnyStore::Postgres(s) => s.journal().await,
+        }
     }
 
     /// Applies the migrations not applied yet (`open` does it already).

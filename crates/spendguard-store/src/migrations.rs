@@ -577,6 +577,24 @@ ALTER TABLE rollups_v6 RENAME TO rollups;
 CREATE INDEX rollups_tenant ON rollups (scope_kind, tenant_id, "window", window_start);
 "#,
     ),
+    (
+        7,
+        r#"
+-- The journal (see the store's `journal` module): every acknowledged batch of events,
+-- appended as one row, and the cursor of its projection into the tables. AUTOINCREMENT:
+-- a sequence number is never reused, even after the projected rows are deleted.
+CREATE TABLE journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at INTEGER NOT NULL,
+    events BLOB NOT NULL
+) STRICT;
+CREATE TABLE journal_cursor (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    projected INTEGER NOT NULL
+) STRICT;
+INSERT INTO journal_cursor (id, projected) VALUES (1, 0);
+"#,
+    ),
 ];
 
 /// PostgreSQL: instants are `timestamptz`, `ai_usage.cost_usd` is `NUMERIC(19,6)` (every
@@ -793,6 +811,24 @@ ALTER TABLE ai_usage
 -- whatever its primary key, and reads the current windows through `rollups_window`; nothing
 -- changes here, so both backends keep the same versions.
 SELECT 1;
+"#,
+    ),
+    (
+        7,
+        r#"
+-- The journal (see the store's `journal` module): every acknowledged batch of events,
+-- appended as one row, and the cursor of its projection into the tables. An identity is
+-- never reused, even after the projected rows are deleted.
+CREATE TABLE journal (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    created_at timestamptz NOT NULL,
+    events bytea NOT NULL
+);
+CREATE TABLE journal_cursor (
+    id integer PRIMARY KEY CHECK (id = 1),
+    projected bigint NOT NULL
+);
+INSERT INTO journal_cursor (id, projected) VALUES (1, 0);
 "#,
     ),
 ];

@@ -7,7 +7,7 @@
 //! another instance took it meanwhile).
 
 use std::collections::HashSet;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deadpool_postgres::{
@@ -28,6 +28,7 @@ use crate::common::{
     decode_user, encode_user, parse_id, scope_columns, scope_from_columns, sort_rows,
 };
 use crate::error::StoreError;
+use crate::journal::{self, Journal, PROJECT_EVENTS};
 use crate::migrations::{POSTGRES as MIGRATIONS, POSTGRES_REBUILD_USAGE_ROLLUPS};
 use crate::{
     ApiKeyRecord, DeadLetter, OpenOptions, ReservationState, Store, StoredReservation, UsageTotals,
@@ -42,6 +43,22 @@ pub struct PostgresStore {
     /// The connection holding the writer lock, when this store is the single writer.
     lock: Option<Box<tokio::sync::Mutex<LockConn>>>,
     name: String,
+    journal: Arc<Journal>,
+    keep_journal: bool,
+    /// Held while appending to the journal (see [`Store::apply`]).
+    appending: tokio::sync::Mutex<()>,
+    /// Held while projecting (the projector's and catching-up reads' turns).
+    projecting: Arc<tokio::sync::Mutex<()>>,
+    /// The task projecting the journal, stopped when the store is dropped.
+    projector: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        if let Some(p) = self.projector.take() {
+            p.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -171,8 +188,8 @@ const LOCK_RESERVATIONS: &str = "SELECT r.id FROM UNNEST($1::uuid[]) WITH ORDINA
     JOIN reservations AS r ON r.id = u.id ORDER BY u.n FOR UPDATE OF r";
 
 const COMMIT_RESERVATIONS: &str = "UPDATE reservations AS r SET state = 'committed', \
-    usage_id = u.usage_id, settled_at = $3 \
-    FROM UNNEST($1::uuid[], $2::uuid[]) AS u (id, usage_id) \
+    usage_id = u.usage_id, settled_at = u.at \
+    FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[]) AS u (id, usage_id, at) \
     WHERE r.id = u.id AND r.state = 'open'";
 
 const RELEASE_RESERVATIONS: &str = "UPDATE reservations AS r SET state = 'released', \
@@ -458,19 +475,16 @@ async fn insert_reservations(
     Ok(())
 }
 
-async fn settle(
-    tx: &Transaction<'_>,
-    settles: &[Settle<'_>],
-    now: Micros,
-) -> Result<(), StoreError> {
-    let (mut commit_ids, mut commit_usage) = (Vec::new(), Vec::new());
+async fn settle(tx: &Transaction<'_>, settles: &[Settle<'_>]) -> Result<(), StoreError> {
+    let (mut commit_ids, mut commit_usage, mut commit_ats) = (Vec::new(), Vec::new(), Vec::new());
     let (mut release_ids, mut reasons, mut ats) = (Vec::new(), Vec::new(), Vec::new());
     let (mut expire_ids, mut expire_usage) = (Vec::new(), Vec::new());
     for s in settles {
         match s {
-            Settle::Commit { id, usage_id } => {
+            Settle::Commit { id, usage_id, at } => {
                 commit_ids.push(*id);
                 commit_usage.push(*usage_id);
+                commit_ats.push(to_time(*at)?);
             }
             Settle::Release { id, reason, at } => {
                 release_ids.push(*id);
@@ -500,8 +514,7 @@ async fn settle(
     // A reservation is settled at most once per plan, so the order of these is free.
     if !commit_ids.is_empty() {
         let stmt = tx.prepare_cached(COMMIT_RESERVATIONS).await.db()?;
-        let now = to_time(now)?;
-        tx.execute(&stmt, &[&commit_ids, &commit_usage, &now])
+        tx.execute(&stmt, &[&commit_ids, &commit_usage, &commit_ats])
             .await
             .db()?;
     }
@@ -807,14 +820,58 @@ impl PostgresStore {
         } else {
             None
         };
-        let store = PostgresStore {
+        let mut store = PostgresStore {
             pool,
             config: Box::new(config),
             lock,
             name,
+            journal: Arc::new(Journal::unknown()),
+            keep_journal: options.keep_journal,
+            appending: tokio::sync::Mutex::new(()),
+            projecting: Arc::default(),
+            projector: None,
         };
         store.migrate().await?;
+        store.projector = Some(tokio::spawn(project_in_background(
+            store.pool.clone(),
+            store.journal.clone(),
+            store.projecting.clone(),
+            store.keep_journal,
+        )));
         Ok(store)
+    }
+
+    /// Every batch in the journal, oldest first (see [`AnyStore::journal`](crate::AnyStore::journal)).
+    pub async fn journal(&self) -> Result<Vec<Vec<Event>>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT seq, events FROM journal ORDER BY seq", &[])
+            .await
+            .db()?;
+        rows.iter()
+            .map(|row| journal::decode(get(row, 0)?, get::<&[u8]>(row, 1)?))
+            .collect()
+    }
+
+    /// Projects pending journal batches before a report, waiting a bounded time.
+    pub(crate) async fn catch_up_for_report(&self) -> Result<(), StoreError> {
+        journal::for_report(self.catch_up()).await
+    }
+
+    /// Projects every pending journal batch (reads of the projected tables do it first).
+    pub async fn catch_up(&self) -> Result<(), StoreError> {
+        // A store that is not the writer cannot know what the writer appended: it looks.
+        if self.lock.is_some() && !self.journal.pending() {
+            return Ok(());
+        }
+        let _turn = self.projecting.lock().await;
+        loop {
+            let (n, more) = project(&self.pool, self.keep_journal).await?;
+            self.journal.projected(n, more);
+            if !more {
+                return Ok(());
+            }
+        }
     }
 
     pub(crate) async fn client(&self) -> Result<Object, StoreError> {
@@ -887,6 +944,7 @@ impl PostgresStore {
     /// Recomputes `usage_rollups` from `ai_usage`, as migration 2 fills it: for repairs,
     /// tests and benchmarks (it reads every usage row). Concurrent batches wait for it.
     pub async fn rebuild_usage_rollups(&self) -> Result<(), StoreError> {
+        self.catch_up().await?;
         let mut client = self.client().await?;
         let tx = client.transaction().await.db()?;
         tx.batch_execute(&format!(
@@ -910,8 +968,11 @@ impl PostgresStore {
         rows.iter().map(|r| get(r, 0)).collect()
     }
 
-    /// Releases the writer lock and closes the pool.
+    /// Projects what is pending, releases the writer lock and closes the pool.
     pub async fn close(self) {
+        if let Err(e) = self.catch_up().await {
+            tracing::warn!(error = %e, "the journal could not be projected at close; it will be at the next start");
+        }
         if let Some(lock) = &self.lock {
             let held = lock.lock().await;
             if let Err(e) = held
@@ -926,45 +987,232 @@ impl PostgresStore {
     }
 }
 
+/// Applies `events` to the tables, inside `tx` (a projection of journal batches).
+async fn apply_events(tx: &Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
+    let plan = Plan::new(events);
+    if !plan.reserved.is_empty() {
+        insert_reservations(tx, &plan.reserved).await?;
+    }
+    if !plan.settles.is_empty() {
+        settle(tx, &plan.settles).await?;
+    }
+    if !plan.usage.is_empty() {
+        let mut inserted = insert_usage(tx, &plan.usage).await?;
+        let mut deltas = Deltas::default();
+        let mut usage_deltas = UsageDeltas::default();
+        for u in &plan.usage {
+            if inserted.remove(&u.id) {
+                deltas.add(u);
+                usage_deltas.add(u);
+            }
+        }
+        if !deltas.is_empty() {
+            upsert_rollups(tx, deltas.into_rows()).await?;
+        }
+        if !usage_deltas.is_empty() {
+            upsert_usage_rollups(tx, &usage_deltas.into_rows()).await?;
+        }
+    }
+    if !plan.budgets.is_empty() || !plan.users.is_empty() {
+        set_overrides(tx, &plan).await?;
+    }
+    Ok(())
+}
+
+/// Refuses a batch holding an instant that `timestamptz` cannot hold, before it is
+/// journaled: the projection would refuse it after its caller was told it is durable.
+fn check_instants(events: &[Event]) -> Result<(), StoreError> {
+    for event in events {
+        match event {
+            Event::Reserved(r) => {
+                to_time(r.created_at)?;
+                to_time(r.expires_at)?;
+            }
+            Event::Committed { usage, .. }
+            | Event::Expired { usage, .. }
+            | Event::Recorded(usage) => {
+                to_time(usage.created_at)?;
+            }
+            Event::Released { at, .. } => {
+                to_time(*at)?;
+            }
+            Event::BudgetSet { .. } | Event::UserSet { .. } => {}
+        }
+    }
+    Ok(())
+}
+
+/// Journal rows one projection reads at most.
+const PROJECT_ROWS: i64 = 256;
+
+/// Projects the next journal batches (up to about [`PROJECT_EVENTS`] events) in one
+/// transaction that also moves the cursor (locked, so projections of several processes
+/// take turns). Returns how many events it applied and whether batches remain.
+async fn project(pool: &Pool, keep: bool) -> Result<(usize, bool), StoreError> {
+    let mut client = pool.get().await.map_err(pool_err)?;
+    let waiting = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM journal \
+             WHERE seq > (SELECT projected FROM journal_cursor WHERE id = 1))",
+            &[],
+        )
+        .await
+        .db()?;
+    if !get::<bool>(&waiting, 0)? {
+        return Ok((0, false));
+    }
+    let tx = client.transaction().await.db()?;
+    let cursor: i64 = get(
+        &tx.query_one(
+            "SELECT projected FROM journal_cursor WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .db()?,
+        0,
+    )?;
+    let rows = tx
+        .query(
+            "SELECT seq, events FROM journal WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &[&cursor, &PROJECT_ROWS],
+        )
+        .await
+        .db()?;
+    let mut more = rows.len() as i64 == PROJECT_ROWS;
+    let mut batches = Vec::new();
+    let mut events = 0;
+    for row in &rows {
+        if events >= PROJECT_EVENTS {
+            more = true;
+            break;
+        }
+        let seq: i64 = get(row, 0)?;
+        let batch = journal::decode(seq, get::<&[u8]>(row, 1)?)?;
+        events += batch.len();
+        batches.push((seq, batch));
+    }
+    let Some(&(last, _)) = batches.last() else {
+        return Ok((0, false));
+    };
+    let all: Vec<Event> = batches
+        .iter()
+        .flat_map(|(_, b)| b.iter().cloned())
+        .collect();
+    let mut tx = tx;
+    let sp = tx.savepoint("projection").await.db()?;
+    match apply_events(&sp, &all).await {
+        Ok(()) => sp.commit().await.db()?,
+        Err(e) if matches!(e, StoreError::Unavailable(_) | StoreError::Locked(_)) => {
+            return Err(e);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the projection of journal batches was refused; applying them one event at a time");
+            sp.rollback().await.db()?;
+            for (seq, batch) in &batches {
+                for (i, event) in batch.iter().enumerate() {
+                    let one = tx.savepoint("one").await.db()?;
+                    match apply_events(&one, std::slice::from_ref(event)).await {
+                        Ok(()) => one.commit().await.db()?,
+                        Err(e) => {
+                            one.rollback().await.db()?;
+                            let letter = journal::dead_letter(*seq, i, event, &e);
+                            tracing::error!(error = %letter.error, dead_letter = %letter.id, "the projection refused an event for good; kept as a dead letter");
+                            tx.execute(
+                                INSERT_DEAD_LETTER,
+                                &[
+                                    &letter.id,
+                                    &letter.event,
+                                    &letter.error,
+                                    &to_time(letter.created_at)?,
+                                ],
+                            )
+                            .await
+                            .db()?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    tx.execute(
+        "UPDATE journal_cursor SET projected = $1 WHERE id = 1",
+        &[&last],
+    )
+    .await
+    .db()?;
+    if !keep {
+        tx.execute("DELETE FROM journal WHERE seq <= $1", &[&last])
+            .await
+            .db()?;
+    }
+    tx.commit().await.db()?;
+    Ok((events, more))
+}
+
+/// The projector: projects the journal whenever batches wait, until it is aborted.
+async fn project_in_background(
+    pool: Pool,
+    journal: Arc<Journal>,
+    projecting: Arc<tokio::sync::Mutex<()>>,
+    keep: bool,
+) {
+    let mut more = false;
+    loop {
+        if more {
+            tokio::task::yield_now().await;
+        } else {
+            journal.wait().await;
+            if !journal.pending() {
+                continue;
+            }
+        }
+        let result = {
+            let _turn = projecting.lock().await;
+            project(&pool, keep).await
+        };
+        more = match result {
+            Ok((n, more)) => {
+                journal.projected(n, more);
+                more
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "projecting the journal failed; retrying");
+                false
+            }
+        };
+    }
+}
+
+const INSERT_DEAD_LETTER: &str = "INSERT INTO dead_letters (id, event, error, created_at) \
+    VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING";
+
 impl Store for PostgresStore {
     async fn apply(&self, events: &[Event]) -> Result<(), StoreError> {
         if events.is_empty() {
             return Ok(());
         }
         self.check_lock().await?;
-        let plan = Plan::new(events);
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.db()?;
-        if !plan.reserved.is_empty() {
-            insert_reservations(&tx, &plan.reserved).await?;
+        check_instants(events)?;
+        let body = journal::encode(events, true)?;
+        {
+            // One append at a time: sequence numbers are then committed in their order, so
+            // the projector never passes a batch that commits later with a lower number.
+            let _turn = self.appending.lock().await;
+            let client = self.client().await?;
+            client
+                .execute(
+                    "INSERT INTO journal (created_at, events) VALUES (now(), $1)",
+                    &[&body],
+                )
+                .await
+                .db()?;
         }
-        if !plan.settles.is_empty() {
-            settle(&tx, &plan.settles, plan.now).await?;
-        }
-        if !plan.usage.is_empty() {
-            let mut inserted = insert_usage(&tx, &plan.usage).await?;
-            let mut deltas = Deltas::default();
-            let mut usage_deltas = UsageDeltas::default();
-            for u in &plan.usage {
-                if inserted.remove(&u.id) {
-                    deltas.add(u);
-                    usage_deltas.add(u);
-                }
-            }
-            if !deltas.is_empty() {
-                upsert_rollups(&tx, deltas.into_rows()).await?;
-            }
-            if !usage_deltas.is_empty() {
-                upsert_usage_rollups(&tx, &usage_deltas.into_rows()).await?;
-            }
-        }
-        if !plan.budgets.is_empty() || !plan.users.is_empty() {
-            set_overrides(&tx, &plan).await?;
-        }
-        tx.commit().await.db()
+        self.journal.appended(events.len());
+        Ok(())
     }
 
     async fn load(&self, day_start: Micros, month_start: Micros) -> Result<Snapshot, StoreError> {
+        self.catch_up().await?;
         let mut client = self.client().await?;
         // One repeatable-read transaction: a consistent snapshot.
         let tx = client
@@ -1020,6 +1268,7 @@ impl Store for PostgresStore {
     }
 
     async fn usage(&self, id: Uuid) -> Result<Option<UsageRecord>, StoreError> {
+        self.catch_up().await?;
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
@@ -1036,6 +1285,7 @@ impl Store for PostgresStore {
     }
 
     async fn reservation(&self, id: Uuid) -> Result<Option<StoredReservation>, StoreError> {
+        self.catch_up().await?;
         let sql = format!(
             "SELECT {RESERVATION_COLUMNS}, state, usage_id FROM reservations WHERE id = $1"
         );
@@ -1047,6 +1297,7 @@ impl Store for PostgresStore {
         tenant: &TenantId,
         key: &IdempotencyKey,
     ) -> Result<Option<StoredReservation>, StoreError> {
+        self.catch_up().await?;
         let sql = format!(
             "SELECT {RESERVATION_COLUMNS}, state, usage_id FROM reservations \
              WHERE tenant_id = $1 AND idempotency_key = $2 ORDER BY created_at DESC LIMIT 1"
@@ -1083,6 +1334,7 @@ impl Store for PostgresStore {
         tenant: &TenantId,
         key: &IdempotencyKey,
     ) -> Result<Option<UsageRecord>, StoreError> {
+        self.catch_up().await?;
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(&format!(
@@ -1100,6 +1352,7 @@ impl Store for PostgresStore {
     }
 
     async fn recount(&self) -> Result<Vec<CounterRow>, StoreError> {
+        self.catch_up().await?;
         let client = self.client().await?;
         let mut out = Vec::new();
         for row in client.query(RECOUNT, &[]).await.db()? {
@@ -1110,6 +1363,7 @@ impl Store for PostgresStore {
     }
 
     async fn rollups(&self) -> Result<Vec<CounterRow>, StoreError> {
+        self.catch_up().await?;
         let client = self.client().await?;
         let mut out = Vec::new();
         let sql = format!("SELECT {ROLLUP_COLUMNS} FROM rollups");
@@ -1121,6 +1375,7 @@ impl Store for PostgresStore {
     }
 
     async fn usage_count(&self) -> Result<u64, StoreError> {
+        self.catch_up().await?;
         let client = self.client().await?;
         let row = client
             .query_one("SELECT count(*) FROM ai_usage", &[])

@@ -136,6 +136,7 @@ fn delivery_row(row: &Row) -> Result<Delivery, StoreError> {
 impl PostgresStore {
     pub async fn report(&self, query: &ReportQuery) -> Result<Report, StoreError> {
         let plan = ReportPlan::new(query)?;
+        self.catch_up_for_report().await?;
         let client = self.client().await?;
         let tenant = query.tenant.as_ref().map(|t| t.as_str());
         let mut groups = Groups::new(query.group_by);
@@ -202,6 +203,7 @@ impl PostgresStore {
         user: &UserId,
         day_start: Micros,
     ) -> Result<Vec<ModelUsage>, StoreError> {
+        self.catch_up_for_report().await?;
         let client = self.client().await?;
         let stmt = client.prepare_cached(USER_DAY).await.db()?;
         let rows = client

@@ -24,6 +24,7 @@ use crate::common::{
     scope_from_columns, sort_rows, to_u64,
 };
 use crate::error::StoreError;
+use crate::journal::{self, Journal, PROJECT_EVENTS};
 use crate::migrations::{SQLITE as MIGRATIONS, SQLITE_REBUILD_USAGE_ROLLUPS};
 use crate::{ApiKeyRecord, OpenOptions, ReservationState, Store, StoredReservation};
 use crate::{DeadLetter, UsageTotals};
@@ -37,6 +38,19 @@ pub struct SqliteStore {
     /// The locked `<path>.lock` file, when this store is the single writer.
     lock: Option<File>,
     path: String,
+    journal: Arc<Journal>,
+    /// Keep projected journal rows (see [`OpenOptions::keep_journal`]).
+    keep_journal: bool,
+    /// The task projecting the journal, stopped when the store is dropped.
+    projector: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        if let Some(p) = self.projector.take() {
+            p.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -552,11 +566,9 @@ fn warn_if_key_conflict(tx: &rusqlite::Transaction<'_>, u: &UsageRecord) -> Resu
     Ok(())
 }
 
-fn apply_blocking(conn: &mut Connection, events: &[Event]) -> Result<(), StoreError> {
+/// Applies `events` to the tables, inside `tx` (a projection of journal batches).
+fn apply_events(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
     let plan = Plan::new(events);
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .db()?;
     if !plan.reserved.is_empty() {
         let mut insert = tx.prepare_cached(INSERT_RESERVATION).db()?;
         for r in &plan.reserved {
@@ -586,10 +598,10 @@ fn apply_blocking(conn: &mut Connection, events: &[Event]) -> Result<(), StoreEr
     }
     for settle in &plan.settles {
         match settle {
-            Settle::Commit { id, usage_id } => tx
+            Settle::Commit { id, usage_id, at } => tx
                 .prepare_cached(COMMIT_RESERVATION)
                 .db()?
-                .execute(params![id.to_string(), usage_id.to_string(), plan.now]),
+                .execute(params![id.to_string(), usage_id.to_string(), at]),
             Settle::Release { id, reason, at } => tx
                 .prepare_cached(RELEASE_RESERVATION)
                 .db()?
@@ -624,7 +636,7 @@ fn apply_blocking(conn: &mut Connection, events: &[Event]) -> Result<(), StoreEr
                 deltas.add(u);
                 usage_deltas.add(u);
             } else if u.idempotency_key.is_some() && u.reservation_id.is_none() {
-                warn_if_key_conflict(&tx, u)?;
+                warn_if_key_conflict(tx, u)?;
             }
         }
     }
@@ -691,8 +703,174 @@ fn apply_blocking(conn: &mut Connection, events: &[Event]) -> Result<(), StoreEr
                 .db()?;
         }
     }
+    Ok(())
+}
+
+/// Appends a batch (already encoded) to the journal and commits: the batch is durable.
+fn append_blocking(conn: &mut Connection, events: &[u8]) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .db()?;
+    tx.prepare_cached("INSERT INTO journal (created_at, events) VALUES (?1, ?2)")
+        .db()?
+        .execute(params![now_micros(), events])
+        .db()?;
     tx.commit().db()
 }
+
+/// Projects the next journal batches (up to about [`PROJECT_EVENTS`] events) in one
+/// transaction that also moves the cursor. Returns how many events it applied and whether
+/// batches remain.
+fn project_blocking(conn: &mut Connection, keep: bool) -> Result<(usize, bool), StoreError> {
+    // A plain read first: nothing waits most of the time, and then no write lock is taken.
+    let waiting: bool = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM journal \
+             WHERE seq > (SELECT projected FROM journal_cursor WHERE id = 1))",
+        )
+        .db()?
+        .query_row([], |r| r.get(0))
+        .db()?;
+    if !waiting {
+        return Ok((0, false));
+    }
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .db()?;
+    let cursor: i64 = tx
+        .prepare_cached("SELECT projected FROM journal_cursor WHERE id = 1")
+        .db()?
+        .query_row([], |r| r.get(0))
+        .db()?;
+    let mut batches = Vec::new();
+    let mut events = 0;
+    let mut more = false;
+    {
+        let mut stmt = tx
+            .prepare_cached("SELECT seq, events FROM journal WHERE seq > ?1 ORDER BY seq")
+            .db()?;
+        let mut rows = stmt.query([cursor]).db()?;
+        while let Some(row) = rows.next().db()? {
+            if events >= PROJECT_EVENTS {
+                more = true;
+                break;
+            }
+            let seq: i64 = row.get(0).db()?;
+            let body = row
+                .get_ref(1)
+                .db()?
+                .as_blob()
+                .map_err(|e| corrupt(format!("journal batch {seq}: {e}")))?;
+            let batch = journal::decode(seq, body)?;
+            events += batch.len();
+            batches.push((seq, batch));
+        }
+    }
+    let Some(&(last, _)) = batches.last() else {
+        return Ok((0, false));
+    };
+    let all: Vec<Event> = batches
+        .iter()
+        .flat_map(|(_, b)| b.iter().cloned())
+        .collect();
+    tx.execute_batch("SAVEPOINT projection").db()?;
+    match apply_events(&tx, &all) {
+        Ok(()) => tx.execute_batch("RELEASE projection").db()?,
+        Err(e) if matches!(e, StoreError::Unavailable(_) | StoreError::Locked(_)) => {
+            return Err(e);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "the projection of journal batches was refused; applying them one event at a time");
+            tx.execute_batch("ROLLBACK TO projection; RELEASE projection")
+                .db()?;
+            for (seq, batch) in &batches {
+                for (i, event) in batch.iter().enumerate() {
+                    tx.execute_batch("SAVEPOINT one").db()?;
+                    match apply_events(&tx, std::slice::from_ref(event)) {
+                        Ok(()) => tx.execute_batch("RELEASE one").db()?,
+                        Err(e) => {
+                            tx.execute_batch("ROLLBACK TO one; RELEASE one").db()?;
+                            let letter = journal::dead_letter(*seq, i, event, &e);
+                            tracing::error!(error = %letter.error, dead_letter = %letter.id, "the projection refused an event for good; kept as a dead letter");
+                            tx.prepare_cached(INSERT_DEAD_LETTER)
+                                .db()?
+                                .execute(params![
+                                    letter.id,
+                                    letter.event,
+                                    letter.error,
+                                    letter.created_at
+                                ])
+                                .db()?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    tx.prepare_cached("UPDATE journal_cursor SET projected = ?1 WHERE id = 1")
+        .db()?
+        .execute([last])
+        .db()?;
+    if !keep {
+        tx.prepare_cached("DELETE FROM journal WHERE seq <= ?1")
+            .db()?
+            .execute([last])
+            .db()?;
+    }
+    tx.commit().db()?;
+    Ok((events, more))
+}
+
+/// The projector: projects the journal whenever batches wait, until the store is dropped.
+async fn project_in_background(
+    conn: std::sync::Weak<Mutex<Connection>>,
+    journal: Arc<Journal>,
+    keep: bool,
+) {
+    let mut more = false;
+    loop {
+        if more {
+            // Let appends waiting for the connection in first.
+            tokio::task::yield_now().await;
+        } else {
+            journal.wait().await;
+            if !journal.pending() {
+                continue;
+            }
+        }
+        let Some(conn) = conn.upgrade() else { return };
+        let j = journal.clone();
+        let result = blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+            let (n, more) = project_blocking(&mut conn, keep)?;
+            j.projected(n, more);
+            Ok(more)
+        })
+        .await;
+        more = match result {
+            Ok(more) => more,
+            Err(e) => {
+                tracing::warn!(error = %e, "projecting the journal failed; retrying");
+                false
+            }
+        };
+    }
+}
+
+/// Projects every pending journal batch.
+fn catch_up_blocking(conn: &mut Connection, keep: bool) -> Result<usize, StoreError> {
+    let mut total = 0;
+    loop {
+        let (n, more) = project_blocking(conn, keep)?;
+        total += n;
+        if !more {
+            return Ok(total);
+        }
+    }
+}
+
+const INSERT_DEAD_LETTER: &str = "INSERT INTO dead_letters (id, event, error, created_at) \
+    VALUES (?1, ?2, ?3, ?4) ON CONFLICT (id) DO NOTHING";
 
 fn load_blocking(
     conn: &mut Connection,
@@ -875,12 +1053,77 @@ impl SqliteStore {
         } else {
             Some(Arc::new(Mutex::new(open_reader(&path)?)))
         };
+        let conn = Arc::new(Mutex::new(conn));
+        let journal = Arc::new(Journal::unknown());
+        let projector = tokio::runtime::Handle::try_current().ok().map(|rt| {
+            rt.spawn(project_in_background(
+                Arc::downgrade(&conn),
+                journal.clone(),
+                options.keep_journal,
+            ))
+        });
         Ok(SqliteStore {
-            conn: Arc::new(Mutex::new(conn)),
+            conn,
             reader,
             lock,
             path,
+            journal,
+            keep_journal: options.keep_journal,
+            projector,
         })
+    }
+
+    /// Projects every pending journal batch (reads of the projected tables do it first).
+    pub async fn catch_up(&self) -> Result<(), StoreError> {
+        if self.lock.is_some() && !self.journal.pending() {
+            return Ok(());
+        }
+        self.with_projected(|_| Ok(())).await
+    }
+
+    /// Every batch in the journal, oldest first (see [`AnyStore::journal`](crate::AnyStore::journal)).
+    pub async fn journal(&self) -> Result<Vec<Vec<Event>>, StoreError> {
+        self.with_conn(|conn| {
+            let mut stmt = conn
+                .prepare("SELECT seq, events FROM journal ORDER BY seq")
+                .db()?;
+            let mut rows = stmt.query([]).db()?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().db()? {
+                let seq: i64 = row.get(0).db()?;
+                let body = row
+                    .get_ref(1)
+                    .db()?
+                    .as_blob()
+                    .map_err(|e| corrupt(format!("journal batch {seq}: {e}")))?;
+                out.push(journal::decode(seq, body)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Projects pending journal batches before a report, waiting a bounded time.
+    pub(crate) async fn catch_up_for_report(&self) -> Result<(), StoreError> {
+        journal::for_report(self.catch_up()).await
+    }
+
+    /// Runs `f` with the writer connection once every pending journal batch is projected.
+    async fn with_projected<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (journal, keep) = (self.journal.clone(), self.keep_journal);
+        // A store that is not the writer cannot know what the writer appended: it looks.
+        let look = self.lock.is_none();
+        self.with_conn(move |conn| {
+            if look || journal.pending() {
+                let n = catch_up_blocking(conn, keep)?;
+                journal.projected(n, false);
+            }
+            f(conn)
+        })
+        .await
     }
 
     /// The database file's path.
@@ -923,7 +1166,7 @@ impl SqliteStore {
     /// Recomputes `usage_rollups` from `ai_usage`, as migration 2 fills it: for repairs,
     /// tests and benchmarks (it reads every usage row).
     pub async fn rebuild_usage_rollups(&self) -> Result<(), StoreError> {
-        self.with_conn(|conn| {
+        self.with_projected(|conn| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .db()?;
@@ -949,8 +1192,11 @@ impl SqliteStore {
         .await
     }
 
-    /// Closes the database and releases the writer lock.
+    /// Projects what is pending, closes the database and releases the writer lock.
     pub async fn close(self) {
+        if let Err(e) = self.catch_up().await {
+            tracing::warn!(error = %e, "the journal could not be projected at close; it will be at the next start");
+        }
         let _ = blocking(move || {
             drop(self);
             Ok(())
@@ -964,22 +1210,25 @@ impl Store for SqliteStore {
         if events.is_empty() {
             return Ok(());
         }
-        let events = events.to_vec();
-        self.with_conn(move |conn| apply_blocking(conn, &events))
-            .await
+        let body = journal::encode(events, false)?;
+        self.with_conn(move |conn| append_blocking(conn, &body))
+            .await?;
+        self.journal.appended(events.len());
+        Ok(())
     }
 
     async fn load(&self, day_start: Micros, month_start: Micros) -> Result<Snapshot, StoreError> {
-        self.with_conn(move |conn| load_blocking(conn, day_start, month_start))
+        self.with_projected(move |conn| load_blocking(conn, day_start, month_start))
             .await
     }
 
     async fn usage(&self, id: Uuid) -> Result<Option<UsageRecord>, StoreError> {
-        self.with_conn(move |conn| usage_blocking(conn, id)).await
+        self.with_projected(move |conn| usage_blocking(conn, id))
+            .await
     }
 
     async fn reservation(&self, id: Uuid) -> Result<Option<StoredReservation>, StoreError> {
-        self.with_conn(move |conn| {
+        self.with_projected(move |conn| {
             let sql = format!(
                 "SELECT {RESERVATION_COLUMNS}, state, usage_id FROM reservations WHERE id = ?1"
             );
@@ -994,7 +1243,7 @@ impl Store for SqliteStore {
         key: &IdempotencyKey,
     ) -> Result<Option<StoredReservation>, StoreError> {
         let (tenant, key) = (tenant.clone(), key.clone());
-        self.with_conn(move |conn| {
+        self.with_projected(move |conn| {
             let sql = format!(
                 "SELECT {RESERVATION_COLUMNS}, state, usage_id FROM reservations \
                  WHERE tenant_id = ?1 AND idempotency_key = ?2 \
@@ -1039,7 +1288,7 @@ impl Store for SqliteStore {
     ) -> Result<Option<UsageRecord>, StoreError> {
         let tenant = tenant.clone();
         let key = key.clone();
-        self.with_conn(move |conn| {
+        self.with_projected(move |conn| {
             let sql = format!(
                 "SELECT {USAGE_COLUMNS} FROM ai_usage WHERE tenant_id = ?1 \
                  AND idempotency_key = ?2 AND reservation_id IS NULL"
@@ -1052,11 +1301,11 @@ impl Store for SqliteStore {
     }
 
     async fn recount(&self) -> Result<Vec<CounterRow>, StoreError> {
-        self.with_conn(|conn| recount_blocking(conn)).await
+        self.with_projected(|conn| recount_blocking(conn)).await
     }
 
     async fn rollups(&self) -> Result<Vec<CounterRow>, StoreError> {
-        self.with_conn(|conn| {
+        self.with_projected(|conn| {
             let mut stmt = conn
                 .prepare(&format!("SELECT {ROLLUP_COLUMNS} FROM rollups"))
                 .db()?;
@@ -1072,7 +1321,7 @@ impl Store for SqliteStore {
     }
 
     async fn usage_count(&self) -> Result<u64, StoreError> {
-        self.with_conn(|conn| {
+        self.with_projected(|conn| {
             let n: i64 = conn
                 .query_row("SELECT count(*) FROM ai_usage", [], |r| r.get(0))
                 .db()?;

@@ -202,6 +202,7 @@ impl SqliteStore {
         cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<Report, StoreError> {
         let plan = ReportPlan::new(query)?;
+        self.catch_up_for_report().await?;
         let query = query.clone();
         let cancelled = move || {
             if cancel.load(std::sync::atomic::Ordering::Relaxed) {
@@ -304,6 +305,7 @@ impl SqliteStore {
         day_start: Micros,
     ) -> Result<Vec<ModelUsage>, StoreError> {
         let (tenant, user) = (tenant.clone(), user.clone());
+        self.catch_up_for_report().await?;
         self.with_reader(move |conn| {
             let mut stmt = conn.prepare_cached(USER_DAY).db()?;
             let mut rows = stmt

@@ -227,9 +227,12 @@ impl Harness {
             .unwrap()
     }
 
-    /// Every usage row, oldest first, once no stream is being settled.
+    /// Every usage row, oldest first, once no stream is being settled and the journal is
+    /// projected.
     pub async fn records(&self) -> Vec<Row> {
         self.gateway.idle().await;
+        // Acknowledged batches reach `ai_usage` through the journal's projection.
+        self.state.guard.store().catch_up().await.unwrap();
         let conn = rusqlite::Connection::open(&self.database).unwrap();
         let mut stmt = conn
             .prepare(

@@ -3,6 +3,12 @@
 //! moments over several rounds and restarted. Every acknowledged record and reservation
 //! must be in the store, the rollups must equal a recount of the records, and the restored
 //! ledger's counters must equal the records' sums.
+//!
+//! The writer acknowledges a batch once it is in the journal and projects the journal into
+//! the tables behind; the kills fall while batches wait for their projection (counted) or
+//! while one is being projected. After the last round, the tables that the crashed and
+//! restarted projections made must equal a fresh projection of the whole journal into an
+//! empty database.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -25,7 +31,7 @@ async fn crash_child_writer() {
         return;
     };
     let db = std::path::PathBuf::from(db);
-    let g = start(sqlite(&db).await, db.parent().unwrap()).await;
+    let g = start(sqlite_keeping_journal(&db).await, db.parent().unwrap()).await;
     let out = Arc::new(Mutex::new(std::io::stdout()));
     let mut tasks = Vec::new();
     for w in 0..16u64 {
@@ -66,6 +72,7 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
     let mut reserved: Vec<Uuid> = Vec::new();
     let mut committed: Vec<(Uuid, Uuid)> = Vec::new();
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut pending_at_kill = 0;
     for round in 0..4 {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
@@ -114,8 +121,14 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
             "round {round}: the writer acknowledged nothing"
         );
 
+        // Batches acknowledged but not projected when the process died.
+        let (projected, appended) = journal_position(&db);
+        if appended > projected {
+            pending_at_kill += 1;
+        }
+
         // Every acknowledged operation is in the store.
-        let store = sqlite(&db).await;
+        let store = sqlite_keeping_journal(&db).await;
         for id in &reserved {
             assert!(
                 store.reservation(*id).await.unwrap().is_some(),
@@ -133,6 +146,43 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
         assert_rollups_match(&store).await;
         drop(store);
     }
+    assert!(
+        pending_at_kill > 0,
+        "no kill fell while batches waited for their projection"
+    );
+
+    // The projection, crashed and restarted, equals a fresh projection of the journal.
+    let store = sqlite_keeping_journal(&db).await;
+    let journal = store.journal().await.unwrap();
+    let fresh_dir = tempfile::tempdir().unwrap();
+    let fresh = sqlite(&fresh_dir.path().join("fresh.db")).await;
+    for batch in &journal {
+        fresh.apply(batch).await.unwrap();
+    }
+    fresh.close().await;
+    store.close().await;
+    let fresh_db = fresh_dir.path().join("fresh.db");
+    for table in [
+        "ai_usage",
+        "reservations",
+        "rollups",
+        "usage_rollups",
+        "budget_overrides",
+        "user_overrides",
+    ] {
+        let (crashed, recounted) = (dump(&db, table), dump(&fresh_db, table));
+        assert!(
+            crashed == recounted,
+            "{table}: the projection differs from a fresh one ({} rows against {})",
+            crashed.len(),
+            recounted.len()
+        );
+    }
+    assert!(
+        dump(&db, "ai_usage").len() >= committed.len(),
+        "the records are not all there"
+    );
+
     // The restored ledger's counters equal the records' sums (the recount).
     let dir2 = tempfile::tempdir().unwrap();
     let g = start(sqlite(&db).await, dir2.path()).await;
@@ -157,4 +207,34 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
     }
     assert!(checked > 10, "too few users checked: {checked}");
     g.shutdown().await;
+}
+
+/// The journal's cursor and its last sequence number, read straight from the file (before
+/// any store opens it and projects).
+fn journal_position(db: &std::path::Path) -> (i64, i64) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    conn.query_row(
+        "SELECT (SELECT projected FROM journal_cursor), \
+         (SELECT coalesce(max(seq), 0) FROM journal)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+/// Every row of `table`, each as text, sorted.
+fn dump(db: &std::path::Path, table: &str) -> Vec<String> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn.prepare(&format!("SELECT * FROM {table}")).unwrap();
+    let columns = stmt.column_count();
+    let mut rows = stmt.query([]).unwrap();
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().unwrap() {
+        let values: Vec<String> = (0..columns)
+            .map(|i| format!("{:?}", row.get_ref(i).unwrap()))
+            .collect();
+        out.push(values.join("|"));
+    }
+    out.sort();
+    out
 }

@@ -154,7 +154,8 @@ async fn a_nul_in_a_release_reason_blocks_nothing_on_postgres_and_a_restart_work
     let letters = g.store().dead_letters().await.unwrap();
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert!(letters[0].event.contains("bad\\u0000reason"), "{letters:?}");
-    // A value PostgreSQL cannot hold is a permanent error (SQLSTATE class 22).
+    // A value PostgreSQL cannot hold is a permanent error (SQLSTATE class 22), found before
+    // the batch is journaled.
     assert!(letters[0].error.contains("22021"), "{letters:?}");
     g.shutdown().await;
     drop(g);

@@ -70,6 +70,17 @@ pub async fn sqlite(path: &std::path::Path) -> AnyStore {
         .unwrap()
 }
 
+/// A SQLite store that keeps its journal's batches once projected (a complete history).
+pub async fn sqlite_keeping_journal(path: &std::path::Path) -> AnyStore {
+    let options = OpenOptions {
+        keep_journal: true,
+        ..OpenOptions::default()
+    };
+    AnyStore::open(path.to_str().unwrap(), &options)
+        .await
+        .unwrap()
+}
+
 pub async fn start<S: Store>(store: S, dir: &std::path::Path) -> Guard<S> {
     start_with(
         store,

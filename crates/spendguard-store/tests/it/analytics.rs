@@ -715,10 +715,7 @@ pub async fn migration_5_keeps_every_record(db: &Db) {
     };
     execute(db, sql).await;
     let store = reopen(db).await;
-    assert_eq!(
-        store.schema_versions().await.unwrap(),
-        vec![1, 2, 3, 4, 5, 6]
-    );
+    assert_eq!(store.schema_versions().await.unwrap(), all_versions());
     assert_eq!(store.usage_count().await.unwrap(), records.len() as u64);
     for r in &records {
         assert_eq!(store.usage(r.id).await.unwrap().as_ref(), Some(r));
@@ -743,10 +740,7 @@ async fn back_to_schema_1(db: &Db) -> AnyStore {
     )
     .await;
     let store = reopen(db).await;
-    assert_eq!(
-        store.schema_versions().await.unwrap(),
-        vec![1, 2, 3, 4, 5, 6]
-    );
+    assert_eq!(store.schema_versions().await.unwrap(), all_versions());
     store
 }
 

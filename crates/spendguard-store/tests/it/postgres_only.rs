@@ -86,6 +86,7 @@ async fn the_tables_have_the_documented_columns() {
     let mut r = record(1);
     r.cost = spendguard_core::Money::from_micros(1_234_567);
     store.apply(&[Event::Recorded(r)]).await.unwrap();
+    store.catch_up().await.unwrap();
     let admin = admin().await;
     let row = admin
         .query_one(

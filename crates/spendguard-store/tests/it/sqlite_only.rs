@@ -75,6 +75,7 @@ async fn the_file_has_the_documented_columns() {
     let mut r = record(1);
     r.cost = spendguard_core::Money::from_micros(1_234_567);
     store.apply(&[Event::Recorded(r.clone())]).await.unwrap();
+    store.catch_up().await.unwrap();
     let conn = rusqlite::Connection::open(&path).unwrap();
     let (usd, micros, created, status): (f64, i64, i64, String) = conn
         .query_row(
@@ -236,7 +237,8 @@ async fn a_cancelled_report_stops() {
 }
 
 /// Reports run on their own connection: a batch waiting for the database's write lock
-/// (holding the store's writer connection) does not hold them up.
+/// (holding the store's writer connection) does not hold them up; they wait a bounded time
+/// for the projection of the journal, then report what is projected.
 #[tokio::test]
 async fn reports_do_not_wait_for_the_writer() {
     let (_db, path) = temp_path();
@@ -246,6 +248,7 @@ async fn reports_do_not_wait_for_the_writer() {
             .unwrap(),
     );
     store.apply(&[Event::Recorded(record(1))]).await.unwrap();
+    store.catch_up().await.unwrap();
     // Another connection takes the write lock and keeps it.
     let other = rusqlite::Connection::open(&path).unwrap();
     other

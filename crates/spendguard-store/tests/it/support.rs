@@ -97,6 +97,11 @@ impl Drop for Db {
     }
 }
 
+/// The versions of every migration this build knows.
+pub fn all_versions() -> Vec<i64> {
+    (1..=7).collect()
+}
+
 /// Runs statements straight on the database (outside any store), e.g. to take a schema
 /// back to an older version.
 pub async fn execute(db: &Db, sql: &str) {
