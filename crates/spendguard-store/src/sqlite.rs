@@ -43,6 +43,8 @@ pub struct SqliteStore {
     keep_journal: bool,
     /// The task projecting the journal, stopped when the store is dropped.
     projector: Option<tokio::task::JoinHandle<()>>,
+    /// The checkpointer thread runs while this lives.
+    _checkpointer: Arc<()>,
 }
 
 impl Drop for SqliteStore {
@@ -428,8 +430,9 @@ fn configure(conn: &Connection, options: &OpenOptions) -> Result<(), StoreError>
     // 64 MiB of page cache (negative: KiB).
     conn.pragma_update(None, "cache_size", -65_536).db()?;
     conn.set_prepared_statement_cache_capacity(64);
-    // Checkpoint (copy the WAL into the database, and fsync) every 64 MiB of WAL rather than
-    // every 4 MiB: pages changed by many batches are copied once, and fsync waits are rarer.
+    // Checkpoints (copying the WAL into the database, and fsync) are the checkpointer
+    // thread's, off the writer's path; a committing writer checkpoints only as a backstop,
+    // when the WAL has grown to 256 MiB (the checkpointer fell behind or is not running).
     conn.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)
         .db()?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
@@ -449,8 +452,34 @@ fn open_reader(path: &str) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// The WAL size (in pages) at which the writer checkpoints.
-const WAL_BACKSTOP_PAGES: i64 = 16_384;
+/// The WAL size (in pages) at which the writer checkpoints itself.
+const WAL_BACKSTOP_PAGES: i64 = 65_536;
+/// How often the checkpointer runs a passive checkpoint.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+
+/// Checkpoints the WAL every [`CHECKPOINT_EVERY`] on its own connection, passively (it never
+/// waits for the writer nor holds it up), until `alive` can no longer be upgraded (the store
+/// was dropped). A passive checkpoint copies what no reader still needs; the next write after
+/// a complete one starts the WAL over from its beginning.
+fn checkpoint_in_background(path: String, alive: std::sync::Weak<()>) {
+    let conn = match Connection::open(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "the SQLite checkpointer cannot open the database; the writer checkpoints");
+            return;
+        }
+    };
+    let _ = conn.busy_timeout(Duration::from_millis(100));
+    loop {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        if alive.upgrade().is_none() {
+            return;
+        }
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(error = %e, "passive checkpoint failed; retrying");
+        }
+    }
+}
 /// The size a WAL file is truncated to after a checkpoint.
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
 fn migrate_blocking(conn: &mut Connection) -> Result<(), StoreError> {
@@ -1054,6 +1083,16 @@ impl SqliteStore {
             Some(Arc::new(Mutex::new(open_reader(&path)?)))
         };
         let conn = Arc::new(Mutex::new(conn));
+        let alive = Arc::new(());
+        if !memory {
+            let (path, alive) = (path.clone(), Arc::downgrade(&alive));
+            std::thread::Builder::new()
+                .name("sqlite-checkpoint".into())
+                .spawn(move || checkpoint_in_background(path, alive))
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("cannot start the checkpointer: {e}"))
+                })?;
+        }
         let journal = Arc::new(Journal::unknown());
         let projector = tokio::runtime::Handle::try_current().ok().map(|rt| {
             rt.spawn(project_in_background(
@@ -1070,6 +1109,7 @@ impl SqliteStore {
             journal,
             keep_journal: options.keep_journal,
             projector,
+            _checkpointer: alive,
         })
     }
 
