@@ -28,7 +28,7 @@ use crate::common::{
     decode_user, encode_user, parse_id, scope_columns, scope_from_columns, sort_rows,
 };
 use crate::error::StoreError;
-use crate::journal::{self, Journal, PROJECT_EVENTS};
+use crate::journal::{self, Journal};
 use crate::migrations::{POSTGRES as MIGRATIONS, POSTGRES_REBUILD_USAGE_ROLLUPS};
 use crate::{
     ApiKeyRecord, DeadLetter, OpenOptions, ReservationState, Store, StoredReservation, UsageTotals,
@@ -1044,6 +1044,9 @@ fn check_instants(events: &[Event]) -> Result<(), StoreError> {
 
 /// Journal rows one projection reads at most.
 const PROJECT_ROWS: i64 = 256;
+/// The most events one projection applies (whole batches). Appends do not wait for
+/// projections on PostgreSQL (other connections), so they can be larger than on SQLite.
+const PROJECT_EVENTS: usize = 4096;
 
 /// Projects the next journal batches (up to about [`PROJECT_EVENTS`] events) in one
 /// transaction that also moves the cursor (locked, so projections of several processes
