@@ -916,10 +916,7 @@ ALTER TABLE ai_usage
 SELECT 1;
 "#,
     ),
-    (
-        7,
-        POSTGRES_ROW_SECURITY,
-    ),
+    (7, POSTGRES_ROW_SECURITY),
 ];
 
 #[cfg(test)]
