@@ -49,9 +49,16 @@ function parseRetryAfter(value) {
   return Number.isNaN(at) ? null : Math.max(0, Math.ceil((at - Date.now()) / 1000));
 }
 
+// Web Crypto: global on Node 19+, Deno, Bun, browsers and edge runtimes; on Node 18 it is
+// `node:crypto`'s (imported by a computed name, so bundlers for the edge leave it alone).
+const nodeCrypto = "node:crypto";
+const webcrypto =
+  globalThis.crypto ?? (await import(nodeCrypto).then((m) => m.webcrypto, () => undefined));
+
 /** A fresh idempotency key (`sg-` and a random UUID). */
 export function idempotencyKey() {
-  return "sg-" + globalThis.crypto.randomUUID();
+  if (!webcrypto?.randomUUID) throw new Error("no Web Crypto (crypto.randomUUID) in this runtime");
+  return "sg-" + webcrypto.randomUUID();
 }
 
 const num = (v) => (typeof v === "number" && Number.isFinite(v) && v > 0 ? Math.trunc(v) : 0);

@@ -193,8 +193,16 @@ class SpendGuard(_Base):
     def check(self, body: ReserveBody) -> CheckOut:
         return cast(CheckOut, self.request("POST", "/v1/check", body=dict(body)))
 
-    def limits(self, user_id: str, *, tenant_id: Optional[str] = None) -> LimitsAnswer:
-        q = _query(user_id=user_id, tenant_id=tenant_id)
+    def limits(
+        self,
+        user_id: str,
+        *,
+        tenant_id: Optional[str] = None,
+        company_id: Optional[str] = None,
+        tier: Optional[str] = None,
+    ) -> LimitsAnswer:
+        """``GET /v1/limits``: the user's effective limits, used, reserved and remaining."""
+        q = _query(user_id=user_id, tenant_id=tenant_id, company_id=company_id, tier=tier)
         return cast(LimitsAnswer, self.request("GET", "/v1/limits", query=q))
 
     def daily_usage(
@@ -347,8 +355,16 @@ class AsyncSpendGuard(_Base):
     async def check(self, body: ReserveBody) -> CheckOut:
         return cast(CheckOut, await self.request("POST", "/v1/check", body=dict(body)))
 
-    async def limits(self, user_id: str, *, tenant_id: Optional[str] = None) -> LimitsAnswer:
-        q = _query(user_id=user_id, tenant_id=tenant_id)
+    async def limits(
+        self,
+        user_id: str,
+        *,
+        tenant_id: Optional[str] = None,
+        company_id: Optional[str] = None,
+        tier: Optional[str] = None,
+    ) -> LimitsAnswer:
+        """``GET /v1/limits``: the user's effective limits, used, reserved and remaining."""
+        q = _query(user_id=user_id, tenant_id=tenant_id, company_id=company_id, tier=tier)
         return cast(LimitsAnswer, await self.request("GET", "/v1/limits", query=q))
 
     async def daily_usage(

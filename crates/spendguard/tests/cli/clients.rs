@@ -6,7 +6,7 @@
 //!
 //! What they need: Node 18 or later (`node`, or `SPENDGUARD_NODE`) with the TypeScript
 //! client's dev dependencies (`npm ci` in `clients/typescript`, for the type check); Python
-//! with `httpx` and `pytest` (`.venv-clients`, or `SPENDGUARD_CLIENTS_PYTHON`). Without them
+//! with `httpx`, `pytest` and `mypy` (`.venv-clients`, or `SPENDGUARD_CLIENTS_PYTHON`). Without them
 //! a test prints `SKIPPED` and appends a line to `SPENDGUARD_TEST_SKIP_LOG`, which fails CI.
 
 use std::io::{BufRead, BufReader};
@@ -184,6 +184,21 @@ fn python_client_passes_its_suite_against_spendguard_serve() {
     };
     let package = workspace().join("clients/python");
     let dir = tempfile::tempdir().unwrap();
+    // The package and a typical use type-check (`py.typed` promises it).
+    let out = run(
+        Command::new(&python)
+            .args(["-m", "mypy", "--strict", "--cache-dir"])
+            .arg(dir.path().join("mypy-cache"))
+            .args(["src", "tests/typecheck_example.py"])
+            .current_dir(&package)
+            .env("PYTHONDONTWRITEBYTECODE", "1"),
+        "mypy",
+    );
+    assert!(
+        out.status.success(),
+        "the Python client's type check (mypy --strict) failed:\n{}",
+        text(&out)
+    );
     let (_server, url) = serve(dir.path());
     // pytest's cache and Python's bytecode stay out of the source tree.
     let out = run(
