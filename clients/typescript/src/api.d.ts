@@ -148,7 +148,7 @@ export interface ErrorBody {
 }
 
 /** Every `error.code` the API answers with. */
-export type ErrorCode = "invalid_request" | "malformed_json" | "unsupported_media_type" | "body_too_large" | "unauthorized" | "forbidden" | "not_found" | "method_not_allowed" | "timeout" | "conflict" | "already_settled" | "commit_conflict" | "idempotency_conflict" | "budget_exceeded" | "rate_limited" | "model_not_allowed" | "unknown_model" | "max_output_tokens_exceeded" | "store_unavailable" | "shutting_down" | "internal";
+export type ErrorCode = "invalid_request" | "malformed_json" | "unsupported_media_type" | "body_too_large" | "unauthorized" | "forbidden" | "not_found" | "method_not_allowed" | "timeout" | "conflict" | "already_settled" | "commit_conflict" | "idempotency_conflict" | "budget_exceeded" | "rate_limited" | "model_not_allowed" | "unknown_model" | "max_output_tokens_exceeded" | "too_many_subjects" | "store_unavailable" | "not_stored" | "starting" | "shutting_down" | "busy" | "internal";
 
 /** A failing limit (in a 429 and in a check's denial). */
 export interface ErrorDetail {

@@ -32,8 +32,12 @@ ErrorCode = Literal[
     "model_not_allowed",
     "unknown_model",
     "max_output_tokens_exceeded",
+    "too_many_subjects",
     "store_unavailable",
+    "not_stored",
+    "starting",
     "shutting_down",
+    "busy",
     "internal",
 ]
 CommitStatus = Literal["success", "error", "cancelled", "truncated"]
