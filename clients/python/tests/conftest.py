@@ -38,12 +38,12 @@ def admin() -> Iterator[SpendGuard]:
 
 
 @pytest.fixture
-def tenant(admin: SpendGuard) -> Iterator[Tuple[str, SpendGuard]]:
-    """A new tenant and a client with its key."""
+def tenant(admin: SpendGuard) -> Iterator[Tuple[str, SpendGuard, str]]:
+    """A new tenant, a client with its key, and the key."""
     tenant_id = unique("py")
     key = admin.request("POST", "/v1/admin/api-keys", body={"tenant_id": tenant_id})["key"]
     with SpendGuard(URL, key) as client:
-        yield tenant_id, client
+        yield tenant_id, client, key
 
 
 def subject(tenant_id: str, user_id: str, model: str = "gpt-4o-mini") -> dict:

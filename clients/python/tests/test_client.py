@@ -45,7 +45,7 @@ def cost_of(client, tenant_id, model, **tokens):
 
 
 def test_reserve_then_commit(tenant):
-    tenant_id, client = tenant
+    tenant_id, client, _ = tenant
     user = unique("u")
     r = client.reserve({**subject(tenant_id, user), "input_tokens": 1000, "max_output_tokens": 500})
     assert r["replayed"] is False and r["reserved_cost_usd"] > 0
@@ -64,7 +64,7 @@ def test_reserve_then_commit(tenant):
 
 
 def test_each_reservation_gets_its_own_idempotency_key(tenant):
-    tenant_id, client = tenant
+    tenant_id, client, _ = tenant
     body = {**subject(tenant_id, unique("u")), "input_tokens": 10, "max_output_tokens": 10}
     assert client.reserve(body)["reservation_id"] != client.reserve(body)["reservation_id"]
     key = unique("key")
@@ -74,7 +74,7 @@ def test_each_reservation_gets_its_own_idempotency_key(tenant):
 
 
 def test_a_refusal_raises_the_typed_error_with_retry_after(tenant, admin):
-    tenant_id, client = tenant
+    tenant_id, client, _ = tenant
     user = unique("u")
     admin.request(
         "PUT",
@@ -103,7 +103,7 @@ def test_a_refusal_raises_the_typed_error_with_retry_after(tenant, admin):
 
 
 def test_the_context_manager_releases_when_the_call_raises(tenant):
-    tenant_id, client = tenant
+    tenant_id, client, _ = tenant
     user = unique("u")
     with pytest.raises(RuntimeError, match="provider is down"):
         with client.guard(
@@ -119,7 +119,7 @@ def test_the_context_manager_releases_when_the_call_raises(tenant):
 
 
 def test_the_decorator_releases_when_the_call_raises(tenant):
-    tenant_id, client = tenant
+    tenant_id, client, _ = tenant
     user = unique("u")
 
     @client.guard(subject(tenant_id, user), {"input_tokens": 100, "max_output_tokens": 100})
@@ -135,7 +135,7 @@ def test_the_decorator_releases_when_the_call_raises(tenant):
 
 
 def test_a_refused_guard_never_runs_the_call(tenant, admin):
-    tenant_id, client = tenant
+    tenant_id, client, _ = tenant
     user = unique("u")
     admin.request(
         "PUT",
@@ -153,7 +153,7 @@ def test_a_refused_guard_never_runs_the_call(tenant, admin):
 
 
 def test_the_decorator_commits_an_openai_completion(tenant):
-    tenant_id, client = tenant
+    tenant_id, client, _ = tenant
     user = unique("u")
     estimate = {"input_tokens": 1200, "max_output_tokens": 1000}
 
@@ -180,7 +180,7 @@ def test_the_decorator_commits_an_openai_completion(tenant):
 
 
 def test_the_context_manager_commits_an_anthropic_message(tenant):
-    tenant_id, client = tenant
+    tenant_id, client, _ = tenant
     user = unique("u")
     with client.guard(
         subject(tenant_id, user, "claude-haiku-4-5"), {"input_tokens": 1250, "max_output_tokens": 500}
@@ -206,7 +206,7 @@ def test_the_context_manager_commits_an_anthropic_message(tenant):
 
 
 def test_a_result_without_usage_is_charged_its_estimate(tenant):
-    tenant_id, client = tenant
+    tenant_id, client, _ = tenant
     with client.guard(
         subject(tenant_id, unique("u")), {"input_tokens": 100, "max_output_tokens": 100}
     ) as call:
@@ -216,8 +216,7 @@ def test_a_result_without_usage_is_charged_its_estimate(tenant):
 
 
 def test_async_client_guards_and_releases(tenant):
-    tenant_id, _ = tenant
-    key = tenant[1]._headers["authorization"].removeprefix("Bearer ")
+    tenant_id, _, key = tenant
 
     async def main():
         async with AsyncSpendGuard(URL, key) as client:

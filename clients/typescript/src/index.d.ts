@@ -95,6 +95,15 @@ export declare function idempotencyKey(): string;
 export declare class SpendGuard {
   constructor(options: ClientOptions);
   readonly baseUrl: string;
+  /**
+   * Any call of the API (`path` from `/v1/...`), with the client's key, retries and typed
+   * errors; the answer's JSON.
+   */
+  request<T = unknown>(
+    method: string,
+    path: string,
+    options?: { body?: unknown; query?: Record<string, string | number | boolean | null | undefined> },
+  ): Promise<T>;
   reserve(body: ReserveBody): Promise<ReservedOut>;
   commit(reservationId: string, body: CommitBody): Promise<CommittedOut>;
   release(reservationId: string, body?: ReleaseBody): Promise<ReleasedOut>;
