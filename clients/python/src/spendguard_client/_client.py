@@ -87,8 +87,9 @@ def _reason(exc: BaseException) -> str:
     return f"the call failed: {type(exc).__name__}: {exc}"[:200]
 
 
-def _user(user_id: str) -> str:
-    return quote(user_id, safe="")
+def _segment(value: str) -> str:
+    """One path segment (an id), percent-encoded."""
+    return quote(value, safe="")
 
 
 class _Base:
@@ -179,11 +180,11 @@ class SpendGuard(_Base):
         return cast(ReservedOut, self.request("POST", "/v1/reservations", body=_keyed(body)))
 
     def commit(self, reservation_id: str, body: CommitBody) -> CommittedOut:
-        path = f"/v1/reservations/{_user(reservation_id)}/commit"
+        path = f"/v1/reservations/{_segment(reservation_id)}/commit"
         return cast(CommittedOut, self.request("POST", path, body=dict(body)))
 
     def release(self, reservation_id: str, reason: Optional[str] = None) -> ReleasedOut:
-        path = f"/v1/reservations/{_user(reservation_id)}/release"
+        path = f"/v1/reservations/{_segment(reservation_id)}/release"
         return cast(ReleasedOut, self.request("POST", path, body=_query(reason=reason)))
 
     def record(self, body: UsageBody) -> UsageOut:
@@ -208,7 +209,7 @@ class SpendGuard(_Base):
     def daily_usage(
         self, user_id: str, *, date: Optional[str] = None, tenant_id: Optional[str] = None
     ) -> DailyOut:
-        path = f"/v1/users/{_user(user_id)}/daily-usage"
+        path = f"/v1/users/{_segment(user_id)}/daily-usage"
         q = _query(date=date, tenant_id=tenant_id)
         return cast(DailyOut, self.request("GET", path, query=q))
 
@@ -342,11 +343,11 @@ class AsyncSpendGuard(_Base):
         )
 
     async def commit(self, reservation_id: str, body: CommitBody) -> CommittedOut:
-        path = f"/v1/reservations/{_user(reservation_id)}/commit"
+        path = f"/v1/reservations/{_segment(reservation_id)}/commit"
         return cast(CommittedOut, await self.request("POST", path, body=dict(body)))
 
     async def release(self, reservation_id: str, reason: Optional[str] = None) -> ReleasedOut:
-        path = f"/v1/reservations/{_user(reservation_id)}/release"
+        path = f"/v1/reservations/{_segment(reservation_id)}/release"
         return cast(ReleasedOut, await self.request("POST", path, body=_query(reason=reason)))
 
     async def record(self, body: UsageBody) -> UsageOut:
@@ -370,7 +371,7 @@ class AsyncSpendGuard(_Base):
     async def daily_usage(
         self, user_id: str, *, date: Optional[str] = None, tenant_id: Optional[str] = None
     ) -> DailyOut:
-        path = f"/v1/users/{_user(user_id)}/daily-usage"
+        path = f"/v1/users/{_segment(user_id)}/daily-usage"
         q = _query(date=date, tenant_id=tenant_id)
         return cast(DailyOut, await self.request("GET", path, query=q))
 
