@@ -162,7 +162,8 @@ names! {
         InvalidRequest, MalformedJson, UnsupportedMediaType, BodyTooLarge, Unauthorized,
         Forbidden, NotFound, MethodNotAllowed, Timeout, Conflict, AlreadySettled,
         CommitConflict, IdempotencyConflict, BudgetExceeded, RateLimited, ModelNotAllowed,
-        UnknownModel, MaxOutputTokensExceeded, StoreUnavailable, ShuttingDown, Internal
+        UnknownModel, MaxOutputTokensExceeded, TooManySubjects, StoreUnavailable, NotStored,
+        Starting, ShuttingDown, Busy, Internal
     ]
 }
 

@@ -580,6 +580,15 @@ CREATE INDEX rollups_tenant ON rollups (scope_kind, tenant_id, "window", window_
     (
         7,
         r#"
+-- PostgreSQL's migration 7 adds row-level security and the seed's SQL functions for direct
+-- SQL readers; SQLite has neither roles nor stored functions. Nothing changes here, so both
+-- backends keep the same versions.
+SELECT 1;
+"#,
+    ),
+    (
+        8,
+        r#"
 -- The journal (see the store's `journal` module): every acknowledged batch of events,
 -- appended as one row, and the cursor of its projection into the tables. AUTOINCREMENT:
 -- a sequence number is never reused, even after the projected rows are deleted.
@@ -596,6 +605,118 @@ INSERT INTO journal_cursor (id, projected) VALUES (1, 0);
 "#,
     ),
 ];
+
+/// PostgreSQL migration 7: row-level security and the seed's SQL functions, for applications
+/// that read spendguard's tables with SQL (as the seed's Supabase code did). See
+/// `docs/postgresql.md`.
+const POSTGRES_ROW_SECURITY: &str = r#"
+-- Row-level security. A role that does not own these tables (an application's, Supabase's
+-- `authenticated`) reads only the rows of the tenant named by the setting
+-- `spendguard.tenant_id` (`SET spendguard.tenant_id = 'acme'`, or `set_config(...)` per
+-- transaction); none while it is unset. The owner (the role spendguard migrates and runs
+-- as) is not subject to it: it is enabled, not forced, so spendguard itself reads and writes
+-- every tenant's rows; superusers and BYPASSRLS roles read everything too. spendguard checks
+-- at start that its role bypasses it. The policies allow SELECT only: spendguard is the only
+-- writer (an INSERT by another role is refused even where it was granted).
+ALTER TABLE ai_usage ENABLE ROW LEVEL SECURITY;
+CREATE POLICY spendguard_tenant_read ON ai_usage FOR SELECT
+    USING (tenant_id = current_setting('spendguard.tenant_id', true));
+ALTER TABLE rollups ENABLE ROW LEVEL SECURITY;
+CREATE POLICY spendguard_tenant_read ON rollups FOR SELECT
+    USING (tenant_id = current_setting('spendguard.tenant_id', true));
+ALTER TABLE usage_rollups ENABLE ROW LEVEL SECURITY;
+CREATE POLICY spendguard_tenant_read ON usage_rollups FOR SELECT
+    USING (tenant_id = current_setting('spendguard.tenant_id', true));
+ALTER TABLE reservations ENABLE ROW LEVEL SECURITY;
+CREATE POLICY spendguard_tenant_read ON reservations FOR SELECT
+    USING (tenant_id = current_setting('spendguard.tenant_id', true));
+ALTER TABLE alerts ENABLE ROW LEVEL SECURITY;
+CREATE POLICY spendguard_tenant_read ON alerts FOR SELECT
+    USING (tenant_id = current_setting('spendguard.tenant_id', true));
+ALTER TABLE budget_overrides ENABLE ROW LEVEL SECURITY;
+CREATE POLICY spendguard_tenant_read ON budget_overrides FOR SELECT
+    USING (tenant_id = current_setting('spendguard.tenant_id', true));
+ALTER TABLE user_overrides ENABLE ROW LEVEL SECURITY;
+CREATE POLICY spendguard_tenant_read ON user_overrides FOR SELECT
+    USING (tenant_id = current_setting('spendguard.tenant_id', true));
+-- No policy: another role sees no row of these, whatever it was granted (key hashes,
+-- webhook URLs, which may hold secrets, and refused events of every tenant).
+ALTER TABLE api_keys ENABLE ROW LEVEL SECURITY;
+ALTER TABLE webhook_deliveries ENABLE ROW LEVEL SECURITY;
+ALTER TABLE dead_letters ENABLE ROW LEVEL SECURITY;
+
+-- The seed's `get_user_daily_ai_usage(user, date)`: a user's usage on one day (a date in
+-- the database's time zone, `settings.time_zone`), from `usage_rollups`. The first row is
+-- the day's totals (`model` NULL, present even for a day without usage); then one row per
+-- model, by cost, highest first. `p_tenant_id` NULL: every tenant the caller may read (under
+-- row-level security, its own). SECURITY INVOKER: the caller's row-level security applies.
+CREATE FUNCTION get_user_daily_ai_usage(p_user_id text, p_date date, p_tenant_id text DEFAULT NULL)
+RETURNS TABLE (model text, requests bigint, input_tokens bigint, cached_input_tokens bigint,
+    output_tokens bigint, total_tokens bigint, cost_usd numeric)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path FROM CURRENT
+AS $fn$
+    WITH zone AS (
+        SELECT coalesce((SELECT s.value FROM settings s WHERE s.key = 'time_zone'), 'UTC') AS tz
+    ), day AS (
+        -- The day's first and the next day's first instant, in micro-seconds since the epoch.
+        SELECT (extract(epoch FROM p_date::timestamp AT TIME ZONE zone.tz) * 1000000)::int8 AS lo,
+            (extract(epoch FROM (p_date + 1)::timestamp AT TIME ZONE zone.tz) * 1000000)::int8 AS hi
+        FROM zone
+    ), sums AS (
+        SELECT u.model AS m, GROUPING(u.model) AS total,
+            coalesce(sum(u.requests), 0) AS r,
+            coalesce(sum(u.input_tokens), 0) AS i,
+            coalesce(sum(u.cached_input_tokens), 0) AS c,
+            coalesce(sum(u.output_tokens), 0) AS o,
+            coalesce(sum(u.cost_micros), 0) AS micros
+        FROM usage_rollups u, day
+        WHERE u.dim = 'user_model' AND u.key = p_user_id
+            AND u.day_start >= day.lo AND u.day_start < day.hi
+            AND (p_tenant_id IS NULL OR u.tenant_id = p_tenant_id)
+        GROUP BY GROUPING SETS ((), (u.model))
+    )
+    SELECT sums.m,
+        LEAST(sums.r, 9223372036854775807)::int8,
+        LEAST(sums.i, 9223372036854775807)::int8,
+        LEAST(sums.c, 9223372036854775807)::int8,
+        LEAST(sums.o, 9223372036854775807)::int8,
+        LEAST(sums.i + sums.o, 9223372036854775807)::int8,
+        round(sums.micros / 1000000.0, 6)
+    FROM sums
+    ORDER BY sums.total DESC, sums.micros DESC, sums.m
+$fn$;
+
+-- The seed's `get_ai_cost_alerts()`: the cost alerts of the current day and month (in the
+-- database's time zone; `p_at`: current as of another instant), newest first, as
+-- `GET /v1/alerts` lists them. `tenant_id` is NULL for global alerts. SECURITY INVOKER: the
+-- caller's row-level security applies (a tenant's role sees its own scopes' alerts).
+CREATE FUNCTION get_ai_cost_alerts(p_at timestamptz DEFAULT now())
+RETURNS TABLE (id bigint, kind text, scope text, scope_id text, tenant_id text,
+    "window" text, window_start timestamptz, threshold_percent integer, amount_usd numeric,
+    limit_usd numeric, created_at timestamptz)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path FROM CURRENT
+AS $fn$
+    WITH zone AS (
+        SELECT coalesce((SELECT s.value FROM settings s WHERE s.key = 'time_zone'), 'UTC') AS tz
+    ), cur AS (
+        SELECT (extract(epoch FROM date_trunc('day', p_at AT TIME ZONE zone.tz)
+                AT TIME ZONE zone.tz) * 1000000)::int8 AS day_lo,
+            (extract(epoch FROM date_trunc('month', p_at AT TIME ZONE zone.tz)
+                AT TIME ZONE zone.tz) * 1000000)::int8 AS month_lo
+        FROM zone
+    )
+    SELECT a.id, a.kind, a.scope_kind, a.scope_id, nullif(a.tenant_id, ''), a."window",
+        timestamptz 'epoch' + a.window_start * interval '1 microsecond',
+        a.threshold_percent, round(a.amount_micros / 1000000.0, 6),
+        round(a.limit_micros / 1000000.0, 6), a.created_at
+    FROM alerts a, cur
+    WHERE (a."window" = 'day' AND a.window_start >= cur.day_lo)
+        OR (a."window" = 'month' AND a.window_start >= cur.month_lo)
+    ORDER BY a.created_at DESC, a.id DESC
+$fn$;
+"#;
 
 /// PostgreSQL: instants are `timestamptz`, `ai_usage.cost_usd` is `NUMERIC(19,6)` (every
 /// `i64` of micro-USD fits), other money is `bigint` micros.
@@ -813,8 +934,9 @@ ALTER TABLE ai_usage
 SELECT 1;
 "#,
     ),
+    (7, POSTGRES_ROW_SECURITY),
     (
-        7,
+        8,
         r#"
 -- The journal (see the store's `journal` module): every acknowledged batch of events,
 -- appended as one row, and the cursor of its projection into the tables. An identity is
@@ -829,6 +951,10 @@ CREATE TABLE journal_cursor (
     projected bigint NOT NULL
 );
 INSERT INTO journal_cursor (id, projected) VALUES (1, 0);
+-- Every tenant's events are in the journal: no role other than spendguard's sees a row
+-- (row-level security without a policy, as for `api_keys`; see migration 7).
+ALTER TABLE journal ENABLE ROW LEVEL SECURITY;
+ALTER TABLE journal_cursor ENABLE ROW LEVEL SECURITY;
 "#,
     ),
 ];

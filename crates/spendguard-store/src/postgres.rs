@@ -938,6 +938,23 @@ impl PostgresStore {
             .db()?;
             tracing::info!(version, "applied PostgreSQL migration");
         }
+        // Migration 7 puts row-level security on the tables; the role spendguard runs as
+        // must not be subject to it, or it would read no counters and write no rows.
+        let row = tx
+            .query_one(
+                "SELECT row_security_active('ai_usage'), current_user::text",
+                &[],
+            )
+            .await
+            .db()?;
+        if get::<bool>(&row, 0)? {
+            let role: String = get(&row, 1)?;
+            return Err(StoreError::Invalid(format!(
+                "row-level security applies to the role `{role}` on ai_usage, so spendguard \
+                 would not see every tenant's rows: run spendguard as the role that owns its \
+                 tables, or give the role BYPASSRLS (see docs/postgresql.md)"
+            )));
+        }
         tx.commit().await.db()
     }
 

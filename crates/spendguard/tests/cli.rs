@@ -2,6 +2,9 @@
 
 use std::process::Command;
 
+#[path = "cli/clients.rs"]
+mod clients;
+
 /// An admin key of the required length (32 characters or more).
 const ADMIN: &str = "cli-test-admin-key-0123456789abcdef";
 

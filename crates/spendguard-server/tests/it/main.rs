@@ -11,6 +11,7 @@ mod fuzz;
 mod hostile;
 mod isolation;
 mod limits;
+mod postgres_sql;
 mod security;
 mod support;
 mod tenants;

@@ -82,6 +82,12 @@ pub async fn spawn_postgres(config: &str, name: &str) -> Option<TestServer> {
     Some(start_on(dir, &database, config, T0, |_| {}).await)
 }
 
+/// A server over `database` (a SQLite path or a PostgreSQL URL), its clock at `T0`.
+pub async fn spawn_at(database: &str, config: &str) -> TestServer {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    start_on(dir, database, config, T0, |_| {}).await
+}
+
 /// A server over the database in `dir`, its clock at `now`, with the alert settings of
 /// `config`.
 async fn start(

@@ -1,0 +1,517 @@
+// Generated from spendguard's /openapi.json by scripts/generate-types.mjs: do not edit.
+// Regenerate: node scripts/generate-types.mjs http://127.0.0.1:8080/openapi.json > src/api.d.ts
+
+/** An alert's kind. */
+export type AlertKindName = "threshold" | "projected" | "dead_letter";
+
+/** An alert as JSON: in `GET /v1/alerts`, and as a webhook's body. */
+export interface AlertOut {
+  /** Spend when raised; for `projected`, the projected spend of the month. */
+  amount_usd: number;
+  created_at: string;
+  id: number;
+  /** `threshold` or `projected`. */
+  kind: AlertKindName;
+  /** USD, at most 6 decimals */
+  limit_usd: number;
+  message: string;
+  scope: ScopeName;
+  scope_id: string;
+  /** `null` for the global scope. */
+  tenant_id: string | null;
+  threshold_percent: number;
+  /** Always `spendguard.alert` (for receivers that take several kinds of events). */
+  type: string;
+  window: WindowName;
+  window_start: string;
+}
+
+export interface AlertParams {
+  /** Also alerts of past windows. */
+  all?: boolean | null;
+  /** At most this many (1 to 100000; default 1000). */
+  limit?: number | null;
+  /** Admin key: only this tenant (a tenant key always reads its own). */
+  tenant_id?: string | null;
+}
+
+/** Alerts, newest first. */
+export interface AlertsOut {
+  alerts: AlertOut[];
+}
+
+export interface BudgetBody {
+  /** USD per calendar day; `null` clears the override. */
+  daily_usd?: number | string | null;
+  /** USD per calendar month; `null` clears the override. */
+  monthly_usd?: number | string | null;
+}
+
+/** A scope's budget: the override set through the admin API and the caps in force. */
+export interface BudgetOut {
+  /** The caps enforced: the override, else the configuration. */
+  effective: CapsOut;
+  /** What the admin API set (`null` fields: the configuration applies). */
+  override: CapsOut;
+  scope: ScopeName;
+  scope_id: string;
+  /** The tenant of a company or user scope. */
+  tenant_id: string | null;
+}
+
+/** Every scope with a budget override. */
+export interface BudgetsOut {
+  budgets: BudgetOut[];
+}
+
+/** A daily and a monthly cap (`null`: none). */
+export interface CapsOut {
+  /** USD, at most 6 decimals */
+  daily_usd: number | null;
+  /** USD, at most 6 decimals */
+  monthly_usd: number | null;
+}
+
+/** The answer to a check. */
+export interface CheckOut {
+  allowed: boolean;
+  /** Why it would be refused (`null`: it would be admitted). */
+  denial: ErrorDetail | null;
+  limits: Limits;
+}
+
+/** The actual usage of a reserved call. */
+export interface CommitBody {
+  cached_input_tokens?: number | null;
+  /** The real cost, if known; else computed from the tokens. */
+  cost_usd?: number | string | null;
+  input_tokens: number;
+  output_tokens: number;
+  /**
+   * `success` (default), `error`, `cancelled` or `truncated` (cut off before its usage
+   * was known: a commit is then charged at least its estimate).
+   */
+  status?: CommitStatus | null;
+}
+
+/** A commit's `status` (`expired` is the sweeper's alone). */
+export type CommitStatus = "success" | "error" | "cancelled" | "truncated";
+
+/** The answer to a commit: the usage record and how it was settled. */
+export interface CommittedOut {
+  cached_input_tokens: number;
+  company_id: string | null;
+  /** USD, at most 6 decimals */
+  cost_usd: number;
+  created_at: string;
+  endpoint: string | null;
+  input_tokens: number;
+  /** Committed after the reservation expired: recorded on its own. */
+  late: boolean;
+  model: string;
+  output_tokens: number;
+  /** How `cost_usd` was found: `catalog`, `caller`, `estimate`, `default` or `free`. */
+  pricing: PricingName;
+  /** The same commit was answered before: this is its record. */
+  replayed: boolean;
+  request_status: RequestStatusName;
+  reservation_id: string | null;
+  /** USD, at most 6 decimals */
+  reserved_cost_usd: number;
+  subscription_tier: string;
+  tenant_id: string;
+  usage_id: string;
+  user_id: string;
+}
+
+/** A user's usage on one day. */
+export interface DailyOut {
+  date: string;
+  /** By cost, highest first. */
+  models: ModelDayOut[];
+  tenant_id: string;
+  time_zone: string;
+  totals: TotalsOut;
+  user_id: string;
+}
+
+export interface DailyParams {
+  /** Default: today. */
+  date?: string | null;
+  /** The user's tenant: required with the admin key; a tenant key's own by default. */
+  tenant_id?: string | null;
+}
+
+/** Every error: `{"error": {"code": ..., "message": ..., ...details}}`. */
+export interface ErrorBody {
+  error: ErrorDetail;
+}
+
+/** Every `error.code` the API answers with. */
+export type ErrorCode = "invalid_request" | "malformed_json" | "unsupported_media_type" | "body_too_large" | "unauthorized" | "forbidden" | "not_found" | "method_not_allowed" | "timeout" | "conflict" | "already_settled" | "commit_conflict" | "idempotency_conflict" | "budget_exceeded" | "rate_limited" | "model_not_allowed" | "unknown_model" | "max_output_tokens_exceeded" | "too_many_subjects" | "store_unavailable" | "not_stored" | "starting" | "shutting_down" | "busy" | "internal";
+
+/** A failing limit (in a 429 and in a check's denial). */
+export interface ErrorDetail {
+  code: ErrorCode;
+  /** The failing limits (429). */
+  limits?: LimitOut[] | null;
+  message: string;
+}
+
+/** A report's grouping. */
+export type GroupByName = "day" | "tenant" | "company" | "user" | "model" | "endpoint";
+
+/** The process is up. */
+export interface HealthOut {
+  /** Always `ok`. */
+  status: string;
+}
+
+export interface KeyBody {
+  tenant_id: string;
+}
+
+/** A new key: shown in this answer only. */
+export interface KeyCreatedOut {
+  created_at: string;
+  id: string;
+  key: string;
+  /** The key's first characters, to recognise it. */
+  prefix: string;
+  revoked_at: string | null;
+  /** `null` for an admin key. */
+  tenant_id: string | null;
+}
+
+/** An API key as listings show it (never the key itself). */
+export interface KeyOut {
+  created_at: string;
+  id: string;
+  /** The key's first characters, to recognise it. */
+  prefix: string;
+  revoked_at: string | null;
+  /** `null` for an admin key. */
+  tenant_id: string | null;
+}
+
+/** Every API key. */
+export interface KeysOut {
+  keys: KeyOut[];
+}
+
+/**
+ * One limit entry of the contract, serialized without building a JSON tree. The amounts
+ * are left out of the global scope's entries shown to a tenant key.
+ */
+export interface LimitOut {
+  /**
+   * USD for `usd`, a count otherwise (as for the next three). Left out of the global
+   * scope's entries shown to a tenant key.
+   */
+  limit?: number | null;
+  remaining?: number | null;
+  reserved?: number | null;
+  /** When the window ends (`null`: a concurrency limit). */
+  resets_at: string | null;
+  scope: ScopeName;
+  scope_id: string;
+  unit: UnitName;
+  used?: number | null;
+  window: WindowName;
+}
+
+export type Limits = LimitOut[];
+
+/** A user's effective limits. */
+export interface LimitsAnswer {
+  limits: Limits;
+  tenant_id: string;
+  user_id: string;
+}
+
+export interface LimitsQuery {
+  company_id?: string | null;
+  /** The user's tenant: required with the admin key; a tenant key's own by default. */
+  tenant_id?: string | null;
+  tier?: string | null;
+  user_id: string;
+}
+
+/** The login form of the dashboard. */
+export interface LoginForm {
+  /** The admin key. */
+  key: string;
+}
+
+/** One model's share of a user's day. */
+export interface ModelDayOut {
+  cached_input_tokens: number;
+  /** USD, at most 6 decimals */
+  cost_usd: number;
+  input_tokens: number;
+  model: string;
+  output_tokens: number;
+  requests: number;
+  total_tokens: number;
+}
+
+/** What new reservations get while the store cannot be written. */
+export type OnStoreErrorName = "spool" | "deny";
+
+/** One model's price, USD per million tokens. */
+export interface PriceOut {
+  /** USD, at most 6 decimals */
+  cached_input: number;
+  /** USD, at most 6 decimals */
+  input: number;
+  /** The model name; dated names (`gpt-4o-2024-08-06`) resolve to it. */
+  model: string;
+  /** USD, at most 6 decimals */
+  output: number;
+}
+
+/** The unit of prices. */
+export type PriceUnit = "usd_per_million_tokens";
+
+/** The price table the server charges by. */
+export interface PricesOut {
+  /** The price of unknown models under `unknown_model = "default_cost"`. */
+  default_price: PriceOut | null;
+  /** By model name. */
+  models: PriceOut[];
+  /** Always `usd_per_million_tokens`. */
+  unit: PriceUnit;
+  /** What happens to a model not in the table. */
+  unknown_model: UnknownModel;
+}
+
+/** How a usage record's cost was found. */
+export type PricingName = "catalog" | "caller" | "estimate" | "default" | "free";
+
+/** Whether reservations are admitted, and the write path's state. */
+export interface ReadyOut {
+  /** Events the store refused for good since start, kept as dead letters. */
+  dead_letters: number;
+  on_store_error: OnStoreErrorName;
+  /** Why the service is not ready (the spool, the writer, the sweeper, deny mode). */
+  problems: string[];
+  ready: boolean;
+  /** Batches waiting in the spool for the store. */
+  spool_depth: number;
+  store: StoreHealthName;
+}
+
+export interface ReleaseBody {
+  reason?: string | null;
+}
+
+/**
+ * The answer to a release: the state the reservation is in (a release of a reservation
+ * already released or expired answers the same).
+ */
+export interface ReleasedOut {
+  reservation_id: string;
+  state: SettledName;
+}
+
+/** A report's format. */
+export type ReportFormat = "json" | "csv";
+
+/** A usage report. */
+export interface ReportOut {
+  from: string;
+  group_by: GroupByName;
+  /** How many groups there are (`rows` may hold fewer, with `limit`). */
+  groups: number;
+  /** When not null, `?cursor=` this fetches the next page of rows. */
+  next_cursor: string | null;
+  rows: ReportRowOut[];
+  /** The tenant the report is restricted to, if any. */
+  tenant_id: string | null;
+  /** The IANA time zone the days are counted in. */
+  time_zone: string;
+  to: string;
+  /** The sums over every group. */
+  totals: TotalsOut;
+}
+
+export interface ReportParams {
+  /** Where the previous page ended (its `next_cursor`). */
+  cursor?: string | null;
+  /** Default `json`. */
+  format?: ReportFormat | null;
+  /** The first day (default: 29 days before `to`). */
+  from?: string | null;
+  /** Default `day`. */
+  group_by?: GroupByName | null;
+  /** Keep the top N groups (1 to 100000). */
+  limit?: number | null;
+  /** Admin key: only this tenant (a tenant key always reads its own). */
+  tenant_id?: string | null;
+  /** The last day (default: today). */
+  to?: string | null;
+}
+
+/** One row of a report: the grouping's key columns (only those), then the sums. */
+export interface ReportRowOut {
+  cached_input_tokens: number;
+  /** With `group_by=company`; `null`: usage without a company. */
+  company_id?: string | null;
+  /** USD, at most 6 decimals */
+  cost_usd: number;
+  /** With `group_by=day`. */
+  day?: string | null;
+  /** With `group_by=endpoint`; `null`: usage without an endpoint. */
+  endpoint?: string | null;
+  input_tokens: number;
+  /** With `group_by=model`. */
+  model?: string | null;
+  output_tokens: number;
+  requests: number;
+  /** With `group_by=tenant`, `company` and `user`. */
+  tenant_id?: string | null;
+  total_tokens: number;
+  /** With `group_by=user`. */
+  user_id?: string | null;
+}
+
+/** How a call ended. */
+export type RequestStatusName = "success" | "error" | "cancelled" | "expired" | "truncated";
+
+/** Who calls which model (on reserve, check and record). */
+export interface ReserveBody {
+  company_id?: string | null;
+  endpoint?: string | null;
+  /** A worst-case cost instead of the price-table estimate (number or decimal string). */
+  estimated_cost_usd?: number | string | null;
+  idempotency_key?: string | null;
+  input_tokens: number;
+  /** Defaults to the tier's maximum. */
+  max_output_tokens?: number | null;
+  model: string;
+  tenant_id: string;
+  /** The user's tier; else the stored tier; else the configured default. */
+  tier?: string | null;
+  ttl_seconds?: number | null;
+  user_id: string;
+}
+
+/** The answer to an admitted reservation. */
+export interface ReservedOut {
+  expires_at: string;
+  limits: Limits;
+  /** The same idempotency key and body were answered before (status 200). */
+  replayed: boolean;
+  reservation_id: string;
+  /** USD, at most 6 decimals */
+  reserved_cost_usd: number;
+  reserved_tokens: number;
+  tier: string;
+}
+
+/** A revoked key. */
+export interface RevokedOut {
+  id: string;
+  revoked: boolean;
+}
+
+/** The kind of a budget's scope. */
+export type ScopeName = "global" | "tenant" | "company" | "user";
+
+/** The state a release left a reservation in. */
+export type SettledName = "released" | "expired" | "committed";
+
+/** The write path's state. */
+export type StoreHealthName = "ok" | "spooling";
+
+export interface TenantQuery {
+  tenant_id?: string | null;
+}
+
+/** Sums as JSON (money as a USD number). */
+export interface TotalsOut {
+  cached_input_tokens: number;
+  /** USD, at most 6 decimals */
+  cost_usd: number;
+  input_tokens: number;
+  output_tokens: number;
+  requests: number;
+  total_tokens: number;
+}
+
+/** What a limit counts. */
+export type UnitName = "usd" | "requests" | "tokens" | "concurrent";
+
+/** What happens to a model with no price. */
+export type UnknownModel = "deny" | "default_cost" | "free";
+
+/** Usage of a call that was not reserved. */
+export interface UsageBody {
+  cached_input_tokens?: number | null;
+  company_id?: string | null;
+  cost_usd?: number | string | null;
+  endpoint?: string | null;
+  idempotency_key?: string | null;
+  input_tokens: number;
+  model: string;
+  output_tokens: number;
+  /**
+   * `success` (default), `error`, `cancelled` or `truncated` (cut off before its usage
+   * was known: a commit is then charged at least its estimate).
+   */
+  status?: CommitStatus | null;
+  tenant_id: string;
+  tier?: string | null;
+  user_id: string;
+}
+
+/** A usage record as the API shows it. */
+export interface UsageOut {
+  cached_input_tokens: number;
+  company_id: string | null;
+  /** USD, at most 6 decimals */
+  cost_usd: number;
+  created_at: string;
+  endpoint: string | null;
+  input_tokens: number;
+  model: string;
+  output_tokens: number;
+  /** How `cost_usd` was found: `catalog`, `caller`, `estimate`, `default` or `free`. */
+  pricing: PricingName;
+  request_status: RequestStatusName;
+  reservation_id: string | null;
+  subscription_tier: string;
+  tenant_id: string;
+  usage_id: string;
+  user_id: string;
+}
+
+/** A user's stored tier and limit overrides (`null`: the tier's). */
+export interface UserOut {
+  overrides: UserOverridesSchema;
+  tenant_id: string;
+  user_id: string;
+}
+
+/**
+ * A user's tier and limit overrides (`PUT /v1/admin/users/{user_id}`): each field set wins
+ * over the tier; an empty object clears them.
+ */
+export interface UserOverridesSchema {
+  /** Glob patterns (`gpt-4o*`). */
+  allowed_models?: string[] | null;
+  max_concurrent?: number | null;
+  max_output_tokens?: number | null;
+  requests_per_day?: number | null;
+  requests_per_minute?: number | null;
+  tier?: string | null;
+  tokens_per_day?: number | null;
+}
+
+/** Every user with stored overrides. */
+export interface UsersOut {
+  users: UserOut[];
+}
+
+/** A limit's window. */
+export type WindowName = "minute" | "day" | "month" | "none";
