@@ -577,6 +577,9 @@ ALTER TABLE rollups_v6 RENAME TO rollups;
 CREATE INDEX rollups_tenant ON rollups (scope_kind, tenant_id, "window", window_start);
 "#,
     ),
+    // Version 7 is taken by another change on its way; this placeholder keeps the versions
+    // without gaps until it lands.
+    (7, "SELECT 1;"),
 ];
 
 /// PostgreSQL: instants are `timestamptz`, `ai_usage.cost_usd` is `NUMERIC(19,6)` (every
@@ -795,6 +798,9 @@ ALTER TABLE ai_usage
 SELECT 1;
 "#,
     ),
+    // Version 7 is taken by another change on its way; this placeholder keeps the versions
+    // without gaps until it lands.
+    (7, "SELECT 1;"),
 ];
 
 #[cfg(test)]
