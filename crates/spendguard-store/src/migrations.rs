@@ -580,6 +580,28 @@ CREATE INDEX rollups_tenant ON rollups (scope_kind, tenant_id, "window", window_
     // Version 7 is taken by another change on its way; this placeholder keeps the versions
     // without gaps until it lands.
     (7, "SELECT 1;"),
+    (
+        8,
+        r#"
+-- Changes made through the dashboard: who, what, the state before and after (JSON).
+CREATE TABLE audit_log (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    before TEXT,
+    after TEXT
+) STRICT;
+
+-- Alerts an operator acknowledged on the dashboard.
+CREATE TABLE alert_acks (
+    alert_id INTEGER PRIMARY KEY REFERENCES alerts (id),
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL
+) STRICT;
+"#,
+    ),
 ];
 
 /// PostgreSQL: instants are `timestamptz`, `ai_usage.cost_usd` is `NUMERIC(19,6)` (every
@@ -801,6 +823,30 @@ SELECT 1;
     // Version 7 is taken by another change on its way; this placeholder keeps the versions
     // without gaps until it lands.
     (7, "SELECT 1;"),
+    (
+        8,
+        r#"
+-- Changes made through the dashboard: who, what, the state before and after (JSON).
+-- Instants are integer microseconds here, like the window starts: the log is read in
+-- id order and shown, never compared with timestamps.
+CREATE TABLE audit_log (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at bigint NOT NULL,
+    actor text NOT NULL,
+    action text NOT NULL,
+    target text NOT NULL,
+    before text,
+    after text
+);
+
+-- Alerts an operator acknowledged on the dashboard.
+CREATE TABLE alert_acks (
+    alert_id bigint PRIMARY KEY REFERENCES alerts (id),
+    at bigint NOT NULL,
+    actor text NOT NULL
+);
+"#,
+    ),
 ];
 
 #[cfg(test)]

@@ -717,7 +717,7 @@ pub async fn migration_5_keeps_every_record(db: &Db) {
     let store = reopen(db).await;
     assert_eq!(
         store.schema_versions().await.unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7]
+        vec![1, 2, 3, 4, 5, 6, 7, 8]
     );
     assert_eq!(store.usage_count().await.unwrap(), records.len() as u64);
     for r in &records {
@@ -745,7 +745,7 @@ async fn back_to_schema_1(db: &Db) -> AnyStore {
     let store = reopen(db).await;
     assert_eq!(
         store.schema_versions().await.unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7]
+        vec![1, 2, 3, 4, 5, 6, 7, 8]
     );
     store
 }

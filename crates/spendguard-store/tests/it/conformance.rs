@@ -733,20 +733,20 @@ pub async fn migrations_are_versioned(db: &Db) {
     let store = db.store().await;
     assert_eq!(
         store.schema_versions().await.unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7]
+        vec![1, 2, 3, 4, 5, 6, 7, 8]
     );
     store.migrate().await.unwrap();
     store.migrate().await.unwrap();
     assert_eq!(
         store.schema_versions().await.unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7]
+        vec![1, 2, 3, 4, 5, 6, 7, 8]
     );
     store.apply(&[Event::Recorded(record(1))]).await.unwrap();
     store.close().await;
     let store = db.store().await;
     assert_eq!(
         store.schema_versions().await.unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7]
+        vec![1, 2, 3, 4, 5, 6, 7, 8]
     );
     assert_eq!(store.usage_count().await.unwrap(), 1);
 }
@@ -796,7 +796,7 @@ pub async fn a_gap_in_the_migrations_is_filled_later(db: &Db) {
     let store = db.store().await;
     assert_eq!(
         store.schema_versions().await.unwrap(),
-        vec![1, 2, 3, 4, 5, 6, 7]
+        vec![1, 2, 3, 4, 5, 6, 7, 8]
     );
     store.close().await;
 }
