@@ -53,7 +53,7 @@ fn grid(axis: i64) -> Markup {
         @for i in 0..=4i64 {
             @let v = axis / 4 * i;
             @let y = y_of(v, axis);
-            line.grid x1=(LEFT) x2=(W - 8.0) y1=(format!("{y:.1}")) y2=(format!("{y:.1}"));
+            line.grid x1=(LEFT) x2=(W - 8.0) y1=(format!("{y:.1}")) y2=(format!("{y:.1}")) {}
             text x=(LEFT - 6.0) y=(format!("{:.1}", y + 4.0)) text-anchor="end" { (usd_cents(Money::from_micros(v))) }
         }
     }
@@ -114,7 +114,7 @@ pub fn daily(id: &str, days: &[(Date, Money)], cap: Option<Money>) -> Markup {
             }
             @if let Some(c) = cap {
                 @let y = y_of(c, axis);
-                line.cap x1=(LEFT) x2=(W - 8.0) y1=(format!("{y:.1}")) y2=(format!("{y:.1}"));
+                line.cap x1=(LEFT) x2=(W - 8.0) y1=(format!("{y:.1}")) y2=(format!("{y:.1}")) {}
                 text.cap x=(LEFT + 4.0) y=(format!("{:.1}", y - 4.0)) { "daily cap" }
             }
         }
@@ -260,7 +260,7 @@ pub fn cumulative(
             }
             @if let Some(b) = budget {
                 @let y = y_of(b.micros(), axis);
-                line.cap x1=(LEFT) x2=(W - 8.0) y1=(format!("{y:.1}")) y2=(format!("{y:.1}"));
+                line.cap x1=(LEFT) x2=(W - 8.0) y1=(format!("{y:.1}")) y2=(format!("{y:.1}")) {}
                 text.cap x=(LEFT + 4.0) y=(format!("{:.1}", y - 4.0)) { "monthly budget " (usd_cents(b)) }
             }
             @for (i, (d, _)) in running.iter().enumerate() {

@@ -93,8 +93,10 @@ pub async fn login(
             login_html(Some("Unknown or revoked key.")),
         );
     };
-    let prefix: String = key.chars().take(11).collect();
-    let token = state.sessions.open(crate::auth::hash_key(key), &prefix);
+    // The audit log names the key by a fingerprint of its hash, never by its characters.
+    let hash = crate::auth::hash_key(key);
+    let fingerprint = format!("key #{}", &hex::encode(hash)[..8]);
+    let token = state.sessions.open(hash, &fingerprint);
     let to = match &caller {
         Caller::Admin => "/".to_owned(),
         Caller::Tenant(t) => tenant_url(t.as_str()),

@@ -66,8 +66,8 @@ pub const LOGIN_WINDOW: Duration = Duration::from_secs(60);
 /// addresses are refused until entries expire (a flood cannot grow memory).
 pub const MAX_THROTTLED: usize = 10_000;
 
-/// One session: when it ends, the hash of the key that opened it, its prefix (named in the
-/// audit log) and its CSRF token.
+/// One session: when it ends, the hash of the key that opened it, the key's fingerprint
+/// (named in the audit log) and its CSRF token.
 #[derive(Clone, Debug)]
 struct Session {
     expires: Instant,
@@ -96,7 +96,7 @@ impl Sessions {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A new session for the key whose hash is `key` (its first characters `prefix`);
+    /// A new session for the key whose hash is `key` (named `prefix` in the audit log);
     /// returns the cookie value.
     pub fn open(&self, key: [u8; 32], prefix: &str) -> String {
         let token = crate::auth::generate_key();

@@ -438,7 +438,10 @@ async fn the_dashboard_counts_the_same_alerts_as_the_api() {
         .count();
     // A header row and 20 alerts, then how many more there are.
     assert_eq!(rows, 21);
-    assert!(page.contains(r#"id="alerts-more"><a href="/alerts">5 more</a>"#), "{page}");
+    assert!(
+        page.contains(r#"id="alerts-more"><a href="/alerts">5 more</a>"#),
+        "{page}"
+    );
     // `/alerts` lists them all, 20 a page, with the same count.
     let ids = |page: &str| -> Vec<i64> {
         page.split(r#"data-alert-id=""#)
@@ -458,7 +461,10 @@ async fn the_dashboard_counts_the_same_alerts_as_the_api() {
             .text()
             .await
             .unwrap();
-        assert!(page.contains(r#"<span id="alert-count">25</span>"#), "{page}");
+        assert!(
+            page.contains(r#"<span id="alert-count">25</span>"#),
+            "{page}"
+        );
         seen.extend(ids(&page));
     }
     let api: Vec<i64> = v["alerts"]

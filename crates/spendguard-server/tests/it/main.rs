@@ -6,6 +6,7 @@ mod api;
 mod browser;
 mod concurrency;
 mod contract;
+mod dashboard;
 mod exposition;
 mod fuzz;
 mod hostile;
