@@ -301,14 +301,14 @@ async fn page(
             h2 { "Daily spend · " (view.label()) " · " span #range-total title=(usd_text(b.totals.cost)) { (usd_cents(b.totals.cost)) } }
             (charts::daily("daily-chart", &days, daily))
         }
-        section.half {
+        section {
             h2 { "Daily spend by model" }
             @match &b.day_models {
                 Some(dm) => { (charts::stacked(&dates, dm)) }
                 None => { p.empty { "Not available with an endpoint filter." } }
             }
         }
-        section.half {
+        section {
             h2 { "This month, cumulative, against the monthly budget" }
             (charts::cumulative(&month, month_len, monthly, projected))
         }
