@@ -278,14 +278,13 @@ pub async fn set_budget(
             daily: usd_field("USD per day", &f.daily_usd)?,
             monthly: usd_field("USD per month", &f.monthly_usd)?,
         };
-        let before = state
-            .guard
-            .ledger()
-            .budget_override(&key)
-            .unwrap_or_default();
+        let mut before = BudgetOverride::default();
         state
             .guard
-            .update_budget(key.clone(), |_| new)
+            .update_budget(key.clone(), |current| {
+                before = current;
+                new
+            })
             .await
             .map_err(guard_error)?;
         let (label, url) = scope_label(&key);

@@ -497,6 +497,27 @@ async fn management_forms_need_the_session_token_and_are_audited_and_enforced() 
         "the audit log names keys by fingerprint only"
     );
     assert!(!audit.contains(&key));
+    // The admin API's changes are audited too.
+    let (st, v, _) = s
+        .call(
+            M::PUT,
+            "/v1/admin/budgets/company/eng?tenant_id=acme",
+            Some(ADMIN),
+            Some(json!({ "monthly_usd": "12" })),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (_, audit) = page(&s, &cookie, "/audit").await;
+    let first = audit.split(r#"data-action=""#).nth(1).unwrap();
+    assert!(first.starts_with("budget.set"), "{first}");
+    assert!(
+        first.contains("admin (API)") && first.contains("company eng (acme)"),
+        "{first}"
+    );
+    assert!(
+        first.contains("&quot;monthly_usd&quot;:&quot;12.000000&quot;"),
+        "{first}"
+    );
     s.stop().await;
 }
 
