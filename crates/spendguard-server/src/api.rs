@@ -185,6 +185,32 @@ pub struct UsageBody {
     #[serde(default)]
     #[schemars(with = "Option<crate::openapi::Id>")]
     pub idempotency_key: Option<IdempotencyKey>,
+    /// When the call was made (RFC 3339), for importing history: admin key only; from
+    /// 1970 to now. The record counts in the day and month of that time.
+    #[serde(default)]
+    #[schemars(with = "Option<crate::api::Rfc3339>")]
+    pub created_at: Option<String>,
+}
+
+/// How far ahead of the server's clock a `created_at` may be (another machine's clock);
+/// it is then taken as now.
+pub const CREATED_AT_SKEW_US: i64 = 300_000_000;
+
+/// Checks a backfilled record's time: RFC 3339, not before 1970, not after now (give or
+/// take [`CREATED_AT_SKEW_US`]).
+pub fn created_at(s: &str, now: Micros) -> Result<Micros, ApiError> {
+    let t: jiff::Timestamp = s
+        .trim()
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("created_at is not an RFC 3339 time: {e}")))?;
+    let at = t.as_microsecond();
+    if at < 0 {
+        return Err(ApiError::bad_request("created_at is before 1970"));
+    }
+    if at > now.saturating_add(CREATED_AT_SKEW_US) {
+        return Err(ApiError::bad_request("created_at is in the future"));
+    }
+    Ok(at.min(now))
 }
 
 /// Absent: unchanged. `null`: cleared. A value: set.
@@ -760,6 +786,15 @@ pub async fn record(
     ApiJson(body): ApiJson<UsageBody>,
 ) -> Result<Response, ApiError> {
     caller.may_act_on(&body.tenant_id)?;
+    let at = match &body.created_at {
+        None => None,
+        Some(_) if caller != Caller::Admin => {
+            return Err(ApiError::forbidden(
+                "only the admin key may record usage at another time (created_at)",
+            ));
+        }
+        Some(s) => Some(created_at(s, state.guard.now())?),
+    };
     let req = RecordRequest {
         id: Uuid::nil(),
         tokens: tokens(
@@ -780,7 +815,7 @@ pub async fn record(
         status: body.status.unwrap_or(RequestStatus::Success),
         idempotency_key: body.idempotency_key,
     };
-    let (u, replayed) = state.guard.record_replayable(req).await?;
+    let (u, replayed) = state.guard.record_replayable_at(req, at).await?;
     if replayed {
         // The same idempotency key again: the first record, as a commit replay answers.
         return Ok((

@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod dashboard;
 pub mod error;
+pub mod import;
 pub mod metrics;
 pub mod openapi;
 pub mod reports;

@@ -10,6 +10,7 @@ mod dashboard;
 mod exposition;
 mod fuzz;
 mod hostile;
+mod import;
 mod isolation;
 mod limits;
 mod security;
