@@ -5,9 +5,7 @@
 use std::collections::BTreeMap;
 
 use jiff::civil::Date;
-use spendguard_core::{
-    Amount, Calendar, CompanyId, Micros, Money, ScopeKey, TenantId, Unit, UserId, Window,
-};
+use spendguard_core::{Calendar, CompanyId, Micros, Money, ScopeKey, TenantId, UserId, Window};
 use spendguard_store::{
     DaySlice, GroupBy, RecordQuery, Report, ReportQuery, ReportRow, SliceDim, StoreError,
     UsageTotals,
@@ -301,9 +299,19 @@ pub enum MeterFocus {
 }
 
 fn cost_meters(state: &AppState, key: &ScopeKey, now: Micros, out: &mut Vec<Meter>) {
+    let budget = state.guard.ledger().budget_of(key);
+    push_meters(state, key, budget, now, out);
+}
+
+fn push_meters(
+    state: &AppState,
+    key: &ScopeKey,
+    budget: spendguard_core::Budget,
+    now: Micros,
+    out: &mut Vec<Meter>,
+) {
     let ledger = state.guard.ledger();
     let periods = ledger.policy().calendar.periods(now);
-    let budget = ledger.budget_of(key);
     let ((ds, dr), (ms, mr)) = ledger.scope_totals(key, now);
     if let Some(limit) = budget.daily {
         out.push(Meter {
@@ -327,39 +335,29 @@ fn cost_meters(state: &AppState, key: &ScopeKey, now: Micros, out: &mut Vec<Mete
     }
 }
 
-/// A user's cost limits (its tier's, or its overrides), as `/v1/limits` reports them.
-fn user_meters(state: &AppState, t: &TenantId, u: &UserId, now: Micros, out: &mut Vec<Meter>) {
+/// A user's cost budgets: its budget override, else the budget of its stored tier (else of
+/// the default tier), as the ledger enforces them for a request that names no tier. Read
+/// from the ledger's maps, not through `limits_as` (which works out every limit of the
+/// user): the overview meters every user with a stored tier.
+fn user_meters(
+    state: &AppState,
+    key: &ScopeKey,
+    stored: Option<&spendguard_core::UserOverrides>,
+    now: Micros,
+    out: &mut Vec<Meter>,
+) {
     let ledger = state.guard.ledger();
-    let periods = ledger.policy().calendar.periods(now);
-    let Ok(limits) = ledger.limits_as(t, u, None, None, true, now) else {
-        return;
+    let policy = ledger.policy();
+    let tier = stored
+        .and_then(|o| o.tier.as_ref())
+        .unwrap_or(&policy.default_tier);
+    let base = policy.tier(tier).map(|t| t.budget).unwrap_or_default();
+    let own = ledger.budget_override(key).unwrap_or_default();
+    let budget = spendguard_core::Budget {
+        daily: own.daily.or(base.daily),
+        monthly: own.monthly.or(base.monthly),
     };
-    for l in limits {
-        if l.unit != Unit::Usd || !matches!(l.scope, ScopeKey::User(..)) {
-            continue;
-        }
-        let (Amount::Usd(limit), Amount::Usd(used), Amount::Usd(reserved)) =
-            (l.limit, l.used, l.reserved)
-        else {
-            continue;
-        };
-        if out
-            .iter()
-            .any(|m| m.scope == l.scope && m.window == l.window)
-        {
-            continue;
-        }
-        out.push(Meter {
-            projected: (l.window == Window::Month)
-                .then(|| projection(used, now, (periods.month.start, periods.month.end)))
-                .flatten(),
-            scope: l.scope,
-            window: l.window,
-            used,
-            reserved,
-            limit,
-        });
-    }
+    push_meters(state, key, budget, now, out);
 }
 
 /// The meters of `focus`, the closest to its limit first. `tenants`: tenants to meter
@@ -370,9 +368,9 @@ pub fn meters(state: &AppState, focus: &MeterFocus, tenants: &[TenantId]) -> Vec
     let ledger = state.guard.ledger();
     let mut out = Vec::new();
     match focus {
-        MeterFocus::Scope(ScopeKey::User(t, u)) => {
-            cost_meters(state, &ScopeKey::User(t.clone(), u.clone()), now, &mut out);
-            user_meters(state, t, u, now, &mut out);
+        MeterFocus::Scope(key @ ScopeKey::User(t, u)) => {
+            let stored = ledger.user_overrides(t, u);
+            user_meters(state, key, stored.as_ref(), now, &mut out);
         }
         MeterFocus::Scope(key) => cost_meters(state, key, now, &mut out),
         MeterFocus::All(only) => {
@@ -390,8 +388,21 @@ pub fn meters(state: &AppState, focus: &MeterFocus, tenants: &[TenantId]) -> Vec
             for t in tenants {
                 keys.push(ScopeKey::Tenant(t.clone()));
             }
+            // Users: those with a budget override or a stored tier, once each.
+            let mut users: std::collections::BTreeMap<
+                ScopeKey,
+                Option<spendguard_core::UserOverrides>,
+            > = std::collections::BTreeMap::new();
             for (k, _) in ledger.budget_overrides() {
-                keys.push(k);
+                match k {
+                    ScopeKey::User(..) => {
+                        users.insert(k, None);
+                    }
+                    k => keys.push(k),
+                }
+            }
+            for (t, u, o) in ledger.all_user_overrides() {
+                users.insert(ScopeKey::User(t, u), Some(o));
             }
             keys.retain(|k| mine(k));
             keys.sort();
@@ -399,10 +410,13 @@ pub fn meters(state: &AppState, focus: &MeterFocus, tenants: &[TenantId]) -> Vec
             for k in &keys {
                 cost_meters(state, k, now, &mut out);
             }
-            for (t, u, _) in ledger.all_user_overrides() {
-                if only.as_ref().is_none_or(|o| *o == t) {
-                    user_meters(state, &t, &u, now, &mut out);
-                }
+            for (k, stored) in users.iter().filter(|(k, _)| mine(k)) {
+                let stored = match (stored, k) {
+                    (Some(o), _) => Some(o.clone()),
+                    (None, ScopeKey::User(t, u)) => ledger.user_overrides(t, u),
+                    (None, _) => None,
+                };
+                user_meters(state, k, stored.as_ref(), now, &mut out);
             }
         }
     }

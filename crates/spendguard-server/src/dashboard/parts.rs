@@ -110,8 +110,12 @@ pub fn scope_label(k: &ScopeKey) -> (String, Option<String>) {
     }
 }
 
+/// The most budgets a page meters; the rest (further from their limits) are counted.
+pub const METERS_ON_PAGE: usize = 50;
+
 /// Budgets with their meters, the closest to its limit first.
-pub fn meters(meters: &[Meter]) -> Markup {
+pub fn meters(all: &[Meter]) -> Markup {
+    let meters = &all[..all.len().min(METERS_ON_PAGE)];
     html! {
         section #budgets-section {
             h2 { "Budgets, closest to the limit first" }
@@ -140,6 +144,9 @@ pub fn meters(meters: &[Meter]) -> Markup {
                             }
                         }
                     }
+                }
+                @if all.len() > meters.len() {
+                    p.sub #budgets-more { (all.len() - meters.len()) " more budgets, further from their limits" }
                 }
             }
         }

@@ -981,9 +981,16 @@ async fn a_budget_set_from_the_form_is_enforced_by_the_next_reservation_in_chrom
     // And the change is in the audit log.
     open(&wd, &server.url, "/audit").await;
     let rows = wd
-        .exec("return Array.from(document.querySelectorAll('#audit tbody tr')).map((r) => [r.dataset.action, r.cells[3].textContent.trim()])")
+        .exec("return Array.from(document.querySelectorAll('#audit tbody tr')).map((r) => [r.dataset.action, r.cells[3].textContent.trim(), r.cells[1].textContent.trim().replace(/#[0-9a-f]{8}/, '#…')])")
         .await;
-    assert_eq!(rows, json!([["budget.set", "tenant globex"]]));
+    // Newest first: the form's change, then the seeding's through the admin API.
+    assert_eq!(
+        rows,
+        json!([
+            ["budget.set", "tenant globex", "admin key #… (dashboard)"],
+            ["budget.set", "tenant acme", "admin (API)"]
+        ])
+    );
     wd.save_page(1400, "dashboard-manage-audit").await;
     open(&wd, &server.url, "/manage").await;
     wd.save_page(1400, "dashboard-manage").await;
