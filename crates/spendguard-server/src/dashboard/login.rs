@@ -9,8 +9,11 @@ use axum::response::{IntoResponse, Redirect, Response};
 use maud::{DOCTYPE, Markup, html};
 use serde::Deserialize;
 
+use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
+
 use super::{
-    COOKIE, LOGIN_WINDOW, Peer, SESSION_TTL, cookie_token, head, html_page, over_https, tenant_url,
+    COOKIE, LOGIN_WINDOW, Peer, cookie_token, head, html_page, over_https, session_cookie,
+    tenant_url,
 };
 use crate::AppState;
 use crate::auth::Caller;
@@ -101,29 +104,21 @@ pub async fn login(
         Caller::Admin => "/".to_owned(),
         Caller::Tenant(t) => tenant_url(t.as_str()),
     };
-    let mut resp = Redirect::to(&to).into_response();
-    let secure = if over_https(&headers) { "; Secure" } else { "" };
-    let cookie = format!(
-        "{COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}",
-        SESSION_TTL.as_secs()
-    );
-    if let Ok(v) = HeaderValue::from_str(&cookie) {
-        resp.headers_mut().insert(header::SET_COOKIE, v);
-    }
-    resp
+    let jar = CookieJar::new().add(session_cookie(token, over_https(&headers)));
+    (jar, Redirect::to(&to)).into_response()
 }
 
 /// `POST /logout`.
 pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Some(t) = cookie_token(&headers) {
-        state.sessions.close(t);
+        state.sessions.close(&t);
     }
-    let mut resp = Redirect::to("/login").into_response();
-    resp.headers_mut().insert(
-        header::SET_COOKIE,
-        HeaderValue::from_static(
-            "spendguard_session=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0",
-        ),
-    );
-    resp
+    // An expired cookie of the same name and path replaces the session's.
+    let gone = Cookie::build((COOKIE, ""))
+        .path("/")
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .max_age(cookie::time::Duration::ZERO)
+        .build();
+    (CookieJar::new().add(gone), Redirect::to("/login")).into_response()
 }

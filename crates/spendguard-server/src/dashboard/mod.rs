@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum_extra::extract::cookie::{Cookie, CookieJar, SameSite};
 use jiff::civil::Date;
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use serde::Deserialize;
@@ -237,15 +238,25 @@ pub fn over_https(headers: &HeaderMap) -> bool {
     xfp || forwarded
 }
 
-pub(crate) fn cookie_token(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|kv| kv.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
-        .map(|(_, v)| v)
+/// The session cookie's value, if the request carries one (read by the `cookie` crate).
+pub(crate) fn cookie_token(headers: &HeaderMap) -> Option<String> {
+    CookieJar::from_headers(headers)
+        .get(COOKIE)
+        .map(|c| c.value().to_owned())
+}
+
+/// The session cookie: `HttpOnly`, `SameSite=Strict`, for the whole site, for
+/// [`SESSION_TTL`]; `Secure` when the request came over HTTPS.
+pub fn session_cookie(token: String, secure: bool) -> Cookie<'static> {
+    Cookie::build((COOKIE, token))
+        .path("/")
+        .http_only(true)
+        .same_site(SameSite::Strict)
+        .max_age(cookie::time::Duration::seconds(
+            i64::try_from(SESSION_TTL.as_secs()).unwrap_or(i64::MAX),
+        ))
+        .secure(secure)
+        .build()
 }
 
 /// Who is looking at a page.
@@ -292,7 +303,7 @@ pub fn viewer(state: &AppState, headers: &HeaderMap) -> Option<Viewer> {
     if let Some(t) = cookie_token(headers)
         && let Some(s) = state
             .sessions
-            .get(t, |k| state.keys.caller_of_hash(k).is_some())
+            .get(&t, |k| state.keys.caller_of_hash(k).is_some())
         && let Some(caller) = state.keys.caller_of_hash(&s.key)
     {
         return Some(Viewer {
