@@ -16,7 +16,7 @@ use spendguard_core::{
 use spendguard_guard::GuardError;
 
 use super::parts::scope_label;
-use super::{PageError, Viewer, html_page, layout, usd_cents, viewer, when};
+use super::{PageError, Viewer, html_page, layout, usd_text, viewer, when};
 use crate::AppState;
 
 /// The admin behind a form post: a live admin session (a bearer key cannot post forms;
@@ -162,8 +162,8 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap) -> Response
                         @let (label, url) = scope_label(k);
                         tr {
                             td { @match url { Some(u) => { a href=(u) { (label) } } None => { (label) } } }
-                            td.n { (b.daily.map_or("–".to_owned(), usd_cents)) }
-                            td.n { (b.monthly.map_or("–".to_owned(), usd_cents)) }
+                            td.n { (b.daily.map_or("–".to_owned(), usd_text)) }
+                            td.n { (b.monthly.map_or("–".to_owned(), usd_text)) }
                         }
                     } }
                 } }
@@ -186,6 +186,7 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap) -> Response
         }
         section {
             h2 { "API keys" }
+            @if keys.is_empty() { p.empty { "No stored keys yet (the admin key from the environment is not listed)." } }
             div.scroll { table #keys {
                 thead { tr { th { "Key" } th { "Tenant" } th { "Created" } th { "State" } } }
                 tbody { @for k in &keys {
