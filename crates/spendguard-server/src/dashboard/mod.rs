@@ -59,6 +59,9 @@ pub const REFRESH_SECONDS: u32 = 30;
 
 /// The most sessions kept at once: opening one more drops the one closest to expiry.
 pub const MAX_SESSIONS: usize = 1024;
+/// The most sessions one key keeps: opening one more drops that key's oldest, so no key (a
+/// tenant's) can fill the table and sign the others out.
+pub const MAX_SESSIONS_PER_KEY: usize = 16;
 /// Failed sign-ins allowed per client address in [`LOGIN_WINDOW`]; more answer 429.
 pub const LOGIN_FAILURES: u32 = 10;
 /// The window of [`LOGIN_FAILURES`].
@@ -104,6 +107,16 @@ impl Sessions {
         let now = Instant::now();
         let mut live = self.lock();
         live.retain(|_, s| s.expires > now);
+        loop {
+            let mine = live.iter().filter(|(_, s)| s.key == key);
+            if mine.clone().count() < MAX_SESSIONS_PER_KEY {
+                break;
+            }
+            let Some(oldest) = mine.min_by_key(|(_, s)| s.expires).map(|(h, _)| *h) else {
+                break;
+            };
+            live.remove(&oldest);
+        }
         while live.len() >= MAX_SESSIONS {
             let Some(oldest) = live.iter().min_by_key(|(_, s)| s.expires).map(|(h, _)| *h) else {
                 break;
@@ -774,5 +787,123 @@ pub fn layout(title: &str, viewer: &Viewer, tz_name: &str, refresh: bool, body: 
                 main { (body) }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn money_reads_well() {
+        assert_eq!(usd_text(Money::from_micros(0)), "$0.00");
+        assert_eq!(usd_text(Money::from_micros(12_500_000)), "$12.50");
+        assert_eq!(
+            usd_text(Money::from_micros(1_234_567_890_000)),
+            "$1,234,567.89"
+        );
+        assert_eq!(usd_text(Money::from_micros(150)), "$0.00015");
+        assert_eq!(usd_text(Money::from_micros(-2_000_000)), "-$2.00");
+        assert_eq!(usd_cents(Money::from_micros(1_300_345_678)), "$1,300.35");
+        assert_eq!(usd_cents(Money::from_micros(1_005_000)), "$1.01");
+        assert_eq!(usd_cents(Money::from_micros(4_999)), "<$0.01");
+        assert_eq!(usd_cents(Money::ZERO), "$0.00");
+        assert_eq!(thousands(353_800), "353,800");
+    }
+
+    #[test]
+    fn sessions_open_check_and_close() {
+        let s = Sessions::default();
+        let t = s.open([1; 32], "key #01");
+        let info = s.get(&t, |_| true).unwrap();
+        assert_eq!(info.prefix, "key #01");
+        assert!(info.csrf.starts_with("sg_") && info.csrf.len() == 67);
+        // Each session has its own CSRF token.
+        let other = s.open([1; 32], "key #01");
+        assert_ne!(s.get(&other, |_| true).unwrap().csrf, info.csrf);
+        assert!(!s.valid("sg_forged", |_| true));
+        // A key that is no longer valid ends its sessions.
+        assert!(!s.valid(&t, |_| false));
+        assert!(!s.valid(&t, |_| true));
+        s.close(&other);
+        assert!(!s.valid(&other, |_| true));
+    }
+
+    #[test]
+    fn one_key_cannot_sign_the_others_out() {
+        let s = Sessions::default();
+        let admin = s.open([9; 32], "admin");
+        let tenant: Vec<String> = (0..MAX_SESSIONS + 10)
+            .map(|_| s.open([1; 32], "tenant"))
+            .collect();
+        assert!(s.valid(&admin, |_| true), "the admin's session survives");
+        assert_eq!(s.len(), MAX_SESSIONS_PER_KEY + 1);
+        // The tenant's newest sessions are the ones kept.
+        assert!(s.valid(tenant.last().unwrap(), |_| true));
+        assert!(!s.valid(&tenant[0], |_| true));
+    }
+
+    #[test]
+    fn ranges_come_from_presets_or_dates_and_are_checked() {
+        let cal = Calendar::utc();
+        // 2026-03-10T12:00:00Z.
+        let now = 1_773_144_000_000_000;
+        let p = view_params;
+        let v = View::parse(&p("range=last-month"), &cal, now).unwrap();
+        assert_eq!(
+            (v.from.to_string(), v.to.to_string()),
+            ("2026-02-01".into(), "2026-02-28".into())
+        );
+        assert_eq!(v.days(), 28);
+        let v = View::parse(&p("range=7d"), &cal, now).unwrap();
+        assert_eq!(v.from.to_string(), "2026-03-04");
+        let v = View::parse(&p(""), &cal, now).unwrap();
+        assert_eq!((v.from.to_string(), v.days()), ("2026-02-09".into(), 30));
+        let v = View::parse(
+            &p("from=2026-01-01&to=2026-01-31&tenant=acme&model=gpt-4o"),
+            &cal,
+            now,
+        )
+        .unwrap();
+        assert_eq!(
+            v.query(),
+            "from=2026-01-01&to=2026-01-31&tenant=acme&model=gpt-4o"
+        );
+        for bad in [
+            "range=year",
+            "from=2026-02-30",
+            "from=2026-03-02&to=2026-03-01",
+            "page=x",
+            "tenant=a%20b",
+        ] {
+            assert_eq!(
+                View::parse(&p(bad), &cal, now).unwrap_err().status,
+                StatusCode::BAD_REQUEST,
+                "{bad}"
+            );
+        }
+    }
+
+    /// A query string as the pages get it (only `%20` decoded).
+    fn view_params(q: &str) -> ViewParams {
+        let mut v = ViewParams::default();
+        for (k, val) in q
+            .split('&')
+            .filter(|s| !s.is_empty())
+            .filter_map(|kv| kv.split_once('='))
+        {
+            let val = Some(val.replace("%20", " "));
+            match k {
+                "range" => v.range = val,
+                "from" => v.from = val,
+                "to" => v.to = val,
+                "tenant" => v.tenant = val,
+                "model" => v.model = val,
+                "endpoint" => v.endpoint = val,
+                "page" => v.page = val,
+                _ => {}
+            }
+        }
+        v
     }
 }
