@@ -262,7 +262,7 @@ pub fn alerts_table(
                             tr data-alert-id=(a.id) {
                                 td { (when(tz, a.created_at.0, "%Y-%m-%d %H:%M %Z")) }
                                 td.msg title=(a.message) { span class=(badge) { (label) } " " (text) }
-                                td { (scope) }
+                                td { @match alert_scope_url(a) { Some(u) => { a href=(u) { (scope) } } None => { (scope) } } }
                                 td { (a.window) }
                                 td {
                                     @if let Some(ack) = acks.get(&a.id) {
@@ -283,6 +283,16 @@ pub fn alerts_table(
                 }
             }
         }
+    }
+}
+
+/// The page of an alert's scope.
+fn alert_scope_url(a: &AlertOut) -> Option<String> {
+    match (a.scope, a.tenant_id.as_deref()) {
+        ("tenant", _) => Some(tenant_url(&a.scope_id)),
+        ("company", Some(t)) => Some(company_url(t, &a.scope_id)),
+        ("user", Some(t)) => Some(user_url(t, &a.scope_id)),
+        _ => None,
     }
 }
 
