@@ -484,5 +484,26 @@ pub async fn month_so_far(
     if from <= first && to >= today {
         return Ok(pick(b));
     }
+    let plain =
+        f.company.is_none() && f.user.is_none() && f.model.is_none() && f.endpoint.is_none();
+    if plain {
+        // Only the days: the report API's grouping by day, one query.
+        let by_day = state
+            .guard
+            .store()
+            .report(&ReportQuery {
+                from_day: cal.date_start(first),
+                to_day: cal.date_start(today),
+                tenant: f.tenant.clone(),
+                group_by: GroupBy::Day,
+                limit: None,
+                whole_months: Vec::new(),
+            })
+            .await?;
+        return Ok(every_day(cal, first, today, &by_day)
+            .into_iter()
+            .map(|(d, t)| (d, t.cost))
+            .collect());
+    }
     Ok(pick(&breakdown(state, first, today, f, Some(1)).await?))
 }

@@ -666,6 +666,24 @@ async fn date_ranges_and_filters_show_the_report_apis_figures() {
             _ => assert_eq!(from.as_str(), "2026-02-01"),
         }
     }
+    // The month chart is this month's, whatever the range.
+    let (_, v) = s
+        .get(
+            "/v1/reports/usage?from=2026-03-01&to=2026-03-10&group_by=day",
+            ADMIN,
+        )
+        .await;
+    let month = usd6(&v["totals"]["cost_usd"]);
+    for range in ["last-month", "90d", "today", "month"] {
+        let (_, body) = page(&s, &cookie, &format!("/?range={range}")).await;
+        let spent = body
+            .split(r#"id="month-chart""#)
+            .nth(1)
+            .and_then(|r| r.split(r#"data-spent=""#).nth(1))
+            .and_then(|r| r.split('"').next())
+            .unwrap();
+        assert_eq!(spent, month, "{range}");
+    }
     // A custom range, and a model filter: per-tenant figures of that model only.
     let (st, body) = page(
         &s,
