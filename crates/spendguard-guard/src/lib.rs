@@ -694,7 +694,17 @@ impl<S: Store> Guard<S> {
     /// the first attempt to be durable.
     pub async fn record_replayable(
         &self,
+        req: RecordRequest,
+    ) -> Result<(UsageRecord, bool), GuardError> {
+        self.record_replayable_at(req, None).await
+    }
+
+    /// [`Guard::record_replayable`] of a call made at `at` (backfill; `None`: now). See
+    /// [`Ledger::record_at`](spendguard_core::Ledger::record_at).
+    pub async fn record_replayable_at(
+        &self,
         mut req: RecordRequest,
+        at: Option<Micros>,
     ) -> Result<(UsageRecord, bool), GuardError> {
         let ticket = self
             .enter_key(&req.subject.tenant, req.idempotency_key.as_ref())
@@ -718,7 +728,8 @@ impl<S: Store> Guard<S> {
             }
             return Ok((prev, true));
         }
-        let applied = self.inner.ledger.record(&req, self.now())?;
+        let now = self.now();
+        let applied = self.inner.ledger.record_at(&req, at.unwrap_or(now), now)?;
         // The ledger answers a key it remembers with the first record and no event.
         let replayed = applied.event.is_none();
         self.persist(applied.event, ticket).await?;

@@ -185,6 +185,32 @@ pub struct UsageBody {
     #[serde(default)]
     #[schemars(with = "Option<crate::openapi::Id>")]
     pub idempotency_key: Option<IdempotencyKey>,
+    /// When the call was made (RFC 3339), for importing history: admin key only; from
+    /// 1970 to now. The record counts in the day and month of that time.
+    #[serde(default)]
+    #[schemars(with = "Option<crate::api::Rfc3339>")]
+    pub created_at: Option<String>,
+}
+
+/// How far ahead of the server's clock a `created_at` may be (another machine's clock);
+/// it is then taken as now.
+pub const CREATED_AT_SKEW_US: i64 = 300_000_000;
+
+/// Checks a backfilled record's time: RFC 3339, not before 1970, not after now (give or
+/// take [`CREATED_AT_SKEW_US`]).
+pub fn created_at(s: &str, now: Micros) -> Result<Micros, ApiError> {
+    let t: jiff::Timestamp = s
+        .trim()
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("created_at is not an RFC 3339 time: {e}")))?;
+    let at = t.as_microsecond();
+    if at < 0 {
+        return Err(ApiError::bad_request("created_at is before 1970"));
+    }
+    if at > now.saturating_add(CREATED_AT_SKEW_US) {
+        return Err(ApiError::bad_request("created_at is in the future"));
+    }
+    Ok(at.min(now))
 }
 
 /// Absent: unchanged. `null`: cleared. A value: set.
@@ -760,6 +786,15 @@ pub async fn record(
     ApiJson(body): ApiJson<UsageBody>,
 ) -> Result<Response, ApiError> {
     caller.may_act_on(&body.tenant_id)?;
+    let at = match &body.created_at {
+        None => None,
+        Some(_) if caller != Caller::Admin => {
+            return Err(ApiError::forbidden(
+                "only the admin key may record usage at another time (created_at)",
+            ));
+        }
+        Some(s) => Some(created_at(s, state.guard.now())?),
+    };
     let req = RecordRequest {
         id: Uuid::nil(),
         tokens: tokens(
@@ -780,7 +815,7 @@ pub async fn record(
         status: body.status.unwrap_or(RequestStatus::Success),
         idempotency_key: body.idempotency_key,
     };
-    let (u, replayed) = state.guard.record_replayable(req).await?;
+    let (u, replayed) = state.guard.record_replayable_at(req, at).await?;
     if replayed {
         // The same idempotency key again: the first record, as a commit replay answers.
         return Ok((
@@ -869,6 +904,27 @@ fn scope_key(scope: &str, id: &str, tenant: Option<TenantId>) -> Result<ScopeKey
     })
 }
 
+/// Who changes something through the admin API, in the audit log.
+const API_ACTOR: &str = "admin (API)";
+
+/// Writes a change to the audit log (see `dashboard::audit`).
+async fn audit(
+    state: &AppState,
+    action: &str,
+    target: &str,
+    before: Option<Value>,
+    after: Option<Value>,
+) -> Result<(), ApiError> {
+    crate::dashboard::audit::write(state, API_ACTOR, action, target, before, after)
+        .await
+        .map_err(|e| ApiError::from(spendguard_guard::GuardError::Store(e)))
+}
+
+fn caps_json(o: BudgetOverride) -> Value {
+    let usd = |m: Option<Money>| m.map_or(Value::Null, |m| Value::String(m.to_string()));
+    serde_json::json!({ "daily_usd": usd(o.daily), "monthly_usd": usd(o.monthly) })
+}
+
 pub async fn set_budget(
     State(state): State<AppState>,
     caller: Caller,
@@ -880,13 +936,26 @@ pub async fn set_budget(
     let key = scope_key(&scope, &id, q.tenant_id)?;
     // A field left out keeps its value: read, change and write as one step, so two partial
     // updates racing each other both take effect.
-    state
+    let mut before = BudgetOverride::default();
+    let after = state
         .guard
-        .update_budget(key.clone(), |current| BudgetOverride {
-            daily: body.daily_usd.unwrap_or(current.daily),
-            monthly: body.monthly_usd.unwrap_or(current.monthly),
+        .update_budget(key.clone(), |current| {
+            before = current;
+            BudgetOverride {
+                daily: body.daily_usd.unwrap_or(current.daily),
+                monthly: body.monthly_usd.unwrap_or(current.monthly),
+            }
         })
         .await?;
+    let (label, _) = crate::dashboard::parts::scope_label(&key);
+    audit(
+        &state,
+        "budget.set",
+        &label,
+        Some(caps_json(before)),
+        Some(caps_json(after)),
+    )
+    .await?;
     Ok(Json(budget_out(&state, &key)))
 }
 
@@ -902,10 +971,19 @@ pub async fn set_user(
     let tenant = q
         .tenant_id
         .ok_or_else(|| ApiError::bad_request("users belong to a tenant: add ?tenant_id="))?;
+    let before = state.guard.ledger().user_overrides(&tenant, &user);
     state
         .guard
         .set_user(tenant.clone(), user.clone(), body.clone())
         .await?;
+    audit(
+        &state,
+        "user.set",
+        &format!("user {} ({})", user.as_str(), tenant.as_str()),
+        before.map(|b| serde_json::to_value(b).unwrap_or_default()),
+        Some(serde_json::to_value(&body).unwrap_or_default()),
+    )
+    .await?;
     Ok(Json(UserOut {
         tenant_id: tenant.as_str().to_owned(),
         user_id: user.as_str().to_owned(),
@@ -922,11 +1000,19 @@ pub async fn create_api_key(
     let (key, record) = create_key(
         state.guard.store(),
         &state.keys,
-        Some(body.tenant_id),
+        Some(body.tenant_id.clone()),
         state.guard.now(),
     )
     .await
     .map_err(|e| ApiError::from(spendguard_guard::GuardError::Store(e)))?;
+    audit(
+        &state,
+        "key.create",
+        &format!("key {}", record.id),
+        None,
+        Some(serde_json::json!({ "id": record.id, "tenant_id": body.tenant_id.as_str(), "prefix": record.prefix })),
+    )
+    .await?;
     Ok((
         StatusCode::CREATED,
         Json(KeyCreatedOut {
@@ -1024,6 +1110,15 @@ pub async fn revoke_api_key(
     {
         state.keys.remove(&hash);
     }
+    let tenant = k.tenant.as_ref().map(|t| t.as_str().to_owned());
+    audit(
+        &state,
+        "key.revoke",
+        &format!("key {}", k.id),
+        Some(serde_json::json!({ "id": k.id, "tenant_id": tenant, "prefix": k.prefix, "revoked": false })),
+        Some(serde_json::json!({ "id": k.id, "tenant_id": tenant, "prefix": k.prefix, "revoked": true })),
+    )
+    .await?;
     Ok(Json(RevokedOut {
         id: k.id,
         revoked: true,

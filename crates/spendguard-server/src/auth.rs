@@ -156,6 +156,20 @@ impl KeyRing {
         )
     }
 
+    /// Who the key whose hash is `h` is, if it is still valid (not revoked).
+    pub fn caller_of_hash(&self, h: &[u8; 32]) -> Option<Caller> {
+        if let Some(admin) = &self.env_admin
+            && same(admin, h)
+        {
+            return Some(Caller::Admin);
+        }
+        match self.keys.read().unwrap_or_else(|e| e.into_inner()).get(h) {
+            Some(None) => Some(Caller::Admin),
+            Some(Some(t)) => Some(Caller::Tenant(t.clone())),
+            None => None,
+        }
+    }
+
     pub fn authenticate(&self, key: &str) -> Option<Caller> {
         let h = hash_key(key);
         if let Some(admin) = &self.env_admin

@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod dashboard;
 pub mod error;
+pub mod import;
 pub mod metrics;
 pub mod openapi;
 pub mod reports;
@@ -143,6 +144,8 @@ pub enum Answer {
     Dashboard,
     /// A form post answered with a redirect (HTML on errors).
     Redirect,
+    /// CSV (the dashboard's export), or a redirect to the sign-in page.
+    Csv,
 }
 
 macro_rules! api {
@@ -174,6 +177,7 @@ macro_rules! api {
     (@answer html) => { Answer::Html };
     (@answer dashboard) => { Answer::Dashboard };
     (@answer redirect) => { Answer::Redirect };
+    (@answer csv) => { Answer::Csv };
 }
 
 api! {
@@ -200,9 +204,23 @@ api! {
     get "/readyz" => api::readyz { auth: false, query: none, body: none, answer: ready, summary: "Ready to admit reservations (store state)" }
     get "/metrics" => api::metrics { auth: true, query: none, body: none, answer: text, summary: "Prometheus metrics (the admin key or the metrics key)" }
     get "/openapi.json" => api::openapi { auth: false, query: none, body: none, answer: (200, serde_json::Value), summary: "This API's OpenAPI document" }
-    get "/" => dashboard::page { auth: false, query: none, body: none, answer: dashboard, summary: "The spend dashboard (HTML; admin session cookie or admin key)" }
+    get "/" => dashboard::page { auth: false, query: none, body: none, answer: dashboard, summary: "The dashboard's overview (HTML; a session cookie or a key; ?range=, from=, to=, tenant=, model=, endpoint=). A tenant key is sent to its tenant's page" }
+    get "/tenants/{tenant}" => dashboard::scope::tenant { auth: false, query: none, body: none, answer: dashboard, summary: "A tenant's dashboard page (HTML; a tenant key: its own only)" }
+    get "/tenants/{tenant}/companies/{company}" => dashboard::scope::company { auth: false, query: none, body: none, answer: dashboard, summary: "A company's dashboard page (HTML)" }
+    get "/tenants/{tenant}/users/{user}" => dashboard::scope::user { auth: false, query: none, body: none, answer: dashboard, summary: "A user's dashboard page (HTML)" }
+    get "/models/{model}" => dashboard::scope::model { auth: false, query: none, body: none, answer: dashboard, summary: "A model's dashboard page (HTML; a tenant key: its own use)" }
+    get "/records/{id}" => dashboard::record::page { auth: false, query: none, body: none, answer: dashboard, summary: "One usage record (HTML)" }
+    get "/alerts" => dashboard::alerts::page { auth: false, query: none, body: none, answer: dashboard, summary: "The current alerts, paged (HTML; ?page=)" }
+    post "/alerts/{id}/ack" => dashboard::alerts::acknowledge { auth: false, query: none, body: (openapi::AckForm), answer: redirect, summary: "Acknowledge an alert (admin session, CSRF token; audit logged)" }
+    get "/manage" => dashboard::manage::page { auth: false, query: none, body: none, answer: dashboard, summary: "API keys, budgets and tiers (HTML; admin)" }
+    post "/manage/budget" => dashboard::manage::set_budget { auth: false, query: none, body: (openapi::BudgetForm), answer: redirect, summary: "Set or clear a budget override (admin session, CSRF token; audit logged)" }
+    post "/manage/user" => dashboard::manage::set_user { auth: false, query: none, body: (openapi::UserForm), answer: redirect, summary: "Set a user's tier (admin session, CSRF token; audit logged)" }
+    post "/manage/keys" => dashboard::manage::create_key { auth: false, query: none, body: (openapi::KeyForm), answer: redirect, summary: "Create a tenant API key, shown once (admin session, CSRF token; audit logged)" }
+    post "/manage/keys/{id}/revoke" => dashboard::manage::revoke_key { auth: false, query: none, body: (openapi::CsrfForm), answer: redirect, summary: "Revoke a tenant API key (admin session, CSRF token; audit logged)" }
+    get "/audit" => dashboard::audit::page { auth: false, query: none, body: none, answer: dashboard, summary: "The audit log of changes, newest first (HTML; admin; ?page=)" }
+    get "/export.csv" => dashboard::export::csv { auth: false, query: none, body: none, answer: csv, summary: "What a dashboard page shows, as the report API's CSV (same range and filters; ?group_by=)" }
     get "/login" => dashboard::login_page { auth: false, query: none, body: none, answer: html, summary: "The dashboard's sign-in form (HTML)" }
-    post "/login" => dashboard::login { auth: false, query: none, body: (openapi::LoginForm), answer: redirect, summary: "Sign in to the dashboard with the admin key (form field `key`)" }
+    post "/login" => dashboard::login { auth: false, query: none, body: (openapi::LoginForm), answer: redirect, summary: "Sign in to the dashboard with the admin key or a tenant key (form field `key`)" }
     post "/logout" => dashboard::logout { auth: false, query: none, body: none, answer: redirect, summary: "Sign out of the dashboard" }
 }
 

@@ -224,8 +224,56 @@ pub struct ErrorBody {
 #[derive(Debug, JsonSchema)]
 #[allow(dead_code)]
 pub struct LoginForm {
-    /// The admin key.
+    /// The admin key or a tenant key.
     key: String,
+}
+
+/// A dashboard form that carries only the session's CSRF token.
+#[derive(Debug, JsonSchema)]
+#[allow(dead_code)]
+pub struct CsrfForm {
+    csrf: String,
+}
+
+/// The dashboard's acknowledgement of an alert.
+#[derive(Debug, JsonSchema)]
+#[allow(dead_code)]
+pub struct AckForm {
+    csrf: String,
+    /// Where to go afterwards (a path on this site).
+    back: Option<String>,
+}
+
+/// The dashboard's budget form (empty amounts clear the override).
+#[derive(Debug, JsonSchema)]
+#[allow(dead_code)]
+pub struct BudgetForm {
+    csrf: String,
+    /// global, tenant, company or user.
+    scope: String,
+    tenant_id: Option<String>,
+    /// The company or user.
+    id: Option<String>,
+    daily_usd: Option<String>,
+    monthly_usd: Option<String>,
+}
+
+/// The dashboard's user tier form (an empty tier: the default).
+#[derive(Debug, JsonSchema)]
+#[allow(dead_code)]
+pub struct UserForm {
+    csrf: String,
+    tenant_id: String,
+    user_id: String,
+    tier: Option<String>,
+}
+
+/// The dashboard's form to create a tenant key.
+#[derive(Debug, JsonSchema)]
+#[allow(dead_code)]
+pub struct KeyForm {
+    csrf: String,
+    tenant_id: String,
 }
 
 fn html(description: &str) -> Value {
@@ -313,7 +361,7 @@ pub fn document() -> Value {
         }
         if let Some(body) = route.body {
             let schema = Value::from(body(&mut g));
-            let content = if route.path == "/login" {
+            let content = if matches!(route.answer, Answer::Redirect) {
                 json!({ "application/x-www-form-urlencoded": { "schema": schema } })
             } else {
                 json!({ "application/json": { "schema": schema } })
@@ -354,16 +402,36 @@ pub fn document() -> Value {
             Answer::Dashboard => {
                 responses.insert("200".into(), html("The dashboard"));
                 responses.insert("303".into(), redirect("Not signed in: to /login"));
-                responses.insert("403".into(), html("Not the admin key"));
+                responses.insert("400".into(), html("An invalid id or query"));
+                responses.insert(
+                    "403".into(),
+                    html("Another tenant's page, or an admin page"),
+                );
+                responses.insert("404".into(), html("No such record"));
+                responses.insert("503".into(), html("The store is unavailable"));
+            }
+            Answer::Csv => {
+                responses.insert(
+                    "200".into(),
+                    json!({ "description": "The report as CSV",
+                            "content": { "text/csv": { "schema": { "type": "string" } } } }),
+                );
+                responses.insert("303".into(), redirect("Not signed in: to /login"));
+                responses.insert("400".into(), html("An invalid query"));
+                responses.insert("403".into(), html("Another tenant's figures"));
                 responses.insert("503".into(), html("The store is unavailable"));
             }
             Answer::Redirect => {
                 responses.insert("303".into(), redirect("Done: to the next page"));
+                responses.insert("201".into(), html("Created: the new key, shown once"));
                 for (code, what) in [
                     ("400", "Invalid form"),
-                    ("401", "Wrong key"),
-                    ("403", "Not the admin key"),
+                    ("401", "Wrong key, or no session"),
+                    ("403", "Not the admin, no session, or a stale CSRF token"),
+                    ("404", "No such alert or key"),
+                    ("413", "The form is too large"),
                     ("429", "Too many attempts"),
+                    ("503", "The store is unavailable"),
                 ] {
                     responses.insert(code.into(), html(what));
                 }
@@ -383,7 +451,7 @@ pub fn document() -> Value {
         }
         if !matches!(
             route.answer,
-            Answer::Html | Answer::Dashboard | Answer::Redirect
+            Answer::Html | Answer::Dashboard | Answer::Redirect | Answer::Csv
         ) {
             for (code, what) in errors(route) {
                 responses.entry(code).or_insert_with(|| {

@@ -308,44 +308,24 @@ pub fn report_json(calendar: &Calendar, spec: &ReportSpec, report: &Report) -> V
     serde_json::to_value(report_out(calendar, spec, report)).unwrap_or(Value::Null)
 }
 
-/// One CSV field (RFC 4180): quoted when it holds a comma, quote or line break.
-fn csv_field(out: &mut String, v: &str) {
-    if v.contains([',', '"', '\n', '\r']) {
-        out.push('"');
-        out.push_str(&v.replace('"', "\"\""));
-        out.push('"');
-    } else {
-        out.push_str(v);
-    }
-}
-
-/// The report as CSV (RFC 4180: CRLF line ends, a header row). Money has 6 decimals.
+/// The report as CSV (RFC 4180: CRLF line ends, a header row; written by the `csv` crate,
+/// which quotes a field holding a comma, quote or line break). Money has 6 decimals.
 pub fn report_csv(calendar: &Calendar, g: GroupBy, report: &Report) -> String {
-    let mut out = String::new();
-    let header: Vec<&str> = key_columns(g)
-        .iter()
-        .chain(TOTAL_COLUMNS.iter())
-        .copied()
-        .collect();
-    out.push_str(&header.join(","));
-    out.push_str("\r\n");
+    let mut w = csv::WriterBuilder::new()
+        .terminator(csv::Terminator::CRLF)
+        .from_writer(Vec::new());
+    let header = key_columns(g).iter().chain(TOTAL_COLUMNS.iter());
+    // Writing to memory cannot fail.
+    let _ = w.write_record(header);
     for r in &report.rows {
-        let keys = key_values(calendar, g, r);
-        let mut first = true;
-        for v in keys
+        let fields = key_values(calendar, g, r)
             .into_iter()
             .map(Option::unwrap_or_default)
-            .chain(total_values(&r.totals))
-        {
-            if !first {
-                out.push(',');
-            }
-            first = false;
-            csv_field(&mut out, &v);
-        }
-        out.push_str("\r\n");
+            .chain(total_values(&r.totals));
+        let _ = w.write_record(fields);
     }
-    out
+    let bytes = w.into_inner().unwrap_or_default();
+    String::from_utf8(bytes).unwrap_or_default()
 }
 
 /// The report as an aligned text table, with a total line.

@@ -11,7 +11,8 @@
 //! tokens, and the input, cached input and output tokens; read at start-up and by reports),
 //! `usage_rollups` (per calendar day and report dimension, model, endpoint or user and
 //! model: requests, tokens, cost; read by reports), `budget_overrides`, `user_overrides`,
-//! `api_keys`, `alerts` and `webhook_deliveries`. Money is integer micro-USD everywhere
+//! `api_keys`, `alerts`, `webhook_deliveries`, and the dashboard's `audit_log` and
+//! `alert_acks` (see `browse`). Money is integer micro-USD everywhere
 //! except `ai_usage.cost_usd`, which is `NUMERIC` on PostgreSQL (and a virtual column computed from
 //! `cost_micros` on SQLite). Instants are `timestamptz` on PostgreSQL and integer
 //! microseconds since the Unix epoch on SQLite; window starts are integer microseconds on
@@ -33,19 +34,23 @@ use spendguard_core::{
 use uuid::Uuid;
 
 mod analytics;
+mod browse;
 mod common;
 mod error;
 mod journal;
 mod migrations;
 mod postgres;
 mod postgres_analytics;
+mod postgres_browse;
 mod sqlite;
 mod sqlite_analytics;
+mod sqlite_browse;
 
 pub use analytics::{
     AlertKind, AlertQuery, AlertRecord, Delivery, DeliveryOutcome, DeliveryState, GroupBy,
     ModelUsage, NewAlert, Report, ReportQuery, ReportRow, UsageTotals,
 };
+pub use browse::{AlertAck, AuditEntry, DaySlice, RecordQuery, SliceDim};
 pub use error::StoreError;
 
 /// A stored API key: its SHA-256 (hex), never the key itself.
@@ -322,6 +327,86 @@ impl AnyStore {
         match self {
             AnyStore::Sqlite(s) => s.report_cancellable(query, cancel).await,
             AnyStore::Postgres(s) => s.report(query).await,
+        }
+    }
+
+    /// The usage records matching `q`, newest first: `limit` of them after the first
+    /// `offset`.
+    pub async fn usage_records(
+        &self,
+        q: &RecordQuery,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<UsageRecord>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.usage_records(q, limit, offset).await,
+            AnyStore::Postgres(s) => s.usage_records(q, limit, offset).await,
+        }
+    }
+
+    /// The sums of the counting records (not `expired`) matching `q`, per day, tenant,
+    /// model and endpoint, by day then the rest. Reads `ai_usage`: O(matching records).
+    pub async fn usage_slices(&self, q: &RecordQuery) -> Result<Vec<DaySlice>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.usage_slices(q).await,
+            AnyStore::Postgres(s) => s.usage_slices(q).await,
+        }
+    }
+
+    /// The `usage_rollups` rows of `dim` for the days `from_day..=to_day` (of one tenant,
+    /// if given), by day then the rest. O(days × groups).
+    pub async fn rollup_slices(
+        &self,
+        dim: &SliceDim,
+        from_day: Micros,
+        to_day: Micros,
+        tenant: Option<&TenantId>,
+    ) -> Result<Vec<DaySlice>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.rollup_slices(dim, from_day, to_day, tenant).await,
+            AnyStore::Postgres(s) => s.rollup_slices(dim, from_day, to_day, tenant).await,
+        }
+    }
+
+    /// Appends to the audit log; returns the entry's id.
+    pub async fn insert_audit(&self, entry: &AuditEntry) -> Result<i64, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.insert_audit(entry).await,
+            AnyStore::Postgres(s) => s.insert_audit(entry).await,
+        }
+    }
+
+    /// The audit log, newest first: `limit` entries after the first `offset`.
+    pub async fn audit_log(
+        &self,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.audit_log(limit, offset).await,
+            AnyStore::Postgres(s) => s.audit_log(limit, offset).await,
+        }
+    }
+
+    /// Marks an alert acknowledged (the first acknowledgement stays); `false` when there is
+    /// no such alert.
+    pub async fn acknowledge_alert(
+        &self,
+        alert_id: i64,
+        actor: &str,
+        at: Micros,
+    ) -> Result<bool, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.acknowledge_alert(alert_id, actor, at).await,
+            AnyStore::Postgres(s) => s.acknowledge_alert(alert_id, actor, at).await,
+        }
+    }
+
+    /// The acknowledgements of the alerts `ids` (those that have one), by alert id.
+    pub async fn alert_acks(&self, ids: &[i64]) -> Result<Vec<AlertAck>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.alert_acks(ids).await,
+            AnyStore::Postgres(s) => s.alert_acks(ids).await,
         }
     }
 

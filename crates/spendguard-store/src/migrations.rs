@@ -604,6 +604,28 @@ CREATE TABLE journal_cursor (
 INSERT INTO journal_cursor (id, projected) VALUES (1, 0);
 "#,
     ),
+    (
+        9,
+        r#"
+-- Changes made through the dashboard: who, what, the state before and after (JSON).
+CREATE TABLE audit_log (
+    id INTEGER PRIMARY KEY,
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    before TEXT,
+    after TEXT
+) STRICT;
+
+-- Alerts an operator acknowledged on the dashboard.
+CREATE TABLE alert_acks (
+    alert_id INTEGER PRIMARY KEY REFERENCES alerts (id),
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL
+) STRICT;
+"#,
+    ),
 ];
 
 /// PostgreSQL migration 7: row-level security and the seed's SQL functions, for applications
@@ -955,6 +977,34 @@ INSERT INTO journal_cursor (id, projected) VALUES (1, 0);
 -- (row-level security without a policy, as for `api_keys`; see migration 7).
 ALTER TABLE journal ENABLE ROW LEVEL SECURITY;
 ALTER TABLE journal_cursor ENABLE ROW LEVEL SECURITY;
+"#,
+    ),
+    (
+        9,
+        r#"
+-- Changes made through the dashboard: who, what, the state before and after (JSON).
+-- Instants are integer microseconds here, like the window starts: the log is read in
+-- id order and shown, never compared with timestamps.
+CREATE TABLE audit_log (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at bigint NOT NULL,
+    actor text NOT NULL,
+    action text NOT NULL,
+    target text NOT NULL,
+    before text,
+    after text
+);
+
+-- Alerts an operator acknowledged on the dashboard.
+CREATE TABLE alert_acks (
+    alert_id bigint PRIMARY KEY REFERENCES alerts (id),
+    at bigint NOT NULL,
+    actor text NOT NULL
+);
+-- Both name tenants, keys and figures: no role other than spendguard's sees a row
+-- (row-level security without a policy; see migration 7).
+ALTER TABLE audit_log ENABLE ROW LEVEL SECURITY;
+ALTER TABLE alert_acks ENABLE ROW LEVEL SECURITY;
 "#,
     ),
 ];

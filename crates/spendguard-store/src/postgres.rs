@@ -166,7 +166,7 @@ pub(crate) fn time(row: &Row, idx: usize) -> Result<Micros, StoreError> {
     get::<SystemTime>(row, idx).map(from_time)
 }
 
-const USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, model, endpoint, \
+pub(crate) const USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, model, endpoint, \
     subscription_tier, input_tokens, cached_input_tokens, output_tokens, \
     (cost_usd * 1000000)::int8, request_status, created_at, reservation_id, idempotency_key, \
     day_start, month_start, pricing, upstream, provider_request_id";
@@ -291,7 +291,7 @@ const WRITER_LOCK: &str = "SELECT pg_try_advisory_lock(hashtextextended('spendgu
 const MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended(\
     'spendguard-migrate:' || current_database() || '.' || coalesce(current_schema(), ''), 0))";
 
-fn usage_row(row: &Row) -> Result<UsageRecord, StoreError> {
+pub(crate) fn usage_row(row: &Row) -> Result<UsageRecord, StoreError> {
     UsageCols {
         id: get(row, 0)?,
         tenant: get(row, 1)?,

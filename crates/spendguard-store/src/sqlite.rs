@@ -128,7 +128,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
     }
 }
 
-const USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, model, endpoint, \
+pub(crate) const USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, model, endpoint, \
     subscription_tier, input_tokens, cached_input_tokens, output_tokens, cost_micros, \
     request_status, created_at, reservation_id, idempotency_key, day_start, month_start, \
     pricing, upstream, provider_request_id";
@@ -323,7 +323,7 @@ fn opt_uuid(row: &Row<'_>, idx: usize) -> Result<Option<Uuid>, StoreError> {
 }
 
 /// Reads a row of [`USAGE_COLUMNS`].
-fn usage_row(row: &Row<'_>) -> Result<UsageRecord, StoreError> {
+pub(crate) fn usage_row(row: &Row<'_>) -> Result<UsageRecord, StoreError> {
     UsageCols {
         id: parse_uuid(text(row, 0)?)?,
         tenant: text(row, 1)?,

@@ -107,6 +107,36 @@ enum Command {
         #[arg(long, default_value = "table")]
         format: String,
     },
+    /// Import history into a running server: the seed's `ai_usage` rows, from a CSV file
+    /// (a header row naming the seed's columns) or a PostgreSQL query, each recorded at its
+    /// own `created_at` (POST /v1/usage with the admin key). Idempotent: a row imported
+    /// before is not recorded again. `expired` rows are skipped.
+    Import {
+        /// The server.
+        #[arg(long, env = "SPENDGUARD_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// The admin key.
+        #[arg(long, env = "SPENDGUARD_ADMIN_KEY", hide_env_values = true)]
+        admin_key: String,
+        /// A CSV file of the seed's rows.
+        #[arg(
+            long,
+            conflicts_with = "postgres",
+            required_unless_present = "postgres"
+        )]
+        csv: Option<PathBuf>,
+        /// A postgres:// URL of the seed's database, read with --query.
+        #[arg(long)]
+        postgres: Option<String>,
+        /// The query that reads the rows, its columns as in the default: id, user_id,
+        /// company_id, tenant_id, model, endpoint, input_tokens, cached_input_tokens,
+        /// output_tokens, cost_usd (text), request_status, created_at.
+        #[arg(long, requires = "postgres")]
+        query: Option<String>,
+        /// Rows sent at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
     /// Cost alerts of the current day and month.
     Alerts {
         #[command(flatten)]
@@ -223,6 +253,82 @@ fn load_config(common: &Common) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// `spendguard import`: rows to a running server, with a progress bar on stderr.
+fn import(
+    url: &str,
+    admin_key: &str,
+    csv: Option<&std::path::Path>,
+    postgres: Option<&str>,
+    query: Option<&str>,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use spendguard_server::import::{self, Target};
+    let target = Target {
+        client: reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(60))
+            .build()
+            .context("failed to set up the HTTP client")?,
+        url: url.to_owned(),
+        admin_key: admin_key.to_owned(),
+    };
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    let summary = runtime()?.block_on(async {
+        match (csv, postgres) {
+            (Some(path), _) => {
+                let file = std::fs::File::open(path)
+                    .with_context(|| format!("failed to open {}", path.display()))?;
+                let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+                bar.set_length(len);
+                if let Ok(style) = ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} · {msg} · {elapsed} (eta {eta})",
+                ) {
+                    bar.set_style(style.progress_chars("=> "));
+                }
+                let input = std::io::BufReader::new(file);
+                import::from_csv(target, input, concurrency, |done, pos| {
+                    bar.set_position(pos);
+                    bar.set_message(format!("{done} rows"));
+                })
+                .await
+                .map_err(anyhow::Error::msg)
+            }
+            (None, Some(db)) => {
+                if let Ok(style) = ProgressStyle::with_template(
+                    "{bar:40} {pos}/{len} rows · {msg} · {elapsed} (eta {eta})",
+                ) {
+                    bar.set_style(style.progress_chars("=> "));
+                }
+                import::from_postgres(target, db, query, concurrency, |done, _read, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                    bar.set_message(format!("{done} sent"));
+                })
+                .await
+                .map_err(anyhow::Error::msg)
+            }
+            (None, None) => bail!("name the rows: --csv FILE or --postgres URL"),
+        }
+    })?;
+    bar.finish_and_clear();
+    use std::sync::atomic::Ordering::Relaxed;
+    println!(
+        "imported {}, already imported {}, skipped {} (expired), failed {}",
+        summary.imported.load(Relaxed),
+        summary.already.load(Relaxed),
+        summary.skipped.load(Relaxed),
+        summary.failed.load(Relaxed)
+    );
+    let errors = summary.errors.lock().unwrap_or_else(|e| e.into_inner());
+    for e in errors.iter() {
+        eprintln!("  {e}");
+    }
+    if summary.failed.load(Relaxed) > 0 {
+        bail!("some rows were not imported");
+    }
+    Ok(())
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -336,6 +442,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tenant,
             format,
         } => alerts(&common, all, tenant.as_deref(), &format),
+        Command::Import {
+            url,
+            admin_key,
+            csv,
+            postgres,
+            query,
+            concurrency,
+        } => import(
+            &url,
+            &admin_key,
+            csv.as_deref(),
+            postgres.as_deref(),
+            query.as_deref(),
+            concurrency,
+        ),
         Command::Spool(cmd) => spool(cmd),
         Command::Config(ConfigCommand::Defaults) => {
             print!("{}", spendguard_core::config::DEFAULTS_TOML);

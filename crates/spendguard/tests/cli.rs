@@ -888,3 +888,109 @@ fn serve_refuses_a_gateway_whose_provider_key_variable_is_not_set() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `spendguard import`: the seed's rows from a CSV into a running server, each in its own
+/// day; a second import records nothing; a server that cannot be reached is an error.
+#[test]
+fn import_sends_the_seeds_rows_once() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("SPENDGUARD_ADMIN_KEY", ADMIN)
+        .env("RUST_LOG", "info")
+        .env_remove("SPENDGUARD_DATABASE_URL")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let stderr = child.0.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the server exited before serving")
+            .unwrap();
+        if let Some(i) = line.find("listen=") {
+            break line[i + 7..].split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let csv = dir.path().join("ai_usage.csv");
+    std::fs::write(
+        &csv,
+        "id,user_id,company_id,tenant_id,model,endpoint,subscription_tier,input_tokens,\
+         cached_input_tokens,output_tokens,cost_usd,request_status,created_at\n\
+         0190a3c4-0000-7000-8000-00000000000a,ann,,acme,gpt-4o,chat,pro,1000,0,100,1.500000,success,2025-01-15 10:00:00+00\n\
+         0190a3c4-0000-7000-8000-00000000000b,bob,,acme,gpt-4o,chat,pro,1000,0,100,2.250000,error,2025-01-17 10:00:00+00\n\
+         0190a3c4-0000-7000-8000-00000000000c,bob,,acme,gpt-4o,chat,pro,1000,0,100,9.000000,expired,2025-01-17 11:00:00+00\n",
+    )
+    .unwrap();
+    let url = format!("http://{addr}");
+    let import = || {
+        Command::new(env!("CARGO_BIN_EXE_spendguard"))
+            .args(["import", "--url", &url, "--csv", csv.to_str().unwrap()])
+            .env("SPENDGUARD_ADMIN_KEY", ADMIN)
+            .output()
+            .unwrap()
+    };
+    let out = import();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("imported 2, already imported 0, skipped 1 (expired), failed 0"),
+        "{text}"
+    );
+    let out = import();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("imported 0, already imported 2, skipped 1 (expired), failed 0"),
+        "{text}"
+    );
+    let db = dir.path().join("spendguard.db");
+    let out = spendguard(&[
+        "report",
+        "--from",
+        "2025-01-01",
+        "--to",
+        "2025-01-31",
+        "--format",
+        "csv",
+        "--database",
+        db.to_str().unwrap(),
+    ]);
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.contains("2025-01-15,1,1000,0,100,1100,1.500000"),
+        "{report}"
+    );
+    assert!(
+        report.contains("2025-01-17,1,1000,0,100,1100,2.250000"),
+        "{report}"
+    );
+    assert_eq!(report.lines().count(), 3, "{report}");
+    // Nobody there: an error naming it.
+    let out = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+        .args([
+            "import",
+            "--url",
+            "http://127.0.0.1:9",
+            "--csv",
+            csv.to_str().unwrap(),
+        ])
+        .env("SPENDGUARD_ADMIN_KEY", ADMIN)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot reach the server"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

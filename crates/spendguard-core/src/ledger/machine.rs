@@ -617,6 +617,20 @@ impl Ledger {
         req: &RecordRequest,
         now: Micros,
     ) -> Result<Applied<UsageRecord>, LedgerError> {
+        self.record_at(req, now, now)
+    }
+
+    /// [`Ledger::record`] of a call made at `at` (backfill of history; a time after `now` is
+    /// taken as `now`). The record belongs to the calendar day and month of `at`: it counts
+    /// in the current windows only if it falls in them (a record of an earlier day this month
+    /// counts in the month, not in today), and its rollups are those of its own windows.
+    pub fn record_at(
+        &self,
+        req: &RecordRequest,
+        at: Micros,
+        now: Micros,
+    ) -> Result<Applied<UsageRecord>, LedgerError> {
+        let at = at.min(now);
         if req.status == RequestStatus::Expired {
             return Err(LedgerError::ExpiredStatus);
         }
@@ -644,7 +658,7 @@ impl Ledger {
             }
             return Err(LedgerError::IdempotencyConflict((*k).clone()));
         }
-        let usage = self.build_record(&policy, req, now, None)?;
+        let usage = self.build_record(&policy, req, at, None)?;
         self.charge_usage(&usage);
         if let Some((k, shard)) = &mut idem {
             shard.keys.insert(

@@ -275,7 +275,7 @@ return {
   spendMonth: text('#spend-month'),
   spendMonthCap: text('#spend-month-cap'),
   spendMonthPct: text('#spend-month-pct'),
-  spend30d: text('#spend-30d'),
+  spend30d: text('#range-total'),
   bars: Array.from(document.querySelectorAll('#daily-chart rect.bar')).map((b) => ({
     day: b.dataset.day,
     cost: b.dataset.cost,
@@ -295,12 +295,10 @@ return {
 };
 "#;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn dashboard_shows_seeded_spend_in_chromium() {
-    let Some((driver_bin, chromium)) = browser_tools() else {
-        return;
-    };
-    let started = Instant::now();
+/// A server with [`SEEDS`] recorded (the clock moved to each one's time, then back to T0),
+/// tenant `acme`'s daily budget set to [`ACME_DAILY`], and the alerts evaluated; returns
+/// the alerts raised.
+async fn seeded_server() -> (TestServer, Vec<spendguard_store::AlertRecord>) {
     // The seeded records are larger than the default ceiling of one record.
     let config = format!(
         "max_record_cost_usd = \"100000\"\n\
@@ -347,6 +345,16 @@ async fn dashboard_shows_seeded_spend_in_chromium() {
         .await;
     assert_eq!(st, 200, "{v}");
     let raised = server.state.alerts.evaluate().await.unwrap();
+    (server, raised)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dashboard_shows_seeded_spend_in_chromium() {
+    let Some((driver_bin, chromium)) = browser_tools() else {
+        return;
+    };
+    let started = Instant::now();
+    let (server, raised) = seeded_server().await;
 
     // What the page must show, from the seeds.
     let today = "2026-03-10".parse::<jiff::civil::Date>().unwrap();
@@ -377,9 +385,11 @@ async fn dashboard_shows_seeded_spend_in_chromium() {
     let spent_30d: i64 = days.iter().map(|(_, c)| c).sum();
     // The first seed is older than the chart.
     assert!(spent_30d < SEEDS.iter().map(|s| s.cost).sum::<i64>());
-    let models = ranked(in_month(), |s| s.model.to_owned());
-    let tenants = ranked(in_month(), |s| s.tenant.to_owned());
-    let users = ranked(in_month(), |s| format!("{} ({})", s.user, s.tenant));
+    // The tables cover the page's range: the last 30 days by default.
+    let in_range = || SEEDS.iter().filter(move |s| day_of(s) >= first);
+    let models = ranked(in_range(), |s| s.model.to_owned());
+    let tenants = ranked(in_range(), |s| s.tenant.to_owned());
+    let users = ranked(in_range(), |s| format!("{} ({})", s.user, s.tenant));
     let acme_today: i64 = SEEDS
         .iter()
         .filter(|s| day_of(s) == today && s.tenant == "acme")
@@ -539,10 +549,15 @@ async fn dashboard_shows_seeded_spend_in_chromium() {
         page["chartWidth"]
     );
 
-    // This month's tables.
+    // The range's tables.
     let rows = |v: &[Row]| Value::Array(v.iter().map(Row::shown).collect());
     assert_eq!(page["models"], rows(&models));
-    assert!(!models.iter().any(|r| r.label == "claude-sonnet-4"));
+    // The record before the 30 days is in no table.
+    let carol = users.iter().find(|r| r.label == "carol (globex)").unwrap();
+    assert_eq!(
+        carol.requests, 3,
+        "carol has 4 records, one before the range"
+    );
     assert_eq!(page["tenants"], rows(&tenants));
     assert_eq!(page["tenants"][0]["cells"][0], "initech");
     assert_eq!(page["users"], rows(&users));
@@ -554,7 +569,7 @@ async fn dashboard_shows_seeded_spend_in_chromium() {
     let alerts = page["alerts"].as_array().unwrap();
     assert_eq!(alerts.len(), 1, "{alerts:?}");
     let cells = alerts[0]["cells"].as_array().unwrap();
-    assert_eq!(cells.len(), 4, "{alerts:?}");
+    assert_eq!(cells.len(), 5, "{alerts:?}");
     assert_eq!(cells[0], "2026-03-10 12:00 UTC");
     let top = thresholds.iter().max().unwrap();
     assert_eq!(
@@ -567,6 +582,8 @@ async fn dashboard_shows_seeded_spend_in_chromium() {
     );
     assert_eq!(cells[2], "tenant acme");
     assert_eq!(cells[3], "day");
+    // An admin session may acknowledge it.
+    assert_eq!(cells[4], "Acknowledge");
 
     // Layout: nothing wider than a 1400-pixel window.
     assert!(
@@ -604,11 +621,472 @@ async fn dashboard_shows_seeded_spend_in_chromium() {
     );
     let path = screenshot_path();
     std::fs::write(&path, &png).unwrap();
+    std::fs::write(screenshot_dir().join("dashboard-overview.png"), &png).unwrap();
     println!("screenshot: {} ({width}x{png_height})", path.display());
 
     wd.close().await;
     server.stop().await;
     println!("done in {:?}", started.elapsed());
+}
+
+/// Signs in through the form with `key` and waits for `landing`.
+async fn sign_in(wd: &WebDriver, url: &str, key: &str, landing: &str) {
+    wd.goto(&format!("{url}/login")).await;
+    wd.wait_for(
+        "the sign-in form",
+        "return location.pathname === '/login' && !!document.getElementById('key')",
+    )
+    .await;
+    let k = wd.find("#key").await;
+    wd.type_into(&k, key).await;
+    wd.click_and_wait(
+        "#sign-in",
+        "the first page",
+        &format!(
+            "return location.pathname === '{landing}' && document.readyState === 'complete' && !!document.querySelector('main')"
+        ),
+    )
+    .await;
+}
+
+/// Opens `path` and waits until it is loaded.
+async fn open(wd: &WebDriver, url: &str, path: &str) {
+    wd.goto(&format!("{url}{path}")).await;
+    wd.wait_for(
+        path,
+        "return document.readyState === 'complete' && !!document.querySelector('main')",
+    )
+    .await;
+}
+
+/// A browser (chromedriver and a session), or `None` when the tools are missing.
+async fn browser(extra: Value) -> Option<WebDriver> {
+    let (driver_bin, chromium) = browser_tools()?;
+    let mut wd = WebDriver::start(&driver_bin).await;
+    wd.new_session_with(&chromium, extra).await;
+    Some(wd)
+}
+
+/// The bars of the daily chart, `(day, cost)`, and the model table, `(model, cost)`.
+const READ_RANGE: &str = r#"
+const bars = Array.from(document.querySelectorAll('#daily-chart rect.bar'))
+  .map((b) => [b.dataset.day, b.dataset.cost]);
+const t = document.getElementById('by-model');
+const models = t && t.tagName === 'TABLE'
+  ? Array.from(t.tBodies[0].rows).map((r) => [r.cells[0].textContent.trim(), r.cells[3].dataset.cost])
+  : [];
+const stacked = Array.from(document.querySelectorAll('#model-chart rect.seg'))
+  .map((r) => [r.dataset.day, r.dataset.model, r.dataset.cost]);
+return { bars, models, stacked, total: document.getElementById('range-total').textContent.trim(),
+         label: document.getElementById('range-label').textContent.trim() };
+"#;
+
+/// Checks what the page shows for `from..=to` against the report API.
+async fn assert_range_matches_the_api(server: &TestServer, shown: &Value, from: &str, to: &str) {
+    let bars = shown["bars"].as_array().unwrap();
+    assert_eq!(bars.first().unwrap()[0], from, "{shown}");
+    assert_eq!(bars.last().unwrap()[0], to, "{shown}");
+    let (st, days) = server
+        .get(
+            &format!("/v1/reports/usage?from={from}&to={to}&group_by=day"),
+            ADMIN,
+        )
+        .await;
+    assert_eq!(st, 200, "{days}");
+    let want: BTreeMap<String, String> = days["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let micros = (r["cost_usd"].as_f64().unwrap() * 1e6).round() as i64;
+            (r["day"].as_str().unwrap().to_owned(), decimal(micros))
+        })
+        .collect();
+    for b in bars {
+        let day = b[0].as_str().unwrap();
+        let cost = want.get(day).map_or("0.000000", String::as_str);
+        assert_eq!(b[1], cost, "{day}");
+    }
+    let total = (days["totals"]["cost_usd"].as_f64().unwrap() * 1e6).round() as i64;
+    assert_eq!(shown["total"], usd(total));
+    // The stacked chart sums to the same days.
+    let mut stacked: BTreeMap<String, i64> = BTreeMap::new();
+    for seg in shown["stacked"].as_array().unwrap() {
+        let cost = (seg[2].as_str().unwrap().parse::<f64>().unwrap() * 1e6).round() as i64;
+        *stacked
+            .entry(seg[0].as_str().unwrap().to_owned())
+            .or_default() += cost;
+    }
+    let stacked: BTreeMap<String, String> =
+        stacked.into_iter().map(|(d, c)| (d, decimal(c))).collect();
+    assert_eq!(stacked, want);
+    let (_, models) = server
+        .get(
+            &format!("/v1/reports/usage?from={from}&to={to}&group_by=model&limit=10"),
+            ADMIN,
+        )
+        .await;
+    let want: Vec<Value> = models["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let micros = (r["cost_usd"].as_f64().unwrap() * 1e6).round() as i64;
+            json!([r["model"], decimal(micros)])
+        })
+        .collect();
+    assert_eq!(shown["models"], Value::Array(want));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_drills_down_from_a_tenant_to_a_user_to_a_record_in_chromium() {
+    let (server, _) = seeded_server().await;
+    let Some(mut wd) = browser(json!({})).await else {
+        return;
+    };
+    sign_in(&wd, &server.url, ADMIN, "/").await;
+    wd.click_and_wait(
+        "#top-tenants a[href='/tenants/initech']",
+        "initech's page",
+        "return location.pathname === '/tenants/initech' && !!document.getElementById('records-section')",
+    )
+    .await;
+    let users = wd
+        .exec("return Array.from(document.querySelectorAll('#top-users tbody tr')).map((r) => r.cells[0].textContent.trim())")
+        .await;
+    assert_eq!(users, json!(["dave (initech)"]));
+    wd.save_page(1400, "dashboard-tenant").await;
+    wd.click_and_wait(
+        "#top-users a[href='/tenants/initech/users/dave']",
+        "dave's page",
+        "return location.pathname === '/tenants/initech/users/dave' && !!document.getElementById('records')",
+    )
+    .await;
+    // Dave's records of the last 30 days, newest first.
+    let rows = wd
+        .exec("return Array.from(document.querySelectorAll('#records tbody tr')).map((r) => [r.cells[2].textContent.trim(), r.querySelector('[data-cost]').dataset.cost])")
+        .await;
+    assert_eq!(
+        rows,
+        json!([
+            ["gpt-4o", "1234.500000"],
+            ["claude-sonnet-4-5", "12.345678"],
+            ["gpt-4o-mini", "0.400000"],
+            ["claude-sonnet-4", "7.250000"]
+        ])
+    );
+    wd.save_page(1400, "dashboard-user").await;
+    wd.click_and_wait(
+        "#records tbody tr:first-child a.record",
+        "the record",
+        "return location.pathname.startsWith('/records/') && !!document.getElementById('record')",
+    )
+    .await;
+    let record = wd
+        .exec("const t = (id) => document.getElementById(id).textContent.trim(); return { cost: document.getElementById('record-cost').dataset.cost, user: t('record-user'), status: t('record-status'), pricing: t('record-pricing'), time: t('record-time') }")
+        .await;
+    assert_eq!(record["cost"], "1234.500000");
+    assert_eq!(record["user"], "dave");
+    assert_eq!(record["status"], "success");
+    assert_eq!(record["pricing"], "caller");
+    assert!(
+        record["time"]
+            .as_str()
+            .unwrap()
+            .starts_with("2026-03-09 15:00:00"),
+        "{record}"
+    );
+    // And back up: the record links to its user.
+    wd.click_and_wait(
+        "#record-user",
+        "dave's page again",
+        "return location.pathname === '/tenants/initech/users/dave'",
+    )
+    .await;
+    wd.close().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_date_range_change_updates_charts_and_tables_in_chromium() {
+    let (server, _) = seeded_server().await;
+    let Some(mut wd) = browser(json!({})).await else {
+        return;
+    };
+    sign_in(&wd, &server.url, ADMIN, "/").await;
+    let first = wd.exec(READ_RANGE).await;
+    assert_range_matches_the_api(&server, &first, "2026-02-09", "2026-03-10").await;
+    // A preset.
+    wd.click_and_wait(
+        "#preset-7d",
+        "the last 7 days",
+        "return location.search.includes('range=7d') && document.querySelectorAll('#daily-chart rect.bar').length === 7",
+    )
+    .await;
+    let week = wd.exec(READ_RANGE).await;
+    assert_range_matches_the_api(&server, &week, "2026-03-04", "2026-03-10").await;
+    assert_ne!(week["total"], first["total"]);
+    wd.click_and_wait(
+        "#preset-last-month",
+        "last month",
+        "return location.search.includes('range=last-month') && document.querySelectorAll('#daily-chart rect.bar').length === 28",
+    )
+    .await;
+    let feb = wd.exec(READ_RANGE).await;
+    assert_range_matches_the_api(&server, &feb, "2026-02-01", "2026-02-28").await;
+    // A custom range through the form.
+    wd.exec("document.getElementById('from').value = '2026-02-20'; document.getElementById('to').value = '2026-03-05'; return true")
+        .await;
+    wd.click_and_wait(
+        "#apply",
+        "the custom range",
+        "return location.search.includes('from=2026-02-20') && document.querySelectorAll('#daily-chart rect.bar').length === 14",
+    )
+    .await;
+    let custom = wd.exec(READ_RANGE).await;
+    assert_range_matches_the_api(&server, &custom, "2026-02-20", "2026-03-05").await;
+    assert_eq!(custom["label"], "2026-02-20 to 2026-03-05");
+    wd.close().await;
+    server.stop().await;
+}
+
+/// Every name of the tenants other than acme in [`SEEDS`], and the figures only they have.
+const NOT_ACME: [&str; 8] = [
+    "globex",
+    "initech",
+    "carol",
+    "dave",
+    "erin",
+    "1,234.50",
+    "1234.5",
+    "12.345678",
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_session_sees_only_its_own_tenant_in_chromium() {
+    let (server, _) = seeded_server().await;
+    let key = server.tenant_key("acme").await;
+    let Some(mut wd) = browser(json!({})).await else {
+        return;
+    };
+    // A tenant key lands on its own tenant's page.
+    sign_in(&wd, &server.url, &key, "/tenants/acme").await;
+    let mut seen_alice = false;
+    for path in [
+        "/",
+        "/tenants/acme",
+        "/tenants/acme?range=90d",
+        "/tenants/acme/users/alice?range=90d",
+        "/tenants/acme/users/bob",
+        "/models/gpt-4o?range=90d",
+        "/models/claude-sonnet-4-5?range=90d",
+        "/alerts",
+    ] {
+        open(&wd, &server.url, path).await;
+        let html = wd
+            .exec("return document.documentElement.outerHTML")
+            .await
+            .as_str()
+            .unwrap()
+            .to_owned();
+        for needle in NOT_ACME {
+            assert!(
+                !html.contains(needle),
+                "{path} shows `{needle}` of another tenant"
+            );
+        }
+        seen_alice |= html.contains("alice");
+    }
+    assert!(seen_alice, "the tenant's own users are shown");
+    // Its alert (90% of its day) is listed.
+    open(&wd, &server.url, "/alerts").await;
+    let count = wd
+        .exec("return document.getElementById('alert-count').textContent")
+        .await;
+    assert_eq!(count, "1");
+    // Another tenant's page is refused, naming nothing of it.
+    open(&wd, &server.url, "/tenants/initech").await;
+    let html = wd
+        .exec("return document.getElementById('page-error') ? document.body.innerText : null")
+        .await;
+    let text = html.as_str().expect("an error page");
+    assert!(text.contains("own tenant only"), "{text}");
+    assert!(!text.contains("dave"));
+    open(&wd, &server.url, "/tenants/acme").await;
+    wd.save_page(1400, "dashboard-tenant-view").await;
+    wd.close().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_budget_set_from_the_form_is_enforced_by_the_next_reservation_in_chromium() {
+    let (server, _) = seeded_server().await;
+    let Some(mut wd) = browser(json!({})).await else {
+        return;
+    };
+    sign_in(&wd, &server.url, ADMIN, "/").await;
+    // Admitted before.
+    let (st, v) = server
+        .post(
+            "/v1/check",
+            ADMIN,
+            crate::support::reserve_body("globex", "erin"),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["allowed"], true, "{v}");
+    open(&wd, &server.url, "/manage").await;
+    let tenant = wd.find("#budget-tenant").await;
+    wd.type_into(&tenant, "globex").await;
+    let daily = wd.find("#budget-daily").await;
+    wd.type_into(&daily, "0.0001").await;
+    wd.click_and_wait(
+        "#budget-save",
+        "globex's page",
+        "return location.pathname === '/tenants/globex' && !!document.getElementById('budgets')",
+    )
+    .await;
+    // The page meters the new budget: far over it today.
+    let meter = wd
+        .exec("const r = Array.from(document.querySelectorAll('#budgets tbody tr')).find((r) => r.dataset.scope === 'tenant globex' && r.dataset.window === 'day'); return r ? [r.dataset.limit, r.className] : null")
+        .await;
+    assert_eq!(meter, json!(["0.000100", "meter-bad"]));
+    // The next reservation is refused by it.
+    let (st, v) = server
+        .post(
+            "/v1/reservations",
+            ADMIN,
+            crate::support::reserve_body("globex", "erin"),
+        )
+        .await;
+    assert_eq!(st, 429, "{v}");
+    assert_eq!(crate::support::error_code(&v), "budget_exceeded");
+    assert!(
+        v["error"]["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["scope"] == "tenant" && l["scope_id"] == "globex"),
+        "{v}"
+    );
+    // Another tenant is not.
+    let (st, v) = server
+        .post(
+            "/v1/reservations",
+            ADMIN,
+            crate::support::reserve_body("initech", "dave"),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    // And the change is in the audit log.
+    open(&wd, &server.url, "/audit").await;
+    let rows = wd
+        .exec("return Array.from(document.querySelectorAll('#audit tbody tr')).map((r) => [r.dataset.action, r.cells[3].textContent.trim(), r.cells[1].textContent.trim().replace(/#[0-9a-f]{8}/, '#…')])")
+        .await;
+    // Newest first: the form's change, then the seeding's through the admin API.
+    assert_eq!(
+        rows,
+        json!([
+            ["budget.set", "tenant globex", "admin key #… (dashboard)"],
+            ["budget.set", "tenant acme", "admin (API)"]
+        ])
+    );
+    wd.save_page(1400, "dashboard-manage-audit").await;
+    open(&wd, &server.url, "/manage").await;
+    wd.save_page(1400, "dashboard-manage").await;
+    wd.close().await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_fits_375_px_and_follows_dark_mode_in_chromium() {
+    let (server, _) = seeded_server().await;
+    let phone = json!({ "mobileEmulation": { "deviceMetrics": { "width": 375, "height": 812, "pixelRatio": 2.0 } } });
+    let Some(mut wd) = browser(phone).await else {
+        return;
+    };
+    sign_in(&wd, &server.url, ADMIN, "/").await;
+    for path in [
+        "/",
+        "/?range=90d",
+        "/tenants/initech",
+        "/tenants/initech/users/dave",
+        "/tenants/globex/companies/globex-eu",
+        "/models/gpt-4o",
+        "/alerts",
+        "/manage",
+        "/audit",
+    ] {
+        open(&wd, &server.url, path).await;
+        let width = wd
+            .exec("return [document.documentElement.scrollWidth, window.innerWidth]")
+            .await;
+        assert_eq!(
+            width[1], 375,
+            "{path}: the viewport is not a phone's: {width}"
+        );
+        assert!(
+            width[0].as_u64().unwrap() <= 375,
+            "{path} scrolls sideways at 375 px: {width}"
+        );
+    }
+    open(&wd, &server.url, "/tenants/initech/users/dave").await;
+    wd.click_and_wait(
+        "#records tbody tr:first-child a.record",
+        "a record",
+        "return location.pathname.startsWith('/records/') && !!document.getElementById('record')",
+    )
+    .await;
+    let width = wd.exec("return document.documentElement.scrollWidth").await;
+    assert!(
+        width.as_u64().unwrap() <= 375,
+        "a record scrolls sideways: {width}"
+    );
+    open(&wd, &server.url, "/").await;
+    let png = wd.screenshot().await;
+    std::fs::write(screenshot_dir().join("dashboard-phone.png"), &png).unwrap();
+    // Dark mode: the system's preference is followed.
+    let light = wd
+        .exec("return getComputedStyle(document.body).backgroundColor")
+        .await;
+    assert_eq!(light, "rgb(246, 248, 251)");
+    wd.cdp(
+        "Emulation.setEmulatedMedia",
+        json!({ "features": [{ "name": "prefers-color-scheme", "value": "dark" }] }),
+    )
+    .await;
+    open(&wd, &server.url, "/").await;
+    let dark = wd
+        .exec("return [getComputedStyle(document.body).backgroundColor, getComputedStyle(document.body).color, document.documentElement.scrollWidth]")
+        .await;
+    assert_eq!(dark[0], "rgb(18, 22, 29)", "{dark}");
+    assert_eq!(dark[1], "rgb(228, 232, 239)", "{dark}");
+    assert!(dark[2].as_u64().unwrap() <= 375);
+    let png = wd.screenshot().await;
+    std::fs::write(screenshot_dir().join("dashboard-phone-dark.png"), &png).unwrap();
+    wd.close().await;
+    server.stop().await;
+}
+
+/// Where the page screenshots go: `SPENDGUARD_SCREENSHOT_DIR` (the README's are made with
+/// `SPENDGUARD_SCREENSHOT_DIR=docs`, relative to the workspace), else `target/`.
+fn screenshot_dir() -> PathBuf {
+    match std::env::var_os("SPENDGUARD_SCREENSHOT_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => {
+            let d = PathBuf::from(d);
+            let d = if d.is_relative() {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(d)
+            } else {
+                d
+            };
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        }
+        None => {
+            let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+            tmp.parent().unwrap_or(tmp).to_path_buf()
+        }
+    }
 }
 
 /// `target/dashboard.png`.
@@ -761,9 +1239,20 @@ impl WebDriver {
     }
 
     async fn new_session(&mut self, browser: &Path) {
+        self.new_session_with(browser, json!({})).await;
+    }
+
+    /// A session whose `goog:chromeOptions` also hold `extra` (e.g. `mobileEmulation`).
+    async fn new_session_with(&mut self, browser: &Path, extra: Value) {
+        let mut options = json!({ "binary": browser, "args": CHROME_ARGS });
+        if let (Some(o), Some(e)) = (options.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                o.insert(k.clone(), v.clone());
+            }
+        }
         let caps = json!({ "capabilities": { "alwaysMatch": {
             "browserName": "chrome",
-            "goog:chromeOptions": { "binary": browser, "args": CHROME_ARGS },
+            "goog:chromeOptions": options,
         } } });
         let v = self
             .send(M::POST, "/session", Some(caps))
@@ -864,6 +1353,38 @@ impl WebDriver {
         base64::engine::general_purpose::STANDARD
             .decode(v.as_str().unwrap())
             .unwrap()
+    }
+
+    /// A Chrome DevTools command, through chromedriver.
+    async fn cdp(&self, cmd: &str, params: Value) -> Value {
+        self.cmd(
+            M::POST,
+            "/goog/cdp/execute",
+            Some(json!({ "cmd": cmd, "params": params })),
+        )
+        .await
+    }
+
+    /// Clicks the element `css` and waits until `done` (a script) returns true.
+    async fn click_and_wait(&self, css: &str, what: &str, done: &str) {
+        let e = self.find(css).await;
+        self.click(&e).await;
+        self.wait_for(what, done).await;
+    }
+
+    /// Saves a screenshot of the whole page as `name`.png (see [`screenshot_dir`]).
+    async fn save_page(&self, width: u64, name: &str) {
+        let height = self
+            .exec("return Math.ceil(document.documentElement.scrollHeight + window.outerHeight - window.innerHeight)")
+            .await
+            .as_u64()
+            .unwrap();
+        self.set_window_size(width, height.clamp(600, 6000)).await;
+        let png = self.screenshot().await;
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+        let path = screenshot_dir().join(format!("{name}.png"));
+        std::fs::write(&path, &png).unwrap();
+        println!("screenshot: {}", path.display());
     }
 
     /// Ends the session: the browser quits.

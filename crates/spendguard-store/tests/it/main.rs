@@ -2,6 +2,7 @@
 //! tests particular to each.
 
 mod analytics;
+mod browse;
 mod conformance;
 mod postgres_only;
 mod sqlite_only;
@@ -38,6 +39,8 @@ macro_rules! conformance {
             analytics::alerts_are_inserted_exactly_once,
             analytics::alerts_list_newest_first_with_filters,
             analytics::deliveries_move_through_their_states,
+            browse::dashboard_reads_match_the_records,
+            browse::audit_log_and_acknowledgements_round_trip,
         );
     };
     (@tests $backend:ident, $make:path; $($module:ident :: $test:ident),* $(,)?) => {
