@@ -333,6 +333,8 @@ async fn postgres_rls_shows_a_tenant_its_rows_and_the_sql_functions_match_the_ap
     )
     .await;
     spend(&server).await;
+    // Acknowledged writes reach the tables through the journal's projection.
+    server.projected().await;
     let acme_key = server.tenant_key("acme").await;
 
     // The application's role: granted what docs/postgresql.md says, and more (every table,
@@ -532,6 +534,7 @@ async fn postgres_rls_shows_a_tenant_its_rows_and_the_sql_functions_match_the_ap
         )
         .await;
     assert_eq!(st, 201, "{v}");
+    server.projected().await;
     assert_eq!(count(&owner, "ai_usage").await, 6);
     server.stop().await;
     drop(s);

@@ -212,6 +212,12 @@ impl TestServer {
         v["key"].as_str().unwrap().to_owned()
     }
 
+    /// Projects the store's journal, so that SQL readers of the tables see every
+    /// acknowledged write.
+    pub async fn projected(&self) {
+        self.state.guard.store().catch_up().await.unwrap();
+    }
+
     pub async fn stop(mut self) {
         self.halt().await;
     }
