@@ -18,9 +18,15 @@
 //! microseconds since the Unix epoch on SQLite; window starts are integer microseconds on
 //! both, as they are keys.
 //!
+//! # The journal
+//! [`Store::apply`] makes a batch durable by appending it to `journal`; a projector applies the
+//! journal to the tables below off the acknowledgement path, and reads through the store
+//! project what waits first (see the `journal` module).
+//!
 //! # Rollups
 //! A usage row and its rollup increments (`rollups` and `usage_rollups`) are written in the
-//! same transaction, and the increments are made only for rows that were actually inserted.
+//! same projection transaction, and the increments are made only for rows that were actually
+//! inserted.
 //! Applying a batch again therefore changes nothing, `rollups` always equals the sums over
 //! `ai_usage` ([`Store::recount`]), and `usage_rollups` what
 //! [`AnyStore::rebuild_usage_rollups`] computes from it. Sums saturate at `i64::MAX`, like
@@ -70,9 +76,10 @@ pub use sqlite::SqliteStore;
 
 /// The persistence interface of spendguard: every backend implements it.
 pub trait Store: Send + Sync + 'static {
-    /// Applies a batch of events in ONE transaction. Idempotent: applying the same events
-    /// again (e.g. replay from a spool after an outage, or a batch retried after an error
-    /// whose commit status is unknown) changes nothing.
+    /// Makes a batch of events durable, all or nothing (one journal row, projected into the
+    /// tables in one transaction). Idempotent: applying the same events again (e.g. replay
+    /// from a spool after an outage, or a batch retried after an error whose commit status
+    /// is unknown) changes nothing in the tables.
     fn apply(&self, events: &[Event]) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Start-up state: rollup counters of windows with day start >= `day_start` (window
