@@ -46,47 +46,56 @@ pub(crate) const REPORT_CATCH_UP: Duration = Duration::from_secs(1);
 /// Pending events that wake the projector before [`PROJECT_EVERY`].
 const PROJECT_AT: u64 = 2048;
 
-/// What the appender and the projector share.
+/// What the appender and the projector share: whether batches may wait for their
+/// projection (so that reads project first), and when to wake the projector.
 #[derive(Debug, Default)]
 pub(crate) struct Journal {
-    /// Events appended and not projected yet (a hint: the cursor is the truth).
-    pending: AtomicU64,
+    /// Batches this store appended (counted once each is committed).
+    appends: AtomicU64,
+    /// The value of `appends` seen before a projection that left nothing behind: every batch
+    /// counted up to it is projected.
+    caught: AtomicU64,
+    /// Events appended since the projector last left nothing behind (a hint for waking it).
+    waiting: AtomicU64,
     wake: Notify,
 }
 
 impl Journal {
     /// A journal that may hold batches from before this process: the projector looks at
-    /// once.
+    /// once, and the first read projects.
     pub fn unknown() -> Journal {
         Journal {
-            pending: AtomicU64::new(1),
-            wake: Notify::new(),
+            appends: AtomicU64::new(1),
+            ..Journal::default()
         }
     }
 
-    /// Notes `n` appended events, waking the projector when enough wait.
+    /// Notes a committed append of `n` events, waking the projector when enough wait.
     pub fn appended(&self, n: usize) {
-        let before = self.pending.fetch_add(n as u64, Ordering::Relaxed);
+        self.appends.fetch_add(1, Ordering::SeqCst);
+        let before = self.waiting.fetch_add(n as u64, Ordering::Relaxed);
         if before < PROJECT_AT && before + n as u64 >= PROJECT_AT {
             self.wake.notify_one();
         }
     }
 
-    /// Notes that a projection found `left` events or none (`0`) after it.
-    pub fn projected(&self, n: usize, more: bool) {
-        if more {
-            let _ = self
-                .pending
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |p| {
-                    Some(p.saturating_sub(n as u64).max(1))
-                });
-        } else {
-            self.pending.store(0, Ordering::Relaxed);
+    /// What a projection must note when it finishes: taken before it reads the journal, so
+    /// that an append committed after the read keeps the journal pending.
+    pub fn observe(&self) -> u64 {
+        self.appends.load(Ordering::SeqCst)
+    }
+
+    /// Notes that a projection that began at `observed` left batches behind (`more`) or none.
+    pub fn projected(&self, observed: u64, more: bool) {
+        if !more {
+            self.caught.fetch_max(observed, Ordering::SeqCst);
+            self.waiting.store(0, Ordering::Relaxed);
         }
     }
 
+    /// Whether batches may wait for their projection.
     pub fn pending(&self) -> bool {
-        self.pending.load(Ordering::Relaxed) > 0
+        self.appends.load(Ordering::SeqCst) > self.caught.load(Ordering::SeqCst)
     }
 
     /// Waits until the projector should look again.
@@ -183,14 +192,24 @@ mod tests {
     }
 
     #[test]
-    fn pending_counts_until_a_projection_finds_nothing() {
+    fn pending_until_a_projection_that_began_after_the_append_finds_nothing() {
         let j = Journal::default();
         assert!(!j.pending());
         j.appended(3);
         assert!(j.pending());
-        j.projected(3, true);
-        assert!(j.pending(), "more remained: the projector must look again");
-        j.projected(1, false);
+        let seen = j.observe();
+        j.projected(seen, true);
+        assert!(
+            j.pending(),
+            "batches remained: the projector must look again"
+        );
+        // A projection that read the journal before an append committed does not clear it.
+        let seen = j.observe();
+        j.appended(1);
+        j.projected(seen, false);
+        assert!(j.pending(), "the later append was not projected");
+        let seen = j.observe();
+        j.projected(seen, false);
         assert!(!j.pending());
         assert!(Journal::unknown().pending());
     }

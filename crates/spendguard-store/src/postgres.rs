@@ -865,9 +865,10 @@ impl PostgresStore {
             return Ok(());
         }
         let _turn = self.projecting.lock().await;
+        let seen = self.journal.observe();
         loop {
-            let (n, more) = project(&self.pool, self.keep_journal).await?;
-            self.journal.projected(n, more);
+            let (_, more) = project(&self.pool, self.keep_journal).await?;
+            self.journal.projected(seen, more);
             if !more {
                 return Ok(());
             }
@@ -1188,11 +1189,12 @@ async fn project_in_background(
         }
         let result = {
             let _turn = projecting.lock().await;
-            project(&pool, keep).await
+            let seen = journal.observe();
+            project(&pool, keep).await.map(|(_, more)| (seen, more))
         };
         more = match result {
-            Ok((n, more)) => {
-                journal.projected(n, more);
+            Ok((seen, more)) => {
+                journal.projected(seen, more);
                 more
             }
             Err(e) => {

@@ -871,8 +871,9 @@ async fn project_in_background(
         let j = journal.clone();
         let result = blocking(move || {
             let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
-            let (n, more) = project_blocking(&mut conn, keep)?;
-            j.projected(n, more);
+            let seen = j.observe();
+            let (_, more) = project_blocking(&mut conn, keep)?;
+            j.projected(seen, more);
             Ok(more)
         })
         .await;
@@ -1158,8 +1159,9 @@ impl SqliteStore {
         let look = self.lock.is_none();
         self.with_conn(move |conn| {
             if look || journal.pending() {
-                let n = catch_up_blocking(conn, keep)?;
-                journal.projected(n, false);
+                let seen = journal.observe();
+                catch_up_blocking(conn, keep)?;
+                journal.projected(seen, false);
             }
             f(conn)
         })
