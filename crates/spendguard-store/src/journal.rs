@@ -133,6 +133,48 @@ pub(crate) fn encode(events: &[Event], nul_free: bool) -> Result<Vec<u8>, StoreE
     Ok(bytes)
 }
 
+/// Journal batches taken for one projection, in journal order: whole batches, until about a
+/// limit of events.
+#[derive(Debug, Default)]
+pub(crate) struct Taken {
+    pub batches: Vec<(i64, Vec<Event>)>,
+    events: usize,
+    /// Batches were left for the next projection.
+    pub more: bool,
+}
+
+impl Taken {
+    /// Takes the batch of row `seq` unless `limit` events are taken already (then notes
+    /// that more remain and returns `false`: stop reading).
+    pub fn take(&mut self, limit: usize, seq: i64, body: &[u8]) -> Result<bool, StoreError> {
+        if self.events >= limit {
+            self.more = true;
+            return Ok(false);
+        }
+        let batch = decode(seq, body)?;
+        self.events += batch.len();
+        self.batches.push((seq, batch));
+        Ok(true)
+    }
+
+    /// The sequence number of the last batch taken.
+    pub fn last(&self) -> Option<i64> {
+        self.batches.last().map(|(seq, _)| *seq)
+    }
+
+    /// Every event taken, in order.
+    pub fn events(&self) -> Vec<Event> {
+        self.batches
+            .iter()
+            .flat_map(|(_, b)| b.iter().cloned())
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.events
+    }
+}
+
 /// A journal row's events.
 pub(crate) fn decode(seq: i64, bytes: &[u8]) -> Result<Vec<Event>, StoreError> {
     serde_json::from_slice(bytes)

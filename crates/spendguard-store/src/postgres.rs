@@ -1099,26 +1099,18 @@ async fn project(pool: &Pool, keep: bool) -> Result<(usize, bool), StoreError> {
         )
         .await
         .db()?;
-    let mut more = rows.len() as i64 == PROJECT_ROWS;
-    let mut batches = Vec::new();
-    let mut events = 0;
+    let mut taken = journal::Taken::default();
     for row in &rows {
-        if events >= PROJECT_EVENTS {
-            more = true;
+        if !taken.take(PROJECT_EVENTS, get(row, 0)?, get::<&[u8]>(row, 1)?)? {
             break;
         }
-        let seq: i64 = get(row, 0)?;
-        let batch = journal::decode(seq, get::<&[u8]>(row, 1)?)?;
-        events += batch.len();
-        batches.push((seq, batch));
     }
-    let Some(&(last, _)) = batches.last() else {
+    // A full page of rows may have more behind it.
+    taken.more |= rows.len() as i64 == PROJECT_ROWS;
+    let Some(last) = taken.last() else {
         return Ok((0, false));
     };
-    let all: Vec<Event> = batches
-        .iter()
-        .flat_map(|(_, b)| b.iter().cloned())
-        .collect();
+    let all = taken.events();
     let mut tx = tx;
     let sp = tx.savepoint("projection").await.db()?;
     match apply_events(&sp, &all).await {
@@ -1129,7 +1121,7 @@ async fn project(pool: &Pool, keep: bool) -> Result<(usize, bool), StoreError> {
         Err(e) => {
             tracing::error!(error = %e, "the projection of journal batches was refused; applying them one event at a time");
             sp.rollback().await.db()?;
-            for (seq, batch) in &batches {
+            for (seq, batch) in &taken.batches {
                 for (i, event) in batch.iter().enumerate() {
                     let one = tx.savepoint("one").await.db()?;
                     match apply_events(&one, std::slice::from_ref(event)).await {
@@ -1167,7 +1159,7 @@ async fn project(pool: &Pool, keep: bool) -> Result<(usize, bool), StoreError> {
             .db()?;
     }
     tx.commit().await.db()?;
-    Ok((events, more))
+    Ok((taken.len(), taken.more))
 }
 
 /// The projector: projects the journal whenever batches wait, until it is aborted.

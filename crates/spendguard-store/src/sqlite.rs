@@ -771,37 +771,23 @@ fn project_blocking(conn: &mut Connection, keep: bool) -> Result<(usize, bool), 
         .db()?
         .query_row([], |r| r.get(0))
         .db()?;
-    let mut batches = Vec::new();
-    let mut events = 0;
-    let mut more = false;
+    let mut taken = journal::Taken::default();
     {
         let mut stmt = tx
             .prepare_cached("SELECT seq, events FROM journal WHERE seq > ?1 ORDER BY seq")
             .db()?;
         let mut rows = stmt.query([cursor]).db()?;
         while let Some(row) = rows.next().db()? {
-            if events >= PROJECT_EVENTS {
-                more = true;
+            let (seq, body) = journal_row(row)?;
+            if !taken.take(PROJECT_EVENTS, seq, body)? {
                 break;
             }
-            let seq: i64 = row.get(0).db()?;
-            let body = row
-                .get_ref(1)
-                .db()?
-                .as_blob()
-                .map_err(|e| corrupt(format!("journal batch {seq}: {e}")))?;
-            let batch = journal::decode(seq, body)?;
-            events += batch.len();
-            batches.push((seq, batch));
         }
     }
-    let Some(&(last, _)) = batches.last() else {
+    let Some(last) = taken.last() else {
         return Ok((0, false));
     };
-    let all: Vec<Event> = batches
-        .iter()
-        .flat_map(|(_, b)| b.iter().cloned())
-        .collect();
+    let all = taken.events();
     tx.execute_batch("SAVEPOINT projection").db()?;
     match apply_events(&tx, &all) {
         Ok(()) => tx.execute_batch("RELEASE projection").db()?,
@@ -812,7 +798,7 @@ fn project_blocking(conn: &mut Connection, keep: bool) -> Result<(usize, bool), 
             tracing::error!(error = %e, "the projection of journal batches was refused; applying them one event at a time");
             tx.execute_batch("ROLLBACK TO projection; RELEASE projection")
                 .db()?;
-            for (seq, batch) in &batches {
+            for (seq, batch) in &taken.batches {
                 for (i, event) in batch.iter().enumerate() {
                     tx.execute_batch("SAVEPOINT one").db()?;
                     match apply_events(&tx, std::slice::from_ref(event)) {
@@ -847,7 +833,18 @@ fn project_blocking(conn: &mut Connection, keep: bool) -> Result<(usize, bool), 
             .db()?;
     }
     tx.commit().db()?;
-    Ok((events, more))
+    Ok((taken.len(), taken.more))
+}
+
+/// A journal row's sequence number and body.
+fn journal_row<'r>(row: &'r Row<'_>) -> Result<(i64, &'r [u8]), StoreError> {
+    let seq: i64 = row.get(0).db()?;
+    let body = row
+        .get_ref(1)
+        .db()?
+        .as_blob()
+        .map_err(|e| corrupt(format!("journal batch {seq}: {e}")))?;
+    Ok((seq, body))
 }
 
 /// The projector: projects the journal whenever batches wait, until the store is dropped.
@@ -1131,12 +1128,7 @@ impl SqliteStore {
             let mut rows = stmt.query([]).db()?;
             let mut out = Vec::new();
             while let Some(row) = rows.next().db()? {
-                let seq: i64 = row.get(0).db()?;
-                let body = row
-                    .get_ref(1)
-                    .db()?
-                    .as_blob()
-                    .map_err(|e| corrupt(format!("journal batch {seq}: {e}")))?;
+                let (seq, body) = journal_row(row)?;
                 out.push(journal::decode(seq, body)?);
             }
             Ok(out)
