@@ -1,19 +1,26 @@
 // Generated from spendguard's /openapi.json by scripts/generate-types.mjs: do not edit.
 // Regenerate: node scripts/generate-types.mjs http://127.0.0.1:8080/openapi.json > src/api.d.ts
 
+/** The dashboard's acknowledgement of an alert. */
+export interface AckForm {
+  /** Where to go afterwards (a path on this site). */
+  back?: string | null;
+  csrf: string;
+}
+
 /** An alert's kind. */
 export type AlertKindName = "threshold" | "projected" | "dead_letter";
 
 /** An alert as JSON: in `GET /v1/alerts`, and as a webhook's body. */
 export interface AlertOut {
   /** Spend when raised; for `projected`, the projected spend of the month. */
-  amount_usd: number;
+  amount_usd: number | string;
   created_at: string;
   id: number;
   /** `threshold` or `projected`. */
   kind: AlertKindName;
-  /** USD, at most 6 decimals */
-  limit_usd: number;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  limit_usd: number | string;
   message: string;
   scope: ScopeName;
   scope_id: string;
@@ -47,6 +54,18 @@ export interface BudgetBody {
   monthly_usd?: number | string | null;
 }
 
+/** The dashboard's budget form (empty amounts clear the override). */
+export interface BudgetForm {
+  csrf: string;
+  daily_usd?: string | null;
+  /** The company or user. */
+  id?: string | null;
+  monthly_usd?: string | null;
+  /** global, tenant, company or user. */
+  scope: string;
+  tenant_id?: string | null;
+}
+
 /** A scope's budget: the override set through the admin API and the caps in force. */
 export interface BudgetOut {
   /** The caps enforced: the override, else the configuration. */
@@ -66,10 +85,10 @@ export interface BudgetsOut {
 
 /** A daily and a monthly cap (`null`: none). */
 export interface CapsOut {
-  /** USD, at most 6 decimals */
-  daily_usd: number | null;
-  /** USD, at most 6 decimals */
-  monthly_usd: number | null;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  daily_usd: number | string | null;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  monthly_usd: number | string | null;
 }
 
 /** The answer to a check. */
@@ -101,8 +120,8 @@ export type CommitStatus = "success" | "error" | "cancelled" | "truncated";
 export interface CommittedOut {
   cached_input_tokens: number;
   company_id: string | null;
-  /** USD, at most 6 decimals */
-  cost_usd: number;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  cost_usd: number | string;
   created_at: string;
   endpoint: string | null;
   input_tokens: number;
@@ -116,12 +135,17 @@ export interface CommittedOut {
   replayed: boolean;
   request_status: RequestStatusName;
   reservation_id: string | null;
-  /** USD, at most 6 decimals */
-  reserved_cost_usd: number;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  reserved_cost_usd: number | string;
   subscription_tier: string;
   tenant_id: string;
   usage_id: string;
   user_id: string;
+}
+
+/** A dashboard form that carries only the session's CSRF token. */
+export interface CsrfForm {
+  csrf: string;
 }
 
 /** A user's usage on one day. */
@@ -183,6 +207,12 @@ export interface KeyCreatedOut {
   tenant_id: string | null;
 }
 
+/** The dashboard's form to create a tenant key. */
+export interface KeyForm {
+  csrf: string;
+  tenant_id: string;
+}
+
 /** An API key as listings show it (never the key itself). */
 export interface KeyOut {
   created_at: string;
@@ -239,15 +269,15 @@ export interface LimitsQuery {
 
 /** The login form of the dashboard. */
 export interface LoginForm {
-  /** The admin key. */
+  /** The admin key or a tenant key. */
   key: string;
 }
 
 /** One model's share of a user's day. */
 export interface ModelDayOut {
   cached_input_tokens: number;
-  /** USD, at most 6 decimals */
-  cost_usd: number;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  cost_usd: number | string;
   input_tokens: number;
   model: string;
   output_tokens: number;
@@ -260,14 +290,14 @@ export type OnStoreErrorName = "spool" | "deny";
 
 /** One model's price, USD per million tokens. */
 export interface PriceOut {
-  /** USD, at most 6 decimals */
-  cached_input: number;
-  /** USD, at most 6 decimals */
-  input: number;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  cached_input: number | string;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  input: number | string;
   /** The model name; dated names (`gpt-4o-2024-08-06`) resolve to it. */
   model: string;
-  /** USD, at most 6 decimals */
-  output: number;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  output: number | string;
 }
 
 /** The unit of prices. */
@@ -357,8 +387,8 @@ export interface ReportRowOut {
   cached_input_tokens: number;
   /** With `group_by=company`; `null`: usage without a company. */
   company_id?: string | null;
-  /** USD, at most 6 decimals */
-  cost_usd: number;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  cost_usd: number | string;
   /** With `group_by=day`. */
   day?: string | null;
   /** With `group_by=endpoint`; `null`: usage without an endpoint. */
@@ -403,8 +433,8 @@ export interface ReservedOut {
   /** The same idempotency key and body were answered before (status 200). */
   replayed: boolean;
   reservation_id: string;
-  /** USD, at most 6 decimals */
-  reserved_cost_usd: number;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  reserved_cost_usd: number | string;
   reserved_tokens: number;
   tier: string;
 }
@@ -431,8 +461,8 @@ export interface TenantQuery {
 /** Sums as JSON (money as a USD number). */
 export interface TotalsOut {
   cached_input_tokens: number;
-  /** USD, at most 6 decimals */
-  cost_usd: number;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  cost_usd: number | string;
   input_tokens: number;
   output_tokens: number;
   requests: number;
@@ -450,6 +480,11 @@ export interface UsageBody {
   cached_input_tokens?: number | null;
   company_id?: string | null;
   cost_usd?: number | string | null;
+  /**
+   * When the call was made (RFC 3339), for importing history: admin key only; from
+   * 1970 to now. The record counts in the day and month of that time.
+   */
+  created_at?: string | null;
   endpoint?: string | null;
   idempotency_key?: string | null;
   input_tokens: number;
@@ -469,8 +504,8 @@ export interface UsageBody {
 export interface UsageOut {
   cached_input_tokens: number;
   company_id: string | null;
-  /** USD, at most 6 decimals */
-  cost_usd: number;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  cost_usd: number | string;
   created_at: string;
   endpoint: string | null;
   input_tokens: number;
@@ -483,6 +518,14 @@ export interface UsageOut {
   subscription_tier: string;
   tenant_id: string;
   usage_id: string;
+  user_id: string;
+}
+
+/** The dashboard's user tier form (an empty tier: the default). */
+export interface UserForm {
+  csrf: string;
+  tenant_id: string;
+  tier?: string | null;
   user_id: string;
 }
 

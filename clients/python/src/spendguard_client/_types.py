@@ -12,6 +12,9 @@ else:  # pragma: no cover
 
 #: USD in a request: a number or a decimal string ("0.75"), parsed exactly.
 UsdIn = Union[float, int, str]
+#: USD in an answer: a float, or from 1,000,000,000 USD up a decimal string (which a float
+#: cannot hold to the micro-dollar).
+UsdOut = Union[float, str]
 
 ErrorCode = Literal[
     "invalid_request",
@@ -101,7 +104,7 @@ class LimitOut(TypedDict):
 
 class ReservedOut(TypedDict):
     reservation_id: str
-    reserved_cost_usd: float
+    reserved_cost_usd: UsdOut
     reserved_tokens: int
     expires_at: str
     tier: str
@@ -131,14 +134,14 @@ class UsageOut(TypedDict):
     input_tokens: int
     cached_input_tokens: int
     output_tokens: int
-    cost_usd: float
+    cost_usd: UsdOut
     pricing: PricingName
     request_status: RequestStatusName
     created_at: str
 
 
 class CommittedOut(UsageOut):
-    reserved_cost_usd: float
+    reserved_cost_usd: UsdOut
     replayed: bool
     late: bool
 
@@ -167,6 +170,8 @@ class UsageBody(TypedDict):
     cost_usd: NotRequired[Optional[UsdIn]]
     status: NotRequired[Optional[CommitStatus]]
     idempotency_key: NotRequired[Optional[str]]
+    #: When the call was made (RFC 3339), for importing history: admin key only.
+    created_at: NotRequired[Optional[str]]
 
 
 class ErrorDetail(TypedDict):
@@ -197,7 +202,7 @@ class TotalsOut(TypedDict):
     cached_input_tokens: int
     output_tokens: int
     total_tokens: int
-    cost_usd: float
+    cost_usd: UsdOut
 
 
 class ModelDayOut(TotalsOut):
@@ -225,8 +230,8 @@ AlertOut = TypedDict(
         "window": WindowName,
         "window_start": str,
         "threshold_percent": int,
-        "amount_usd": float,
-        "limit_usd": float,
+        "amount_usd": UsdOut,
+        "limit_usd": UsdOut,
         "created_at": str,
         "message": str,
     },
