@@ -1,6 +1,6 @@
 """Type-checked by ``mypy --strict`` (never run): a typical use of the client."""
 
-from typing import Any, Dict
+from typing import Any, Dict, Union
 
 from spendguard_client import (
     AsyncSpendGuard,
@@ -36,7 +36,7 @@ def example(sg: SpendGuard) -> str:
     return c["request_status"] + str(day["totals"]["cost_usd"]) + call.committed["usage_id"]
 
 
-async def example_async(sg: AsyncSpendGuard) -> float:
+async def example_async(sg: AsyncSpendGuard) -> Union[float, str]:
     subject: Subject = {"tenant_id": "acme", "user_id": "alice", "model": "claude-haiku-4-5"}
     async with sg.guard(subject, {"input_tokens": 10, "max_output_tokens": 100}) as call:
         call.usage = {"input_tokens": 10, "output_tokens": 5}
