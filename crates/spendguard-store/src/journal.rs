@@ -24,6 +24,7 @@
 //! an event, it is applied alone and, refused again, kept as a dead letter; the events
 //! after it are projected.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -33,11 +34,6 @@ use tokio::sync::Notify;
 use crate::DeadLetter;
 use crate::error::StoreError;
 
-/// The most events one projection transaction applies (whole batches: it may go over by
-/// one batch). On SQLite an append waits for the projection transaction under way, so this
-/// bounds that wait too: 256 against 1,024 took the HTTP run's p99 from 28-29 ms to 21-22 ms
-/// at the same throughput (BENCHMARKS.md).
-pub(crate) const PROJECT_EVENTS: usize = 256;
 /// How often the projector looks for batches when nobody wakes it.
 pub(crate) const PROJECT_EVERY: Duration = Duration::from_millis(50);
 /// How long a report waits for the projection of pending batches before it reads what is
@@ -104,6 +100,40 @@ impl Journal {
     }
 }
 
+/// The projector: waits until batches may wait, then runs `project` (one projection
+/// transaction, answering whether batches remain; `None` once the store is gone, which ends
+/// the loop) and goes on at once while batches remain.
+pub(crate) async fn run_projector<F, P>(journal: Arc<Journal>, mut project: F)
+where
+    F: FnMut() -> Option<P>,
+    P: std::future::Future<Output = Result<bool, StoreError>>,
+{
+    let mut more = false;
+    loop {
+        if more {
+            // Let appends waiting for the connection in first.
+            tokio::task::yield_now().await;
+        } else {
+            journal.wait().await;
+            if !journal.pending() {
+                continue;
+            }
+        }
+        let seen = journal.observe();
+        let Some(projection) = project() else { return };
+        more = match projection.await {
+            Ok(more) => {
+                journal.projected(seen, more);
+                more
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "projecting the journal failed; retrying");
+                false
+            }
+        };
+    }
+}
+
 /// Runs `catch_up` for a report: at most [`REPORT_CATCH_UP`], then the report reads what
 /// is projected.
 pub(crate) async fn for_report(
@@ -137,8 +167,10 @@ pub(crate) fn encode(events: &[Event], nul_free: bool) -> Result<Vec<u8>, StoreE
 /// limit of events.
 #[derive(Debug, Default)]
 pub(crate) struct Taken {
-    pub batches: Vec<(i64, Vec<Event>)>,
-    events: usize,
+    /// Every event taken, in order.
+    pub events: Vec<Event>,
+    /// Each batch's sequence number and where its events are in `events`.
+    batches: Vec<(i64, std::ops::Range<usize>)>,
     /// Batches were left for the next projection.
     pub more: bool,
 }
@@ -147,13 +179,13 @@ impl Taken {
     /// Takes the batch of row `seq` unless `limit` events are taken already (then notes
     /// that more remain and returns `false`: stop reading).
     pub fn take(&mut self, limit: usize, seq: i64, body: &[u8]) -> Result<bool, StoreError> {
-        if self.events >= limit {
+        if self.events.len() >= limit {
             self.more = true;
             return Ok(false);
         }
-        let batch = decode(seq, body)?;
-        self.events += batch.len();
-        self.batches.push((seq, batch));
+        let start = self.events.len();
+        self.events.extend(decode(seq, body)?);
+        self.batches.push((seq, start..self.events.len()));
         Ok(true)
     }
 
@@ -162,16 +194,14 @@ impl Taken {
         self.batches.last().map(|(seq, _)| *seq)
     }
 
-    /// Every event taken, in order.
-    pub fn events(&self) -> Vec<Event> {
-        self.batches
-            .iter()
-            .flat_map(|(_, b)| b.iter().cloned())
-            .collect()
-    }
-
-    pub fn len(&self) -> usize {
-        self.events
+    /// Every event taken with its batch's sequence number and its index in the batch.
+    pub fn each(&self) -> impl Iterator<Item = (i64, usize, &Event)> {
+        self.batches.iter().flat_map(|(seq, range)| {
+            self.events[range.clone()]
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (*seq, i, e))
+        })
     }
 }
 

@@ -832,11 +832,20 @@ impl PostgresStore {
             projector: None,
         };
         store.migrate().await?;
-        store.projector = Some(tokio::spawn(project_in_background(
+        let (pool, projecting, keep) = (
             store.pool.clone(),
-            store.journal.clone(),
             store.projecting.clone(),
             store.keep_journal,
+        );
+        store.projector = Some(tokio::spawn(journal::run_projector(
+            store.journal.clone(),
+            move || {
+                let (pool, projecting) = (pool.clone(), projecting.clone());
+                Some(async move {
+                    let _turn = projecting.lock().await;
+                    project(&pool, keep).await
+                })
+            },
         )));
         Ok(store)
     }
@@ -867,7 +876,7 @@ impl PostgresStore {
         let _turn = self.projecting.lock().await;
         let seen = self.journal.observe();
         loop {
-            let (_, more) = project(&self.pool, self.keep_journal).await?;
+            let more = project(&self.pool, self.keep_journal).await?;
             self.journal.projected(seen, more);
             if !more {
                 return Ok(());
@@ -1068,8 +1077,8 @@ const PROJECT_EVENTS: usize = 4096;
 
 /// Projects the next journal batches (up to about [`PROJECT_EVENTS`] events) in one
 /// transaction that also moves the cursor (locked, so projections of several processes
-/// take turns). Returns how many events it applied and whether batches remain.
-async fn project(pool: &Pool, keep: bool) -> Result<(usize, bool), StoreError> {
+/// take turns). Returns whether batches remain.
+async fn project(pool: &Pool, keep: bool) -> Result<bool, StoreError> {
     let mut client = pool.get().await.map_err(pool_err)?;
     let waiting = client
         .query_one(
@@ -1080,7 +1089,7 @@ async fn project(pool: &Pool, keep: bool) -> Result<(usize, bool), StoreError> {
         .await
         .db()?;
     if !get::<bool>(&waiting, 0)? {
-        return Ok((0, false));
+        return Ok(false);
     }
     let tx = client.transaction().await.db()?;
     let cursor: i64 = get(
@@ -1108,12 +1117,11 @@ async fn project(pool: &Pool, keep: bool) -> Result<(usize, bool), StoreError> {
     // A full page of rows may have more behind it.
     taken.more |= rows.len() as i64 == PROJECT_ROWS;
     let Some(last) = taken.last() else {
-        return Ok((0, false));
+        return Ok(false);
     };
-    let all = taken.events();
     let mut tx = tx;
     let sp = tx.savepoint("projection").await.db()?;
-    match apply_events(&sp, &all).await {
+    match apply_events(&sp, &taken.events).await {
         Ok(()) => sp.commit().await.db()?,
         Err(e) if matches!(e, StoreError::Unavailable(_) | StoreError::Locked(_)) => {
             return Err(e);
@@ -1121,27 +1129,25 @@ async fn project(pool: &Pool, keep: bool) -> Result<(usize, bool), StoreError> {
         Err(e) => {
             tracing::error!(error = %e, "the projection of journal batches was refused; applying them one event at a time");
             sp.rollback().await.db()?;
-            for (seq, batch) in &taken.batches {
-                for (i, event) in batch.iter().enumerate() {
-                    let one = tx.savepoint("one").await.db()?;
-                    match apply_events(&one, std::slice::from_ref(event)).await {
-                        Ok(()) => one.commit().await.db()?,
-                        Err(e) => {
-                            one.rollback().await.db()?;
-                            let letter = journal::dead_letter(*seq, i, event, &e);
-                            tracing::error!(error = %letter.error, dead_letter = %letter.id, "the projection refused an event for good; kept as a dead letter");
-                            tx.execute(
-                                INSERT_DEAD_LETTER,
-                                &[
-                                    &letter.id,
-                                    &letter.event,
-                                    &letter.error,
-                                    &to_time(letter.created_at)?,
-                                ],
-                            )
-                            .await
-                            .db()?;
-                        }
+            for (seq, i, event) in taken.each() {
+                let one = tx.savepoint("one").await.db()?;
+                match apply_events(&one, std::slice::from_ref(event)).await {
+                    Ok(()) => one.commit().await.db()?,
+                    Err(e) => {
+                        one.rollback().await.db()?;
+                        let letter = journal::dead_letter(seq, i, event, &e);
+                        tracing::error!(error = %letter.error, dead_letter = %letter.id, "the projection refused an event for good; kept as a dead letter");
+                        tx.execute(
+                            INSERT_DEAD_LETTER,
+                            &[
+                                &letter.id,
+                                &letter.event,
+                                &letter.error,
+                                &to_time(letter.created_at)?,
+                            ],
+                        )
+                        .await
+                        .db()?;
                     }
                 }
             }
@@ -1159,42 +1165,7 @@ async fn project(pool: &Pool, keep: bool) -> Result<(usize, bool), StoreError> {
             .db()?;
     }
     tx.commit().await.db()?;
-    Ok((taken.len(), taken.more))
-}
-
-/// The projector: projects the journal whenever batches wait, until it is aborted.
-async fn project_in_background(
-    pool: Pool,
-    journal: Arc<Journal>,
-    projecting: Arc<tokio::sync::Mutex<()>>,
-    keep: bool,
-) {
-    let mut more = false;
-    loop {
-        if more {
-            tokio::task::yield_now().await;
-        } else {
-            journal.wait().await;
-            if !journal.pending() {
-                continue;
-            }
-        }
-        let result = {
-            let _turn = projecting.lock().await;
-            let seen = journal.observe();
-            project(&pool, keep).await.map(|(_, more)| (seen, more))
-        };
-        more = match result {
-            Ok((seen, more)) => {
-                journal.projected(seen, more);
-                more
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "projecting the journal failed; retrying");
-                false
-            }
-        };
-    }
+    Ok(taken.more)
 }
 
 const INSERT_DEAD_LETTER: &str = "INSERT INTO dead_letters (id, event, error, created_at) \

@@ -336,3 +336,55 @@ async fn lost_usage_rollups_are_rebuilt() {
         assert_eq!(got, want, "{group_by:?}");
     }
 }
+
+/// An event the projection refuses for good (here a trigger an operator added refuses its
+/// model) is applied alone and kept as a dead letter; its batch mates and every later batch
+/// are projected, and the cursor moves on.
+#[tokio::test]
+async fn an_event_the_projection_refuses_is_dead_lettered_and_the_rest_projected() {
+    let (_db, path) = temp_path();
+    let store = SqliteStore::open(&path, &OpenOptions::default())
+        .await
+        .unwrap();
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TRIGGER poison BEFORE INSERT ON ai_usage WHEN NEW.model = 'poison' \
+             BEGIN SELECT RAISE(ABORT, 'poisoned model'); END;",
+        )
+        .unwrap();
+    let mut bad = record(2);
+    bad.model = spendguard_core::ModelName::parse("poison").unwrap();
+    store
+        .apply(&[
+            Event::Recorded(record(1)),
+            Event::Recorded(bad.clone()),
+            Event::Recorded(record(3)),
+        ])
+        .await
+        .unwrap();
+    store.apply(&[Event::Recorded(record(4))]).await.unwrap();
+    for n in [1, 3, 4] {
+        assert_eq!(store.usage(record(n).id).await.unwrap(), Some(record(n)));
+    }
+    assert_eq!(store.usage(bad.id).await.unwrap(), None);
+    assert_eq!(store.usage_count().await.unwrap(), 3);
+    assert_eq!(store.recount().await.unwrap(), store.rollups().await.unwrap());
+    let letters = store.dead_letters().await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert!(letters[0].id.ends_with("-1"), "{letters:?}");
+    assert!(letters[0].event.contains("poison"), "{letters:?}");
+    assert!(letters[0].error.contains("poisoned model"), "{letters:?}");
+    // Nothing waits: the cursor passed the refused event.
+    let (projected, last): (i64, i64) = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT (SELECT projected FROM journal_cursor), \
+             (SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'journal')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(projected, last);
+    store.close().await;
+}
