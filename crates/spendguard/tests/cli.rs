@@ -66,13 +66,14 @@ impl Drop for KillOnDrop {
     }
 }
 
-#[test]
-fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
+/// Starts `spendguard serve` in `dir` on a free port with the SQLite default: the process
+/// (killed when dropped) and the address it serves on. Its log is drained so that it never
+/// blocks on a full pipe.
+fn serve_in(dir: &std::path::Path) -> (KillOnDrop, String) {
     use std::io::{BufRead, BufReader};
-    let dir = tempfile::tempdir().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
         .args(["serve", "--listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
+        .current_dir(dir)
         .env("SPENDGUARD_ADMIN_KEY", ADMIN)
         .env("RUST_LOG", "info")
         .env_remove("SPENDGUARD_DATABASE_URL")
@@ -80,7 +81,6 @@ fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Killed if an assertion fails before the orderly stop below.
     let mut child = KillOnDrop(child);
     let stderr = child.0.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
@@ -93,8 +93,15 @@ fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
             break line[i + 7..].split_whitespace().next().unwrap().to_owned();
         }
     };
-    // Keep draining its log so it never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+#[test]
+fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    // Killed if an assertion fails before the orderly stop below.
+    let (mut child, addr) = serve_in(dir.path());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -893,31 +900,8 @@ fn serve_refuses_a_gateway_whose_provider_key_variable_is_not_set() {
 /// day; a second import records nothing; a server that cannot be reached is an error.
 #[test]
 fn import_sends_the_seeds_rows_once() {
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
-        .env("SPENDGUARD_ADMIN_KEY", ADMIN)
-        .env("RUST_LOG", "info")
-        .env_remove("SPENDGUARD_DATABASE_URL")
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
-    let stderr = child.0.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("the server exited before serving")
-            .unwrap();
-        if let Some(i) = line.find("listen=") {
-            break line[i + 7..].split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let (_child, addr) = serve_in(dir.path());
     let csv = dir.path().join("ai_usage.csv");
     std::fs::write(
         &csv,

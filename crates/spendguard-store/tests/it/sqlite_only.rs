@@ -369,7 +369,10 @@ async fn an_event_the_projection_refuses_is_dead_lettered_and_the_rest_projected
     }
     assert_eq!(store.usage(bad.id).await.unwrap(), None);
     assert_eq!(store.usage_count().await.unwrap(), 3);
-    assert_eq!(store.recount().await.unwrap(), store.rollups().await.unwrap());
+    assert_eq!(
+        store.recount().await.unwrap(),
+        store.rollups().await.unwrap()
+    );
     let letters = store.dead_letters().await.unwrap();
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert!(letters[0].id.ends_with("-1"), "{letters:?}");
