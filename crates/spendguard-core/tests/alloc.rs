@@ -57,6 +57,7 @@ fn commit(n: u64) -> CommitRequest {
             input: 500,
             cached_input: 100,
             output: 200,
+            ..Default::default()
         },
         cost: None,
         status: RequestStatus::Success,

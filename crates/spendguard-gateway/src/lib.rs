@@ -828,6 +828,7 @@ impl Call {
             },
             cached_input: known.cached_input,
             output: known.output.max(self.output_estimate),
+            ..Default::default()
         };
         self.commit(tokens, RequestStatus::Truncated, request_id)
             .await;

@@ -47,9 +47,9 @@ pub fn of_answer(api: Api, body: &Value) -> Option<Tokens> {
 /// `completion_tokens` the reasoning ones.
 fn openai_chat(u: &Value) -> Tokens {
     Tokens {
-        input: n(&u["prompt_tokens"]),
         cached_input: n(&u["prompt_tokens_details"]["cached_tokens"]),
-        output: n(&u["completion_tokens"]),
+        reasoning: n(&u["completion_tokens_details"]["reasoning_tokens"]),
+        ..Tokens::new(n(&u["prompt_tokens"]), n(&u["completion_tokens"]))
     }
 }
 
@@ -57,20 +57,22 @@ fn openai_chat(u: &Value) -> Tokens {
 /// reasoning ones.
 fn openai_responses(u: &Value) -> Tokens {
     Tokens {
-        input: n(&u["input_tokens"]),
         cached_input: n(&u["input_tokens_details"]["cached_tokens"]),
-        output: n(&u["output_tokens"]),
+        reasoning: n(&u["output_tokens_details"]["reasoning_tokens"]),
+        ..Tokens::new(n(&u["input_tokens"]), n(&u["output_tokens"]))
     }
 }
 
-/// Anthropic's usage, as the stream tells it: `message_start` gives all four counts,
+/// Anthropic's usage, as the stream tells it: `message_start` gives all the counts,
 /// each `message_delta` the cumulative values of the ones it names (they replace, never
-/// add). `input_tokens` excludes the cache reads and writes, which come on top of it.
+/// add). `input_tokens` excludes the cache reads and writes, which come on top of it;
+/// `cache_creation.ephemeral_1h_input_tokens` is the 1-hour part of the cache writes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MessagesUsage {
     input: u64,
     cache_read: u64,
     cache_creation: u64,
+    cache_creation_1h: u64,
     output: u64,
 }
 
@@ -86,18 +88,28 @@ impl MessagesUsage {
                 *field = v;
             }
         }
+        if let Some(v) = u
+            .get("cache_creation")
+            .and_then(|c| c.get("ephemeral_1h_input_tokens"))
+            .and_then(Value::as_u64)
+        {
+            self.cache_creation_1h = v;
+        }
     }
 
-    /// spendguard's tokens: every prompt token is input (cache writes priced as input),
-    /// cache reads are its cached part.
+    /// spendguard's tokens: every prompt token is input; cache reads and cache writes (with
+    /// their 1-hour part) are parts of it.
     pub fn tokens(&self) -> Tokens {
         Tokens {
-            input: self
-                .input
-                .saturating_add(self.cache_read)
-                .saturating_add(self.cache_creation),
             cached_input: self.cache_read,
-            output: self.output,
+            cache_creation: self.cache_creation,
+            cache_creation_1h: self.cache_creation_1h,
+            ..Tokens::new(
+                self.input
+                    .saturating_add(self.cache_read)
+                    .saturating_add(self.cache_creation),
+                self.output,
+            )
         }
     }
 }
@@ -287,7 +299,8 @@ mod tests {
         let mut s = StreamUsage::new(Api::Messages);
         let start = json!({"type": "message_start", "message": {"usage": {
             "input_tokens": 10, "cache_read_input_tokens": 100,
-            "cache_creation_input_tokens": 5, "output_tokens": 1}}});
+            "cache_creation_input_tokens": 5, "output_tokens": 1,
+            "cache_creation": {"ephemeral_5m_input_tokens": 3, "ephemeral_1h_input_tokens": 2}}}});
         s.event(
             format!("event: message_start\ndata: {start}\n\n").as_bytes(),
             false,
@@ -305,7 +318,10 @@ mod tests {
             Some(Tokens {
                 input: 115,
                 cached_input: 100,
-                output: 30
+                output: 30,
+                cache_creation: 5,
+                cache_creation_1h: 2,
+                reasoning: 0,
             })
         );
     }
@@ -313,7 +329,8 @@ mod tests {
     #[test]
     fn an_openai_usage_chunk_is_dropped_only_when_hidden() {
         let chunk = json!({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3,
-            "prompt_tokens_details": {"cached_tokens": 2}}});
+            "prompt_tokens_details": {"cached_tokens": 2},
+            "completion_tokens_details": {"reasoning_tokens": 1}}});
         let event = format!("data: {chunk}\n\n");
         let mut s = StreamUsage::new(Api::Chat);
         assert_eq!(s.event(event.as_bytes(), true), Pass::Drop);
@@ -322,10 +339,29 @@ mod tests {
             Some(Tokens {
                 input: 7,
                 cached_input: 2,
-                output: 3
+                output: 3,
+                reasoning: 1,
+                ..Tokens::default()
             })
         );
         let mut s = StreamUsage::new(Api::Chat);
         assert_eq!(s.event(event.as_bytes(), false), Pass::Forward);
+    }
+
+    #[test]
+    fn openai_responses_reasoning_tokens_are_read() {
+        let body = json!({"usage": {"input_tokens": 50, "output_tokens": 40,
+            "input_tokens_details": {"cached_tokens": 10},
+            "output_tokens_details": {"reasoning_tokens": 25}}});
+        assert_eq!(
+            of_answer(Api::Responses, &body),
+            Some(Tokens {
+                input: 50,
+                cached_input: 10,
+                output: 40,
+                reasoning: 25,
+                ..Tokens::default()
+            })
+        );
     }
 }

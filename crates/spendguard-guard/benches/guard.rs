@@ -69,9 +69,11 @@ fn usage(i: u64, at: i64, periods_of: &Calendar) -> UsageRecord {
             input: 300,
             cached_input: 0,
             output: 200,
+            ..Default::default()
         },
         cost: Money::from_micros(165),
         pricing: Pricing::Catalog,
+        long_context_above: None,
         status: RequestStatus::Success,
         created_at: at,
         reservation_id: None,
@@ -144,6 +146,7 @@ async fn measure(label: &str, store: AnyStore, dir: &std::path::Path) {
                         input: 300,
                         cached_input: 0,
                         output: 200,
+                        ..Default::default()
                     },
                     cost: None,
                     status: RequestStatus::Success,

@@ -816,6 +816,26 @@ impl<S: Store> Guard<S> {
         Ok(())
     }
 
+    /// Sets (or, when empty, clears) a tenant's price overrides; durable when this returns.
+    pub async fn set_tenant_prices(
+        &self,
+        tenant: TenantId,
+        prices: spendguard_core::prices::TenantPrices,
+    ) -> Result<(), GuardError> {
+        let _admin = self.inner.admin.lock().await;
+        let ledger = &self.inner.ledger;
+        let before = ledger
+            .tenant_prices(&tenant)
+            .map(|p| (*p).clone())
+            .unwrap_or_default();
+        let applied = ledger.set_tenant_prices(tenant.clone(), prices)?;
+        if let Err(e) = self.persist(applied.event, None).await {
+            let _ = ledger.set_tenant_prices(tenant, before);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Stops the sweeper, writes everything queued and stops the writer.
     pub async fn shutdown(&self) {
         let tasks =

@@ -103,6 +103,17 @@ pub struct CommitBody {
     pub output_tokens: u64,
     #[serde(default)]
     pub cached_input_tokens: Option<u64>,
+    /// Prompt tokens written to the provider's prompt cache, 1-hour writes included (part of
+    /// `input_tokens`).
+    #[serde(default)]
+    pub cache_creation_input_tokens: Option<u64>,
+    /// The part of `cache_creation_input_tokens` written to the 1-hour cache.
+    #[serde(default)]
+    pub cache_creation_1h_input_tokens: Option<u64>,
+    /// Reasoning tokens (part of `output_tokens`); priced apart only where the price list
+    /// prices them apart.
+    #[serde(default)]
+    pub reasoning_tokens: Option<u64>,
     /// The real cost, if known; else computed from the tokens.
     #[serde(default)]
     #[schemars(with = "Option<crate::openapi::UsdIn>")]
@@ -128,19 +139,54 @@ fn token_count(field: &str, n: u64) -> Result<u64, ApiError> {
     Ok(n)
 }
 
-fn tokens(input: u64, cached: Option<u64>, output: u64) -> Result<Tokens, ApiError> {
-    let input = token_count("input_tokens", input)?;
-    let output = token_count("output_tokens", output)?;
-    let cached = token_count("cached_input_tokens", cached.unwrap_or(0))?;
+/// The token counts of a commit or a record, as sent.
+struct TokenCounts {
+    input: u64,
+    output: u64,
+    cached: Option<u64>,
+    creation: Option<u64>,
+    creation_1h: Option<u64>,
+    reasoning: Option<u64>,
+}
+
+/// Checks that each part is within its whole: cache reads and writes within the prompt, the
+/// 1-hour writes within the writes, reasoning within the output.
+fn tokens(c: TokenCounts) -> Result<Tokens, ApiError> {
+    let input = token_count("input_tokens", c.input)?;
+    let output = token_count("output_tokens", c.output)?;
+    let cached = token_count("cached_input_tokens", c.cached.unwrap_or(0))?;
+    let creation = token_count("cache_creation_input_tokens", c.creation.unwrap_or(0))?;
+    let creation_1h = token_count("cache_creation_1h_input_tokens", c.creation_1h.unwrap_or(0))?;
+    let reasoning = token_count("reasoning_tokens", c.reasoning.unwrap_or(0))?;
     if cached > input {
         return Err(ApiError::bad_request(
             "cached_input_tokens cannot exceed input_tokens (input_tokens counts all prompt tokens)",
+        ));
+    }
+    if creation > input - cached {
+        return Err(ApiError::bad_request(
+            "cached_input_tokens plus cache_creation_input_tokens cannot exceed input_tokens \
+             (input_tokens counts all prompt tokens, cache reads and writes included)",
+        ));
+    }
+    if creation_1h > creation {
+        return Err(ApiError::bad_request(
+            "cache_creation_1h_input_tokens cannot exceed cache_creation_input_tokens \
+             (the 1-hour writes are part of the cache writes)",
+        ));
+    }
+    if reasoning > output {
+        return Err(ApiError::bad_request(
+            "reasoning_tokens cannot exceed output_tokens (reasoning tokens are output tokens)",
         ));
     }
     Ok(Tokens {
         input,
         cached_input: cached,
         output,
+        cache_creation: creation,
+        cache_creation_1h: creation_1h,
+        reasoning,
     })
 }
 
@@ -174,6 +220,17 @@ pub struct UsageBody {
     pub output_tokens: u64,
     #[serde(default)]
     pub cached_input_tokens: Option<u64>,
+    /// Prompt tokens written to the provider's prompt cache, 1-hour writes included (part of
+    /// `input_tokens`).
+    #[serde(default)]
+    pub cache_creation_input_tokens: Option<u64>,
+    /// The part of `cache_creation_input_tokens` written to the 1-hour cache.
+    #[serde(default)]
+    pub cache_creation_1h_input_tokens: Option<u64>,
+    /// Reasoning tokens (part of `output_tokens`); priced apart only where the price list
+    /// prices them apart.
+    #[serde(default)]
+    pub reasoning_tokens: Option<u64>,
     #[serde(default)]
     #[schemars(with = "Option<crate::openapi::UsdIn>")]
     pub cost_usd: Option<Money>,
@@ -528,12 +585,22 @@ pub struct UsageOut<'a> {
     subscription_tier: &'a str,
     input_tokens: u64,
     cached_input_tokens: u64,
+    /// Prompt tokens written to the cache (part of `input_tokens`), 1-hour writes included.
+    cache_creation_input_tokens: u64,
+    /// The part of `cache_creation_input_tokens` written to the 1-hour cache.
+    cache_creation_1h_input_tokens: u64,
     output_tokens: u64,
+    /// Reasoning tokens (part of `output_tokens`).
+    reasoning_tokens: u64,
     #[schemars(with = "crate::openapi::Usd")]
     cost_usd: Money,
-    /// How `cost_usd` was found: `catalog`, `caller`, `estimate`, `default` or `free`.
+    /// How `cost_usd` was found: `catalog`, `config`, `tenant_override`, `caller`,
+    /// `estimate`, `default` or `free`.
     #[schemars(with = "crate::openapi::PricingName")]
     pricing: &'static str,
+    /// The long-context tier the call was priced at (its threshold in prompt tokens), when
+    /// its prompt was above one.
+    long_context_above: Option<u64>,
     #[schemars(with = "crate::openapi::RequestStatusName")]
     request_status: &'static str,
     created_at: Rfc3339,
@@ -554,9 +621,13 @@ fn usage_out(u: &spendguard_core::UsageRecord) -> UsageOut<'_> {
         subscription_tier: u.tier.as_str(),
         input_tokens: u.tokens.input,
         cached_input_tokens: u.tokens.cached_input,
+        cache_creation_input_tokens: u.tokens.cache_creation,
+        cache_creation_1h_input_tokens: u.tokens.cache_creation_1h,
         output_tokens: u.tokens.output,
+        reasoning_tokens: u.tokens.reasoning,
         cost_usd: u.cost,
         pricing: u.pricing.as_str(),
+        long_context_above: u.long_context_above,
         request_status: u.status.as_str(),
         created_at: Rfc3339(u.created_at),
     }
@@ -712,11 +783,14 @@ pub async fn commit(
     authorize_reservation(&state, &caller, id).await?;
     let req = CommitRequest {
         usage_id: Uuid::nil(),
-        tokens: tokens(
-            body.input_tokens,
-            body.cached_input_tokens,
-            body.output_tokens,
-        )?,
+        tokens: tokens(TokenCounts {
+            input: body.input_tokens,
+            output: body.output_tokens,
+            cached: body.cached_input_tokens,
+            creation: body.cache_creation_input_tokens,
+            creation_1h: body.cache_creation_1h_input_tokens,
+            reasoning: body.reasoning_tokens,
+        })?,
         cost: body.cost_usd,
         status: body.status.unwrap_or(RequestStatus::Success),
         origin: None,
@@ -797,11 +871,14 @@ pub async fn record(
     };
     let req = RecordRequest {
         id: Uuid::nil(),
-        tokens: tokens(
-            body.input_tokens,
-            body.cached_input_tokens,
-            body.output_tokens,
-        )?,
+        tokens: tokens(TokenCounts {
+            input: body.input_tokens,
+            output: body.output_tokens,
+            cached: body.cached_input_tokens,
+            creation: body.cache_creation_input_tokens,
+            creation_1h: body.cache_creation_1h_input_tokens,
+            reasoning: body.reasoning_tokens,
+        })?,
         subject: Subject {
             tenant: body.tenant_id,
             user: body.user_id,
@@ -1359,62 +1436,337 @@ pub async fn list_users(
     Ok(Json(UsersOut { users }))
 }
 
-/// One model's price, USD per million tokens.
+/// The long-context tier of a price: above `above_tokens` prompt tokens, these replace the
+/// base prices (USD per million tokens).
 #[derive(Debug, Serialize, JsonSchema)]
-pub struct PriceOut {
-    /// The model name; dated names (`gpt-4o-2024-08-06`) resolve to it.
-    pub model: String,
+pub struct LongContextOut {
+    pub above_tokens: u64,
     #[schemars(with = "crate::openapi::Usd")]
     pub input: Money,
     #[schemars(with = "crate::openapi::Usd")]
     pub cached_input: Money,
     #[schemars(with = "crate::openapi::Usd")]
+    pub cache_write: Money,
+    #[schemars(with = "crate::openapi::Usd")]
+    pub cache_write_1h: Money,
+    #[schemars(with = "crate::openapi::Usd")]
     pub output: Money,
 }
 
+/// One model's effective price (token prices in USD per million tokens) and where it came
+/// from.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct PriceOut {
+    /// The model name; dated names (`gpt-4o-2024-08-06`) resolve to it.
+    pub model: String,
+    /// Where the price came from: `catalog`, `config`, `tenant_override`, or for a model
+    /// without a price, `default` (the configured default price) or `free`.
+    #[schemars(with = "crate::openapi::PriceSourceName")]
+    pub source: &'static str,
+    /// The catalog's provider name (LiteLLM's `litellm_provider`), for a catalog price.
+    pub provider: Option<&'static str>,
+    /// The tenant's multiplier, when it scales this price.
+    pub multiplier: Option<f64>,
+    #[schemars(with = "crate::openapi::Usd")]
+    pub input: Money,
+    /// Prompt tokens read from the cache.
+    #[schemars(with = "crate::openapi::Usd")]
+    pub cached_input: Money,
+    /// Prompt tokens written to the 5-minute cache.
+    #[schemars(with = "crate::openapi::Usd")]
+    pub cache_write: Money,
+    /// Prompt tokens written to the 1-hour cache.
+    #[schemars(with = "crate::openapi::Usd")]
+    pub cache_write_1h: Money,
+    #[schemars(with = "crate::openapi::Usd")]
+    pub output: Money,
+    /// Reasoning tokens (the output price unless priced apart).
+    #[schemars(with = "crate::openapi::Usd")]
+    pub reasoning: Money,
+    /// USD per call, on top of the tokens.
+    #[schemars(with = "Option<crate::openapi::Usd>")]
+    pub per_request: Option<Money>,
+    /// USD per input image (shown, not charged: records carry no image counts).
+    #[schemars(with = "Option<crate::openapi::Usd>")]
+    pub per_image_input: Option<Money>,
+    /// USD per generated image (shown, not charged).
+    #[schemars(with = "Option<crate::openapi::Usd>")]
+    pub per_image_output: Option<Money>,
+    pub long_context: Option<LongContextOut>,
+}
+
 impl PriceOut {
-    fn new(model: &str, p: &spendguard_core::Price) -> PriceOut {
+    pub fn new(
+        model: &str,
+        p: &spendguard_core::Price,
+        source: &'static str,
+        provider: Option<&'static str>,
+        multiplier_ppm: u64,
+    ) -> PriceOut {
+        let write = p.cache_write.unwrap_or(p.input);
         PriceOut {
             model: model.to_owned(),
+            source,
+            provider,
+            multiplier: (multiplier_ppm != spendguard_core::prices::PPM_ONE)
+                .then(|| multiplier_ppm as f64 / 1e6),
             input: p.input,
             cached_input: p.cached_input(),
+            cache_write: write,
+            cache_write_1h: p.cache_write_1h.unwrap_or(write),
             output: p.output,
+            reasoning: p.reasoning.unwrap_or(p.output),
+            per_request: p.per_request,
+            per_image_input: p.per_image_input,
+            per_image_output: p.per_image_output,
+            long_context: p.long_context.map(|lc| {
+                let lc_write = lc.cache_write.or(p.cache_write).unwrap_or(lc.input);
+                LongContextOut {
+                    above_tokens: lc.above_tokens,
+                    input: lc.input,
+                    cached_input: lc.cached_input.or(p.cached_input).unwrap_or(lc.input),
+                    cache_write: lc_write,
+                    cache_write_1h: lc.cache_write_1h.or(p.cache_write_1h).unwrap_or(lc_write),
+                    output: lc.output,
+                }
+            }),
         }
+    }
+
+    fn quoted(model: &str, q: &spendguard_core::prices::Quote) -> PriceOut {
+        PriceOut::new(
+            model,
+            &q.price,
+            q.source.as_str(),
+            q.provider,
+            q.multiplier_ppm,
+        )
     }
 }
 
 /// The price table the server charges by.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct PricesOut {
-    /// Always `usd_per_million_tokens`.
+    /// Always `usd_per_million_tokens` (per-request and per-image prices: USD each).
     #[schemars(with = "crate::openapi::PriceUnit")]
     pub unit: &'static str,
+    /// The built-in catalog's source: the LiteLLM version and snapshot date.
+    pub catalog: &'static str,
     /// What happens to a model not in the table.
     #[schemars(with = "crate::openapi::UnknownModel")]
     pub unknown_model: &'static str,
     /// The price of unknown models under `unknown_model = "default_cost"`.
     pub default_price: Option<PriceOut>,
-    /// By model name.
+    /// The tenant whose overrides the prices include, if any.
+    pub tenant_id: Option<String>,
+    /// By model name; with `?model=`, that model's effective price alone.
     pub models: Vec<PriceOut>,
 }
 
-/// `GET /v1/prices`: the built-in table with the configuration's overrides.
-pub async fn prices(State(state): State<AppState>, _caller: Caller) -> Json<PricesOut> {
+/// `GET /v1/prices` parameters.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PricesQuery {
+    /// One model's effective price (dated names resolve), and where it came from.
+    #[serde(default)]
+    #[schemars(with = "Option<crate::openapi::Id>")]
+    pub model: Option<ModelName>,
+    /// Include this tenant's price overrides (a tenant key: its own tenant, the default).
+    #[serde(default)]
+    #[schemars(with = "Option<crate::openapi::Id>")]
+    pub tenant_id: Option<TenantId>,
+}
+
+/// The effective prices: of one model (dated names resolve), or of every model in the table
+/// with a tenant's own models added; each with where it came from. `None`: the model has no
+/// price and unknown models are denied.
+pub fn effective_prices(
+    table: &spendguard_core::PriceTable,
+    overrides: Option<&spendguard_core::prices::TenantPrices>,
+    model: Option<&ModelName>,
+) -> Option<Vec<PriceOut>> {
+    use spendguard_core::prices::{PPM_ONE, Priced};
+    if let Some(model) = model {
+        let name = model.as_str();
+        return Some(match table.price_for(model, overrides)? {
+            Priced::Listed(quote) => vec![PriceOut::quoted(name, &quote)],
+            Priced::Default(p) => vec![PriceOut::new(name, &p, "default", None, PPM_ONE)],
+            Priced::Free => vec![PriceOut::new(
+                name,
+                &spendguard_core::Price::simple(Money::ZERO, Money::ZERO),
+                "free",
+                None,
+                PPM_ONE,
+            )],
+        });
+    }
+    let mut models: Vec<PriceOut> = table
+        .entries()
+        .into_iter()
+        .filter_map(|(m, _)| table.quote(m, overrides).map(|q| PriceOut::quoted(m, &q)))
+        .collect();
+    if let Some(o) = overrides {
+        for name in o.models.keys() {
+            if table.lookup_entry(name).is_none()
+                && let Some(q) = table.quote(name, overrides)
+            {
+                models.push(PriceOut::quoted(name, &q));
+            }
+        }
+        models.sort_by(|a, b| a.model.cmp(&b.model));
+    }
+    Some(models)
+}
+
+/// `GET /v1/prices`: the catalog with the configuration's prices and, for a tenant, its
+/// overrides; or one model's effective price.
+pub async fn prices(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(q): ApiQuery<PricesQuery>,
+) -> Result<Json<PricesOut>, ApiError> {
+    let tenant = match (&caller, q.tenant_id) {
+        (_, Some(t)) => {
+            caller.may_act_on(&t)?;
+            Some(t)
+        }
+        (Caller::Tenant(t), None) => Some(t.clone()),
+        (Caller::Admin, None) => None,
+    };
     let policy = state.guard.ledger().policy();
+    let overrides = tenant
+        .as_ref()
+        .and_then(|t| state.guard.ledger().tenant_prices(t));
+    let overrides = overrides.as_deref();
     let table = &policy.prices;
     let unknown_model = match table.unknown_policy() {
         spendguard_core::UnknownModelPolicy::Deny => "deny",
         spendguard_core::UnknownModelPolicy::DefaultCost => "default_cost",
         spendguard_core::UnknownModelPolicy::Free => "free",
     };
-    Json(PricesOut {
+    let default_price = table.default_price().map(|p| {
+        PriceOut::new(
+            "default",
+            p,
+            "default",
+            None,
+            spendguard_core::prices::PPM_ONE,
+        )
+    });
+    let models = effective_prices(table, overrides, q.model.as_ref()).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_model",
+            format!(
+                "model `{}` has no price and unknown_model is `deny`",
+                q.model.as_ref().map_or("", |m| m.as_str())
+            ),
+        )
+    })?;
+    Ok(Json(PricesOut {
         unit: "usd_per_million_tokens",
+        catalog: spendguard_core::prices::CATALOG_SNAPSHOT,
         unknown_model,
-        default_price: table.default_price().map(|p| PriceOut::new("default", p)),
-        models: table
-            .entries()
-            .into_iter()
-            .map(|(m, p)| PriceOut::new(m, p))
+        default_price,
+        tenant_id: tenant.map(|t| t.as_str().to_owned()),
+        models,
+    }))
+}
+
+/// A tenant's negotiated prices.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TenantPricesBody {
+    /// A multiplier on every configured or catalog price (`0.85`: 15% off), exact to six
+    /// decimals, at most 1000; absent or null: none.
+    #[serde(default)]
+    #[schemars(with = "Option<crate::openapi::Multiplier>")]
+    pub multiplier: Option<Money>,
+    /// Explicit prices by model name (USD per million tokens, as in the configuration's
+    /// `[prices]`); they beat the configured and catalog prices and are not scaled.
+    #[serde(default)]
+    #[schemars(with = "std::collections::BTreeMap<String, crate::openapi::PriceSchema>")]
+    pub models: std::collections::BTreeMap<ModelName, spendguard_core::Price>,
+}
+
+/// The most models a tenant's overrides may name.
+pub const MAX_TENANT_PRICES: usize = 10_000;
+
+/// A tenant's stored price overrides.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TenantPricesOut {
+    pub tenant_id: String,
+    pub multiplier: Option<f64>,
+    /// The tenant's own prices, by model name.
+    pub models: Vec<PriceOut>,
+}
+
+fn tenant_prices_out(
+    tenant: &TenantId,
+    p: &spendguard_core::prices::TenantPrices,
+) -> TenantPricesOut {
+    TenantPricesOut {
+        tenant_id: tenant.as_str().to_owned(),
+        multiplier: p.multiplier_ppm.map(|m| m as f64 / 1e6),
+        models: p
+            .models
+            .iter()
+            .map(|(m, price)| {
+                PriceOut::new(
+                    m,
+                    price,
+                    "tenant_override",
+                    None,
+                    spendguard_core::prices::PPM_ONE,
+                )
+            })
             .collect(),
-    })
+    }
+}
+
+/// `PUT /v1/admin/tenants/{tenant_id}/prices`: sets (an empty object: clears) a tenant's
+/// negotiated prices.
+pub async fn set_tenant_prices(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(tenant): Path<String>,
+    ApiJson(body): ApiJson<TenantPricesBody>,
+) -> Result<Json<TenantPricesOut>, ApiError> {
+    caller.require_admin()?;
+    let tenant = TenantId::parse(&tenant).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let multiplier_ppm = match body.multiplier {
+        None => None,
+        // Money holds six decimals: its micro-units are parts per million.
+        Some(m) if m.micros() as u64 > spendguard_core::prices::MAX_MULTIPLIER_PPM => {
+            return Err(ApiError::bad_request("multiplier must be at most 1000"));
+        }
+        Some(m) => Some(m.micros() as u64),
+    };
+    if body.models.len() > MAX_TENANT_PRICES {
+        return Err(ApiError::bad_request(format!(
+            "models may name at most {MAX_TENANT_PRICES} models"
+        )));
+    }
+    let prices = spendguard_core::prices::TenantPrices {
+        multiplier_ppm,
+        models: body
+            .models
+            .into_iter()
+            .map(|(m, p)| (m.as_str().to_owned(), p))
+            .collect(),
+    };
+    let before = state.guard.ledger().tenant_prices(&tenant);
+    state
+        .guard
+        .set_tenant_prices(tenant.clone(), prices.clone())
+        .await?;
+    audit(
+        &state,
+        "tenant_prices.set",
+        &format!("tenant {}", tenant.as_str()),
+        before.map(|b| serde_json::to_value(&*b).unwrap_or_default()),
+        Some(serde_json::to_value(&prices).unwrap_or_default()),
+    )
+    .await?;
+    Ok(Json(tenant_prices_out(&tenant, &prices)))
 }

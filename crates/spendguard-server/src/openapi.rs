@@ -83,6 +83,17 @@ described!(
     }
 );
 described!(
+    /// A price multiplier: a non-negative number or decimal string, exact to six decimals.
+    Multiplier,
+    {
+        "description": "A multiplier as a number or a decimal string (\"0.85\"), exact to six decimals, at most 1000",
+        "anyOf": [
+            { "type": "number", "minimum": 0, "maximum": 1000 },
+            { "type": "string", "pattern": "^[0-9]+(\\.[0-9]+)?$" }
+        ]
+    }
+);
+described!(
     /// An id of a tenant, company, user, model or endpoint, or an idempotency key.
     Id,
     { "type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[A-Za-z0-9._:@/-]+$" }
@@ -142,7 +153,9 @@ names! {
     /// How a call ended.
     RequestStatusName [Success, Error, Cancelled, Expired, Truncated]
     /// How a usage record's cost was found.
-    PricingName [Catalog, Caller, Estimate, Default, Free]
+    PricingName [Catalog, Config, TenantOverride, Caller, Estimate, Default, Free]
+    /// Where a price came from.
+    PriceSourceName [Catalog, Config, TenantOverride, Default, Free]
     /// A report's grouping.
     GroupByName [Day, Tenant, Company, User, Model, Endpoint]
     /// A report's format.
@@ -200,6 +213,53 @@ pub struct UserOverridesSchema {
     /// Glob patterns (`gpt-4o*`).
     #[serde(default)]
     allowed_models: Option<Vec<String>>,
+}
+
+/// A long-context tier of a price in a request: above `above_tokens` prompt tokens these
+/// replace the base prices (USD per million tokens).
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct LongContextSchema {
+    above_tokens: u64,
+    input: UsdIn,
+    output: UsdIn,
+    #[serde(default)]
+    cached_input: Option<UsdIn>,
+    #[serde(default)]
+    cache_write: Option<UsdIn>,
+    #[serde(default)]
+    cache_write_1h: Option<UsdIn>,
+}
+
+/// A model's price in a request, USD per million tokens (per-request and per-image prices:
+/// USD each), as in the configuration's `[prices]`.
+#[derive(Debug, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+pub struct PriceSchema {
+    input: UsdIn,
+    output: UsdIn,
+    /// Defaults to `input`.
+    #[serde(default)]
+    cached_input: Option<UsdIn>,
+    /// The 5-minute cache write; defaults to `input`.
+    #[serde(default)]
+    cache_write: Option<UsdIn>,
+    /// The 1-hour cache write; defaults to `cache_write`.
+    #[serde(default)]
+    cache_write_1h: Option<UsdIn>,
+    /// Defaults to `output`.
+    #[serde(default)]
+    reasoning: Option<UsdIn>,
+    #[serde(default)]
+    per_request: Option<UsdIn>,
+    #[serde(default)]
+    per_image_input: Option<UsdIn>,
+    #[serde(default)]
+    per_image_output: Option<UsdIn>,
+    #[serde(default)]
+    long_context: Option<LongContextSchema>,
 }
 
 /// A failing limit (in a 429 and in a check's denial).

@@ -102,9 +102,11 @@ impl Workload {
                         input: 500 + r % 2_000,
                         cached_input: 0,
                         output: 100 + (r >> 20) % 800,
+                        ..Default::default()
                     },
                     cost: Money::from_micros(100 + (r % 20_000) as i64),
                     pricing: Pricing::Catalog,
+                    long_context_above: None,
                     status: RequestStatus::Success,
                     created_at: at,
                     reservation_id: None,

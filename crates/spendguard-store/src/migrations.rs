@@ -626,6 +626,67 @@ CREATE TABLE alert_acks (
 ) STRICT;
 "#,
     ),
+    (
+        10,
+        r#"
+-- Price catalog and token kinds: a record keeps its cache writes (and their 1-hour part)
+-- and reasoning tokens, the long-context tier it was priced at, and two more ways it was
+-- priced (`config`, `tenant_override`). SQLite cannot change a CHECK constraint in place, so
+-- the table is rebuilt (one copy of every row). Tenants' price overrides get their table.
+CREATE TABLE ai_usage_v10 (
+    id TEXT NOT NULL PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    company_id TEXT,
+    tenant_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    endpoint TEXT,
+    subscription_tier TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    cached_input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cost_micros INTEGER NOT NULL,
+    cost_usd REAL GENERATED ALWAYS AS (cost_micros / 1000000.0) VIRTUAL,
+    request_status TEXT NOT NULL
+        CHECK (request_status IN ('success', 'error', 'cancelled', 'expired', 'truncated')),
+    created_at INTEGER NOT NULL,
+    reservation_id TEXT,
+    idempotency_key TEXT,
+    day_start INTEGER NOT NULL,
+    month_start INTEGER NOT NULL,
+    pricing TEXT
+        CHECK (pricing IN ('catalog', 'config', 'tenant_override', 'caller', 'estimate',
+            'default', 'free')),
+    upstream TEXT,
+    provider_request_id TEXT,
+    cache_creation_input_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_creation_1h_input_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+    long_context_above INTEGER
+) STRICT;
+INSERT INTO ai_usage_v10 (id, user_id, company_id, tenant_id, model, endpoint,
+    subscription_tier, input_tokens, cached_input_tokens, output_tokens, cost_micros,
+    request_status, created_at, reservation_id, idempotency_key, day_start, month_start,
+    pricing, upstream, provider_request_id)
+SELECT id, user_id, company_id, tenant_id, model, endpoint, subscription_tier, input_tokens,
+    cached_input_tokens, output_tokens, cost_micros, request_status, created_at,
+    reservation_id, idempotency_key, day_start, month_start, pricing, upstream,
+    provider_request_id
+FROM ai_usage;
+DROP TABLE ai_usage;
+ALTER TABLE ai_usage_v10 RENAME TO ai_usage;
+CREATE INDEX ai_usage_tenant_created ON ai_usage (tenant_id, created_at);
+CREATE INDEX ai_usage_tenant_user_created ON ai_usage (tenant_id, user_id, created_at);
+CREATE INDEX ai_usage_created ON ai_usage (created_at);
+CREATE UNIQUE INDEX ai_usage_idempotency ON ai_usage (tenant_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL AND reservation_id IS NULL;
+
+-- A tenant's negotiated prices (JSON: a multiplier in parts per million and prices per model).
+CREATE TABLE tenant_prices (
+    tenant_id TEXT NOT NULL PRIMARY KEY,
+    settings TEXT NOT NULL
+) STRICT, WITHOUT ROWID;
+"#,
+    ),
 ];
 
 /// PostgreSQL migration 7: row-level security and the seed's SQL functions, for applications
@@ -1005,6 +1066,31 @@ CREATE TABLE alert_acks (
 -- (row-level security without a policy; see migration 7).
 ALTER TABLE audit_log ENABLE ROW LEVEL SECURITY;
 ALTER TABLE alert_acks ENABLE ROW LEVEL SECURITY;
+"#,
+    ),
+    (
+        10,
+        r#"
+-- Price catalog and token kinds: a record keeps its cache writes (and their 1-hour part)
+-- and reasoning tokens, the long-context tier it was priced at, and two more ways it was
+-- priced (`config`, `tenant_override`). Tenants' price overrides get their table, readable
+-- by a tenant's SQL readers like `user_overrides` (see migration 7).
+ALTER TABLE ai_usage DROP CONSTRAINT ai_usage_pricing_check;
+ALTER TABLE ai_usage
+    ADD CONSTRAINT ai_usage_pricing_check
+        CHECK (pricing IN ('catalog', 'config', 'tenant_override', 'caller', 'estimate',
+            'default', 'free')),
+    ADD COLUMN cache_creation_input_tokens bigint NOT NULL DEFAULT 0,
+    ADD COLUMN cache_creation_1h_input_tokens bigint NOT NULL DEFAULT 0,
+    ADD COLUMN reasoning_tokens bigint NOT NULL DEFAULT 0,
+    ADD COLUMN long_context_above bigint;
+CREATE TABLE tenant_prices (
+    tenant_id text PRIMARY KEY,
+    settings jsonb NOT NULL
+);
+ALTER TABLE tenant_prices ENABLE ROW LEVEL SECURITY;
+CREATE POLICY spendguard_tenant_read ON tenant_prices FOR SELECT
+    USING (tenant_id = current_setting('spendguard.tenant_id', true));
 "#,
     ),
 ];

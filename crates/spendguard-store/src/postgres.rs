@@ -25,7 +25,8 @@ use uuid::Uuid;
 use crate::common::{
     Deltas, Plan, ROLLUP_COLUMNS, ROLLUP_CONFLICT, ReservationCols, RollupCols, Settle,
     TenantCache, USAGE_ROLLUP_CONFLICT, UsageCols, UsageDeltas, UsageKey, clamp_u64, corrupt,
-    decode_user, encode_user, parse_id, scope_columns, scope_from_columns, sort_rows,
+    decode_tenant_prices, decode_user, encode_tenant_prices, encode_user, parse_id, scope_columns,
+    scope_from_columns, sort_rows,
 };
 use crate::error::StoreError;
 use crate::journal::{self, Journal};
@@ -169,7 +170,9 @@ pub(crate) fn time(row: &Row, idx: usize) -> Result<Micros, StoreError> {
 pub(crate) const USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, model, endpoint, \
     subscription_tier, input_tokens, cached_input_tokens, output_tokens, \
     (cost_usd * 1000000)::int8, request_status, created_at, reservation_id, idempotency_key, \
-    day_start, month_start, pricing, upstream, provider_request_id";
+    day_start, month_start, pricing, upstream, provider_request_id, \
+    cache_creation_input_tokens, cache_creation_1h_input_tokens, reasoning_tokens, \
+    long_context_above";
 
 const RESERVATION_COLUMNS: &str = "id, tenant_id, user_id, company_id, tier, admitted_tier, \
     model, endpoint, estimate_micros, estimated_tokens, created_at, expires_at, day_start, \
@@ -208,17 +211,20 @@ const EXPIRE_RESERVATIONS: &str = "UPDATE reservations AS r SET state = 'expired
 const INSERT_USAGE: &str = "INSERT INTO ai_usage (id, tenant_id, user_id, company_id, model, \
     endpoint, subscription_tier, input_tokens, cached_input_tokens, output_tokens, cost_usd, \
     request_status, created_at, reservation_id, idempotency_key, day_start, month_start, \
-    pricing, upstream, provider_request_id) \
+    pricing, upstream, provider_request_id, cache_creation_input_tokens, \
+    cache_creation_1h_input_tokens, reasoning_tokens, long_context_above) \
     SELECT u.id, u.tenant_id, u.user_id, u.company_id, u.model, u.endpoint, u.tier, u.input, \
     u.cached, u.output, u.cost * 0.000001, u.status, u.created_at, u.reservation_id, \
-    u.idempotency_key, u.day_start, u.month_start, u.pricing, u.upstream, u.provider_request_id \
+    u.idempotency_key, u.day_start, u.month_start, u.pricing, u.upstream, u.provider_request_id, \
+    u.cache_creation, u.cache_creation_1h, u.reasoning, u.long_context_above \
     FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], \
     $7::text[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::text[], \
     $13::timestamptz[], $14::uuid[], $15::text[], $16::int8[], $17::int8[], $18::text[], \
-    $19::text[], $20::text[]) \
+    $19::text[], $20::text[], $21::int8[], $22::int8[], $23::int8[], $24::int8[]) \
     AS u (id, tenant_id, user_id, company_id, model, endpoint, tier, input, cached, output, \
     cost, status, created_at, reservation_id, idempotency_key, day_start, month_start, \
-    pricing, upstream, provider_request_id) \
+    pricing, upstream, provider_request_id, cache_creation, cache_creation_1h, reasoning, \
+    long_context_above) \
     ON CONFLICT DO NOTHING RETURNING id";
 
 const UPSERT_BUDGET: &str = "INSERT INTO budget_overrides (scope_kind, tenant_id, scope_id, \
@@ -234,6 +240,12 @@ const UPSERT_USER: &str = "INSERT INTO user_overrides (tenant_id, user_id, setti
     settings = excluded.settings";
 
 const DELETE_USER: &str = "DELETE FROM user_overrides WHERE tenant_id = $1 AND user_id = $2";
+
+const UPSERT_TENANT_PRICES: &str = "INSERT INTO tenant_prices (tenant_id, settings) \
+    VALUES ($1, $2::text::jsonb) ON CONFLICT (tenant_id) DO UPDATE SET \
+    settings = excluded.settings";
+
+const DELETE_TENANT_PRICES: &str = "DELETE FROM tenant_prices WHERE tenant_id = $1";
 
 /// Sums from `ai_usage`, per scope, window and window start, in `numeric` (no overflow),
 /// saturated at `i64::MAX` like the rollups.
@@ -313,6 +325,10 @@ pub(crate) fn usage_row(row: &Row) -> Result<UsageRecord, StoreError> {
         pricing: get(row, 17)?,
         upstream: get(row, 18)?,
         provider_request_id: get(row, 19)?,
+        cache_creation_input_tokens: get(row, 20)?,
+        cache_creation_1h_input_tokens: get(row, 21)?,
+        reasoning_tokens: get(row, 22)?,
+        long_context_above: get(row, 23)?,
     }
     .decode()
 }
@@ -559,7 +575,15 @@ async fn insert_usage(
     let mut pricings = Vec::with_capacity(n);
     let mut upstreams = Vec::with_capacity(n);
     let mut request_ids = Vec::with_capacity(n);
+    let mut cache_creations = Vec::with_capacity(n);
+    let mut cache_creations_1h = Vec::with_capacity(n);
+    let mut reasonings = Vec::with_capacity(n);
+    let mut tiers_above = Vec::with_capacity(n);
     for u in usage {
+        cache_creations.push(clamp_u64(u.tokens.cache_creation));
+        cache_creations_1h.push(clamp_u64(u.tokens.cache_creation_1h));
+        reasonings.push(clamp_u64(u.tokens.reasoning));
+        tiers_above.push(u.long_context_above.map(clamp_u64));
         ids.push(u.id);
         tenants.push(u.tenant.as_str());
         users.push(u.user.as_str());
@@ -582,7 +606,7 @@ async fn insert_usage(
         request_ids.push(u.origin.as_ref().and_then(|o| o.request_id.as_deref()));
     }
     let stmt = tx.prepare_cached(INSERT_USAGE).await.db()?;
-    let params: [&(dyn ToSql + Sync); 20] = [
+    let params: [&(dyn ToSql + Sync); 24] = [
         &ids,
         &tenants,
         &users,
@@ -603,6 +627,10 @@ async fn insert_usage(
         &pricings,
         &upstreams,
         &request_ids,
+        &cache_creations,
+        &cache_creations_1h,
+        &reasonings,
+        &tiers_above,
     ];
     let rows = tx.query(&stmt, &params).await.db()?;
     let mut inserted = HashSet::with_capacity(rows.len());
@@ -746,6 +774,18 @@ async fn set_overrides(tx: &Transaction<'_>, plan: &Plan<'_>) -> Result<(), Stor
             let stmt = tx.prepare_cached(UPSERT_USER).await.db()?;
             let settings = encode_user(overrides)?;
             tx.execute(&stmt, &[&tenant.as_str(), &user.as_str(), &settings])
+                .await
+                .db()?;
+        }
+    }
+    for (tenant, prices) in &plan.tenant_prices {
+        if **prices == spendguard_core::prices::TenantPrices::default() {
+            let stmt = tx.prepare_cached(DELETE_TENANT_PRICES).await.db()?;
+            tx.execute(&stmt, &[&tenant.as_str()]).await.db()?;
+        } else {
+            let stmt = tx.prepare_cached(UPSERT_TENANT_PRICES).await.db()?;
+            let settings = encode_tenant_prices(prices)?;
+            tx.execute(&stmt, &[&tenant.as_str(), &settings])
                 .await
                 .db()?;
         }
@@ -1040,7 +1080,7 @@ async fn apply_events(tx: &Transaction<'_>, events: &[Event]) -> Result<(), Stor
             upsert_usage_rollups(tx, &usage_deltas.into_rows()).await?;
         }
     }
-    if !plan.budgets.is_empty() || !plan.users.is_empty() {
+    if !plan.budgets.is_empty() || !plan.users.is_empty() || !plan.tenant_prices.is_empty() {
         set_overrides(tx, &plan).await?;
     }
     Ok(())
@@ -1063,7 +1103,7 @@ fn check_instants(events: &[Event]) -> Result<(), StoreError> {
             Event::Released { at, .. } => {
                 to_time(*at)?;
             }
-            Event::BudgetSet { .. } | Event::UserSet { .. } => {}
+            Event::BudgetSet { .. } | Event::UserSet { .. } | Event::TenantPricesSet { .. } => {}
         }
     }
     Ok(())
@@ -1246,6 +1286,13 @@ impl Store for PostgresStore {
                 parse_id("tenant_id", get(&row, 0)?, TenantId::parse)?,
                 parse_id("user_id", get(&row, 1)?, UserId::parse)?,
                 decode_user(get(&row, 2)?)?,
+            ));
+        }
+        let sql = "SELECT tenant_id, settings::text FROM tenant_prices ORDER BY tenant_id";
+        for row in tx.query(sql, &[]).await.db()? {
+            snapshot.tenant_prices.push((
+                parse_id("tenant_id", get(&row, 0)?, TenantId::parse)?,
+                decode_tenant_prices(get(&row, 1)?)?,
             ));
         }
         tx.commit().await.db()?;

@@ -20,8 +20,8 @@ use uuid::Uuid;
 use crate::common::{
     Deltas, Plan, ROLLUP_COLUMN_COUNT, ROLLUP_COLUMNS, ROLLUP_CONFLICT, ReservationCols,
     RollupCols, Settle, TenantCache, USAGE_ROLLUP_CONFLICT, UsageCols, UsageDeltas, UsageKey,
-    clamp_u64, corrupt, decode_user, encode_user, now_micros, parse_id, scope_columns,
-    scope_from_columns, sort_rows, to_u64,
+    clamp_u64, corrupt, decode_tenant_prices, decode_user, encode_tenant_prices, encode_user,
+    now_micros, parse_id, scope_columns, scope_from_columns, sort_rows, to_u64,
 };
 use crate::error::StoreError;
 use crate::journal::{self, Journal};
@@ -131,7 +131,8 @@ pub(crate) async fn blocking<T: Send + 'static>(
 pub(crate) const USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, model, endpoint, \
     subscription_tier, input_tokens, cached_input_tokens, output_tokens, cost_micros, \
     request_status, created_at, reservation_id, idempotency_key, day_start, month_start, \
-    pricing, upstream, provider_request_id";
+    pricing, upstream, provider_request_id, cache_creation_input_tokens, \
+    cache_creation_1h_input_tokens, reasoning_tokens, long_context_above";
 
 const RESERVATION_COLUMNS: &str = "id, tenant_id, user_id, company_id, tier, admitted_tier, \
     model, endpoint, estimate_micros, estimated_tokens, created_at, expires_at, day_start, \
@@ -156,8 +157,9 @@ const EXPIRE_RESERVATION: &str = "UPDATE reservations SET state = 'expired', usa
 const INSERT_USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, model, endpoint, \
     subscription_tier, input_tokens, cached_input_tokens, output_tokens, cost_micros, \
     request_status, created_at, reservation_id, idempotency_key, day_start, month_start, \
-    pricing, upstream, provider_request_id";
-const USAGE_PARAMS: usize = 20;
+    pricing, upstream, provider_request_id, cache_creation_input_tokens, \
+    cache_creation_1h_input_tokens, reasoning_tokens, long_context_above";
+const USAGE_PARAMS: usize = 24;
 
 /// Rows per multi-row statement (a statement per row is about a quarter slower).
 const USAGE_CHUNK: usize = 32;
@@ -296,6 +298,11 @@ const UPSERT_USER: &str = "INSERT INTO user_overrides (tenant_id, user_id, setti
 
 const DELETE_USER: &str = "DELETE FROM user_overrides WHERE tenant_id = ?1 AND user_id = ?2";
 
+const UPSERT_TENANT_PRICES: &str = "INSERT INTO tenant_prices (tenant_id, settings) \
+    VALUES (?1, ?2) ON CONFLICT (tenant_id) DO UPDATE SET settings = excluded.settings";
+
+const DELETE_TENANT_PRICES: &str = "DELETE FROM tenant_prices WHERE tenant_id = ?1";
+
 pub(crate) fn text<'r>(row: &'r Row<'_>, idx: usize) -> Result<&'r str, StoreError> {
     row.get_ref(idx)
         .db()?
@@ -345,6 +352,10 @@ pub(crate) fn usage_row(row: &Row<'_>) -> Result<UsageRecord, StoreError> {
         pricing: opt_text(row, 17)?,
         upstream: opt_text(row, 18)?,
         provider_request_id: opt_text(row, 19)?,
+        cache_creation_input_tokens: int(row, 20)?,
+        cache_creation_1h_input_tokens: int(row, 21)?,
+        reasoning_tokens: int(row, 22)?,
+        long_context_above: row.get::<_, Option<i64>>(23).db()?,
     }
     .decode()
 }
@@ -572,6 +583,14 @@ fn bind_usage(
         .db()?;
     stmt.raw_bind_parameter(base + 20, origin.and_then(|o| o.request_id.as_deref()))
         .db()?;
+    stmt.raw_bind_parameter(base + 21, clamp_u64(u.tokens.cache_creation))
+        .db()?;
+    stmt.raw_bind_parameter(base + 22, clamp_u64(u.tokens.cache_creation_1h))
+        .db()?;
+    stmt.raw_bind_parameter(base + 23, clamp_u64(u.tokens.reasoning))
+        .db()?;
+    stmt.raw_bind_parameter(base + 24, u.long_context_above.map(clamp_u64))
+        .db()?;
     Ok(())
 }
 
@@ -729,6 +748,19 @@ fn apply_events(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> Result<(), 
                     user.as_str(),
                     encode_user(overrides)?
                 ])
+                .db()?;
+        }
+    }
+    for (tenant, prices) in &plan.tenant_prices {
+        if **prices == spendguard_core::prices::TenantPrices::default() {
+            tx.prepare_cached(DELETE_TENANT_PRICES)
+                .db()?
+                .execute(params![tenant.as_str()])
+                .db()?;
+        } else {
+            tx.prepare_cached(UPSERT_TENANT_PRICES)
+                .db()?
+                .execute(params![tenant.as_str(), encode_tenant_prices(prices)?])
                 .db()?;
         }
     }
@@ -932,6 +964,18 @@ fn load_blocking(
             ));
         }
     }
+    {
+        let mut stmt = tx
+            .prepare_cached("SELECT tenant_id, settings FROM tenant_prices ORDER BY tenant_id")
+            .db()?;
+        let mut rows = stmt.query([]).db()?;
+        while let Some(row) = rows.next().db()? {
+            snapshot.tenant_prices.push((
+                parse_id("tenant_id", text(row, 0)?, TenantId::parse)?,
+                decode_tenant_prices(text(row, 1)?)?,
+            ));
+        }
+    }
     tx.commit().db()?;
     Ok(snapshot)
 }
@@ -994,6 +1038,7 @@ fn recount_blocking(conn: &Connection) -> Result<Vec<CounterRow>, StoreError> {
             input: to_u64("input_tokens", int(row, 4)?)?,
             cached_input: to_u64("cached_input_tokens", int(row, 5)?)?,
             output: to_u64("output_tokens", int(row, 6)?)?,
+            ..Default::default()
         };
         let scopes = [
             Some(ScopeKey::Global),

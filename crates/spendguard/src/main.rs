@@ -84,6 +84,21 @@ enum Command {
         #[arg(long, default_value = "table")]
         format: String,
     },
+    /// The effective price of a model (or of every model) and where it came from: the
+    /// configuration's `[prices]` over the built-in catalog and, with --tenant, the tenant's
+    /// overrides (read from the database). USD per million tokens.
+    Prices {
+        #[command(flatten)]
+        common: Common,
+        /// One model (dated names resolve); default: every model.
+        model: Option<String>,
+        /// Include this tenant's price overrides.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// table or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
     /// Usage over whole days, grouped; top spenders first.
     Report {
         #[command(flatten)]
@@ -419,6 +434,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             date,
             format,
         } => usage(&common, &user, &tenant, date.as_deref(), &format),
+        Command::Prices {
+            common,
+            model,
+            tenant,
+            format,
+        } => prices(&common, model.as_deref(), tenant.as_deref(), &format),
         Command::Report {
             common,
             from,
@@ -782,6 +803,109 @@ fn report(
         }
         anyhow::Ok(())
     })
+}
+
+fn prices(
+    common: &Common,
+    model: Option<&str>,
+    tenant: Option<&str>,
+    format: &str,
+) -> anyhow::Result<()> {
+    let format = parse_format(format, &[Format::Table, Format::Json])?;
+    let (config, policy) = read_only(common)?;
+    let model = model
+        .map(spendguard_core::ModelName::parse)
+        .transpose()
+        .context("invalid model name")?;
+    let tenant = tenant
+        .map(spendguard_core::TenantId::parse)
+        .transpose()
+        .context("invalid --tenant")?;
+    let overrides = match &tenant {
+        None => None,
+        Some(t) => {
+            let periods = policy
+                .calendar
+                .periods(spendguard_guard::Clock::now(&SystemClock));
+            let snapshot = runtime()?.block_on(async {
+                use spendguard_store::Store;
+                let store = open_existing_store(&config).await?;
+                let snapshot = store
+                    .load(periods.day.start, periods.month.start)
+                    .await
+                    .context("failed to read the tenant's prices")?;
+                store.close().await;
+                anyhow::Ok(snapshot)
+            })?;
+            snapshot
+                .tenant_prices
+                .into_iter()
+                .find(|(id, _)| id == t)
+                .map(|(_, p)| p)
+        }
+    };
+    let Some(rows) = spendguard_server::api::effective_prices(
+        &policy.prices,
+        overrides.as_ref(),
+        model.as_ref(),
+    ) else {
+        bail!(
+            "model `{}` has no price (unknown_model = \"deny\")",
+            model.as_ref().map_or("", |m| m.as_str())
+        );
+    };
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+        _ => {
+            let header: Vec<String> = [
+                "model",
+                "source",
+                "provider",
+                "input",
+                "cached_input",
+                "cache_write",
+                "cache_write_1h",
+                "output",
+                "reasoning",
+                "long_context",
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+            let table_rows: Vec<Vec<String>> = rows
+                .iter()
+                .map(|p| {
+                    let source = match p.multiplier {
+                        Some(m) => format!("{} (x{m})", p.source),
+                        None => p.source.to_owned(),
+                    };
+                    vec![
+                        p.model.clone(),
+                        source,
+                        p.provider.unwrap_or("").to_owned(),
+                        p.input.to_string(),
+                        p.cached_input.to_string(),
+                        p.cache_write.to_string(),
+                        p.cache_write_1h.to_string(),
+                        p.output.to_string(),
+                        p.reasoning.to_string(),
+                        p.long_context.as_ref().map_or(String::new(), |lc| {
+                            format!(
+                                "above {}: {} in, {} out",
+                                lc.above_tokens, lc.input, lc.output
+                            )
+                        }),
+                    ]
+                })
+                .collect();
+            println!(
+                "USD per million tokens; catalog: {}",
+                spendguard_core::prices::CATALOG_SNAPSHOT
+            );
+            print!("{}", reports::table(&header, &table_rows));
+        }
+    }
+    Ok(())
 }
 
 fn alerts(common: &Common, all: bool, tenant: Option<&str>, format: &str) -> anyhow::Result<()> {

@@ -467,10 +467,16 @@ impl Ledger {
 
     /// The worst-case cost and tokens of a reservation request.
     pub(super) fn estimate(
+        &self,
         policy: &Policy,
         eff: &Effective,
         req: &ReserveRequest,
     ) -> Result<Result<(Money, u64, u64), Denial>, LedgerError> {
+        let tenant_prices = match req.estimated_cost {
+            Some(_) => None,
+            None => self.tenant_prices(&req.subject.tenant),
+        };
+        let tenant = tenant_prices.as_deref();
         let max_output = req.max_output_tokens.or(eff.max_output_tokens).unwrap_or(0);
         let tokens = req
             .input_tokens
@@ -478,18 +484,14 @@ impl Ledger {
             .ok_or(LedgerError::Overflow)?;
         let cost = match req.estimated_cost {
             Some(c) => c,
-            None => match policy.prices.price(&req.subject.model) {
+            None => match policy.prices.price_for(&req.subject.model, tenant) {
                 None => {
                     return Ok(Err(Denial::UnknownModel {
                         model: req.subject.model.clone(),
                     }));
                 }
                 Some(p) => p
-                    .cost(Tokens {
-                        input: req.input_tokens,
-                        cached_input: 0,
-                        output: max_output,
-                    })
+                    .cost(Tokens::new(req.input_tokens, max_output))
                     .ok_or(LedgerError::Overflow)?,
             },
         };
@@ -501,7 +503,7 @@ impl Ledger {
         let policy = self.policy();
         let eff = self.effective(&policy, &req.subject)?;
         let periods = policy.calendar.periods(now);
-        let (estimate, tokens, denial) = match Self::estimate(&policy, &eff, req)? {
+        let (estimate, tokens, denial) = match self.estimate(&policy, &eff, req)? {
             Ok((c, t, max_output)) => (c, t, Self::static_denial(&eff, &req.subject, max_output)),
             Err(d) => (Money::ZERO, req.input_tokens, Some(d)),
         };

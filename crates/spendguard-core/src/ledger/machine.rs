@@ -13,7 +13,7 @@ use super::{Ledger, MICROS_PER_MINUTE};
 use crate::ids::{ModelName, TenantId};
 use crate::money::Money;
 use crate::policy::Policy;
-use crate::prices::{Priced, Tokens};
+use crate::prices::{Priced, Source, TenantPrices, Tokens};
 use crate::window::Micros;
 use uuid::Uuid;
 
@@ -72,7 +72,7 @@ impl Ledger {
                 event: None,
             }));
         }
-        let (estimate, tokens, max_output) = match Self::estimate(&policy, &eff, req)? {
+        let (estimate, tokens, max_output) = match self.estimate(&policy, &eff, req)? {
             Ok(v) => v,
             Err(d) => {
                 return Ok(Err(CheckOutcome {
@@ -276,16 +276,23 @@ impl Ledger {
     /// is more (`unknown_model = "default_cost"`); a direct record pays the default price
     /// ([`PriceTable::fallback`](crate::prices::PriceTable::fallback)). Only
     /// `unknown_model = "free"` charges nothing, as configured.
+    ///
+    /// Also returns the long-context tier a listed price was charged at, if any.
     fn price_call(
+        &self,
         policy: &Policy,
+        tenant: &TenantId,
         model: &ModelName,
         tokens: Tokens,
         given: Option<Money>,
         floor: Option<Money>,
-    ) -> Result<(Money, Pricing), LedgerError> {
+    ) -> Result<(Money, Pricing, Option<u64>), LedgerError> {
         let priced = match given {
-            Some(c) => (c, Pricing::Caller),
-            None => Self::price_listed(policy, model, tokens, floor)?,
+            Some(c) => (c, Pricing::Caller, None),
+            None => {
+                let prices = self.tenant_prices(tenant);
+                Self::price_listed(policy, prices.as_deref(), model, tokens, floor)?
+            }
         };
         Self::within_record_ceiling(policy, priced.0, tokens, floor)?;
         Ok(priced)
@@ -309,13 +316,22 @@ impl Ledger {
     /// [`Ledger::price_call`] without a caller's cost.
     fn price_listed(
         policy: &Policy,
+        tenant: Option<&TenantPrices>,
         model: &ModelName,
         tokens: Tokens,
         floor: Option<Money>,
-    ) -> Result<(Money, Pricing), LedgerError> {
+    ) -> Result<(Money, Pricing, Option<u64>), LedgerError> {
         let at = |p: crate::prices::Price| p.cost(tokens).ok_or(LedgerError::Overflow);
-        Ok(match (policy.prices.price(model), floor) {
-            (Some(Priced::Listed(p)), _) => (at(p)?, Pricing::Catalog),
+        let (cost, pricing) = match (policy.prices.price_for(model, tenant), floor) {
+            (Some(Priced::Listed(q)), _) => {
+                let cost = q.cost(tokens).ok_or(LedgerError::Overflow)?;
+                let pricing = match q.source {
+                    Source::Catalog => Pricing::Catalog,
+                    Source::Config => Pricing::Config,
+                    Source::TenantOverride => Pricing::TenantOverride,
+                };
+                return Ok((cost, pricing, q.price.tier_for(tokens.input)));
+            }
             (Some(Priced::Free), _) => (Money::ZERO, Pricing::Free),
             (Some(Priced::Default(p)), Some(estimate)) => {
                 let cost = at(p)?;
@@ -328,7 +344,8 @@ impl Ledger {
             (Some(Priced::Default(p)), None) => (at(p)?, Pricing::Default),
             (None, Some(estimate)) => (estimate, Pricing::Estimate),
             (None, None) => (at(policy.prices.fallback())?, Pricing::Default),
-        })
+        };
+        Ok((cost, pricing, None))
     }
 
     /// Commits the actual usage of a reservation. Below the estimate, the rest is released;
@@ -353,22 +370,22 @@ impl Ledger {
                 .ok_or(LedgerError::NotFound(*id));
         };
         let estimate = open.res.estimate;
-        let (cost, pricing) = Self::at_least_estimate_if_truncated(
-            commit,
-            estimate,
-            Self::price_call(
-                &policy,
-                &open.res.subject.model,
-                commit.tokens,
-                commit.cost,
-                Some(estimate),
-            )?,
-        );
+        let (cost, pricing, tier) = self.price_call(
+            &policy,
+            &open.res.subject.tenant,
+            &open.res.subject.model,
+            commit.tokens,
+            commit.cost,
+            Some(estimate),
+        )?;
+        let (cost, pricing) =
+            Self::at_least_estimate_if_truncated(commit, estimate, (cost, pricing));
         let charge = Charge {
             usage_id: commit.usage_id,
             tokens: commit.tokens,
             cost,
             pricing,
+            long_context_above: tier.filter(|_| pricing != Pricing::Estimate),
             status: commit.status,
             origin: commit.origin.clone().map(Box::new),
         };
@@ -453,6 +470,9 @@ impl Ledger {
         let mut usage = self.build_record(&policy, &record, now, Some(estimate))?;
         (usage.cost, usage.pricing) =
             Self::at_least_estimate_if_truncated(commit, estimate, (usage.cost, usage.pricing));
+        if usage.pricing == Pricing::Estimate {
+            usage.long_context_above = None;
+        }
         usage.reservation_id = Some(*id);
         usage.origin = commit.origin.clone();
         let first = {
@@ -541,6 +561,7 @@ impl Ledger {
                 tokens: Tokens::default(),
                 cost: Money::ZERO,
                 pricing: Pricing::Catalog,
+                long_context_above: None,
                 status: RequestStatus::Expired,
                 origin: None,
             };
@@ -686,8 +707,14 @@ impl Ledger {
         floor: Option<Money>,
     ) -> Result<UsageRecord, LedgerError> {
         let eff = self.effective(policy, &req.subject)?;
-        let (cost, pricing) =
-            Self::price_call(policy, &req.subject.model, req.tokens, req.cost, floor)?;
+        let (cost, pricing, long_context_above) = self.price_call(
+            policy,
+            &req.subject.tenant,
+            &req.subject.model,
+            req.tokens,
+            req.cost,
+            floor,
+        )?;
         let periods = policy.calendar.periods(now);
         Ok(UsageRecord {
             id: req.id,
@@ -700,6 +727,7 @@ impl Ledger {
             tokens: req.tokens,
             cost,
             pricing,
+            long_context_above,
             status: req.status,
             created_at: now,
             reservation_id: None,
@@ -756,7 +784,7 @@ impl Ledger {
                 matches!(s.settlement(), Settlement::Expired(_))
             }),
             Event::Recorded(usage) => self.unrecord(usage),
-            Event::BudgetSet { .. } | Event::UserSet { .. } => {}
+            Event::BudgetSet { .. } | Event::UserSet { .. } | Event::TenantPricesSet { .. } => {}
         }
     }
 

@@ -48,6 +48,7 @@ pub use types::*;
 use crate::ids::{TenantId, TierName, UserId};
 use crate::money::Money;
 use crate::policy::{Budget, ModelPatterns, Policy, UserOverrides};
+use crate::prices::TenantPrices;
 use crate::window::{Micros, Periods};
 use idempotency::IdemShard;
 use state::{ResShard, ScopeState, Shard, lock};
@@ -86,6 +87,7 @@ impl hashbrown::Equivalent<(TenantId, UserId)> for UserRef<'_> {
 struct Overrides {
     budgets: hashbrown::HashMap<ScopeKey, BudgetOverride, RandomState>,
     users: hashbrown::HashMap<(TenantId, UserId), StoredUser, RandomState>,
+    prices: hashbrown::HashMap<TenantId, Arc<TenantPrices>, RandomState>,
 }
 
 /// The live, in-memory ledger. Cheap to share: wrap it in an `Arc`.
@@ -93,6 +95,8 @@ struct Overrides {
 pub struct Ledger {
     policy: RwLock<Arc<Policy>>,
     overrides: RwLock<Overrides>,
+    /// Whether any tenant has price overrides: the hot path skips their lock when none has.
+    any_tenant_prices: std::sync::atomic::AtomicBool,
     hasher: RandomState,
     scopes: Box<[Mutex<Shard>]>,
     reservations: Box<[Mutex<ResShard>]>,
@@ -114,6 +118,7 @@ impl Ledger {
         Ledger {
             policy: RwLock::new(Arc::new(policy)),
             overrides: RwLock::new(Overrides::default()),
+            any_tenant_prices: std::sync::atomic::AtomicBool::new(false),
             hasher: RandomState::default(),
             scopes: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             reservations: (0..SHARDS)
@@ -154,6 +159,59 @@ impl Ledger {
             value: (),
             event: Some(Event::BudgetSet { scope, budget }),
         }
+    }
+
+    /// Sets (or, when empty, clears) a tenant's price overrides. Applies at once.
+    pub fn set_tenant_prices(
+        &self,
+        tenant: TenantId,
+        prices: TenantPrices,
+    ) -> Result<Applied<()>, LedgerError> {
+        if let Some(m) = prices.multiplier_ppm
+            && m > crate::prices::MAX_MULTIPLIER_PPM
+        {
+            return Err(LedgerError::Overflow);
+        }
+        let mut o = self.overrides.write().unwrap_or_else(|e| e.into_inner());
+        if prices == TenantPrices::default() {
+            o.prices.remove(&tenant);
+        } else {
+            o.prices.insert(tenant.clone(), Arc::new(prices.clone()));
+        }
+        self.any_tenant_prices
+            .store(!o.prices.is_empty(), std::sync::atomic::Ordering::Release);
+        Ok(Applied {
+            value: (),
+            event: Some(Event::TenantPricesSet { tenant, prices }),
+        })
+    }
+
+    /// A tenant's price overrides, if it has any.
+    pub fn tenant_prices(&self, tenant: &TenantId) -> Option<Arc<TenantPrices>> {
+        if !self
+            .any_tenant_prices
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return None;
+        }
+        self.overrides
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .prices
+            .get(tenant)
+            .cloned()
+    }
+
+    /// Every tenant's price overrides, sorted by tenant.
+    pub fn all_tenant_prices(&self) -> Vec<(TenantId, TenantPrices)> {
+        let o = self.overrides.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = o
+            .prices
+            .iter()
+            .map(|(t, p)| (t.clone(), (**p).clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        v
     }
 
     pub fn budget_override(&self, scope: &ScopeKey) -> Option<BudgetOverride> {

@@ -23,6 +23,9 @@ impl Ledger {
         for (scope, budget) in snapshot.budgets {
             self.set_budget(scope, budget);
         }
+        for (tenant, prices) in snapshot.tenant_prices {
+            self.set_tenant_prices(tenant, prices)?;
+        }
         let policy = self.policy();
         for (tenant, user, mut overrides) in snapshot.users {
             if let Some(tier) = &overrides.tier

@@ -503,6 +503,7 @@ pub(super) struct Charge {
     pub(super) tokens: Tokens,
     pub(super) cost: Money,
     pub(super) pricing: Pricing,
+    pub(super) long_context_above: Option<u64>,
     pub(super) status: RequestStatus,
     pub(super) origin: Option<Box<Origin>>,
 }
@@ -521,6 +522,7 @@ impl Charge {
             tokens: self.tokens,
             cost: self.cost,
             pricing: self.pricing,
+            long_context_above: self.long_context_above,
             status: self.status,
             created_at: res.created_at,
             reservation_id: Some(res.id),

@@ -11,7 +11,7 @@ use super::evaluate::LimitView;
 use crate::ids::{CompanyId, Endpoint, IdempotencyKey, ModelName, TenantId, TierName, UserId};
 use crate::money::Money;
 use crate::policy::UserOverrides;
-use crate::prices::Tokens;
+use crate::prices::{TenantPrices, Tokens};
 use crate::window::{Micros, Window};
 
 // ---------------------------------------------------------------------------------------
@@ -229,10 +229,15 @@ impl RequestStatus {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Pricing {
-    /// The price table (built in, or configured). Also records written before spendguard
-    /// stored how a record was priced.
+    /// The built-in catalog. Also records written before spendguard stored how a record was
+    /// priced.
     #[default]
     Catalog,
+    /// A price from the configuration's `[prices]`.
+    Config,
+    /// The tenant's price overrides: its own price for the model, or its multiplier on the
+    /// configured or catalog price.
+    TenantOverride,
     /// The caller passed the cost (`cost_usd`).
     Caller,
     /// A model without a price, charged its reservation's estimate.
@@ -248,6 +253,8 @@ impl Pricing {
     pub fn as_str(self) -> &'static str {
         match self {
             Pricing::Catalog => "catalog",
+            Pricing::Config => "config",
+            Pricing::TenantOverride => "tenant_override",
             Pricing::Caller => "caller",
             Pricing::Estimate => "estimate",
             Pricing::Default => "default",
@@ -258,6 +265,8 @@ impl Pricing {
     pub fn parse(s: &str) -> Option<Pricing> {
         Some(match s {
             "catalog" => Pricing::Catalog,
+            "config" => Pricing::Config,
+            "tenant_override" => Pricing::TenantOverride,
             "caller" => Pricing::Caller,
             "estimate" => Pricing::Estimate,
             "default" => Pricing::Default,
@@ -347,6 +356,10 @@ pub struct UsageRecord {
     /// How `cost` was found.
     #[serde(default)]
     pub pricing: Pricing,
+    /// The long-context tier the call was priced at (its threshold in prompt tokens), when
+    /// its prompt was above one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub long_context_above: Option<u64>,
     pub status: RequestStatus,
     /// When the call started: the reservation's admission time, or the record's time.
     pub created_at: Micros,
@@ -443,6 +456,8 @@ pub struct Snapshot {
     pub open: Vec<Reservation>,
     pub budgets: Vec<(ScopeKey, BudgetOverride)>,
     pub users: Vec<(TenantId, UserId, UserOverrides)>,
+    /// Tenants' price overrides.
+    pub tenant_prices: Vec<(TenantId, TenantPrices)>,
 }
 
 /// What [`Ledger::restore`] had to adjust.
@@ -483,6 +498,11 @@ pub enum Event {
         tenant: TenantId,
         user: UserId,
         overrides: UserOverrides,
+    },
+    /// A tenant's price overrides set (empty: cleared).
+    TenantPricesSet {
+        tenant: TenantId,
+        prices: TenantPrices,
     },
 }
 

@@ -277,6 +277,7 @@ fn record_is_counted_never_refused_and_idempotent() {
             input: 10,
             cached_input: 0,
             output: 10,
+            ..Default::default()
         },
         cost: Some(usd("3")), // three times the user's daily cap
         status: RequestStatus::Success,
@@ -322,6 +323,7 @@ fn record_without_cost_uses_the_price_table_and_the_fallback_for_unpriced_models
             input: 1_000_000,
             cached_input: 0,
             output: 0,
+            ..Default::default()
         },
         cost: None,
         status: RequestStatus::Success,

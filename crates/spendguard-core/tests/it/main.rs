@@ -1,5 +1,6 @@
 //! Integration tests of the core ledger through its public API.
 
+mod catalog;
 mod concurrency;
 mod ledger;
 mod properties;

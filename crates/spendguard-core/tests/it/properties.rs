@@ -356,6 +356,7 @@ fn run(ops: Vec<Op>, overshoot: bool) {
                         input: 5,
                         cached_input: 0,
                         output: 5,
+                        ..Default::default()
                     },
                     cost: Some(Money::from_micros(cost)),
                     status: RequestStatus::Success,

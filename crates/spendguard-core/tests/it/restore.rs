@@ -123,6 +123,7 @@ impl Store {
             open: self.open.values().cloned().collect(),
             budgets: Vec::new(),
             users: Vec::new(),
+            ..Default::default()
         }
     }
 }
@@ -176,6 +177,7 @@ fn run(ops: Vec<Op>) {
                         input: 10,
                         cached_input: 0,
                         output: 10,
+                        ..Default::default()
                     },
                     cost: Some(Money::from_micros(cost)),
                     status: RequestStatus::Success,

@@ -52,6 +52,7 @@ pub fn commit_req(n: u64, cost: Money) -> CommitRequest {
             input: 100,
             cached_input: 0,
             output: 50,
+            ..Default::default()
         },
         cost: Some(cost),
         status: RequestStatus::Success,

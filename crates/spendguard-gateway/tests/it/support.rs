@@ -275,15 +275,18 @@ impl Harness {
 /// rounded up to the micro-dollar.
 pub fn cost(input_uncached: u64, cached: u64, output: u64, prices: (&str, &str, &str)) -> Money {
     let price = spendguard_core::Price {
-        input: Money::parse_usd(prices.0).unwrap(),
         cached_input: Some(Money::parse_usd(prices.1).unwrap()),
-        output: Money::parse_usd(prices.2).unwrap(),
+        ..spendguard_core::Price::simple(
+            Money::parse_usd(prices.0).unwrap(),
+            Money::parse_usd(prices.2).unwrap(),
+        )
     };
     price
         .cost(spendguard_core::Tokens {
             input: input_uncached + cached,
             cached_input: cached,
             output,
+            ..Default::default()
         })
         .unwrap()
 }

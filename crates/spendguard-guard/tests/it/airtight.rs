@@ -303,6 +303,7 @@ async fn an_unpriced_model_is_never_charged_zero() {
                 input: 1000,
                 cached_input: 0,
                 output: 1000,
+                ..Default::default()
             },
             cost: None,
             status: RequestStatus::Success,

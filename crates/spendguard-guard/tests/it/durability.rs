@@ -40,6 +40,7 @@ async fn acknowledged_operations_are_in_the_store() {
             input: 1,
             cached_input: 0,
             output: 1,
+            ..Default::default()
         },
         cost: Some(Money::from_micros(7)),
         status: RequestStatus::Error,

@@ -57,6 +57,7 @@ pub fn commit(micros: i64) -> CommitRequest {
             input: 100,
             cached_input: 0,
             output: 40,
+            ..Default::default()
         },
         cost: Some(Money::from_micros(micros)),
         status: RequestStatus::Success,

@@ -24,6 +24,10 @@ pub(crate) struct UsageCols<'a> {
     pub pricing: Option<&'a str>,
     pub upstream: Option<&'a str>,
     pub provider_request_id: Option<&'a str>,
+    pub cache_creation_input_tokens: i64,
+    pub cache_creation_1h_input_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub long_context_above: Option<i64>,
 }
 
 impl UsageCols<'_> {
@@ -40,6 +44,15 @@ impl UsageCols<'_> {
                 input: to_u64("input_tokens", self.input_tokens)?,
                 cached_input: to_u64("cached_input_tokens", self.cached_input_tokens)?,
                 output: to_u64("output_tokens", self.output_tokens)?,
+                cache_creation: to_u64(
+                    "cache_creation_input_tokens",
+                    self.cache_creation_input_tokens,
+                )?,
+                cache_creation_1h: to_u64(
+                    "cache_creation_1h_input_tokens",
+                    self.cache_creation_1h_input_tokens,
+                )?,
+                reasoning: to_u64("reasoning_tokens", self.reasoning_tokens)?,
             },
             cost: Money::from_micros(self.cost_micros),
             pricing: match self.pricing {
@@ -48,6 +61,10 @@ impl UsageCols<'_> {
                     Pricing::parse(p).ok_or_else(|| corrupt(format!("unknown pricing `{p}`")))?
                 }
             },
+            long_context_above: self
+                .long_context_above
+                .map(|v| to_u64("long_context_above", v))
+                .transpose()?,
             status: RequestStatus::parse(self.status)
                 .ok_or_else(|| corrupt(format!("unknown request_status `{}`", self.status)))?,
             created_at: self.created_at,

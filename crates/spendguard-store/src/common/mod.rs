@@ -8,7 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use spendguard_core::{
     BudgetOverride, CompanyId, CounterRow, Endpoint, Event, IdError, IdempotencyKey, Micros,
     ModelName, Money, Origin, Pricing, RequestStatus, Reservation, ScopeKey, ScopeKind, Subject,
-    TenantId, TierName, Tokens, UsageRecord, UserId, UserOverrides, Window,
+    TenantId, TierName, Tokens, UsageRecord, UserId, UserOverrides, Window, prices::TenantPrices,
 };
 use uuid::Uuid;
 
@@ -111,6 +111,15 @@ pub(crate) fn to_u64(column: &str, value: i64) -> Result<u64, StoreError> {
 pub(crate) fn encode_user(overrides: &UserOverrides) -> Result<String, StoreError> {
     serde_json::to_string(overrides)
         .map_err(|e| StoreError::Invalid(format!("user overrides cannot be encoded: {e}")))
+}
+
+pub(crate) fn encode_tenant_prices(prices: &TenantPrices) -> Result<String, StoreError> {
+    serde_json::to_string(prices)
+        .map_err(|e| StoreError::Invalid(format!("tenant prices cannot be encoded: {e}")))
+}
+
+pub(crate) fn decode_tenant_prices(settings: &str) -> Result<TenantPrices, StoreError> {
+    serde_json::from_str(settings).map_err(|e| corrupt(format!("tenant_prices.settings: {e}")))
 }
 
 pub(crate) fn decode_user(settings: &str) -> Result<UserOverrides, StoreError> {

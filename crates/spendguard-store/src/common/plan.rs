@@ -38,6 +38,7 @@ pub(crate) struct Plan<'a> {
     pub usage: Vec<&'a UsageRecord>,
     pub budgets: Vec<(&'a ScopeKey, BudgetOverride)>,
     pub users: Vec<(&'a TenantId, &'a UserId, &'a UserOverrides)>,
+    pub tenant_prices: Vec<(&'a TenantId, &'a TenantPrices)>,
 }
 
 impl<'a> Plan<'a> {
@@ -48,12 +49,14 @@ impl<'a> Plan<'a> {
             usage: Vec::with_capacity(events.len()),
             budgets: Vec::new(),
             users: Vec::new(),
+            tenant_prices: Vec::new(),
         };
         let mut reserved = HashSet::new();
         let mut settled = HashSet::new();
         let mut usage = HashSet::with_capacity(events.len());
         let mut budgets: HashMap<&ScopeKey, usize> = HashMap::new();
         let mut users: HashMap<(&TenantId, &UserId), usize> = HashMap::new();
+        let mut tenant_prices: HashMap<&TenantId, usize> = HashMap::new();
         for event in events {
             match event {
                 Event::Reserved(r) => {
@@ -124,6 +127,13 @@ impl<'a> Plan<'a> {
                     None => {
                         users.insert((tenant, user), plan.users.len());
                         plan.users.push((tenant, user, overrides));
+                    }
+                },
+                Event::TenantPricesSet { tenant, prices } => match tenant_prices.get(tenant) {
+                    Some(&i) => plan.tenant_prices[i].1 = prices,
+                    None => {
+                        tenant_prices.insert(tenant, plan.tenant_prices.len());
+                        plan.tenant_prices.push((tenant, prices));
                     }
                 },
             }

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use spendguard_core::{
-    Endpoint, Event, Micros, ModelName, Money, RequestStatus, ScopeKey, Tokens, UsageRecord, Window,
+    Endpoint, Event, Micros, ModelName, Money, Pricing, RequestStatus, ScopeKey, Tokens,
+    UsageRecord, Window,
 };
 use spendguard_store::{
     AlertKind, AlertQuery, AlertRecord, AnyStore, DeliveryOutcome, DeliveryState, GroupBy,
@@ -41,6 +42,7 @@ fn usage_records(seed: u64, n: usize) -> Vec<UsageRecord> {
                 input: rng.below(5_000),
                 cached_input: rng.below(500),
                 output: rng.below(1_000),
+                ..Default::default()
             };
             r.cost = Money::from_micros(1_000 * (1 + rng.below(3) as i64));
             r.status = match rng.below(7) {
@@ -385,6 +387,7 @@ pub async fn user_day_sums_per_model(db: &Db) {
             input,
             cached_input: input / 10,
             output: input / 2,
+            ..Default::default()
         };
         r
     };
@@ -529,6 +532,7 @@ pub async fn usage_rollups_saturate(db: &Db) {
         input: i64::MAX as u64,
         cached_input: u64::MAX,
         output: 7,
+        ..Default::default()
     };
     let mut more = record(2);
     more.cost = Money::from_micros(100);
@@ -703,7 +707,8 @@ pub async fn migration_5_keeps_every_record(db: &Db) {
              cost_micros, request_status, created_at, reservation_id, idempotency_key, \
              day_start, month_start, pricing FROM ai_usage; \
              DROP TABLE ai_usage; ALTER TABLE ai_usage_v4 RENAME TO ai_usage; \
-             DELETE FROM schema_migrations WHERE version = 5"
+             DROP TABLE tenant_prices; \
+             DELETE FROM schema_migrations WHERE version IN (5, 10)"
         }
         Db::Postgres { .. } => {
             "ALTER TABLE ai_usage DROP COLUMN upstream, DROP COLUMN provider_request_id, \
@@ -723,6 +728,64 @@ pub async fn migration_5_keeps_every_record(db: &Db) {
     assert_eq!(store.rollups().await.unwrap(), rollups);
     assert_eq!(store.recount().await.unwrap(), rollups);
     assert_eq!(all_reports(&store).await, before);
+}
+
+/// Migration 10 (token kinds, the `config` and `tenant_override` pricings, tenants' prices)
+/// keeps every record and rollup of a database at version 9; on SQLite it rebuilds
+/// `ai_usage`. Records written after it keep their token kinds and pricing.
+pub async fn migration_10_keeps_every_record(db: &Db) {
+    let store = db.store().await;
+    let records = usage_records(0x1010, 200);
+    for batch in batches(&records) {
+        store.apply(&batch).await.unwrap();
+    }
+    let rollups = store.rollups().await.unwrap();
+    let before = all_reports(&store).await;
+    store.close().await;
+    let sql = match db {
+        Db::Sqlite { .. } => {
+            "CREATE TABLE ai_usage_v9 AS SELECT id, user_id, company_id, tenant_id, model, \
+             endpoint, subscription_tier, input_tokens, cached_input_tokens, output_tokens, \
+             cost_micros, request_status, created_at, reservation_id, idempotency_key, \
+             day_start, month_start, pricing, upstream, provider_request_id FROM ai_usage; \
+             DROP TABLE ai_usage; ALTER TABLE ai_usage_v9 RENAME TO ai_usage; \
+             DROP TABLE tenant_prices; \
+             DELETE FROM schema_migrations WHERE version = 10"
+        }
+        Db::Postgres { .. } => {
+            "ALTER TABLE ai_usage DROP COLUMN cache_creation_input_tokens, \
+             DROP COLUMN cache_creation_1h_input_tokens, DROP COLUMN reasoning_tokens, \
+             DROP COLUMN long_context_above, DROP CONSTRAINT ai_usage_pricing_check, \
+             ADD CONSTRAINT ai_usage_pricing_check \
+             CHECK (pricing IN ('catalog', 'caller', 'estimate', 'default', 'free')); \
+             DROP TABLE tenant_prices; \
+             DELETE FROM schema_migrations WHERE version = 10"
+        }
+    };
+    execute(db, sql).await;
+    let store = reopen(db).await;
+    assert_eq!(store.schema_versions().await.unwrap(), all_versions());
+    assert_eq!(store.usage_count().await.unwrap(), records.len() as u64);
+    for r in &records {
+        assert_eq!(store.usage(r.id).await.unwrap().as_ref(), Some(r));
+    }
+    assert_eq!(store.rollups().await.unwrap(), rollups);
+    assert_eq!(store.recount().await.unwrap(), rollups);
+    assert_eq!(all_reports(&store).await, before);
+    // The new columns and pricings take new records.
+    let mut r = record(90_001);
+    r.tokens = Tokens {
+        input: 10_000,
+        cached_input: 1_000,
+        output: 500,
+        cache_creation: 2_000,
+        cache_creation_1h: 500,
+        reasoning: 200,
+    };
+    r.pricing = Pricing::TenantOverride;
+    r.long_context_above = Some(200_000);
+    store.apply(&[Event::Recorded(r.clone())]).await.unwrap();
+    assert_eq!(store.usage(r.id).await.unwrap(), Some(r));
 }
 
 async fn back_to_schema_1(db: &Db) -> AnyStore {

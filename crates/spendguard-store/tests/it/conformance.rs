@@ -381,6 +381,7 @@ fn random_batches(seed: u64, batches: usize) -> Vec<Vec<Event>> {
                         input: rng.below(10_000),
                         cached_input: 0,
                         output: rng.below(2_000),
+                        ..Default::default()
                     };
                     batch.push(Event::Committed {
                         reservation_id: r.id,
@@ -607,6 +608,96 @@ pub async fn origins_and_truncated_records_round_trip(db: &Db) {
     assert!(!store.rollups().await.unwrap().is_empty());
 }
 
+/// Every token kind, every pricing and the long-context tier round-trip; a tenant's price
+/// overrides are set, replaced, loaded and cleared.
+pub async fn token_kinds_pricings_and_tenant_prices_round_trip(db: &Db) {
+    use spendguard_core::prices::TenantPrices;
+    let store = db.store().await;
+    let pricings = [
+        Pricing::Catalog,
+        Pricing::Config,
+        Pricing::TenantOverride,
+        Pricing::Caller,
+        Pricing::Estimate,
+        Pricing::Default,
+        Pricing::Free,
+    ];
+    let mut records = Vec::new();
+    for (i, pricing) in pricings.into_iter().enumerate() {
+        let mut r = record(100 + i as u128);
+        r.tokens = Tokens {
+            input: 300_000 + i as u64,
+            cached_input: 1_000,
+            output: 4_000,
+            cache_creation: 20_000,
+            cache_creation_1h: 5_000 + i as u64,
+            reasoning: 1_500,
+        };
+        r.pricing = pricing;
+        r.long_context_above = (i % 2 == 0).then_some(200_000);
+        records.push(r);
+    }
+    let events: Vec<Event> = records.iter().cloned().map(Event::Recorded).collect();
+    store.apply(&events).await.unwrap();
+    for r in &records {
+        assert_eq!(store.usage(r.id).await.unwrap().as_ref(), Some(r));
+    }
+
+    let price = spendguard_core::Price {
+        cache_write: Some(Money::from_micros(3_750_000)),
+        ..spendguard_core::Price::simple(
+            Money::from_micros(3_000_000),
+            Money::from_micros(15_000_000),
+        )
+    };
+    let first = TenantPrices {
+        multiplier_ppm: Some(850_000),
+        models: [("claude-sonnet-4-5".to_owned(), price)].into(),
+    };
+    let second = TenantPrices {
+        multiplier_ppm: Some(900_000),
+        models: Default::default(),
+    };
+    store
+        .apply(&[
+            Event::TenantPricesSet {
+                tenant: tenant("acme"),
+                prices: first.clone(),
+            },
+            Event::TenantPricesSet {
+                tenant: tenant("beta"),
+                prices: first.clone(),
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load(JAN, JAN).await.unwrap().tenant_prices,
+        vec![
+            (tenant("acme"), first.clone()),
+            (tenant("beta"), first.clone())
+        ]
+    );
+    // In one batch the last event of a tenant wins; an empty one clears.
+    store
+        .apply(&[
+            Event::TenantPricesSet {
+                tenant: tenant("acme"),
+                prices: second.clone(),
+            },
+            Event::TenantPricesSet {
+                tenant: tenant("beta"),
+                prices: TenantPrices::default(),
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load(JAN, JAN).await.unwrap().tenant_prices,
+        vec![(tenant("acme"), second)]
+    );
+}
+
 pub async fn large_money_values_round_trip(db: &Db) {
     let store = db.store().await;
     let mut huge = record(1);
@@ -615,6 +706,7 @@ pub async fn large_money_values_round_trip(db: &Db) {
         input: i64::MAX as u64,
         cached_input: i64::MAX as u64,
         output: 5,
+        ..Default::default()
     };
     let mut small = record(2);
     small.cost = Money::from_micros(1);

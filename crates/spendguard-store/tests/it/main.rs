@@ -35,6 +35,8 @@ macro_rules! conformance {
             analytics::usage_rollups_saturate,
             analytics::migration_2_backfills_usage_rollups,
             analytics::migration_5_keeps_every_record,
+            analytics::migration_10_keeps_every_record,
+            conformance::token_kinds_pricings_and_tenant_prices_round_trip,
             analytics::whole_months_read_like_their_days,
             analytics::alerts_are_inserted_exactly_once,
             analytics::alerts_list_newest_first_with_filters,

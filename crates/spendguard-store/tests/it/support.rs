@@ -99,7 +99,7 @@ impl Drop for Db {
 
 /// The versions of every migration this build knows.
 pub fn all_versions() -> Vec<i64> {
-    (1..=9).collect()
+    (1..=10).collect()
 }
 
 /// Runs statements straight on the database (outside any store), e.g. to take a schema
@@ -208,9 +208,11 @@ pub fn record(n: u128) -> UsageRecord {
             input: 1200,
             cached_input: 200,
             output: 300,
+            ..Default::default()
         },
         cost: Money::from_micros(4_250),
         pricing: Pricing::Catalog,
+        long_context_above: None,
         status: RequestStatus::Success,
         created_at: JAN + 9 * DAY + 3_600_000_000,
         reservation_id: None,
@@ -261,9 +263,11 @@ pub fn commit_usage(res: &Reservation, usage_id: u128, cost: i64) -> UsageRecord
             input: 800,
             cached_input: 0,
             output: 150,
+            ..Default::default()
         },
         cost: Money::from_micros(cost),
         pricing: Pricing::Caller,
+        long_context_above: None,
         status: RequestStatus::Success,
         created_at: res.created_at,
         reservation_id: Some(res.id),
