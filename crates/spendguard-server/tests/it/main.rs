@@ -14,6 +14,7 @@ mod import;
 mod isolation;
 mod limits;
 mod postgres_sql;
+mod prices;
 mod security;
 mod support;
 mod tenants;
