@@ -101,11 +101,23 @@ export interface CheckOut {
 
 /** The actual usage of a reserved call. */
 export interface CommitBody {
+  /** The part of `cache_creation_input_tokens` written to the 1-hour cache. */
+  cache_creation_1h_input_tokens?: number | null;
+  /**
+   * Prompt tokens written to the provider's prompt cache, 1-hour writes included (part of
+   * `input_tokens`).
+   */
+  cache_creation_input_tokens?: number | null;
   cached_input_tokens?: number | null;
   /** The real cost, if known; else computed from the tokens. */
   cost_usd?: number | string | null;
   input_tokens: number;
   output_tokens: number;
+  /**
+   * Reasoning tokens (part of `output_tokens`); priced apart only where the price list
+   * prices them apart.
+   */
+  reasoning_tokens?: number | null;
   /**
    * `success` (default), `error`, `cancelled` or `truncated` (cut off before its usage
    * was known: a commit is then charged at least its estimate).
@@ -118,6 +130,10 @@ export type CommitStatus = "success" | "error" | "cancelled" | "truncated";
 
 /** The answer to a commit: the usage record and how it was settled. */
 export interface CommittedOut {
+  /** The part of `cache_creation_input_tokens` written to the 1-hour cache. */
+  cache_creation_1h_input_tokens: number;
+  /** Prompt tokens written to the cache (part of `input_tokens`), 1-hour writes included. */
+  cache_creation_input_tokens: number;
   cached_input_tokens: number;
   company_id: string | null;
   /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
@@ -127,10 +143,20 @@ export interface CommittedOut {
   input_tokens: number;
   /** Committed after the reservation expired: recorded on its own. */
   late: boolean;
+  /**
+   * The long-context tier the call was priced at (its threshold in prompt tokens), when
+   * its prompt was above one.
+   */
+  long_context_above: number | null;
   model: string;
   output_tokens: number;
-  /** How `cost_usd` was found: `catalog`, `caller`, `estimate`, `default` or `free`. */
+  /**
+   * How `cost_usd` was found: `catalog`, `config`, `tenant_override`, `caller`,
+   * `estimate`, `default` or `free`.
+   */
   pricing: PricingName;
+  /** Reasoning tokens (part of `output_tokens`). */
+  reasoning_tokens: number;
   /** The same commit was answered before: this is its record. */
   replayed: boolean;
   request_status: RequestStatusName;
@@ -273,6 +299,39 @@ export interface LoginForm {
   key: string;
 }
 
+/**
+ * The long-context tier of a price: above `above_tokens` prompt tokens, these replace the
+ * base prices (USD per million tokens).
+ */
+export interface LongContextOut {
+  above_tokens: number;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  cache_write: number | string;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  cache_write_1h: number | string;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  cached_input: number | string;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  input: number | string;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  output: number | string;
+}
+
+/**
+ * A long-context tier of a price in a request: above `above_tokens` prompt tokens these
+ * replace the base prices (USD per million tokens).
+ */
+export interface LongContextSchema {
+  above_tokens: number;
+  cache_write?: number | string | null;
+  cache_write_1h?: number | string | null;
+  cached_input?: number | string | null;
+  /** USD as a number or a decimal string ("0.75"), parsed exactly */
+  input: number | string;
+  /** USD as a number or a decimal string ("0.75"), parsed exactly */
+  output: number | string;
+}
+
 /** One model's share of a user's day. */
 export interface ModelDayOut {
   cached_input_tokens: number;
@@ -288,35 +347,98 @@ export interface ModelDayOut {
 /** What new reservations get while the store cannot be written. */
 export type OnStoreErrorName = "spool" | "deny";
 
-/** One model's price, USD per million tokens. */
+/**
+ * One model's effective price (token prices in USD per million tokens) and where it came
+ * from.
+ */
 export interface PriceOut {
-  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  /** Prompt tokens written to the 5-minute cache. */
+  cache_write: number | string;
+  /** Prompt tokens written to the 1-hour cache. */
+  cache_write_1h: number | string;
+  /** Prompt tokens read from the cache. */
   cached_input: number | string;
   /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
   input: number | string;
+  long_context: LongContextOut | null;
   /** The model name; dated names (`gpt-4o-2024-08-06`) resolve to it. */
   model: string;
+  /** The tenant's multiplier, when it scales this price. */
+  multiplier: number | null;
   /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
   output: number | string;
+  /** USD per input image (shown, not charged: records carry no image counts). */
+  per_image_input: number | string | null;
+  /** USD per generated image (shown, not charged). */
+  per_image_output: number | string | null;
+  /** USD per call, on top of the tokens. */
+  per_request: number | string | null;
+  /** The catalog's provider name (LiteLLM's `litellm_provider`), for a catalog price. */
+  provider: string | null;
+  /** Reasoning tokens (the output price unless priced apart). */
+  reasoning: number | string;
+  /**
+   * Where the price came from: `catalog`, `config`, `tenant_override`, or for a model
+   * without a price, `default` (the configured default price) or `free`.
+   */
+  source: PriceSourceName;
 }
+
+/**
+ * A model's price in a request, USD per million tokens (per-request and per-image prices:
+ * USD each), as in the configuration's `[prices]`.
+ */
+export interface PriceSchema {
+  /** The 5-minute cache write; defaults to `input`. */
+  cache_write?: number | string | null;
+  /** The 1-hour cache write; defaults to `cache_write`. */
+  cache_write_1h?: number | string | null;
+  /** Defaults to `input`. */
+  cached_input?: number | string | null;
+  /** USD as a number or a decimal string ("0.75"), parsed exactly */
+  input: number | string;
+  long_context?: LongContextSchema | null;
+  /** USD as a number or a decimal string ("0.75"), parsed exactly */
+  output: number | string;
+  per_image_input?: number | string | null;
+  per_image_output?: number | string | null;
+  per_request?: number | string | null;
+  /** Defaults to `output`. */
+  reasoning?: number | string | null;
+}
+
+/** Where a price came from. */
+export type PriceSourceName = "catalog" | "config" | "tenant_override" | "default" | "free";
 
 /** The unit of prices. */
 export type PriceUnit = "usd_per_million_tokens";
 
 /** The price table the server charges by. */
 export interface PricesOut {
+  /** The built-in catalog's source: the LiteLLM version and snapshot date. */
+  catalog: string;
   /** The price of unknown models under `unknown_model = "default_cost"`. */
   default_price: PriceOut | null;
-  /** By model name. */
+  /** By model name; with `?model=`, that model's effective price alone. */
   models: PriceOut[];
-  /** Always `usd_per_million_tokens`. */
+  /** The tenant whose overrides the prices include, if any. */
+  tenant_id: string | null;
+  /** Always `usd_per_million_tokens` (per-request and per-image prices: USD each). */
   unit: PriceUnit;
   /** What happens to a model not in the table. */
   unknown_model: UnknownModel;
 }
 
+/** `GET /v1/prices` parameters. */
+export interface PricesQuery {
+  /** One model's effective price (dated names resolve), and where it came from. */
+  model?: string | null;
+  /** Include this tenant's price overrides (a tenant key: its own tenant, the default). */
+  tenant_id?: string | null;
+}
+
 /** How a usage record's cost was found. */
-export type PricingName = "catalog" | "caller" | "estimate" | "default" | "free";
+export type PricingName = "catalog" | "config" | "tenant_override" | "caller" | "estimate" | "default" | "free";
 
 /** Whether reservations are admitted, and the write path's state. */
 export interface ReadyOut {
@@ -454,6 +576,30 @@ export type SettledName = "released" | "expired" | "committed";
 /** The write path's state. */
 export type StoreHealthName = "ok" | "spooling";
 
+/** A tenant's negotiated prices. */
+export interface TenantPricesBody {
+  /**
+   * Explicit prices by model name (USD per million tokens, as in the configuration's
+   * `[prices]`); they beat the configured and catalog prices and are not scaled.
+   */
+  models?: {
+    [key: string]: PriceSchema;
+  };
+  /**
+   * A multiplier on every configured or catalog price (`0.85`: 15% off), exact to six
+   * decimals, at most 1000; absent or null: none.
+   */
+  multiplier?: number | string | null;
+}
+
+/** A tenant's stored price overrides. */
+export interface TenantPricesOut {
+  /** The tenant's own prices, by model name. */
+  models: PriceOut[];
+  multiplier: number | null;
+  tenant_id: string;
+}
+
 export interface TenantQuery {
   tenant_id?: string | null;
 }
@@ -477,6 +623,13 @@ export type UnknownModel = "deny" | "default_cost" | "free";
 
 /** Usage of a call that was not reserved. */
 export interface UsageBody {
+  /** The part of `cache_creation_input_tokens` written to the 1-hour cache. */
+  cache_creation_1h_input_tokens?: number | null;
+  /**
+   * Prompt tokens written to the provider's prompt cache, 1-hour writes included (part of
+   * `input_tokens`).
+   */
+  cache_creation_input_tokens?: number | null;
   cached_input_tokens?: number | null;
   company_id?: string | null;
   cost_usd?: number | string | null;
@@ -491,6 +644,11 @@ export interface UsageBody {
   model: string;
   output_tokens: number;
   /**
+   * Reasoning tokens (part of `output_tokens`); priced apart only where the price list
+   * prices them apart.
+   */
+  reasoning_tokens?: number | null;
+  /**
    * `success` (default), `error`, `cancelled` or `truncated` (cut off before its usage
    * was known: a commit is then charged at least its estimate).
    */
@@ -502,6 +660,10 @@ export interface UsageBody {
 
 /** A usage record as the API shows it. */
 export interface UsageOut {
+  /** The part of `cache_creation_input_tokens` written to the 1-hour cache. */
+  cache_creation_1h_input_tokens: number;
+  /** Prompt tokens written to the cache (part of `input_tokens`), 1-hour writes included. */
+  cache_creation_input_tokens: number;
   cached_input_tokens: number;
   company_id: string | null;
   /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
@@ -509,10 +671,20 @@ export interface UsageOut {
   created_at: string;
   endpoint: string | null;
   input_tokens: number;
+  /**
+   * The long-context tier the call was priced at (its threshold in prompt tokens), when
+   * its prompt was above one.
+   */
+  long_context_above: number | null;
   model: string;
   output_tokens: number;
-  /** How `cost_usd` was found: `catalog`, `caller`, `estimate`, `default` or `free`. */
+  /**
+   * How `cost_usd` was found: `catalog`, `config`, `tenant_override`, `caller`,
+   * `estimate`, `default` or `free`.
+   */
   pricing: PricingName;
+  /** Reasoning tokens (part of `output_tokens`). */
+  reasoning_tokens: number;
   request_status: RequestStatusName;
   reservation_id: string | null;
   subscription_tier: string;

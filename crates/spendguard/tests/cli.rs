@@ -978,3 +978,79 @@ fn import_sends_the_seeds_rows_once() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `spendguard prices`: a model's effective price and where it came from — the
+/// configuration's over the catalog's, and a tenant's override (read from the database)
+/// over both.
+#[test]
+fn prices_show_the_effective_price_and_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("spendguard.toml"),
+        "[prices.\"claude-sonnet-4-5\"]\ninput = \"2\"\noutput = \"10\"\n",
+    )
+    .unwrap();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = spendguard_in(dir.path(), args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let v = json(&["prices", "claude-sonnet-4-5-20250929", "--format", "json"]);
+    assert_eq!(
+        (v[0]["source"].as_str(), v[0]["input"].as_f64()),
+        (Some("config"), Some(2.0))
+    );
+    let out = spendguard_in(dir.path(), &["prices", "claude-haiku-4-5"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("claude-haiku-4-5") && text.contains("catalog") && text.contains("anthropic"),
+        "{text}"
+    );
+    let out = spendguard_in(dir.path(), &["prices", "mystery-model"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no price"));
+
+    // A tenant's negotiated prices, set through the API, are read from the database.
+    let (_child, addr) = serve_in(dir.path());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = rt.block_on(async {
+        reqwest::Client::new()
+            .put(format!("http://{addr}/v1/admin/tenants/acme/prices"))
+            .bearer_auth(ADMIN)
+            .json(&serde_json::json!({ "multiplier": "0.5" }))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    assert_eq!(status, 200);
+    let v = json(&[
+        "prices",
+        "claude-sonnet-4-5",
+        "--tenant",
+        "acme",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(
+        (v[0]["source"].as_str(), v[0]["multiplier"].as_f64()),
+        (Some("tenant_override"), Some(0.5))
+    );
+    let v = json(&[
+        "prices",
+        "claude-sonnet-4-5",
+        "--tenant",
+        "globex",
+        "--format",
+        "json",
+    ]);
+    assert_eq!(v[0]["source"], "config");
+}

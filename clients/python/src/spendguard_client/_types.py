@@ -47,7 +47,9 @@ CommitStatus = Literal["success", "error", "cancelled", "truncated"]
 ScopeName = Literal["global", "tenant", "company", "user"]
 WindowName = Literal["minute", "day", "month", "none"]
 UnitName = Literal["usd", "requests", "tokens", "concurrent"]
-PricingName = Literal["catalog", "caller", "estimate", "default", "free"]
+PricingName = Literal[
+    "catalog", "config", "tenant_override", "caller", "estimate", "default", "free"
+]
 RequestStatusName = Literal["success", "error", "cancelled", "expired", "truncated"]
 SettledName = Literal["released", "expired", "committed"]
 AlertKindName = Literal["threshold", "projected", "dead_letter"]
@@ -118,6 +120,12 @@ class CommitBody(TypedDict):
     input_tokens: int
     output_tokens: int
     cached_input_tokens: NotRequired[Optional[int]]
+    #: Prompt tokens written to the cache (part of ``input_tokens``), 1-hour writes included.
+    cache_creation_input_tokens: NotRequired[Optional[int]]
+    #: The part of ``cache_creation_input_tokens`` written to the 1-hour cache.
+    cache_creation_1h_input_tokens: NotRequired[Optional[int]]
+    #: Reasoning tokens (part of ``output_tokens``).
+    reasoning_tokens: NotRequired[Optional[int]]
     cost_usd: NotRequired[Optional[UsdIn]]
     status: NotRequired[Optional[CommitStatus]]
 
@@ -133,9 +141,14 @@ class UsageOut(TypedDict):
     subscription_tier: str
     input_tokens: int
     cached_input_tokens: int
+    cache_creation_input_tokens: int
+    cache_creation_1h_input_tokens: int
     output_tokens: int
+    reasoning_tokens: int
     cost_usd: UsdOut
     pricing: PricingName
+    #: The long-context tier's threshold (prompt tokens) the call was priced at, if any.
+    long_context_above: Optional[int]
     request_status: RequestStatusName
     created_at: str
 
@@ -167,6 +180,9 @@ class UsageBody(TypedDict):
     endpoint: NotRequired[Optional[str]]
     tier: NotRequired[Optional[str]]
     cached_input_tokens: NotRequired[Optional[int]]
+    cache_creation_input_tokens: NotRequired[Optional[int]]
+    cache_creation_1h_input_tokens: NotRequired[Optional[int]]
+    reasoning_tokens: NotRequired[Optional[int]]
     cost_usd: NotRequired[Optional[UsdIn]]
     status: NotRequired[Optional[CommitStatus]]
     idempotency_key: NotRequired[Optional[str]]
@@ -248,4 +264,7 @@ class Usage(TypedDict):
     input_tokens: int
     output_tokens: int
     cached_input_tokens: NotRequired[int]
+    cache_creation_input_tokens: NotRequired[int]
+    cache_creation_1h_input_tokens: NotRequired[int]
+    reasoning_tokens: NotRequired[int]
     cost_usd: NotRequired[UsdIn]
