@@ -33,7 +33,7 @@ fn ledger_with_retention(retention_us: i64) -> Ledger {
 
 fn policy() -> Policy {
     // The enterprise tier has every kind of limit, set high enough never to deny here.
-    let policy = Config::from_toml(
+    Config::from_toml(
         "default_tier = \"enterprise\"\n[global]\nusd_per_day = \"1000000000\"\nusd_per_month = \"1000000000\"\n\
          [tiers.enterprise]\nrequests_per_minute = 1000000\nrequests_per_day = 1000000000\n\
          tokens_per_day = 1000000000000\nusd_per_day = \"1000000\"\nusd_per_month = \"1000000\"\n\
@@ -41,8 +41,7 @@ fn policy() -> Policy {
     )
     .unwrap()
     .validate()
-    .unwrap();
-    policy
+    .unwrap()
 }
 
 fn subject(i: usize) -> Subject {

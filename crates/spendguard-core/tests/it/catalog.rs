@@ -20,16 +20,18 @@ struct Published {
     write_5m: Option<&'static str>,
     write_1h: Option<&'static str>,
     output: &'static str,
-    /// Prompts above `.0` tokens: input, cached, 5-minute write, 1-hour write, output.
-    long: Option<(
-        u64,
-        &'static str,
-        &'static str,
-        Option<&'static str>,
-        Option<&'static str>,
-        &'static str,
-    )>,
+    long: Option<LongTier>,
 }
+
+/// Prompts above `.0` tokens: input, cached, 5-minute write, 1-hour write, output.
+type LongTier = (
+    u64,
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+    &'static str,
+);
 
 const fn p(
     model: &'static str,
