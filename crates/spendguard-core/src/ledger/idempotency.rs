@@ -102,6 +102,15 @@ pub fn record_fingerprint(req: &RecordRequest) -> u64 {
     c.u64(req.tokens.input);
     c.u64(req.tokens.cached_input);
     c.u64(req.tokens.output);
+    // The newer token kinds only when given, so a record without them keeps the fingerprint
+    // it had before they existed.
+    let t = &req.tokens;
+    if t.cache_creation != 0 || t.cache_creation_1h != 0 || t.reasoning != 0 {
+        c.str("kinds");
+        c.u64(t.cache_creation);
+        c.u64(t.cache_creation_1h);
+        c.u64(t.reasoning);
+    }
     c.opt(req.cost, |c, m| c.i64(m.micros()));
     c.str(req.status.as_str());
     c.finish()

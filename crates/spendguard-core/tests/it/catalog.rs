@@ -369,3 +369,27 @@ output = "3"
         .unwrap();
     assert_eq!(record(7, "b", "claude-sonnet-4-5").pricing, Pricing::Config);
 }
+
+#[test]
+fn a_keyed_record_retried_with_other_token_kinds_is_a_conflict() {
+    let ledger = Ledger::new(Policy::builtin());
+    let key = IdempotencyKey::parse("k-1").unwrap();
+    let req = |reasoning: u64| RecordRequest {
+        id: id(reasoning + 1),
+        subject: subject("t", "u", None),
+        tokens: Tokens {
+            reasoning,
+            ..Tokens::new(1_000, 500)
+        },
+        cost: None,
+        status: RequestStatus::Success,
+        idempotency_key: Some(key.clone()),
+    };
+    let first = ledger.record(&req(100), T0).unwrap().value;
+    // The same request again: the same record.
+    assert_eq!(ledger.record(&req(100), T0).unwrap().value, first);
+    assert!(matches!(
+        ledger.record(&req(200), T0),
+        Err(LedgerError::IdempotencyConflict(_))
+    ));
+}
