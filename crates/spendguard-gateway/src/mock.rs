@@ -49,6 +49,9 @@ pub mod usage {
     pub const MESSAGES_INPUT: u64 = 150;
     pub const MESSAGES_CACHE_READ: u64 = 2_000;
     pub const MESSAGES_CACHE_CREATION: u64 = 500;
+    /// The part of `cache_creation_input_tokens` written to the 1-hour cache
+    /// (`cache_creation.ephemeral_1h_input_tokens`).
+    pub const MESSAGES_CACHE_CREATION_1H: u64 = 200;
     pub const MESSAGES_OUTPUT: u64 = 89;
     /// Anthropic `count_tokens`.
     pub const COUNT_TOKENS: u64 = 77;
@@ -590,6 +593,10 @@ fn message_usage(output: u64) -> Value {
         "input_tokens": MESSAGES_INPUT,
         "cache_creation_input_tokens": MESSAGES_CACHE_CREATION,
         "cache_read_input_tokens": MESSAGES_CACHE_READ,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": MESSAGES_CACHE_CREATION - MESSAGES_CACHE_CREATION_1H,
+            "ephemeral_1h_input_tokens": MESSAGES_CACHE_CREATION_1H
+        },
         "output_tokens": output
     })
 }

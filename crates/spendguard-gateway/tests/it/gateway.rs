@@ -21,8 +21,8 @@ async fn a_chat_completion_is_charged_exactly_what_the_provider_reported() {
     assert_eq!(rows.len(), 1);
     let row = &rows[0];
     assert_eq!(
-        (row.input, row.cached, row.output),
-        (CHAT_PROMPT, CHAT_CACHED, CHAT_COMPLETION)
+        (row.input, row.cached, row.output, row.reasoning),
+        (CHAT_PROMPT, CHAT_CACHED, CHAT_COMPLETION, CHAT_REASONING)
     );
     assert_eq!(
         row.cost,
@@ -217,6 +217,63 @@ async fn anthropic_messages_count_cache_reads_and_writes_on_top_of_input_whole_a
         );
         assert_eq!(row.cost, expected);
         assert_eq!(row.upstream.as_deref(), Some("anthropic-mock"));
+    }
+    h.stop().await;
+}
+
+/// Anthropic's cache writes, with their 1-hour part, are kept on the record and charged at the
+/// model's 5-minute and 1-hour cache-write prices, whole and streamed.
+#[tokio::test]
+async fn anthropic_cache_writes_are_charged_at_their_5_minute_and_1_hour_prices() {
+    let h = start("").await;
+    for stream in [false, true] {
+        let r = h
+            .client
+            .post(format!("{}/anthropic/v1/messages", h.url))
+            .header("x-api-key", &h.key)
+            .header("anthropic-version", "2023-06-01")
+            .json(&json!({
+                "model": "claude-mock-cache", "max_tokens": 1000, "stream": stream,
+                "metadata": {"user_id": "alice"},
+                "messages": [{"role": "user", "content": "Hi"}]
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.text().await.unwrap();
+    }
+    // Hand-computed at USD per million: 150 x 3.00 + 2000 x 0.30 + 300 x 3.75 + 200 x 6.00
+    // + 89 x 15.00 = 450 + 600 + 1125 + 1200 + 1335 = 4710 micro-dollars.
+    assert_eq!(
+        (
+            MESSAGES_INPUT,
+            MESSAGES_CACHE_READ,
+            MESSAGES_CACHE_CREATION,
+            MESSAGES_CACHE_CREATION_1H,
+            MESSAGES_OUTPUT
+        ),
+        (150, 2_000, 500, 200, 89)
+    );
+    let rows = h.records().await;
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        assert_eq!(
+            (
+                row.input,
+                row.cached,
+                row.cache_creation,
+                row.cache_creation_1h
+            ),
+            (
+                MESSAGES_INPUT + MESSAGES_CACHE_READ + MESSAGES_CACHE_CREATION,
+                MESSAGES_CACHE_READ,
+                MESSAGES_CACHE_CREATION,
+                MESSAGES_CACHE_CREATION_1H
+            )
+        );
+        assert_eq!(row.cost, spendguard_core::Money::from_micros(4_710));
+        assert_eq!(row.pricing.as_deref(), Some("config"));
     }
     h.stop().await;
 }

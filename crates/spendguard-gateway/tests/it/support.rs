@@ -46,6 +46,12 @@ output = "0.02"
 input = "3.00"
 cached_input = "0.30"
 output = "15.00"
+[prices."claude-mock-cache"]
+input = "3.00"
+cached_input = "0.30"
+cache_write = "3.75"
+cache_write_1h = "6.00"
+output = "15.00"
 [prices."claude-mock-slow"]
 input = "3.00"
 cached_input = "0.30"
@@ -85,6 +91,9 @@ pub struct Row {
     pub pricing: Option<String>,
     pub upstream: Option<String>,
     pub request_id: Option<String>,
+    pub cache_creation: u64,
+    pub cache_creation_1h: u64,
+    pub reasoning: u64,
 }
 
 pub struct Harness {
@@ -238,7 +247,9 @@ impl Harness {
             .prepare(
                 "SELECT user_id, model, endpoint, input_tokens, cached_input_tokens, \
                  output_tokens, cost_micros, request_status, pricing, upstream, \
-                 provider_request_id FROM ai_usage ORDER BY created_at, rowid",
+                 provider_request_id, cache_creation_input_tokens, \
+                 cache_creation_1h_input_tokens, reasoning_tokens FROM ai_usage \
+                 ORDER BY created_at, rowid",
             )
             .unwrap();
         stmt.query_map([], |r| {
@@ -254,6 +265,9 @@ impl Harness {
                 pricing: r.get(8)?,
                 upstream: r.get(9)?,
                 request_id: r.get(10)?,
+                cache_creation: r.get::<_, i64>(11)? as u64,
+                cache_creation_1h: r.get::<_, i64>(12)? as u64,
+                reasoning: r.get::<_, i64>(13)? as u64,
             })
         })
         .unwrap()
