@@ -393,3 +393,43 @@ fn a_keyed_record_retried_with_other_token_kinds_is_a_conflict() {
         Err(LedgerError::IdempotencyConflict(_))
     ));
 }
+
+/// Journal and spool rows written before the token kinds existed still decode: the new
+/// fields default to zero and none, and records without them are written as before.
+#[test]
+fn records_and_events_without_the_token_kinds_still_decode() {
+    let old = r#"{"input":1000,"cached_input":200,"output":50}"#;
+    let t: Tokens = serde_json::from_str(old).unwrap();
+    assert_eq!(
+        t,
+        Tokens {
+            cached_input: 200,
+            ..Tokens::new(1000, 50)
+        }
+    );
+    assert_eq!(serde_json::to_string(&t).unwrap(), old);
+
+    let ledger = Ledger::new(Policy::builtin());
+    let req = RecordRequest {
+        id: id(1),
+        subject: subject("t", "u", None),
+        tokens: t,
+        cost: None,
+        status: RequestStatus::Success,
+        idempotency_key: None,
+    };
+    let event = ledger.record(&req, T0).unwrap().event.unwrap();
+    let mut json = serde_json::to_value(&event).unwrap();
+    let usage = json.get_mut("Recorded").unwrap().as_object_mut().unwrap();
+    assert!(!usage.contains_key("long_context_above"));
+    // As an older version wrote it: no pricing either.
+    usage.remove("pricing");
+    let decoded: Event = serde_json::from_value(json).unwrap();
+    match decoded {
+        Event::Recorded(u) => {
+            assert_eq!((u.tokens, u.long_context_above), (t, None));
+            assert_eq!(u.pricing, Pricing::Catalog);
+        }
+        other => panic!("{other:?}"),
+    }
+}
