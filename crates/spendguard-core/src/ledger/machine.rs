@@ -68,6 +68,7 @@ impl Ledger {
                     reservation,
                     limits: limits.into(),
                     replayed: true,
+                    would_deny: None,
                 },
                 event: None,
             }));
@@ -78,15 +79,20 @@ impl Ledger {
                 return Ok(Err(CheckOutcome {
                     limits: Vec::new(),
                     denial: Some(d),
+                    would_deny: None,
                 }));
             }
         };
-        if let Some(d) = Self::static_denial(&eff, &req.subject, max_output) {
-            return Ok(Err(CheckOutcome {
-                limits: Vec::new(),
-                denial: Some(d),
-            }));
-        }
+        let static_would_deny = match Self::static_denial(&eff, &req.subject, max_output) {
+            Ok(would) => would,
+            Err(d) => {
+                return Ok(Err(CheckOutcome {
+                    limits: Vec::new(),
+                    denial: Some(d),
+                    would_deny: None,
+                }));
+            }
+        };
         if estimate > policy.large_reservation && ttl > policy.large_reservation_max_ttl_us {
             return Err(LedgerError::LargeReservationTtl {
                 threshold: policy.large_reservation,
@@ -107,7 +113,7 @@ impl Ledger {
             now,
             after: true,
         };
-        let admitted = fits(&ask);
+        let (admitted, shadow_refuses) = fits(&ask);
         let missing =
             std::array::from_fn(|i| scopes.refs[i].is_some() && scopes.slots[i].is_none());
         let too_many = if admitted {
@@ -120,12 +126,14 @@ impl Ledger {
             return Ok(Err(CheckOutcome {
                 limits: view.statuses(),
                 denial: Some(Denial::Limits(view.failing())),
+                would_deny: None,
             }));
         }
         if let Some(d) = too_many {
             return Ok(Err(CheckOutcome {
                 limits: view.statuses(),
                 denial: Some(d),
+                would_deny: None,
             }));
         }
         if rs.contains(&req.id) {
@@ -148,6 +156,13 @@ impl Ledger {
         self.admit(&mut locked, &mut scopes, &mut rs, reservation.clone(), rate);
         drop(locked);
         drop(rs);
+        // Only a request that a limit in shadow would have refused pays for building the
+        // would-be denial; without one, admitting allocates nothing more.
+        let would_deny = if shadow_refuses {
+            static_would_deny.or_else(|| Some(Denial::Limits(view.failing_in_shadow())))
+        } else {
+            static_would_deny
+        };
         if let Some((_, shard)) = &mut idem {
             let until = now
                 .saturating_add(self.retention_us)
@@ -159,6 +174,7 @@ impl Ledger {
                 reservation: reservation.clone(),
                 limits: Limits::lazy(view),
                 replayed: false,
+                would_deny,
             },
             event: Some(Event::Reserved(reservation)),
         }))
@@ -186,7 +202,9 @@ impl Ledger {
             if i == 3
                 && let Some((g, now)) = rate
             {
-                state.tat = g.try_admit(state.tat, now, 1).1;
+                // Counted even past the rate when the rate is in shadow (capped at a
+                // full burst); the same arrival time as `try_admit` when it fits.
+                state.tat = g.counted(state.tat, now, 1);
             }
         }
         rs.insert_open(Open { res, slots });
