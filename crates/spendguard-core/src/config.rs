@@ -347,6 +347,12 @@ pub struct AlertsConfig {
     /// Attempts per delivery before it is marked failed (backoff doubles from 1 s, at most
     /// one hour apart).
     pub webhook_max_attempts: u32,
+    /// Slack-compatible incoming webhooks (`http://` or `https://`): every new alert is
+    /// POSTed to each as a Slack message (`text` and `blocks`), with the same outbox,
+    /// retries and delivery ids as `webhook_urls`, unsigned (such endpoints authenticate by
+    /// their secret URL).
+    #[serde(default)]
+    pub slack_webhook_urls: Vec<String>,
 }
 
 impl AlertsConfig {
@@ -366,12 +372,25 @@ impl AlertsConfig {
                 ));
             }
         }
-        for (i, url) in self.webhook_urls.iter().enumerate() {
-            let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
-            if !scheme_ok || url.len() > 2048 || url.chars().any(char::is_whitespace) {
+        for (key, urls) in [
+            ("webhook_urls", &self.webhook_urls),
+            ("slack_webhook_urls", &self.slack_webhook_urls),
+        ] {
+            for (i, url) in urls.iter().enumerate() {
+                let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+                if !scheme_ok || url.len() > 2048 || url.chars().any(char::is_whitespace) {
+                    return Err(ConfigError::invalid(
+                        format!("alerts.{key}[{i}]"),
+                        format!("`{url}` is not an http:// or https:// URL"),
+                    ));
+                }
+            }
+        }
+        for (i, url) in self.slack_webhook_urls.iter().enumerate() {
+            if self.webhook_urls.contains(url) || self.slack_webhook_urls[..i].contains(url) {
                 return Err(ConfigError::invalid(
-                    format!("alerts.webhook_urls[{i}]"),
-                    format!("`{url}` is not an http:// or https:// URL"),
+                    format!("alerts.slack_webhook_urls[{i}]"),
+                    format!("`{url}` is listed twice: each destination has one format"),
                 ));
             }
         }
