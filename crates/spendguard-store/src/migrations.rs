@@ -626,6 +626,21 @@ CREATE TABLE alert_acks (
 ) STRICT;
 "#,
     ),
+    (
+        10,
+        r#"
+-- Shadow mode: each admitted reservation that a limit in shadow would have refused, with
+-- the reason it would have given, counted by reports per day and tenant. Keyed by the
+-- reservation, so projecting a journal batch again counts nothing twice.
+CREATE TABLE would_deny (
+    reservation_id TEXT NOT NULL PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    day_start INTEGER NOT NULL,
+    reason TEXT NOT NULL
+) STRICT, WITHOUT ROWID;
+CREATE INDEX would_deny_day ON would_deny (day_start, tenant_id);
+"#,
+    ),
 ];
 
 /// PostgreSQL migration 7: row-level security and the seed's SQL functions, for applications
@@ -1005,6 +1020,24 @@ CREATE TABLE alert_acks (
 -- (row-level security without a policy; see migration 7).
 ALTER TABLE audit_log ENABLE ROW LEVEL SECURITY;
 ALTER TABLE alert_acks ENABLE ROW LEVEL SECURITY;
+"#,
+    ),
+    (
+        10,
+        r#"
+-- Shadow mode: each admitted reservation that a limit in shadow would have refused, with
+-- the reason it would have given, counted by reports per day and tenant. Keyed by the
+-- reservation, so projecting a journal batch again counts nothing twice.
+CREATE TABLE would_deny (
+    reservation_id uuid PRIMARY KEY,
+    tenant_id text NOT NULL,
+    day_start bigint NOT NULL,
+    reason text NOT NULL
+);
+CREATE INDEX would_deny_day ON would_deny (day_start, tenant_id);
+-- No role other than spendguard's sees a row (row-level security without a policy; see
+-- migration 7).
+ALTER TABLE would_deny ENABLE ROW LEVEL SECURITY;
 "#,
     ),
 ];

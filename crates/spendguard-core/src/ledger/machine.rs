@@ -139,6 +139,13 @@ impl Ledger {
         if rs.contains(&req.id) {
             return Err(LedgerError::DuplicateId(req.id));
         }
+        // Only a request that a limit in shadow would have refused pays for building the
+        // would-be denial; without one, admitting allocates nothing more.
+        let would_deny = if shadow_refuses {
+            static_would_deny.or_else(|| Some(Denial::Limits(view.failing_in_shadow())))
+        } else {
+            static_would_deny
+        };
         let rate = eff.caps.rpm.map(|rpm| (Gcra::new(rpm), now));
         let reservation = Reservation {
             id: req.id,
@@ -152,17 +159,11 @@ impl Ledger {
             month_start: periods.month.start,
             idempotency_key: req.idempotency_key.clone(),
             fingerprint: fp,
+            would_deny: would_deny.as_ref().map(|d| d.code().to_owned()),
         };
         self.admit(&mut locked, &mut scopes, &mut rs, reservation.clone(), rate);
         drop(locked);
         drop(rs);
-        // Only a request that a limit in shadow would have refused pays for building the
-        // would-be denial; without one, admitting allocates nothing more.
-        let would_deny = if shadow_refuses {
-            static_would_deny.or_else(|| Some(Denial::Limits(view.failing_in_shadow())))
-        } else {
-            static_would_deny
-        };
         if let Some((_, shard)) = &mut idem {
             let until = now
                 .saturating_add(self.retention_us)

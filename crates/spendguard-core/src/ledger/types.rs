@@ -330,6 +330,10 @@ pub struct Reservation {
     pub month_start: Micros,
     pub idempotency_key: Option<IdempotencyKey>,
     pub fingerprint: u64,
+    /// When a limit in shadow would have refused it: the reason ([`Denial::code`]). Kept
+    /// with the reservation's event, so would-be denials are counted where it is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub would_deny: Option<String>,
 }
 
 /// One immutable usage record: the `ai_usage` row.

@@ -15,5 +15,6 @@ mod isolation;
 mod limits;
 mod postgres_sql;
 mod security;
+mod shadow;
 mod support;
 mod tenants;
