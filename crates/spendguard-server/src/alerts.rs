@@ -563,7 +563,7 @@ pub struct AlertOut {
     /// Always `spendguard.alert` (for receivers that take several kinds of events).
     #[serde(rename = "type")]
     pub event_type: &'static str,
-    /// `threshold` or `projected`.
+    /// `threshold`, `projected`, `soft_threshold` (a soft budget) or `dead_letter`.
     #[schemars(with = "crate::openapi::AlertKindName")]
     pub kind: &'static str,
     #[schemars(with = "crate::openapi::ScopeName")]
