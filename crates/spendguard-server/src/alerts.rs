@@ -332,10 +332,9 @@ impl Alerts {
                         "cost alert"
                     );
                 }
-                if !inserted.is_empty()
-                    && !(self.settings.webhook_urls.is_empty()
-                        && self.settings.slack_urls.is_empty())
-                {
+                let destinations =
+                    self.settings.webhook_urls.len() + self.settings.slack_urls.len();
+                if !inserted.is_empty() && destinations > 0 {
                     self.deliver_now.notify_one();
                 }
                 Ok(inserted)

@@ -993,7 +993,7 @@ fn a_shadow_limit_switched_to_enforce_by_a_reload_denies_the_next_reservation() 
     };
     let path = dir.path().join("spendguard.toml");
     std::fs::write(&path, config("shadow = [\"usd_per_day\"]\n")).unwrap();
-    let (mut child, addr) = serve_in(dir.path());
+    let (child, addr) = serve_in(dir.path());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
