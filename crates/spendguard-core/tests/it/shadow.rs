@@ -293,3 +293,38 @@ shadow = ["usd_per_day"]
     assert_eq!(spent, usd("4"));
     assert_eq!(reserved, Money::ZERO);
 }
+
+#[test]
+fn reservation_events_written_before_shadow_mode_still_decode() {
+    let l = Ledger::new(policy(SHADOW_DAY));
+    let s = subject("t", "u", None);
+    l.reserve(&reserve_req(1, s.clone(), usd("0.6")), T0)
+        .unwrap()
+        .unwrap();
+    let applied = l
+        .reserve(&reserve_req(2, s, usd("0.6")), T0)
+        .unwrap()
+        .unwrap();
+    let Some(Event::Reserved(r)) = applied.event else {
+        panic!("a reservation event");
+    };
+    assert_eq!(r.would_deny.as_deref(), Some("budget_exceeded"));
+    let mut json = serde_json::to_value(Event::Reserved(r.clone())).unwrap();
+    // As stored before reservations carried a would-be denial: no such field.
+    json["Reserved"]
+        .as_object_mut()
+        .unwrap()
+        .remove("would_deny");
+    let old: Event = serde_json::from_value(json).unwrap();
+    let Event::Reserved(old) = old else {
+        panic!("a reservation event");
+    };
+    assert_eq!(old.would_deny, None);
+    assert_eq!(
+        Reservation {
+            would_deny: r.would_deny.clone(),
+            ..old
+        },
+        r
+    );
+}
