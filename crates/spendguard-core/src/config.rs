@@ -239,6 +239,11 @@ pub struct TenantRulesConfig {
     pub max_share_of_global: Option<Limit<f64>>,
     #[serde(default)]
     pub max_tracked_subjects: Option<Limit<u32>>,
+    /// This tenant's own soft caps (alerts only), instead of the `[tenant]` ones.
+    #[serde(default)]
+    pub soft_usd_per_day: Option<Limit<Money>>,
+    #[serde(default)]
+    pub soft_usd_per_month: Option<Limit<Money>>,
     /// This tenant's limits in shadow: `true` for every limit of its requests but the
     /// global budgets, or a list of limit names.
     #[serde(default, skip_serializing_if = "ShadowConfig::is_off")]
@@ -866,6 +871,16 @@ impl Config {
             )?;
             let rules = TenantRules {
                 shadow: shadow_mask(&path, &t.shadow, ShadowMask::ALL_BUT_GLOBAL)?,
+                soft: Budget {
+                    daily: t
+                        .soft_usd_per_day
+                        .unwrap_or(self.tenant.soft_usd_per_day)
+                        .value(),
+                    monthly: t
+                        .soft_usd_per_month
+                        .unwrap_or(self.tenant.soft_usd_per_month)
+                        .value(),
+                },
                 ..rules
             };
             tenants.insert(tenant_id, rules);
@@ -945,6 +960,7 @@ fn tenant_rules(
         share_of_global_ppm,
         max_tracked_subjects: subjects.value(),
         shadow: ShadowMask::NONE,
+        soft: Budget::default(),
     })
 }
 

@@ -193,6 +193,9 @@ pub struct TenantRules {
     pub max_tracked_subjects: Option<u32>,
     /// This tenant's limits in shadow (`[tenants.<id>] shadow`).
     pub shadow: ShadowMask,
+    /// This tenant's soft caps, from its `[tenants.<id>]` section (else `[tenant]`'s); only
+    /// read for tenants with a section of their own.
+    pub soft: Budget,
 }
 
 impl TenantRules {

@@ -320,7 +320,10 @@ impl Ledger {
         let policy = self.policy();
         match scope {
             ScopeKey::Global => policy.soft_global,
-            ScopeKey::Tenant(_) => policy.soft_tenant,
+            ScopeKey::Tenant(t) => match policy.tenants.get(t) {
+                Some(rules) => rules.soft,
+                None => policy.soft_tenant,
+            },
             ScopeKey::Company(..) => policy.soft_company,
             ScopeKey::User(tenant, user) => {
                 let stored = match tier {

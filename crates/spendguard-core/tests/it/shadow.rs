@@ -328,3 +328,51 @@ fn reservation_events_written_before_shadow_mode_still_decode() {
         r
     );
 }
+
+#[test]
+fn soft_budgets_are_found_for_every_scope_and_never_refuse() {
+    let l = Ledger::new(policy(
+        r#"
+[global]
+soft_usd_per_day = "900"
+[tenant]
+max_share_of_global = "unlimited"
+soft_usd_per_day = "1"
+[tenants.acme]
+soft_usd_per_month = "30"
+[company]
+soft_usd_per_month = "7"
+[tiers.free]
+requests_per_minute = "unlimited"
+usd_per_day = "unlimited"
+usd_per_month = "unlimited"
+allowed_models = ["*"]
+soft_usd_per_day = "0.01"
+"#,
+    ));
+    let t = |s: &str| TenantId::parse(s).unwrap();
+    let soft = |scope: ScopeKey| l.soft_budget_for(&scope, None);
+    assert_eq!(soft(ScopeKey::Global).daily, Some(usd("900")));
+    // A tenant with a section of its own: its keys, else `[tenant]`'s.
+    let acme = soft(ScopeKey::Tenant(t("acme")));
+    assert_eq!(
+        (acme.daily, acme.monthly),
+        (Some(usd("1")), Some(usd("30")))
+    );
+    let beta = soft(ScopeKey::Tenant(t("beta")));
+    assert_eq!((beta.daily, beta.monthly), (Some(usd("1")), None));
+    let company = soft(ScopeKey::Company(t("acme"), CompanyId::parse("c").unwrap()));
+    assert_eq!(company.monthly, Some(usd("7")));
+    let user = soft(ScopeKey::User(t("acme"), UserId::parse("u").unwrap()));
+    assert_eq!(user.daily, Some(usd("0.01")));
+    // Far past every soft budget: admitted, with no would-be denial.
+    let r = l
+        .reserve(
+            &reserve_req(1, subject("acme", "u", Some("c")), usd("50")),
+            T0,
+        )
+        .unwrap()
+        .expect("soft budgets never refuse")
+        .value;
+    assert_eq!(r.would_deny, None);
+}
