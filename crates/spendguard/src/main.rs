@@ -759,11 +759,23 @@ fn report(
             .report(&spec.query)
             .await
             .context("failed to read the report")?;
+        let would_deny = store
+            .would_deny_counts(
+                spec.query.from_day,
+                spec.query.to_day,
+                spec.query.tenant.as_ref(),
+            )
+            .await
+            .context("failed to read the would-be denials")?;
+        let would_deny = reports::WouldDenyOut::from_counts(&would_deny);
         store.close().await;
         match format {
             Format::Json => println!(
                 "{}",
-                serde_json::to_string_pretty(&reports::report_json(cal, &spec, &report))?
+                serde_json::to_string_pretty(&reports::ReportOut {
+                    would_deny: Some(would_deny),
+                    ..reports::report_out(cal, &spec, &report)
+                })?
             ),
             Format::Csv => print!("{}", reports::report_csv(cal, spec.query.group_by, &report)),
             Format::Table => {
@@ -778,6 +790,16 @@ fn report(
                     "{}",
                     reports::report_table(cal, spec.query.group_by, &report)
                 );
+                if would_deny.total > 0 {
+                    println!(
+                        "would-be denials (limits in shadow): {} (budget {}, rate {}, model {}, output tokens {})",
+                        would_deny.total,
+                        would_deny.budget_exceeded,
+                        would_deny.rate_limited,
+                        would_deny.model_not_allowed,
+                        would_deny.max_output_tokens_exceeded
+                    );
+                }
             }
         }
         anyhow::Ok(())

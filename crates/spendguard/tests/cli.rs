@@ -1045,6 +1045,21 @@ fn a_shadow_limit_switched_to_enforce_by_a_reload_denies_the_next_reservation() 
             metrics.contains("spendguard_would_deny_total{reason=\"budget_exceeded\"} 1\n"),
             "{metrics}"
         );
+        // The report command counts it too.
+        let out = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+            .args(["report", "--format", "json"])
+            .current_dir(dir.path())
+            .env_remove("SPENDGUARD_DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["would_deny"]["total"], 1, "{report}");
+        assert_eq!(report["would_deny"]["budget_exceeded"], 1);
 
         // Enforce it, and reload.
         std::fs::write(&path, config("")).unwrap();
