@@ -9,15 +9,20 @@ export interface AckForm {
 }
 
 /** An alert's kind. */
-export type AlertKindName = "threshold" | "projected" | "dead_letter";
+export type AlertKindName = "threshold" | "projected" | "dead_letter" | "soft_threshold";
 
 /** An alert as JSON: in `GET /v1/alerts`, and as a webhook's body. */
 export interface AlertOut {
   /** Spend when raised; for `projected`, the projected spend of the month. */
   amount_usd: number | string;
+  /**
+   * The budget's name: its scope, window and kind (`tenant acme daily budget`, `user u1
+   * (tenant acme) monthly soft budget`).
+   */
+  budget: string;
   created_at: string;
   id: number;
-  /** `threshold` or `projected`. */
+  /** `threshold`, `projected`, `soft_threshold` (a soft budget) or `dead_letter`. */
   kind: AlertKindName;
   /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
   limit_usd: number | string;
@@ -97,6 +102,11 @@ export interface CheckOut {
   /** Why it would be refused (`null`: it would be admitted). */
   denial: ErrorDetail | null;
   limits: Limits;
+  /**
+   * When admitted: what limits in shadow would refuse, had they been enforced (`null`
+   * when none would).
+   */
+  would_deny: ErrorDetail | null;
 }
 
 /** The actual usage of a reserved call. */
@@ -271,6 +281,11 @@ export interface LimitOut {
   resets_at: string | null;
   scope: ScopeName;
   scope_id: string;
+  /**
+   * True when the limit is in shadow: counted like the others, but it never refuses a
+   * request (where it would have, the answer says so in `would_deny`).
+   */
+  shadow: boolean;
   unit: UnitName;
   used?: number | null;
   window: WindowName;
@@ -485,6 +500,11 @@ export interface ReportOut {
   to: string;
   /** The sums over every group. */
   totals: TotalsOut;
+  /**
+   * Reservations of the range (and tenant) that were admitted although a limit in shadow
+   * would have refused them, by the reason it would have given.
+   */
+  would_deny?: WouldDenyOut | null;
 }
 
 export interface ReportParams {
@@ -559,6 +579,12 @@ export interface ReservedOut {
   reserved_cost_usd: number | string;
   reserved_tokens: number;
   tier: string;
+  /**
+   * What limits in shadow would have refused, had they been enforced (the error a
+   * refusal carries: `code`, `message`, `limits`); `null` when none would have. The
+   * reservation is admitted either way.
+   */
+  would_deny: ErrorDetail | null;
 }
 
 /** A revoked key. */
@@ -730,3 +756,12 @@ export interface UsersOut {
 
 /** A limit's window. */
 export type WindowName = "minute" | "day" | "month" | "none";
+
+/** Would-be denials (shadow mode) by reason, and their total. */
+export interface WouldDenyOut {
+  budget_exceeded: number;
+  max_output_tokens_exceeded: number;
+  model_not_allowed: number;
+  rate_limited: number;
+  total: number;
+}

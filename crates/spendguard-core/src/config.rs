@@ -11,7 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::ids::TierName;
 use crate::money::Money;
-use crate::policy::{Budget, Policy, TenantRules, Tier};
+use crate::policy::{Budget, Policy, ShadowMask, TenantRules, Tier};
 use crate::prices::{Price, PriceTable, UnknownModelPolicy};
 use crate::window::Calendar;
 
@@ -94,6 +94,94 @@ impl<T: Serialize> Serialize for Limit<T> {
     }
 }
 
+/// Which limits of a section are in shadow (observed, never refusing): `true` for all of
+/// them, `false` for none, or a list of limit names (`usd_per_day`, `requests_per_minute`,
+/// ...).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged, expecting = "true, false or a list of limit names")]
+pub enum ShadowConfig {
+    All(bool),
+    Limits(Vec<String>),
+    #[default]
+    #[serde(skip)]
+    Off,
+}
+
+impl ShadowConfig {
+    fn is_off(&self) -> bool {
+        matches!(self, ShadowConfig::Off | ShadowConfig::All(false))
+    }
+}
+
+/// The limit names a `shadow` list may hold, and the limits each one stands for (of every
+/// scope; a section keeps those of its own).
+const SHADOW_NAMES: [(&str, ShadowMask); 8] = [
+    (
+        "usd_per_day",
+        ShadowMask::budget(0, false)
+            .union(ShadowMask::budget(1, false))
+            .union(ShadowMask::budget(2, false))
+            .union(ShadowMask::budget(3, false)),
+    ),
+    (
+        "usd_per_month",
+        ShadowMask::budget(0, true)
+            .union(ShadowMask::budget(1, true))
+            .union(ShadowMask::budget(2, true))
+            .union(ShadowMask::budget(3, true)),
+    ),
+    ("requests_per_minute", ShadowMask::REQUESTS_PER_MINUTE),
+    ("requests_per_day", ShadowMask::REQUESTS_PER_DAY),
+    ("tokens_per_day", ShadowMask::TOKENS_PER_DAY),
+    ("max_concurrent", ShadowMask::MAX_CONCURRENT),
+    ("max_output_tokens", ShadowMask::MAX_OUTPUT_TOKENS),
+    ("allowed_models", ShadowMask::ALLOWED_MODELS),
+];
+
+/// The limits of `value` within `section` (the limits the section sets); `path` is the
+/// section's path, named in errors.
+fn shadow_mask(
+    path: &str,
+    value: &ShadowConfig,
+    section: ShadowMask,
+) -> Result<ShadowMask, ConfigError> {
+    let key = if path.is_empty() {
+        "shadow".to_owned()
+    } else {
+        format!("{path}.shadow")
+    };
+    match value {
+        ShadowConfig::Off | ShadowConfig::All(false) => Ok(ShadowMask::NONE),
+        ShadowConfig::All(true) => Ok(section),
+        ShadowConfig::Limits(names) => {
+            let mut mask = ShadowMask::NONE;
+            for (i, name) in names.iter().enumerate() {
+                let bits = SHADOW_NAMES
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, b)| b.intersect(section))
+                    .filter(|b| !b.is_empty())
+                    .ok_or_else(|| {
+                        let known: Vec<&str> = SHADOW_NAMES
+                            .iter()
+                            .filter(|(_, b)| !b.intersect(section).is_empty())
+                            .map(|(n, _)| *n)
+                            .collect();
+                        ConfigError::invalid(
+                            format!("{key}[{i}]"),
+                            format!(
+                                "`{name}` is not a limit of this section; one of {}",
+                                known.join(", ")
+                            ),
+                        )
+                    })?;
+                mask = mask.union(bits);
+            }
+            Ok(mask)
+        }
+    }
+}
+
 /// Daily and monthly caps of one scope.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,6 +190,14 @@ pub struct BudgetConfig {
     pub usd_per_day: Limit<Money>,
     #[serde(default)]
     pub usd_per_month: Limit<Money>,
+    /// Soft caps: reaching them raises alerts, never refuses a request.
+    #[serde(default)]
+    pub soft_usd_per_day: Limit<Money>,
+    #[serde(default)]
+    pub soft_usd_per_month: Limit<Money>,
+    /// These budgets in shadow: `true`, or a list of `usd_per_day`, `usd_per_month`.
+    #[serde(default, skip_serializing_if = "ShadowConfig::is_off")]
+    pub shadow: ShadowConfig,
 }
 
 /// The `[tenant]` section: caps and rules applied to every tenant without its own
@@ -113,6 +209,15 @@ pub struct TenantConfig {
     pub usd_per_day: Limit<Money>,
     #[serde(default)]
     pub usd_per_month: Limit<Money>,
+    /// Soft caps of every tenant: reaching them raises alerts, never refuses a request.
+    #[serde(default)]
+    pub soft_usd_per_day: Limit<Money>,
+    #[serde(default)]
+    pub soft_usd_per_month: Limit<Money>,
+    /// The tenant budgets in shadow: `true`, or a list of `usd_per_day`, `usd_per_month`.
+    /// (A whole tenant is put in shadow by `[tenants.<id>] shadow`.)
+    #[serde(default, skip_serializing_if = "ShadowConfig::is_off")]
+    pub shadow: ShadowConfig,
     /// The tiers a tenant key may name on a request (admin keys may name any).
     #[serde(default)]
     pub allowed_tiers: Vec<String>,
@@ -134,6 +239,15 @@ pub struct TenantRulesConfig {
     pub max_share_of_global: Option<Limit<f64>>,
     #[serde(default)]
     pub max_tracked_subjects: Option<Limit<u32>>,
+    /// This tenant's own soft caps (alerts only), instead of the `[tenant]` ones.
+    #[serde(default)]
+    pub soft_usd_per_day: Option<Limit<Money>>,
+    #[serde(default)]
+    pub soft_usd_per_month: Option<Limit<Money>>,
+    /// This tenant's limits in shadow: `true` for every limit of its requests but the
+    /// global budgets, or a list of limit names.
+    #[serde(default, skip_serializing_if = "ShadowConfig::is_off")]
+    pub shadow: ShadowConfig,
 }
 
 /// The limits of one subscription tier. A limit left out is unlimited.
@@ -157,6 +271,14 @@ pub struct TierConfig {
     /// Glob patterns (`*`, `?`) of the models this tier may call. Absent: every model.
     #[serde(default)]
     pub allowed_models: Option<Vec<String>>,
+    /// Soft caps of each user: reaching them raises alerts, never refuses a request.
+    #[serde(default)]
+    pub soft_usd_per_day: Limit<Money>,
+    #[serde(default)]
+    pub soft_usd_per_month: Limit<Money>,
+    /// The tier's limits in shadow: `true` for all, or a list of limit names.
+    #[serde(default, skip_serializing_if = "ShadowConfig::is_off")]
+    pub shadow: ShadowConfig,
 }
 
 /// What to do with new reservations while the store cannot be written.
@@ -230,6 +352,12 @@ pub struct AlertsConfig {
     /// Attempts per delivery before it is marked failed (backoff doubles from 1 s, at most
     /// one hour apart).
     pub webhook_max_attempts: u32,
+    /// Slack-compatible incoming webhooks (`http://` or `https://`): every new alert is
+    /// POSTed to each as a Slack message (`text` and `blocks`), with the same outbox,
+    /// retries and delivery ids as `webhook_urls`, unsigned (such endpoints authenticate by
+    /// their secret URL).
+    #[serde(default)]
+    pub slack_webhook_urls: Vec<String>,
 }
 
 impl AlertsConfig {
@@ -249,12 +377,25 @@ impl AlertsConfig {
                 ));
             }
         }
-        for (i, url) in self.webhook_urls.iter().enumerate() {
-            let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
-            if !scheme_ok || url.len() > 2048 || url.chars().any(char::is_whitespace) {
+        for (key, urls) in [
+            ("webhook_urls", &self.webhook_urls),
+            ("slack_webhook_urls", &self.slack_webhook_urls),
+        ] {
+            for (i, url) in urls.iter().enumerate() {
+                let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+                if !scheme_ok || url.len() > 2048 || url.chars().any(char::is_whitespace) {
+                    return Err(ConfigError::invalid(
+                        format!("alerts.{key}[{i}]"),
+                        format!("`{url}` is not an http:// or https:// URL"),
+                    ));
+                }
+            }
+        }
+        for (i, url) in self.slack_webhook_urls.iter().enumerate() {
+            if self.webhook_urls.contains(url) || self.slack_webhook_urls[..i].contains(url) {
                 return Err(ConfigError::invalid(
-                    format!("alerts.webhook_urls[{i}]"),
-                    format!("`{url}` is not an http:// or https:// URL"),
+                    format!("alerts.slack_webhook_urls[{i}]"),
+                    format!("`{url}` is listed twice: each destination has one format"),
                 ));
             }
         }
@@ -524,6 +665,10 @@ pub struct Config {
     pub tiers: BTreeMap<String, TierConfig>,
     #[serde(default)]
     pub prices: BTreeMap<String, Price>,
+    /// Limits in shadow for every request: `true` puts the whole service in shadow (every
+    /// limit observed, none refusing), a list of limit names those limits of every scope.
+    #[serde(default, skip_serializing_if = "ShadowConfig::is_off")]
+    pub shadow: ShadowConfig,
 }
 
 impl Default for Config {
@@ -619,21 +764,24 @@ impl Config {
                     Some(list.clone())
                 }
             };
-            tiers.insert(
-                tier_name,
-                Tier::new(
-                    t.requests_per_minute.value(),
-                    t.requests_per_day.value(),
-                    t.tokens_per_day.value(),
-                    Budget {
-                        daily: t.usd_per_day.value(),
-                        monthly: t.usd_per_month.value(),
-                    },
-                    t.max_concurrent.value(),
-                    t.max_output_tokens.value(),
-                    patterns,
-                ),
+            let mut tier = Tier::new(
+                t.requests_per_minute.value(),
+                t.requests_per_day.value(),
+                t.tokens_per_day.value(),
+                Budget {
+                    daily: t.usd_per_day.value(),
+                    monthly: t.usd_per_month.value(),
+                },
+                t.max_concurrent.value(),
+                t.max_output_tokens.value(),
+                patterns,
             );
+            tier.soft = Budget {
+                daily: t.soft_usd_per_day.value(),
+                monthly: t.soft_usd_per_month.value(),
+            };
+            tier.shadow = shadow_mask(&path, &t.shadow, ShadowMask::USER)?;
+            tiers.insert(tier_name, tier);
         }
         let default_tier = TierName::parse(&self.default_tier)
             .map_err(|e| ConfigError::invalid("default_tier", e))?;
@@ -678,6 +826,26 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        let soft = |b: &BudgetConfig| Budget {
+            daily: b.soft_usd_per_day.value(),
+            monthly: b.soft_usd_per_month.value(),
+        };
+        let shadow = shadow_mask("", &self.shadow, ShadowMask::ALL)?
+            .union(shadow_mask(
+                "global",
+                &self.global.shadow,
+                ShadowMask::budgets(0),
+            )?)
+            .union(shadow_mask(
+                "tenant",
+                &self.tenant.shadow,
+                ShadowMask::budgets(1),
+            )?)
+            .union(shadow_mask(
+                "company",
+                &self.company.shadow,
+                ShadowMask::budgets(2),
+            )?);
         let default_rules = tenant_rules(
             "tenant",
             &tiers,
@@ -701,6 +869,20 @@ impl Config {
                 t.max_tracked_subjects
                     .unwrap_or(self.tenant.max_tracked_subjects),
             )?;
+            let rules = TenantRules {
+                shadow: shadow_mask(&path, &t.shadow, ShadowMask::ALL_BUT_GLOBAL)?,
+                soft: Budget {
+                    daily: t
+                        .soft_usd_per_day
+                        .unwrap_or(self.tenant.soft_usd_per_day)
+                        .value(),
+                    monthly: t
+                        .soft_usd_per_month
+                        .unwrap_or(self.tenant.soft_usd_per_month)
+                        .value(),
+                },
+                ..rules
+            };
             tenants.insert(tenant_id, rules);
         }
         Ok(Policy {
@@ -722,6 +904,13 @@ impl Config {
             large_reservation_max_ttl_us: self.large_reservation_max_ttl_seconds as i64 * 1_000_000,
             max_record_cost: self.max_record_cost_usd,
             max_record_tokens: self.max_record_tokens,
+            shadow,
+            soft_global: soft(&self.global),
+            soft_tenant: Budget {
+                daily: self.tenant.soft_usd_per_day.value(),
+                monthly: self.tenant.soft_usd_per_month.value(),
+            },
+            soft_company: soft(&self.company),
         })
     }
 }
@@ -770,6 +959,8 @@ fn tenant_rules(
         allowed_tiers,
         share_of_global_ppm,
         max_tracked_subjects: subjects.value(),
+        shadow: ShadowMask::NONE,
+        soft: Budget::default(),
     })
 }
 

@@ -18,11 +18,70 @@ pub struct Budget {
     pub monthly: Option<Money>,
 }
 
+/// Which limits of a request are in shadow: decided and counted like the others, but a
+/// limit in shadow never refuses a request; where it would have, the admission carries a
+/// would-be denial instead. One bit per kind of limit of a request; copied into every
+/// request's caps, so checking it costs a bit test.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ShadowMask(u16);
+
+impl ShadowMask {
+    pub const NONE: ShadowMask = ShadowMask(0);
+    /// The daily and monthly budgets of every scope, and every limit of a user.
+    pub const ALL: ShadowMask = ShadowMask(0x3fff);
+    pub const REQUESTS_PER_DAY: ShadowMask = ShadowMask(1 << 8);
+    pub const TOKENS_PER_DAY: ShadowMask = ShadowMask(1 << 9);
+    pub const MAX_CONCURRENT: ShadowMask = ShadowMask(1 << 10);
+    pub const REQUESTS_PER_MINUTE: ShadowMask = ShadowMask(1 << 11);
+    pub const MAX_OUTPUT_TOKENS: ShadowMask = ShadowMask(1 << 12);
+    pub const ALLOWED_MODELS: ShadowMask = ShadowMask(1 << 13);
+
+    /// The cost budget of scope `scope` (0 global, 1 tenant, 2 company, 3 user) in one
+    /// window.
+    pub const fn budget(scope: usize, monthly: bool) -> ShadowMask {
+        ShadowMask(1 << (2 * scope + monthly as usize))
+    }
+
+    /// Both cost budgets of scope `scope`.
+    pub const fn budgets(scope: usize) -> ShadowMask {
+        ShadowMask(0b11 << (2 * scope))
+    }
+
+    /// Every limit but the global budgets: what a whole tenant in shadow leaves enforced is
+    /// the budget it shares with every other tenant.
+    pub const ALL_BUT_GLOBAL: ShadowMask = ShadowMask(0x3fff & !0b11);
+
+    /// Every limit of the user scope (what a tier sets).
+    pub const USER: ShadowMask = ShadowMask(0x3fff & !0b11_1111);
+
+    pub const fn union(self, other: ShadowMask) -> ShadowMask {
+        ShadowMask(self.0 | other.0)
+    }
+
+    pub const fn intersect(self, other: ShadowMask) -> ShadowMask {
+        ShadowMask(self.0 & other.0)
+    }
+
+    /// Whether every bit of `other` is in shadow.
+    #[inline]
+    pub const fn contains(self, other: ShadowMask) -> bool {
+        self.0 & other.0 == other.0 && other.0 != 0
+    }
+
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
 /// The limits of one subscription tier, per user.
 #[derive(Clone, Debug)]
 pub struct Tier {
     pub limits: UserLimits,
     pub budget: Budget,
+    /// Soft caps of each user of the tier: they raise alerts and never refuse anything.
+    pub soft: Budget,
+    /// The tier's limits in shadow (user-scope bits only).
+    pub shadow: ShadowMask,
 }
 
 /// The non-monetary limits of a user. `None` is unlimited.
@@ -87,6 +146,8 @@ impl Tier {
                 allowed_models: allowed_models.map(|p| std::sync::Arc::new(ModelPatterns::new(p))),
             },
             budget,
+            soft: Budget::default(),
+            shadow: ShadowMask::NONE,
         }
     }
 }
@@ -130,6 +191,11 @@ pub struct TenantRules {
     /// The most user and company scopes of this tenant held in memory at once. `None`:
     /// unbounded.
     pub max_tracked_subjects: Option<u32>,
+    /// This tenant's limits in shadow (`[tenants.<id>] shadow`).
+    pub shadow: ShadowMask,
+    /// This tenant's soft caps, from its `[tenants.<id>]` section (else `[tenant]`'s); only
+    /// read for tenants with a section of their own.
+    pub soft: Budget,
 }
 
 impl TenantRules {
@@ -175,6 +241,14 @@ pub struct Policy {
     pub max_record_cost: Money,
     /// The most tokens (input plus output) one usage record may carry.
     pub max_record_tokens: u64,
+    /// Limits in shadow for every request: the service's `shadow` and the `shadow` keys of
+    /// the `[global]`, `[tenant]` and `[company]` budgets.
+    pub shadow: ShadowMask,
+    /// Soft caps of the global scope, of every tenant and of every company: they raise
+    /// alerts and never refuse anything. A user's are its tier's.
+    pub soft_global: Budget,
+    pub soft_tenant: Budget,
+    pub soft_company: Budget,
 }
 
 impl Policy {

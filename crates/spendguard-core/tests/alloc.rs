@@ -12,14 +12,16 @@ static ALLOC: dhat::Alloc = dhat::Alloc;
 
 const T0: i64 = 1_710_028_800_000_000;
 
-fn ledger() -> Ledger {
+/// `tier_extra` is added to the tier's section.
+fn ledger(tier_extra: &str) -> Ledger {
     // Every kind of limit, set high enough never to deny here.
-    let policy = Config::from_toml(
+    let policy = Config::from_toml(&format!(
         "default_tier = \"enterprise\"\n[global]\nusd_per_day = \"1000000000\"\nusd_per_month = \"1000000000\"\n\
+         [tenant]\nusd_per_day = \"1000000000\"\n[company]\nusd_per_day = \"1000000000\"\n\
          [tiers.enterprise]\nrequests_per_minute = 1000000\nrequests_per_day = 1000000000\n\
          tokens_per_day = 1000000000000\nmax_concurrent = 1000\nusd_per_day = \"1000000\"\nusd_per_month = \"1000000\"\n\
-         [tenant]\nusd_per_day = \"1000000000\"\n[company]\nusd_per_day = \"1000000000\"",
-    )
+         {tier_extra}\n",
+    ))
     .unwrap()
     .validate()
     .unwrap();
@@ -74,10 +76,17 @@ fn round(ledger: &Ledger, requests: &[ReserveRequest], commits: &[CommitRequest]
     }
 }
 
+/// With no limit in shadow, and with limits in shadow that every request fits (a would-be
+/// denial is built only when there is one). One test: the profiler is one per process.
 #[test]
 fn reserve_and_commit_allocate_nothing_in_steady_state() {
     let _profiler = dhat::Profiler::builder().testing().build();
-    let ledger = ledger();
+    for tier_extra in ["", "shadow = [\"requests_per_minute\", \"usd_per_day\"]"] {
+        allocate_nothing(ledger(tier_extra));
+    }
+}
+
+fn allocate_nothing(ledger: Ledger) {
     let subjects: Vec<Subject> = (0..100).map(subject).collect();
     let build = |from: u64, count: u64| {
         let requests: Vec<_> = (from..from + count)

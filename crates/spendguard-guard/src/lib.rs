@@ -270,7 +270,18 @@ struct Inner<S> {
     options: GuardOptions,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     watch: Arc<SpendWatch>,
+    /// Would-be denials since start, by reason (see [`WOULD_DENY_REASONS`]).
+    would_deny: [AtomicU64; WOULD_DENY_REASONS.len()],
 }
+
+/// The reasons a would-be denial is counted under: the error code a limit in shadow would
+/// have refused with. Unknown models and too many subjects are never in shadow.
+pub const WOULD_DENY_REASONS: [&str; 4] = [
+    "budget_exceeded",
+    "rate_limited",
+    "model_not_allowed",
+    "max_output_tokens_exceeded",
+];
 
 impl<S: Store> Guard<S> {
     /// Replays the spool, restores the ledger from the store and starts the writer and the
@@ -348,6 +359,7 @@ impl<S: Store> Guard<S> {
                 options,
                 tasks: Mutex::new(vec![writer]),
                 watch,
+                would_deny: Default::default(),
             }),
         };
         // Reservations that expired while we were down.
@@ -531,9 +543,74 @@ impl<S: Store> Guard<S> {
                 // Not durable: the writer takes it back (and frees the key) before this
                 // returns, so memory and store agree.
                 self.persist(applied.event, ticket).await?;
+                self.note_would_deny(&applied.value);
                 Ok(Ok(applied.value))
             }
         }
+    }
+
+    /// Counts and logs an admission that a limit in shadow would have refused: once per
+    /// admitted reservation (a replay carries no would-be denial).
+    fn note_would_deny(&self, reserved: &Reserved) {
+        let Some(d) = &reserved.would_deny else {
+            return;
+        };
+        let reason = d.code();
+        if let Some(i) = WOULD_DENY_REASONS.iter().position(|r| *r == reason) {
+            self.inner.would_deny[i].fetch_add(1, Ordering::Relaxed);
+        }
+        let r = &reserved.reservation;
+        let limits = match d {
+            spendguard_core::Denial::Limits(l) => l
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{} {} {:?}/{}",
+                        l.scope.kind().as_str(),
+                        l.scope.id(),
+                        l.unit,
+                        l.window.as_str()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", "),
+            _ => String::new(),
+        };
+        tracing::info!(
+            reservation = %r.id,
+            tenant = r.subject.tenant.as_str(),
+            user = r.subject.user.as_str(),
+            model = r.subject.model.as_str(),
+            reason,
+            limits,
+            estimate_micros = r.estimate.micros(),
+            "would deny (shadow): admitted"
+        );
+    }
+
+    /// Would-be denials since start, by reason (in the order of [`WOULD_DENY_REASONS`]).
+    pub fn would_deny_counts(&self) -> [(&'static str, u64); WOULD_DENY_REASONS.len()] {
+        std::array::from_fn(|i| {
+            (
+                WOULD_DENY_REASONS[i],
+                self.inner.would_deny[i].load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// Replaces the policy the ledger enforces (a configuration reload): counters,
+    /// reservations and run-time overrides are kept, and the next decision uses it. The
+    /// time zone cannot change this way (it would miscount the current windows).
+    pub fn set_policy(&self, policy: Policy) -> Result<(), GuardError> {
+        let current = self.inner.ledger.policy();
+        if current.calendar.time_zone_name() != policy.calendar.time_zone_name() {
+            return Err(GuardError::TimeZoneChanged {
+                stored: current.calendar.time_zone_name().to_owned(),
+                configured: policy.calendar.time_zone_name().to_owned(),
+            });
+        }
+        self.inner.ledger.set_policy(policy);
+        Ok(())
     }
 
     /// [`Guard::reserve`] answered as soon as it is decided, before it is durable: the
@@ -563,6 +640,7 @@ impl<S: Store> Guard<S> {
                         .send(Write::Events(vec![event], None, None))
                         .map_err(|_| GuardError::ShuttingDown)?;
                 }
+                self.note_would_deny(&applied.value);
                 Ok(Ok(applied.value))
             }
         }
@@ -626,6 +704,7 @@ impl<S: Store> Guard<S> {
             reservation: r,
             limits: limits.into(),
             replayed: true,
+            would_deny: None,
         }))
     }
 

@@ -53,8 +53,19 @@ pub struct AlertSettings {
     pub projected: bool,
     pub projected_after_us: i64,
     pub webhook_urls: Vec<String>,
+    /// Destinations sent Slack-format messages instead of signed JSON.
+    pub slack_urls: Vec<String>,
     pub webhook_secret: String,
     pub max_attempts: u32,
+}
+
+impl AlertSettings {
+    /// Every destination of a new alert: the signed webhooks, then the Slack ones.
+    pub fn destinations(&self) -> Vec<String> {
+        let mut all = self.webhook_urls.clone();
+        all.extend(self.slack_urls.iter().cloned());
+        all
+    }
 }
 
 impl Default for AlertSettings {
@@ -87,6 +98,7 @@ impl AlertSettings {
             projected: config.projected,
             projected_after_us: i64::from(config.projected_after_hours) * MICROS_PER_HOUR,
             webhook_urls: config.webhook_urls.clone(),
+            slack_urls: config.slack_webhook_urls.clone(),
             webhook_secret,
             max_attempts: config.webhook_max_attempts,
         })
@@ -194,12 +206,34 @@ impl Alerts {
             });
             for (scope, tier) in self.guard.spend_watch().take() {
                 let budget = ledger.budget_for(&scope, tier.as_ref());
+                let soft = ledger.soft_budget_for(&scope, tier.as_ref());
                 let ((day, _), (month, _)) = ledger.scope_totals(&scope, now);
+                // Soft budgets raise alerts at the same thresholds, as their own kind.
                 let windows = [
-                    (Window::Day, day, budget.daily, periods.day),
-                    (Window::Month, month, budget.monthly, periods.month),
+                    (
+                        Window::Day,
+                        day,
+                        budget.daily,
+                        periods.day,
+                        AlertKind::Threshold,
+                    ),
+                    (
+                        Window::Month,
+                        month,
+                        budget.monthly,
+                        periods.month,
+                        AlertKind::Threshold,
+                    ),
+                    (Window::Day, day, soft.daily, periods.day, AlertKind::Soft),
+                    (
+                        Window::Month,
+                        month,
+                        soft.monthly,
+                        periods.month,
+                        AlertKind::Soft,
+                    ),
                 ];
-                for (window, spent, cap, period) in windows {
+                for (window, spent, cap, period, kind) in windows {
                     let Some(cap) = cap else { continue };
                     let mut candidates = Vec::new();
                     // Only the highest threshold reached: spend that jumps past several at
@@ -211,9 +245,10 @@ impl Alerts {
                         .rev()
                         .find(|&&t| reached(spent, cap, t))
                     {
-                        candidates.push((t, AlertKind::Threshold, spent));
+                        candidates.push((t, kind, spent));
                     }
                     if window == Window::Month
+                        && kind == AlertKind::Threshold
                         && self.settings.projected
                         && let Some(projected) = projection(
                             spent,
@@ -273,7 +308,7 @@ impl Alerts {
         match self
             .guard
             .store()
-            .insert_alerts(&new, &self.settings.webhook_urls)
+            .insert_alerts(&new, &self.settings.destinations())
             .await
         {
             Ok(inserted) => {
@@ -297,7 +332,9 @@ impl Alerts {
                         "cost alert"
                     );
                 }
-                if !inserted.is_empty() && !self.settings.webhook_urls.is_empty() {
+                let destinations =
+                    self.settings.webhook_urls.len() + self.settings.slack_urls.len();
+                if !inserted.is_empty() && destinations > 0 {
                     self.deliver_now.notify_one();
                 }
                 Ok(inserted)
@@ -356,7 +393,15 @@ impl Alerts {
     }
 
     async fn attempt(&self, d: &Delivery) -> DeliveryOutcome {
-        let body = match serde_json::to_vec(&payload(&d.alert)) {
+        // The format is the destination's as configured now; a destination no longer
+        // configured gets the signed JSON.
+        let slack = self.settings.slack_urls.contains(&d.url);
+        let body = if slack {
+            serde_json::to_vec(&slack_payload(&d.alert))
+        } else {
+            serde_json::to_vec(&payload(&d.alert))
+        };
+        let body = match body {
             Ok(b) => b,
             Err(e) => {
                 return DeliveryOutcome::Failed {
@@ -364,11 +409,12 @@ impl Alerts {
                 };
             }
         };
-        let result = self
+        let mut request = self
             .client
             .post(&d.url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        if !slack {
+            request = request.header(
                 "X-Spendguard-Signature",
                 sign(
                     &self.settings.webhook_secret,
@@ -376,7 +422,9 @@ impl Alerts {
                     d.id,
                     &body,
                 ),
-            )
+            );
+        }
+        let result = request
             .header("X-Spendguard-Delivery", d.id.to_string())
             .header("X-Spendguard-Attempt", (d.attempts + 1).to_string())
             .body(body)
@@ -514,7 +562,7 @@ pub struct AlertOut {
     /// Always `spendguard.alert` (for receivers that take several kinds of events).
     #[serde(rename = "type")]
     pub event_type: &'static str,
-    /// `threshold` or `projected`.
+    /// `threshold`, `projected`, `soft_threshold` (a soft budget) or `dead_letter`.
     #[schemars(with = "crate::openapi::AlertKindName")]
     pub kind: &'static str,
     #[schemars(with = "crate::openapi::ScopeName")]
@@ -526,6 +574,9 @@ pub struct AlertOut {
     pub window: &'static str,
     pub window_start: Rfc3339,
     pub threshold_percent: u32,
+    /// The budget's name: its scope, window and kind (`tenant acme daily budget`, `user u1
+    /// (tenant acme) monthly soft budget`).
+    pub budget: String,
     /// Spend when raised; for `projected`, the projected spend of the month.
     #[schemars(with = "crate::openapi::Usd")]
     pub amount_usd: Money,
@@ -548,16 +599,28 @@ pub fn payload(r: &AlertRecord) -> AlertOut {
         }
         _ => format!("{} {}", a.scope.kind().as_str(), a.scope.id()),
     };
+    let window = if a.window == Window::Day {
+        "daily"
+    } else {
+        "monthly"
+    };
+    let budget = match a.kind {
+        AlertKind::Soft => format!("{scope} {window} soft budget"),
+        AlertKind::DeadLetter => "usage database".to_owned(),
+        _ => format!("{scope} {window} budget"),
+    };
     let message = match a.kind {
         AlertKind::Threshold => format!(
-            "{scope} has spent {} of its {} {} budget ({}% threshold)",
+            "{scope} has spent {} of its {} {window} budget ({}% threshold)",
             usd_cents(a.amount),
             usd_cents(a.limit),
-            if a.window == Window::Day {
-                "daily"
-            } else {
-                "monthly"
-            },
+            a.threshold_percent
+        ),
+        AlertKind::Soft => format!(
+            "{scope} has spent {} of its {} {window} soft budget ({}% threshold; a soft \
+             budget alerts and never refuses)",
+            usd_cents(a.amount),
+            usd_cents(a.limit),
             a.threshold_percent
         ),
         AlertKind::Projected => format!(
@@ -579,11 +642,55 @@ pub fn payload(r: &AlertRecord) -> AlertOut {
         window: a.window.as_str(),
         window_start: Rfc3339(a.window_start),
         threshold_percent: a.threshold_percent,
+        budget,
         amount_usd: a.amount,
         limit_usd: a.limit,
         created_at: Rfc3339(a.created_at),
         message,
     }
+}
+
+/// An alert as a Slack-compatible incoming-webhook message: `text` (the notification's
+/// fallback) and `blocks` (a header naming the budget, the message, and the figures in
+/// cents). Text is escaped for Slack's markup (`&`, `<`, `>`).
+pub fn slack_payload(r: &AlertRecord) -> serde_json::Value {
+    let out = payload(r);
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    let title = match r.alert.kind {
+        AlertKind::DeadLetter => "spendguard: events kept as dead letters".to_owned(),
+        AlertKind::Projected => format!("spendguard: {} projected over", out.budget),
+        _ => format!("spendguard: {} at {}%", out.budget, out.threshold_percent),
+    };
+    // A header's text is at most 150 characters.
+    let title: String = title.chars().take(150).collect();
+    let mut fields = vec![
+        serde_json::json!({ "type": "mrkdwn", "text": format!("*Budget*\n{}", esc(&out.budget)) }),
+        serde_json::json!({ "type": "mrkdwn", "text": format!("*Kind*\n{}", out.kind) }),
+    ];
+    if r.alert.kind != AlertKind::DeadLetter {
+        fields.push(serde_json::json!({
+            "type": "mrkdwn",
+            "text": format!("*Spend*\n{}", usd_cents(r.alert.amount)),
+        }));
+        fields.push(serde_json::json!({
+            "type": "mrkdwn",
+            "text": format!("*Limit*\n{}", usd_cents(r.alert.limit)),
+        }));
+    }
+    serde_json::json!({
+        "text": esc(&out.message),
+        "blocks": [
+            { "type": "header", "text": { "type": "plain_text", "text": title, "emoji": false } },
+            { "type": "section", "text": { "type": "mrkdwn", "text": esc(&out.message) }, "fields": fields },
+            { "type": "context", "elements": [ { "type": "mrkdwn", "text": format!(
+                "alert {} · {} window from {}", out.id, out.window, crate::api::rfc3339(r.alert.window_start)
+            ) } ] },
+        ],
+    })
 }
 
 #[cfg(test)]

@@ -372,6 +372,9 @@ pub struct LimitOut<'a> {
     remaining: Option<spendguard_core::Amount>,
     /// When the window ends (`null`: a concurrency limit).
     resets_at: Option<Rfc3339>,
+    /// True when the limit is in shadow: counted like the others, but it never refuses a
+    /// request (where it would have, the answer says so in `would_deny`).
+    shadow: bool,
 }
 
 /// A limit entry, for the OpenAPI document.
@@ -428,6 +431,7 @@ impl Serialize for LimitsOut<'_> {
                 reserved: amount(l.reserved),
                 remaining: amount(l.remaining),
                 resets_at: l.resets_at.map(Rfc3339),
+                shadow: l.shadow,
             }
         }))
     }
@@ -687,6 +691,7 @@ pub async fn reserve(
                 tier: r.reservation.tier.as_str(),
                 replayed: r.replayed,
                 limits: LimitsOut(&r.limits, view),
+                would_deny: r.would_deny.as_ref().map(|d| denial_json(d, now, view)),
             };
             Ok((status, Json(body)).into_response())
         }
@@ -712,6 +717,11 @@ pub struct ReservedOut<'a> {
     /// The same idempotency key and body were answered before (status 200).
     replayed: bool,
     limits: LimitsOut<'a>,
+    /// What limits in shadow would have refused, had they been enforced (the error a
+    /// refusal carries: `code`, `message`, `limits`); `null` when none would have. The
+    /// reservation is admitted either way.
+    #[schemars(with = "Option<crate::openapi::ErrorDetail>")]
+    would_deny: Option<Value>,
 }
 
 /// A reservation's answer, for the OpenAPI document.
@@ -726,6 +736,10 @@ pub struct CheckOut {
     /// Why it would be refused (`null`: it would be admitted).
     #[schemars(with = "Option<crate::openapi::ErrorDetail>")]
     pub denial: Option<Value>,
+    /// When admitted: what limits in shadow would refuse, had they been enforced (`null`
+    /// when none would).
+    #[schemars(with = "Option<crate::openapi::ErrorDetail>")]
+    pub would_deny: Option<Value>,
 }
 
 pub async fn check(
@@ -737,11 +751,16 @@ pub async fn check(
     let view = View::of(&caller);
     let req = body.into_request(view == View::Admin)?;
     let now = state.guard.now();
-    let CheckOutcome { limits, denial } = state.guard.check(&req)?;
+    let CheckOutcome {
+        limits,
+        denial,
+        would_deny,
+    } = state.guard.check(&req)?;
     Ok(Json(CheckOut {
         allowed: denial.is_none(),
         limits: limits_json(&limits, view),
         denial: denial.as_ref().map(|d| denial_json(d, now, view)),
+        would_deny: would_deny.as_ref().map(|d| denial_json(d, now, view)),
     }))
 }
 

@@ -70,6 +70,7 @@ pub struct Metrics {
     open_reservations: Gauge,
     alerts_raised: Counter,
     webhooks: Family<OutcomeLabels, Counter>,
+    would_deny: Family<ReasonLabels, Counter>,
     dead_letters: Counter,
     spool_failures: Counter,
     sweep_failures: Counter,
@@ -83,6 +84,11 @@ pub struct Metrics {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: String,
 }
 
 impl Default for Metrics {
@@ -173,6 +179,13 @@ impl Metrics {
             "Webhook delivery attempts since start, by outcome (delivered, retry, failed)",
             webhooks.clone(),
         );
+        let would_deny = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "would_deny",
+            "Reservations admitted that a limit in shadow would have refused, since start, \
+             by the reason it would have given (budget_exceeded, rate_limited, ...)",
+            would_deny.clone(),
+        );
         let dead_letters = counter(
             &mut registry,
             "dead_letters",
@@ -206,6 +219,7 @@ impl Metrics {
             ready,
             alerts_raised,
             webhooks,
+            would_deny,
             registry,
             decisions,
             spend,
@@ -275,6 +289,14 @@ impl Metrics {
                     outcome: outcome.into(),
                 }),
                 load(c),
+            );
+        }
+        for (reason, n) in guard.would_deny_counts() {
+            advance(
+                &self.would_deny.get_or_create(&ReasonLabels {
+                    reason: reason.into(),
+                }),
+                n,
             );
         }
         let stats = guard.stats();

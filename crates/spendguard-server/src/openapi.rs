@@ -169,7 +169,7 @@ names! {
     /// What new reservations get while the store cannot be written.
     OnStoreErrorName [Spool, Deny]
     /// An alert's kind.
-    AlertKindName [Threshold, Projected, DeadLetter]
+    AlertKindName [Threshold, Projected, DeadLetter, SoftThreshold]
     /// Every `error.code` the API answers with.
     ErrorCode [
         InvalidRequest, MalformedJson, UnsupportedMediaType, BodyTooLarge, Unauthorized,

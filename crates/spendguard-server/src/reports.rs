@@ -262,6 +262,10 @@ pub struct ReportOut {
     pub rows: Vec<ReportRowOut>,
     /// The sums over every group.
     pub totals: TotalsOut,
+    /// Reservations of the range (and tenant) that were admitted although a limit in shadow
+    /// would have refused them, by the reason it would have given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub would_deny: Option<WouldDenyOut>,
     /// When not null, `?cursor=` this fetches the next page of rows.
     pub next_cursor: Option<String>,
 }
@@ -299,7 +303,36 @@ pub fn report_out(calendar: &Calendar, spec: &ReportSpec, report: &Report) -> Re
         groups: report.groups,
         rows,
         totals: TotalsOut::from(&report.totals),
+        would_deny: None,
         next_cursor: None,
+    }
+}
+
+/// Would-be denials (shadow mode) by reason, and their total.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, JsonSchema)]
+pub struct WouldDenyOut {
+    pub total: u64,
+    pub budget_exceeded: u64,
+    pub rate_limited: u64,
+    pub model_not_allowed: u64,
+    pub max_output_tokens_exceeded: u64,
+}
+
+impl WouldDenyOut {
+    pub fn from_counts(counts: &[(String, u64)]) -> WouldDenyOut {
+        let mut out = WouldDenyOut::default();
+        for (reason, n) in counts {
+            let slot = match reason.as_str() {
+                "budget_exceeded" => &mut out.budget_exceeded,
+                "rate_limited" => &mut out.rate_limited,
+                "model_not_allowed" => &mut out.model_not_allowed,
+                "max_output_tokens_exceeded" => &mut out.max_output_tokens_exceeded,
+                _ => continue,
+            };
+            *slot = slot.saturating_add(*n);
+            out.total = out.total.saturating_add(*n);
+        }
+        out
     }
 }
 
@@ -604,11 +637,24 @@ pub async fn usage_report(
             }
             resp
         }
-        _ => Json(ReportOut {
-            next_cursor,
-            ..report_out(calendar, &spec, &report)
-        })
-        .into_response(),
+        _ => {
+            let would_deny = state
+                .guard
+                .store()
+                .would_deny_counts(
+                    spec.query.from_day,
+                    spec.query.to_day,
+                    spec.query.tenant.as_ref(),
+                )
+                .await
+                .map_err(store_error)?;
+            Json(ReportOut {
+                next_cursor,
+                would_deny: Some(WouldDenyOut::from_counts(&would_deny)),
+                ..report_out(calendar, &spec, &report)
+            })
+            .into_response()
+        }
     })
 }
 

@@ -137,6 +137,8 @@ pub enum AlertKind {
     /// The store refused events for good today; they were kept as dead letters (global
     /// scope, day window; at most one a day).
     DeadLetter,
+    /// Spend reached `threshold_percent` of a soft budget (which never refuses).
+    Soft,
 }
 
 impl AlertKind {
@@ -145,6 +147,7 @@ impl AlertKind {
             AlertKind::Threshold => "threshold",
             AlertKind::Projected => "projected",
             AlertKind::DeadLetter => "dead_letter",
+            AlertKind::Soft => "soft_threshold",
         }
     }
 
@@ -153,6 +156,7 @@ impl AlertKind {
             "threshold" => Some(AlertKind::Threshold),
             "projected" => Some(AlertKind::Projected),
             "dead_letter" => Some(AlertKind::DeadLetter),
+            "soft_threshold" => Some(AlertKind::Soft),
             _ => None,
         }
     }

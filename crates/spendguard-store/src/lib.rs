@@ -445,6 +445,21 @@ impl AnyStore {
         }
     }
 
+    /// Would-be denials (reservations admitted that a limit in shadow would have refused)
+    /// of the days from `from_day` to `to_day` (window starts, both included), of one
+    /// tenant or all, counted by reason, sorted by reason.
+    pub async fn would_deny_counts(
+        &self,
+        from_day: Micros,
+        to_day: Micros,
+        tenant: Option<&TenantId>,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.would_deny_counts(from_day, to_day, tenant).await,
+            AnyStore::Postgres(s) => s.would_deny_counts(from_day, to_day, tenant).await,
+        }
+    }
+
     /// Alerts, newest first (see [`AlertQuery`]).
     pub async fn alerts(&self, query: &AlertQuery) -> Result<Vec<AlertRecord>, StoreError> {
         match self {

@@ -687,6 +687,21 @@ CREATE TABLE tenant_prices (
 ) STRICT, WITHOUT ROWID;
 "#,
     ),
+    (
+        11,
+        r#"
+-- Shadow mode: each admitted reservation that a limit in shadow would have refused, with
+-- the reason it would have given, counted by reports per day and tenant. Keyed by the
+-- reservation, so projecting a journal batch again counts nothing twice.
+CREATE TABLE would_deny (
+    reservation_id TEXT NOT NULL PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    day_start INTEGER NOT NULL,
+    reason TEXT NOT NULL
+) STRICT, WITHOUT ROWID;
+CREATE INDEX would_deny_day ON would_deny (day_start, tenant_id);
+"#,
+    ),
 ];
 
 /// PostgreSQL migration 7: row-level security and the seed's SQL functions, for applications
@@ -1091,6 +1106,24 @@ CREATE TABLE tenant_prices (
 ALTER TABLE tenant_prices ENABLE ROW LEVEL SECURITY;
 CREATE POLICY spendguard_tenant_read ON tenant_prices FOR SELECT
     USING (tenant_id = current_setting('spendguard.tenant_id', true));
+"#,
+    ),
+    (
+        11,
+        r#"
+-- Shadow mode: each admitted reservation that a limit in shadow would have refused, with
+-- the reason it would have given, counted by reports per day and tenant. Keyed by the
+-- reservation, so projecting a journal batch again counts nothing twice.
+CREATE TABLE would_deny (
+    reservation_id uuid PRIMARY KEY,
+    tenant_id text NOT NULL,
+    day_start bigint NOT NULL,
+    reason text NOT NULL
+);
+CREATE INDEX would_deny_day ON would_deny (day_start, tenant_id);
+-- No role other than spendguard's sees a row (row-level security without a policy; see
+-- migration 7).
+ALTER TABLE would_deny ENABLE ROW LEVEL SECURITY;
 "#,
     ),
 ];

@@ -186,6 +186,9 @@ const INSERT_RESERVATIONS: &str = "INSERT INTO reservations (id, tenant_id, user
     $12::timestamptz[], $13::int8[], $14::int8[], $15::text[], $16::int8[]) \
     ON CONFLICT (id) DO NOTHING";
 
+const INSERT_WOULD_DENY: &str = "INSERT INTO would_deny (reservation_id, tenant_id, \
+    day_start, reason) VALUES ($1, $2, $3, $4) ON CONFLICT (reservation_id) DO NOTHING";
+
 /// Locks reservations in the order given (sorted by the caller).
 const LOCK_RESERVATIONS: &str = "SELECT r.id FROM UNNEST($1::uuid[]) WITH ORDINALITY AS u (id, n) \
     JOIN reservations AS r ON r.id = u.id ORDER BY u.n FOR UPDATE OF r";
@@ -1059,6 +1062,20 @@ async fn apply_events(tx: &Transaction<'_>, events: &[Event]) -> Result<(), Stor
     let plan = Plan::new(events);
     if !plan.reserved.is_empty() {
         insert_reservations(tx, &plan.reserved).await?;
+        for r in plan.reserved.iter().filter(|r| r.would_deny.is_some()) {
+            let stmt = tx.prepare_cached(INSERT_WOULD_DENY).await.db()?;
+            tx.execute(
+                &stmt,
+                &[
+                    &r.id,
+                    &r.subject.tenant.as_str(),
+                    &r.day_start,
+                    &r.would_deny.as_deref(),
+                ],
+            )
+            .await
+            .db()?;
+        }
     }
     if !plan.settles.is_empty() {
         settle(tx, &plan.settles).await?;

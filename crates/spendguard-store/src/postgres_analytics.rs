@@ -290,6 +290,37 @@ impl PostgresStore {
             .collect())
     }
 
+    pub async fn would_deny_counts(
+        &self,
+        from_day: Micros,
+        to_day: Micros,
+        tenant: Option<&TenantId>,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        // What reports read is projected from the journal first.
+        self.catch_up_for_report().await?;
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT reason, count(*) FROM would_deny \
+                 WHERE day_start >= $1 AND day_start <= $2 \
+                 AND ($3::text IS NULL OR tenant_id = $3) GROUP BY reason ORDER BY reason",
+            )
+            .await
+            .db()?;
+        let tenant = tenant.map(|t| t.as_str());
+        let rows = client
+            .query(&stmt, &[&from_day, &to_day, &tenant])
+            .await
+            .db()?;
+        rows.iter()
+            .map(|row| {
+                let reason: String = row.try_get(0).db()?;
+                let n: i64 = row.try_get(1).db()?;
+                Ok((reason, u64::try_from(n).unwrap_or(0)))
+            })
+            .collect()
+    }
+
     pub async fn alerts(&self, query: &AlertQuery) -> Result<Vec<AlertRecord>, StoreError> {
         let client = self.client().await?;
         let stmt = client

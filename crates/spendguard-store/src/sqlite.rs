@@ -144,6 +144,9 @@ const INSERT_RESERVATION: &str = "INSERT INTO reservations (id, tenant_id, user_
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, 'open') \
     ON CONFLICT (id) DO NOTHING";
 
+const INSERT_WOULD_DENY: &str = "INSERT INTO would_deny (reservation_id, tenant_id, \
+    day_start, reason) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (reservation_id) DO NOTHING";
+
 const COMMIT_RESERVATION: &str = "UPDATE reservations SET state = 'committed', usage_id = ?2, \
     settled_at = ?3 WHERE id = ?1 AND state = 'open'";
 
@@ -643,6 +646,17 @@ fn apply_events(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> Result<(), 
                 ])
                 .db()?;
         }
+    }
+    for r in plan.reserved.iter().filter(|r| r.would_deny.is_some()) {
+        tx.prepare_cached(INSERT_WOULD_DENY)
+            .db()?
+            .execute(params![
+                r.id.to_string(),
+                r.subject.tenant.as_str(),
+                r.day_start,
+                r.would_deny.as_deref(),
+            ])
+            .db()?;
     }
     for settle in &plan.settles {
         match settle {

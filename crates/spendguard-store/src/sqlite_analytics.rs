@@ -344,6 +344,34 @@ impl SqliteStore {
             .await
     }
 
+    pub async fn would_deny_counts(
+        &self,
+        from_day: Micros,
+        to_day: Micros,
+        tenant: Option<&TenantId>,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        // What reports read is projected from the journal first.
+        self.catch_up_for_report().await?;
+        let tenant = tenant.map(|t| t.as_str().to_owned());
+        self.with_reader(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT reason, count(*) FROM would_deny \
+                     WHERE day_start >= ?1 AND day_start <= ?2 \
+                     AND (?3 IS NULL OR tenant_id = ?3) GROUP BY reason ORDER BY reason",
+                )
+                .db()?;
+            let mut rows = stmt.query(params![from_day, to_day, tenant]).db()?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().db()? {
+                let n: i64 = row.get(1).db()?;
+                out.push((row.get(0).db()?, u64::try_from(n).unwrap_or(0)));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     pub async fn alerts(&self, query: &AlertQuery) -> Result<Vec<AlertRecord>, StoreError> {
         let query = query.clone();
         self.with_reader(move |conn| {

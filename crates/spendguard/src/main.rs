@@ -387,7 +387,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(l) = listen {
                 config.server.listen = l;
             }
-            serve(config)
+            serve(config, move || load_config(&common))
         }
         Command::Migrate { common, time_zone } => {
             let config = load_config(&common)?;
@@ -780,11 +780,23 @@ fn report(
             .report(&spec.query)
             .await
             .context("failed to read the report")?;
+        let would_deny = store
+            .would_deny_counts(
+                spec.query.from_day,
+                spec.query.to_day,
+                spec.query.tenant.as_ref(),
+            )
+            .await
+            .context("failed to read the would-be denials")?;
+        let would_deny = reports::WouldDenyOut::from_counts(&would_deny);
         store.close().await;
         match format {
             Format::Json => println!(
                 "{}",
-                serde_json::to_string_pretty(&reports::report_json(cal, &spec, &report))?
+                serde_json::to_string_pretty(&reports::ReportOut {
+                    would_deny: Some(would_deny),
+                    ..reports::report_out(cal, &spec, &report)
+                })?
             ),
             Format::Csv => print!("{}", reports::report_csv(cal, spec.query.group_by, &report)),
             Format::Table => {
@@ -799,6 +811,16 @@ fn report(
                     "{}",
                     reports::report_table(cal, spec.query.group_by, &report)
                 );
+                if would_deny.total > 0 {
+                    println!(
+                        "would-be denials (limits in shadow): {} (budget {}, rate {}, model {}, output tokens {})",
+                        would_deny.total,
+                        would_deny.budget_exceeded,
+                        would_deny.rate_limited,
+                        would_deny.model_not_allowed,
+                        would_deny.max_output_tokens_exceeded
+                    );
+                }
             }
         }
         anyhow::Ok(())
@@ -1025,7 +1047,10 @@ fn checked(config: &Config) -> anyhow::Result<Checked> {
     })
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(
+    config: Config,
+    reload: impl Fn() -> anyhow::Result<Config> + Send + 'static,
+) -> anyhow::Result<()> {
     let Checked {
         policy,
         alert_settings,
@@ -1071,6 +1096,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         }
         let state = AppState::with_alerts(guard, ring, alert_settings).with_limits(limits);
         spendguard_server::spawn_background(&state);
+        reload_on_hangup(state.guard.clone(), reload);
         if let Some(addr) = open_metrics {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -1178,6 +1204,43 @@ fn is_unavailable(e: &anyhow::Error) -> bool {
                 ))
             )
     })
+}
+
+/// On SIGHUP, reads the configuration again (the same file, environment and flags) and
+/// applies what the ledger enforces: tiers, budgets, tenants' rules, prices, TTLs and what
+/// is in shadow, from the next decision on; counters, reservations and the admin's
+/// overrides are kept. The other sections (listeners, database, alerts, gateway) take a
+/// restart. A configuration that does not validate, or names another time zone, is
+/// refused with the reason, and the running one stays.
+fn reload_on_hangup(
+    guard: Guard<AnyStore>,
+    reload: impl Fn() -> anyhow::Result<Config> + Send + 'static,
+) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGHUP; reload by restarting");
+                return;
+            }
+        };
+        while hangup.recv().await.is_some() {
+            let applied = reload()
+                .and_then(|c| c.validate().context("invalid configuration"))
+                .and_then(|policy| guard.set_policy(policy).map_err(anyhow::Error::from));
+            match applied {
+                Ok(()) => tracing::info!("configuration reloaded: the new limits apply now"),
+                Err(e) => tracing::error!(
+                    error = format!("{e:#}"),
+                    "configuration not reloaded; the running one stays"
+                ),
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = (guard, reload);
 }
 
 /// Ctrl-C or SIGTERM.

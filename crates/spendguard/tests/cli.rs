@@ -1054,3 +1054,121 @@ fn prices_show_the_effective_price_and_its_source() {
     ]);
     assert_eq!(v[0]["source"], "config");
 }
+
+/// A limit in shadow admits what it would refuse, says so in the answer, `GET /v1/limits`
+/// and the metrics (once per would-be denial); after the configuration is changed to enforce
+/// it and reloaded (SIGHUP), the next reservation is refused.
+#[test]
+fn a_shadow_limit_switched_to_enforce_by_a_reload_denies_the_next_reservation() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = |shadow: &str| {
+        format!(
+            "[tenant]\nmax_share_of_global = \"unlimited\"\n\
+             [tiers.free]\nusd_per_day = \"1\"\nmax_concurrent = \"unlimited\"\n{shadow}"
+        )
+    };
+    let path = dir.path().join("spendguard.toml");
+    std::fs::write(&path, config("shadow = [\"usd_per_day\"]\n")).unwrap();
+    let (child, addr) = serve_in(dir.path());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = reqwest::Client::new();
+        let reserve = || async {
+            let r = c
+                .post(format!("http://{addr}/v1/reservations"))
+                .bearer_auth(ADMIN)
+                .json(&serde_json::json!({
+                    "tenant_id": "acme", "user_id": "u", "model": "gpt-4o-mini",
+                    "input_tokens": 10, "max_output_tokens": 10, "estimated_cost_usd": "0.6",
+                }))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        };
+        let user_day = |limits: &serde_json::Value| {
+            limits
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|l| l["scope"] == "user" && l["window"] == "day" && l["unit"] == "usd")
+                .cloned()
+                .unwrap()
+        };
+        let (status, first) = reserve().await;
+        assert_eq!(status, 201, "{first}");
+        assert!(first["would_deny"].is_null(), "{first}");
+        assert_eq!(user_day(&first["limits"])["shadow"], true);
+        let (status, second) = reserve().await;
+        assert_eq!(status, 201, "a limit in shadow admits: {second}");
+        assert_eq!(second["would_deny"]["code"], "budget_exceeded", "{second}");
+        assert_eq!(second["would_deny"]["limits"][0]["scope"], "user");
+        assert_eq!(second["would_deny"]["limits"][0]["shadow"], true);
+        let metrics = c
+            .get(format!("http://{addr}/metrics"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains("spendguard_would_deny_total{reason=\"budget_exceeded\"} 1\n"),
+            "{metrics}"
+        );
+        // The report command counts it too.
+        let out = Command::new(env!("CARGO_BIN_EXE_spendguard"))
+            .args(["report", "--format", "json"])
+            .current_dir(dir.path())
+            .env_remove("SPENDGUARD_DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["would_deny"]["total"], 1, "{report}");
+        assert_eq!(report["would_deny"]["budget_exceeded"], 1);
+
+        // Enforce it, and reload.
+        std::fs::write(&path, config("")).unwrap();
+        let kill = Command::new("kill")
+            .args(["-HUP", &child.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let limits_url = format!("http://{addr}/v1/limits?tenant_id=acme&user_id=u");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let limits: serde_json::Value = c
+                .get(&limits_url)
+                .bearer_auth(ADMIN)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if user_day(&limits["limits"])["shadow"] == false {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reload did not apply: {limits}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let (status, third) = reserve().await;
+        assert_eq!(status, 429, "{third}");
+        assert_eq!(third["error"]["code"], "budget_exceeded");
+        assert_eq!(third["error"]["limits"][0]["scope"], "user");
+        assert_eq!(third["error"]["limits"][0]["shadow"], false);
+    });
+}

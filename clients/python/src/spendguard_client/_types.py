@@ -52,7 +52,7 @@ PricingName = Literal[
 ]
 RequestStatusName = Literal["success", "error", "cancelled", "expired", "truncated"]
 SettledName = Literal["released", "expired", "committed"]
-AlertKindName = Literal["threshold", "projected", "dead_letter"]
+AlertKindName = Literal["threshold", "projected", "dead_letter", "soft_threshold"]
 
 
 class ReserveBody(TypedDict):
@@ -98,6 +98,7 @@ class LimitOut(TypedDict):
     window: WindowName
     unit: UnitName
     resets_at: Optional[str]
+    shadow: bool
     limit: NotRequired[Optional[float]]
     used: NotRequired[Optional[float]]
     reserved: NotRequired[Optional[float]]
@@ -112,6 +113,7 @@ class ReservedOut(TypedDict):
     tier: str
     replayed: bool
     limits: List[LimitOut]
+    would_deny: Optional["ErrorDetail"]
 
 
 class CommitBody(TypedDict):
@@ -204,6 +206,7 @@ class CheckOut(TypedDict):
     allowed: bool
     limits: List[LimitOut]
     denial: Optional[ErrorDetail]
+    would_deny: Optional[ErrorDetail]
 
 
 class LimitsAnswer(TypedDict):
@@ -246,6 +249,7 @@ AlertOut = TypedDict(
         "window": WindowName,
         "window_start": str,
         "threshold_percent": int,
+        "budget": str,
         "amount_usd": UsdOut,
         "limit_usd": UsdOut,
         "created_at": str,

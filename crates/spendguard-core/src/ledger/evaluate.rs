@@ -12,7 +12,7 @@ use super::types::*;
 use super::{Ledger, UserRef};
 use crate::ids::{CompanyId, ModelName, TenantId, TierName, UserId};
 use crate::money::Money;
-use crate::policy::{Budget, Policy};
+use crate::policy::{Budget, Policy, ShadowMask};
 use crate::prices::Tokens;
 use crate::window::{Micros, Periods, Window};
 
@@ -25,6 +25,8 @@ pub(super) struct Caps {
     pub(super) requests_per_day: Option<u64>,
     pub(super) tokens_per_day: Option<u64>,
     pub(super) max_concurrent: Option<u32>,
+    /// The limits in shadow: observed, never refusing.
+    pub(super) shadow: ShadowMask,
 }
 
 /// The effective limits of one user.
@@ -74,6 +76,8 @@ pub(super) struct Limit {
     /// Index of the scope: 0 global, 1 tenant, 2 company, 3 user.
     pub(super) scope: usize,
     pub(super) ok: bool,
+    /// In shadow: `ok` is reported, never enforced.
+    pub(super) shadow: bool,
     window: Window,
     unit: Unit,
     limit: Amount,
@@ -94,7 +98,18 @@ impl Limit {
             reserved: self.reserved,
             remaining: self.remaining,
             resets_at: self.resets_at,
+            shadow: self.shadow,
         }
+    }
+
+    /// Whether this limit refuses the request (an enforced limit that does not fit).
+    pub(super) fn refuses(&self) -> bool {
+        !self.ok && !self.shadow
+    }
+
+    /// Whether this limit would refuse the request were it enforced.
+    pub(super) fn would_refuse(&self) -> bool {
+        !self.ok && self.shadow
     }
 }
 
@@ -109,13 +124,14 @@ pub(super) fn each_limit(ask: &Ask<'_>, mut f: impl FnMut(Limit)) {
         }
         let [day_spent, day_reserved, month_spent, month_reserved] = seen.money[i];
         let budget = ask.caps.budgets[i];
-        for (cap, spent, reserved, window, end) in [
+        for (cap, spent, reserved, window, end, monthly) in [
             (
                 budget.daily,
                 day_spent,
                 day_reserved,
                 Window::Day,
                 periods.day.end,
+                false,
             ),
             (
                 budget.monthly,
@@ -123,11 +139,13 @@ pub(super) fn each_limit(ask: &Ask<'_>, mut f: impl FnMut(Limit)) {
                 month_reserved,
                 Window::Month,
                 periods.month.end,
+                true,
             ),
         ] {
             let Some(cap) = cap else { continue };
             let ok = fits_money(spent, reserved, ask.estimate, cap);
-            let reserved = if ask.after && ok {
+            let shadow = ask.caps.shadow.contains(ShadowMask::budget(i, monthly));
+            let reserved = if ask.after && (ok || shadow) {
                 reserved.saturating_add(ask.estimate)
             } else {
                 reserved
@@ -135,6 +153,7 @@ pub(super) fn each_limit(ask: &Ask<'_>, mut f: impl FnMut(Limit)) {
             f(Limit {
                 scope: i,
                 ok,
+                shadow,
                 window,
                 unit: Unit::Usd,
                 limit: Amount::Usd(cap),
@@ -158,6 +177,7 @@ pub(super) fn each_limit(ask: &Ask<'_>, mut f: impl FnMut(Limit)) {
                 requests_reserved,
                 ask.requests,
                 Unit::Requests,
+                ShadowMask::REQUESTS_PER_DAY,
             ),
             (
                 ask.caps.tokens_per_day,
@@ -165,12 +185,14 @@ pub(super) fn each_limit(ask: &Ask<'_>, mut f: impl FnMut(Limit)) {
                 tokens_reserved,
                 ask.tokens,
                 Unit::Tokens,
+                ShadowMask::TOKENS_PER_DAY,
             ),
         ];
-        for (cap, used, reserved, add, unit) in counts {
+        for (cap, used, reserved, add, unit, bit) in counts {
             let Some(cap) = cap else { continue };
             let ok = fits_count(used, reserved, add, cap);
-            let reserved = if ask.after && ok {
+            let shadow = ask.caps.shadow.contains(bit);
+            let reserved = if ask.after && (ok || shadow) {
                 reserved.saturating_add(add)
             } else {
                 reserved
@@ -178,6 +200,7 @@ pub(super) fn each_limit(ask: &Ask<'_>, mut f: impl FnMut(Limit)) {
             f(Limit {
                 scope: i,
                 ok,
+                shadow,
                 window: Window::Day,
                 unit,
                 limit: Amount::Count(cap),
@@ -191,14 +214,16 @@ pub(super) fn each_limit(ask: &Ask<'_>, mut f: impl FnMut(Limit)) {
             let add = ask.requests as u32;
             let in_flight = seen.user_in_flight;
             let ok = in_flight.saturating_add(add) <= cap;
-            let level = if ask.after && ok {
-                in_flight + add
+            let shadow = ask.caps.shadow.contains(ShadowMask::MAX_CONCURRENT);
+            let level = if ask.after && (ok || shadow) {
+                in_flight.saturating_add(add)
             } else {
                 in_flight
             };
             f(Limit {
                 scope: i,
                 ok,
+                shadow,
                 window: Window::None,
                 unit: Unit::Concurrent,
                 limit: Amount::Count(cap as u64),
@@ -211,8 +236,11 @@ pub(super) fn each_limit(ask: &Ask<'_>, mut f: impl FnMut(Limit)) {
         if let Some(rpm) = ask.caps.rpm {
             let g = Gcra::new(rpm);
             let (ok, tat_after) = g.try_admit(seen.user_tat, ask.now, ask.requests);
+            let shadow = ask.caps.shadow.contains(ShadowMask::REQUESTS_PER_MINUTE);
             let tat = if ask.after && ok {
                 tat_after
+            } else if ask.after && shadow {
+                g.counted(seen.user_tat, ask.now, ask.requests)
             } else {
                 seen.user_tat
             };
@@ -220,6 +248,7 @@ pub(super) fn each_limit(ask: &Ask<'_>, mut f: impl FnMut(Limit)) {
             f(Limit {
                 scope: i,
                 ok,
+                shadow,
                 window: Window::Minute,
                 unit: Unit::Requests,
                 limit: Amount::Count(rpm as u64),
@@ -236,11 +265,15 @@ pub(super) fn each_limit(ask: &Ask<'_>, mut f: impl FnMut(Limit)) {
     }
 }
 
-/// Whether every limit of `ask` fits.
-pub(super) fn fits(ask: &Ask<'_>) -> bool {
+/// Whether every enforced limit of `ask` fits, and whether one in shadow does not.
+pub(super) fn fits(ask: &Ask<'_>) -> (bool, bool) {
     let mut ok = true;
-    each_limit(ask, |l| ok &= l.ok);
-    ok
+    let mut would_refuse = false;
+    each_limit(ask, |l| {
+        ok &= !l.refuses();
+        would_refuse |= l.would_refuse();
+    });
+    (ok, would_refuse)
 }
 
 /// What the statuses of a request are made of, copied from its scopes under their locks:
@@ -311,12 +344,21 @@ impl LimitView {
         all
     }
 
-    /// The statuses of the limits that do not fit.
+    /// The statuses of the enforced limits that do not fit.
     pub(super) fn failing(&self) -> Vec<LimitStatus> {
+        self.failing_where(Limit::refuses)
+    }
+
+    /// The statuses of the limits in shadow that do not fit.
+    pub(super) fn failing_in_shadow(&self) -> Vec<LimitStatus> {
+        self.failing_where(Limit::would_refuse)
+    }
+
+    fn failing_where(&self, pick: impl Fn(&Limit) -> bool) -> Vec<LimitStatus> {
         let keys = self.keys();
         let mut failing = Vec::new();
         each_limit(&self.ask(), |l| {
-            if !l.ok {
+            if pick(&l) {
                 failing.push(l.status(keys[l.scope].clone().expect("a walked scope exists")));
             }
         });
@@ -382,6 +424,7 @@ impl Ledger {
                 requests_per_day: tier.limits.requests_per_day,
                 tokens_per_day: tier.limits.tokens_per_day,
                 max_concurrent: tier.limits.max_concurrent,
+                shadow: policy.shadow.union(tier.shadow).union(rules.shadow),
             },
             max_output_tokens: tier.limits.max_output_tokens,
             model_allowed: true,
@@ -442,27 +485,38 @@ impl Ledger {
         }
     }
 
-    /// Admission rules that do not depend on counters.
+    /// Admission rules that do not depend on counters: `Err` is a refusal, `Ok(Some)` a
+    /// refusal of a rule in shadow (admitted, a would-be denial).
     pub(super) fn static_denial(
         eff: &Effective,
         subject: &Subject,
         max_output: u64,
-    ) -> Option<Denial> {
+    ) -> Result<Option<Denial>, Denial> {
+        let shadow = eff.caps.shadow;
+        let mut would = None;
         if !eff.model_allowed {
-            return Some(Denial::ModelNotAllowed {
+            let d = Denial::ModelNotAllowed {
                 model: subject.model.clone(),
                 tier: eff.tier.clone(),
-            });
+            };
+            if !shadow.contains(ShadowMask::ALLOWED_MODELS) {
+                return Err(d);
+            }
+            would = Some(d);
         }
         if let Some(max) = eff.max_output_tokens
             && max_output > max
         {
-            return Some(Denial::OutputTokensTooHigh {
+            let d = Denial::OutputTokensTooHigh {
                 requested: max_output,
                 max,
-            });
+            };
+            if !shadow.contains(ShadowMask::MAX_OUTPUT_TOKENS) {
+                return Err(d);
+            }
+            would = would.or(Some(d));
         }
-        None
+        Ok(would)
     }
 
     /// The worst-case cost and tokens of a reservation request.
@@ -503,9 +557,12 @@ impl Ledger {
         let policy = self.policy();
         let eff = self.effective(&policy, &req.subject)?;
         let periods = policy.calendar.periods(now);
-        let (estimate, tokens, denial) = match self.estimate(&policy, &eff, req)? {
-            Ok((c, t, max_output)) => (c, t, Self::static_denial(&eff, &req.subject, max_output)),
-            Err(d) => (Money::ZERO, req.input_tokens, Some(d)),
+        let (estimate, tokens, denial, would) = match self.estimate(&policy, &eff, req)? {
+            Ok((c, t, max_output)) => match Self::static_denial(&eff, &req.subject, max_output) {
+                Ok(would) => (c, t, None, would),
+                Err(d) => (c, t, Some(d), None),
+            },
+            Err(d) => (Money::ZERO, req.input_tokens, Some(d), None),
         };
         let (locked, scopes) = self.lock_scopes(req.subject.scope_refs());
         let seen = scopes.seen(&locked, &periods);
@@ -528,9 +585,17 @@ impl Ledger {
         let denial = denial
             .or((!failing.is_empty()).then_some(Denial::Limits(failing)))
             .or_else(|| too_many_subjects(&eff, &req.subject, tracked, missing, &periods));
+        let would_deny = match denial {
+            Some(_) => None,
+            None => would.or_else(|| {
+                let failing = view.failing_in_shadow();
+                (!failing.is_empty()).then_some(Denial::Limits(failing))
+            }),
+        };
         Ok(CheckOutcome {
             limits: view.statuses(),
             denial,
+            would_deny,
         })
     }
 

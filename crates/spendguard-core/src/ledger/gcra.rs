@@ -37,6 +37,17 @@ impl Gcra {
         (ok, new_tat)
     }
 
+    /// The arrival time after counting `n` requests a limit in shadow admitted beyond the
+    /// rate: counted, but never more than a full burst ahead of `now`, so that enforcing
+    /// the limit later refuses for at most one interval past a burst.
+    pub(super) fn counted(&self, tat: Micros, now: Micros, n: u64) -> Micros {
+        let (_, new_tat) = self.try_admit(tat, now, n);
+        new_tat.min(
+            now.saturating_add(self.tolerance)
+                .saturating_add(self.interval),
+        )
+    }
+
     /// Requests counted against the burst at `now`.
     pub(super) fn used(&self, tat: Micros, now: Micros) -> u64 {
         let ahead = tat.saturating_sub(now).max(0);

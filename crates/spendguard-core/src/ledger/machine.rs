@@ -68,6 +68,7 @@ impl Ledger {
                     reservation,
                     limits: limits.into(),
                     replayed: true,
+                    would_deny: None,
                 },
                 event: None,
             }));
@@ -78,15 +79,20 @@ impl Ledger {
                 return Ok(Err(CheckOutcome {
                     limits: Vec::new(),
                     denial: Some(d),
+                    would_deny: None,
                 }));
             }
         };
-        if let Some(d) = Self::static_denial(&eff, &req.subject, max_output) {
-            return Ok(Err(CheckOutcome {
-                limits: Vec::new(),
-                denial: Some(d),
-            }));
-        }
+        let static_would_deny = match Self::static_denial(&eff, &req.subject, max_output) {
+            Ok(would) => would,
+            Err(d) => {
+                return Ok(Err(CheckOutcome {
+                    limits: Vec::new(),
+                    denial: Some(d),
+                    would_deny: None,
+                }));
+            }
+        };
         if estimate > policy.large_reservation && ttl > policy.large_reservation_max_ttl_us {
             return Err(LedgerError::LargeReservationTtl {
                 threshold: policy.large_reservation,
@@ -107,7 +113,7 @@ impl Ledger {
             now,
             after: true,
         };
-        let admitted = fits(&ask);
+        let (admitted, shadow_refuses) = fits(&ask);
         let missing =
             std::array::from_fn(|i| scopes.refs[i].is_some() && scopes.slots[i].is_none());
         let too_many = if admitted {
@@ -120,17 +126,26 @@ impl Ledger {
             return Ok(Err(CheckOutcome {
                 limits: view.statuses(),
                 denial: Some(Denial::Limits(view.failing())),
+                would_deny: None,
             }));
         }
         if let Some(d) = too_many {
             return Ok(Err(CheckOutcome {
                 limits: view.statuses(),
                 denial: Some(d),
+                would_deny: None,
             }));
         }
         if rs.contains(&req.id) {
             return Err(LedgerError::DuplicateId(req.id));
         }
+        // Only a request that a limit in shadow would have refused pays for building the
+        // would-be denial; without one, admitting allocates nothing more.
+        let would_deny = if shadow_refuses {
+            static_would_deny.or_else(|| Some(Denial::Limits(view.failing_in_shadow())))
+        } else {
+            static_would_deny
+        };
         let rate = eff.caps.rpm.map(|rpm| (Gcra::new(rpm), now));
         let reservation = Reservation {
             id: req.id,
@@ -144,6 +159,7 @@ impl Ledger {
             month_start: periods.month.start,
             idempotency_key: req.idempotency_key.clone(),
             fingerprint: fp,
+            would_deny: would_deny.as_ref().map(|d| d.code().to_owned()),
         };
         self.admit(&mut locked, &mut scopes, &mut rs, reservation.clone(), rate);
         drop(locked);
@@ -159,6 +175,7 @@ impl Ledger {
                 reservation: reservation.clone(),
                 limits: Limits::lazy(view),
                 replayed: false,
+                would_deny,
             },
             event: Some(Event::Reserved(reservation)),
         }))
@@ -186,7 +203,9 @@ impl Ledger {
             if i == 3
                 && let Some((g, now)) = rate
             {
-                state.tat = g.try_admit(state.tat, now, 1).1;
+                // Counted even past the rate when the rate is in shadow (capped at a
+                // full burst); the same arrival time as `try_admit` when it fits.
+                state.tat = g.counted(state.tat, now, 1);
             }
         }
         rs.insert_open(Open { res, slots });

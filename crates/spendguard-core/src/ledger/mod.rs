@@ -372,6 +372,37 @@ impl Ledger {
         }
     }
 
+    /// The soft caps of a scope (configuration only; they never refuse, they raise alerts):
+    /// a user's are those of `tier`, else of its stored tier, else of the default tier.
+    pub fn soft_budget_for(&self, scope: &ScopeKey, tier: Option<&TierName>) -> Budget {
+        let policy = self.policy();
+        match scope {
+            ScopeKey::Global => policy.soft_global,
+            ScopeKey::Tenant(t) => match policy.tenants.get(t) {
+                Some(rules) => rules.soft,
+                None => policy.soft_tenant,
+            },
+            ScopeKey::Company(..) => policy.soft_company,
+            ScopeKey::User(tenant, user) => {
+                let stored = match tier {
+                    Some(_) => None,
+                    None => {
+                        let o = self.overrides.read().unwrap_or_else(|e| e.into_inner());
+                        o.users
+                            .get(&UserRef(tenant.as_str(), user.as_str()))
+                            .and_then(|(u, _)| u.tier.clone())
+                    }
+                };
+                let name = tier.or(stored.as_ref()).unwrap_or(&policy.default_tier);
+                policy
+                    .tier(name)
+                    .or_else(|| policy.tier(&policy.default_tier))
+                    .map(|t| t.soft)
+                    .unwrap_or_default()
+            }
+        }
+    }
+
     /// The effective daily and monthly caps of a scope (configuration plus overrides). For a
     /// user, the tier's caps of `tier` (or the configured default tier).
     pub fn budget_of(&self, scope: &ScopeKey) -> Budget {

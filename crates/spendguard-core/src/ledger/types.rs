@@ -339,6 +339,10 @@ pub struct Reservation {
     pub month_start: Micros,
     pub idempotency_key: Option<IdempotencyKey>,
     pub fingerprint: u64,
+    /// When a limit in shadow would have refused it: the reason ([`Denial::code`]). Kept
+    /// with the reservation's event, so would-be denials are counted where it is stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub would_deny: Option<String>,
 }
 
 /// One immutable usage record: the `ai_usage` row.
@@ -549,6 +553,8 @@ pub struct LimitStatus {
     /// When the window ends (calendar windows) or the rate allows another request
     /// (requests per minute). `None` for levels such as concurrency.
     pub resets_at: Option<Micros>,
+    /// True when the limit is in shadow: counted like the others, never refusing.
+    pub shadow: bool,
 }
 
 /// Why a reservation was refused.
@@ -588,6 +594,19 @@ impl Denial {
             _ => false,
         }
     }
+
+    /// The error code of the refusal (`budget_exceeded`, `rate_limited`, ...): one per
+    /// denial, also the reason a would-be denial is counted under.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Denial::Limits(_) if self.is_budget() => "budget_exceeded",
+            Denial::Limits(_) => "rate_limited",
+            Denial::ModelNotAllowed { .. } => "model_not_allowed",
+            Denial::UnknownModel { .. } => "unknown_model",
+            Denial::OutputTokensTooHigh { .. } => "max_output_tokens_exceeded",
+            Denial::TooManySubjects { .. } => "too_many_subjects",
+        }
+    }
 }
 
 /// An admitted reservation.
@@ -598,6 +617,9 @@ pub struct Reserved {
     pub limits: Limits,
     /// True when this answers a retry with the same idempotency key.
     pub replayed: bool,
+    /// What limits in shadow would have refused (admitted anyway): `None` when none would
+    /// have, and always on a replay.
+    pub would_deny: Option<Denial>,
 }
 
 /// The answer to `check` (and to a refused `reserve`).
@@ -605,6 +627,8 @@ pub struct Reserved {
 pub struct CheckOutcome {
     pub limits: Vec<LimitStatus>,
     pub denial: Option<Denial>,
+    /// What limits in shadow would refuse when `denial` is `None`.
+    pub would_deny: Option<Denial>,
 }
 
 impl CheckOutcome {

@@ -5,5 +5,6 @@ mod concurrency;
 mod ledger;
 mod properties;
 mod restore;
+mod shadow;
 mod support;
 mod tenants;

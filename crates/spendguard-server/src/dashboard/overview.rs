@@ -66,6 +66,19 @@ async fn overview(state: &AppState, viewer: &super::Viewer, p: &ViewParams) -> P
     let alerts = data::alerts(state, view.tenant.clone())
         .await
         .map_err(PageError::store)?;
+    // Would-be denials of limits in shadow over the range: shown only when there are some.
+    let would_deny = crate::reports::WouldDenyOut::from_counts(
+        &state
+            .guard
+            .store()
+            .would_deny_counts(
+                cal.date_start(view.from),
+                cal.date_start(view.to),
+                view.tenant.as_ref(),
+            )
+            .await
+            .map_err(PageError::store)?,
+    );
     let ids: Vec<i64> = alerts.iter().take(ALERTS_ON_PAGE).map(|a| a.id).collect();
     let acks: HashMap<i64, _> = state
         .guard
@@ -114,6 +127,23 @@ async fn overview(state: &AppState, viewer: &super::Viewer, p: &ViewParams) -> P
                 (if alerts.len() == 1 { "alert" } else { "alerts" }) " in the current day and month · store "
                 @if state.guard.stats().health == spendguard_guard::StoreHealth::Ok { "ok" }
                 @else { "unreachable (" (state.guard.stats().spool_depth) " batches spooled)" }
+            }
+        }
+        @if would_deny.total > 0 {
+            section.third #would-deny {
+                h2 { "Would-be denials (shadow)" }
+                div.big #would-deny-count { (would_deny.total) }
+                div.sub {
+                    "admitted although a limit in shadow would have refused them · "
+                    @for (reason, n) in [
+                        ("budget", would_deny.budget_exceeded),
+                        ("rate", would_deny.rate_limited),
+                        ("model", would_deny.model_not_allowed),
+                        ("output tokens", would_deny.max_output_tokens_exceeded),
+                    ] {
+                        @if n > 0 { (reason) " " (n) " " }
+                    }
+                }
             }
         }
         (parts::meters(&meters))

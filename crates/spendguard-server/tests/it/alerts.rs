@@ -523,3 +523,163 @@ async fn postgres_a_dead_letter_raises_one_alert() {
     );
     s.stop().await;
 }
+
+#[tokio::test]
+async fn soft_budgets_raise_alerts_and_never_deny() {
+    // A soft tenant budget of $1 a day and a soft user budget of $0.50 (the tier's), no
+    // hard cost caps below the global ones.
+    let config = format!(
+        "{BASE}soft_usd_per_day = \"0.5\"\n[tenant]\nsoft_usd_per_day = \"1\"\n[alerts]\nthresholds = [50, 100]\n"
+    );
+    let server = spawn(&config).await;
+    // Twelve reservations of $0.25: $3 in all, three times the soft tenant budget; each is
+    // admitted and committed.
+    for i in 0..12 {
+        let (s, v) = server
+            .post(
+                "/v1/reservations",
+                ADMIN,
+                json!({
+                    "tenant_id": "acme", "user_id": "u1", "model": "gpt-4o",
+                    "input_tokens": 10, "estimated_cost_usd": "0.25",
+                }),
+            )
+            .await;
+        assert_eq!(s, 201, "reservation {i}: {v}");
+        assert!(v["would_deny"].is_null(), "{v}");
+        let id = v["reservation_id"].as_str().unwrap().to_owned();
+        let (s, v) = server
+            .post(
+                &format!("/v1/reservations/{id}/commit"),
+                ADMIN,
+                json!({ "input_tokens": 10, "output_tokens": 10, "cost_usd": "0.25" }),
+            )
+            .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let raised = server.state.alerts.evaluate().await.unwrap();
+    let mut soft: Vec<(String, u32)> = raised
+        .iter()
+        .filter(|r| r.alert.kind == spendguard_store::AlertKind::Soft)
+        .map(|r| {
+            (
+                r.alert.scope.kind().as_str().to_owned(),
+                r.alert.threshold_percent,
+            )
+        })
+        .collect();
+    soft.sort();
+    assert_eq!(
+        soft,
+        vec![("tenant".to_owned(), 100), ("user".to_owned(), 100)]
+    );
+    // Listed with their kind, budget name and cents.
+    let (s, v) = server.get("/v1/alerts", ADMIN).await;
+    assert_eq!(s, 200, "{v}");
+    let alerts = v["alerts"].as_array().unwrap();
+    let tenant = alerts
+        .iter()
+        .find(|a| a["kind"] == "soft_threshold" && a["scope"] == "tenant")
+        .unwrap_or_else(|| panic!("a soft tenant alert in {v}"));
+    assert_eq!(tenant["budget"], "tenant acme daily soft budget");
+    assert_eq!(tenant["limit_usd"], 1.0);
+    let message = tenant["message"].as_str().unwrap();
+    assert!(
+        message.contains("$3.00 of its $1.00 daily soft budget"),
+        "{message}"
+    );
+    // Raised once: more spend raises nothing new.
+    spend(&server, "acme", "u1", "1").await;
+    assert!(
+        server
+            .state
+            .alerts
+            .evaluate()
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.alert.kind != spendguard_store::AlertKind::Soft)
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn slack_messages_have_text_and_blocks_and_retries_keep_the_delivery_id() {
+    let hook = receiver(1).await;
+    let signed_hook = receiver(0).await;
+    let config = format!(
+        "{BASE}\n[tenant]\nusd_per_day = \"10\"\n[alerts]\nthresholds = [50]\nslack_webhook_urls = [\"{}\"]\nwebhook_urls = [\"{}\"]\nwebhook_secret = \"s\"\n",
+        hook.url, signed_hook.url
+    );
+    let server = spawn(&config).await;
+    spend(&server, "acme", "u1", "6").await;
+    assert_eq!(server.state.alerts.evaluate().await.unwrap().len(), 1);
+    // The Slack destination fails once and is retried after its backoff; the signed
+    // webhook gets the same alert in its own format.
+    assert_eq!(server.state.alerts.deliver_due().await.unwrap(), 2);
+    server.clock.advance(1_000_000);
+    assert_eq!(server.state.alerts.deliver_due().await.unwrap(), 1);
+    let deliveries = server.state.guard.store().deliveries().await.unwrap();
+    assert!(
+        deliveries
+            .iter()
+            .all(|d| d.state == DeliveryState::Delivered),
+        "{deliveries:?}"
+    );
+    let slack = deliveries.iter().find(|d| d.url == hook.url).unwrap();
+    assert_eq!(slack.attempts, 2);
+    let got = hook.got.lock().unwrap().clone();
+    assert_eq!(got.len(), 2);
+    for (i, (headers, body)) in got.iter().enumerate() {
+        // The same delivery id on every attempt, so a receiver can drop a repeat.
+        assert_eq!(
+            headers["x-spendguard-delivery"],
+            slack.id.to_string().as_str()
+        );
+        assert_eq!(
+            headers["x-spendguard-attempt"],
+            (i + 1).to_string().as_str()
+        );
+        assert_eq!(headers["content-type"], "application/json");
+        assert!(!headers.contains_key("x-spendguard-signature"));
+        let v: Value = serde_json::from_slice(body).unwrap();
+        let text = v["text"].as_str().unwrap();
+        assert_eq!(
+            text,
+            "tenant acme has spent $6.00 of its $10.00 daily budget (50% threshold)"
+        );
+        let blocks = v["blocks"].as_array().unwrap();
+        let types: Vec<&str> = blocks.iter().map(|b| b["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["header", "section", "context"]);
+        assert_eq!(blocks[0]["text"]["type"], "plain_text");
+        assert_eq!(
+            blocks[0]["text"]["text"],
+            "spendguard: tenant acme daily budget at 50%"
+        );
+        assert_eq!(blocks[1]["text"]["type"], "mrkdwn");
+        assert_eq!(blocks[1]["text"]["text"], text);
+        let fields: Vec<&str> = blocks[1]["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "*Budget*\ntenant acme daily budget",
+                "*Kind*\nthreshold",
+                "*Spend*\n$6.00",
+                "*Limit*\n$10.00"
+            ]
+        );
+        assert_eq!(blocks[2]["elements"][0]["type"], "mrkdwn");
+        // Nothing but `text` and `blocks`: what an incoming webhook takes.
+        assert_eq!(v.as_object().unwrap().len(), 2);
+    }
+    let signed_got = signed_hook.got.lock().unwrap().clone();
+    assert_eq!(signed_got.len(), 1);
+    let v = verify("s", &signed_got[0].0, &signed_got[0].1);
+    assert_eq!(v["budget"], "tenant acme daily budget");
+    server.stop().await;
+}

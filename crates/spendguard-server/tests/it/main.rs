@@ -16,5 +16,6 @@ mod limits;
 mod postgres_sql;
 mod prices;
 mod security;
+mod shadow;
 mod support;
 mod tenants;

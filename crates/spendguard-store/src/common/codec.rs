@@ -132,6 +132,8 @@ impl ReservationCols<'_> {
             )?,
             // The fingerprint is stored as the i64 with the same bits.
             fingerprint: self.fingerprint as u64,
+            // Counted in `would_deny` when it was stored; not needed to settle it.
+            would_deny: None,
         })
     }
 }

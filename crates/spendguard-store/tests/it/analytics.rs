@@ -1219,3 +1219,56 @@ pub async fn deliveries_move_through_their_states(db: &Db) {
         Err(StoreError::Invalid(_))
     ));
 }
+
+/// Reservations admitted that a limit in shadow would have refused are counted by reason,
+/// once each however often their events are applied, within the days and tenant asked.
+pub async fn would_deny_is_counted_once_per_reservation(db: &Db) {
+    let store = db.store().await;
+    let mut events = Vec::new();
+    for (n, reason, tenant_id) in [
+        (1, Some("budget_exceeded"), "acme"),
+        (2, Some("budget_exceeded"), "acme"),
+        (3, Some("rate_limited"), "acme"),
+        (4, Some("budget_exceeded"), "globex"),
+        (5, None, "acme"),
+    ] {
+        let mut r = reservation(n);
+        r.would_deny = reason.map(str::to_owned);
+        r.subject.tenant = tenant(tenant_id);
+        events.push(spendguard_core::Event::Reserved(r));
+    }
+    store.apply(&events).await.unwrap();
+    // Again, and one by one: nothing more is counted.
+    store.apply(&events).await.unwrap();
+    for e in &events {
+        store.apply(std::slice::from_ref(e)).await.unwrap();
+    }
+    let day = JAN + 9 * DAY;
+    let all = store.would_deny_counts(JAN, day, None).await.unwrap();
+    assert_eq!(
+        all,
+        vec![
+            ("budget_exceeded".to_owned(), 3),
+            ("rate_limited".to_owned(), 1)
+        ]
+    );
+    let acme = store
+        .would_deny_counts(day, day, Some(&tenant("acme")))
+        .await
+        .unwrap();
+    assert_eq!(
+        acme,
+        vec![
+            ("budget_exceeded".to_owned(), 2),
+            ("rate_limited".to_owned(), 1)
+        ]
+    );
+    // Days before the reservations: none.
+    assert!(
+        store
+            .would_deny_counts(JAN, day - DAY, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

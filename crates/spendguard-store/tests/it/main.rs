@@ -41,6 +41,7 @@ macro_rules! conformance {
             analytics::alerts_are_inserted_exactly_once,
             analytics::alerts_list_newest_first_with_filters,
             analytics::deliveries_move_through_their_states,
+            analytics::would_deny_is_counted_once_per_reservation,
             browse::dashboard_reads_match_the_records,
             browse::audit_log_and_acknowledgements_round_trip,
         );

@@ -99,7 +99,7 @@ impl Drop for Db {
 
 /// The versions of every migration this build knows.
 pub fn all_versions() -> Vec<i64> {
-    (1..=10).collect()
+    (1..=11).collect()
 }
 
 /// Runs statements straight on the database (outside any store), e.g. to take a schema
@@ -246,6 +246,7 @@ pub fn reservation(n: u128) -> Reservation {
         month_start: JAN,
         idempotency_key: Some(key(&format!("res-{n}"))),
         fingerprint: 0xdead_beef_0000_0000 | n as u64,
+        would_deny: None,
     }
 }
 
