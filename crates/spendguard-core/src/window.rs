@@ -25,6 +25,10 @@ pub enum Window {
     Day,
     /// The calendar month.
     Month,
+    /// Seven days of report counters: the days whose start falls in one seven-day bucket
+    /// aligned to the Unix epoch (see [`week_bucket`]). The store keeps them for users so
+    /// that reports over many days read fewer rows; no limit counts in this window.
+    Week,
     /// No window: a level that goes up and down (concurrent requests, one request's size).
     None,
 }
@@ -35,9 +39,20 @@ impl Window {
             Window::Minute => "minute",
             Window::Day => "day",
             Window::Month => "month",
+            Window::Week => "week",
             Window::None => "none",
         }
     }
+}
+
+/// The length of a [`Window::Week`] bucket: seven days of 24 hours.
+pub const WEEK_MICROS: Micros = 7 * 86_400_000_000;
+
+/// The bucket of [`Window::Week`] that the day starting at `day_start` belongs to: the
+/// multiple of [`WEEK_MICROS`] at or before it. A bucket holds the days whose start falls in
+/// `[bucket, bucket + WEEK_MICROS)`, whatever the time zone, so every day is in exactly one.
+pub fn week_bucket(day_start: Micros) -> Micros {
+    day_start - day_start.rem_euclid(WEEK_MICROS)
 }
 
 /// `[start, end)` of one calendar period, in microseconds.
@@ -191,7 +206,7 @@ impl Calendar {
         match window {
             Window::Day => Some(p.day),
             Window::Month => Some(p.month),
-            Window::Minute | Window::None => None,
+            Window::Minute | Window::Week | Window::None => None,
         }
     }
 

@@ -3,6 +3,7 @@
 //!
 //! ```sh
 //! cargo bench -p spendguard-guard --bench guard -- [--history ROWS] [--users N] [--startup-only] [--keep DIR]
+//! cargo bench -p spendguard-guard --bench guard -- --startup-only --url postgres://USER@HOST/DB
 //! ```
 //!
 //! 1. Seeds a database with `--history` usage rows (default 10,000,000) spread over the
@@ -10,7 +11,8 @@
 //!    acknowledgements) with 64 concurrent clients, and the in-memory decision alone,
 //!    against the same measurements on an empty database. Prints medians and p99.
 //! 2. Seeds `--users` (default 1,000,000) users' counters in the current windows and times
-//!    `Guard::start` (restore).
+//!    `Guard::start` (restore). With `--url`, on PostgreSQL: in a fresh schema of that
+//!    database, dropped afterwards.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -199,6 +201,44 @@ async fn measure(label: &str, store: AnyStore, dir: &std::path::Path) {
     g.shutdown().await;
 }
 
+/// A PostgreSQL schema made for the start-up bench, and the connection that drops it.
+struct PgSchema {
+    admin: tokio_postgres::Client,
+    name: String,
+    config: tokio_postgres::Config,
+}
+
+async fn pg_schema(url: &str) -> PgSchema {
+    let base: tokio_postgres::Config = url.parse().expect("a PostgreSQL URL");
+    let name = format!("sg_startup_bench_{}", std::process::id());
+    let (admin, conn) = base.connect(tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    admin
+        .batch_execute(&format!("CREATE SCHEMA {name}"))
+        .await
+        .unwrap();
+    let mut config = base;
+    config.options(format!("-csearch_path={name}"));
+    PgSchema {
+        admin,
+        name,
+        config,
+    }
+}
+
+async fn open_startup_store(path: &std::path::Path, pg: Option<&PgSchema>) -> AnyStore {
+    match pg {
+        Some(pg) => AnyStore::Postgres(
+            spendguard_store::PostgresStore::connect(pg.config.clone(), &OpenOptions::default())
+                .await
+                .unwrap(),
+        ),
+        None => AnyStore::open(path.to_str().unwrap(), &OpenOptions::default())
+            .await
+            .unwrap(),
+    }
+}
+
 async fn startup(users: u64) {
     let dir = tempfile::tempdir().unwrap();
     // `--keep DIR`: build the database there and leave it (to look at it afterwards, or to
@@ -207,11 +247,13 @@ async fn startup(users: u64) {
         Some(keep) => std::path::PathBuf::from(keep).join("startup.db"),
         None => dir.path().join("startup.db"),
     };
+    let pg = match std::env::args().skip_while(|a| a != "--url").nth(1) {
+        Some(url) => Some(pg_schema(&url).await),
+        None => None,
+    };
     // A kept database is seeded once and reused.
-    let seeded = path.exists();
-    let store = AnyStore::open(path.to_str().unwrap(), &OpenOptions::default())
-        .await
-        .unwrap();
+    let seeded = pg.is_none() && path.exists();
+    let store = open_startup_store(&path, pg.as_ref()).await;
     let now = SystemClock.now_micros();
     let cal = Calendar::utc();
     let mut batch = Vec::with_capacity(10_000);
@@ -225,10 +267,10 @@ async fn startup(users: u64) {
         }
     }
     store.apply(&batch).await.unwrap();
-    drop(store);
-    let store = AnyStore::open(path.to_str().unwrap(), &OpenOptions::default())
-        .await
-        .unwrap();
+    // Everything projected before timing (the journal's projection runs behind appends).
+    store.catch_up().await.unwrap();
+    store.close().await;
+    let store = open_startup_store(&path, pg.as_ref()).await;
     // Where start-up goes: reading the snapshot, then restoring it into a ledger.
     let periods = cal.periods(now);
     let t = Instant::now();
@@ -264,6 +306,12 @@ async fn startup(users: u64) {
         g.ledger().scope_count()
     );
     g.shutdown().await;
+    if let Some(pg) = pg {
+        pg.admin
+            .batch_execute(&format!("DROP SCHEMA {} CASCADE", pg.name))
+            .await
+            .unwrap();
+    }
 }
 
 trait NowMicros {

@@ -483,6 +483,8 @@ fn denial_error(denial: &Denial, now: Micros, view: View) -> ApiError {
                     Window::Minute => 60,
                     Window::Day => 86_400,
                     Window::Month => 2_592_000,
+                    // No limit counts in a week; kept for exhaustiveness.
+                    Window::Week => 604_800,
                     Window::None => 1,
                 };
                 if let Ok(v) = HeaderValue::from_str(&format!(

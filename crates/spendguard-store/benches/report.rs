@@ -8,7 +8,8 @@
 //!
 //! The records are inserted by bulk SQL straight into `ai_usage` (going through `apply`
 //! would take hours); `rollups` is then filled from them by one set-based statement (the
-//! sums a recount makes), and `usage_rollups` built by the same statements as the
+//! sums a recount makes) with the users' week rows summed from their days as migration 12
+//! does, and `usage_rollups` built by the same statements as the
 //! migration that made it.
 //!
 //! ```text
@@ -21,7 +22,10 @@
 use std::time::{Duration, Instant};
 
 use spendguard_core::{TenantId, UserId};
-use spendguard_store::{AnyStore, GroupBy, OpenOptions, PostgresStore, ReportQuery, SqliteStore};
+use spendguard_store::{
+    AnyStore, GroupBy, OpenOptions, POSTGRES_FILL_WEEKS, PostgresStore, ReportQuery,
+    SQLITE_FILL_WEEKS, SqliteStore,
+};
 use tokio_postgres::NoTls;
 
 #[path = "common/seed.rs"]
@@ -100,6 +104,7 @@ async fn build(args: &Args) -> (AnyStore, Place) {
                 .batch_execute(&fill_rollups_sql("(cost_usd * 1000000)::int8"))
                 .await
                 .unwrap();
+            client.batch_execute(POSTGRES_FILL_WEEKS).await.unwrap();
             eprintln!("filled rollups in {:.1?}", fill.elapsed());
             (AnyStore::Postgres(store), Place::Postgres(admin, schema))
         }
@@ -129,6 +134,7 @@ async fn build(args: &Args) -> (AnyStore, Place) {
             let fill = Instant::now();
             conn.execute_batch(&fill_rollups_sql("cost_micros"))
                 .unwrap();
+            conn.execute_batch(SQLITE_FILL_WEEKS).unwrap();
             eprintln!("filled rollups in {:.1?}", fill.elapsed());
             (AnyStore::Sqlite(store), Place::Sqlite(dir))
         }

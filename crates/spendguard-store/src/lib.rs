@@ -45,6 +45,11 @@ mod common;
 mod error;
 mod journal;
 mod migrations;
+
+/// The SQL that fills the users' week rows of a `rollups` table holding none, for tools and
+/// benchmarks that fill `rollups` in bulk (the store keeps them itself).
+#[doc(hidden)]
+pub use migrations::{POSTGRES_FILL_WEEKS, SQLITE_FILL_WEEKS};
 mod postgres;
 mod postgres_analytics;
 mod postgres_browse;

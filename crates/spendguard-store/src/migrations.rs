@@ -702,7 +702,117 @@ CREATE TABLE would_deny (
 CREATE INDEX would_deny_day ON would_deny (day_start, tenant_id);
 "#,
     ),
+    (12, SQLITE_WEEKS),
 ];
+
+/// The users' week rows summed from their day rows (saturating like the rollups), into a
+/// `rollups` without week rows: migration 12, and benchmarks that fill `rollups` in bulk.
+macro_rules! sqlite_fill_weeks {
+    () => {
+        concat!(
+            "INSERT INTO rollups (scope_kind, tenant_id, scope_id, \"window\", window_start, \
+             spent_micros, requests, tokens, input_tokens, cached_input_tokens, output_tokens) \
+             SELECT 'user', tenant_id, scope_id, 'week', week, ",
+            sqlite_combine!("s"),
+            ", ",
+            sqlite_combine!("r"),
+            ", ",
+            sqlite_combine!("t"),
+            ", ",
+            sqlite_combine!("i"),
+            ", ",
+            sqlite_combine!("c"),
+            ", ",
+            sqlite_combine!("o"),
+            " FROM (SELECT tenant_id, scope_id, \
+             window_start - (((window_start % 604800000000) + 604800000000) % 604800000000) \
+             AS week, ",
+            sqlite_split_sum!("spent_micros", "s"),
+            ", ",
+            sqlite_split_sum!("requests", "r"),
+            ", ",
+            sqlite_split_sum!("tokens", "t"),
+            ", ",
+            sqlite_split_sum!("input_tokens", "i"),
+            ", ",
+            sqlite_split_sum!("cached_input_tokens", "c"),
+            ", ",
+            sqlite_split_sum!("output_tokens", "o"),
+            " FROM rollups WHERE scope_kind = 'user' AND \"window\" = 'day' \
+             GROUP BY tenant_id, scope_id, week)"
+        )
+    };
+}
+
+/// SQLite migration 12: week rows for users (`Window::Week`: seven days of day starts per
+/// bucket aligned to the Unix epoch), which reports over all users read instead of seven
+/// day rows each. SQLite cannot change a `CHECK` constraint, so `rollups` is rebuilt as in
+/// migration 6; the week rows are then summed from the users' day rows.
+const SQLITE_WEEKS: &str = concat!(
+    r#"
+CREATE TABLE rollups_v12 (
+    scope_kind TEXT NOT NULL,
+    tenant_id TEXT NOT NULL,
+    scope_id TEXT NOT NULL,
+    "window" TEXT NOT NULL CHECK ("window" IN ('day', 'week', 'month')),
+    window_start INTEGER NOT NULL,
+    spent_micros INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    tokens INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    cached_input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope_kind, "window", window_start, tenant_id, scope_id)
+) STRICT, WITHOUT ROWID;
+INSERT INTO rollups_v12 (scope_kind, tenant_id, scope_id, "window", window_start,
+    spent_micros, requests, tokens, input_tokens, cached_input_tokens, output_tokens)
+SELECT scope_kind, tenant_id, scope_id, "window", window_start, spent_micros, requests,
+    tokens, input_tokens, cached_input_tokens, output_tokens
+FROM rollups;
+DROP TABLE rollups;
+ALTER TABLE rollups_v12 RENAME TO rollups;
+CREATE INDEX rollups_tenant ON rollups (scope_kind, tenant_id, "window", window_start);
+"#,
+    sqlite_fill_weeks!(),
+    ";\n"
+);
+
+/// SQLite: fills the users' week rows of a `rollups` that has none (see migration 12).
+pub const SQLITE_FILL_WEEKS: &str = sqlite_fill_weeks!();
+
+/// PostgreSQL: the users' week rows summed from their day rows, as `sqlite_fill_weeks!`.
+macro_rules! postgres_fill_weeks {
+    () => {
+        "INSERT INTO rollups (scope_kind, tenant_id, scope_id, \"window\", window_start, \
+         spent_micros, requests, tokens, input_tokens, cached_input_tokens, output_tokens) \
+         SELECT 'user', tenant_id, scope_id, 'week', \
+         window_start - mod(mod(window_start, 604800000000) + 604800000000, 604800000000) \
+         AS week, \
+         LEAST(sum(spent_micros), 9223372036854775807)::int8, \
+         LEAST(sum(requests), 9223372036854775807)::int8, \
+         LEAST(sum(tokens), 9223372036854775807)::int8, \
+         LEAST(sum(input_tokens), 9223372036854775807)::int8, \
+         LEAST(sum(cached_input_tokens), 9223372036854775807)::int8, \
+         LEAST(sum(output_tokens), 9223372036854775807)::int8 \
+         FROM rollups WHERE scope_kind = 'user' AND \"window\" = 'day' \
+         GROUP BY tenant_id, scope_id, week"
+    };
+}
+
+/// PostgreSQL: fills the users' week rows of a `rollups` that has none (see migration 12).
+pub const POSTGRES_FILL_WEEKS: &str = postgres_fill_weeks!();
+
+/// PostgreSQL migration 12: week rows for users, as SQLite's migration 12 (a constraint can
+/// be replaced in place here).
+const POSTGRES_WEEKS: &str = concat!(
+    r#"
+ALTER TABLE rollups DROP CONSTRAINT rollups_window_check;
+ALTER TABLE rollups ADD CONSTRAINT rollups_window_check
+    CHECK ("window" IN ('day', 'week', 'month'));
+"#,
+    postgres_fill_weeks!(),
+    ";\n"
+);
 
 /// PostgreSQL migration 7: row-level security and the seed's SQL functions, for applications
 /// that read spendguard's tables with SQL (as the seed's Supabase code did). See
@@ -1126,6 +1236,7 @@ CREATE INDEX would_deny_day ON would_deny (day_start, tenant_id);
 ALTER TABLE would_deny ENABLE ROW LEVEL SECURITY;
 "#,
     ),
+    (12, POSTGRES_WEEKS),
 ];
 
 #[cfg(test)]

@@ -250,7 +250,8 @@ const UPSERT_TENANT_PRICES: &str = "INSERT INTO tenant_prices (tenant_id, settin
 
 const DELETE_TENANT_PRICES: &str = "DELETE FROM tenant_prices WHERE tenant_id = $1";
 
-/// Sums from `ai_usage`, per scope, window and window start, in `numeric` (no overflow),
+/// Sums from `ai_usage`, per scope, window and window start (users' week buckets too), in
+/// `numeric` (no overflow),
 /// saturated at `i64::MAX` like the rollups.
 const RECOUNT: &str = "WITH u AS ( \
       SELECT tenant_id, user_id, company_id, cost_usd * 1000000 AS cost, \
@@ -270,6 +271,9 @@ const RECOUNT: &str = "WITH u AS ( \
     ), w AS ( \
       SELECT kind, tenant, id, 'day' AS win, day_start AS start, cost, tokens, i, c, o FROM s \
       UNION ALL SELECT kind, tenant, id, 'month', month_start, cost, tokens, i, c, o FROM s \
+      UNION ALL SELECT kind, tenant, id, 'week', \
+        day_start - mod(mod(day_start, 604800000000) + 604800000000, 604800000000), \
+        cost, tokens, i, c, o FROM s WHERE kind = 'user' \
     ) \
     SELECT kind, tenant, id, win, start, \
       LEAST(sum(cost), 9223372036854775807)::int8, count(*)::int8, \

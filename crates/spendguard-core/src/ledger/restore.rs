@@ -63,7 +63,7 @@ impl Ledger {
             let c = match row.window {
                 Window::Day => &mut state.day,
                 Window::Month => &mut state.month,
-                Window::Minute | Window::None => continue,
+                Window::Minute | Window::Week | Window::None => continue,
             };
             if let Some(c) = c.window_mut(row.start) {
                 c.spent = c.spent.saturating_add(row.spent);

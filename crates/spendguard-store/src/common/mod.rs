@@ -5,6 +5,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use spendguard_core::window::{WEEK_MICROS, week_bucket};
+
 use spendguard_core::{
     BudgetOverride, CompanyId, CounterRow, Endpoint, Event, IdError, IdempotencyKey, Micros,
     ModelName, Money, Origin, Pricing, RequestStatus, Reservation, ScopeKey, ScopeKind, Subject,
@@ -80,6 +82,7 @@ pub(crate) fn window_from_str(s: &str) -> Result<Window, StoreError> {
     match s {
         "day" => Ok(Window::Day),
         "month" => Ok(Window::Month),
+        "week" => Ok(Window::Week),
         other => Err(corrupt(format!("unknown rollup window `{other}`"))),
     }
 }

@@ -177,7 +177,9 @@ impl Deltas {
         }
     }
 
-    /// Counts one request of `cost` and `tokens` in the day and month windows of `scopes`.
+    /// Counts one request of `cost` and `tokens` in the day and month windows of `scopes`,
+    /// and for the user scope also in the week bucket of its day ([`Window::Week`], which
+    /// reports over all users read instead of seven day rows).
     pub fn add_parts(
         &mut self,
         scopes: impl Iterator<Item = ScopeKey>,
@@ -187,8 +189,14 @@ impl Deltas {
         month_start: Micros,
     ) {
         let total = tokens.total();
+        let week = week_bucket(day_start);
         for scope in scopes {
-            for (window, start) in [(Window::Day, day_start), (Window::Month, month_start)] {
+            let windows = [
+                Some((Window::Day, day_start)),
+                Some((Window::Month, month_start)),
+                matches!(scope, ScopeKey::User(..)).then_some((Window::Week, week)),
+            ];
+            for (window, start) in windows.into_iter().flatten() {
                 let d = self.map.entry((scope.clone(), window, start)).or_default();
                 d.spent = d.spent.saturating_add(cost);
                 // Counts saturate at `i64::MAX`, the most a column holds.

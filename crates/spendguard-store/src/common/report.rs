@@ -65,7 +65,9 @@ impl ReportPlan {
         } else {
             &query.whole_months
         };
-        let mut ranges = Vec::with_capacity(2 * months.len() + 1);
+        // Only users have week rows (see `Deltas::add_parts`).
+        let weeks = kinds == [ScopeKind::User];
+        let mut ranges = Vec::with_capacity(2 * months.len() + 3);
         // The first day start not read yet.
         let mut next = query.from_day;
         for &(start, end) in months {
@@ -76,16 +78,39 @@ impl ReportPlan {
                 )));
             }
             if start > next {
-                ranges.push((Window::Day, next, start - 1));
+                push_days(&mut ranges, next, start - 1, weeks);
             }
             ranges.push((Window::Month, start, start));
             next = end;
         }
         if next <= query.to_day {
-            ranges.push((Window::Day, next, query.to_day));
+            push_days(&mut ranges, next, query.to_day, weeks);
         }
         Ok(ReportPlan::Rollups { kinds, ranges })
     }
+}
+
+/// Adds the ranges that read the days starting in `[first, last]`: with `weeks`, each week
+/// bucket whose every instant lies in `[first, last]` (so every day starting in it is one of
+/// these days) from its week row, and the days before and after the buckets from day rows.
+fn push_days(ranges: &mut Vec<RollupRange>, first: Micros, last: Micros, weeks: bool) {
+    if weeks {
+        // The first bucket starting at or after `first`, and the bucket after the last one
+        // that ends by `last`.
+        let from = week_bucket(first.saturating_add(WEEK_MICROS - 1));
+        let to = week_bucket(last.saturating_add(1));
+        if from < to {
+            if first < from {
+                ranges.push((Window::Day, first, from - 1));
+            }
+            ranges.push((Window::Week, from, to - WEEK_MICROS));
+            if to <= last {
+                ranges.push((Window::Day, to, last));
+            }
+            return;
+        }
+    }
+    ranges.push((Window::Day, first, last));
 }
 
 /// `a - b` for each sum (saturating): what `a` holds beyond `b`.
@@ -353,6 +378,89 @@ mod tests {
                 ..query.clone()
             };
             assert!(matches!(ReportPlan::new(&bad), Err(StoreError::Invalid(_))));
+        }
+    }
+
+    #[test]
+    fn users_read_whole_week_buckets_instead_of_their_days() {
+        const DAY: Micros = 86_400_000_000;
+        const W: Micros = WEEK_MICROS;
+        // Day starts one hour before midnight UTC (a time zone an hour east of UTC): the
+        // bucket of a day is the one its start falls in.
+        let day = |n: i64| n * DAY - 3_600_000_000;
+        let plan = |from, to, group_by, months: Vec<(Micros, Micros)>| match ReportPlan::new(
+            &ReportQuery {
+                from_day: from,
+                to_day: to,
+                group_by,
+                whole_months: months,
+                ..ReportQuery::default()
+            },
+        )
+        .unwrap()
+        {
+            ReportPlan::Rollups { ranges, .. } => ranges,
+            other => panic!("{other:?}"),
+        };
+        // Days 3 to 32 (30 days; buckets start at days 0, 7, 14, ...): the days starting
+        // before the first bucket boundary come from day rows, then the buckets of days 7, 14
+        // and 21 whole, then the days from 28 (day 28 starts an hour before its bucket, so it
+        // is in the bucket of day 21).
+        assert_eq!(
+            plan(day(3), day(32), GroupBy::User, Vec::new()),
+            vec![
+                (Window::Day, day(3), W - 1),
+                (Window::Week, W, 3 * W),
+                (Window::Day, 4 * W, day(32)),
+            ]
+        );
+        // The last day's start is all the plan knows of its end: a bucket that ends with the
+        // range's last day is read as days.
+        assert_eq!(
+            plan(W, 3 * W - DAY, GroupBy::User, Vec::new()),
+            vec![(Window::Week, W, W), (Window::Day, 2 * W, 3 * W - DAY)]
+        );
+        assert_eq!(
+            plan(W, 3 * W - DAY, GroupBy::User, vec![(3 * W - DAY, 3 * W)]),
+            vec![(Window::Week, W, W), (Window::Day, 2 * W, 3 * W - DAY - 1)]
+                .into_iter()
+                .chain([(Window::Month, 3 * W - DAY, 3 * W - DAY)])
+                .collect::<Vec<_>>(),
+        );
+        // A gap before a month that ends exactly at a bucket boundary reads that bucket.
+        assert_eq!(
+            plan(W, 2 * W, GroupBy::User, vec![(2 * W, 2 * W + DAY)]),
+            vec![(Window::Week, W, W), (Window::Month, 2 * W, 2 * W)]
+        );
+        // Fewer than seven days: day rows only; and other groupings never read weeks.
+        assert_eq!(
+            plan(day(8), day(12), GroupBy::User, Vec::new()),
+            vec![(Window::Day, day(8), day(12))]
+        );
+        assert_eq!(
+            plan(day(3), day(32), GroupBy::Company, Vec::new()),
+            vec![(Window::Day, day(3), day(32))]
+        );
+        // Whatever the range, the ranges read cover each of its day starts exactly once, by
+        // a day row or by the week bucket it falls in.
+        for from in 0..20 {
+            for len in 0..40 {
+                let (first, last) = (day(from), day(from + len));
+                let ranges = plan(first, last, GroupBy::User, Vec::new());
+                for n in from - 2..=from + len + 2 {
+                    let d = day(n);
+                    let hits = ranges
+                        .iter()
+                        .filter(|&&(w, lo, hi)| match w {
+                            Window::Day => lo <= d && d <= hi,
+                            Window::Week => lo <= week_bucket(d) && week_bucket(d) <= hi,
+                            _ => false,
+                        })
+                        .count();
+                    let inside = first <= d && d <= last;
+                    assert_eq!(hits, usize::from(inside), "day {n} of {from}+{len}");
+                }
+            }
         }
     }
 }

@@ -14,6 +14,8 @@ use spendguard_store::{
     UsageTotals,
 };
 
+use spendguard_core::window::week_bucket;
+
 use crate::support::*;
 
 const TENANTS: [&str; 3] = ["acme", "globex", "initech"];
@@ -687,6 +689,72 @@ pub async fn whole_months_read_like_their_days(db: &Db) {
     }
 }
 
+/// Reports of users over ranges of days read each seven-day bucket the range covers whole
+/// from its week row (migration 12): they equal a brute-force sum of the records over many
+/// ranges, and a (tampered) week row shows in exactly the reports whose ranges cover it.
+pub async fn user_reports_read_whole_weeks_from_week_rows(db: &Db) {
+    let store = db.store().await;
+    let records = spread_records(0x3e3e, 900);
+    for batch in batches(&records) {
+        store.apply(&batch).await.unwrap();
+    }
+    let first = DEC + 10 * DAY;
+    let mut compared = 0;
+    for from in (0..40).step_by(3) {
+        for len in [0, 5, 6, 7, 8, 13, 14, 20, 29, 30, 45, 90] {
+            let (from_day, to_day) = (first + from * DAY, first + (from + len) * DAY);
+            for tenant_filter in [None, Some(tenant(TENANTS[1]))] {
+                for limit in [None, Some(3)] {
+                    let q = ReportQuery {
+                        tenant: tenant_filter.clone(),
+                        limit,
+                        ..query(GroupBy::User, from_day, to_day)
+                    };
+                    let report = store.report(&q).await.unwrap();
+                    assert_eq!(report, brute_force(&records, &q), "{q:?}");
+                    compared += usize::from(report.groups > 0);
+                }
+            }
+        }
+    }
+    assert!(compared > 500, "{compared}");
+
+    // The week rows are what is read: bump one bucket's rows, then only the ranges that
+    // cover that bucket whole show it.
+    let bucket = week_bucket(JAN + 20 * DAY);
+    execute(
+        db,
+        &format!(
+            "UPDATE rollups SET requests = requests + 1000 WHERE scope_kind = 'user' \
+             AND \"window\" = 'week' AND window_start = {bucket}"
+        ),
+    )
+    .await;
+    let users_in_bucket = records
+        .iter()
+        .filter(|r| r.counts() && week_bucket(r.day_start) == bucket)
+        .map(|r| (r.tenant.clone(), r.user.clone()))
+        .collect::<std::collections::HashSet<_>>()
+        .len() as u64;
+    assert!(users_in_bucket > 5, "{users_in_bucket}");
+    let bucket_end = bucket + 7 * DAY;
+    for (from_day, to_day, covered) in [
+        // Day starts are midnight UTC here, so the bucket's days are its seven midnights.
+        (bucket, bucket_end, true),
+        (bucket - 3 * DAY, bucket_end + 10 * DAY, true),
+        (bucket + DAY, bucket_end + 10 * DAY, false),
+        // The last day's start is all a report knows of its end: a range ending with the
+        // bucket's last day reads that day from its day row.
+        (bucket - 3 * DAY, bucket_end - DAY, false),
+    ] {
+        let q = query(GroupBy::User, from_day, to_day);
+        let report = store.report(&q).await.unwrap();
+        let expected = brute_force(&records, &q).totals.requests;
+        let extra = if covered { 1000 * users_in_bucket } else { 0 };
+        assert_eq!(report.totals.requests, expected + extra, "{q:?}");
+    }
+}
+
 /// Takes the database back to the schema of version 1 (keeping the usage and rollup rows),
 /// then opens a store on it, which applies migration 2 (and those after it) again.
 /// Migration 5 (the gateway's columns, status `truncated`) keeps every record and every
@@ -799,7 +867,8 @@ async fn back_to_schema_1(db: &Db) -> AnyStore {
          ALTER TABLE rollups DROP COLUMN output_tokens; \
          ALTER TABLE ai_usage DROP COLUMN pricing; \
          DROP INDEX reservations_idempotency; DROP TABLE settings; \
-         DELETE FROM schema_migrations WHERE version IN (2, 3)",
+         DELETE FROM rollups WHERE \"window\" = 'week'; \
+         DELETE FROM schema_migrations WHERE version IN (2, 3, 12)",
     )
     .await;
     let store = reopen(db).await;

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use spendguard_core::window::week_bucket;
 use spendguard_core::{
     BudgetOverride, Event, Money, Pricing, RequestStatus, ScopeKey, Snapshot, Tokens, UsageRecord,
     UserOverrides, Window,
@@ -79,14 +80,15 @@ pub async fn applies_each_event_kind(db: &Db) {
     assert_eq!(store.usage(used.id).await.unwrap(), Some(used.clone()));
     assert!(store.load(JAN, JAN).await.unwrap().open.is_empty());
     let rollups = store.rollups().await.unwrap();
-    // 4 scopes (global, tenant, company, user) × (day, month).
-    assert_eq!(rollups.len(), 8);
+    // 4 scopes (global, tenant, company, user) × (day, month), and the user's week.
+    assert_eq!(rollups.len(), 9);
     for row in &rollups {
         assert_eq!(row.spent, Money::from_micros(61_234));
         assert_eq!(row.requests, 1);
         assert_eq!(row.tokens, 950);
         let start = match row.window {
             Window::Day => used.day_start,
+            Window::Week => week_bucket(used.day_start),
             _ => used.month_start,
         };
         assert_eq!(row.start, start);
@@ -453,7 +455,8 @@ pub async fn rollups_equal_recount_after_random_batches(db: &Db) {
         .into_iter()
         .filter(|r| match r.window {
             Window::Day => r.start >= FEB + DAY,
-            _ => r.start >= FEB,
+            Window::Month => r.start >= FEB,
+            _ => false,
         })
         .collect();
     assert_eq!(snapshot.counters, current);
@@ -520,7 +523,8 @@ pub async fn load_returns_current_state(db: &Db) {
         .into_iter()
         .filter(|r| match r.window {
             Window::Day => r.start >= JAN + 9 * DAY,
-            _ => r.start >= JAN,
+            Window::Month => r.start >= JAN,
+            _ => false,
         })
         .collect();
     // Today's day rows (4 scopes) and January's month rows (4 scopes, 2 records).
@@ -537,9 +541,14 @@ pub async fn load_returns_current_state(db: &Db) {
     assert_eq!(snapshot.open, vec![full, bare]);
     assert_eq!(snapshot.budgets.len(), 1);
     assert_eq!(snapshot.users.len(), 1);
-    // Everything, from the beginning of time.
+    // Everything, from the beginning of time (the ledger counts in days and months only).
     let all = store.load(i64::MIN, i64::MIN).await.unwrap();
-    assert_eq!(all.counters, model.rows());
+    let days_and_months: Vec<_> = model
+        .rows()
+        .into_iter()
+        .filter(|r| r.window != Window::Week)
+        .collect();
+    assert_eq!(all.counters, days_and_months);
     // Nothing yet in the future.
     assert!(store.load(FEB, FEB).await.unwrap().counters.is_empty());
     // The same after reopening.

@@ -38,6 +38,7 @@ macro_rules! conformance {
             analytics::migration_10_keeps_every_record,
             conformance::token_kinds_pricings_and_tenant_prices_round_trip,
             analytics::whole_months_read_like_their_days,
+            analytics::user_reports_read_whole_weeks_from_week_rows,
             analytics::alerts_are_inserted_exactly_once,
             analytics::alerts_list_newest_first_with_filters,
             analytics::deliveries_move_through_their_states,

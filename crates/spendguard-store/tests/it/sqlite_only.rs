@@ -118,7 +118,8 @@ async fn the_file_has_the_documented_columns() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(split.len(), 8);
+    // Global, tenant, company and user × (day, month), and the user's week.
+    assert_eq!(split.len(), 9);
     for (kind, window, tokens, input, cached, output) in &split {
         assert_eq!(
             (*tokens, *input, *cached, *output),

@@ -99,7 +99,7 @@ impl Drop for Db {
 
 /// The versions of every migration this build knows.
 pub fn all_versions() -> Vec<i64> {
-    (1..=11).collect()
+    (1..=12).collect()
 }
 
 /// Runs statements straight on the database (outside any store), e.g. to take a schema
@@ -374,10 +374,22 @@ impl Model {
                 continue;
             }
             for scope in usage.scopes() {
+                // Users also have a row per seven-day bucket of their days.
+                let week = matches!(scope, ScopeKey::User(..)).then(|| {
+                    let w = 7 * 86_400_000_000i64;
+                    (
+                        Window::Week,
+                        usage.day_start - usage.day_start.rem_euclid(w),
+                    )
+                });
                 for (w, start) in [
-                    (Window::Day, usage.day_start),
-                    (Window::Month, usage.month_start),
-                ] {
+                    Some((Window::Day, usage.day_start)),
+                    Some((Window::Month, usage.month_start)),
+                    week,
+                ]
+                .into_iter()
+                .flatten()
+                {
                     let row = self.rows.entry((scope.clone(), w, start)).or_default();
                     row.spent = row.spent.saturating_add(usage.cost.micros());
                     row.requests += 1;
