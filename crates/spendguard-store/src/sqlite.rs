@@ -445,8 +445,13 @@ fn configure(conn: &Connection, options: &OpenOptions) -> Result<(), StoreError>
     conn.pragma_update(None, "cache_size", -65_536).db()?;
     conn.set_prepared_statement_cache_capacity(64);
     // Checkpoints (copying the WAL into the database, and fsync) are the checkpointer
-    // thread's, off the writer's path; a committing writer checkpoints only as a backstop,
-    // when the WAL has grown to 256 MiB (the checkpointer fell behind or is not running).
+    // thread's, off the writer's path. Under continuous writes the WAL was seen to start
+    // over from its beginning only at the writer's own checkpoint, although the
+    // checkpointer's had copied every frame: so the writer's checkpoint is set at 64 MiB,
+    // the size the file is kept at (`journal_size_limit`). The checkpointer having copied
+    // nearly everything, it has little to do, and starting over truncates the file by
+    // little. (At 256 MiB it cut 192 MiB off the file in a writer's commit: stalls of
+    // 50-80 ms every couple of seconds under load, the HTTP run's p99.9; BENCHMARKS.md.)
     conn.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES)
         .db()?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)
@@ -466,8 +471,9 @@ fn open_reader(path: &str) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// The WAL size (in pages) at which the writer checkpoints itself.
-const WAL_BACKSTOP_PAGES: i64 = 65_536;
+/// The WAL size (in pages of 4 KiB) at which the writer checkpoints itself, and so rewinds
+/// the WAL: the size it is truncated to (`WAL_SIZE_LIMIT`), so rewinding truncates little.
+const WAL_BACKSTOP_PAGES: i64 = WAL_SIZE_LIMIT / 4096;
 /// How often the checkpointer runs a passive checkpoint.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
