@@ -1278,7 +1278,6 @@ impl Store for PostgresStore {
         for row in tx.query(&sql, &[&day_start, &month_start]).await.db()? {
             snapshot.counters.push(rollup_row_with(&row, &mut tenants)?);
         }
-        sort_rows(&mut snapshot.counters);
         let sql = format!(
             "SELECT {RESERVATION_COLUMNS} FROM reservations WHERE state = 'open' \
              ORDER BY created_at, id"

@@ -934,7 +934,6 @@ fn load_blocking(
         while let Some(row) = rows.next().db()? {
             snapshot.counters.push(rollup_row_with(row, &mut tenants)?);
         }
-        sort_rows(&mut snapshot.counters);
     }
     {
         let sql = format!(
