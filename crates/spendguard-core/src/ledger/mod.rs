@@ -347,20 +347,8 @@ impl Ledger {
             return self.budget_of(scope);
         };
         let policy = self.policy();
-        // The stored tier is looked up only when the spend names none.
-        let stored = match tier {
-            Some(_) => None,
-            None => {
-                let o = self.overrides.read().unwrap_or_else(|e| e.into_inner());
-                o.users
-                    .get(&UserRef(tenant.as_str(), user.as_str()))
-                    .and_then(|(u, _)| u.tier.clone())
-            }
-        };
-        let name = tier.or(stored.as_ref()).unwrap_or(&policy.default_tier);
-        let base = policy
-            .tier(name)
-            .or_else(|| policy.tier(&policy.default_tier))
+        let base = self
+            .user_tier(&policy, tenant, user, tier)
             .map(|t| t.budget)
             .unwrap_or_default();
         match self.budget_override(scope) {
@@ -383,24 +371,36 @@ impl Ledger {
                 None => policy.soft_tenant,
             },
             ScopeKey::Company(..) => policy.soft_company,
-            ScopeKey::User(tenant, user) => {
-                let stored = match tier {
-                    Some(_) => None,
-                    None => {
-                        let o = self.overrides.read().unwrap_or_else(|e| e.into_inner());
-                        o.users
-                            .get(&UserRef(tenant.as_str(), user.as_str()))
-                            .and_then(|(u, _)| u.tier.clone())
-                    }
-                };
-                let name = tier.or(stored.as_ref()).unwrap_or(&policy.default_tier);
-                policy
-                    .tier(name)
-                    .or_else(|| policy.tier(&policy.default_tier))
-                    .map(|t| t.soft)
-                    .unwrap_or_default()
-            }
+            ScopeKey::User(tenant, user) => self
+                .user_tier(&policy, tenant, user, tier)
+                .map(|t| t.soft)
+                .unwrap_or_default(),
         }
+    }
+
+    /// The tier a user's spend counts under: `tier` when the spend names one, else the
+    /// user's stored tier, else the default tier (also when the named tier is gone).
+    fn user_tier<'p>(
+        &self,
+        policy: &'p Policy,
+        tenant: &TenantId,
+        user: &UserId,
+        tier: Option<&TierName>,
+    ) -> Option<&'p crate::policy::Tier> {
+        // The stored tier is looked up only when the spend names none.
+        let stored = match tier {
+            Some(_) => None,
+            None => {
+                let o = self.overrides.read().unwrap_or_else(|e| e.into_inner());
+                o.users
+                    .get(&UserRef(tenant.as_str(), user.as_str()))
+                    .and_then(|(u, _)| u.tier.clone())
+            }
+        };
+        let name = tier.or(stored.as_ref()).unwrap_or(&policy.default_tier);
+        policy
+            .tier(name)
+            .or_else(|| policy.tier(&policy.default_tier))
     }
 
     /// The effective daily and monthly caps of a scope (configuration plus overrides). For a
