@@ -44,18 +44,14 @@ fn usage_report_sql(of_tenant: bool) -> String {
 /// summing 100,000s of rows into 10,000 groups in the server sorted them on disk with the
 /// default `work_mem`, and one statement over all the ranges (a join with their array) was
 /// planned as a scan of the whole table.
-fn rollup_rows_sql(of_tenant: bool) -> &'static str {
-    if of_tenant {
+fn rollup_rows_sql(of_tenant: bool) -> String {
+    let tenant = if of_tenant { " AND tenant_id = $5" } else { "" };
+    format!(
         "SELECT scope_kind, window_start, tenant_id, scope_id, requests, input_tokens, \
          cached_input_tokens, output_tokens, spent_micros FROM rollups \
          WHERE \"window\" = $1 AND window_start >= $2 AND window_start <= $3 \
-         AND scope_kind = ANY($4::text[]) AND tenant_id = $5"
-    } else {
-        "SELECT scope_kind, window_start, tenant_id, scope_id, requests, input_tokens, \
-         cached_input_tokens, output_tokens, spent_micros FROM rollups \
-         WHERE \"window\" = $1 AND window_start >= $2 AND window_start <= $3 \
-         AND scope_kind = ANY($4::text[])"
-    }
+         AND scope_kind = ANY($4::text[]){tenant}"
+    )
 }
 
 const USER_DAY: &str = "SELECT model, requests, input_tokens, cached_input_tokens, \
@@ -165,7 +161,7 @@ impl PostgresStore {
                     .await
                     .db()?;
                 let stmt = tx
-                    .prepare_cached(rollup_rows_sql(tenant.is_some()))
+                    .prepare_cached(&rollup_rows_sql(tenant.is_some()))
                     .await
                     .db()?;
                 let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();

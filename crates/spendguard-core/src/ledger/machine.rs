@@ -318,15 +318,16 @@ impl Ledger {
     }
 
     /// A truncated call without a caller's cost is charged at least its estimate: its real
-    /// usage is unknown, and the estimate is the worst case it was admitted for.
+    /// usage is unknown, and the estimate is the worst case it was admitted for. A call
+    /// charged its estimate was priced at no long-context tier.
     fn at_least_estimate_if_truncated(
         commit: &CommitRequest,
         estimate: Money,
-        priced: (Money, Pricing),
-    ) -> (Money, Pricing) {
+        priced: (Money, Pricing, Option<u64>),
+    ) -> (Money, Pricing, Option<u64>) {
         if commit.status == RequestStatus::Truncated && commit.cost.is_none() && priced.0 < estimate
         {
-            (estimate, Pricing::Estimate)
+            (estimate, Pricing::Estimate, None)
         } else {
             priced
         }
@@ -389,7 +390,7 @@ impl Ledger {
                 .ok_or(LedgerError::NotFound(*id));
         };
         let estimate = open.res.estimate;
-        let (cost, pricing, tier) = self.price_call(
+        let priced = self.price_call(
             &policy,
             &open.res.subject.tenant,
             &open.res.subject.model,
@@ -397,14 +398,13 @@ impl Ledger {
             commit.cost,
             Some(estimate),
         )?;
-        let (cost, pricing) =
-            Self::at_least_estimate_if_truncated(commit, estimate, (cost, pricing));
+        let (cost, pricing, tier) = Self::at_least_estimate_if_truncated(commit, estimate, priced);
         let charge = Charge {
             usage_id: commit.usage_id,
             tokens: commit.tokens,
             cost,
             pricing,
-            long_context_above: tier.filter(|_| pricing != Pricing::Estimate),
+            long_context_above: tier,
             status: commit.status,
             origin: commit.origin.clone().map(Box::new),
         };
@@ -487,11 +487,12 @@ impl Ledger {
             idempotency_key: None,
         };
         let mut usage = self.build_record(&policy, &record, now, Some(estimate))?;
-        (usage.cost, usage.pricing) =
-            Self::at_least_estimate_if_truncated(commit, estimate, (usage.cost, usage.pricing));
-        if usage.pricing == Pricing::Estimate {
-            usage.long_context_above = None;
-        }
+        (usage.cost, usage.pricing, usage.long_context_above) =
+            Self::at_least_estimate_if_truncated(
+                commit,
+                estimate,
+                (usage.cost, usage.pricing, usage.long_context_above),
+            );
         usage.reservation_id = Some(*id);
         usage.origin = commit.origin.clone();
         let first = {
