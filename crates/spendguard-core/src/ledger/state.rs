@@ -648,6 +648,7 @@ impl ResShard {
 
     /// Forgets reservations settled at or before `horizon`, oldest first.
     pub(super) fn forget_settled(&mut self, horizon: Micros) {
+        let mut forgotten = 0;
         while let Some((_, front)) = self.ring.front() {
             if front.as_ref().is_some_and(|s| s.at > horizon) {
                 break;
@@ -655,8 +656,19 @@ impl ResShard {
             let (id, settled) = self.ring.pop_front().expect("the front exists");
             if settled.is_some() {
                 self.settled.remove(&id);
+                forgotten += 1;
             }
             self.head += 1;
+        }
+        // Removing marks some slots deleted rather than empty, and a map that runs out of
+        // empty slots rehashes, growing when more than half full: refilled after being
+        // emptied, the map could allocate on an admit. A map this sweep emptied is replaced
+        // here, off the admit path, by a fresh one that holds as many as it held.
+        if forgotten > 0 && self.settled.is_empty() {
+            self.settled = HashMap::with_capacity_and_hasher(
+                self.settled.capacity().max(forgotten),
+                self.settled.hasher().clone(),
+            );
         }
     }
 
