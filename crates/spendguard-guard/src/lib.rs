@@ -23,6 +23,7 @@
 //!   open reservations are loaded (O(active scopes)); reservations whose TTL passed while the
 //!   service was down are expired at once.
 
+pub mod cluster;
 mod inflight;
 pub mod spool;
 mod watch;
@@ -36,7 +37,7 @@ use serde::Serialize;
 use spendguard_core::{
     BudgetOverride, CheckOutcome, CommitRequest, Committed, CompanyId, Event, IdempotencyKey,
     LedgerError, LimitStatus, Micros, Policy, RecordRequest, ReserveRequest, Reserved, ScopeKey,
-    Settlement, TenantId, TierName, UsageRecord, UserId, UserOverrides, late_usage_id,
+    Settlement, Snapshot, TenantId, TierName, UsageRecord, UserId, UserOverrides, late_usage_id,
     reserve_fingerprint,
 };
 use spendguard_store::{DeadLetter, ReservationState, Store, StoreError, settings};
@@ -46,6 +47,7 @@ use uuid::Uuid;
 
 pub use spendguard_core::Ledger;
 
+use crate::cluster::{Answer, Cluster, ClusterOptions, ClusterStats, Op};
 use crate::inflight::{InFlight, OpKey, Ticket};
 use crate::spool::Spool;
 pub use crate::watch::SpendWatch;
@@ -107,6 +109,9 @@ pub struct GuardOptions {
     pub retry_interval: Duration,
     /// Fault injection for tests: while set, every spool append fails as if the disk did.
     pub spool_faults: Option<Arc<AtomicBool>>,
+    /// Run as one instance of a cluster on PostgreSQL (see [`cluster`]); `None`: the
+    /// single-node service.
+    pub cluster: Option<ClusterOptions>,
 }
 
 impl GuardOptions {
@@ -118,6 +123,7 @@ impl GuardOptions {
             sweep_interval: Duration::from_secs(1),
             retry_interval: Duration::from_millis(500),
             spool_faults: None,
+            cluster: None,
         }
     }
 }
@@ -272,6 +278,8 @@ struct Inner<S> {
     watch: Arc<SpendWatch>,
     /// Would-be denials since start, by reason (see [`WOULD_DENY_REASONS`]).
     would_deny: [AtomicU64; WOULD_DENY_REASONS.len()],
+    /// This instance's part of a cluster, in cluster mode.
+    cluster: Option<Cluster>,
 }
 
 /// The reasons a would-be denial is counted under: the error code a limit in shadow would
@@ -317,7 +325,12 @@ impl<S: Store> Guard<S> {
         }
         let now = clock.now();
         let periods = policy.calendar.periods(now);
-        let snapshot = store.load(periods.day.start, periods.month.start).await?;
+        let mut snapshot = store.load(periods.day.start, periods.month.start).await?;
+        if options.cluster.is_some() {
+            // The counters and open reservations live in the shared rows, read as each
+            // batch is decided; the overrides are loaded by the cluster.
+            snapshot = Snapshot::default();
+        }
         tracing::info!(
             counters = snapshot.counters.len(),
             open_reservations = snapshot.open.len(),
@@ -337,6 +350,20 @@ impl<S: Store> Guard<S> {
         let (tx, rx) = mpsc::unbounded_channel();
         stats.writer_running.store(true, Ordering::SeqCst);
         let watch = Arc::new(SpendWatch::default());
+        let (cluster, cluster_tasks) = match options.cluster.clone() {
+            Some(o) => {
+                let (c, tasks) = Cluster::start(
+                    store.clone(),
+                    ledger.clone(),
+                    clock.clone(),
+                    watch.clone(),
+                    o,
+                )
+                .await?;
+                (Some(c), tasks)
+            }
+            None => (None, Vec::new()),
+        };
         let writer = tokio::spawn(writer(
             store.clone(),
             ledger.clone(),
@@ -357,9 +384,10 @@ impl<S: Store> Guard<S> {
                 writes: tx,
                 stats,
                 options,
-                tasks: Mutex::new(vec![writer]),
+                tasks: Mutex::new(std::iter::once(writer).chain(cluster_tasks).collect()),
                 watch,
                 would_deny: Default::default(),
+                cluster,
             }),
         };
         // Reservations that expired while we were down.
@@ -474,6 +502,9 @@ impl<S: Store> Guard<S> {
         if s.sweeps_failing >= SWEEP_FAILURES_NOT_READY {
             problems.push("the expiry sweep keeps failing");
         }
+        if self.cluster_stats().is_some_and(|c| c.heartbeat_failing) {
+            problems.push("the cluster's database cannot be reached (the heartbeat fails)");
+        }
         problems
     }
 
@@ -486,6 +517,12 @@ impl<S: Store> Guard<S> {
         ticket: Option<Ticket>,
     ) -> Result<(), GuardError> {
         let Some(event) = event else { return Ok(()) };
+        if let Some(c) = &self.inner.cluster {
+            // Admin changes: written (and announced to the other instances) in a batch.
+            drop(ticket);
+            c.run(Op::Admin(event)).await?;
+            return Ok(());
+        }
         let (tx, rx) = oneshot::channel();
         self.inner
             .writes
@@ -510,6 +547,11 @@ impl<S: Store> Guard<S> {
     /// Expires overdue reservations and persists the `expired` records. If they cannot be
     /// made durable, the writer reopens them in memory, so the next sweep expires them again.
     pub async fn sweep(&self) -> Result<(), GuardError> {
+        if let Some(c) = &self.inner.cluster {
+            return c
+                .sweep(&*self.inner.store, &self.inner.ledger, self.now())
+                .await;
+        }
         let events = self.inner.ledger.expire(self.now());
         if events.is_empty() {
             return Ok(());
@@ -530,6 +572,16 @@ impl<S: Store> Guard<S> {
         mut req: ReserveRequest,
     ) -> Result<Result<Reserved, CheckOutcome>, GuardError> {
         self.refuse_new_while_spooling()?;
+        if let Some(c) = &self.inner.cluster {
+            req.id = Uuid::now_v7();
+            let Answer::Reserved(r) = c.run(Op::Reserve(req)).await? else {
+                unreachable!("a reservation is answered with a reservation")
+            };
+            if let Ok(v) = &r {
+                self.note_would_deny(v);
+            }
+            return Ok(r);
+        }
         let ticket = self
             .enter_key(&req.subject.tenant, req.idempotency_key.as_ref())
             .await;
@@ -626,7 +678,7 @@ impl<S: Store> Guard<S> {
         &self,
         mut req: ReserveRequest,
     ) -> Result<Result<Reserved, CheckOutcome>, GuardError> {
-        if req.idempotency_key.is_some() {
+        if req.idempotency_key.is_some() || self.inner.cluster.is_some() {
             return self.reserve(req).await;
         }
         self.refuse_new_while_spooling()?;
@@ -712,8 +764,14 @@ impl<S: Store> Guard<S> {
     /// for the first attempt to be durable and answers exactly what it answered; a commit
     /// after expiry is recorded once, however often it is retried.
     pub async fn commit(&self, id: Uuid, mut req: CommitRequest) -> Result<Committed, GuardError> {
-        let ticket = self.enter(OpKey::Reservation(id)).await;
         req.usage_id = Uuid::now_v7();
+        if let Some(c) = &self.inner.cluster {
+            let Answer::Committed(v) = c.run(Op::Commit(id, req)).await? else {
+                unreachable!("a commit is answered with a commit")
+            };
+            return Ok(v);
+        }
+        let ticket = self.enter(OpKey::Reservation(id)).await;
         let now = self.now();
         let applied = match self.inner.ledger.commit(&id, &req, now) {
             // Settled longer ago than memory remembers: the store knows.
@@ -751,6 +809,12 @@ impl<S: Store> Guard<S> {
         id: Uuid,
         reason: Option<String>,
     ) -> Result<Settlement, GuardError> {
+        if let Some(c) = &self.inner.cluster {
+            let Answer::Released(v) = c.run(Op::Release(id, reason)).await? else {
+                unreachable!("a release is answered with a release")
+            };
+            return Ok(v);
+        }
         let ticket = self.enter(OpKey::Reservation(id)).await;
         let now = self.now();
         let applied = match self.inner.ledger.release(&id, reason.clone(), now) {
@@ -785,10 +849,16 @@ impl<S: Store> Guard<S> {
         mut req: RecordRequest,
         at: Option<Micros>,
     ) -> Result<(UsageRecord, bool), GuardError> {
+        req.id = Uuid::now_v7();
+        if let Some(c) = &self.inner.cluster {
+            let Answer::Recorded(u, replayed) = c.run(Op::Record(req, at)).await? else {
+                unreachable!("a record is answered with a record")
+            };
+            return Ok((u, replayed));
+        }
         let ticket = self
             .enter_key(&req.subject.tenant, req.idempotency_key.as_ref())
             .await;
-        req.id = Uuid::now_v7();
         if let Some(key) = &req.idempotency_key
             && !self.inner.ledger.knows_key(&req.subject.tenant, key)
             && let Some(prev) = self
@@ -826,6 +896,35 @@ impl<S: Store> Guard<S> {
             .reservation(id)
             .await?
             .map(|r| r.reservation.subject.tenant))
+    }
+
+    /// Cluster mode: brings what this instance shows of a subject's scopes (limits,
+    /// checks) up to what the cluster holds now. Nothing on one node.
+    pub async fn refresh(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        company: Option<&CompanyId>,
+    ) -> Result<(), GuardError> {
+        let Some(c) = &self.inner.cluster else {
+            return Ok(());
+        };
+        let mut scopes = vec![ScopeKey::Global, ScopeKey::Tenant(tenant.clone())];
+        if let Some(co) = company {
+            scopes.push(ScopeKey::Company(tenant.clone(), co.clone()));
+        }
+        scopes.push(ScopeKey::User(tenant.clone(), user.clone()));
+        c.refresh(&*self.inner.store, &self.inner.ledger, &scopes)
+            .await
+    }
+
+    /// Cluster mode: this instance's id, options and counters.
+    pub fn cluster(&self) -> Option<(&ClusterOptions, ClusterStats)> {
+        self.inner.cluster.as_ref().map(|c| (&c.options, c.stats()))
+    }
+
+    fn cluster_stats(&self) -> Option<ClusterStats> {
+        self.inner.cluster.as_ref().map(|c| c.stats())
     }
 
     /// Would this reservation be admitted? Changes nothing.
@@ -917,6 +1016,12 @@ impl<S: Store> Guard<S> {
 
     /// Stops the sweeper, writes everything queued and stops the writer.
     pub async fn shutdown(&self) {
+        if let Some(c) = &self.inner.cluster
+            && let Some(pg) = self.inner.store.postgres()
+            && let Err(e) = pg.cluster_stopped(c.options.id).await
+        {
+            tracing::warn!(error = %e, "could not mark this cluster instance stopped");
+        }
         let tasks =
             std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         let _ = self.inner.writes.send(Write::Close);

@@ -34,7 +34,7 @@ impl StoreError {
     pub(crate) fn locked(db: &str) -> StoreError {
         StoreError::Locked(format!(
             "another spendguard instance is writing to {db}; only one single-node instance may \
-             run per database"
+             run per database (several need mode = \"cluster\", on PostgreSQL)"
         ))
     }
 }

@@ -53,6 +53,7 @@ pub use migrations::{POSTGRES_FILL_WEEKS, SQLITE_FILL_WEEKS};
 mod postgres;
 mod postgres_analytics;
 mod postgres_browse;
+mod postgres_cluster;
 mod sqlite;
 mod sqlite_analytics;
 mod sqlite_browse;
@@ -77,6 +78,7 @@ pub struct ApiKeyRecord {
     pub revoked_at: Option<Micros>,
 }
 pub use postgres::PostgresStore;
+pub use postgres_cluster::{ClusterInstance, ClusterNeeds, ClusterView, ClusterWrite, retried};
 pub use sqlite::SqliteStore;
 
 /// The persistence interface of spendguard: every backend implements it.
@@ -160,6 +162,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// The dead letters, oldest first.
     fn dead_letters(&self) -> impl Future<Output = Result<Vec<DeadLetter>, StoreError>> + Send;
+
+    /// The PostgreSQL store behind this one, for cluster mode; `None` for SQLite.
+    fn postgres(&self) -> Option<&PostgresStore> {
+        None
+    }
 }
 
 /// An event the store refused for a reason retrying cannot cure, kept for an operator.
@@ -240,6 +247,10 @@ pub struct OpenOptions {
     /// history of every event, from which every table can be recounted (it grows with
     /// every batch). Off by default: a projected batch is deleted as it is projected.
     pub keep_journal: bool,
+    /// PostgreSQL: open as one instance of a cluster (`mode = "cluster"`): the writer lock
+    /// is shared with the other cluster instances, and refused while a single-node
+    /// instance holds it (and the other way round).
+    pub cluster: bool,
 }
 
 impl Default for OpenOptions {
@@ -249,6 +260,7 @@ impl Default for OpenOptions {
             pool_size: 8,
             take_writer_lock: true,
             keep_journal: false,
+            cluster: false,
         }
     }
 }
@@ -699,6 +711,13 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sqlite(s) => s.dead_letters().await,
             AnyStore::Postgres(s) => s.dead_letters().await,
+        }
+    }
+
+    fn postgres(&self) -> Option<&PostgresStore> {
+        match self {
+            AnyStore::Sqlite(_) => None,
+            AnyStore::Postgres(s) => Some(s),
         }
     }
 }

@@ -703,6 +703,14 @@ CREATE INDEX would_deny_day ON would_deny (day_start, tenant_id);
 "#,
     ),
     (12, SQLITE_WEEKS),
+    (
+        13,
+        r#"
+-- Cluster mode runs on PostgreSQL only (its migration 13 adds the shared counters and the
+-- instances); this version keeps both backends numbered alike.
+SELECT 1;
+"#,
+    ),
 ];
 
 /// The users' week rows summed from their day rows (saturating like the rollups), into a
@@ -1237,6 +1245,61 @@ ALTER TABLE would_deny ENABLE ROW LEVEL SECURITY;
 "#,
     ),
     (12, POSTGRES_WEEKS),
+    (
+        13,
+        r#"
+-- Cluster mode (docs/cluster.md): the counters every instance decides on, locked row by
+-- row for each batch of decisions. One row per scope holds its current day and month
+-- windows (money in micro-USD), the reservations open against it and, for users, the
+-- request rate's theoretical arrival time (microseconds). It keeps, per window:
+-- `reserved_micros` = the estimates of its open reservations admitted in that window, and
+-- `spent_micros + reserved_micros <= limit` whenever a reservation was admitted (a commit
+-- above its estimate or a direct record may pass it, as on one node).
+CREATE TABLE scope_counters (
+    scope_kind text NOT NULL CHECK (scope_kind IN ('global', 'tenant', 'company', 'user')),
+    tenant_id text NOT NULL,
+    scope_id text NOT NULL,
+    day_start bigint NOT NULL DEFAULT 0,
+    day_spent_micros bigint NOT NULL DEFAULT 0,
+    day_reserved_micros bigint NOT NULL DEFAULT 0,
+    day_requests bigint NOT NULL DEFAULT 0,
+    day_requests_reserved bigint NOT NULL DEFAULT 0,
+    day_tokens bigint NOT NULL DEFAULT 0,
+    day_tokens_reserved bigint NOT NULL DEFAULT 0,
+    month_start bigint NOT NULL DEFAULT 0,
+    month_spent_micros bigint NOT NULL DEFAULT 0,
+    month_reserved_micros bigint NOT NULL DEFAULT 0,
+    month_requests bigint NOT NULL DEFAULT 0,
+    month_requests_reserved bigint NOT NULL DEFAULT 0,
+    month_tokens bigint NOT NULL DEFAULT 0,
+    month_tokens_reserved bigint NOT NULL DEFAULT 0,
+    in_flight bigint NOT NULL DEFAULT 0,
+    tat bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (scope_kind, tenant_id, scope_id)
+);
+-- The instances of a cluster and their heartbeats.
+CREATE TABLE cluster_instances (
+    id uuid PRIMARY KEY,
+    name text NOT NULL,
+    address text NOT NULL,
+    version text NOT NULL,
+    started_at timestamptz NOT NULL,
+    heartbeat_at timestamptz NOT NULL,
+    stopped_at timestamptz
+);
+-- Bumped by every change of budgets, users or tenant prices: instances poll it and reload
+-- those when it moves.
+CREATE TABLE cluster_config (
+    id int PRIMARY KEY CHECK (id = 1),
+    version bigint NOT NULL
+);
+INSERT INTO cluster_config VALUES (1, 0);
+-- No role other than spendguard's sees a row (see migration 7).
+ALTER TABLE scope_counters ENABLE ROW LEVEL SECURITY;
+ALTER TABLE cluster_instances ENABLE ROW LEVEL SECURITY;
+ALTER TABLE cluster_config ENABLE ROW LEVEL SECURITY;
+"#,
+    ),
 ];
 
 #[cfg(test)]

@@ -46,6 +46,8 @@ pub struct PostgresStore {
     name: String,
     journal: Arc<Journal>,
     keep_journal: bool,
+    /// One instance of a cluster (the writer lock is shared).
+    cluster: bool,
     /// Held while appending to the journal (see [`Store::apply`]).
     appending: tokio::sync::Mutex<()>,
     /// Held while projecting (the projector's and catching-up reads' turns).
@@ -174,7 +176,7 @@ pub(crate) const USAGE_COLUMNS: &str = "id, tenant_id, user_id, company_id, mode
     cache_creation_input_tokens, cache_creation_1h_input_tokens, reasoning_tokens, \
     long_context_above";
 
-const RESERVATION_COLUMNS: &str = "id, tenant_id, user_id, company_id, tier, admitted_tier, \
+pub(crate) const RESERVATION_COLUMNS: &str = "id, tenant_id, user_id, company_id, tier, admitted_tier, \
     model, endpoint, estimate_micros, estimated_tokens, created_at, expires_at, day_start, \
     month_start, idempotency_key, fingerprint";
 
@@ -303,8 +305,12 @@ static UPSERT_USAGE_ROLLUPS: LazyLock<String> = LazyLock::new(|| {
 });
 
 /// The advisory-lock key of the writer: one per database and schema.
+/// A single-node instance holds it exclusively; cluster instances share it, so the two
+/// modes never write to one database at once.
 const WRITER_LOCK: &str = "SELECT pg_try_advisory_lock(hashtextextended('spendguard-writer:' \
     || current_database() || '.' || coalesce(current_schema(), ''), 0))";
+const WRITER_LOCK_SHARED: &str = "SELECT pg_try_advisory_lock_shared(hashtextextended(\
+    'spendguard-writer:' || current_database() || '.' || coalesce(current_schema(), ''), 0))";
 
 /// The advisory-lock key that serializes migrations.
 const MIGRATION_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtextextended(\
@@ -340,7 +346,7 @@ pub(crate) fn usage_row(row: &Row) -> Result<UsageRecord, StoreError> {
     .decode()
 }
 
-fn reservation_row(row: &Row) -> Result<Reservation, StoreError> {
+pub(crate) fn reservation_row(row: &Row) -> Result<Reservation, StoreError> {
     ReservationCols {
         id: get(row, 0)?,
         tenant: get(row, 1)?,
@@ -416,16 +422,25 @@ fn server_of(config: &Config) -> String {
     }
 }
 
-async fn take_lock(config: &Config, name: &str) -> Result<LockConn, StoreError> {
+async fn take_lock(config: &Config, name: &str, cluster: bool) -> Result<LockConn, StoreError> {
     let (client, connection) = config.connect(NoTls).await.db()?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "the PostgreSQL connection holding the writer lock failed");
         }
     });
-    let row = client.query_one(WRITER_LOCK, &[]).await.db()?;
+    let sql = if cluster {
+        WRITER_LOCK_SHARED
+    } else {
+        WRITER_LOCK
+    };
+    let row = client.query_one(sql, &[]).await.db()?;
     match get::<Option<bool>>(&row, 0)? {
         Some(true) => Ok(LockConn { client }),
+        _ if cluster => Err(StoreError::Locked(format!(
+            "a single-node spendguard is writing to {name}; stop it first, or run every \
+             instance on this database with mode = \"cluster\""
+        ))),
         _ => Err(StoreError::locked(name)),
     }
 }
@@ -862,7 +877,7 @@ impl PostgresStore {
             .map_err(|e| StoreError::Invalid(format!("PostgreSQL connection pool: {e}")))?;
         let lock = if options.take_writer_lock {
             Some(Box::new(tokio::sync::Mutex::new(
-                take_lock(&config, &name).await?,
+                take_lock(&config, &name, options.cluster).await?,
             )))
         } else {
             None
@@ -874,6 +889,7 @@ impl PostgresStore {
             name,
             journal: Arc::new(Journal::unknown()),
             keep_journal: options.keep_journal,
+            cluster: options.cluster,
             appending: tokio::sync::Mutex::new(()),
             projecting: Arc::default(),
             projector: None,
@@ -947,7 +963,7 @@ impl PostgresStore {
                 database = %self.name,
                 "the connection holding the writer lock closed; taking the lock again"
             );
-            *held = take_lock(&self.config, &self.name).await?;
+            *held = take_lock(&self.config, &self.name, self.cluster).await?;
         }
         Ok(())
     }
@@ -1061,8 +1077,46 @@ impl PostgresStore {
     }
 }
 
+/// Reads the admin overrides (budgets, users, tenant prices) into `snapshot`.
+pub(crate) async fn overrides_into(
+    tx: &Transaction<'_>,
+    snapshot: &mut Snapshot,
+) -> Result<(), StoreError> {
+    let sql = "SELECT scope_kind, tenant_id, scope_id, daily_micros, monthly_micros \
+                   FROM budget_overrides ORDER BY scope_kind, tenant_id, scope_id";
+    for row in tx.query(sql, &[]).await.db()? {
+        let scope = scope_from_columns(get(&row, 0)?, get(&row, 1)?, get(&row, 2)?)?;
+        let daily: Option<i64> = get(&row, 3)?;
+        let monthly: Option<i64> = get(&row, 4)?;
+        snapshot.budgets.push((
+            scope,
+            BudgetOverride {
+                daily: daily.map(Money::from_micros),
+                monthly: monthly.map(Money::from_micros),
+            },
+        ));
+    }
+    let sql = "SELECT tenant_id, user_id, settings::text FROM user_overrides \
+                   ORDER BY tenant_id, user_id";
+    for row in tx.query(sql, &[]).await.db()? {
+        snapshot.users.push((
+            parse_id("tenant_id", get(&row, 0)?, TenantId::parse)?,
+            parse_id("user_id", get(&row, 1)?, UserId::parse)?,
+            decode_user(get(&row, 2)?)?,
+        ));
+    }
+    let sql = "SELECT tenant_id, settings::text FROM tenant_prices ORDER BY tenant_id";
+    for row in tx.query(sql, &[]).await.db()? {
+        snapshot.tenant_prices.push((
+            parse_id("tenant_id", get(&row, 0)?, TenantId::parse)?,
+            decode_tenant_prices(get(&row, 1)?)?,
+        ));
+    }
+    Ok(())
+}
+
 /// Applies `events` to the tables, inside `tx` (a projection of journal batches).
-async fn apply_events(tx: &Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
+pub(crate) async fn apply_events(tx: &Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
     let plan = Plan::new(events);
     if !plan.reserved.is_empty() {
         insert_reservations(tx, &plan.reserved).await?;
@@ -1285,36 +1339,7 @@ impl Store for PostgresStore {
         for row in tx.query(&sql, &[]).await.db()? {
             snapshot.open.push(reservation_row(&row)?);
         }
-        let sql = "SELECT scope_kind, tenant_id, scope_id, daily_micros, monthly_micros \
-                   FROM budget_overrides ORDER BY scope_kind, tenant_id, scope_id";
-        for row in tx.query(sql, &[]).await.db()? {
-            let scope = scope_from_columns(get(&row, 0)?, get(&row, 1)?, get(&row, 2)?)?;
-            let daily: Option<i64> = get(&row, 3)?;
-            let monthly: Option<i64> = get(&row, 4)?;
-            snapshot.budgets.push((
-                scope,
-                BudgetOverride {
-                    daily: daily.map(Money::from_micros),
-                    monthly: monthly.map(Money::from_micros),
-                },
-            ));
-        }
-        let sql = "SELECT tenant_id, user_id, settings::text FROM user_overrides \
-                   ORDER BY tenant_id, user_id";
-        for row in tx.query(sql, &[]).await.db()? {
-            snapshot.users.push((
-                parse_id("tenant_id", get(&row, 0)?, TenantId::parse)?,
-                parse_id("user_id", get(&row, 1)?, UserId::parse)?,
-                decode_user(get(&row, 2)?)?,
-            ));
-        }
-        let sql = "SELECT tenant_id, settings::text FROM tenant_prices ORDER BY tenant_id";
-        for row in tx.query(sql, &[]).await.db()? {
-            snapshot.tenant_prices.push((
-                parse_id("tenant_id", get(&row, 0)?, TenantId::parse)?,
-                decode_tenant_prices(get(&row, 1)?)?,
-            ));
-        }
+        overrides_into(&tx, &mut snapshot).await?;
         tx.commit().await.db()?;
         Ok(snapshot)
     }
@@ -1484,6 +1509,10 @@ impl Store for PostgresStore {
                 })
             })
             .collect()
+    }
+
+    fn postgres(&self) -> Option<&PostgresStore> {
+        Some(self)
     }
 }
 

@@ -574,33 +574,10 @@ impl Ledger {
             due.extend(rs.due(now));
             rs.forget_settled(horizon);
         }
-        let mut events = Vec::with_capacity(due.len());
-        for id in due {
-            let charge = Charge {
-                usage_id: id,
-                tokens: Tokens::default(),
-                cost: Money::ZERO,
-                pricing: Pricing::Catalog,
-                long_context_above: None,
-                status: RequestStatus::Expired,
-                origin: None,
-            };
-            let mut rs = lock(self.res_shard(&id));
-            let settled = self.settle_locked(
-                &mut rs,
-                &id,
-                now,
-                Outcome::Charged(charge),
-                Self::charged_usage,
-            );
-            drop(rs);
-            if let Some(usage) = settled {
-                events.push(Event::Expired {
-                    reservation_id: id,
-                    usage,
-                });
-            }
-        }
+        let events = due
+            .iter()
+            .filter_map(|id| self.expire_one(id, now))
+            .collect();
         // Dropping finished windows scans every scope: once a minute is plenty.
         let last = self.last_forget.load(std::sync::atomic::Ordering::Relaxed);
         if now.saturating_sub(last) >= MICROS_PER_MINUTE || now < last {
@@ -609,6 +586,35 @@ impl Ledger {
             self.forget(now);
         }
         events
+    }
+
+    /// Expires one open reservation whose TTL has passed, recording it as `expired` (no
+    /// tokens, no cost); `None` when it is not open or not due.
+    pub fn expire_one(&self, id: &Uuid, now: Micros) -> Option<Event> {
+        let mut rs = lock(self.res_shard(id));
+        if rs.open(id)?.res.expires_at > now {
+            return None;
+        }
+        let charge = Charge {
+            usage_id: *id,
+            tokens: Tokens::default(),
+            cost: Money::ZERO,
+            pricing: Pricing::Catalog,
+            long_context_above: None,
+            status: RequestStatus::Expired,
+            origin: None,
+        };
+        let usage = self.settle_locked(
+            &mut rs,
+            id,
+            now,
+            Outcome::Charged(charge),
+            Self::charged_usage,
+        )?;
+        Some(Event::Expired {
+            reservation_id: *id,
+            usage,
+        })
     }
 
     /// Drops idempotency keys past the retention and scope states of finished windows.

@@ -28,6 +28,7 @@
 //! - `gcra` — the rolling requests-per-minute limit.
 //! - `idempotency` — fingerprints and remembered keys.
 
+mod cluster;
 mod evaluate;
 mod gcra;
 mod idempotency;
@@ -42,6 +43,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use foldhash::fast::RandomState;
 use uuid::Uuid;
 
+pub use cluster::{ScopeCounters, WindowCounters, scope_keys};
 pub use idempotency::{late_usage_id, record_fingerprint, reserve_fingerprint};
 pub use types::*;
 

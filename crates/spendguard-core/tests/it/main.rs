@@ -1,6 +1,7 @@
 //! Integration tests of the core ledger through its public API.
 
 mod catalog;
+mod cluster;
 mod concurrency;
 mod ledger;
 mod properties;

@@ -1,6 +1,7 @@
 //! Integration tests of the Guard against real stores.
 
 mod airtight;
+mod cluster;
 mod crash;
 mod dead_letters;
 mod durability;

@@ -1,0 +1,371 @@
+//! Cluster mode: several guards (instances) on one PostgreSQL schema, exact across all.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use spendguard_core::*;
+use spendguard_guard::cluster::ClusterOptions;
+use spendguard_guard::{Guard, GuardError, GuardOptions, SystemClock};
+use spendguard_store::{AnyStore, OpenOptions, Store, StoreError};
+use uuid::Uuid;
+
+use crate::support::*;
+
+/// The global budget admits 200 reservations of 0.01.
+const CLUSTER_POLICY: &str = r#"
+[global]
+usd_per_day = "2"
+usd_per_month = "1000"
+[tenant]
+max_share_of_global = 1.0
+[tiers.free]
+requests_per_minute = "unlimited"
+requests_per_day = "unlimited"
+tokens_per_day = "unlimited"
+usd_per_day = "1"
+usd_per_month = "10"
+max_concurrent = "unlimited"
+allowed_models = ["*"]
+"#;
+
+struct Cluster {
+    url: String,
+    guards: Vec<Guard<AnyStore>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn fresh_schema(url: &str, name: &str) -> String {
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let (admin, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let schema = format!("sg_cluster_{name}_{}", std::process::id());
+    admin
+        .batch_execute(&format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+        ))
+        .await
+        .unwrap();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options=-csearch_path%3D{schema}")
+}
+
+fn cluster_options() -> OpenOptions {
+    OpenOptions {
+        cluster: true,
+        pool_size: 4,
+        ..OpenOptions::default()
+    }
+}
+
+async fn instance(url: &str, dir: &std::path::Path, n: usize, policy: &str) -> Guard<AnyStore> {
+    let store = AnyStore::open(url, &cluster_options()).await.unwrap();
+    let mut options = GuardOptions::new(dir.join(format!("spool{n}")));
+    options.sweep_interval = Duration::from_millis(100);
+    let mut c = ClusterOptions::new(format!("i{n}"), format!("test:{n}"));
+    c.heartbeat = Duration::from_millis(100);
+    options.cluster = Some(c);
+    let policy = Config::from_toml(policy).unwrap().validate().unwrap();
+    Guard::start(store, policy, options, Arc::new(SystemClock))
+        .await
+        .unwrap()
+}
+
+async fn cluster(name: &str, n: usize) -> Option<Cluster> {
+    let url = fresh_schema(&pg_url()?, name).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut guards = Vec::new();
+    for i in 0..n {
+        guards.push(instance(&url, dir.path(), i, CLUSTER_POLICY).await);
+    }
+    Some(Cluster {
+        url,
+        guards,
+        _dir: dir,
+    })
+}
+
+fn cents(subject: Subject, n: i64) -> ReserveRequest {
+    reserve(subject, n * 10_000)
+}
+
+/// What the shared rows must keep: for every scope, its reserved money, reserved requests
+/// and in-flight count equal the sums over its open reservations, and its spend equals
+/// its usage records; and no window's spend plus reservations passes its limit.
+async fn assert_invariant(c: &Cluster, global_limit: Money) {
+    let store = c.guards[0].store();
+    let pg = store.postgres().unwrap();
+    let config: tokio_postgres::Config = c.url.parse().unwrap();
+    let (db, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let counters = pg.cluster_all_counters().await.unwrap();
+    assert!(!counters.is_empty());
+    for (key, row) in counters {
+        let (cond, args): (&str, Vec<String>) = match &key {
+            ScopeKey::Global => ("true", vec![]),
+            ScopeKey::Tenant(t) => ("tenant_id = $1", vec![t.as_str().into()]),
+            ScopeKey::Company(t, co) => (
+                "tenant_id = $1 AND company_id = $2",
+                vec![t.as_str().into(), co.as_str().into()],
+            ),
+            ScopeKey::User(t, u) => (
+                "tenant_id = $1 AND user_id = $2",
+                vec![t.as_str().into(), u.as_str().into()],
+            ),
+        };
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = args
+            .iter()
+            .map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        let open = db
+            .query_one(
+                &format!(
+                    "SELECT coalesce(sum(estimate_micros), 0)::int8, count(*) FROM reservations \
+                     WHERE state = 'open' AND {cond}"
+                ),
+                &params,
+            )
+            .await
+            .unwrap();
+        let (reserved, open_count): (i64, i64) = (open.get(0), open.get(1));
+        assert_eq!(row.day.reserved.micros(), reserved, "{key:?}: reserved");
+        assert_eq!(i64::from(row.in_flight), open_count, "{key:?}: in flight");
+        assert_eq!(row.day.requests_reserved as i64, open_count, "{key:?}");
+        let spent = db
+            .query_one(
+                &format!(
+                    "SELECT coalesce(sum(cost_usd * 1000000), 0)::int8, count(*) FROM ai_usage \
+                     WHERE request_status <> 'expired' AND {cond}"
+                ),
+                &params,
+            )
+            .await
+            .unwrap();
+        let (spent, records): (i64, i64) = (spent.get(0), spent.get(1));
+        assert_eq!(row.day.spent.micros(), spent, "{key:?}: spent");
+        assert_eq!(row.day.requests as i64, records, "{key:?}: requests");
+        if key == ScopeKey::Global {
+            assert!(
+                row.day.spent.saturating_add(row.day.reserved) <= global_limit,
+                "over the global budget: {row:?}"
+            );
+        }
+    }
+    assert_rollups_match(store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_admit_exactly_the_budget_and_settle_anywhere() {
+    let Some(c) = cluster("exact", 3).await else {
+        return;
+    };
+    // 600 reservations of 0.01 at once, round robin; the global budget admits 200.
+    let mut tasks = Vec::new();
+    for i in 0..600 {
+        let g = c.guards[i % 3].clone();
+        tasks.push(tokio::spawn(async move {
+            let s = subject(&format!("t{}", i % 7), &format!("u{i}"));
+            g.reserve(cents(s, 1)).await.unwrap()
+        }));
+    }
+    let mut admitted = Vec::new();
+    for t in tasks {
+        if let Ok(r) = t.await.unwrap() {
+            admitted.push(r.reservation.id);
+        }
+    }
+    assert_eq!(admitted.len(), 200, "admitted across the cluster");
+    assert_invariant(&c, Money::parse_usd("2").unwrap()).await;
+    // Each settled on another instance than the one that made it (any of them).
+    let mut tasks = Vec::new();
+    for (i, id) in admitted.iter().copied().enumerate() {
+        let g = c.guards[(i + 1) % 3].clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 4 == 0 {
+                g.release(id, None).await.map(|_| ())
+            } else {
+                g.commit(id, commit(5_000)).await.map(|_| ())
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    // A retried commit on a third instance answers the first commit.
+    let first = c.guards[2]
+        .commit(admitted[1], commit(5_000))
+        .await
+        .unwrap();
+    assert!(first.replayed);
+    assert_invariant(&c, Money::parse_usd("2").unwrap()).await;
+    // 150 commits of 0.005: 0.75 spent, so 125 more reservations of 0.01 fit.
+    let mut more = 0;
+    for i in 0..130 {
+        let s = subject("t0", &format!("v{i}"));
+        if c.guards[i % 3].reserve(cents(s, 1)).await.unwrap().is_ok() {
+            more += 1;
+        }
+    }
+    assert_eq!(more, 125);
+    assert_invariant(&c, Money::parse_usd("2").unwrap()).await;
+    for g in &c.guards {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_keyed_retry_on_another_instance_answers_the_same_reservation() {
+    let Some(c) = cluster("keys", 2).await else {
+        return;
+    };
+    let mut req = cents(subject("t", "u"), 3);
+    req.idempotency_key = Some(IdempotencyKey::parse("k-1").unwrap());
+    let a = c.guards[0].reserve(req.clone()).await.unwrap().unwrap();
+    let b = c.guards[1].reserve(req.clone()).await.unwrap().unwrap();
+    assert_eq!(a.reservation.id, b.reservation.id);
+    assert!(b.replayed);
+    // The same key with another request is a conflict, on either instance.
+    let mut other = req.clone();
+    other.estimated_cost = Some(Money::from_micros(70_000));
+    let err = c.guards[1].reserve(other).await.unwrap_err();
+    assert!(
+        matches!(err, GuardError::Ledger(LedgerError::IdempotencyConflict(_))),
+        "{err}"
+    );
+    // Racing retries of a new key on both instances admit once.
+    let mut req = cents(subject("t", "w"), 3);
+    req.idempotency_key = Some(IdempotencyKey::parse("k-2").unwrap());
+    let (x, y) = tokio::join!(
+        c.guards[0].reserve(req.clone()),
+        c.guards[1].reserve(req.clone())
+    );
+    let (x, y) = (x.unwrap().unwrap(), y.unwrap().unwrap());
+    assert_eq!(x.reservation.id, y.reservation.id);
+    assert!(x.replayed != y.replayed);
+    // A keyed direct record, retried on the other instance, is recorded once.
+    let rec = RecordRequest {
+        id: Uuid::nil(),
+        subject: subject("t", "r"),
+        tokens: Tokens {
+            input: 10,
+            output: 10,
+            ..Default::default()
+        },
+        cost: Some(Money::from_micros(1_000)),
+        status: RequestStatus::Success,
+        idempotency_key: Some(IdempotencyKey::parse("rec-1").unwrap()),
+    };
+    let (r1, replay1) = c.guards[0].record_replayable(rec.clone()).await.unwrap();
+    let (r2, replay2) = c.guards[1].record_replayable(rec).await.unwrap();
+    assert_eq!((r1.id, replay1, replay2), (r2.id, false, true));
+    assert_invariant(&c, Money::parse_usd("2").unwrap()).await;
+    for g in &c.guards {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_budget_set_on_one_instance_is_enforced_by_another_within_a_heartbeat() {
+    let Some(c) = cluster("config", 2).await else {
+        return;
+    };
+    let user = ScopeKey::User(TenantId::parse("t").unwrap(), UserId::parse("u").unwrap());
+    let budget = BudgetOverride {
+        daily: Some(Money::from_micros(50_000)),
+        monthly: None,
+    };
+    c.guards[0].set_budget(user.clone(), budget).await.unwrap();
+    // The other instance reloads it at its next heartbeat (100 ms here).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c.guards[1].ledger().budget_override(&user) != Some(budget) {
+        assert!(tokio::time::Instant::now() < deadline, "never reloaded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, stats) = c.guards[1].cluster().unwrap();
+    assert!(stats.config_reloads >= 1);
+    assert!(
+        c.guards[1]
+            .reserve(cents(subject("t", "u"), 6))
+            .await
+            .unwrap()
+            .is_err()
+    );
+    assert!(
+        c.guards[1]
+            .reserve(cents(subject("t", "u"), 4))
+            .await
+            .unwrap()
+            .is_ok()
+    );
+    for g in &c.guards {
+        g.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reservations_of_a_stopped_instance_are_expired_by_another() {
+    let Some(c) = cluster("expiry", 2).await else {
+        return;
+    };
+    let mut req = cents(subject("t", "u"), 50);
+    req.ttl_us = Some(300_000);
+    let r = c.guards[0].reserve(req).await.unwrap().unwrap();
+    c.guards[0].shutdown().await;
+    let pg = c.guards[1].store().postgres().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stored = c.guards[1]
+            .store()
+            .reservation(r.reservation.id)
+            .await
+            .unwrap();
+        if stored.unwrap().state == spendguard_store::ReservationState::Expired {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never expired");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let global = pg
+        .cluster_counters(&[ScopeKey::Global])
+        .await
+        .unwrap()
+        .remove(0)
+        .1;
+    assert_eq!((global.day.reserved, global.in_flight), (Money::ZERO, 0));
+    assert_invariant(&c, Money::parse_usd("2").unwrap()).await;
+    c.guards[1].shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_node_and_cluster_instances_refuse_each_others_database() {
+    let Some(url) = pg_url() else { return };
+    let url = fresh_schema(&url, "modes").await;
+    let single = AnyStore::open(&url, &OpenOptions::default()).await.unwrap();
+    let err = AnyStore::open(&url, &cluster_options()).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Locked(ref m) if m.contains("single-node")),
+        "{err}"
+    );
+    drop(single);
+    let a = AnyStore::open(&url, &cluster_options()).await.unwrap();
+    let _b = AnyStore::open(&url, &cluster_options()).await.unwrap();
+    let err = AnyStore::open(&url, &OpenOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Locked(ref m) if m.contains("cluster")),
+        "{err}"
+    );
+    drop(a);
+    // And cluster mode on SQLite is refused with a clear error.
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(&dir.path().join("db")).await;
+    let mut options = GuardOptions::new(dir.path().join("spool"));
+    options.cluster = Some(ClusterOptions::new("x", "y"));
+    let err = Guard::start(store, policy(), options, Arc::new(SystemClock))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("cluster mode needs PostgreSQL"),
+        "{err}"
+    );
+}

@@ -1,0 +1,518 @@
+//! Cluster mode on PostgreSQL: a batch of decisions made under row locks of the shared
+//! counters (`scope_counters`, migration 13), and the registry of instances.
+//!
+//! One transaction per batch, in this order, so that two batches never wait for each
+//! other in a cycle:
+//! 1. the idempotency keys of the batch's keyed requests: transaction advisory locks, in
+//!    the order of their hashes, then the newest reservation of each key;
+//! 2. the reservations the batch settles: `FOR UPDATE`, in id order;
+//! 3. the counter rows of every scope the batch touches: created if missing, then
+//!    `FOR UPDATE`, in key order;
+//! 4. the caller decides (the ledger, on the values just locked), synchronously;
+//! 5. the changed counter rows are written back and the batch's events applied to the
+//!    tables (usage records, reservations, rollups, overrides) as a projection applies
+//!    them; then the transaction commits, and only then is any caller answered.
+
+use std::collections::HashMap;
+
+use spendguard_core::{
+    Event, IdempotencyKey, Micros, Money, Reservation, ScopeCounters, ScopeKey, Snapshot, TenantId,
+    UsageRecord, WindowCounters, late_usage_id, scope_keys,
+};
+use tokio_postgres::{IsolationLevel, Row};
+use uuid::Uuid;
+
+use crate::common::{clamp_u64, corrupt, scope_columns, scope_from_columns};
+use crate::error::StoreError;
+use crate::postgres::{
+    Db, PostgresStore, RESERVATION_COLUMNS, USAGE_COLUMNS, apply_events, from_time, get,
+    overrides_into, reservation_row, usage_row,
+};
+use crate::{ReservationState, StoredReservation};
+
+/// What a batch locks before it decides.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterNeeds {
+    /// Every scope the batch's requests count in.
+    pub scopes: Vec<ScopeKey>,
+    /// The reservations it settles.
+    pub reservations: Vec<Uuid>,
+    /// The idempotency keys of its keyed reservations.
+    pub keys: Vec<(TenantId, IdempotencyKey)>,
+}
+
+/// What the database holds for a batch, read under its locks.
+#[derive(Debug, Default)]
+pub struct ClusterView {
+    /// The counters of every scope asked for (zero for a new scope).
+    pub counters: Vec<(ScopeKey, ScopeCounters)>,
+    /// The reservations asked for that exist, with the record that settled them.
+    pub reservations: HashMap<Uuid, StoredReservation>,
+    /// The record of a commit that arrived after its reservation expired, by reservation.
+    pub late: HashMap<Uuid, UsageRecord>,
+    /// The newest reservation made with each key asked for.
+    pub by_key: HashMap<(TenantId, IdempotencyKey), StoredReservation>,
+    /// The direct usage record made with each key asked for.
+    pub usage_by_key: HashMap<(TenantId, IdempotencyKey), UsageRecord>,
+}
+
+/// What a batch writes: the counters it changed and its events.
+#[derive(Debug, Default)]
+pub struct ClusterWrite {
+    pub counters: Vec<(ScopeKey, ScopeCounters)>,
+    pub events: Vec<Event>,
+}
+
+/// One instance of the cluster, as the registry holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterInstance {
+    pub id: Uuid,
+    pub name: String,
+    pub address: String,
+    pub version: String,
+    pub started_at: Micros,
+    pub heartbeat_at: Micros,
+    /// Set when it stopped cleanly.
+    pub stopped_at: Option<Micros>,
+}
+
+const LOCK_KEYS: &str = "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT \
+    hashtextextended(u.t || ' ' || u.k, 7) AS h FROM UNNEST($1::text[], $2::text[]) AS u (t, k)) \
+    AS s ORDER BY h";
+
+const COUNTER_COLUMNS: &str = "c.scope_kind, c.tenant_id, c.scope_id, \
+    day_start, day_spent_micros, day_reserved_micros, day_requests, day_requests_reserved, \
+    day_tokens, day_tokens_reserved, month_start, month_spent_micros, month_reserved_micros, \
+    month_requests, month_requests_reserved, month_tokens, month_tokens_reserved, in_flight, tat";
+
+const CREATE_COUNTERS: &str = "INSERT INTO scope_counters (scope_kind, tenant_id, scope_id) \
+    SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u (k, t, i) ORDER BY 1, 2, 3 \
+    ON CONFLICT DO NOTHING";
+
+const WRITE_COUNTERS: &str = "UPDATE scope_counters AS c SET day_start = u.ds, \
+    day_spent_micros = u.dsp, day_reserved_micros = u.dr, day_requests = u.dq, \
+    day_requests_reserved = u.dqr, day_tokens = u.dt, day_tokens_reserved = u.dtr, \
+    month_start = u.ms, month_spent_micros = u.msp, month_reserved_micros = u.mr, \
+    month_requests = u.mq, month_requests_reserved = u.mqr, month_tokens = u.mt, \
+    month_tokens_reserved = u.mtr, in_flight = u.f, tat = u.tat \
+    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[], \
+    $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], \
+    $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[]) \
+    AS u (k, t, i, ds, dsp, dr, dq, dqr, dt, dtr, ms, msp, mr, mq, mqr, mt, mtr, f, tat) \
+    WHERE (c.scope_kind, c.tenant_id, c.scope_id) = (u.k, u.t, u.i)";
+
+fn count(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn window_of(row: &Row, at: usize) -> Result<WindowCounters, StoreError> {
+    Ok(WindowCounters {
+        start: get(row, at)?,
+        spent: Money::from_micros(get(row, at + 1)?),
+        reserved: Money::from_micros(get(row, at + 2)?),
+        requests: count(get(row, at + 3)?),
+        requests_reserved: count(get(row, at + 4)?),
+        tokens: count(get(row, at + 5)?),
+        tokens_reserved: count(get(row, at + 6)?),
+    })
+}
+
+fn counters_row(row: &Row) -> Result<(ScopeKey, ScopeCounters), StoreError> {
+    let key = scope_from_columns(get(row, 0)?, get(row, 1)?, get(row, 2)?)?;
+    let in_flight: i64 = get(row, 17)?;
+    Ok((
+        key,
+        ScopeCounters {
+            day: window_of(row, 3)?,
+            month: window_of(row, 10)?,
+            in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX),
+            tat: get(row, 18)?,
+        },
+    ))
+}
+
+fn stored_row(row: &Row) -> Result<(StoredReservation, Option<Uuid>), StoreError> {
+    let reservation = reservation_row(row)?;
+    let state: &str = get(row, 16)?;
+    let state = ReservationState::parse(state)
+        .ok_or_else(|| corrupt(format!("unknown reservation state `{state}`")))?;
+    let usage_id: Option<Uuid> = get(row, 17)?;
+    Ok((
+        StoredReservation {
+            reservation,
+            state,
+            usage: None,
+        },
+        usage_id,
+    ))
+}
+
+impl PostgresStore {
+    /// Decides one batch in one transaction: locks what `needs` names, hands what it
+    /// read to `decide`, writes what `decide` returns, and commits. Returns the events
+    /// `decide` made (none if it did not run) and whether they were committed: on an
+    /// error nothing was written, and the caller takes back what it did in memory.
+    pub async fn cluster_decide(
+        &self,
+        needs: &ClusterNeeds,
+        decide: impl FnOnce(ClusterView) -> ClusterWrite,
+    ) -> (Vec<Event>, Result<(), StoreError>) {
+        let mut events = Vec::new();
+        let done = self.decide_in_tx(needs, decide, &mut events).await;
+        (events, done)
+    }
+
+    async fn decide_in_tx(
+        &self,
+        needs: &ClusterNeeds,
+        decide: impl FnOnce(ClusterView) -> ClusterWrite,
+        events: &mut Vec<Event>,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.db()?;
+        let mut view = ClusterView::default();
+        if !needs.keys.is_empty() {
+            let tenants: Vec<&str> = needs.keys.iter().map(|(t, _)| t.as_str()).collect();
+            let keys: Vec<&str> = needs.keys.iter().map(|(_, k)| k.as_str()).collect();
+            let stmt = tx.prepare_cached(LOCK_KEYS).await.db()?;
+            tx.execute(&stmt, &[&tenants, &keys]).await.db()?;
+            let sql = format!(
+                "SELECT DISTINCT ON (tenant_id, idempotency_key) {RESERVATION_COLUMNS}, state, \
+                 usage_id FROM reservations JOIN UNNEST($1::text[], $2::text[]) AS u (t, k) \
+                 ON tenant_id = u.t AND idempotency_key = u.k \
+                 ORDER BY tenant_id, idempotency_key, created_at DESC"
+            );
+            let stmt = tx.prepare_cached(&sql).await.db()?;
+            for row in tx.query(&stmt, &[&tenants, &keys]).await.db()? {
+                let (stored, _) = stored_row(&row)?;
+                let r = &stored.reservation;
+                let key = r
+                    .idempotency_key
+                    .clone()
+                    .ok_or_else(|| corrupt("a keyed reservation without its key"))?;
+                view.by_key.insert((r.subject.tenant.clone(), key), stored);
+            }
+            let sql = format!(
+                "SELECT {USAGE_COLUMNS} FROM ai_usage JOIN UNNEST($1::text[], $2::text[]) \
+                 AS u (t, k) ON tenant_id = u.t AND idempotency_key = u.k \
+                 WHERE reservation_id IS NULL"
+            );
+            let stmt = tx.prepare_cached(&sql).await.db()?;
+            for row in tx.query(&stmt, &[&tenants, &keys]).await.db()? {
+                let u = usage_row(&row)?;
+                if let Some(k) = u.idempotency_key.clone() {
+                    view.usage_by_key.insert((u.tenant.clone(), k), u);
+                }
+            }
+        }
+        if !needs.reservations.is_empty() {
+            let mut ids = needs.reservations.clone();
+            ids.sort_unstable();
+            ids.dedup();
+            let sql = format!(
+                "SELECT {RESERVATION_COLUMNS}, state, usage_id FROM UNNEST($1::uuid[]) \
+                 WITH ORDINALITY AS u (uid, n) JOIN reservations ON id = u.uid \
+                 ORDER BY u.n FOR UPDATE OF reservations"
+            );
+            let stmt = tx.prepare_cached(&sql).await.db()?;
+            let mut usage_ids = Vec::new();
+            for row in tx.query(&stmt, &[&ids]).await.db()? {
+                let (stored, usage_id) = stored_row(&row)?;
+                let id = stored.reservation.id;
+                usage_ids.extend(usage_id);
+                if stored.state == ReservationState::Expired {
+                    usage_ids.push(late_usage_id(&id));
+                }
+                view.reservations.insert(id, stored);
+            }
+            if !usage_ids.is_empty() {
+                let sql = format!("SELECT {USAGE_COLUMNS} FROM ai_usage WHERE id = ANY($1)");
+                let stmt = tx.prepare_cached(&sql).await.db()?;
+                for row in tx.query(&stmt, &[&usage_ids]).await.db()? {
+                    let u = usage_row(&row)?;
+                    let Some(rid) = u.reservation_id else {
+                        continue;
+                    };
+                    if u.id == late_usage_id(&rid) {
+                        view.late.insert(rid, u);
+                    } else if let Some(s) = view.reservations.get_mut(&rid) {
+                        s.usage = Some(u);
+                    }
+                }
+            }
+        }
+        // The scopes of the reservations settled count too (their subjects never change).
+        let mut scopes = needs.scopes.clone();
+        for s in view.reservations.values() {
+            scopes.extend(scope_keys(&s.reservation.subject));
+        }
+        scopes.sort_unstable();
+        scopes.dedup();
+        let mut read: HashMap<ScopeKey, ScopeCounters> = HashMap::new();
+        if !scopes.is_empty() {
+            let (mut kinds, mut tenants, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+            for s in &scopes {
+                let (k, t, i) = scope_columns(s);
+                kinds.push(k);
+                tenants.push(t);
+                ids.push(i);
+            }
+            let stmt = tx.prepare_cached(CREATE_COUNTERS).await.db()?;
+            tx.execute(&stmt, &[&kinds, &tenants, &ids]).await.db()?;
+            let sql = format!(
+                "SELECT {COUNTER_COLUMNS} FROM scope_counters AS c JOIN \
+                 UNNEST($1::text[], $2::text[], $3::text[]) AS u (k, t, i) \
+                 ON (c.scope_kind, c.tenant_id, c.scope_id) = (u.k, u.t, u.i) \
+                 ORDER BY 1, 2, 3 FOR UPDATE OF c"
+            );
+            let stmt = tx.prepare_cached(&sql).await.db()?;
+            for row in tx.query(&stmt, &[&kinds, &tenants, &ids]).await.db()? {
+                let (key, c) = counters_row(&row)?;
+                read.insert(key.clone(), c);
+                view.counters.push((key, c));
+            }
+        }
+        // Scopes new to the table are created zero: the view holds every one asked for.
+        for key in scopes {
+            read.entry(key.clone()).or_insert_with(|| {
+                view.counters.push((key, ScopeCounters::default()));
+                ScopeCounters::default()
+            });
+        }
+        let write = decide(view);
+        events.extend(write.events);
+        let changed: Vec<&(ScopeKey, ScopeCounters)> = write
+            .counters
+            .iter()
+            .filter(|(k, c)| read.get(k) != Some(c))
+            .collect();
+        if !changed.is_empty() {
+            write_counters(&tx, &changed).await?;
+        }
+        if !events.is_empty() {
+            apply_events(&tx, events).await?;
+            if events.iter().any(|e| {
+                matches!(
+                    e,
+                    Event::BudgetSet { .. } | Event::UserSet { .. } | Event::TenantPricesSet { .. }
+                )
+            }) {
+                tx.execute(
+                    "UPDATE cluster_config SET version = version + 1 WHERE id = 1",
+                    &[],
+                )
+                .await
+                .db()?;
+            }
+        }
+        tx.commit().await.db()?;
+        Ok(())
+    }
+
+    /// The counters of `scopes` as committed now, without locking (what a status shows).
+    pub async fn cluster_counters(
+        &self,
+        scopes: &[ScopeKey],
+    ) -> Result<Vec<(ScopeKey, ScopeCounters)>, StoreError> {
+        let (mut kinds, mut tenants, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        for s in scopes {
+            let (k, t, i) = scope_columns(s);
+            kinds.push(k);
+            tenants.push(t);
+            ids.push(i);
+        }
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT {COUNTER_COLUMNS} FROM scope_counters AS c JOIN \
+             UNNEST($1::text[], $2::text[], $3::text[]) AS u (k, t, i) \
+             ON (c.scope_kind, c.tenant_id, c.scope_id) = (u.k, u.t, u.i)"
+        );
+        let stmt = client.prepare_cached(&sql).await.db()?;
+        client
+            .query(&stmt, &[&kinds, &tenants, &ids])
+            .await
+            .db()?
+            .iter()
+            .map(counters_row)
+            .collect()
+    }
+
+    /// The ids of open reservations due to expire at `now`, oldest first.
+    pub async fn cluster_due(&self, now: Micros, limit: i64) -> Result<Vec<Uuid>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT id FROM reservations WHERE state = 'open' \
+                 AND expires_at <= to_timestamp($1::float8 / 1000000) \
+                 ORDER BY expires_at LIMIT $2",
+            )
+            .await
+            .db()?;
+        let at = now as f64;
+        client
+            .query(&stmt, &[&at, &limit])
+            .await
+            .db()?
+            .iter()
+            .map(|r| get(r, 0))
+            .collect()
+    }
+
+    /// The admin overrides (budgets, users, tenant prices) and the configuration version
+    /// they are at.
+    pub async fn cluster_overrides(&self) -> Result<(i64, Snapshot), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .db()?;
+        let row = tx
+            .query_one("SELECT version FROM cluster_config WHERE id = 1", &[])
+            .await
+            .db()?;
+        let version: i64 = get(&row, 0)?;
+        let mut snapshot = Snapshot::default();
+        overrides_into(&tx, &mut snapshot).await?;
+        tx.commit().await.db()?;
+        Ok((version, snapshot))
+    }
+
+    /// Registers this instance (or marks it alive again after a restart with its id).
+    pub async fn cluster_register(&self, me: &ClusterInstance) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO cluster_instances (id, name, address, version, started_at, \
+                 heartbeat_at) VALUES ($1, $2, $3, $4, now(), now()) ON CONFLICT (id) DO UPDATE \
+                 SET name = EXCLUDED.name, address = EXCLUDED.address, \
+                 version = EXCLUDED.version, started_at = now(), heartbeat_at = now(), \
+                 stopped_at = NULL",
+                &[&me.id, &me.name, &me.address, &me.version],
+            )
+            .await
+            .db()?;
+        Ok(())
+    }
+
+    /// Beats this instance's heart; returns the configuration version.
+    pub async fn cluster_heartbeat(&self, id: Uuid) -> Result<i64, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "WITH beat AS (UPDATE cluster_instances SET heartbeat_at = now() \
+                 WHERE id = $1) SELECT version FROM cluster_config WHERE id = 1",
+            )
+            .await
+            .db()?;
+        let row = client.query_one(&stmt, &[&id]).await.db()?;
+        get(&row, 0)
+    }
+
+    /// Marks this instance stopped (a clean shutdown).
+    pub async fn cluster_stopped(&self, id: Uuid) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "UPDATE cluster_instances SET stopped_at = now() WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .db()?;
+        Ok(())
+    }
+
+    /// Every registered instance, newest heartbeat first; and the database's clock.
+    pub async fn cluster_instances(&self) -> Result<(Micros, Vec<ClusterInstance>), StoreError> {
+        let client = self.client().await?;
+        let now = client.query_one("SELECT now()", &[]).await.db()?;
+        let rows = client
+            .query(
+                "SELECT id, name, address, version, started_at, heartbeat_at, stopped_at \
+                 FROM cluster_instances ORDER BY heartbeat_at DESC, id",
+                &[],
+            )
+            .await
+            .db()?;
+        let time = |r: &Row, i: usize| -> Result<Micros, StoreError> { Ok(from_time(get(r, i)?)) };
+        let list = rows
+            .iter()
+            .map(|r| {
+                Ok(ClusterInstance {
+                    id: get(r, 0)?,
+                    name: get(r, 1)?,
+                    address: get(r, 2)?,
+                    version: get(r, 3)?,
+                    started_at: time(r, 4)?,
+                    heartbeat_at: time(r, 5)?,
+                    stopped_at: get::<Option<std::time::SystemTime>>(r, 6)?.map(from_time),
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok((time(&now, 0)?, list))
+    }
+
+    /// Every counter row (for tests and `GET /v1/admin/cluster`'s totals).
+    pub async fn cluster_all_counters(&self) -> Result<Vec<(ScopeKey, ScopeCounters)>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!("SELECT {COUNTER_COLUMNS} FROM scope_counters AS c ORDER BY 1, 2, 3");
+        client
+            .query(&sql, &[])
+            .await
+            .db()?
+            .iter()
+            .map(counters_row)
+            .collect()
+    }
+}
+
+async fn write_counters(
+    tx: &deadpool_postgres::Transaction<'_>,
+    rows: &[&(ScopeKey, ScopeCounters)],
+) -> Result<(), StoreError> {
+    let mut cols: [Vec<i64>; 16] = Default::default();
+    let (mut kinds, mut tenants, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+    for (key, c) in rows {
+        let (k, t, i) = scope_columns(key);
+        kinds.push(k);
+        tenants.push(t);
+        ids.push(i);
+        let vals = [
+            c.day.start,
+            c.day.spent.micros(),
+            c.day.reserved.micros(),
+            clamp_u64(c.day.requests),
+            clamp_u64(c.day.requests_reserved),
+            clamp_u64(c.day.tokens),
+            clamp_u64(c.day.tokens_reserved),
+            c.month.start,
+            c.month.spent.micros(),
+            c.month.reserved.micros(),
+            clamp_u64(c.month.requests),
+            clamp_u64(c.month.requests_reserved),
+            clamp_u64(c.month.tokens),
+            clamp_u64(c.month.tokens_reserved),
+            i64::from(c.in_flight),
+            c.tat,
+        ];
+        for (col, v) in cols.iter_mut().zip(vals) {
+            col.push(v);
+        }
+    }
+    let stmt = tx.prepare_cached(WRITE_COUNTERS).await.db()?;
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&kinds, &tenants, &ids];
+    for c in &cols {
+        params.push(c);
+    }
+    tx.execute(&stmt, &params).await.db()?;
+    Ok(())
+}
+
+/// The reservation a stored idempotency key names, if it is still within the retention
+/// a retry is answered in.
+pub fn retried(stored: &StoredReservation, retention: i64, now: Micros) -> Option<&Reservation> {
+    let r = &stored.reservation;
+    (r.created_at.saturating_add(retention).max(r.expires_at) > now).then_some(r)
+}
