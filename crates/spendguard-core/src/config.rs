@@ -299,10 +299,22 @@ pub enum LogFormat {
     Json,
 }
 
+/// How many instances serve one database.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerMode {
+    /// One instance decides from memory (SQLite or PostgreSQL).
+    #[default]
+    Single,
+    /// Any number of instances decide on PostgreSQL's rows (see docs/cluster.md).
+    Cluster,
+}
+
 /// The `[server]` section.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
+    pub mode: ServerMode,
     pub listen: String,
     pub database: String,
     pub on_store_error: OnStoreError,

@@ -752,6 +752,11 @@ pub async fn check(
     caller.may_act_on(&body.tenant_id)?;
     let view = View::of(&caller);
     let req = body.into_request(view == View::Admin)?;
+    let s = &req.subject;
+    state
+        .guard
+        .refresh(&s.tenant, &s.user, s.company.as_ref())
+        .await?;
     let now = state.guard.now();
     let CheckOutcome {
         limits,
@@ -953,6 +958,10 @@ pub async fn limits(
     };
     caller.may_act_on(&tenant)?;
     let view = View::of(&caller);
+    state
+        .guard
+        .refresh(&tenant, &q.user_id, q.company_id.as_ref())
+        .await?;
     let limits = state.guard.ledger().limits_as(
         &tenant,
         &q.user_id,
@@ -1245,6 +1254,119 @@ fn free_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
 pub struct HealthOut {
     /// Always `ok`.
     pub status: &'static str,
+}
+
+/// `GET /v1/admin/cluster`: the instances sharing this database.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ClusterOut {
+    /// `single` or `cluster`.
+    pub mode: &'static str,
+    /// This instance (cluster mode).
+    pub instance: Option<InstanceOut>,
+    /// How this instance decides: `direct` (every batch on the shared rows, under their
+    /// locks) in cluster mode, `memory` on one node.
+    pub decisions: &'static str,
+    /// An instance is live while its last heartbeat is younger than this.
+    pub live_within_seconds: u64,
+    /// Every instance registered on the database, newest heartbeat first.
+    pub instances: Vec<InstanceOut>,
+    /// This instance's counters (cluster mode).
+    pub stats: Option<ClusterStatsOut>,
+}
+
+/// One instance of a cluster.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct InstanceOut {
+    pub id: String,
+    pub name: String,
+    pub address: String,
+    pub version: String,
+    /// RFC 3339.
+    pub started_at: Option<String>,
+    pub heartbeat_at: Option<String>,
+    pub stopped_at: Option<String>,
+    /// Its heartbeat is recent and it did not stop.
+    pub live: bool,
+}
+
+/// Counters of this instance in a cluster.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ClusterStatsOut {
+    pub batches: u64,
+    pub operations: u64,
+    pub retries: u64,
+    pub failures: u64,
+    pub config_reloads: u64,
+    pub config_version: i64,
+    pub heartbeat_failing: bool,
+}
+
+pub async fn cluster(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<ClusterOut>, ApiError> {
+    caller.require_admin()?;
+    let Some((options, stats)) = state.guard.cluster() else {
+        return Ok(Json(ClusterOut {
+            mode: "single",
+            instance: None,
+            decisions: "memory",
+            live_within_seconds: 0,
+            instances: Vec::new(),
+            stats: None,
+        }));
+    };
+    let live_within = (options.heartbeat * 5).as_secs().max(1);
+    let pg =
+        spendguard_store::Store::postgres(state.guard.store()).ok_or_else(ApiError::internal)?;
+    let (now, list) = pg
+        .cluster_instances()
+        .await
+        .map_err(spendguard_guard::GuardError::from)?;
+    let time = rfc3339;
+    let instances: Vec<InstanceOut> = list
+        .into_iter()
+        .map(|i| InstanceOut {
+            id: i.id.to_string(),
+            live: i.stopped_at.is_none()
+                && now.saturating_sub(i.heartbeat_at) < (live_within as i64) * 1_000_000,
+            name: i.name,
+            address: i.address,
+            version: i.version,
+            started_at: Some(time(i.started_at)),
+            heartbeat_at: Some(time(i.heartbeat_at)),
+            stopped_at: i.stopped_at.map(time),
+        })
+        .collect();
+    let me = instances
+        .iter()
+        .find(|i| i.id == options.id.to_string())
+        .map(|i| InstanceOut {
+            id: i.id.clone(),
+            name: i.name.clone(),
+            address: i.address.clone(),
+            version: i.version.clone(),
+            started_at: i.started_at.clone(),
+            heartbeat_at: i.heartbeat_at.clone(),
+            stopped_at: i.stopped_at.clone(),
+            live: i.live,
+        });
+    Ok(Json(ClusterOut {
+        mode: "cluster",
+        instance: me,
+        decisions: "direct",
+        live_within_seconds: live_within,
+        instances,
+        stats: Some(ClusterStatsOut {
+            batches: stats.batches,
+            operations: stats.operations,
+            retries: stats.retries,
+            failures: stats.failures,
+            config_reloads: stats.config_reloads,
+            config_version: stats.config_version,
+            heartbeat_failing: stats.heartbeat_failing,
+        }),
+    }))
 }
 
 pub async fn healthz() -> Json<HealthOut> {

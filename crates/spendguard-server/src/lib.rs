@@ -88,11 +88,16 @@ impl AppState {
     }
 
     pub fn with_alerts(guard: Guard<AnyStore>, keys: KeyRing, alerts: AlertSettings) -> AppState {
+        let metrics = if guard.cluster().is_some() {
+            Metrics::for_cluster()
+        } else {
+            Metrics::new()
+        };
         AppState {
             alerts: Arc::new(Alerts::new(guard.clone(), alerts)),
             guard,
             keys: Arc::new(keys),
-            metrics: Arc::new(Metrics::new()),
+            metrics: Arc::new(metrics),
             sessions: Arc::new(dashboard::Sessions::default()),
             limits: Arc::new(ServerLimits::default()),
             shutting_down: Arc::new(AtomicBool::new(false)),
@@ -191,6 +196,7 @@ api! {
     get "/v1/reports/usage" => reports::usage_report { auth: true, query: (reports::ReportParams), body: none, answer: (200, reports::ReportOut), summary: "Usage over whole days (?from=&to=, default the last 30), grouped by day, tenant, company, user, model or endpoint (?group_by=); top spenders first; JSON or CSV (?format=)" }
     get "/v1/alerts" => reports::alerts { auth: true, query: (reports::AlertParams), body: none, answer: (200, reports::AlertsOut), summary: "Cost alerts of the current day and month (?all=true: of every window), newest first" }
     get "/v1/prices" => api::prices { auth: true, query: (api::PricesQuery), body: none, answer: (200, api::PricesOut), summary: "The prices the server charges by (USD per million tokens) and where each came from; ?model= for one model's effective price, ?tenant_id= with a tenant's overrides (a tenant key: its own)" }
+    get "/v1/admin/cluster" => api::cluster { auth: true, query: none, body: none, answer: (200, api::ClusterOut), summary: "Cluster mode: the instances on this database, their heartbeats, and this instance's counters (admin)" }
     put "/v1/admin/tenants/{tenant_id}/prices" => api::set_tenant_prices { auth: true, query: none, body: (api::TenantPricesBody), answer: (200, api::TenantPricesOut), summary: "Set a tenant's negotiated prices: a multiplier and explicit prices per model; an empty object clears them (admin)" }
     get "/v1/admin/budgets" => api::list_budgets { auth: true, query: none, body: none, answer: (200, api::BudgetsOut), summary: "Every scope with a budget override (admin)" }
     get "/v1/admin/budgets/{scope}/{id}" => api::get_budget { auth: true, query: (api::TenantQuery), body: none, answer: (200, api::BudgetOut), summary: "A scope's budget override and the caps in force (admin)" }

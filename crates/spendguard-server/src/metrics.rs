@@ -75,6 +75,9 @@ pub struct Metrics {
     spool_failures: Counter,
     sweep_failures: Counter,
     ready: Gauge,
+    /// Cluster mode (absent from the exposition on one node): batches, operations,
+    /// retries, failures, configuration reloads, and the heartbeat's state.
+    cluster: Option<ClusterMetrics>,
     connections: Gauge,
     connections_refused: Counter,
     /// Renders one at a time: counters read from elsewhere advance by their difference.
@@ -97,7 +100,73 @@ impl Default for Metrics {
     }
 }
 
+/// The metrics of cluster mode.
+#[derive(Debug)]
+struct ClusterMetrics {
+    batches: Counter,
+    operations: Counter,
+    retries: Counter,
+    failures: Counter,
+    config_reloads: Counter,
+    heartbeat_up: Gauge,
+}
+
 impl Metrics {
+    /// [`Metrics::new`] with the metrics of cluster mode.
+    pub fn for_cluster() -> Metrics {
+        let mut m = Metrics::new();
+        let registry = m.registry_mut();
+        let counter = |registry: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let batches = counter(
+            registry,
+            "cluster_batches",
+            "Batches of decisions this instance committed on the shared rows",
+        );
+        let operations = counter(
+            registry,
+            "cluster_operations",
+            "Operations (reserve, commit, release, record, expire) decided in them",
+        );
+        let retries = counter(
+            registry,
+            "cluster_retries",
+            "Batches run again after a deadlock or a serialization failure",
+        );
+        let failures = counter(
+            registry,
+            "cluster_failures",
+            "Batches whose transaction failed (their callers got an error)",
+        );
+        let config_reloads = counter(
+            registry,
+            "cluster_config_reloads",
+            "Reloads of budgets, users and prices changed through another instance",
+        );
+        let heartbeat_up = Gauge::default();
+        registry.register(
+            "cluster_heartbeat_up",
+            "1 while this instance's heartbeat reaches the database",
+            heartbeat_up.clone(),
+        );
+        m.cluster = Some(ClusterMetrics {
+            batches,
+            operations,
+            retries,
+            failures,
+            config_reloads,
+            heartbeat_up,
+        });
+        m
+    }
+
+    fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("spendguard");
         let decisions = Family::<DecisionLabels, Counter>::default();
@@ -217,6 +286,7 @@ impl Metrics {
             spool_failures,
             sweep_failures,
             ready,
+            cluster: None,
             alerts_raised,
             webhooks,
             would_deny,
@@ -311,6 +381,14 @@ impl Metrics {
         advance(&self.spool_failures, stats.spool_failures);
         advance(&self.sweep_failures, stats.sweep_failures);
         self.ready.set(i64::from(guard.ready()));
+        if let (Some(m), Some((_, c))) = (&self.cluster, guard.cluster()) {
+            advance(&m.batches, c.batches);
+            advance(&m.operations, c.operations);
+            advance(&m.retries, c.retries);
+            advance(&m.failures, c.failures);
+            advance(&m.config_reloads, c.config_reloads);
+            m.heartbeat_up.set(i64::from(!c.heartbeat_failing));
+        }
         self.open_reservations
             .set(to_i(guard.ledger().open_reservations() as u64));
         let now = guard.now();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use spendguard_core::config::{Config, LogFormat, OnStoreError};
+use spendguard_core::config::{Config, LogFormat, OnStoreError, ServerMode};
 use spendguard_guard::{Guard, GuardOptions, SystemClock};
 use spendguard_server::reports::{self, Format};
 use spendguard_server::{AlertSettings, AppState, KeyRing};
@@ -46,6 +46,9 @@ enum Command {
         /// The address to listen on.
         #[arg(long, env = "SPENDGUARD_LISTEN")]
         listen: Option<String>,
+        /// `single` (one instance) or `cluster` (any number on one PostgreSQL database).
+        #[arg(long, env = "SPENDGUARD_MODE", value_parser = ["single", "cluster"])]
+        mode: Option<String>,
     },
     /// Create or upgrade the database schema (`serve` also does this at start).
     Migrate {
@@ -352,9 +355,17 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn open_store(config: &Config, writer: bool) -> anyhow::Result<AnyStore> {
+    let cluster = config.server.mode == ServerMode::Cluster;
+    if cluster && writer && !config.server.database.starts_with("postgres") {
+        bail!(
+            "mode = \"cluster\" needs a PostgreSQL database (postgres://...): SQLite serves \
+             one instance only; use mode = \"single\" with SQLite"
+        );
+    }
     let options = OpenOptions {
         sync_every_batch: config.server.sync_every_batch,
         take_writer_lock: writer,
+        cluster: cluster && writer,
         ..OpenOptions::default()
     };
     match AnyStore::open(&config.server.database, &options).await {
@@ -382,10 +393,19 @@ async fn open_existing_store(config: &Config) -> anyhow::Result<AnyStore> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve { common, listen } => {
+        Command::Serve {
+            common,
+            listen,
+            mode,
+        } => {
             let mut config = load_config(&common)?;
             if let Some(l) = listen {
                 config.server.listen = l;
+            }
+            match mode.as_deref() {
+                Some("cluster") => config.server.mode = ServerMode::Cluster,
+                Some("single") => config.server.mode = ServerMode::Single,
+                _ => {}
             }
             serve(config, move || load_config(&common))
         }
@@ -1169,6 +1189,9 @@ async fn start_guard(
             let store = open_store(config, true).await?;
             let mut options = GuardOptions::new(&config.server.spool_path);
             options.on_store_error = config.server.on_store_error;
+            if config.server.mode == ServerMode::Cluster {
+                options.cluster = Some(cluster_options(config));
+            }
             Guard::start(store, policy.clone(), options, Arc::new(SystemClock))
                 .await
                 .context("failed to start: could not restore the ledger from the database")
@@ -1190,6 +1213,24 @@ async fn start_guard(
     let _ = stop.send(());
     let _ = phase.await;
     result
+}
+
+/// This instance in a cluster: a new id at every start (an instance that died is then
+/// simply one that stopped beating), named by `SPENDGUARD_INSTANCE_NAME` or by host and
+/// port.
+fn cluster_options(config: &Config) -> spendguard_guard::cluster::ClusterOptions {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    let port = config.server.listen.rsplit(':').next().unwrap_or("");
+    let name = std::env::var("SPENDGUARD_INSTANCE_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| format!("{host}:{port}"));
+    spendguard_guard::cluster::ClusterOptions::new(name, config.server.listen.clone())
 }
 
 /// True for an error of starting that a retry may cure: the database cannot be reached.

@@ -4,6 +4,8 @@ use std::process::Command;
 
 #[path = "cli/clients.rs"]
 mod clients;
+#[path = "cli/cluster.rs"]
+mod cluster;
 
 /// An admin key of the required length (32 characters or more).
 const ADMIN: &str = "cli-test-admin-key-0123456789abcdef";
