@@ -775,7 +775,7 @@ pub fn render(summary: &Summary) -> String {
         if let Some(c) = &r.function_check {
             let _ = writeln!(
                 out,
-                "function check: {} counters overspent; global ${:.4} of ${:.0}/day \
+                "function check: {} counters overspent; global ${:.4} of ${}/day \
                  (requests: sg_reserve and sg_settle calls)",
                 c.overspent.len(),
                 c.global_spent_usd,
