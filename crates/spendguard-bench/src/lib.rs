@@ -761,7 +761,8 @@ pub fn render(summary: &Summary) -> String {
         if let Some(c) = &r.spendguard_check {
             let _ = writeln!(
                 out,
-                "spendguard check: {} users, {} limit entries, {} overspent; global ${:.4} of ${:.0}/day",
+                "{} check: {} users, {} limit entries, {} overspent; global ${:.4} of ${}/day",
+                r.target,
                 c.users_checked,
                 c.entries_checked,
                 c.overspent.len(),
