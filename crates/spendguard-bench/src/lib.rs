@@ -151,7 +151,10 @@ pub struct Options {
     pub history: Vec<u64>,
     /// The database of the baseline: `None` for a temporary SQLite file, or a `postgres://`
     /// URL (its table lives in the schema [`baseline::PG_SCHEMA`]). The in-process
-    /// spendguard always runs on a temporary SQLite database.
+    /// spendguard always runs on a temporary SQLite database. Required by the function
+    /// baseline (schema [`function::PG_SCHEMA`]) and by spendguard processes
+    /// ([`cluster::ClusterOptions::instances`]), which run on the database
+    /// [`cluster::PG_DATABASE`] of the same server.
     pub database: Option<String>,
     /// The baseline's global daily budget in USD; `None`: the cost of `connections × 50`
     /// calls, so that it binds early in the run.
@@ -277,6 +280,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<Summary> {
     let mut ratios = Vec::new();
     let mut gateway = None;
     let mut compare = None;
+    if opts.cluster.instances.is_some()
+        && !matches!(opts.mode, Mode::Spendguard | Mode::ClusterCompare)
+    {
+        bail!("--instances applies to --mode spendguard and cluster-compare only");
+    }
     let history = if opts.history.is_empty() {
         vec![0]
     } else {
