@@ -12,8 +12,18 @@
 //!
 //! A fourth mode, **gateway** ([`gateway`]), measures what the gateway adds to a model
 //! call: chat completions sent to the mock upstream directly and through the gateway.
+//!
+//! On PostgreSQL, three more:
+//!
+//! - **spendguard with `--instances N`** ([`cluster`]): N `spendguard serve` processes on one
+//!   fresh database (cluster mode, or single mode for one), the load spread over them;
+//! - **function** ([`function`]): a single-SQL-function limiter in the style of TensorZero's,
+//!   driven directly over one PostgreSQL connection per task, no HTTP;
+//! - **cluster-compare**: the function, spendguard × 1 and spendguard × N side by side.
 
 pub mod baseline;
+pub mod cluster;
+pub mod function;
 pub mod gateway;
 pub mod load;
 
@@ -86,12 +96,24 @@ pub fn tier_of(i: usize) -> &'static TierLimits {
     }
 }
 
+/// The default global daily budget of spendguard and the function baseline, USD: it never
+/// binds in a run.
+pub const GLOBAL_USD_PER_DAY: f64 = 1_000_000.0;
+
 /// The spendguard configuration of the in-process server: a global budget that never binds,
 /// the tiers of [`TIERS`].
 pub fn spendguard_config() -> String {
-    let mut s = String::from(
-        "[global]\nusd_per_day = \"1000000\"\nusd_per_month = \"10000000\"\n\n\
-         [tiers.free]\nrequests_per_minute = 30\nrequests_per_day = 200\ntokens_per_day = 200000\n\
+    spendguard_config_with_global(GLOBAL_USD_PER_DAY)
+}
+
+/// [`spendguard_config`] with a global daily budget of `usd_per_day` (the monthly one is
+/// 31 times that, at least the default's, so it never binds first).
+pub fn spendguard_config_with_global(usd_per_day: f64) -> String {
+    let month = (usd_per_day * 31.0).max(GLOBAL_USD_PER_DAY * 10.0);
+    let mut s =
+        format!("[global]\nusd_per_day = \"{usd_per_day:.6}\"\nusd_per_month = \"{month:.6}\"\n\n");
+    s.push_str(
+        "[tiers.free]\nrequests_per_minute = 30\nrequests_per_day = 200\ntokens_per_day = 200000\n\
          usd_per_day = \"0.001\"\nusd_per_month = \"5\"\nmax_concurrent = 2\nmax_output_tokens = 2048\n\
          allowed_models = [\"gpt-4o-mini*\"]\n",
     );
@@ -102,7 +124,7 @@ pub fn spendguard_config() -> String {
 
 /// Which target(s) to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Mode {
     Spendguard,
     Baseline,
@@ -110,6 +132,10 @@ pub enum Mode {
     All,
     /// The gateway in front of the mock upstream, against the mock alone.
     Gateway,
+    /// The single-SQL-function limiter on PostgreSQL ([`function`]).
+    Function,
+    /// The function, spendguard × 1 and spendguard × N processes, side by side.
+    ClusterCompare,
 }
 
 /// Everything [`run`] needs.
@@ -125,7 +151,10 @@ pub struct Options {
     pub history: Vec<u64>,
     /// The database of the baseline: `None` for a temporary SQLite file, or a `postgres://`
     /// URL (its table lives in the schema [`baseline::PG_SCHEMA`]). The in-process
-    /// spendguard always runs on a temporary SQLite database.
+    /// spendguard always runs on a temporary SQLite database. Required by the function
+    /// baseline (schema [`function::PG_SCHEMA`]) and by spendguard processes
+    /// ([`cluster::ClusterOptions::instances`]), which run on the database
+    /// [`cluster::PG_DATABASE`] of the same server.
     pub database: Option<String>,
     /// The baseline's global daily budget in USD; `None`: the cost of `connections × 50`
     /// calls, so that it binds early in the run.
@@ -136,6 +165,9 @@ pub struct Options {
     pub rounds: usize,
     /// Gateway mode: calls per second in all, on a fixed schedule; `None`: closed loop.
     pub rate: Option<f64>,
+    /// spendguard processes on PostgreSQL (`--instances`), and the global budget of them and
+    /// of the function baseline.
+    pub cluster: cluster::ClusterOptions,
 }
 
 /// One measured run of one target.
@@ -150,6 +182,45 @@ pub struct TargetReport {
     pub spendguard_check: Option<SpendguardCheck>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline_overspend: Option<baseline::Overspend>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub function_check: Option<function::FunctionCheck>,
+}
+
+impl TargetReport {
+    fn new(target: impl Into<String>, load: LoadReport) -> TargetReport {
+        TargetReport {
+            target: target.into(),
+            history: None,
+            load,
+            spendguard_check: None,
+            baseline_overspend: None,
+            function_check: None,
+        }
+    }
+
+    /// Limit entries found over their limit after the run (spendguard or function).
+    pub fn overspent(&self) -> usize {
+        self.spendguard_check
+            .as_ref()
+            .map_or(0, |c| c.overspent.len())
+            + self
+                .function_check
+                .as_ref()
+                .map_or(0, |c| c.overspent.len())
+    }
+}
+
+/// The side by side of `cluster-compare`.
+#[derive(Debug, Serialize)]
+pub struct CompareRatios {
+    pub instances: usize,
+    pub function_rps: f64,
+    pub one_rps: f64,
+    pub many_rps: f64,
+    /// spendguard × N over spendguard × 1, requests per second.
+    pub many_over_one_rps: f64,
+    /// spendguard × N over the function, requests per second.
+    pub many_over_function_rps: f64,
 }
 
 /// The limits read back from spendguard after a run.
@@ -192,16 +263,14 @@ pub struct Summary {
     pub ratios: Vec<RatioRow>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gateway: Option<gateway::GatewayReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compare: Option<CompareRatios>,
 }
 
 impl Summary {
-    /// True when spendguard overspent anywhere.
+    /// True when spendguard or the function baseline overspent anywhere.
     pub fn overspent(&self) -> bool {
-        self.runs.iter().any(|r| {
-            r.spendguard_check
-                .as_ref()
-                .is_some_and(|c| !c.overspent.is_empty())
-        })
+        self.runs.iter().any(|r| r.overspent() > 0)
     }
 }
 
@@ -210,13 +279,41 @@ pub async fn run(opts: &Options) -> anyhow::Result<Summary> {
     let mut runs = Vec::new();
     let mut ratios = Vec::new();
     let mut gateway = None;
+    let mut compare = None;
+    if opts.cluster.instances.is_some()
+        && !matches!(opts.mode, Mode::Spendguard | Mode::ClusterCompare)
+    {
+        bail!("--instances applies to --mode spendguard and cluster-compare only");
+    }
     let history = if opts.history.is_empty() {
         vec![0]
     } else {
         opts.history.clone()
     };
     match opts.mode {
-        Mode::Spendguard => runs.push(run_spendguard(opts).await?),
+        Mode::Spendguard => match opts.cluster.instances {
+            Some(n) => runs
+                .push(run_instances(opts, n, opts.cluster.server_mode, opts.cluster.cross).await?),
+            None => runs.push(run_spendguard(opts).await?),
+        },
+        Mode::Function => runs.push(run_function(opts).await?),
+        Mode::ClusterCompare => {
+            let n = opts.cluster.instances.unwrap_or(3);
+            let f = run_function(opts).await?;
+            let one = run_instances(opts, 1, opts.cluster.server_mode, false).await?;
+            let many =
+                run_instances(opts, n, cluster::ServerMode::Cluster, opts.cluster.cross).await?;
+            let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+            compare = Some(CompareRatios {
+                instances: n,
+                function_rps: f.load.requests_per_s,
+                one_rps: one.load.requests_per_s,
+                many_rps: many.load.requests_per_s,
+                many_over_one_rps: ratio(many.load.requests_per_s, one.load.requests_per_s),
+                many_over_function_rps: ratio(many.load.requests_per_s, f.load.requests_per_s),
+            });
+            runs.extend([f, one, many]);
+        }
         Mode::Ceiling => runs.push(run_ceiling(opts).await?),
         Mode::Gateway => {
             if opts.url.is_some() {
@@ -277,7 +374,95 @@ pub async fn run(opts: &Options) -> anyhow::Result<Summary> {
         runs,
         ratios,
         gateway,
+        compare,
     })
+}
+
+/// The global daily budget of the processes and the function, USD.
+fn global_usd_per_day(opts: &Options) -> f64 {
+    opts.cluster
+        .global_usd_per_day
+        .unwrap_or(GLOBAL_USD_PER_DAY)
+}
+
+fn postgres_url(opts: &Options, what: &str) -> anyhow::Result<String> {
+    match opts.database.as_deref() {
+        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
+            Ok(u.to_owned())
+        }
+        _ => bail!("{what} needs --database postgres://…"),
+    }
+}
+
+async fn run_function(opts: &Options) -> anyhow::Result<TargetReport> {
+    let url = postgres_url(opts, "--mode function")?;
+    let (load, check) = function::run(&url, global_usd_per_day(opts), &opts.load).await?;
+    let mut report = TargetReport::new("function", load);
+    report.function_check = Some(check);
+    Ok(report)
+}
+
+/// spendguard as `n` processes on a fresh database of the server of `--database`.
+async fn run_instances(
+    opts: &Options,
+    n: usize,
+    mode: cluster::ServerMode,
+    cross: bool,
+) -> anyhow::Result<TargetReport> {
+    if opts.url.is_some() {
+        bail!("--instances starts its own spendguard processes; --url is not supported");
+    }
+    let admin_url = postgres_url(opts, "--instances")?;
+    let bin = match &opts.cluster.spendguard_bin {
+        Some(b) => b.clone(),
+        None => cluster::default_spendguard_bin()?,
+    };
+    let database = cluster::recreate_database(&admin_url).await?;
+    let config = spendguard_config_with_global(global_usd_per_day(opts));
+    let instances = cluster::Instances::start(&bin, &database, n, mode, &config).await?;
+    let label = match mode {
+        cluster::ServerMode::Cluster => format!("spendguard x {n}"),
+        cluster::ServerMode::Single => format!("spendguard x {n} single"),
+    };
+    let load = load::drive_many(
+        &instances.urls,
+        cross && n > 1,
+        &instances.key,
+        Workload::Spendguard,
+        &opts.load,
+        &label,
+    )
+    .await;
+    let check = match &load {
+        Ok(_) => Some(verify_instances(&instances.urls, &instances.key, opts).await),
+        Err(_) => None,
+    };
+    instances.stop().await?;
+    let mut report = TargetReport::new(label, load?);
+    report.spendguard_check = check.transpose()?;
+    Ok(report)
+}
+
+/// [`verify_spendguard`] on every instance: each reads the shared state back on its own.
+async fn verify_instances(
+    urls: &[String],
+    key: &str,
+    opts: &Options,
+) -> anyhow::Result<SpendguardCheck> {
+    let mut all = SpendguardCheck::default();
+    for (i, url) in urls.iter().enumerate() {
+        let c = verify_spendguard(url, key, &opts.load, opts.verify_sample).await?;
+        all.users_checked += c.users_checked;
+        all.entries_checked += c.entries_checked;
+        all.overspent.extend(
+            c.overspent
+                .into_iter()
+                .map(|o| format!("instance {i}: {o}")),
+        );
+        all.global_used_usd = all.global_used_usd.max(c.global_used_usd);
+        all.global_limit_usd = c.global_limit_usd;
+    }
+    Ok(all)
 }
 
 /// A server running on this runtime until [`Served::stop`].
@@ -333,6 +518,7 @@ async fn run_spendguard(opts: &Options) -> anyhow::Result<TargetReport> {
             load,
             spendguard_check: Some(check),
             baseline_overspend: None,
+            function_check: None,
         });
     }
     let dir = tempfile::tempdir()?;
@@ -367,6 +553,7 @@ async fn run_spendguard(opts: &Options) -> anyhow::Result<TargetReport> {
         load: load?,
         spendguard_check: check.transpose()?,
         baseline_overspend: None,
+        function_check: None,
     })
 }
 
@@ -503,6 +690,7 @@ async fn run_ceiling(opts: &Options) -> anyhow::Result<TargetReport> {
         load: load?,
         spendguard_check: None,
         baseline_overspend: None,
+        function_check: None,
     })
 }
 
@@ -536,6 +724,7 @@ async fn run_baseline(opts: &Options, history: u64) -> anyhow::Result<TargetRepo
         load: load?,
         spendguard_check: None,
         baseline_overspend: Some(over?),
+        function_check: None,
     })
 }
 
@@ -551,7 +740,7 @@ pub fn render(summary: &Summary) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<22} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7}  denials",
+        "{:<24} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>7}  denials",
         "target", "requests", "req/s", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "errors"
     );
     for r in &summary.runs {
@@ -564,7 +753,7 @@ pub fn render(summary: &Summary) -> String {
             l.denials.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         let _ = writeln!(
             out,
-            "{:<22} {:>9} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>7}  {:?}",
+            "{:<24} {:>9} {:>10.0} {:>8} {:>8} {:>8} {:>8} {:>7}  {:?}",
             name,
             l.requests,
             l.requests_per_s,
@@ -580,11 +769,25 @@ pub fn render(summary: &Summary) -> String {
         if let Some(c) = &r.spendguard_check {
             let _ = writeln!(
                 out,
-                "spendguard check: {} users, {} limit entries, {} overspent; global ${:.4} of ${:.0}/day",
+                "{} check: {} users, {} limit entries, {} overspent; global ${:.4} of ${}/day",
+                r.target,
                 c.users_checked,
                 c.entries_checked,
                 c.overspent.len(),
                 c.global_used_usd,
+                c.global_limit_usd
+            );
+            for o in c.overspent.iter().take(20) {
+                let _ = writeln!(out, "  OVERSPEND {o}");
+            }
+        }
+        if let Some(c) = &r.function_check {
+            let _ = writeln!(
+                out,
+                "function check: {} counters overspent; global ${:.4} of ${}/day \
+                 (requests: sg_reserve and sg_settle calls)",
+                c.overspent.len(),
+                c.global_spent_usd,
                 c.global_limit_usd
             );
             for o in c.overspent.iter().take(20) {
@@ -604,6 +807,33 @@ pub fn render(summary: &Summary) -> String {
                 o.worst_user_over_limit
             );
         }
+    }
+    if let Some(c) = &summary.compare {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<24} {:>10} {:>8} {:>8} {:>9} {:>9}",
+            "target", "req/s", "p50 µs", "p99 µs", "denials", "overspend"
+        );
+        for r in &summary.runs {
+            let _ = writeln!(
+                out,
+                "{:<24} {:>10.0} {:>8} {:>8} {:>9} {:>9}",
+                r.target,
+                r.load.requests_per_s,
+                r.load.latency_us.p50,
+                r.load.latency_us.p99,
+                r.load.denied(),
+                r.overspent()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "x{n} over x1: {:.2}   x{n} over function: {:.2}",
+            c.many_over_one_rps,
+            c.many_over_function_rps,
+            n = c.instances
+        );
     }
     if !summary.ratios.is_empty() {
         let _ = writeln!(out);

@@ -1,5 +1,8 @@
 //! The load generator: N keep-alive connections, each a task looping reserve → commit or
 //! release, every HTTP request timed into an HDR histogram.
+//!
+//! Against several instances of one service ([`drive_many`]), task k is pinned to instance
+//! k mod N; with `cross`, it settles each reservation on the next instance instead.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -112,11 +115,12 @@ impl Worker {
 }
 
 struct Shared {
-    url: String,
+    urls: Vec<String>,
+    cross: bool,
     key: String,
     opts: LoadOptions,
-    limit: RunLimit,
-    done: AtomicU64,
+    limit: Arc<RunLimit>,
+    done: Arc<AtomicU64>,
 }
 
 /// When a run ends: at a time, after a number of requests, or when told to stop.
@@ -162,13 +166,14 @@ async fn send(
     w: &mut Worker,
     s: &Shared,
     client: &reqwest::Client,
+    base: &str,
     path: &str,
     body: &Value,
 ) -> Option<(StatusCode, Value)> {
     let t = Instant::now();
     let result = async {
         let resp = client
-            .post(format!("{}{path}", s.url))
+            .post(format!("{base}{path}"))
             .bearer_auth(&s.key)
             .json(body)
             .send()
@@ -194,11 +199,19 @@ async fn send(
     }
 }
 
-async fn worker(s: Arc<Shared>) -> Worker {
+/// An empty histogram of latencies in microseconds, up to a minute.
+pub(crate) fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+async fn worker(s: Arc<Shared>, k: usize) -> Worker {
     let mut w = Worker {
-        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+        hist: histogram(),
         report: LoadReport::default(),
     };
+    let n = s.urls.len();
+    let reserve_url = s.urls[k % n].clone();
+    let settle_url = s.urls[(k + usize::from(s.cross)) % n].clone();
     let client = match reqwest::Client::builder()
         .pool_max_idle_per_host(1)
         .timeout(Duration::from_secs(300))
@@ -222,7 +235,9 @@ async fn worker(s: Arc<Shared>) -> Worker {
             "max_output_tokens": MAX_OUTPUT_TOKENS,
         });
         w.report.reserves += 1;
-        let Some((status, v)) = send(&mut w, &s, &client, "/v1/reservations", &body).await else {
+        let Some((status, v)) =
+            send(&mut w, &s, &client, &reserve_url, "/v1/reservations", &body).await
+        else {
             continue;
         };
         match status {
@@ -248,7 +263,7 @@ async fn worker(s: Arc<Shared>) -> Worker {
         if fastrand::f64() < s.opts.release_ratio {
             w.report.releases += 1;
             let path = format!("/v1/reservations/{id}/release");
-            if let Some((st, v)) = send(&mut w, &s, &client, &path, &json!({})).await
+            if let Some((st, v)) = send(&mut w, &s, &client, &settle_url, &path, &json!({})).await
                 && st != StatusCode::OK
             {
                 w.error(format!("release: {st} {v}"));
@@ -260,7 +275,7 @@ async fn worker(s: Arc<Shared>) -> Worker {
                 "output_tokens": fastrand::u64(1..=MAX_OUTPUT_TOKENS),
             });
             let path = format!("/v1/reservations/{id}/commit");
-            if let Some((st, v)) = send(&mut w, &s, &client, &path, &body).await
+            if let Some((st, v)) = send(&mut w, &s, &client, &settle_url, &path, &body).await
                 && st != StatusCode::OK
             {
                 w.error(format!("commit: {st} {v}"));
@@ -270,13 +285,44 @@ async fn worker(s: Arc<Shared>) -> Worker {
     w
 }
 
-fn progress_bar(s: &Shared, label: &str) -> Option<ProgressBar> {
-    if !s.opts.progress || !std::io::stderr().is_terminal() {
+/// A progress bar on stderr ticking until `limit` stops, fed by `done`; `None` when
+/// progress is off or stderr is not a terminal.
+pub(crate) fn progress(
+    opts: &LoadOptions,
+    limit: Arc<RunLimit>,
+    done: Arc<AtomicU64>,
+    start: Instant,
+    label: &str,
+) -> Option<(ProgressBar, tokio::task::JoinHandle<()>)> {
+    let bar = progress_bar(opts, &limit, label)?;
+    let b = bar.clone();
+    let ticker = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tick.tick().await;
+            let n = done.load(Ordering::Relaxed);
+            let secs = start.elapsed().as_secs_f64().max(1e-3);
+            if limit.stop_at.is_some() {
+                b.set_position(start.elapsed().as_millis() as u64);
+            } else {
+                b.set_position(n);
+            }
+            b.set_message(format!("{n} requests, {:.0} req/s", n as f64 / secs));
+            if limit.stopped.load(Ordering::Relaxed) {
+                break;
+            }
+        }
+    });
+    Some((bar, ticker))
+}
+
+fn progress_bar(opts: &LoadOptions, limit: &RunLimit, label: &str) -> Option<ProgressBar> {
+    if !opts.progress || !std::io::stderr().is_terminal() {
         return None;
     }
-    let (len, template) = match (s.limit.stop_at, s.opts.requests) {
+    let (len, template) = match (limit.stop_at, opts.requests) {
         (Some(_), _) => (
-            s.opts.duration.unwrap_or_default().as_millis() as u64,
+            opts.duration.unwrap_or_default().as_millis() as u64,
             "{prefix:>18} [{bar:40}] {elapsed_precise} {msg}",
         ),
         (None, Some(n)) => (n, "{prefix:>18} [{bar:40}] {pos}/{len} {msg}"),
@@ -294,6 +340,19 @@ fn progress_bar(s: &Shared, label: &str) -> Option<ProgressBar> {
 pub async fn drive(
     url: &str,
     key: &str,
+    workload: Workload,
+    opts: &LoadOptions,
+    label: &str,
+) -> anyhow::Result<LoadReport> {
+    drive_many(&[url.to_owned()], false, key, workload, opts, label).await
+}
+
+/// Drives several instances of one service: connection k goes to `urls[k % N]` and, with
+/// `cross`, settles its reservations on `urls[(k + 1) % N]`. One report for all.
+pub async fn drive_many(
+    urls: &[String],
+    cross: bool,
+    key: &str,
     _workload: Workload,
     opts: &LoadOptions,
     label: &str,
@@ -301,76 +360,83 @@ pub async fn drive(
     if opts.duration.is_none() && opts.requests.is_none() {
         anyhow::bail!("give a duration or a request count");
     }
+    if urls.is_empty() {
+        anyhow::bail!("no URL to drive");
+    }
     let start = Instant::now();
     let shared = Arc::new(Shared {
-        url: url.trim_end_matches('/').to_owned(),
+        urls: urls
+            .iter()
+            .map(|u| u.trim_end_matches('/').to_owned())
+            .collect(),
+        cross,
         key: key.to_owned(),
         opts: opts.clone(),
-        limit: RunLimit::new(start, opts),
-        done: AtomicU64::new(0),
+        limit: Arc::new(RunLimit::new(start, opts)),
+        done: Arc::new(AtomicU64::new(0)),
     });
-    let bar = progress_bar(&shared, label);
-    let ticker = bar.clone().map(|bar| {
-        let s = shared.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(200));
-            loop {
-                tick.tick().await;
-                let done = s.done.load(Ordering::Relaxed);
-                let secs = start.elapsed().as_secs_f64().max(1e-3);
-                if s.limit.stop_at.is_some() {
-                    bar.set_position(start.elapsed().as_millis() as u64);
-                } else {
-                    bar.set_position(done);
-                }
-                bar.set_message(format!("{done} requests, {:.0} req/s", done as f64 / secs));
-                if s.limit.stopped.load(Ordering::Relaxed) {
-                    break;
-                }
-            }
-        })
-    });
+    let bar = progress(
+        opts,
+        shared.limit.clone(),
+        shared.done.clone(),
+        start,
+        label,
+    );
     let tasks: Vec<_> = (0..opts.connections.max(1))
-        .map(|_| tokio::spawn(worker(shared.clone())))
+        .map(|k| tokio::spawn(worker(shared.clone(), k)))
         .collect();
-    let mut hist: Histogram<u64> = Histogram::new_with_bounds(1, 60_000_000, 3)?;
+    let mut hist = histogram();
     let mut report = LoadReport::default();
     for t in tasks {
         let w = t.await?;
         hist.add(&w.hist)?;
-        let r = w.report;
-        report.requests += r.requests;
-        report.reserves += r.reserves;
-        report.admitted += r.admitted;
-        report.commits += r.commits;
-        report.releases += r.releases;
-        report.errors += r.errors;
-        for (k, v) in r.denials {
-            *report.denials.entry(k).or_default() += v;
-        }
-        for e in r.error_examples {
-            if report.error_examples.len() < 5 {
-                report.error_examples.push(e);
-            }
-        }
+        report.merge(w.report);
     }
     let elapsed = start.elapsed().as_secs_f64();
     shared.limit.stopped.store(true, Ordering::Relaxed);
-    if let Some(t) = ticker {
-        let _ = t.await;
-    }
-    if let Some(bar) = bar {
+    if let Some((bar, ticker)) = bar {
+        let _ = ticker.await;
         bar.finish_and_clear();
     }
-    report.elapsed_s = elapsed;
-    report.requests_per_s = report.requests as f64 / elapsed.max(1e-9);
-    report.latency_us = Latency {
-        p50: hist.value_at_quantile(0.50),
-        p90: hist.value_at_quantile(0.90),
-        p99: hist.value_at_quantile(0.99),
-        p999: hist.value_at_quantile(0.999),
-        max: hist.max(),
-        mean: hist.mean(),
-    };
+    report.finish(elapsed, &hist);
     Ok(report)
+}
+
+impl LoadReport {
+    /// Adds one task's counts to the run's.
+    pub(crate) fn merge(&mut self, r: LoadReport) {
+        self.requests += r.requests;
+        self.reserves += r.reserves;
+        self.admitted += r.admitted;
+        self.commits += r.commits;
+        self.releases += r.releases;
+        self.errors += r.errors;
+        for (k, v) in r.denials {
+            *self.denials.entry(k).or_default() += v;
+        }
+        for e in r.error_examples {
+            if self.error_examples.len() < 5 {
+                self.error_examples.push(e);
+            }
+        }
+    }
+
+    /// Sets the rate and the percentiles once every task has been merged.
+    pub(crate) fn finish(&mut self, elapsed_s: f64, hist: &Histogram<u64>) {
+        self.elapsed_s = elapsed_s;
+        self.requests_per_s = self.requests as f64 / elapsed_s.max(1e-9);
+        self.latency_us = Latency {
+            p50: hist.value_at_quantile(0.50),
+            p90: hist.value_at_quantile(0.90),
+            p99: hist.value_at_quantile(0.99),
+            p999: hist.value_at_quantile(0.999),
+            max: hist.max(),
+            mean: hist.mean(),
+        };
+    }
+
+    /// Refused reservations, all reasons.
+    pub fn denied(&self) -> u64 {
+        self.denials.values().sum()
+    }
 }

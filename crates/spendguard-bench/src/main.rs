@@ -17,17 +17,37 @@
 //! cargo run --release -p spendguard-bench -- --mode baseline --database postgres://postgres@127.0.0.1:5432/test
 //! ```
 //!
-//! The exit status is non-zero if spendguard overspent any limit read back after the run.
+//! On PostgreSQL, spendguard as separate `spendguard serve` processes (the binary next to the
+//! bench's, so build both) and the single-SQL-function limiter:
+//!
+//! ```sh
+//! cargo build --release -p spendguard -p spendguard-bench
+//! DB=postgres://postgres@127.0.0.1:5432/test
+//! # 3 cluster-mode processes on the fresh database `spendguard_bench_cluster`, connection k
+//! # pinned to process k mod 3; --cross settles each reservation on the next process
+//! target/release/spendguard-bench --mode spendguard --instances 3 --database $DB
+//! # one ordinary (single-mode) process on the same kind of database, for the side by side
+//! target/release/spendguard-bench --mode spendguard --instances 1 --server-mode single --database $DB
+//! # the function baseline (schema `spendguard_bench_function`, recreated), no HTTP
+//! target/release/spendguard-bench --mode function --database $DB
+//! # the function, spendguard x 1 and spendguard x 3 side by side, with a global budget
+//! target/release/spendguard-bench --mode cluster-compare --instances 3 --database $DB --global-usd-per-day 500
+//! ```
+//!
+//! The exit status is non-zero if spendguard (or the function baseline) overspent any limit
+//! read back after the run.
 
 /// mimalloc: the service allocates many small, short-lived objects per request (JSON,
 /// HTTP); it spends markedly less time in the allocator than the system's malloc.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use spendguard_bench::cluster::{ClusterOptions, ServerMode};
 use spendguard_bench::{LoadOptions, Mode, Options};
 
 /// spendguard's load generator.
@@ -35,7 +55,9 @@ use spendguard_bench::{LoadOptions, Mode, Options};
 #[command(version, about)]
 struct Args {
     /// spendguard, baseline (seed design), ceiling (empty handler), all three side by side,
-    /// or gateway (the gateway in front of a mock upstream against the mock alone).
+    /// gateway (the gateway in front of a mock upstream against the mock alone), function
+    /// (a single-SQL-function limiter on PostgreSQL, driven directly), or cluster-compare
+    /// (the function, spendguard x 1 and spendguard x N processes side by side).
     #[arg(long, value_enum, default_value = "spendguard")]
     mode: Mode,
     /// Drive a running spendguard at this URL instead of an in-process one.
@@ -67,8 +89,28 @@ struct Args {
     history: Vec<u64>,
     /// Database of the baseline: a postgres:// URL (default: temporary SQLite). Its table
     /// `ai_usage` lives in the schema `spendguard_bench_baseline`, dropped and recreated.
+    /// Required by --instances (which recreate the database `spendguard_bench_cluster` on
+    /// the same server), function (schema `spendguard_bench_function`) and cluster-compare.
     #[arg(long)]
     database: Option<String>,
+    /// Run spendguard as this many `spendguard serve` processes on PostgreSQL, connection k
+    /// pinned to process k mod N; cluster-compare: the N of "spendguard x N" (default 3).
+    #[arg(long)]
+    instances: Option<usize>,
+    /// The spendguard binary for --instances (default: `spendguard` next to this executable).
+    #[arg(long)]
+    spendguard_bin: Option<PathBuf>,
+    /// How the processes of --instances run: cluster (`--mode cluster`, any number) or single
+    /// (the ordinary mode, one process). cluster-compare: the mode of its x 1 run.
+    #[arg(long, value_enum, default_value = "cluster")]
+    server_mode: ServerMode,
+    /// --instances: settle each reservation on the process after the one that made it.
+    #[arg(long)]
+    cross: bool,
+    /// Global daily budget, USD, of the spendguard processes and the function baseline
+    /// (default 1,000,000: does not bind).
+    #[arg(long)]
+    global_usd_per_day: Option<f64>,
     /// Global daily budget of the baseline, USD (default: the cost of connections × 50 calls).
     #[arg(long)]
     baseline_budget: Option<f64>,
@@ -118,6 +160,13 @@ async fn main() -> ExitCode {
         verify_sample: a.verify_sample,
         rounds: a.rounds,
         rate: a.rate,
+        cluster: ClusterOptions {
+            instances: a.instances,
+            spendguard_bin: a.spendguard_bin,
+            server_mode: a.server_mode,
+            cross: a.cross,
+            global_usd_per_day: a.global_usd_per_day,
+        },
     };
     let summary = match spendguard_bench::run(&opts).await {
         Ok(s) => s,
@@ -138,7 +187,7 @@ async fn main() -> ExitCode {
         print!("{}", spendguard_bench::render(&summary));
     }
     if summary.overspent() {
-        eprintln!("FAIL: spendguard overspent");
+        eprintln!("FAIL: a limit was overspent");
         return ExitCode::FAILURE;
     }
     if summary.gateway.as_ref().is_some_and(|g| g.failed()) {

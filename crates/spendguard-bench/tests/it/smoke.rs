@@ -26,6 +26,7 @@ async fn all_three_modes_run_and_spendguard_does_not_overspend() {
         verify_sample: 50,
         rounds: 1,
         rate: None,
+        cluster: Default::default(),
     };
     let summary = spendguard_bench::run(&opts)
         .await
@@ -78,6 +79,7 @@ async fn gateway_mode_runs_both_paths_and_charges_every_gateway_call() {
         verify_sample: 0,
         rounds: 2,
         rate: Some(2000.0),
+        cluster: Default::default(),
     };
     let summary = spendguard_bench::run(&opts)
         .await

@@ -1,0 +1,4 @@
+//! The bench's integration tests, one binary.
+
+mod function;
+mod smoke;
