@@ -109,6 +109,36 @@ export interface CheckOut {
   would_deny: ErrorDetail | null;
 }
 
+/** `GET /v1/admin/cluster`: the instances sharing this database. */
+export interface ClusterOut {
+  /**
+   * How this instance decides: `direct` (every batch on the shared rows, under their
+   * locks) in cluster mode, `memory` on one node.
+   */
+  decisions: string;
+  /** This instance (cluster mode). */
+  instance: InstanceOut | null;
+  /** Every instance registered on the database, newest heartbeat first. */
+  instances: InstanceOut[];
+  /** An instance is live while its last heartbeat is younger than this. */
+  live_within_seconds: number;
+  /** `single` or `cluster`. */
+  mode: string;
+  /** This instance's counters (cluster mode). */
+  stats: ClusterStatsOut | null;
+}
+
+/** Counters of this instance in a cluster. */
+export interface ClusterStatsOut {
+  batches: number;
+  config_reloads: number;
+  config_version: number;
+  failures: number;
+  heartbeat_failing: boolean;
+  operations: number;
+  retries: number;
+}
+
 /** The actual usage of a reserved call. */
 export interface CommitBody {
   /** The part of `cache_creation_input_tokens` written to the 1-hour cache. */
@@ -225,6 +255,20 @@ export type GroupByName = "day" | "tenant" | "company" | "user" | "model" | "end
 export interface HealthOut {
   /** Always `ok`. */
   status: string;
+}
+
+/** One instance of a cluster. */
+export interface InstanceOut {
+  address: string;
+  heartbeat_at: string | null;
+  id: string;
+  /** Its heartbeat is recent and it did not stop. */
+  live: boolean;
+  name: string;
+  /** RFC 3339. */
+  started_at: string | null;
+  stopped_at: string | null;
+  version: string;
 }
 
 export interface KeyBody {

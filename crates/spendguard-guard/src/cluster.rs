@@ -102,7 +102,7 @@ pub(crate) enum Op {
 }
 
 pub(crate) enum Answer {
-    Reserved(Result<Reserved, CheckOutcome>),
+    Reserved(Box<Result<Reserved, CheckOutcome>>),
     Committed(Committed),
     Released(Settlement),
     Recorded(UsageRecord, bool),
@@ -563,20 +563,22 @@ fn reserve(
         }
         let s = &req.subject;
         let limits = ledger.limits(&s.tenant, &s.user, s.company.as_ref(), s.tier.as_ref(), now)?;
-        return Ok(Answer::Reserved(Ok(Reserved {
+        return Ok(Answer::Reserved(Box::new(Ok(Reserved {
             reservation: r.clone(),
             limits: limits.into(),
             replayed: true,
             would_deny: None,
-        })));
+        }))));
     }
-    Ok(Answer::Reserved(match ledger.reserve(req, now)? {
-        Err(denied) => Err(denied),
-        Ok(applied) => {
-            events.extend(applied.event);
-            Ok(applied.value)
-        }
-    }))
+    Ok(Answer::Reserved(Box::new(
+        match ledger.reserve(req, now)? {
+            Err(denied) => Err(denied),
+            Ok(applied) => {
+                events.extend(applied.event);
+                Ok(applied.value)
+            }
+        },
+    )))
 }
 
 fn record(

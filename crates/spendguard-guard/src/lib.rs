@@ -577,10 +577,10 @@ impl<S: Store> Guard<S> {
             let Answer::Reserved(r) = c.run(Op::Reserve(req)).await? else {
                 unreachable!("a reservation is answered with a reservation")
             };
-            if let Ok(v) = &r {
+            if let Ok(v) = &*r {
                 self.note_would_deny(v);
             }
-            return Ok(r);
+            return Ok(*r);
         }
         let ticket = self
             .enter_key(&req.subject.tenant, req.idempotency_key.as_ref())

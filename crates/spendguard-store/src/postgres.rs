@@ -54,6 +54,9 @@ pub struct PostgresStore {
     projecting: Arc<tokio::sync::Mutex<()>>,
     /// The task projecting the journal, stopped when the store is dropped.
     projector: Option<tokio::task::JoinHandle<()>>,
+    /// Cluster mode: the scopes whose counter rows exist (rows are never deleted), so a
+    /// batch of known scopes skips creating them.
+    pub(crate) known_counters: std::sync::Mutex<HashSet<spendguard_core::ScopeKey>>,
 }
 
 impl Drop for PostgresStore {
@@ -905,6 +908,7 @@ impl PostgresStore {
             appending: tokio::sync::Mutex::new(()),
             projecting: Arc::default(),
             projector: None,
+            known_counters: std::sync::Mutex::default(),
         };
         store.migrate().await?;
         let (pool, projecting, keep) = (

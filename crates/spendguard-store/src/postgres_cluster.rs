@@ -257,8 +257,17 @@ impl PostgresStore {
                 tenants.push(t);
                 ids.push(i);
             }
-            let stmt = tx.prepare_cached(CREATE_COUNTERS).await.db()?;
-            tx.execute(&stmt, &[&kinds, &tenants, &ids]).await.db()?;
+            let known = {
+                let k = self
+                    .known_counters
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                scopes.iter().all(|s| k.contains(s))
+            };
+            if !known {
+                let stmt = tx.prepare_cached(CREATE_COUNTERS).await.db()?;
+                tx.execute(&stmt, &[&kinds, &tenants, &ids]).await.db()?;
+            }
             let sql = format!(
                 "SELECT {COUNTER_COLUMNS} FROM scope_counters AS c JOIN \
                  UNNEST($1::text[], $2::text[], $3::text[]) AS u (k, t, i) \
@@ -306,6 +315,10 @@ impl PostgresStore {
             }
         }
         tx.commit().await.db()?;
+        self.known_counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(read.into_keys());
         Ok(())
     }
 
