@@ -372,16 +372,65 @@ async fn decide_loop<S: spendguard_store::Store>(
                 Err(_) => break,
             }
         }
-        decide_batch(
-            pg,
-            &ledger,
-            &*clock,
-            std::mem::take(&mut jobs),
-            &stats,
-            &watch,
-            &turn,
-        )
-        .await;
+        let batch = std::mem::take(&mut jobs);
+        let Refused(batch, events, e) =
+            decide_batch(pg, &ledger, &*clock, batch, &stats, &watch, &turn).await
+        else {
+            continue;
+        };
+        // A value the database cannot hold: each operation is decided alone, so that only
+        // the one at fault fails (and is kept for an operator); the others go on.
+        if batch.len() == 1 {
+            refuse(&*store, batch, &events, &e).await;
+            continue;
+        }
+        for job in batch {
+            if let Refused(job, events, e) =
+                decide_batch(pg, &ledger, &*clock, vec![job], &stats, &watch, &turn).await
+            {
+                refuse(&*store, job, &events, &e).await;
+            }
+        }
+    }
+}
+
+/// What became of a batch.
+enum Decided {
+    /// Committed, or failed for a reason every caller was told.
+    Answered,
+    /// The database refused a value of the batch: nothing was written, nobody answered.
+    Refused(Vec<Job>, Vec<Event>, StoreError),
+}
+use Decided::Refused;
+
+/// Answers the operation the database refused for good, and keeps its events as dead
+/// letters for an operator.
+async fn refuse<S: spendguard_store::Store>(
+    store: &S,
+    jobs: Vec<Job>,
+    events: &[Event],
+    e: &StoreError,
+) {
+    let now = crate::SystemClock.now();
+    let letters: Vec<spendguard_store::DeadLetter> = events
+        .iter()
+        .map(|ev| {
+            let event = serde_json::to_string(ev).unwrap_or_default();
+            spendguard_store::DeadLetter {
+                id: crate::digest(&event),
+                event,
+                // PostgreSQL's `text` cannot hold U+0000, wherever it comes from.
+                error: e.to_string().replace('\0', "\\u0000"),
+                created_at: now,
+            }
+        })
+        .collect();
+    tracing::error!(error = %e, "the database refused an operation for good; kept as a dead letter");
+    if let Err(err) = store.dead_letter(&letters).await {
+        tracing::error!(error = %err, "the dead letter could not be kept");
+    }
+    for job in jobs {
+        let _ = job.reply.send(Err(GuardError::Rejected(e.to_string())));
     }
 }
 
@@ -399,7 +448,7 @@ async fn decide_batch(
     stats: &Stats,
     watch: &SpendWatch,
     turn: &Mutex<()>,
-) {
+) -> Decided {
     let mut needs = ClusterNeeds::default();
     for j in &jobs {
         match &j.op {
@@ -444,7 +493,7 @@ async fn decide_batch(
                 for (job, answer) in jobs.into_iter().zip(answers) {
                     let _ = job.reply.send(answer);
                 }
-                return;
+                return Decided::Answered;
             }
             Err(e) => {
                 for ev in events.iter().rev() {
@@ -455,6 +504,9 @@ async fn decide_batch(
                     stats.retries.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
+                if matches!(e, StoreError::Invalid(_)) {
+                    return Refused(jobs, events, e);
+                }
                 stats.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, operations = jobs.len(), "a cluster batch failed");
                 for job in jobs {
@@ -464,7 +516,7 @@ async fn decide_batch(
                     };
                     let _ = job.reply.send(Err(err));
                 }
-                return;
+                return Decided::Answered;
             }
         }
     }

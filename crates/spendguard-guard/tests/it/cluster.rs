@@ -369,3 +369,59 @@ async fn single_node_and_cluster_instances_refuse_each_others_database() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_value_postgres_refuses_fails_its_own_request_only() {
+    let Some(c) = cluster("refused", 1).await else {
+        return;
+    };
+    let g = &c.guards[0];
+    let mut ids = Vec::new();
+    for i in 0..41 {
+        let r = g
+            .reserve(cents(subject("t", &format!("u{i}")), 1))
+            .await
+            .unwrap();
+        ids.push(r.unwrap().reservation.id);
+    }
+    // One release whose reason PostgreSQL cannot hold (U+0000), among forty commits sent
+    // at the same moment: they are decided in the same batches.
+    let bad = ids[20];
+    let mut tasks = Vec::new();
+    for (i, id) in ids.iter().copied().enumerate() {
+        let g = g.clone();
+        tasks.push(tokio::spawn(async move {
+            if i == 20 {
+                g.release(id, Some("bad\0reason".into())).await.map(|_| ())
+            } else {
+                g.commit(id, commit(5_000)).await.map(|_| ())
+            }
+        }));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    let refused = results.remove(20).unwrap_err();
+    assert!(matches!(refused, GuardError::Rejected(_)), "{refused}");
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| e.to_string()))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "requests beside the refused one failed: {failed:?}"
+    );
+    // The refused release changed nothing: the reservation is still open, and it is kept
+    // for an operator.
+    let stored = g.store().reservation(bad).await.unwrap().unwrap();
+    assert_eq!(stored.state, spendguard_store::ReservationState::Open);
+    let letters = g.store().dead_letters().await.unwrap();
+    assert!(
+        letters.iter().any(|l| l.error.contains("22021")),
+        "{letters:?}"
+    );
+    g.release(bad, None).await.unwrap();
+    assert_invariant(&c, Money::parse_usd("2").unwrap()).await;
+    g.shutdown().await;
+}
