@@ -78,7 +78,9 @@ pub struct ApiKeyRecord {
     pub revoked_at: Option<Micros>,
 }
 pub use postgres::PostgresStore;
-pub use postgres_cluster::{ClusterInstance, ClusterNeeds, ClusterView, ClusterWrite, retried};
+pub use postgres_cluster::{
+    ClusterInstance, ClusterNeeds, ClusterView, ClusterWrite, DashboardSession, retried,
+};
 pub use sqlite::SqliteStore;
 
 /// The persistence interface of spendguard: every backend implements it.

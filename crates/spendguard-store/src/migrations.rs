@@ -1294,6 +1294,18 @@ CREATE TABLE cluster_config (
     version bigint NOT NULL
 );
 INSERT INTO cluster_config VALUES (1, 0);
+-- The dashboard's sessions, so that a browser signed in through one instance is signed in
+-- on all (and signed out on all): SHA-256 of the cookie, SHA-256 of the key it signed in
+-- with, the key's name in the audit log, the session's CSRF token.
+CREATE TABLE dashboard_sessions (
+    token_hash bytea PRIMARY KEY,
+    key_hash bytea NOT NULL,
+    prefix text NOT NULL,
+    csrf text NOT NULL,
+    expires_at timestamptz NOT NULL
+);
+CREATE INDEX dashboard_sessions_key ON dashboard_sessions (key_hash, expires_at);
+ALTER TABLE dashboard_sessions ENABLE ROW LEVEL SECURITY;
 -- No role other than spendguard's sees a row (see migration 7).
 ALTER TABLE scope_counters ENABLE ROW LEVEL SECURITY;
 ALTER TABLE cluster_instances ENABLE ROW LEVEL SECURITY;

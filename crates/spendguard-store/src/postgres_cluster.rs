@@ -63,6 +63,18 @@ pub struct ClusterWrite {
     pub events: Vec<Event>,
 }
 
+/// A dashboard session kept in the database (cluster mode).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DashboardSession {
+    /// SHA-256 of the cookie's value.
+    pub token_hash: [u8; 32],
+    /// SHA-256 of the key it signed in with.
+    pub key_hash: [u8; 32],
+    /// The key's name in the audit log.
+    pub prefix: String,
+    pub csrf: String,
+}
+
 /// One instance of the cluster, as the registry holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterInstance {
@@ -465,6 +477,90 @@ impl PostgresStore {
             })
             .collect::<Result<_, StoreError>>()?;
         Ok((time(&now, 0)?, list))
+    }
+
+    /// Keeps a dashboard session (cluster mode: every instance reads it); forgets expired
+    /// ones, and the key's oldest beyond `per_key`.
+    pub async fn put_dashboard_session(
+        &self,
+        session: &DashboardSession,
+        ttl_seconds: i64,
+        per_key: i64,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.db()?;
+        tx.execute(
+            "DELETE FROM dashboard_sessions WHERE expires_at <= now()",
+            &[],
+        )
+        .await
+        .db()?;
+        tx.execute(
+            "INSERT INTO dashboard_sessions (token_hash, key_hash, prefix, csrf, expires_at) \
+             VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5::int8::float8))",
+            &[
+                &session.token_hash.as_slice(),
+                &session.key_hash.as_slice(),
+                &session.prefix,
+                &session.csrf,
+                &ttl_seconds,
+            ],
+        )
+        .await
+        .db()?;
+        tx.execute(
+            "DELETE FROM dashboard_sessions WHERE key_hash = $1 AND token_hash NOT IN ( \
+             SELECT token_hash FROM dashboard_sessions WHERE key_hash = $1 \
+             ORDER BY expires_at DESC LIMIT $2)",
+            &[&session.key_hash.as_slice(), &per_key],
+        )
+        .await
+        .db()?;
+        tx.commit().await.db()
+    }
+
+    /// The live dashboard session whose cookie hashes to `token_hash`.
+    pub async fn dashboard_session(
+        &self,
+        token_hash: &[u8; 32],
+    ) -> Result<Option<DashboardSession>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT key_hash, prefix, csrf FROM dashboard_sessions \
+                 WHERE token_hash = $1 AND expires_at > now()",
+            )
+            .await
+            .db()?;
+        let Some(row) = client
+            .query_opt(&stmt, &[&token_hash.as_slice()])
+            .await
+            .db()?
+        else {
+            return Ok(None);
+        };
+        let key: &[u8] = get(&row, 0)?;
+        Ok(Some(DashboardSession {
+            token_hash: *token_hash,
+            key_hash: key
+                .try_into()
+                .map_err(|_| corrupt("a session's key hash is not 32 bytes"))?,
+            prefix: get(&row, 1)?,
+            csrf: get(&row, 2)?,
+        }))
+    }
+
+    /// Ends a dashboard session everywhere.
+    pub async fn delete_dashboard_session(&self, token_hash: &[u8; 32]) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        client
+            .execute(
+                "DELETE FROM dashboard_sessions WHERE token_hash = $1",
+                &[&token_hash.as_slice()],
+            )
+            .await
+            .db()?;
+        Ok(())
     }
 
     /// Every counter row (for tests and `GET /v1/admin/cluster`'s totals).

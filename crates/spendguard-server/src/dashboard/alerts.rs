@@ -21,7 +21,7 @@ pub async fn page(
     headers: HeaderMap,
     params: Result<Query<ViewParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let viewer = match require_viewer(&state, &headers) {
+    let viewer = match require_viewer(&state, &headers).await {
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };
@@ -87,7 +87,7 @@ pub async fn acknowledge(
     form: Result<Form<AckForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let result: Result<Response, PageError> = async {
-        let viewer = super::manage::admin_form(&state, &headers)?;
+        let viewer = super::manage::admin_form(&state, &headers).await?;
         let Form(form) = form.map_err(|_| PageError::bad("send the form's fields"))?;
         super::manage::check_csrf(&viewer, &form.csrf)?;
         let id: i64 = id

@@ -60,7 +60,7 @@ pub async fn page(
     headers: HeaderMap,
     params: Result<Query<ViewParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let viewer = match require_viewer(&state, &headers) {
+    let viewer = match require_viewer(&state, &headers).await {
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };

@@ -20,7 +20,7 @@ pub async fn csv(
     headers: HeaderMap,
     params: Result<Query<ViewParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let viewer = match require_viewer(&state, &headers) {
+    let viewer = match require_viewer(&state, &headers).await {
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };

@@ -99,7 +99,28 @@ pub async fn login(
     // The audit log names the key by a fingerprint of its hash, never by its characters.
     let hash = crate::auth::hash_key(key);
     let fingerprint = format!("key #{}", &hex::encode(hash)[..8]);
-    let token = state.sessions.open(hash, &fingerprint);
+    let token = match super::shared_sessions(&state) {
+        None => state.sessions.open(hash, &fingerprint),
+        Some(pg) => {
+            let token = crate::auth::generate_key();
+            let session = spendguard_store::DashboardSession {
+                token_hash: crate::auth::hash_key(&token),
+                key_hash: hash,
+                prefix: fingerprint.clone(),
+                csrf: crate::auth::generate_key(),
+            };
+            let ttl = super::SESSION_TTL.as_secs() as i64;
+            let per_key = super::MAX_SESSIONS_PER_KEY as i64;
+            if let Err(e) = pg.put_dashboard_session(&session, ttl, per_key).await {
+                tracing::warn!(error = %e, "cannot keep a dashboard session");
+                return html_page(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    login_html(Some("The database cannot be reached; try again shortly.")),
+                );
+            }
+            token
+        }
+    };
     let to = match &caller {
         Caller::Admin => "/".to_owned(),
         Caller::Tenant(t) => tenant_url(t.as_str()),
@@ -111,7 +132,17 @@ pub async fn login(
 /// `POST /logout`.
 pub async fn logout(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Some(t) = cookie_token(&headers) {
-        state.sessions.close(&t);
+        match super::shared_sessions(&state) {
+            None => state.sessions.close(&t),
+            Some(pg) => {
+                if let Err(e) = pg
+                    .delete_dashboard_session(&crate::auth::hash_key(&t))
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot end a dashboard session");
+                }
+            }
+        }
     }
     // An expired cookie of the same name and path replaces the session's.
     let gone = Cookie::build((COOKIE, ""))

@@ -21,8 +21,8 @@ use crate::AppState;
 
 /// The admin behind a form post: a live admin session (a bearer key cannot post forms;
 /// CSRF needs the session's token).
-pub fn admin_form(state: &AppState, headers: &HeaderMap) -> Result<Viewer, PageError> {
-    let v = viewer(state, headers).ok_or_else(|| {
+pub async fn admin_form(state: &AppState, headers: &HeaderMap) -> Result<Viewer, PageError> {
+    let v = viewer(state, headers).await.ok_or_else(|| {
         PageError::new(
             StatusCode::UNAUTHORIZED,
             "Sign in first (the session ended).",
@@ -96,7 +96,7 @@ fn budget_json(b: BudgetOverride) -> serde_json::Value {
 
 /// `GET /manage`.
 pub async fn page(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let viewer = match super::require_viewer(&state, &headers) {
+    let viewer = match super::require_viewer(&state, &headers).await {
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };
@@ -271,7 +271,7 @@ pub async fn set_budget(
     form: Result<Form<BudgetForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let result: Result<Response, PageError> = async {
-        let viewer = admin_form(&state, &headers)?;
+        let viewer = admin_form(&state, &headers).await?;
         let Form(f) = form.map_err(form_error)?;
         check_csrf(&viewer, &f.csrf)?;
         let key = budget_scope(&f)?;
@@ -321,7 +321,7 @@ pub async fn set_user(
     form: Result<Form<UserForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let result: Result<Response, PageError> = async {
-        let viewer = admin_form(&state, &headers)?;
+        let viewer = admin_form(&state, &headers).await?;
         let Form(f) = form.map_err(form_error)?;
         check_csrf(&viewer, &f.csrf)?;
         let t = TenantId::parse(f.tenant_id.trim())
@@ -378,7 +378,7 @@ pub async fn create_key(
     form: Result<Form<KeyForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let result: Result<Response, PageError> = async {
-        let viewer = admin_form(&state, &headers)?;
+        let viewer = admin_form(&state, &headers).await?;
         let Form(f) = form.map_err(form_error)?;
         check_csrf(&viewer, &f.csrf)?;
         let t = TenantId::parse(f.tenant_id.trim())
@@ -431,7 +431,7 @@ pub async fn revoke_key(
     form: Result<Form<CsrfForm>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let result: Result<Response, PageError> = async {
-        let viewer = admin_form(&state, &headers)?;
+        let viewer = admin_form(&state, &headers).await?;
         let Form(f) = form.map_err(form_error)?;
         check_csrf(&viewer, &f.csrf)?;
         let store = state.guard.store();

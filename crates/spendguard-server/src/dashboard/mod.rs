@@ -311,12 +311,38 @@ impl Viewer {
     }
 }
 
+/// Cluster mode: the database that keeps the dashboard's sessions for every instance.
+pub(crate) fn shared_sessions(state: &AppState) -> Option<&spendguard_store::PostgresStore> {
+    state.guard.cluster()?;
+    spendguard_store::Store::postgres(state.guard.store())
+}
+
+/// The live session of the cookie `token`: from this instance's memory, or in cluster mode
+/// from the database (so a session opened or closed on any instance is so on all).
+async fn session_of(state: &AppState, token: &str) -> Option<SessionInfo> {
+    let valid = |k: &[u8; 32]| state.keys.caller_of_hash(k).is_some();
+    let Some(pg) = shared_sessions(state) else {
+        return state.sessions.get(token, valid);
+    };
+    let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    match pg.dashboard_session(&hash).await {
+        Ok(Some(s)) if valid(&s.key_hash) => Some(SessionInfo {
+            key: s.key_hash,
+            prefix: s.prefix,
+            csrf: s.csrf,
+        }),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the dashboard's sessions");
+            None
+        }
+    }
+}
+
 /// Who is looking: a live session, else a valid `Authorization: Bearer` key.
-pub fn viewer(state: &AppState, headers: &HeaderMap) -> Option<Viewer> {
+pub async fn viewer(state: &AppState, headers: &HeaderMap) -> Option<Viewer> {
     if let Some(t) = cookie_token(headers)
-        && let Some(s) = state
-            .sessions
-            .get(&t, |k| state.keys.caller_of_hash(k).is_some())
+        && let Some(s) = session_of(state, &t).await
         && let Some(caller) = state.keys.caller_of_hash(&s.key)
     {
         return Some(Viewer {
@@ -390,8 +416,10 @@ impl IntoResponse for PageError {
 pub type PageResult = Result<Response, PageError>;
 
 /// Who is looking, or the way to the sign-in form.
-pub fn require_viewer(state: &AppState, headers: &HeaderMap) -> Result<Viewer, Redirect> {
-    viewer(state, headers).ok_or_else(|| Redirect::to("/login"))
+pub async fn require_viewer(state: &AppState, headers: &HeaderMap) -> Result<Viewer, Redirect> {
+    viewer(state, headers)
+        .await
+        .ok_or_else(|| Redirect::to("/login"))
 }
 
 /// An HTML answer with the dashboard's headers: not cached, a strict content security

@@ -35,7 +35,9 @@ async fn render(
     headers: HeaderMap,
     params: Result<Query<ViewParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Response> {
-    let viewer = require_viewer(&state, &headers).map_err(IntoResponse::into_response)?;
+    let viewer = require_viewer(&state, &headers)
+        .await
+        .map_err(IntoResponse::into_response)?;
     if let Some(t) = viewer.own_tenant() {
         return Err(Redirect::to(&tenant_url(t.as_str())).into_response());
     }

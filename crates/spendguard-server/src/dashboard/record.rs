@@ -19,7 +19,7 @@ pub async fn page(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let viewer = match require_viewer(&state, &headers) {
+    let viewer = match require_viewer(&state, &headers).await {
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };

@@ -98,7 +98,7 @@ async fn show(
     subject: Result<Subject, PageError>,
     params: Params,
 ) -> Response {
-    let viewer = match require_viewer(&state, &headers) {
+    let viewer = match require_viewer(&state, &headers).await {
         Ok(v) => v,
         Err(r) => return r.into_response(),
     };

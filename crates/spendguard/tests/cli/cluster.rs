@@ -332,6 +332,51 @@ fn three_cluster_processes_admit_exactly_the_budget_and_settle_anywhere() {
         metrics.contains("spendguard_cluster_heartbeat_up 1"),
         "{metrics}"
     );
+    // A dashboard session opened on one instance is valid on the others, and signing out
+    // on any ends it everywhere.
+    rt.block_on(async {
+        let c = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let r = c
+            .post(format!("http://{}/login", addrs[0]))
+            .form(&[("key", ADMIN)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 303);
+        let cookie = r
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.starts_with("spendguard_session="))
+            .expect("a session cookie")
+            .split(';')
+            .next()
+            .unwrap()
+            .to_owned();
+        let page = |at: String| {
+            let (c, cookie) = (c.clone(), cookie.clone());
+            async move {
+                let r = c.get(at).header("cookie", cookie).send().await.unwrap();
+                r.status().as_u16()
+            }
+        };
+        assert_eq!(page(format!("http://{}/alerts", addrs[1])).await, 200);
+        assert_eq!(page(format!("http://{}/alerts", addrs[2])).await, 200);
+        let r = c
+            .post(format!("http://{}/logout", addrs[2]))
+            .header("cookie", cookie.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 303);
+        for a in &addrs {
+            assert_eq!(page(format!("http://{a}/alerts")).await, 303, "{a}");
+        }
+    });
     drop(nodes);
 }
 
