@@ -201,11 +201,17 @@ impl Cluster {
     }
 
     pub(crate) async fn run(&self, op: Op) -> Result<Answer, GuardError> {
+        let rx = self.submit(op)?;
+        rx.await.map_err(|_| GuardError::ShuttingDown)?
+    }
+
+    /// Queues an operation for the next batch; the answer comes on the receiver.
+    fn submit(&self, op: Op) -> Result<oneshot::Receiver<Result<Answer, GuardError>>, GuardError> {
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job { op, reply })
             .map_err(|_| GuardError::ShuttingDown)?;
-        rx.await.map_err(|_| GuardError::ShuttingDown)?
+        Ok(rx)
     }
 
     /// Puts the committed counters of `scopes` into the ledger, so that what it shows
@@ -241,21 +247,16 @@ impl Cluster {
         };
         ledger.forget_past(now);
         let due = pg.cluster_due(now, 4096).await?;
-        let waits: Vec<_> = due.into_iter().map(|id| self.run(Op::Expire(id))).collect();
-        for w in futures_join(waits).await {
-            w?;
+        // All queued at once, so that they are decided in a few batches, not one each.
+        let waits = due
+            .into_iter()
+            .map(|id| self.submit(Op::Expire(id)))
+            .collect::<Result<Vec<_>, _>>()?;
+        for w in waits {
+            w.await.map_err(|_| GuardError::ShuttingDown)??;
         }
         Ok(())
     }
-}
-
-/// Awaits every future (they are queued for the same batch already, so in order is fine).
-async fn futures_join<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
-    let mut out = Vec::with_capacity(fs.len());
-    for f in fs {
-        out.push(f.await);
-    }
-    out
 }
 
 /// Replaces the ledger's overrides with the stored ones (those no longer stored are

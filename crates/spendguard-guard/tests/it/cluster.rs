@@ -306,31 +306,47 @@ async fn reservations_of_a_stopped_instance_are_expired_by_another() {
     let Some(c) = cluster("expiry", 2).await else {
         return;
     };
-    let mut req = cents(subject("t", "u"), 50);
-    req.ttl_us = Some(300_000);
-    let r = c.guards[0].reserve(req).await.unwrap().unwrap();
+    // 101 reservations made at once (so in a few batches), due together.
+    let batches_before = c.guards[1].cluster().unwrap().1.batches;
+    let made: Vec<_> = (0..101)
+        .map(|i| {
+            let g = c.guards[0].clone();
+            let mut req = cents(subject("t", &format!("u{i}")), if i == 0 { 50 } else { 1 });
+            req.ttl_us = Some(1_000_000);
+            tokio::spawn(async move { g.reserve(req).await.unwrap().unwrap() })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for m in made {
+        ids.push(m.await.unwrap().reservation.id);
+    }
     c.guards[0].shutdown().await;
     let pg = c.guards[1].store().postgres().unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let stored = c.guards[1]
-            .store()
-            .reservation(r.reservation.id)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let global = loop {
+        let global = pg
+            .cluster_counters(&[ScopeKey::Global])
             .await
-            .unwrap();
-        if stored.unwrap().state == spendguard_store::ReservationState::Expired {
-            break;
+            .unwrap()
+            .remove(0)
+            .1;
+        if global.in_flight == 0 {
+            break global;
         }
-        assert!(tokio::time::Instant::now() < deadline, "never expired");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never expired: {global:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(global.day.reserved, Money::ZERO);
+    for id in ids {
+        let stored = c.guards[1].store().reservation(id).await.unwrap().unwrap();
+        assert_eq!(stored.state, spendguard_store::ReservationState::Expired);
     }
-    let global = pg
-        .cluster_counters(&[ScopeKey::Global])
-        .await
-        .unwrap()
-        .remove(0)
-        .1;
-    assert_eq!((global.day.reserved, global.in_flight), (Money::ZERO, 0));
+    // Reservations due together are expired in a few batches, not one each.
+    let batches = c.guards[1].cluster().unwrap().1.batches - batches_before;
+    assert!(batches < 30, "{batches} batches to expire 101 reservations");
     assert_invariant(&c, Money::parse_usd("2").unwrap()).await;
     c.guards[1].shutdown().await;
 }
