@@ -44,6 +44,9 @@ const MAX_BACKOFF_US: i64 = MICROS_PER_HOUR;
 const EVALUATE_EVERY: Duration = Duration::from_millis(250);
 /// How long one webhook request may take.
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Cluster mode: how long a claimed delivery is this instance's before another may send it
+/// (an instance that died mid-delivery); well above `WEBHOOK_TIMEOUT`.
+const DELIVERY_LEASE_US: i64 = 60_000_000;
 
 /// The alert settings, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -353,7 +356,15 @@ impl Alerts {
         let mut attempted = 0;
         loop {
             let now = self.guard.now();
-            let due = self.guard.store().due_deliveries(now, 64).await?;
+            // In a cluster every instance dispatches: each claims what it sends.
+            let due = match (self.guard.cluster(), self.guard.store()) {
+                (Some(_), AnyStore::Postgres(pg)) => {
+                    // Few at a time: all are sent (each within `WEBHOOK_TIMEOUT`)
+                    // well inside the lease.
+                    pg.claim_due_deliveries(now, 4, DELIVERY_LEASE_US).await?
+                }
+                _ => self.guard.store().due_deliveries(now, 64).await?,
+            };
             if due.is_empty() {
                 return Ok(attempted);
             }

@@ -361,6 +361,46 @@ impl PostgresStore {
         rows.iter().map(delivery_row).collect()
     }
 
+    /// Cluster mode: takes up to `limit` due deliveries for this instance alone. Each is
+    /// moved to `now + lease_us` in the same statement (rows another instance is claiming
+    /// are skipped), so no two instances send the same one; one not finished within the
+    /// lease (its instance died) is due again then.
+    pub async fn claim_due_deliveries(
+        &self,
+        now: Micros,
+        limit: usize,
+        lease_us: i64,
+    ) -> Result<Vec<Delivery>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "WITH due AS (SELECT id FROM webhook_deliveries \
+                 WHERE state = 'pending' AND next_attempt_at <= $1 \
+                 ORDER BY next_attempt_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 UPDATE webhook_deliveries AS d SET next_attempt_at = $3 FROM due \
+                 WHERE d.id = due.id RETURNING d.id",
+            )
+            .await
+            .db()?;
+        let until = to_time(now.saturating_add(lease_us))?;
+        let ids: Vec<i64> = client
+            .query(&stmt, &[&to_time(now)?, &sql_limit(Some(limit)), &until])
+            .await
+            .db()?
+            .iter()
+            .map(|r| get(r, 0))
+            .collect::<Result<_, _>>()?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let stmt = client
+            .prepare_cached(&delivery_sql("WHERE d.id = ANY($1) ORDER BY d.id"))
+            .await
+            .db()?;
+        let rows = client.query(&stmt, &[&ids]).await.db()?;
+        rows.iter().map(delivery_row).collect()
+    }
+
     pub async fn finish_delivery(
         &self,
         id: i64,

@@ -231,3 +231,62 @@ async fn a_lost_lock_connection_is_replaced() {
         Err(StoreError::Locked(_))
     ));
 }
+
+/// Cluster mode: instances claiming due webhook deliveries at the same moment never get the
+/// same one (each is sent once), and a claimed delivery not finished (its instance died)
+/// is due again after the lease.
+#[tokio::test]
+async fn concurrent_claims_of_deliveries_never_overlap() {
+    use spendguard_core::{Money, ScopeKey, Window};
+    use spendguard_store::{AlertKind, NewAlert};
+    let Some(db) = make_pg().await else { return };
+    let store = db.store().await;
+    let created = JAN + 9 * DAY;
+    let alerts: Vec<NewAlert> = (0..40)
+        .map(|i| NewAlert {
+            scope: ScopeKey::Tenant(tenant(&format!("t{i}"))),
+            window: Window::Day,
+            window_start: created,
+            threshold_percent: 80,
+            kind: AlertKind::Threshold,
+            amount: Money::from_micros(8_000_000),
+            limit: Money::from_micros(10_000_000),
+            created_at: created,
+        })
+        .collect();
+    let urls = vec![
+        "https://one.example".to_owned(),
+        "https://two.example".to_owned(),
+    ];
+    store.insert_alerts(&alerts, &urls).await.unwrap();
+    let AnyStore::Postgres(pg) = &store else {
+        unreachable!()
+    };
+    let lease = 60_000_000;
+    let (a, b, c) = tokio::join!(
+        pg.claim_due_deliveries(created, 64, lease),
+        pg.claim_due_deliveries(created, 64, lease),
+        pg.claim_due_deliveries(created, 64, lease),
+    );
+    let mut ids: Vec<i64> = [a.unwrap(), b.unwrap(), c.unwrap()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.id)
+        .collect();
+    let n = ids.len();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!((n, ids.len()), (80, 80), "a delivery was claimed twice");
+    // Claimed: not due again before the lease ends, due again after it.
+    assert!(
+        pg.claim_due_deliveries(created + lease - 1, 64, lease)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = pg
+        .claim_due_deliveries(created + lease, 100, lease)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 80);
+}
