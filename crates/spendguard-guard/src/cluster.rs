@@ -144,6 +144,16 @@ impl Cluster {
             ))
         })?;
         let stats = Arc::new(Stats::default());
+        let periods = ledger.policy().calendar.periods(clock.now());
+        if pg
+            .cluster_seed(periods.day.start, periods.month.start)
+            .await?
+        {
+            tracing::info!(
+                "counter rows rebuilt from the tables (the database was written by a \
+                 single-node instance)"
+            );
+        }
         let (version, snapshot) = pg.cluster_overrides().await?;
         apply_overrides(&ledger, snapshot);
         stats.config_version.store(version, Ordering::Relaxed);

@@ -325,12 +325,15 @@ impl<S: Store> Guard<S> {
         }
         let now = clock.now();
         let periods = policy.calendar.periods(now);
-        let mut snapshot = store.load(periods.day.start, periods.month.start).await?;
-        if options.cluster.is_some() {
+        let snapshot = if options.cluster.is_some() {
             // The counters and open reservations live in the shared rows, read as each
             // batch is decided; the overrides are loaded by the cluster.
-            snapshot = Snapshot::default();
-        }
+            Snapshot::default()
+        } else {
+            // A cluster taking over later must rebuild its counter rows from the tables.
+            store.put_setting(settings::WRITER_MODE, "single").await?;
+            store.load(periods.day.start, periods.month.start).await?
+        };
         tracing::info!(
             counters = snapshot.counters.len(),
             open_reservations = snapshot.open.len(),

@@ -187,6 +187,9 @@ pub struct DeadLetter {
 pub mod settings {
     /// The IANA time zone the database's calendar windows are counted in.
     pub const TIME_ZONE: &str = "time_zone";
+    /// `single` or `cluster`: the mode of the last instance that started writing. A cluster
+    /// taking over from a single node rebuilds its counter rows from the tables.
+    pub const WRITER_MODE: &str = "writer_mode";
 }
 
 /// A reservation as the store holds it.

@@ -334,6 +334,114 @@ impl PostgresStore {
         Ok(())
     }
 
+    /// Makes the counter rows hold what the tables hold, when the database was last written
+    /// by a single-node instance (or never): the current day's and month's rollups, and
+    /// the open reservations. Once, whichever instance starts first (the others find it
+    /// done); a single-node start marks the database as its own again
+    /// ([`settings::WRITER_MODE`](crate::settings::WRITER_MODE)). Returns whether it
+    /// rebuilt them.
+    pub async fn cluster_seed(
+        &self,
+        day_start: Micros,
+        month_start: Micros,
+    ) -> Result<bool, StoreError> {
+        self.catch_up().await?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.db()?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('spendguard-cluster-seed:' \
+             || current_database() || '.' || coalesce(current_schema(), ''), 0))",
+            &[],
+        )
+        .await
+        .db()?;
+        let mode = tx
+            .query_opt(
+                "SELECT value FROM settings WHERE key = $1",
+                &[&crate::settings::WRITER_MODE],
+            )
+            .await
+            .db()?;
+        if let Some(row) = mode
+            && get::<&str>(&row, 0)? == "cluster"
+        {
+            tx.commit().await.db()?;
+            return Ok(false);
+        }
+        tx.batch_execute("DELETE FROM scope_counters").await.db()?;
+        tx.execute(
+            "INSERT INTO scope_counters (scope_kind, tenant_id, scope_id, day_start, \
+             day_spent_micros, day_requests, day_tokens, month_start) \
+             SELECT scope_kind, tenant_id, scope_id, window_start, spent_micros, requests, \
+             tokens, $2 FROM rollups WHERE \"window\" = 'day' AND window_start = $1",
+            &[&day_start, &month_start],
+        )
+        .await
+        .db()?;
+        tx.execute(
+            "INSERT INTO scope_counters (scope_kind, tenant_id, scope_id, day_start, \
+             month_start, month_spent_micros, month_requests, month_tokens) \
+             SELECT scope_kind, tenant_id, scope_id, $1, window_start, spent_micros, requests, \
+             tokens FROM rollups WHERE \"window\" = 'month' AND window_start = $2 \
+             ON CONFLICT (scope_kind, tenant_id, scope_id) DO UPDATE SET \
+             month_spent_micros = EXCLUDED.month_spent_micros, \
+             month_requests = EXCLUDED.month_requests, month_tokens = EXCLUDED.month_tokens",
+            &[&day_start, &month_start],
+        )
+        .await
+        .db()?;
+        // Each open reservation counts in its scopes' windows it was admitted in, when those
+        // are the current ones (as restoring a single node counts it), and in flight.
+        tx.execute(
+            "WITH o AS (SELECT * FROM reservations WHERE state = 'open'), \
+             s AS ( \
+               SELECT 'global' AS k, '' AS t, 'global' AS i, estimate_micros AS e, \
+                 estimated_tokens AS tk, day_start AS ds, month_start AS ms FROM o \
+               UNION ALL SELECT 'tenant', tenant_id, tenant_id, estimate_micros, \
+                 estimated_tokens, day_start, month_start FROM o \
+               UNION ALL SELECT 'company', tenant_id, company_id, estimate_micros, \
+                 estimated_tokens, day_start, month_start FROM o WHERE company_id IS NOT NULL \
+               UNION ALL SELECT 'user', tenant_id, user_id, estimate_micros, \
+                 estimated_tokens, day_start, month_start FROM o), \
+             a AS (SELECT k, t, i, \
+               coalesce(sum(e) FILTER (WHERE ds = $1), 0)::int8 AS de, \
+               count(*) FILTER (WHERE ds = $1) AS dn, \
+               coalesce(sum(tk) FILTER (WHERE ds = $1), 0)::int8 AS dt, \
+               coalesce(sum(e) FILTER (WHERE ms = $2), 0)::int8 AS me, \
+               count(*) FILTER (WHERE ms = $2) AS mn, \
+               coalesce(sum(tk) FILTER (WHERE ms = $2), 0)::int8 AS mt, \
+               count(*) AS n FROM s GROUP BY k, t, i) \
+             INSERT INTO scope_counters (scope_kind, tenant_id, scope_id, day_start, \
+               month_start, day_reserved_micros, day_requests_reserved, day_tokens_reserved, \
+               month_reserved_micros, month_requests_reserved, month_tokens_reserved, in_flight) \
+             SELECT k, t, i, $1, $2, de, dn, dt, me, mn, mt, n FROM a \
+             ON CONFLICT (scope_kind, tenant_id, scope_id) DO UPDATE SET \
+               day_reserved_micros = EXCLUDED.day_reserved_micros, \
+               day_requests_reserved = EXCLUDED.day_requests_reserved, \
+               day_tokens_reserved = EXCLUDED.day_tokens_reserved, \
+               month_reserved_micros = EXCLUDED.month_reserved_micros, \
+               month_requests_reserved = EXCLUDED.month_requests_reserved, \
+               month_tokens_reserved = EXCLUDED.month_tokens_reserved, \
+               in_flight = EXCLUDED.in_flight",
+            &[&day_start, &month_start],
+        )
+        .await
+        .db()?;
+        tx.execute(
+            "INSERT INTO settings (key, value) VALUES ($1, 'cluster') \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            &[&crate::settings::WRITER_MODE],
+        )
+        .await
+        .db()?;
+        tx.commit().await.db()?;
+        self.known_counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        Ok(true)
+    }
+
     /// The counters of `scopes` as committed now, without locking (what a status shows).
     pub async fn cluster_counters(
         &self,

@@ -441,3 +441,69 @@ async fn a_value_postgres_refuses_fails_its_own_request_only() {
     assert_invariant(&c, Money::parse_usd("2").unwrap()).await;
     g.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_database_written_by_one_node_keeps_its_spend_when_a_cluster_takes_over() {
+    let Some(url) = pg_url() else { return };
+    let url = fresh_schema(&url, "takeover").await;
+    let dir = tempfile::tempdir().unwrap();
+    // A single-node instance spends 1.00 and holds 0.50 open, of the global 2.00.
+    let policy = Config::from_toml(CLUSTER_POLICY)
+        .unwrap()
+        .validate()
+        .unwrap();
+    let single = AnyStore::open(&url, &OpenOptions::default()).await.unwrap();
+    let g = Guard::start(
+        single,
+        policy,
+        GuardOptions::new(dir.path().join("single")),
+        Arc::new(SystemClock),
+    )
+    .await
+    .unwrap();
+    let spent = g
+        .reserve(cents(subject("t", "a"), 100))
+        .await
+        .unwrap()
+        .unwrap();
+    g.commit(spent.reservation.id, commit(1_000_000))
+        .await
+        .unwrap();
+    let open = g
+        .reserve(cents(subject("t", "b"), 50))
+        .await
+        .unwrap()
+        .unwrap();
+    g.shutdown().await;
+    drop(g);
+    // Two cluster instances take over: 0.50 is left.
+    let guards = [
+        instance(&url, dir.path(), 0, CLUSTER_POLICY).await,
+        instance(&url, dir.path(), 1, CLUSTER_POLICY).await,
+    ];
+    let mut admitted = 0;
+    for i in 0..60 {
+        let s = subject(&format!("t{}", i % 3), &format!("c{i}"));
+        if guards[i % 2].reserve(cents(s, 1)).await.unwrap().is_ok() {
+            admitted += 1;
+        }
+    }
+    assert_eq!(
+        admitted, 50,
+        "what the single node spent and held still counts"
+    );
+    // Its open reservation is committed through the cluster: 0.20 of 0.50 charged.
+    guards[1]
+        .commit(open.reservation.id, commit(200_000))
+        .await
+        .unwrap();
+    let c = Cluster {
+        url,
+        guards: guards.to_vec(),
+        _dir: dir,
+    };
+    assert_invariant(&c, Money::parse_usd("2").unwrap()).await;
+    for g in &c.guards {
+        g.shutdown().await;
+    }
+}
