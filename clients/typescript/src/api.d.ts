@@ -260,13 +260,13 @@ export interface HealthOut {
 /** One instance of a cluster. */
 export interface InstanceOut {
   address: string;
-  heartbeat_at: string | null;
+  heartbeat_at: string;
   id: string;
   /** Its heartbeat is recent and it did not stop. */
   live: boolean;
   name: string;
   /** RFC 3339. */
-  started_at: string | null;
+  started_at: string;
   stopped_at: string | null;
   version: string;
 }

@@ -24,7 +24,7 @@ use anyhow::Context;
 use serde::Serialize;
 use tokio_postgres::{Client, NoTls};
 
-use crate::load::{LoadReport, RunLimit, histogram, progress};
+use crate::load::{LoadReport, RunLimit, Worker, gather, progress};
 use crate::{INPUT_TOKENS, LoadOptions, MAX_OUTPUT_TOKENS, tier_of};
 
 /// The PostgreSQL schema of the function baseline.
@@ -132,32 +132,8 @@ struct Shared {
     done: Arc<AtomicU64>,
 }
 
-struct Worker {
-    hist: hdrhistogram::Histogram<u64>,
-    report: LoadReport,
-}
-
-impl Worker {
-    fn error(&mut self, what: String) {
-        self.report.errors += 1;
-        if self.report.error_examples.len() < 3 {
-            self.report.error_examples.push(what);
-        }
-    }
-
-    fn record(&mut self, s: &Shared, t: Instant) {
-        self.hist
-            .saturating_record((t.elapsed().as_micros() as u64).max(1));
-        self.report.requests += 1;
-        s.done.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 async fn worker(s: Arc<Shared>, client: Client) -> Worker {
-    let mut w = Worker {
-        hist: histogram(),
-        report: LoadReport::default(),
-    };
+    let mut w = Worker::new();
     let prepared = async {
         let reserve = client
             .prepare(&format!("SELECT {PG_SCHEMA}.sg_reserve($1, $2, $3)"))
@@ -193,7 +169,7 @@ async fn worker(s: Arc<Shared>, client: Client) -> Worker {
         w.report.reserves += 1;
         let t = Instant::now();
         let admitted = client.query_one(&reserve, &[&keys, &limits, &amount]).await;
-        w.record(&s, t);
+        w.record(t, &s.done);
         match admitted.and_then(|row| row.try_get::<_, bool>(0)) {
             Ok(true) => {}
             Ok(false) => {
@@ -220,7 +196,7 @@ async fn worker(s: Arc<Shared>, client: Client) -> Worker {
         };
         let t = Instant::now();
         let settled = client.execute(&settle, &[&keys, &amount, &actual]).await;
-        w.record(&s, t);
+        w.record(t, &s.done);
         if let Err(e) = settled {
             w.error(format!("sg_settle: {e}"));
         }
@@ -261,20 +237,7 @@ pub async fn run(
         .into_iter()
         .map(|c| tokio::spawn(worker(shared.clone(), c)))
         .collect();
-    let mut hist = histogram();
-    let mut report = LoadReport::default();
-    for t in tasks {
-        let w = t.await?;
-        hist.add(&w.hist)?;
-        report.merge(w.report);
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    shared.limit.stopped.store(true, Ordering::Relaxed);
-    if let Some((bar, ticker)) = bar {
-        let _ = ticker.await;
-        bar.finish_and_clear();
-    }
-    report.finish(elapsed, &hist);
+    let report = gather(tasks, start, &shared.limit, bar).await?;
     let check = check(url, shared.global_limit).await?;
     Ok((report, check))
 }

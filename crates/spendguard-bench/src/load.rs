@@ -100,18 +100,59 @@ pub struct LoadReport {
     pub error_examples: Vec<String>,
 }
 
-struct Worker {
-    hist: Histogram<u64>,
-    report: LoadReport,
+/// What one load task measured.
+pub(crate) struct Worker {
+    pub(crate) hist: Histogram<u64>,
+    pub(crate) report: LoadReport,
 }
 
 impl Worker {
-    fn error(&mut self, what: String) {
+    pub(crate) fn new() -> Worker {
+        Worker {
+            hist: histogram(),
+            report: LoadReport::default(),
+        }
+    }
+
+    pub(crate) fn error(&mut self, what: String) {
         self.report.errors += 1;
         if self.report.error_examples.len() < 3 {
             self.report.error_examples.push(what);
         }
     }
+
+    /// Counts a request sent at `t` (answered now) and ticks the progress count.
+    pub(crate) fn record(&mut self, t: Instant, done: &AtomicU64) {
+        self.hist
+            .saturating_record((t.elapsed().as_micros() as u64).max(1));
+        self.report.requests += 1;
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Waits for the load tasks started at `start`, stops the run's limit and its progress
+/// bar, and sums what the tasks measured.
+pub(crate) async fn gather(
+    tasks: Vec<tokio::task::JoinHandle<Worker>>,
+    start: Instant,
+    limit: &RunLimit,
+    bar: Option<(ProgressBar, tokio::task::JoinHandle<()>)>,
+) -> anyhow::Result<LoadReport> {
+    let mut hist = histogram();
+    let mut report = LoadReport::default();
+    for t in tasks {
+        let w = t.await?;
+        hist.add(&w.hist)?;
+        report.merge(w.report);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    limit.stopped.store(true, Ordering::Relaxed);
+    if let Some((bar, ticker)) = bar {
+        let _ = ticker.await;
+        bar.finish_and_clear();
+    }
+    report.finish(elapsed, &hist);
+    Ok(report)
 }
 
 struct Shared {
@@ -183,10 +224,7 @@ async fn send(
         Ok::<_, reqwest::Error>((status, bytes))
     }
     .await;
-    let us = t.elapsed().as_micros() as u64;
-    w.hist.saturating_record(us.max(1));
-    w.report.requests += 1;
-    s.done.fetch_add(1, Ordering::Relaxed);
+    w.record(t, &s.done);
     match result {
         Ok((status, bytes)) => Some((
             status,
@@ -385,21 +423,7 @@ pub async fn drive_many(
     let tasks: Vec<_> = (0..opts.connections.max(1))
         .map(|k| tokio::spawn(worker(shared.clone(), k)))
         .collect();
-    let mut hist = histogram();
-    let mut report = LoadReport::default();
-    for t in tasks {
-        let w = t.await?;
-        hist.add(&w.hist)?;
-        report.merge(w.report);
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    shared.limit.stopped.store(true, Ordering::Relaxed);
-    if let Some((bar, ticker)) = bar {
-        let _ = ticker.await;
-        bar.finish_and_clear();
-    }
-    report.finish(elapsed, &hist);
-    Ok(report)
+    gather(tasks, start, &shared.limit, bar).await
 }
 
 impl LoadReport {

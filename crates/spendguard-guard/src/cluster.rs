@@ -21,13 +21,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 use spendguard_core::{
-    CheckOutcome, CommitRequest, Committed, Event, Ledger, LedgerError, Micros, RecordRequest,
-    ReserveRequest, Reserved, ScopeKey, Settlement, Snapshot, UsageRecord, reserve_fingerprint,
-    scope_keys,
+    CheckOutcome, CommitRequest, Committed, Event, Ledger, Micros, RecordRequest, ReserveRequest,
+    Reserved, ScopeKey, Settlement, Snapshot, UsageRecord, scope_keys,
 };
 use spendguard_store::{
     ClusterInstance, ClusterNeeds, ClusterView, ClusterWrite, PostgresStore, ReservationState,
-    StoreError, retried,
+    StoreError,
 };
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -269,55 +268,21 @@ impl Cluster {
     }
 }
 
-/// Replaces the ledger's overrides with the stored ones (those no longer stored are
-/// cleared).
+/// Makes the ledger's overrides the stored ones.
 fn apply_overrides(ledger: &Ledger, snapshot: Snapshot) {
-    let budgets: std::collections::HashSet<ScopeKey> =
-        snapshot.budgets.iter().map(|(k, _)| k.clone()).collect();
-    for (scope, _) in ledger.budget_overrides() {
-        if !budgets.contains(&scope) {
-            ledger.set_budget(scope, Default::default());
+    match ledger.replace_overrides(snapshot.budgets, snapshot.users, snapshot.tenant_prices) {
+        Ok(r) => {
+            for (tenant, user, tier) in r.dropped_tiers {
+                tracing::warn!(
+                    tenant = %tenant,
+                    user = %user,
+                    tier = %tier,
+                    "a stored user tier is not in the configuration; the user falls back \
+                     to the default tier"
+                );
+            }
         }
-    }
-    for (scope, budget) in snapshot.budgets {
-        ledger.set_budget(scope, budget);
-    }
-    let users: std::collections::HashSet<_> = snapshot
-        .users
-        .iter()
-        .map(|(t, u, _)| (t.clone(), u.clone()))
-        .collect();
-    for (t, u, _) in ledger.all_user_overrides() {
-        if !users.contains(&(t.clone(), u.clone())) {
-            let _ = ledger.set_user(t, u, Default::default());
-        }
-    }
-    let policy = ledger.policy();
-    for (t, u, mut o) in snapshot.users {
-        if o.tier
-            .as_ref()
-            .is_some_and(|tier| policy.tier(tier).is_none())
-        {
-            o.tier = None;
-        }
-        if let Err(e) = ledger.set_user(t, u, o) {
-            tracing::warn!(error = %e, "a stored user override could not be applied");
-        }
-    }
-    let prices: std::collections::HashSet<_> = snapshot
-        .tenant_prices
-        .iter()
-        .map(|(t, _)| t.clone())
-        .collect();
-    for (t, _) in ledger.all_tenant_prices() {
-        if !prices.contains(&t) {
-            let _ = ledger.set_tenant_prices(t, Default::default());
-        }
-    }
-    for (t, p) in snapshot.tenant_prices {
-        if let Err(e) = ledger.set_tenant_prices(t, p) {
-            tracing::warn!(error = %e, "stored tenant prices could not be applied");
-        }
+        Err(e) => tracing::warn!(error = %e, "the stored overrides could not all be applied"),
     }
 }
 
@@ -445,12 +410,8 @@ async fn refuse<S: spendguard_store::Store>(
     }
 }
 
-/// A deadlock or a serialization failure: the transaction was rolled back and may simply
-/// run again.
-fn is_conflict(e: &StoreError) -> bool {
-    matches!(e, StoreError::Unavailable(m) if m.contains("(40P01)") || m.contains("(40001)"))
-}
-
+/// Decides a batch in one transaction, retrying it after a deadlock or a serialization
+/// failure; returns the batch unanswered when the database refused one of its values.
 async fn decide_batch(
     pg: &PostgresStore,
     ledger: &Ledger,
@@ -483,7 +444,6 @@ async fn decide_batch(
     needs.scopes.dedup();
     needs.keys.sort_unstable();
     needs.keys.dedup();
-    let retention = ledger.key_retention();
     let mut attempt = 0;
     loop {
         let now = clock.now();
@@ -491,7 +451,7 @@ async fn decide_batch(
         let (events, done) = pg
             .cluster_decide(&needs, |view| {
                 let _turn = turn.lock().unwrap_or_else(|e| e.into_inner());
-                decide(ledger, &jobs, &needs, view, now, retention, &mut answers)
+                decide(ledger, &jobs, &needs, view, now, &mut answers)
             })
             .await;
         match done {
@@ -511,7 +471,7 @@ async fn decide_batch(
                     ledger.revert(ev);
                 }
                 attempt += 1;
-                if is_conflict(&e) && attempt < 5 {
+                if e.is_conflict() && attempt < 5 {
                     stats.retries.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
@@ -540,7 +500,6 @@ fn decide(
     needs: &ClusterNeeds,
     view: ClusterView,
     now: Micros,
-    retention: i64,
     answers: &mut Vec<Result<Answer, GuardError>>,
 ) -> ClusterWrite {
     for (k, c) in &view.counters {
@@ -568,7 +527,7 @@ fn decide(
     let mut events = Vec::new();
     for job in jobs {
         let answer = match &job.op {
-            Op::Reserve(req) => reserve(ledger, req, &view, now, retention, &mut events),
+            Op::Reserve(req) => reserve(ledger, req, &view, now, &mut events),
             Op::Commit(id, req) => ledger
                 .commit(id, req, now)
                 .map(|a| {
@@ -610,28 +569,15 @@ fn reserve(
     req: &ReserveRequest,
     view: &ClusterView,
     now: Micros,
-    retention: i64,
     events: &mut Vec<Event>,
 ) -> Result<Answer, GuardError> {
+    // Made with this key by another instance (or before a restart): the same answer.
     if let Some(key) = &req.idempotency_key
-        && ledger
-            .reservation_by_key(&req.subject.tenant, key)
-            .is_none()
+        && !ledger.knows_key(&req.subject.tenant, key)
         && let Some(stored) = view.by_key.get(&(req.subject.tenant.clone(), key.clone()))
-        && let Some(r) = retried(stored, retention, now)
+        && let Some(replay) = crate::replay_stored(ledger, req, stored.reservation.clone(), now)?
     {
-        // Made by another instance (or before a restart): the same answer.
-        if r.fingerprint != reserve_fingerprint(req) {
-            return Err(LedgerError::IdempotencyConflict(key.clone()).into());
-        }
-        let s = &req.subject;
-        let limits = ledger.limits(&s.tenant, &s.user, s.company.as_ref(), s.tier.as_ref(), now)?;
-        return Ok(Answer::Reserved(Box::new(Ok(Reserved {
-            reservation: r.clone(),
-            limits: limits.into(),
-            replayed: true,
-            would_deny: None,
-        }))));
+        return Ok(Answer::Reserved(Box::new(Ok(replay))));
     }
     Ok(Answer::Reserved(Box::new(
         match ledger.reserve(req, now)? {
@@ -658,15 +604,7 @@ fn record(
             .usage_by_key
             .get(&(req.subject.tenant.clone(), key.clone()))
     {
-        let same = prev.user == req.subject.user
-            && prev.model == req.subject.model
-            && prev.tokens == req.tokens
-            && prev.status == req.status
-            && req.cost.is_none_or(|c| c == prev.cost);
-        if !same {
-            return Err(LedgerError::IdempotencyConflict(key.clone()).into());
-        }
-        return Ok(Answer::Recorded(prev.clone(), true));
+        return crate::replay_record(prev.clone(), req, key).map(|u| Answer::Recorded(u, true));
     }
     let applied = ledger.record_at(req, at.unwrap_or(now), now)?;
     let replayed = applied.event.is_none();

@@ -331,7 +331,9 @@ impl<S: Store> Guard<S> {
             Snapshot::default()
         } else {
             // A cluster taking over later must rebuild its counter rows from the tables.
-            store.put_setting(settings::WRITER_MODE, "single").await?;
+            if store.postgres().is_some() {
+                store.put_setting(settings::WRITER_MODE, "single").await?;
+            }
             store.load(periods.day.start, periods.month.start).await?
         };
         tracing::info!(
@@ -505,7 +507,7 @@ impl<S: Store> Guard<S> {
         if s.sweeps_failing >= SWEEP_FAILURES_NOT_READY {
             problems.push("the expiry sweep keeps failing");
         }
-        if self.cluster_stats().is_some_and(|c| c.heartbeat_failing) {
+        if self.cluster().is_some_and(|(_, c)| c.heartbeat_failing) {
             problems.push("the cluster's database cannot be reached (the heartbeat fails)");
         }
         problems
@@ -742,25 +744,7 @@ impl<S: Store> Guard<S> {
         else {
             return Ok(None);
         };
-        let r = stored.reservation;
-        let until = r
-            .created_at
-            .saturating_add(ledger.key_retention())
-            .max(r.expires_at);
-        if until <= now {
-            return Ok(None);
-        }
-        if r.fingerprint != reserve_fingerprint(req) {
-            return Err(LedgerError::IdempotencyConflict(key.clone()).into());
-        }
-        let s = &req.subject;
-        let limits = ledger.limits(&s.tenant, &s.user, s.company.as_ref(), s.tier.as_ref(), now)?;
-        Ok(Some(Reserved {
-            reservation: r,
-            limits: limits.into(),
-            replayed: true,
-            would_deny: None,
-        }))
+        replay_stored(ledger, req, stored.reservation, now)
     }
 
     /// Commits a reservation's actual usage. The usage id is assigned here. A retry waits
@@ -870,15 +854,7 @@ impl<S: Store> Guard<S> {
                 .usage_by_key(&req.subject.tenant, key)
                 .await?
         {
-            let same = prev.user == req.subject.user
-                && prev.model == req.subject.model
-                && prev.tokens == req.tokens
-                && prev.status == req.status
-                && req.cost.is_none_or(|c| c == prev.cost);
-            if !same {
-                return Err(LedgerError::IdempotencyConflict(key.clone()).into());
-            }
-            return Ok((prev, true));
+            return replay_record(prev, &req, key).map(|u| (u, true));
         }
         let now = self.now();
         let applied = self.inner.ledger.record_at(&req, at.unwrap_or(now), now)?;
@@ -924,10 +900,6 @@ impl<S: Store> Guard<S> {
     /// Cluster mode: this instance's id, options and counters.
     pub fn cluster(&self) -> Option<(&ClusterOptions, ClusterStats)> {
         self.inner.cluster.as_ref().map(|c| (&c.options, c.stats()))
-    }
-
-    fn cluster_stats(&self) -> Option<ClusterStats> {
-        self.inner.cluster.as_ref().map(|c| c.stats())
     }
 
     /// Would this reservation be admitted? Changes nothing.
@@ -1251,6 +1223,55 @@ async fn dead_letter<S: Store>(
         .dead_letters
         .fetch_add(letters.len() as u64, Ordering::Relaxed);
     Ok(())
+}
+
+/// The answer to a keyed reservation retried after memory forgot it (a restart, or another
+/// cluster instance made it): the stored reservation while its key may still be retried
+/// (until it expires, or the key retention if longer), `None` after; a conflict when the
+/// retry asks for something else.
+pub(crate) fn replay_stored(
+    ledger: &Ledger,
+    req: &ReserveRequest,
+    r: spendguard_core::Reservation,
+    now: Micros,
+) -> Result<Option<Reserved>, GuardError> {
+    let until = r
+        .created_at
+        .saturating_add(ledger.key_retention())
+        .max(r.expires_at);
+    if until <= now {
+        return Ok(None);
+    }
+    if r.fingerprint != reserve_fingerprint(req) {
+        let key = req.idempotency_key.clone().expect("a keyed request");
+        return Err(LedgerError::IdempotencyConflict(key).into());
+    }
+    let s = &req.subject;
+    let limits = ledger.limits(&s.tenant, &s.user, s.company.as_ref(), s.tier.as_ref(), now)?;
+    Ok(Some(Reserved {
+        reservation: r,
+        limits: limits.into(),
+        replayed: true,
+        would_deny: None,
+    }))
+}
+
+/// The stored direct record a keyed record retries, if the retry asks for the same usage;
+/// a conflict otherwise.
+pub(crate) fn replay_record(
+    prev: UsageRecord,
+    req: &RecordRequest,
+    key: &IdempotencyKey,
+) -> Result<UsageRecord, GuardError> {
+    let same = prev.user == req.subject.user
+        && prev.model == req.subject.model
+        && prev.tokens == req.tokens
+        && prev.status == req.status
+        && req.cost.is_none_or(|c| c == prev.cost);
+    if !same {
+        return Err(LedgerError::IdempotencyConflict(key.clone()).into());
+    }
+    Ok(prev)
 }
 
 /// Where dead letters go when the store cannot keep them: beside the spool.

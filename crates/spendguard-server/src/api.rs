@@ -1275,15 +1275,15 @@ pub struct ClusterOut {
 }
 
 /// One instance of a cluster.
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Clone, Debug, Serialize, JsonSchema)]
 pub struct InstanceOut {
     pub id: String,
     pub name: String,
     pub address: String,
     pub version: String,
     /// RFC 3339.
-    pub started_at: Option<String>,
-    pub heartbeat_at: Option<String>,
+    pub started_at: String,
+    pub heartbeat_at: String,
     pub stopped_at: Option<String>,
     /// Its heartbeat is recent and it did not stop.
     pub live: bool,
@@ -1333,24 +1333,15 @@ pub async fn cluster(
             name: i.name,
             address: i.address,
             version: i.version,
-            started_at: Some(time(i.started_at)),
-            heartbeat_at: Some(time(i.heartbeat_at)),
+            started_at: time(i.started_at),
+            heartbeat_at: time(i.heartbeat_at),
             stopped_at: i.stopped_at.map(time),
         })
         .collect();
     let me = instances
         .iter()
         .find(|i| i.id == options.id.to_string())
-        .map(|i| InstanceOut {
-            id: i.id.clone(),
-            name: i.name.clone(),
-            address: i.address.clone(),
-            version: i.version.clone(),
-            started_at: i.started_at.clone(),
-            heartbeat_at: i.heartbeat_at.clone(),
-            stopped_at: i.stopped_at.clone(),
-            live: i.live,
-        });
+        .cloned();
     Ok(Json(ClusterOut {
         mode: "cluster",
         instance: me,

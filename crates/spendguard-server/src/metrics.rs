@@ -100,6 +100,18 @@ impl Default for Metrics {
     }
 }
 
+fn gauge(registry: &mut Registry, name: &str, help: &str) -> Gauge {
+    let g = Gauge::default();
+    registry.register(name, help, g.clone());
+    g
+}
+
+fn counter(registry: &mut Registry, name: &str, help: &str) -> Counter {
+    let c = Counter::default();
+    registry.register(name, help, c.clone());
+    c
+}
+
 /// The metrics of cluster mode.
 #[derive(Debug)]
 struct ClusterMetrics {
@@ -115,12 +127,7 @@ impl Metrics {
     /// [`Metrics::new`] with the metrics of cluster mode.
     pub fn for_cluster() -> Metrics {
         let mut m = Metrics::new();
-        let registry = m.registry_mut();
-        let counter = |registry: &mut Registry, name: &str, help: &str| {
-            let c = Counter::default();
-            registry.register(name, help, c.clone());
-            c
-        };
+        let registry = &mut m.registry;
         let batches = counter(
             registry,
             "cluster_batches",
@@ -146,11 +153,10 @@ impl Metrics {
             "cluster_config_reloads",
             "Reloads of budgets, users and prices changed through another instance",
         );
-        let heartbeat_up = Gauge::default();
-        registry.register(
+        let heartbeat_up = gauge(
+            registry,
             "cluster_heartbeat_up",
             "1 while this instance's heartbeat reaches the database",
-            heartbeat_up.clone(),
         );
         m.cluster = Some(ClusterMetrics {
             batches,
@@ -161,10 +167,6 @@ impl Metrics {
             heartbeat_up,
         });
         m
-    }
-
-    fn registry_mut(&mut self) -> &mut Registry {
-        &mut self.registry
     }
 
     pub fn new() -> Metrics {
@@ -200,16 +202,6 @@ impl Metrics {
             "Spent plus reserved over the cap, global and per tenant",
             utilisation.clone(),
         );
-        let gauge = |registry: &mut Registry, name: &str, help: &str| {
-            let g = Gauge::default();
-            registry.register(name, help, g.clone());
-            g
-        };
-        let counter = |registry: &mut Registry, name: &str, help: &str| {
-            let c = Counter::default();
-            registry.register(name, help, c.clone());
-            c
-        };
         let batches = counter(
             &mut registry,
             "writer_batches",

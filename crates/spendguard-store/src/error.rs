@@ -26,6 +26,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A deadlock or a serialization failure (PostgreSQL SQLSTATE 40P01, 40001): the
+    /// transaction was rolled back and may simply run again.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Unavailable(m) if m.ends_with("(40P01)") || m.ends_with("(40001)"))
+    }
+
     /// True for errors a retry may cure ([`StoreError::Unavailable`]).
     pub fn is_unavailable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))

@@ -439,25 +439,23 @@ async fn take_lock(config: &Config, name: &str, cluster: bool) -> Result<LockCon
     };
     // A holder that just stopped (a restart) may keep its session a moment longer: the
     // lock is tried for up to 2 s before another instance is taken to hold it.
-    let mut held = false;
     for attempt in 0..10 {
         if attempt > 0 {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let row = client.query_one(sql, &[]).await.db()?;
-        held = get::<Option<bool>>(&row, 0)? == Some(true);
-        if held {
-            break;
+        if get::<Option<bool>>(&row, 0)? == Some(true) {
+            return Ok(LockConn { client });
         }
     }
-    match held.then_some(true) {
-        Some(true) => Ok(LockConn { client }),
-        _ if cluster => Err(StoreError::Locked(format!(
+    Err(if cluster {
+        StoreError::Locked(format!(
             "a single-node spendguard is writing to {name}; stop it first, or run every \
              instance on this database with mode = \"cluster\""
-        ))),
-        _ => Err(StoreError::locked(name)),
-    }
+        ))
+    } else {
+        StoreError::locked(name)
+    })
 }
 
 async fn insert_reservations(

@@ -16,8 +16,8 @@
 use std::collections::HashMap;
 
 use spendguard_core::{
-    Event, IdempotencyKey, Micros, Money, Reservation, ScopeCounters, ScopeKey, Snapshot, TenantId,
-    UsageRecord, WindowCounters, late_usage_id, scope_keys,
+    Event, IdempotencyKey, Micros, Money, ScopeCounters, ScopeKey, Snapshot, TenantId, UsageRecord,
+    WindowCounters, late_usage_id, scope_keys,
 };
 use tokio_postgres::{IsolationLevel, Row};
 use uuid::Uuid;
@@ -112,6 +112,20 @@ const WRITE_COUNTERS: &str = "UPDATE scope_counters AS c SET day_start = u.ds, \
     $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[]) \
     AS u (k, t, i, ds, dsp, dr, dq, dqr, dt, dtr, ms, msp, mr, mq, mqr, mt, mtr, f, tat) \
     WHERE (c.scope_kind, c.tenant_id, c.scope_id) = (u.k, u.t, u.i)";
+
+/// The key columns of `scopes`, as three arrays for `UNNEST`.
+fn scope_arrays<'a>(
+    scopes: impl IntoIterator<Item = &'a ScopeKey>,
+) -> (Vec<&'static str>, Vec<&'a str>, Vec<&'a str>) {
+    let (mut kinds, mut tenants, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+    for s in scopes {
+        let (k, t, i) = scope_columns(s);
+        kinds.push(k);
+        tenants.push(t);
+        ids.push(i);
+    }
+    (kinds, tenants, ids)
+}
 
 fn count(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
@@ -262,13 +276,7 @@ impl PostgresStore {
         scopes.dedup();
         let mut read: HashMap<ScopeKey, ScopeCounters> = HashMap::new();
         if !scopes.is_empty() {
-            let (mut kinds, mut tenants, mut ids) = (Vec::new(), Vec::new(), Vec::new());
-            for s in &scopes {
-                let (k, t, i) = scope_columns(s);
-                kinds.push(k);
-                tenants.push(t);
-                ids.push(i);
-            }
+            let (kinds, tenants, ids) = scope_arrays(&scopes);
             let known = {
                 let k = self
                     .known_counters
@@ -293,12 +301,18 @@ impl PostgresStore {
                 view.counters.push((key, c));
             }
         }
-        // Scopes new to the table are created zero: the view holds every one asked for.
-        for key in scopes {
-            read.entry(key.clone()).or_insert_with(|| {
-                view.counters.push((key, ScopeCounters::default()));
-                ScopeCounters::default()
-            });
+        // Every row asked for exists (created above, or known to exist): a decision on a
+        // scope without its row could not be written back.
+        if read.len() != scopes.len() {
+            self.known_counters
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            return Err(StoreError::Unavailable(
+                "scope_counters lacks rows this instance knew; they are created again on \
+                 the next attempt"
+                    .into(),
+            ));
         }
         let write = decide(view);
         events.extend(write.events);
@@ -447,13 +461,7 @@ impl PostgresStore {
         &self,
         scopes: &[ScopeKey],
     ) -> Result<Vec<(ScopeKey, ScopeCounters)>, StoreError> {
-        let (mut kinds, mut tenants, mut ids) = (Vec::new(), Vec::new(), Vec::new());
-        for s in scopes {
-            let (k, t, i) = scope_columns(s);
-            kinds.push(k);
-            tenants.push(t);
-            ids.push(i);
-        }
+        let (kinds, tenants, ids) = scope_arrays(scopes);
         let client = self.client().await?;
         let sql = format!(
             "SELECT {COUNTER_COLUMNS} FROM scope_counters AS c JOIN \
@@ -690,12 +698,9 @@ async fn write_counters(
     rows: &[&(ScopeKey, ScopeCounters)],
 ) -> Result<(), StoreError> {
     let mut cols: [Vec<i64>; 16] = Default::default();
-    let (mut kinds, mut tenants, mut ids) = (Vec::new(), Vec::new(), Vec::new());
-    for (key, c) in rows {
-        let (k, t, i) = scope_columns(key);
-        kinds.push(k);
-        tenants.push(t);
-        ids.push(i);
+    let keys: Vec<&ScopeKey> = rows.iter().map(|(k, _)| k).collect();
+    let (kinds, tenants, ids) = scope_arrays(keys);
+    for (_, c) in rows {
         let vals = [
             c.day.start,
             c.day.spent.micros(),
@@ -725,11 +730,4 @@ async fn write_counters(
     }
     tx.execute(&stmt, &params).await.db()?;
     Ok(())
-}
-
-/// The reservation a stored idempotency key names, if it is still within the retention
-/// a retry is answered in.
-pub fn retried(stored: &StoredReservation, retention: i64, now: Micros) -> Option<&Reservation> {
-    let r = &stored.reservation;
-    (r.created_at.saturating_add(retention).max(r.expires_at) > now).then_some(r)
 }

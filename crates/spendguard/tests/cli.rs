@@ -72,15 +72,24 @@ impl Drop for KillOnDrop {
 /// (killed when dropped) and the address it serves on. Its log is drained so that it never
 /// blocks on a full pipe.
 fn serve_in(dir: &std::path::Path) -> (KillOnDrop, String) {
+    spawn_serving(
+        Command::new(env!("CARGO_BIN_EXE_spendguard"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .current_dir(dir)
+            .env("SPENDGUARD_ADMIN_KEY", ADMIN)
+            .env_remove("SPENDGUARD_DATABASE_URL"),
+    )
+}
+
+/// Spawns a `spendguard serve` command (killed when dropped) and waits until it serves:
+/// the process and the address it serves on. Its log is drained so that it never blocks on
+/// a full pipe.
+fn spawn_serving(cmd: &mut Command) -> (KillOnDrop, String) {
     use std::io::{BufRead, BufReader};
-    let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .current_dir(dir)
-        .env("SPENDGUARD_ADMIN_KEY", ADMIN)
+    let child = cmd
         .env("RUST_LOG", "info")
-        .env_remove("SPENDGUARD_DATABASE_URL")
         .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let mut child = KillOnDrop(child);

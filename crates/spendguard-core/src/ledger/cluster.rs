@@ -9,65 +9,23 @@
 //! and writes the counters back ([`Ledger::scope_counters`]) in the same transaction. The
 //! limits are evaluated here and nowhere else, exactly as on one node.
 
-use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::state::{Counters, Open, ScopeState, lock};
+use super::Ledger;
+pub use super::state::Counters as WindowCounters;
+use super::state::{Open, ScopeState, lock};
 use super::types::*;
-use super::{Ledger, idempotency::Remembered};
-use crate::money::Money;
 use crate::window::Micros;
-
-/// The counters of one calendar window of one scope.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WindowCounters {
-    /// The window's start; counters of an older window count as zero in a newer one.
-    pub start: Micros,
-    pub spent: Money,
-    pub reserved: Money,
-    pub requests: u64,
-    pub requests_reserved: u64,
-    pub tokens: u64,
-    pub tokens_reserved: u64,
-}
 
 /// Everything the ledger counts for one scope: its day and month windows, the
 /// reservations open against it and (users) the request rate's arrival time.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ScopeCounters {
     pub day: WindowCounters,
     pub month: WindowCounters,
     pub in_flight: u32,
     /// GCRA theoretical arrival time of the user's requests per minute.
     pub tat: Micros,
-}
-
-impl From<Counters> for WindowCounters {
-    fn from(c: Counters) -> Self {
-        WindowCounters {
-            start: c.start,
-            spent: c.spent,
-            reserved: c.reserved,
-            requests: c.requests,
-            requests_reserved: c.requests_reserved,
-            tokens: c.tokens,
-            tokens_reserved: c.tokens_reserved,
-        }
-    }
-}
-
-impl From<WindowCounters> for Counters {
-    fn from(c: WindowCounters) -> Self {
-        Counters {
-            start: c.start,
-            spent: c.spent,
-            reserved: c.reserved,
-            requests: c.requests,
-            requests_reserved: c.requests_reserved,
-            tokens: c.tokens,
-            tokens_reserved: c.tokens_reserved,
-        }
-    }
 }
 
 /// The scopes a subject counts in, most specific last: global, tenant, company (if any),
@@ -89,8 +47,8 @@ impl Ledger {
         scopes.slots[at].map_or_else(ScopeCounters::default, |slot| {
             let s = locked.shard_ref(scopes.shards[at]).state(slot);
             ScopeCounters {
-                day: s.day.into(),
-                month: s.month.into(),
+                day: s.day,
+                month: s.month,
                 in_flight: s.in_flight,
                 tat: s.tat,
             }
@@ -107,8 +65,8 @@ impl Ledger {
         let slot = scopes.slot_refs()[at].expect("ensured just now");
         let s = locked.state_mut(slot);
         *s = ScopeState {
-            day: counters.day.into(),
-            month: counters.month.into(),
+            day: counters.day,
+            month: counters.month,
             in_flight: counters.in_flight,
             subjects: s.subjects,
             tat: counters.tat,
@@ -154,26 +112,11 @@ impl Ledger {
             }
             rs.forget_settled(horizon);
         }
-        for shard in self.idempotency.iter() {
-            lock(shard).keys.retain(|_, e| e.until > now);
-        }
-    }
-
-    /// The reservation an idempotency key of `tenant` names in memory, if any.
-    pub fn reservation_by_key(
-        &self,
-        tenant: &crate::ids::TenantId,
-        key: &crate::ids::IdempotencyKey,
-    ) -> Option<Reservation> {
-        let shard = lock(self.idem_shard(tenant, key));
-        match &shard.keys.get(&(tenant.clone(), key.clone()))?.result {
-            Remembered::Reservation(r) => Some((**r).clone()),
-            Remembered::Usage(_) => None,
-        }
+        self.forget_keys(now);
     }
 
     /// The chain of scopes a key's state is created through: its tenant first.
-    fn refs_of(key: &ScopeKey) -> [Option<ScopeRef<'_>>; 4] {
+    pub(super) fn refs_of(key: &ScopeKey) -> [Option<ScopeRef<'_>>; 4] {
         let r = key.as_ref();
         let mut refs = [None; 4];
         match r {
@@ -185,7 +128,8 @@ impl Ledger {
         refs
     }
 
-    fn own_index(key: &ScopeKey) -> usize {
+    /// Where a key stands among [global, tenant, company, user].
+    pub(super) fn own_index(key: &ScopeKey) -> usize {
         match key {
             ScopeKey::Global => 0,
             ScopeKey::Tenant(_) => 1,

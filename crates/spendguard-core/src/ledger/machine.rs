@@ -617,11 +617,16 @@ impl Ledger {
         })
     }
 
-    /// Drops idempotency keys past the retention and scope states of finished windows.
-    fn forget(&self, now: Micros) {
+    /// Drops idempotency keys past the retention.
+    pub(super) fn forget_keys(&self, now: Micros) {
         for shard in self.idempotency.iter() {
             lock(shard).keys.retain(|_, e| e.until > now);
         }
+    }
+
+    /// Drops idempotency keys past the retention and scope states of finished windows.
+    fn forget(&self, now: Micros) {
+        self.forget_keys(now);
         let periods = self.policy().calendar.periods(now);
         let keep = |s: &ScopeState| {
             s.in_flight > 0

@@ -4,9 +4,14 @@
 //! admitted reservation in `reserve`, so a restored ledger holds exactly what the ledger
 //! that admitted them held (rolling request rates aside).
 
+use std::collections::HashSet;
+
 use super::Ledger;
 use super::state::{Outcome, Settled, lock};
 use super::types::*;
+use crate::ids::{TenantId, UserId};
+use crate::policy::UserOverrides;
+use crate::prices::TenantPrices;
 use crate::window::{Micros, Window};
 
 impl Ledger {
@@ -19,42 +24,15 @@ impl Ledger {
     /// back to the default tier, keeping the other overrides) and reported, so that removing
     /// a tier from the configuration never stops start-up.
     pub fn restore(&self, snapshot: Snapshot) -> Result<Restored, LedgerError> {
-        let mut restored = Restored::default();
-        for (scope, budget) in snapshot.budgets {
-            self.set_budget(scope, budget);
-        }
-        for (tenant, prices) in snapshot.tenant_prices {
-            self.set_tenant_prices(tenant, prices)?;
-        }
-        let policy = self.policy();
-        for (tenant, user, mut overrides) in snapshot.users {
-            if let Some(tier) = &overrides.tier
-                && policy.tier(tier).is_none()
-            {
-                restored
-                    .dropped_tiers
-                    .push((tenant.clone(), user.clone(), tier.clone()));
-                overrides.tier = None;
-            }
-            self.set_user(tenant, user, overrides)?;
-        }
+        let restored =
+            self.replace_overrides(snapshot.budgets, snapshot.users, snapshot.tenant_prices)?;
         for row in snapshot.counters {
             // A scope is created as a reservation or a record creates it (a new user or
             // company counted on its tenant), at its place among the four. Persisted spend
             // is restored whole, even above a tenant's subject cap (new reservations for
             // new subjects are then refused until scopes are freed).
-            let r = row.scope.as_ref();
-            let mut refs = [None; 4];
-            match r {
-                ScopeRef::Global => refs[0] = Some(r),
-                ScopeRef::Tenant(_) => refs[1] = Some(r),
-                ScopeRef::Company(t, _) => {
-                    (refs[1], refs[2]) = (Some(ScopeRef::Tenant(t)), Some(r))
-                }
-                ScopeRef::User(t, _) => (refs[1], refs[3]) = (Some(ScopeRef::Tenant(t)), Some(r)),
-            }
-            let at = refs.iter().rposition(Option::is_some).expect("one scope");
-            let (mut locked, mut scopes) = self.lock_scopes(refs);
+            let at = Self::own_index(&row.scope);
+            let (mut locked, mut scopes) = self.lock_scopes(Self::refs_of(&row.scope));
             self.ensure(&mut locked, &mut scopes, None);
             let Some(slot) = scopes.slot_refs()[at] else {
                 continue;
@@ -86,6 +64,57 @@ impl Ledger {
             let mut rs = lock(self.res_shard(&res.id));
             let (mut locked, mut scopes) = self.lock_scopes(res.subject.scope_refs());
             self.admit(&mut locked, &mut scopes, &mut rs, res.clone(), None);
+        }
+        Ok(restored)
+    }
+
+    /// Makes the admin overrides (budgets, users, tenant prices) exactly these: the ones
+    /// given are set, the others cleared. At start-up, and in cluster mode when another
+    /// instance changed them. A stored user tier that the configuration no longer has is
+    /// dropped (the user falls back to the default tier, keeping the other overrides) and
+    /// reported.
+    pub fn replace_overrides(
+        &self,
+        budgets: Vec<(ScopeKey, BudgetOverride)>,
+        users: Vec<(TenantId, UserId, UserOverrides)>,
+        tenant_prices: Vec<(TenantId, TenantPrices)>,
+    ) -> Result<Restored, LedgerError> {
+        let mut restored = Restored::default();
+        let kept: HashSet<&ScopeKey> = budgets.iter().map(|(k, _)| k).collect();
+        for (scope, _) in self.budget_overrides() {
+            if !kept.contains(&scope) {
+                self.set_budget(scope, BudgetOverride::default());
+            }
+        }
+        for (scope, budget) in budgets {
+            self.set_budget(scope, budget);
+        }
+        let kept: HashSet<&TenantId> = tenant_prices.iter().map(|(t, _)| t).collect();
+        for (tenant, _) in self.all_tenant_prices() {
+            if !kept.contains(&tenant) {
+                self.set_tenant_prices(tenant, TenantPrices::default())?;
+            }
+        }
+        for (tenant, prices) in tenant_prices {
+            self.set_tenant_prices(tenant, prices)?;
+        }
+        let kept: HashSet<(&TenantId, &UserId)> = users.iter().map(|(t, u, _)| (t, u)).collect();
+        for (tenant, user, _) in self.all_user_overrides() {
+            if !kept.contains(&(&tenant, &user)) {
+                self.set_user(tenant, user, UserOverrides::default())?;
+            }
+        }
+        let policy = self.policy();
+        for (tenant, user, mut overrides) in users {
+            if let Some(tier) = &overrides.tier
+                && policy.tier(tier).is_none()
+            {
+                restored
+                    .dropped_tiers
+                    .push((tenant.clone(), user.clone(), tier.clone()));
+                overrides.tier = None;
+            }
+            self.set_user(tenant, user, overrides)?;
         }
         Ok(restored)
     }

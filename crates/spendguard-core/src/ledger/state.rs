@@ -29,16 +29,18 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Counters of one calendar window of one scope.
+/// Counters of one calendar window of one scope (public as `WindowCounters`, what a
+/// cluster's database keeps per scope and window).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(super) struct Counters {
-    pub(super) start: Micros,
-    pub(super) spent: Money,
-    pub(super) reserved: Money,
-    pub(super) requests: u64,
-    pub(super) requests_reserved: u64,
-    pub(super) tokens: u64,
-    pub(super) tokens_reserved: u64,
+pub struct Counters {
+    /// The window's start; counters of an older window count as zero in a newer one.
+    pub start: Micros,
+    pub spent: Money,
+    pub reserved: Money,
+    pub requests: u64,
+    pub requests_reserved: u64,
+    pub tokens: u64,
+    pub tokens_reserved: u64,
 }
 
 impl Counters {

@@ -296,6 +296,16 @@ async fn a_budget_set_on_one_instance_is_enforced_by_another_within_a_heartbeat(
             .unwrap()
             .is_ok()
     );
+    // Cleared on the first, it is cleared on the other too.
+    c.guards[0]
+        .set_budget(user.clone(), BudgetOverride::default())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c.guards[1].ledger().budget_override(&user).is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "never cleared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for g in &c.guards {
         g.shutdown().await;
     }

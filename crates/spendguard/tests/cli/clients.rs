@@ -9,11 +9,10 @@
 //! with `httpx`, `pytest` and `mypy` (`.venv-clients`, or `SPENDGUARD_CLIENTS_PYTHON`). Without them
 //! a test prints `SKIPPED` and appends a line to `SPENDGUARD_TEST_SKIP_LOG`, which fails CI.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
-use super::{KillOnDrop, skipped};
+use super::{KillOnDrop, skipped, spawn_serving};
 
 /// Tests of `clients/typescript/test/*.test.mjs`: a run that passes fewer fails.
 const TYPESCRIPT_TESTS: u64 = 11;
@@ -28,30 +27,14 @@ fn workspace() -> PathBuf {
 
 /// A `spendguard serve` on a free port over a fresh SQLite database; its URL.
 fn serve(dir: &Path) -> (KillOnDrop, String) {
-    let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .current_dir(dir)
-        .env("SPENDGUARD_ADMIN_KEY", ADMIN)
-        .env("RUST_LOG", "info")
-        .env_remove("SPENDGUARD_DATABASE_URL")
-        .env_remove("SPENDGUARD_CONFIG")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
-    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("the server exited before serving")
-            .unwrap();
-        if let Some(i) = line.find("listen=") {
-            break line[i + 7..].split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    // Keep draining its log so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
+    let (child, addr) = spawn_serving(
+        Command::new(env!("CARGO_BIN_EXE_spendguard"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .current_dir(dir)
+            .env("SPENDGUARD_ADMIN_KEY", ADMIN)
+            .env_remove("SPENDGUARD_DATABASE_URL")
+            .env_remove("SPENDGUARD_CONFIG"),
+    );
     (child, format!("http://{addr}"))
 }
 

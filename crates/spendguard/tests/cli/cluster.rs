@@ -3,7 +3,6 @@
 //! the database mid-load.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use super::{ADMIN, KillOnDrop, pg_url};
+use super::{ADMIN, KillOnDrop, pg_url, spawn_serving};
 
 /// 200 reservations of 0.01 fit the global budget.
 const CONFIG: &str = r#"
@@ -60,28 +59,13 @@ struct Instance {
 fn start_instance(dir: &std::path::Path, db_url: &str) -> Instance {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("spendguard.toml"), CONFIG).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_spendguard"))
-        .args(["serve", "--mode", "cluster", "--listen", "127.0.0.1:0"])
-        .current_dir(dir)
-        .env("SPENDGUARD_DATABASE_URL", db_url)
-        .env("SPENDGUARD_ADMIN_KEY", ADMIN)
-        .env("RUST_LOG", "info")
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
-    let mut lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("the server exited before serving")
-            .unwrap();
-        if let Some(i) = line.find("listen=") {
-            break line[i + 7..].split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    let (child, addr) = spawn_serving(
+        Command::new(env!("CARGO_BIN_EXE_spendguard"))
+            .args(["serve", "--mode", "cluster", "--listen", "127.0.0.1:0"])
+            .current_dir(dir)
+            .env("SPENDGUARD_DATABASE_URL", db_url)
+            .env("SPENDGUARD_ADMIN_KEY", ADMIN),
+    );
     Instance {
         child,
         addr,
@@ -380,11 +364,30 @@ fn three_cluster_processes_admit_exactly_the_budget_and_settle_anywhere() {
     drop(nodes);
 }
 
-/// Acknowledged commits, collected by the load.
+/// Concurrent load tasks, each with at most one request in flight.
+const LOAD_TASKS: usize = 12;
+
+/// What the load saw: acknowledged commits, and reservations admitted and not admitted.
 #[derive(Default)]
 struct Acked {
     usage_ids: Mutex<Vec<String>>,
-    sent: std::sync::atomic::AtomicU64,
+    admitted: std::sync::atomic::AtomicU64,
+    not_admitted: std::sync::atomic::AtomicU64,
+}
+
+impl Acked {
+    fn acked(&self) -> usize {
+        self.usage_ids.lock().unwrap().len()
+    }
+
+    /// Waits (bounded) until `n` commits were acknowledged.
+    fn wait_for(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.acked() < n {
+            assert!(Instant::now() < deadline, "the load stalled");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// Reserve→commit cycles against `addrs` (each task pinned to one) until `stop`.
@@ -410,13 +413,16 @@ fn run_load(
                     let body = reserve_body(&format!("t{}", t % 4), &format!("w{t}-{n}"), "0.0001");
                     let Ok((201, r)) = post(&c, format!("http://{a}/v1/reservations"), body).await
                     else {
+                        acked.not_admitted.fetch_add(1, Ordering::Relaxed);
+                        // Not a wait for a result: a pause before trying again, so that
+                        // an instance that is down is not hammered.
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         continue;
                     };
+                    acked.admitted.fetch_add(1, Ordering::Relaxed);
                     let id = r["reservation_id"].as_str().unwrap().to_owned();
                     let commit =
                         json!({ "input_tokens": 5, "output_tokens": 5, "cost_usd": "0.0001" });
-                    acked.sent.fetch_add(1, Ordering::Relaxed);
                     if let Ok((200, u)) = post(
                         &c,
                         format!("http://{a}/v1/reservations/{id}/commit"),
@@ -496,26 +502,19 @@ fn a_cluster_process_killed_mid_load_loses_nothing_acknowledged() {
         nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>(),
     ));
     let (acked, stop) = (Arc::new(Acked::default()), Arc::new(AtomicBool::new(false)));
-    let load = run_load(&rt, addrs.clone(), acked.clone(), stop.clone(), 12);
-    let wait_for = |n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while acked.usage_ids.lock().unwrap().len() < n {
-            assert!(Instant::now() < deadline, "the load stalled");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait_for(200);
+    let load = run_load(&rt, addrs.clone(), acked.clone(), stop.clone(), LOAD_TASKS);
+    acked.wait_for(200);
     // SIGKILL instance 1 mid-load, then start it again in its directory.
     let killed = nodes.remove(1);
     let killed_dir = killed.dir.clone();
     let mut child = killed.child;
     child.0.kill().unwrap();
     child.0.wait().unwrap();
-    wait_for(400);
+    acked.wait_for(400);
     let again = start_instance(&killed_dir, &db);
     addrs.lock().unwrap()[1] = again.addr.clone();
     nodes.insert(1, again);
-    wait_for(700);
+    acked.wait_for(700);
     stop.store(true, Ordering::Relaxed);
     rt.block_on(async {
         for t in load {
@@ -605,20 +604,19 @@ fn postgres_cut_off_under_load_overspends_nothing_and_loses_nothing() {
         nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>(),
     ));
     let (acked, stop) = (Arc::new(Acked::default()), Arc::new(AtomicBool::new(false)));
-    let load = run_load(&rt, addrs.clone(), acked.clone(), stop.clone(), 12);
-    let wait_for = |n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while acked.usage_ids.lock().unwrap().len() < n {
-            assert!(Instant::now() < deadline, "the load stalled");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    };
-    wait_for(200);
+    let load = run_load(&rt, addrs.clone(), acked.clone(), stop.clone(), LOAD_TASKS);
+    acked.wait_for(200);
     proxy.cut();
     // While PostgreSQL cannot be reached, nothing is admitted: every instance decides on
     // the shared rows only (503), and reports it is not ready.
-    let during = acked.usage_ids.lock().unwrap().len();
-    std::thread::sleep(Duration::from_millis(1500));
+    let (acked_at_cut, admitted_at_cut) = (acked.acked(), acked.admitted.load(Ordering::Relaxed));
+    // The load keeps trying meanwhile: wait until it was refused 200 more times.
+    let refused_at_cut = acked.not_admitted.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.not_admitted.load(Ordering::Relaxed) < refused_at_cut + 200 {
+        assert!(Instant::now() < deadline, "the load stopped trying");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let r = rt.block_on(async {
         reqwest::Client::new()
             .post(format!(
@@ -632,11 +630,18 @@ fn postgres_cut_off_under_load_overspends_nothing_and_loses_nothing() {
             .unwrap()
     });
     assert_eq!(r.status().as_u16(), 503);
-    let after_cut = acked.usage_ids.lock().unwrap().len();
-    // Only commits already past their transaction at the cut were acknowledged.
-    assert!(after_cut - during < 24, "{during} → {after_cut}");
+    // Only what was in flight at the cut (one request per load task) was answered since.
+    let (acked_now, admitted_now) = (acked.acked(), acked.admitted.load(Ordering::Relaxed));
+    assert!(
+        acked_now - acked_at_cut <= LOAD_TASKS,
+        "{acked_at_cut} → {acked_now} commits"
+    );
+    assert!(
+        admitted_now - admitted_at_cut <= LOAD_TASKS as u64,
+        "{admitted_at_cut} → {admitted_now} admitted while PostgreSQL was unreachable"
+    );
     proxy.join();
-    wait_for(after_cut + 300);
+    acked.wait_for(acked_now + 300);
     stop.store(true, Ordering::Relaxed);
     rt.block_on(async {
         for t in load {
