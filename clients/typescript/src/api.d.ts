@@ -52,6 +52,30 @@ export interface AlertsOut {
   alerts: AlertOut[];
 }
 
+/** Capacity of a busy scope's budget held by one instance. */
+export interface AllowanceHeldOut {
+  /** What the instance can still admit against it (null: the window has no cap). */
+  free_usd_day: number | string | null;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  free_usd_month: number | string | null;
+  /** Capacity moved from the scope's budget to the instance, this day and this month. */
+  granted_usd_day: number | string;
+  /** USD, at most 6 decimals: a number, or from 1,000,000,000 USD up a decimal string ("9223372036854.775807"), which a float cannot hold to the micro-dollar */
+  granted_usd_month: number | string;
+  instance: string;
+  /**
+   * Reservations it admitted minus those it settled (below zero when it settled more
+   * than it admitted, for other instances).
+   */
+  open_reservations: number;
+  /** `global`, `tenant` or `company`. */
+  scope: string;
+  /** The tenant or the company; `global` for the global scope. */
+  scope_id: string;
+  /** The tenant (or the company's tenant); empty for the global scope. */
+  tenant_id: string;
+}
+
 export interface BudgetBody {
   /** USD per calendar day; `null` clears the override. */
   daily_usd?: number | string | null;
@@ -111,16 +135,23 @@ export interface CheckOut {
 
 /** `GET /v1/admin/cluster`: the instances sharing this database. */
 export interface ClusterOut {
+  /** The kinds of scope decided through allowances (cluster mode). */
+  allowance_scopes: string[];
+  /** Every instance's allowances of busy scopes, by instance and scope. */
+  allowances: AllowanceHeldOut[];
   /**
-   * How this instance decides: `direct` (every batch on the shared rows, under their
-   * locks) in cluster mode, `memory` on one node.
+   * How this instance decides: `shared rows` in cluster mode (each batch under the
+   * locks of its rows, busy scopes through allowances), `memory` on one node.
    */
   decisions: string;
   /** This instance (cluster mode). */
   instance: InstanceOut | null;
   /** Every instance registered on the database, newest heartbeat first. */
   instances: InstanceOut[];
-  /** An instance is live while its last heartbeat is younger than this. */
+  /**
+   * An instance is live while its last heartbeat is younger than this (its lease):
+   * afterwards the others take back its allowances.
+   */
   live_within_seconds: number;
   /** `single` or `cluster`. */
   mode: string;
@@ -130,11 +161,27 @@ export interface ClusterOut {
 
 /** Counters of this instance in a cluster. */
 export interface ClusterStatsOut {
+  /**
+   * Reservations refused by a budget decided through an allowance: at most these were
+   * false denials (capacity idle in another live instance's allowance).
+   */
+  allowance_denials: number;
+  /** Allowances of lapsed instances this instance took back. */
+  allowance_reclaims: number;
+  /**
+   * Heartbeats (and the shutdown) that folded this instance's allowances into the rows
+   * and gave back what it did not need.
+   */
+  allowance_returns: number;
+  /** Batches that moved capacity from a busy scope's row to this instance. */
+  allowance_top_ups: number;
   batches: number;
   config_reloads: number;
   config_version: number;
   failures: number;
   heartbeat_failing: boolean;
+  /** Live instances as of the last heartbeat, this one included. */
+  live_instances: number;
   operations: number;
   retries: number;
 }

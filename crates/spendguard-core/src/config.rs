@@ -541,6 +541,38 @@ pub struct GatewayConfig {
     pub upstreams: Vec<UpstreamConfig>,
 }
 
+/// The `[cluster]` section: how instances in cluster mode share busy budgets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The kinds of scope decided through allowances (capacity held by each instance)
+    /// rather than on their shared rows: any of `global`, `tenant`, `company`.
+    pub allowances: Vec<String>,
+    /// Seconds after its last heartbeat an instance counts as gone: the others take back
+    /// its allowances.
+    pub lease_seconds: u64,
+}
+
+impl ClusterConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for a in &self.allowances {
+            if !["global", "tenant", "company"].contains(&a.as_str()) {
+                return Err(ConfigError::invalid(
+                    "cluster.allowances",
+                    format!("`{a}` is not one of `global`, `tenant`, `company`"),
+                ));
+            }
+        }
+        if !(2..=3_600).contains(&self.lease_seconds) {
+            return Err(ConfigError::invalid(
+                "cluster.lease_seconds",
+                "must be from 2 to 3600",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One provider the gateway forwards to (`[[gateway.upstreams]]`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -652,6 +684,7 @@ pub struct Config {
     pub reports: ReportsConfig,
     pub alerts: AlertsConfig,
     pub gateway: GatewayConfig,
+    pub cluster: ClusterConfig,
     pub time_zone: String,
     pub default_tier: String,
     pub reservation_ttl_seconds: u64,
@@ -725,6 +758,7 @@ impl Config {
         self.reports.validate()?;
         self.alerts.validate()?;
         self.gateway.validate()?;
+        self.cluster.validate()?;
         let calendar =
             Calendar::new(&self.time_zone).map_err(|e| ConfigError::invalid("time_zone", e))?;
         if self.reservation_ttl_seconds == 0 {

@@ -5,13 +5,16 @@
 //!
 //! ```sh
 //! cargo bench -p spendguard-guard --bench cluster -- --url postgres://USER@HOST/DB \
-//!     [--instances 1,3,10,30] [--clients 48] [--seconds 8] [--users 10000]
+//!     [--instances 1,3,10,30] [--clients 48] [--seconds 8] [--users 10000] \
+//!     [--allowances none]
 //! ```
 //!
 //! For each instance count, in a fresh schema (dropped afterwards): `--clients` concurrent
-//! clients spread over the instances run reserve→commit cycles for `--seconds`; every
-//! operation locks the global row, so the batches committed per second are the locks of
-//! that hot row per second. Prints operations/s, batches/s, the mean batch, and the
+//! clients spread over the instances run reserve→commit cycles for `--seconds`. With
+//! allowances (the default: global and tenants), the global row is locked only by top-ups
+//! and by each instance's fold at its heartbeat; with `--allowances none` by every batch
+//! (then the batches committed per second are the locks of that hot row per second).
+//! Prints operations/s, batches/s, the mean batch, top-ups and folds per second, and the
 //! median and p99 of an operation.
 
 use std::sync::Arc;
@@ -102,7 +105,11 @@ async fn run(url: &str, instances: usize, clients: usize, seconds: u64, users: u
         .await
         .unwrap();
         let mut options = GuardOptions::new(dir.path().join(format!("spool{i}")));
-        options.cluster = Some(ClusterOptions::new(format!("sim-{i}"), "in-process"));
+        let mut c = ClusterOptions::new(format!("sim-{i}"), "in-process");
+        if arg("--allowances").as_deref() == Some("none") {
+            c.allowances = spendguard_guard::cluster::AllowanceScopes::NONE;
+        }
+        options.cluster = Some(c);
         guards.push(
             Guard::start(store, policy(), options, Arc::new(SystemClock))
                 .await
@@ -140,13 +147,24 @@ async fn run(url: &str, instances: usize, clients: usize, seconds: u64, users: u
     let secs = start.elapsed().as_secs_f64();
     let batches: u64 = guards.iter().map(|g| g.cluster().unwrap().1.batches).sum();
     let retries: u64 = guards.iter().map(|g| g.cluster().unwrap().1.retries).sum();
+    let top_ups: u64 = guards
+        .iter()
+        .map(|g| g.cluster().unwrap().1.allowance_top_ups)
+        .sum();
+    let folds: u64 = guards
+        .iter()
+        .map(|g| g.cluster().unwrap().1.allowance_returns)
+        .sum();
     lat.sort_unstable();
     let q = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
     println!(
-        "{instances:>9} {clients:>7} {:>10.0} {:>10.0} {:>10.1} {:>9.2} {:>9.2} {retries:>7}",
+        "{instances:>9} {clients:>7} {:>10.0} {:>10.0} {:>10.1} {:>9.1} {:>8.1} {:>9.2} {:>9.2} \
+         {retries:>7}",
         lat.len() as f64 / secs,
         batches as f64 / secs,
         lat.len() as f64 / batches.max(1) as f64,
+        top_ups as f64 / secs,
+        folds as f64 / secs,
         q(0.5).as_secs_f64() * 1e3,
         q(0.99).as_secs_f64() * 1e3,
     );
@@ -178,7 +196,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    println!("instances clients      ops/s  batches/s  ops/batch   p50 ms   p99 ms retries");
+    println!(
+        "instances clients      ops/s  batches/s  ops/batch top-ups/s  folds/s    p50 ms    \
+         p99 ms retries"
+    );
     for n in instances {
         rt.block_on(run(&url, n, clients.max(n), seconds, users));
     }

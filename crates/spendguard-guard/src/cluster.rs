@@ -15,18 +15,20 @@
 //! `cluster_config` version moved), and a sweeper expires the reservations of every
 //! instance whose TTL passed.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
 use spendguard_core::{
-    CheckOutcome, CommitRequest, Committed, Event, Ledger, Micros, RecordRequest, ReserveRequest,
-    Reserved, ScopeKey, Settlement, Snapshot, UsageRecord, scope_keys,
+    CheckOutcome, CommitRequest, Committed, Denial, Event, Held, Ledger, Micros, Money,
+    RecordRequest, ReserveRequest, Reserved, ScopeCounters, ScopeKey, Settlement, Snapshot,
+    UsageRecord, allowance_after, allowance_view, debts, fold, grant, scope_keys,
 };
 use spendguard_store::{
-    ClusterInstance, ClusterNeeds, ClusterView, ClusterWrite, PostgresStore, ReservationState,
-    StoreError,
+    ClusterDecider, ClusterInstance, ClusterNeeds, ClusterView, ClusterWrite, PostgresStore,
+    ReservationState, StoreError,
 };
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -47,6 +49,48 @@ pub struct ClusterOptions {
     pub heartbeat: Duration,
     /// The most operations decided in one transaction.
     pub max_batch: usize,
+    /// Which kinds of scope are decided through allowances (busy scopes shared by many
+    /// users); the others on their rows.
+    pub allowances: AllowanceScopes,
+    /// How long after its last heartbeat an instance's allowances are taken back by the
+    /// others (and an instance counts as live).
+    pub lease: Duration,
+}
+
+/// Which kinds of scope a cluster decides through allowances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct AllowanceScopes {
+    pub global: bool,
+    pub tenant: bool,
+    pub company: bool,
+}
+
+impl Default for AllowanceScopes {
+    /// The global scope and tenants: every request of a tenant counts in both.
+    fn default() -> AllowanceScopes {
+        AllowanceScopes {
+            global: true,
+            tenant: true,
+            company: false,
+        }
+    }
+}
+
+impl AllowanceScopes {
+    pub const NONE: AllowanceScopes = AllowanceScopes {
+        global: false,
+        tenant: false,
+        company: false,
+    };
+
+    pub fn covers(&self, key: &ScopeKey) -> bool {
+        match key {
+            ScopeKey::Global => self.global,
+            ScopeKey::Tenant(_) => self.tenant,
+            ScopeKey::Company(..) => self.company,
+            ScopeKey::User(..) => false,
+        }
+    }
 }
 
 impl ClusterOptions {
@@ -57,8 +101,26 @@ impl ClusterOptions {
             address: address.into(),
             heartbeat: Duration::from_secs(1),
             max_batch: 512,
+            allowances: AllowanceScopes::default(),
+            lease: Duration::from_secs(10),
         }
     }
+}
+
+/// One instance's allowance of a busy scope, as `GET /v1/admin/cluster` shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct AllowanceOut {
+    pub instance: Uuid,
+    pub scope: ScopeKey,
+    /// Capacity moved from the scope's row to the instance, in the current windows.
+    pub granted_usd_day: Money,
+    pub granted_usd_month: Money,
+    /// What the instance can still admit against it (none for a window without a cap).
+    pub free_usd_day: Option<Money>,
+    pub free_usd_month: Option<Money>,
+    /// Reservations it admitted minus those it settled (may be below zero: it settled
+    /// some another instance admitted).
+    pub open_reservations: i64,
 }
 
 /// Counters of cluster mode, for metrics and `GET /v1/admin/cluster`.
@@ -78,6 +140,19 @@ pub struct ClusterStats {
     pub config_version: i64,
     /// The last heartbeat failed.
     pub heartbeat_failing: bool,
+    /// Batches that moved capacity from a scope's row to this instance's allowance.
+    pub allowance_top_ups: u64,
+    /// Times this instance folded its allowances into the rows and gave back what it did
+    /// not need (each heartbeat, and at shutdown).
+    pub allowance_returns: u64,
+    /// Allowances of lapsed instances this instance took back.
+    pub allowance_reclaims: u64,
+    /// Reservations refused by a budget decided through an allowance: the cluster may have
+    /// had the capacity, idle in another live instance's allowance (the bound of false
+    /// denials, docs/cluster.md).
+    pub allowance_denials: u64,
+    /// Live instances, as of the last heartbeat.
+    pub live_instances: i64,
 }
 
 #[derive(Debug, Default)]
@@ -89,6 +164,40 @@ struct Stats {
     config_reloads: AtomicU64,
     config_version: AtomicI64,
     heartbeat_failing: AtomicBool,
+    allowance_top_ups: AtomicU64,
+    allowance_returns: AtomicU64,
+    allowance_reclaims: AtomicU64,
+    allowance_denials: AtomicU64,
+    live: AtomicI64,
+}
+
+/// How much each busy scope needs, learnt from what this instance admitted.
+#[derive(Debug, Default)]
+struct Rates {
+    /// Estimates admitted through each allowance since the last heartbeat, and the
+    /// largest of them.
+    admitted: HashMap<ScopeKey, (Money, Money)>,
+    /// What to hold per scope beyond what a batch needs: twice what was admitted in the
+    /// last heartbeat period, and the largest estimate admitted then.
+    target: HashMap<ScopeKey, (Money, Money)>,
+}
+
+impl Rates {
+    /// Capacity to take beyond a batch's need, from a row with `free` left among `live`
+    /// instances: the target, at most a fair share of what is free, and nothing when that
+    /// would not fund one more request (near a budget's edge every instance then takes
+    /// only what it needs, so the last dollars go to whoever asks, exactly).
+    fn extra(&self, k: &ScopeKey, free: Money, live: i64) -> Money {
+        let Some((target, largest)) = self.target.get(k).copied() else {
+            return Money::ZERO;
+        };
+        let x = target.min(share(free, 2 * live));
+        if x < largest || x <= Money::ZERO {
+            Money::ZERO
+        } else {
+            x
+        }
+    }
 }
 
 pub(crate) enum Op {
@@ -120,9 +229,7 @@ pub(crate) struct Cluster {
     pub(crate) options: ClusterOptions,
     jobs: mpsc::UnboundedSender<Job>,
     stats: Arc<Stats>,
-    /// Held while the ledger holds counters put for a decision: nothing else may put
-    /// counters into it meanwhile.
-    turn: Arc<Mutex<()>>,
+    ctx: Arc<Ctx>,
 }
 
 impl Cluster {
@@ -167,33 +274,79 @@ impl Cluster {
         })
         .await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let turn = Arc::new(Mutex::new(()));
+        let ctx = Arc::new(Ctx {
+            ledger,
+            clock,
+            stats: stats.clone(),
+            watch,
+            turn: Arc::new(Mutex::new(())),
+            rates: Mutex::new(Rates::default()),
+            id: options.id,
+            allowances: options.allowances,
+            lease: options.lease,
+        });
         let decider = tokio::spawn(decide_loop(
             store.clone(),
-            ledger.clone(),
-            clock,
+            ctx.clone(),
             rx,
             options.max_batch.max(1),
-            stats.clone(),
-            watch,
-            turn.clone(),
         ));
-        let beat = tokio::spawn(heartbeat_loop(
-            store,
-            ledger,
-            options.id,
-            options.heartbeat,
-            stats.clone(),
-        ));
+        let beat = tokio::spawn(heartbeat_loop(store, ctx.clone(), options.heartbeat));
         Ok((
             Cluster {
                 options,
                 jobs: tx,
                 stats,
-                turn,
+                ctx,
             },
             vec![decider, beat],
         ))
+    }
+
+    /// Folds this instance's allowances into the rows and gives back all their capacity
+    /// (a clean shutdown).
+    pub(crate) async fn give_back_all<S: spendguard_store::Store>(
+        &self,
+        store: &S,
+    ) -> Result<(), StoreError> {
+        match store.postgres() {
+            Some(pg) => self.ctx.give_back(pg, true).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Every instance's allowances (`GET /v1/admin/cluster`).
+    pub(crate) async fn allowances<S: spendguard_store::Store>(
+        &self,
+        store: &S,
+    ) -> Result<Vec<AllowanceOut>, StoreError> {
+        let Some(pg) = store.postgres() else {
+            return Ok(Vec::new());
+        };
+        let (day, month) = self.ctx.windows(self.ctx.clock.now());
+        Ok(pg
+            .cluster_allowance_list()
+            .await?
+            .into_iter()
+            .map(|(instance, scope, a)| {
+                let a = a.at(day, month);
+                let caps = self
+                    .ctx
+                    .ledger
+                    .allowance_caps(&scope)
+                    .unwrap_or([None, None]);
+                let free = a.allowance_free(caps);
+                AllowanceOut {
+                    instance,
+                    scope,
+                    granted_usd_day: a.granted[0],
+                    granted_usd_month: a.granted[1],
+                    free_usd_day: free[0],
+                    free_usd_month: free[1],
+                    open_reservations: i64::from(a.counters.in_flight as i32),
+                }
+            })
+            .collect())
     }
 
     pub(crate) fn stats(&self) -> ClusterStats {
@@ -206,6 +359,11 @@ impl Cluster {
             config_reloads: s.config_reloads.load(Ordering::Relaxed),
             config_version: s.config_version.load(Ordering::Relaxed),
             heartbeat_failing: s.heartbeat_failing.load(Ordering::Relaxed),
+            allowance_top_ups: s.allowance_top_ups.load(Ordering::Relaxed),
+            allowance_returns: s.allowance_returns.load(Ordering::Relaxed),
+            allowance_reclaims: s.allowance_reclaims.load(Ordering::Relaxed),
+            allowance_denials: s.allowance_denials.load(Ordering::Relaxed),
+            live_instances: s.live.load(Ordering::Relaxed),
         }
     }
 
@@ -236,7 +394,24 @@ impl Cluster {
             return Ok(());
         };
         let rows = pg.cluster_counters(scopes).await?;
-        let _turn = self.turn.lock().unwrap_or_else(|e| e.into_inner());
+        let _turn = lock(&self.ctx.turn);
+        for (k, c) in rows {
+            ledger.put_scope_counters(&k, c);
+        }
+        Ok(())
+    }
+
+    /// [`Cluster::refresh`] for the global scope and every tenant.
+    pub(crate) async fn refresh_shared<S: spendguard_store::Store>(
+        &self,
+        store: &S,
+        ledger: &Ledger,
+    ) -> Result<(), GuardError> {
+        let Some(pg) = store.postgres() else {
+            return Ok(());
+        };
+        let rows = pg.cluster_counters_of_kinds(&["global", "tenant"]).await?;
+        let _turn = lock(&self.ctx.turn);
         for (k, c) in rows {
             ledger.put_scope_counters(&k, c);
         }
@@ -286,23 +461,33 @@ fn apply_overrides(ledger: &Ledger, snapshot: Snapshot) {
     }
 }
 
-async fn heartbeat_loop<S: spendguard_store::Store>(
-    store: Arc<S>,
-    ledger: Arc<Ledger>,
-    id: Uuid,
-    every: Duration,
-    stats: Arc<Stats>,
-) {
+async fn heartbeat_loop<S: spendguard_store::Store>(store: Arc<S>, ctx: Arc<Ctx>, every: Duration) {
     let Some(pg) = store.postgres() else { return };
+    let (ledger, stats) = (&ctx.ledger, &ctx.stats);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let beat = async {
-            let version = pg.cluster_heartbeat(id).await?;
+            let (version, live) = pg
+                .cluster_heartbeat(ctx.id, ctx.lease.as_secs_f64())
+                .await?;
+            stats.live.store(live, Ordering::Relaxed);
+            // What each busy scope needs until the next beat: twice what it took in the
+            // last period (nothing, for a scope idle since).
+            {
+                let mut rates = lock(&ctx.rates);
+                let admitted = std::mem::take(&mut rates.admitted);
+                rates.target = admitted
+                    .into_iter()
+                    .map(|(k, (sum, largest))| (k, (sum.saturating_add(sum), largest)))
+                    .collect();
+            }
+            ctx.give_back(pg, false).await?;
+            ctx.reclaim(pg).await?;
             if version != stats.config_version.load(Ordering::Relaxed) {
                 let (version, snapshot) = pg.cluster_overrides().await?;
-                apply_overrides(&ledger, snapshot);
+                apply_overrides(ledger, snapshot);
                 stats.config_version.store(version, Ordering::Relaxed);
                 stats.config_reloads.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
@@ -327,16 +512,114 @@ async fn heartbeat_loop<S: spendguard_store::Store>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn decide_loop<S: spendguard_store::Store>(
-    store: Arc<S>,
+/// What the deciding task and the heartbeat work with.
+pub(crate) struct Ctx {
     ledger: Arc<Ledger>,
     clock: Arc<dyn Clock>,
-    mut rx: mpsc::UnboundedReceiver<Job>,
-    max_batch: usize,
     stats: Arc<Stats>,
     watch: Arc<SpendWatch>,
+    /// Held while the ledger holds counters put for a decision: nothing else may put
+    /// counters into it meanwhile.
     turn: Arc<Mutex<()>>,
+    rates: Mutex<Rates>,
+    id: Uuid,
+    allowances: AllowanceScopes,
+    lease: Duration,
+}
+
+impl Ctx {
+    /// The current day's and month's starts.
+    fn windows(&self, now: Micros) -> (Micros, Micros) {
+        let p = self.ledger.policy().calendar.periods(now);
+        (p.day.start, p.month.start)
+    }
+
+    fn live(&self) -> i64 {
+        self.stats.live.load(Ordering::Relaxed).max(1)
+    }
+
+    /// Folds this instance's allowances into their rows and, unless `stop`, takes again
+    /// what each scope's target says (at most a share of what the row has free); with
+    /// `stop` the allowances are deleted.
+    async fn give_back(&self, pg: &PostgresStore, stop: bool) -> Result<(), StoreError> {
+        let rates = Rates {
+            admitted: HashMap::new(),
+            target: lock(&self.rates).target.clone(),
+        };
+        let (day, month) = self.windows(self.clock.now());
+        let live = self.live();
+        let n = pg
+            .cluster_fold(self.id, stop, |items, others| {
+                for (k, row, a) in items.iter_mut() {
+                    *row = row.at(day, month);
+                    *a = a.at(day, month);
+                    fold(row, a);
+                    if stop {
+                        continue;
+                    }
+                    let Some(caps) = self.ledger.allowance_caps(k) else {
+                        continue;
+                    };
+                    let free = row.row_free(caps);
+                    let amount = std::array::from_fn(|w| {
+                        free[w].map_or(Money::ZERO, |f| rates.extra(k, f, live))
+                    });
+                    let debt = debts(
+                        others.iter().filter(|(o, _)| o == k).map(|(_, h)| h),
+                        day,
+                        month,
+                    );
+                    grant(row, a, caps, amount, debt);
+                }
+            })
+            .await?;
+        if n > 0 {
+            self.stats.allowance_returns.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Takes back the allowances of instances whose lease lapsed (or that stopped).
+    async fn reclaim(&self, pg: &PostgresStore) -> Result<(), StoreError> {
+        for dead in pg.cluster_lapsed(self.lease.as_secs_f64()).await? {
+            if dead == self.id {
+                continue;
+            }
+            let (day, month) = self.windows(self.clock.now());
+            let n = pg
+                .cluster_fold(dead, true, |items, _| {
+                    for (_, row, a) in items.iter_mut() {
+                        *row = row.at(day, month);
+                        *a = a.at(day, month);
+                        fold(row, a);
+                    }
+                })
+                .await?;
+            if n > 0 {
+                self.stats
+                    .allowance_reclaims
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(instance = %dead, scopes = n, "took back the allowances of a lapsed instance");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `amount / parts`, in micro-USD.
+fn share(amount: Money, parts: i64) -> Money {
+    Money::from_micros(amount.micros() / parts.max(1))
+}
+
+async fn decide_loop<S: spendguard_store::Store>(
+    store: Arc<S>,
+    ctx: Arc<Ctx>,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    max_batch: usize,
 ) {
     let Some(pg) = store.postgres() else { return };
     let mut jobs = Vec::new();
@@ -349,9 +632,7 @@ async fn decide_loop<S: spendguard_store::Store>(
             }
         }
         let batch = std::mem::take(&mut jobs);
-        let Refused(batch, events, e) =
-            decide_batch(pg, &ledger, &*clock, batch, &stats, &watch, &turn).await
-        else {
+        let Refused(batch, events, e) = decide_batch(pg, &ctx, batch).await else {
             continue;
         };
         // A value the database cannot hold: each operation is decided alone, so that only
@@ -361,9 +642,7 @@ async fn decide_loop<S: spendguard_store::Store>(
             continue;
         }
         for job in batch {
-            if let Refused(job, events, e) =
-                decide_batch(pg, &ledger, &*clock, vec![job], &stats, &watch, &turn).await
-            {
+            if let Refused(job, events, e) = decide_batch(pg, &ctx, vec![job]).await {
                 refuse(&*store, job, &events, &e).await;
             }
         }
@@ -412,20 +691,24 @@ async fn refuse<S: spendguard_store::Store>(
 
 /// Decides a batch in one transaction, retrying it after a deadlock or a serialization
 /// failure; returns the batch unanswered when the database refused one of its values.
-async fn decide_batch(
-    pg: &PostgresStore,
-    ledger: &Ledger,
-    clock: &dyn Clock,
-    jobs: Vec<Job>,
-    stats: &Stats,
-    watch: &SpendWatch,
-    turn: &Mutex<()>,
-) -> Decided {
-    let mut needs = ClusterNeeds::default();
+async fn decide_batch(pg: &PostgresStore, ctx: &Ctx, jobs: Vec<Job>) -> Decided {
+    let mut needs = ClusterNeeds {
+        instance: Some(ctx.id),
+        ..ClusterNeeds::default()
+    };
+    // What the batch's reservations may hold in each busy scope, to top up for.
+    let mut need: HashMap<ScopeKey, Money> = HashMap::new();
     for j in &jobs {
         match &j.op {
             Op::Reserve(r) => {
-                needs.scopes.extend(scope_keys(&r.subject));
+                let keys = scope_keys(&r.subject);
+                if let Some(e) = ctx.ledger.estimate_of(r) {
+                    for k in keys.iter().filter(|k| ctx.allowances.covers(k)) {
+                        let n = need.entry(k.clone()).or_default();
+                        *n = n.saturating_add(e);
+                    }
+                }
+                needs.scopes.extend(keys);
                 if let Some(k) = &r.idempotency_key {
                     needs.keys.push((r.subject.tenant.clone(), k.clone()));
                 }
@@ -446,21 +729,28 @@ async fn decide_batch(
     needs.keys.dedup();
     let mut attempt = 0;
     loop {
-        let now = clock.now();
-        let mut answers = Vec::with_capacity(jobs.len());
-        let (events, done) = pg
-            .cluster_decide(&needs, |view| {
-                let _turn = turn.lock().unwrap_or_else(|e| e.into_inner());
-                decide(ledger, &jobs, &needs, view, now, &mut answers)
-            })
-            .await;
+        let now = ctx.clock.now();
+        let (day, month) = ctx.windows(now);
+        let mut batch = Batch {
+            ctx,
+            jobs: &jobs,
+            needs: &needs,
+            need: &need,
+            now,
+            day,
+            month,
+            answers: Vec::with_capacity(jobs.len()),
+        };
+        let (events, done) = pg.cluster_decide(&needs, &mut batch).await;
+        let answers = batch.answers;
         match done {
             Ok(()) => {
+                let stats = &ctx.stats;
                 stats.batches.fetch_add(1, Ordering::Relaxed);
                 stats
                     .operations
                     .fetch_add(jobs.len() as u64, Ordering::Relaxed);
-                watch.note(&events);
+                ctx.watch.note(&events);
                 for (job, answer) in jobs.into_iter().zip(answers) {
                     let _ = job.reply.send(answer);
                 }
@@ -468,17 +758,17 @@ async fn decide_batch(
             }
             Err(e) => {
                 for ev in events.iter().rev() {
-                    ledger.revert(ev);
+                    ctx.ledger.revert(ev);
                 }
                 attempt += 1;
                 if e.is_conflict() && attempt < 5 {
-                    stats.retries.fetch_add(1, Ordering::Relaxed);
+                    ctx.stats.retries.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 if matches!(e, StoreError::Invalid(_)) {
                     return Refused(jobs, events, e);
                 }
-                stats.failures.fetch_add(1, Ordering::Relaxed);
+                ctx.stats.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, operations = jobs.len(), "a cluster batch failed");
                 for job in jobs {
                     let err = match &e {
@@ -493,21 +783,108 @@ async fn decide_batch(
     }
 }
 
-/// Decides a batch on the locked rows in `view` (under the ledger turn).
-fn decide(
-    ledger: &Ledger,
-    jobs: &[Job],
-    needs: &ClusterNeeds,
-    view: ClusterView,
+/// One attempt at deciding a batch, called by the store under the batch's locks.
+struct Batch<'a> {
+    ctx: &'a Ctx,
+    jobs: &'a [Job],
+    needs: &'a ClusterNeeds,
+    need: &'a HashMap<ScopeKey, Money>,
     now: Micros,
-    answers: &mut Vec<Result<Answer, GuardError>>,
-) -> ClusterWrite {
+    day: Micros,
+    month: Micros,
+    answers: Vec<Result<Answer, GuardError>>,
+}
+
+impl Batch<'_> {
+    fn need(&self, k: &ScopeKey) -> Money {
+        self.need.get(k).copied().unwrap_or_default()
+    }
+}
+
+impl ClusterDecider for Batch<'_> {
+    fn through_allowance(&self, scope: &ScopeKey) -> bool {
+        self.ctx.allowances.covers(scope) && self.ctx.ledger.allowance_caps(scope).is_some()
+    }
+
+    fn top_ups(&mut self, allowances: &[(ScopeKey, Held)]) -> Vec<ScopeKey> {
+        let rates = lock(&self.ctx.rates);
+        allowances
+            .iter()
+            .filter(|(k, a)| {
+                let Some(caps) = self.ctx.ledger.allowance_caps(k) else {
+                    return false;
+                };
+                let target = rates.target.get(k).map_or(Money::ZERO, |t| t.0);
+                let low = self.need(k).saturating_add(share(target, 2));
+                a.at(self.day, self.month)
+                    .allowance_free(caps)
+                    .iter()
+                    .flatten()
+                    .any(|free| *free < low)
+            })
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    fn decide(&mut self, view: ClusterView) -> ClusterWrite {
+        let _turn = lock(&self.ctx.turn);
+        decide(self, view)
+    }
+}
+
+/// Decides a batch on the locked rows and allowances in `view` (under the ledger turn).
+fn decide(b: &mut Batch<'_>, view: ClusterView) -> ClusterWrite {
+    let ledger = &*b.ctx.ledger;
+    let now = b.now;
     for (k, c) in &view.counters {
         ledger.put_scope_counters(k, *c);
     }
+    // Busy scopes: capacity moved from the rows locked for it, then the ledger decides on
+    // each allowance's view (its free capacity is the allowance's).
+    let live = b.ctx.live();
+    let mut rows = Vec::with_capacity(view.rows.len());
+    let mut held: Vec<(ScopeKey, Held, ScopeCounters)> = Vec::with_capacity(view.allowances.len());
+    {
+        let rates = lock(&b.ctx.rates);
+        for (k, a) in &view.allowances {
+            let caps = ledger.allowance_caps(k).unwrap_or([None, None]);
+            let mut a = a.at(b.day, b.month);
+            if let Some((_, row)) = view.rows.iter().find(|(r, _)| r == k) {
+                let mut row = row.at(b.day, b.month);
+                let need = b.need(k);
+                let (free, row_free) = (a.allowance_free(caps), row.row_free(caps));
+                // What the batch needs (all the row has, if less), and beyond it what
+                // `Rates::extra` says.
+                let amount = std::array::from_fn(|w| match (free[w], row_free[w]) {
+                    (Some(f), Some(rf)) => {
+                        let short = need.saturating_sub(f).max(Money::ZERO);
+                        let extra = rates.extra(k, rf.saturating_sub(short), live);
+                        short.saturating_add(extra)
+                    }
+                    _ => Money::ZERO,
+                });
+                let debt = debts(
+                    view.others.iter().filter(|(o, _)| o == k).map(|(_, h)| h),
+                    b.day,
+                    b.month,
+                );
+                let moved = grant(&mut row, &mut a, caps, amount, debt);
+                if moved.iter().any(|m| *m > Money::ZERO) {
+                    b.ctx
+                        .stats
+                        .allowance_top_ups
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                rows.push((k.clone(), row));
+            }
+            let v = allowance_view(&a, caps);
+            ledger.put_scope_counters(k, v);
+            held.push((k.clone(), a, v));
+        }
+    }
     // The reservations as the database holds them: open ones known without being counted
     // again (their estimates are in the counters), settled ones as settled.
-    for id in &needs.reservations {
+    for id in &b.needs.reservations {
         match view.reservations.get(id) {
             Some(s) if s.state == ReservationState::Open => {
                 ledger.adopt_open(s.reservation.clone())
@@ -525,9 +902,34 @@ fn decide(
         }
     }
     let mut events = Vec::new();
-    for job in jobs {
+    let mut admitted: Vec<(ScopeKey, Money)> = Vec::new();
+    let through = |k: &ScopeKey| held.iter().any(|(h, _, _)| h == k);
+    for job in b.jobs {
         let answer = match &job.op {
-            Op::Reserve(req) => reserve(ledger, req, &view, now, &mut events),
+            Op::Reserve(req) => {
+                let answer = reserve(ledger, req, &view, now, &mut events);
+                if let Ok(Answer::Reserved(r)) = &answer {
+                    match &**r {
+                        Ok(r) if !r.replayed => {
+                            let res = &r.reservation;
+                            for k in scope_keys(&res.subject).into_iter().filter(through) {
+                                admitted.push((k, res.estimate));
+                            }
+                        }
+                        Err(CheckOutcome {
+                            denial: Some(Denial::Limits(l)),
+                            ..
+                        }) if l.iter().any(|s| through(&s.scope)) => {
+                            b.ctx
+                                .stats
+                                .allowance_denials
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {}
+                    }
+                }
+                answer
+            }
             Op::Commit(id, req) => ledger
                 .commit(id, req, now)
                 .map(|a| {
@@ -552,7 +954,15 @@ fn decide(
                 Ok(Answer::Done)
             }
         };
-        answers.push(answer);
+        b.answers.push(answer);
+    }
+    if !admitted.is_empty() {
+        let mut rates = lock(&b.ctx.rates);
+        for (k, e) in admitted {
+            let (sum, largest) = rates.admitted.entry(k).or_default();
+            *sum = sum.saturating_add(e);
+            *largest = (*largest).max(e);
+        }
     }
     ClusterWrite {
         counters: view
@@ -560,6 +970,11 @@ fn decide(
             .iter()
             .map(|(k, _)| (k.clone(), ledger.scope_counters(k)))
             .collect(),
+        allowances: held
+            .iter()
+            .map(|(k, a, v)| (k.clone(), allowance_after(a, v, &ledger.scope_counters(k))))
+            .collect(),
+        rows,
         events,
     }
 }

@@ -897,6 +897,26 @@ impl<S: Store> Guard<S> {
             .await
     }
 
+    /// Cluster mode: brings what this instance shows of the global scope and of every
+    /// tenant (metrics) up to what the cluster holds now. Nothing on one node.
+    pub async fn refresh_shared(&self) -> Result<(), GuardError> {
+        match &self.inner.cluster {
+            Some(c) => {
+                c.refresh_shared(&*self.inner.store, &self.inner.ledger)
+                    .await
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Every instance's allowances of busy scopes (cluster mode; empty otherwise).
+    pub async fn cluster_allowances(&self) -> Result<Vec<cluster::AllowanceOut>, GuardError> {
+        match &self.inner.cluster {
+            Some(c) => Ok(c.allowances(&*self.inner.store).await?),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Cluster mode: this instance's id, options and counters.
     pub fn cluster(&self) -> Option<(&ClusterOptions, ClusterStats)> {
         self.inner.cluster.as_ref().map(|c| (&c.options, c.stats()))
@@ -993,9 +1013,17 @@ impl<S: Store> Guard<S> {
     pub async fn shutdown(&self) {
         if let Some(c) = &self.inner.cluster
             && let Some(pg) = self.inner.store.postgres()
-            && let Err(e) = pg.cluster_stopped(c.options.id).await
         {
-            tracing::warn!(error = %e, "could not mark this cluster instance stopped");
+            if let Err(e) = c.give_back_all(&*self.inner.store).await {
+                tracing::warn!(
+                    error = %e,
+                    "could not give back this instance's allowances; the others take them \
+                     back when its lease lapses"
+                );
+            }
+            if let Err(e) = pg.cluster_stopped(c.options.id).await {
+                tracing::warn!(error = %e, "could not mark this cluster instance stopped");
+            }
         }
         let tasks =
             std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|e| e.into_inner()));

@@ -1263,15 +1263,45 @@ pub struct ClusterOut {
     pub mode: &'static str,
     /// This instance (cluster mode).
     pub instance: Option<InstanceOut>,
-    /// How this instance decides: `direct` (every batch on the shared rows, under their
-    /// locks) in cluster mode, `memory` on one node.
+    /// How this instance decides: `shared rows` in cluster mode (each batch under the
+    /// locks of its rows, busy scopes through allowances), `memory` on one node.
     pub decisions: &'static str,
-    /// An instance is live while its last heartbeat is younger than this.
+    /// An instance is live while its last heartbeat is younger than this (its lease):
+    /// afterwards the others take back its allowances.
     pub live_within_seconds: u64,
     /// Every instance registered on the database, newest heartbeat first.
     pub instances: Vec<InstanceOut>,
+    /// The kinds of scope decided through allowances (cluster mode).
+    pub allowance_scopes: Vec<&'static str>,
+    /// Every instance's allowances of busy scopes, by instance and scope.
+    pub allowances: Vec<AllowanceHeldOut>,
     /// This instance's counters (cluster mode).
     pub stats: Option<ClusterStatsOut>,
+}
+
+/// Capacity of a busy scope's budget held by one instance.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct AllowanceHeldOut {
+    pub instance: String,
+    /// `global`, `tenant` or `company`.
+    pub scope: String,
+    /// The tenant (or the company's tenant); empty for the global scope.
+    pub tenant_id: String,
+    /// The tenant or the company; `global` for the global scope.
+    pub scope_id: String,
+    /// Capacity moved from the scope's budget to the instance, this day and this month.
+    #[schemars(with = "crate::openapi::Usd")]
+    pub granted_usd_day: Money,
+    #[schemars(with = "crate::openapi::Usd")]
+    pub granted_usd_month: Money,
+    /// What the instance can still admit against it (null: the window has no cap).
+    #[schemars(with = "Option<crate::openapi::Usd>")]
+    pub free_usd_day: Option<Money>,
+    #[schemars(with = "Option<crate::openapi::Usd>")]
+    pub free_usd_month: Option<Money>,
+    /// Reservations it admitted minus those it settled (below zero when it settled more
+    /// than it admitted, for other instances).
+    pub open_reservations: i64,
 }
 
 /// One instance of a cluster.
@@ -1299,6 +1329,18 @@ pub struct ClusterStatsOut {
     pub config_reloads: u64,
     pub config_version: i64,
     pub heartbeat_failing: bool,
+    /// Batches that moved capacity from a busy scope's row to this instance.
+    pub allowance_top_ups: u64,
+    /// Heartbeats (and the shutdown) that folded this instance's allowances into the rows
+    /// and gave back what it did not need.
+    pub allowance_returns: u64,
+    /// Allowances of lapsed instances this instance took back.
+    pub allowance_reclaims: u64,
+    /// Reservations refused by a budget decided through an allowance: at most these were
+    /// false denials (capacity idle in another live instance's allowance).
+    pub allowance_denials: u64,
+    /// Live instances as of the last heartbeat, this one included.
+    pub live_instances: i64,
 }
 
 pub async fn cluster(
@@ -1313,10 +1355,12 @@ pub async fn cluster(
             decisions: "memory",
             live_within_seconds: 0,
             instances: Vec::new(),
+            allowance_scopes: Vec::new(),
+            allowances: Vec::new(),
             stats: None,
         }));
     };
-    let live_within = (options.heartbeat * 5).as_secs().max(1);
+    let live_within = options.lease.as_secs().max(1);
     let pg =
         spendguard_store::Store::postgres(state.guard.store()).ok_or_else(ApiError::internal)?;
     let (now, list) = pg
@@ -1342,12 +1386,43 @@ pub async fn cluster(
         .iter()
         .find(|i| i.id == options.id.to_string())
         .cloned();
+    let allowances = state
+        .guard
+        .cluster_allowances()
+        .await?
+        .into_iter()
+        .map(|a| {
+            let (kind, tenant, id) = scope_parts(&a.scope);
+            AllowanceHeldOut {
+                instance: a.instance.to_string(),
+                scope: kind.into(),
+                tenant_id: tenant,
+                scope_id: id,
+                granted_usd_day: a.granted_usd_day,
+                granted_usd_month: a.granted_usd_month,
+                free_usd_day: a.free_usd_day,
+                free_usd_month: a.free_usd_month,
+                open_reservations: a.open_reservations,
+            }
+        })
+        .collect();
+    let kinds = options.allowances;
+    let allowance_scopes = [
+        (kinds.global, "global"),
+        (kinds.tenant, "tenant"),
+        (kinds.company, "company"),
+    ]
+    .into_iter()
+    .filter_map(|(on, k)| on.then_some(k))
+    .collect();
     Ok(Json(ClusterOut {
         mode: "cluster",
         instance: me,
-        decisions: "direct",
+        decisions: "shared rows",
         live_within_seconds: live_within,
         instances,
+        allowance_scopes,
+        allowances,
         stats: Some(ClusterStatsOut {
             batches: stats.batches,
             operations: stats.operations,
@@ -1356,8 +1431,23 @@ pub async fn cluster(
             config_reloads: stats.config_reloads,
             config_version: stats.config_version,
             heartbeat_failing: stats.heartbeat_failing,
+            allowance_top_ups: stats.allowance_top_ups,
+            allowance_returns: stats.allowance_returns,
+            allowance_reclaims: stats.allowance_reclaims,
+            allowance_denials: stats.allowance_denials,
+            live_instances: stats.live_instances,
         }),
     }))
+}
+
+/// A scope's kind, tenant and id, as the tables hold them.
+fn scope_parts(scope: &ScopeKey) -> (&'static str, String, String) {
+    match scope {
+        ScopeKey::Global => ("global", String::new(), "global".into()),
+        ScopeKey::Tenant(t) => ("tenant", t.as_str().into(), t.as_str().into()),
+        ScopeKey::Company(t, c) => ("company", t.as_str().into(), c.as_str().into()),
+        ScopeKey::User(t, u) => ("user", t.as_str().into(), u.as_str().into()),
+    }
 }
 
 pub async fn healthz() -> Json<HealthOut> {
@@ -1413,6 +1503,11 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
 
 /// The exposition, to whoever asks (the open metrics listener, bound to loopback).
 pub async fn open_metrics(State(state): State<AppState>) -> Response {
+    // Cluster mode: the budgets' gauges show what the cluster holds, not what this
+    // instance last decided on.
+    if let Err(e) = state.guard.refresh_shared().await {
+        tracing::warn!(error = %e, "the budgets' gauges show this instance's last view");
+    }
     let text = state.metrics.render(&state.guard, state.alerts.counts());
     let mut headers = HeaderMap::new();
     headers.insert(

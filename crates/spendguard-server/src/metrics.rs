@@ -121,6 +121,11 @@ struct ClusterMetrics {
     failures: Counter,
     config_reloads: Counter,
     heartbeat_up: Gauge,
+    allowance_top_ups: Counter,
+    allowance_returns: Counter,
+    allowance_reclaims: Counter,
+    allowance_denials: Counter,
+    live_instances: Gauge,
 }
 
 impl Metrics {
@@ -158,7 +163,39 @@ impl Metrics {
             "cluster_heartbeat_up",
             "1 while this instance's heartbeat reaches the database",
         );
+        let allowance_top_ups = counter(
+            registry,
+            "cluster_allowance_top_ups",
+            "Batches that moved capacity from a busy scope's budget to this instance",
+        );
+        let allowance_returns = counter(
+            registry,
+            "cluster_allowance_returns",
+            "Heartbeats that folded this instance's allowances into the shared rows and gave \
+             back what it did not need",
+        );
+        let allowance_reclaims = counter(
+            registry,
+            "cluster_allowance_reclaims",
+            "Allowances of lapsed instances this instance took back",
+        );
+        let allowance_denials = counter(
+            registry,
+            "cluster_allowance_denials",
+            "Reservations refused by a budget decided through an allowance (at most these \
+             were false denials)",
+        );
+        let live_instances = gauge(
+            registry,
+            "cluster_live_instances",
+            "Live instances of the cluster, as of this instance's last heartbeat",
+        );
         m.cluster = Some(ClusterMetrics {
+            allowance_top_ups,
+            allowance_returns,
+            allowance_reclaims,
+            allowance_denials,
+            live_instances,
             batches,
             operations,
             retries,
@@ -380,6 +417,11 @@ impl Metrics {
             advance(&m.failures, c.failures);
             advance(&m.config_reloads, c.config_reloads);
             m.heartbeat_up.set(i64::from(!c.heartbeat_failing));
+            advance(&m.allowance_top_ups, c.allowance_top_ups);
+            advance(&m.allowance_returns, c.allowance_returns);
+            advance(&m.allowance_reclaims, c.allowance_reclaims);
+            advance(&m.allowance_denials, c.allowance_denials);
+            m.live_instances.set(c.live_instances);
         }
         self.open_reservations
             .set(to_i(guard.ledger().open_reservations() as u64));

@@ -79,7 +79,7 @@ pub struct ApiKeyRecord {
 }
 pub use postgres::PostgresStore;
 pub use postgres_cluster::{
-    ClusterInstance, ClusterNeeds, ClusterView, ClusterWrite, DashboardSession,
+    ClusterDecider, ClusterInstance, ClusterNeeds, ClusterView, ClusterWrite, DashboardSession,
 };
 pub use sqlite::SqliteStore;
 

@@ -711,6 +711,13 @@ CREATE INDEX would_deny_day ON would_deny (day_start, tenant_id);
 SELECT 1;
 "#,
     ),
+    (
+        14,
+        r#"
+-- Cluster mode's allowances are on PostgreSQL only.
+SELECT 1;
+"#,
+    ),
 ];
 
 /// The users' week rows summed from their day rows (saturating like the rollups), into a
@@ -1310,6 +1317,55 @@ ALTER TABLE dashboard_sessions ENABLE ROW LEVEL SECURITY;
 ALTER TABLE scope_counters ENABLE ROW LEVEL SECURITY;
 ALTER TABLE cluster_instances ENABLE ROW LEVEL SECURITY;
 ALTER TABLE cluster_config ENABLE ROW LEVEL SECURITY;
+"#,
+    ),
+    (
+        14,
+        r#"
+-- Cluster mode's allowances (docs/cluster.md): capacity of a busy scope's row (global,
+-- tenants) moved to one instance, which decides against it in memory and counts what it
+-- admitted in its own row, so that batches of different instances never wait for the busy
+-- row. Per window, `*_granted_micros` of a scope's row is the sum of its allowances'.
+-- An allowance row counts like a scope's row (the same columns): the scope's counters are
+-- its row's plus the allowances' of the same windows (`cluster_scope_totals`), and
+-- `spent + reserved + granted <= limit` holds on the row whenever capacity was granted
+-- or a reservation admitted on it; `spent + reserved <= granted` on an allowance whenever
+-- its instance admitted against it (a commit above its estimate or a direct record may
+-- pass either, as on one node).
+ALTER TABLE scope_counters
+    ADD COLUMN day_granted_micros bigint NOT NULL DEFAULT 0,
+    ADD COLUMN month_granted_micros bigint NOT NULL DEFAULT 0;
+CREATE TABLE cluster_allowances (
+    instance_id uuid NOT NULL,
+    LIKE scope_counters INCLUDING DEFAULTS INCLUDING CONSTRAINTS,
+    PRIMARY KEY (instance_id, scope_kind, tenant_id, scope_id)
+);
+ALTER TABLE cluster_allowances ENABLE ROW LEVEL SECURITY;
+-- Each scope's counters as the cluster holds them: its row plus what its allowances
+-- counted in the same windows.
+CREATE VIEW cluster_scope_totals AS
+SELECT c.scope_kind, c.tenant_id, c.scope_id,
+    c.day_start,
+    c.day_spent_micros + coalesce(sum(a.day_spent_micros) FILTER (WHERE a.day_start = c.day_start), 0)::int8 AS day_spent_micros,
+    c.day_reserved_micros + coalesce(sum(a.day_reserved_micros) FILTER (WHERE a.day_start = c.day_start), 0)::int8 AS day_reserved_micros,
+    c.day_requests + coalesce(sum(a.day_requests) FILTER (WHERE a.day_start = c.day_start), 0)::int8 AS day_requests,
+    c.day_requests_reserved + coalesce(sum(a.day_requests_reserved) FILTER (WHERE a.day_start = c.day_start), 0)::int8 AS day_requests_reserved,
+    c.day_tokens + coalesce(sum(a.day_tokens) FILTER (WHERE a.day_start = c.day_start), 0)::int8 AS day_tokens,
+    c.day_tokens_reserved + coalesce(sum(a.day_tokens_reserved) FILTER (WHERE a.day_start = c.day_start), 0)::int8 AS day_tokens_reserved,
+    c.month_start,
+    c.month_spent_micros + coalesce(sum(a.month_spent_micros) FILTER (WHERE a.month_start = c.month_start), 0)::int8 AS month_spent_micros,
+    c.month_reserved_micros + coalesce(sum(a.month_reserved_micros) FILTER (WHERE a.month_start = c.month_start), 0)::int8 AS month_reserved_micros,
+    c.month_requests + coalesce(sum(a.month_requests) FILTER (WHERE a.month_start = c.month_start), 0)::int8 AS month_requests,
+    c.month_requests_reserved + coalesce(sum(a.month_requests_reserved) FILTER (WHERE a.month_start = c.month_start), 0)::int8 AS month_requests_reserved,
+    c.month_tokens + coalesce(sum(a.month_tokens) FILTER (WHERE a.month_start = c.month_start), 0)::int8 AS month_tokens,
+    c.month_tokens_reserved + coalesce(sum(a.month_tokens_reserved) FILTER (WHERE a.month_start = c.month_start), 0)::int8 AS month_tokens_reserved,
+    c.in_flight + coalesce(sum(a.in_flight), 0)::int8 AS in_flight,
+    c.tat,
+    c.day_granted_micros, c.month_granted_micros
+FROM scope_counters c
+LEFT JOIN cluster_allowances a
+    ON (a.scope_kind, a.tenant_id, a.scope_id) = (c.scope_kind, c.tenant_id, c.scope_id)
+GROUP BY c.scope_kind, c.tenant_id, c.scope_id;
 "#,
     ),
 ];

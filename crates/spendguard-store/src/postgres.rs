@@ -57,6 +57,8 @@ pub struct PostgresStore {
     /// Cluster mode: the scopes whose counter rows exist (rows are never deleted), so a
     /// batch of known scopes skips creating them.
     pub(crate) known_counters: std::sync::Mutex<HashSet<spendguard_core::ScopeKey>>,
+    /// The scopes whose allowance row of this instance is known to exist (cluster mode).
+    pub(crate) known_allowances: std::sync::Mutex<HashSet<spendguard_core::ScopeKey>>,
 }
 
 impl Drop for PostgresStore {
@@ -907,6 +909,7 @@ impl PostgresStore {
             projecting: Arc::default(),
             projector: None,
             known_counters: std::sync::Mutex::default(),
+            known_allowances: std::sync::Mutex::default(),
         };
         store.migrate().await?;
         let (pool, projecting, keep) = (

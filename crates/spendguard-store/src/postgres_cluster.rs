@@ -16,13 +16,13 @@
 use std::collections::HashMap;
 
 use spendguard_core::{
-    Event, IdempotencyKey, Micros, Money, ScopeCounters, ScopeKey, Snapshot, TenantId, UsageRecord,
-    WindowCounters, late_usage_id, scope_keys,
+    Event, Held, IdempotencyKey, Micros, Money, ScopeCounters, ScopeKey, Snapshot, TenantId,
+    UsageRecord, WindowCounters, late_usage_id, scope_keys,
 };
 use tokio_postgres::{IsolationLevel, Row};
 use uuid::Uuid;
 
-use crate::common::{clamp_u64, corrupt, scope_columns, scope_from_columns};
+use crate::common::{corrupt, scope_columns, scope_from_columns};
 use crate::error::StoreError;
 use crate::postgres::{
     Db, PostgresStore, RESERVATION_COLUMNS, USAGE_COLUMNS, apply_events, from_time, get,
@@ -39,13 +39,34 @@ pub struct ClusterNeeds {
     pub reservations: Vec<Uuid>,
     /// The idempotency keys of its keyed reservations.
     pub keys: Vec<(TenantId, IdempotencyKey)>,
+    /// The deciding instance, when it decides busy scopes through its allowances.
+    pub instance: Option<Uuid>,
+}
+
+/// What decides a batch, called by [`PostgresStore::cluster_decide`] under the batch's
+/// locks, synchronously.
+pub trait ClusterDecider {
+    /// Whether `scope` is decided through the instance's allowance rather than on its row.
+    fn through_allowance(&self, scope: &ScopeKey) -> bool;
+    /// Given the instance's allowances of the batch's scopes (locked), the scopes whose
+    /// rows to lock as well, to move capacity from them.
+    fn top_ups(&mut self, allowances: &[(ScopeKey, Held)]) -> Vec<ScopeKey>;
+    /// Decides on what was read under the locks; returns what to write.
+    fn decide(&mut self, view: ClusterView) -> ClusterWrite;
 }
 
 /// What the database holds for a batch, read under its locks.
 #[derive(Debug, Default)]
 pub struct ClusterView {
-    /// The counters of every scope asked for (zero for a new scope).
+    /// The counters of every scope asked for that is decided on its row (zero for a new
+    /// scope).
     pub counters: Vec<(ScopeKey, ScopeCounters)>,
+    /// The instance's allowances of the scopes decided through one (empty when new).
+    pub allowances: Vec<(ScopeKey, Held)>,
+    /// The rows of the scopes [`ClusterDecider::top_ups`] named.
+    pub rows: Vec<(ScopeKey, Held)>,
+    /// The other instances' allowances of those scopes (read after locking the rows).
+    pub others: Vec<(ScopeKey, Held)>,
     /// The reservations asked for that exist, with the record that settled them.
     pub reservations: HashMap<Uuid, StoredReservation>,
     /// The record of a commit that arrived after its reservation expired, by reservation.
@@ -60,6 +81,9 @@ pub struct ClusterView {
 #[derive(Debug, Default)]
 pub struct ClusterWrite {
     pub counters: Vec<(ScopeKey, ScopeCounters)>,
+    /// The allowances and the rows of the view, as they are now.
+    pub allowances: Vec<(ScopeKey, Held)>,
+    pub rows: Vec<(ScopeKey, Held)>,
     pub events: Vec<Event>,
 }
 
@@ -97,6 +121,12 @@ const COUNTER_COLUMNS: &str = "c.scope_kind, c.tenant_id, c.scope_id, \
     day_tokens, day_tokens_reserved, month_start, month_spent_micros, month_reserved_micros, \
     month_requests, month_requests_reserved, month_tokens, month_tokens_reserved, in_flight, tat";
 
+const GRANTED_COLUMNS: &str = "c.day_granted_micros, c.month_granted_micros";
+
+const CREATE_ALLOWANCES: &str = "INSERT INTO cluster_allowances (instance_id, scope_kind, \
+    tenant_id, scope_id) SELECT $4::uuid, * FROM UNNEST($1::text[], $2::text[], $3::text[]) \
+    AS u (k, t, i) ORDER BY 1, 2, 3 ON CONFLICT DO NOTHING";
+
 const CREATE_COUNTERS: &str = "INSERT INTO scope_counters (scope_kind, tenant_id, scope_id) \
     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) AS u (k, t, i) ORDER BY 1, 2, 3 \
     ON CONFLICT DO NOTHING";
@@ -109,8 +139,9 @@ const WRITE_COUNTERS: &str = "UPDATE scope_counters AS c SET day_start = u.ds, \
     month_tokens_reserved = u.mtr, in_flight = u.f, tat = u.tat \
     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[], \
     $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::int8[], $13::int8[], \
-    $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[]) \
-    AS u (k, t, i, ds, dsp, dr, dq, dqr, dt, dtr, ms, msp, mr, mq, mqr, mt, mtr, f, tat) \
+    $14::int8[], $15::int8[], $16::int8[], $17::int8[], $18::int8[], $19::int8[], \
+    $20::int8[], $21::int8[]) \
+    AS u (k, t, i, ds, dsp, dr, dq, dqr, dt, dtr, ms, msp, mr, mq, mqr, mt, mtr, f, tat, gd, gm) \
     WHERE (c.scope_kind, c.tenant_id, c.scope_id) = (u.k, u.t, u.i)";
 
 /// The key columns of `scopes`, as three arrays for `UNNEST`.
@@ -127,8 +158,19 @@ fn scope_arrays<'a>(
     (kinds, tenants, ids)
 }
 
+/// Counts are kept as two's complement: an allowance may count below zero (it settled a
+/// reservation another instance admitted), and so may a row until every allowance of it is
+/// folded; their sums are exact.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn count(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
+    v as u64
+}
+
+fn column(v: u64) -> i64 {
+    v as i64
 }
 
 fn window_of(row: &Row, at: usize) -> Result<WindowCounters, StoreError> {
@@ -151,8 +193,23 @@ fn counters_row(row: &Row) -> Result<(ScopeKey, ScopeCounters), StoreError> {
         ScopeCounters {
             day: window_of(row, 3)?,
             month: window_of(row, 10)?,
-            in_flight: u32::try_from(in_flight).unwrap_or(u32::MAX),
+            in_flight: in_flight as u32,
             tat: get(row, 18)?,
+        },
+    ))
+}
+
+/// A row or an allowance: [`COUNTER_COLUMNS`], then [`GRANTED_COLUMNS`].
+fn held_row(row: &Row) -> Result<(ScopeKey, Held), StoreError> {
+    let (key, counters) = counters_row(row)?;
+    Ok((
+        key,
+        Held {
+            counters,
+            granted: [
+                Money::from_micros(get(row, 19)?),
+                Money::from_micros(get(row, 20)?),
+            ],
         },
     ))
 }
@@ -181,7 +238,7 @@ impl PostgresStore {
     pub async fn cluster_decide(
         &self,
         needs: &ClusterNeeds,
-        decide: impl FnOnce(ClusterView) -> ClusterWrite,
+        decide: &mut impl ClusterDecider,
     ) -> (Vec<Event>, Result<(), StoreError>) {
         let mut events = Vec::new();
         let done = self.decide_in_tx(needs, decide, &mut events).await;
@@ -191,7 +248,7 @@ impl PostgresStore {
     async fn decide_in_tx(
         &self,
         needs: &ClusterNeeds,
-        decide: impl FnOnce(ClusterView) -> ClusterWrite,
+        decider: &mut impl ClusterDecider,
         events: &mut Vec<Event>,
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
@@ -274,6 +331,39 @@ impl PostgresStore {
         }
         scopes.sort_unstable();
         scopes.dedup();
+        // Busy scopes through this instance's allowances (its own rows, which no other
+        // batch waits for); the others on their rows.
+        let mut hot = Vec::new();
+        if let Some(me) = needs.instance {
+            let (h, direct): (Vec<ScopeKey>, Vec<ScopeKey>) = scopes
+                .into_iter()
+                .partition(|k| decider.through_allowance(k));
+            scopes = direct;
+            if !h.is_empty() {
+                let (kinds, tenants, ids) = scope_arrays(&h);
+                let known = {
+                    let k = lock(&self.known_allowances);
+                    h.iter().all(|s| k.contains(s))
+                };
+                if !known {
+                    let stmt = tx.prepare_cached(CREATE_ALLOWANCES).await.db()?;
+                    tx.execute(&stmt, &[&kinds, &tenants, &ids, &me])
+                        .await
+                        .db()?;
+                }
+                let sql = format!(
+                    "SELECT {COUNTER_COLUMNS}, {GRANTED_COLUMNS} FROM cluster_allowances AS c \
+                     JOIN UNNEST($1::text[], $2::text[], $3::text[]) AS u (k, t, i) \
+                     ON (c.scope_kind, c.tenant_id, c.scope_id) = (u.k, u.t, u.i) \
+                     WHERE c.instance_id = $4 ORDER BY 1, 2, 3 FOR UPDATE OF c"
+                );
+                let stmt = tx.prepare_cached(&sql).await.db()?;
+                for row in tx.query(&stmt, &[&kinds, &tenants, &ids, &me]).await.db()? {
+                    view.allowances.push(held_row(&row)?);
+                }
+                hot = h;
+            }
+        }
         let mut read: HashMap<ScopeKey, ScopeCounters> = HashMap::new();
         if !scopes.is_empty() {
             let (kinds, tenants, ids) = scope_arrays(&scopes);
@@ -309,12 +399,36 @@ impl PostgresStore {
                 .unwrap_or_else(|e| e.into_inner())
                 .clear();
             return Err(StoreError::Unavailable(
-                "scope_counters lacks rows this instance knew; they are created again on \
-                 the next attempt"
+                "scope_counters lacks rows this instance knew; the batch runs again, \
+                 creating them (40001)"
                     .into(),
             ));
         }
-        let write = decide(view);
+        // Another instance took this one's allowances back (its heartbeat had lapsed)
+        // since they were known to exist: run again, creating them.
+        if view.allowances.len() != hot.len() {
+            lock(&self.known_allowances).clear();
+            return Err(StoreError::Unavailable(
+                "this instance's allowance rows were taken back meanwhile; the batch runs \
+                 again (40001)"
+                    .into(),
+            ));
+        }
+        // Rows of busy scopes, locked only to move capacity to this instance (last, in key
+        // order: whatever else a batch locks, it locked before).
+        let mut wants = decider.top_ups(&view.allowances);
+        wants.sort_unstable();
+        wants.dedup();
+        let mut held: HashMap<ScopeKey, Held> = HashMap::new();
+        if !wants.is_empty() {
+            view.rows = lock_rows(&tx, &wants).await?;
+            held.extend(view.rows.iter().cloned());
+            if let Some(me) = needs.instance {
+                view.others = others(&tx, &wants, me).await?;
+            }
+        }
+        let mine: HashMap<ScopeKey, Held> = view.allowances.iter().cloned().collect();
+        let write = decider.decide(view);
         events.extend(write.events);
         let changed: Vec<&(ScopeKey, ScopeCounters)> = write
             .counters
@@ -323,6 +437,22 @@ impl PostgresStore {
             .collect();
         if !changed.is_empty() {
             write_counters(&tx, &changed).await?;
+        }
+        let changed: Vec<&(ScopeKey, Held)> = write
+            .rows
+            .iter()
+            .filter(|(k, h)| held.get(k) != Some(h))
+            .collect();
+        if !changed.is_empty() {
+            write_rows(&tx, "scope_counters", None, true, &changed).await?;
+        }
+        let changed: Vec<&(ScopeKey, Held)> = write
+            .allowances
+            .iter()
+            .filter(|(k, h)| mine.get(k) != Some(h))
+            .collect();
+        if !changed.is_empty() {
+            write_rows(&tx, "cluster_allowances", needs.instance, true, &changed).await?;
         }
         if !events.is_empty() {
             apply_events(&tx, events).await?;
@@ -345,6 +475,7 @@ impl PostgresStore {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(read.into_keys());
+        lock(&self.known_allowances).extend(hot);
         Ok(())
     }
 
@@ -382,7 +513,9 @@ impl PostgresStore {
             tx.commit().await.db()?;
             return Ok(false);
         }
-        tx.batch_execute("DELETE FROM scope_counters").await.db()?;
+        tx.batch_execute("DELETE FROM cluster_allowances; DELETE FROM scope_counters")
+            .await
+            .db()?;
         tx.execute(
             "INSERT INTO scope_counters (scope_kind, tenant_id, scope_id, day_start, \
              day_spent_micros, day_requests, day_tokens, month_start) \
@@ -464,13 +597,34 @@ impl PostgresStore {
         let (kinds, tenants, ids) = scope_arrays(scopes);
         let client = self.client().await?;
         let sql = format!(
-            "SELECT {COUNTER_COLUMNS} FROM scope_counters AS c JOIN \
+            "SELECT {COUNTER_COLUMNS} FROM cluster_scope_totals AS c JOIN \
              UNNEST($1::text[], $2::text[], $3::text[]) AS u (k, t, i) \
              ON (c.scope_kind, c.tenant_id, c.scope_id) = (u.k, u.t, u.i)"
         );
         let stmt = client.prepare_cached(&sql).await.db()?;
         client
             .query(&stmt, &[&kinds, &tenants, &ids])
+            .await
+            .db()?
+            .iter()
+            .map(counters_row)
+            .collect()
+    }
+
+    /// The counters of every scope of the given kinds (`global`, `tenant`, ...) as the
+    /// cluster holds them now.
+    pub async fn cluster_counters_of_kinds(
+        &self,
+        kinds: &[&str],
+    ) -> Result<Vec<(ScopeKey, ScopeCounters)>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT {COUNTER_COLUMNS} FROM cluster_scope_totals AS c \
+             WHERE c.scope_kind = ANY($1)"
+        );
+        let stmt = client.prepare_cached(&sql).await.db()?;
+        client
+            .query(&stmt, &[&kinds])
             .await
             .db()?
             .iter()
@@ -538,18 +692,152 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Beats this instance's heart; returns the configuration version.
-    pub async fn cluster_heartbeat(&self, id: Uuid) -> Result<i64, StoreError> {
+    /// Beats this instance's heart; returns the configuration version and how many
+    /// instances are live (a heartbeat within `lease` seconds, not stopped; this one
+    /// included).
+    pub async fn cluster_heartbeat(&self, id: Uuid, lease: f64) -> Result<(i64, i64), StoreError> {
         let client = self.client().await?;
         let stmt = client
             .prepare_cached(
                 "WITH beat AS (UPDATE cluster_instances SET heartbeat_at = now() \
-                 WHERE id = $1) SELECT version FROM cluster_config WHERE id = 1",
+                 WHERE id = $1) SELECT version, (SELECT count(*) FROM cluster_instances \
+                 WHERE id <> $1 AND stopped_at IS NULL \
+                 AND heartbeat_at > now() - make_interval(secs => $2)) + 1 \
+                 FROM cluster_config WHERE id = 1",
             )
             .await
             .db()?;
-        let row = client.query_one(&stmt, &[&id]).await.db()?;
-        get(&row, 0)
+        let row = client.query_one(&stmt, &[&id, &lease]).await.db()?;
+        Ok((get(&row, 0)?, get(&row, 1)?))
+    }
+
+    /// Folds the allowances of `instance` into their rows in one transaction: `plan` gets
+    /// each (scope, row, allowance), locked, and changes them ([`spendguard_core::fold`],
+    /// [`spendguard_core::grant`]); with `drop`, the allowances are deleted afterwards
+    /// (`plan` must have folded them). Returns how many there were.
+    pub async fn cluster_fold(
+        &self,
+        instance: Uuid,
+        drop: bool,
+        plan: impl FnOnce(&mut [(ScopeKey, Held, Held)], &[(ScopeKey, Held)]),
+    ) -> Result<usize, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.db()?;
+        let sql = format!(
+            "SELECT {COUNTER_COLUMNS}, {GRANTED_COLUMNS} FROM cluster_allowances AS c \
+             WHERE instance_id = $1 ORDER BY 1, 2, 3 FOR UPDATE"
+        );
+        let stmt = tx.prepare_cached(&sql).await.db()?;
+        let allowances = tx
+            .query(&stmt, &[&instance])
+            .await
+            .db()?
+            .iter()
+            .map(held_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        if allowances.is_empty() {
+            tx.commit().await.db()?;
+            return Ok(0);
+        }
+        let keys: Vec<ScopeKey> = allowances.iter().map(|(k, _)| k.clone()).collect();
+        let rows: HashMap<ScopeKey, Held> = lock_rows(&tx, &keys).await?.into_iter().collect();
+        let mut items = allowances
+            .into_iter()
+            .map(|(k, a)| {
+                let row = rows
+                    .get(&k)
+                    .copied()
+                    .ok_or_else(|| corrupt("a scope's row is missing right after its creation"))?;
+                Ok((k, row, a))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let before = items.clone();
+        let others = others(&tx, &keys, instance).await?;
+        plan(&mut items, &others);
+        let changed: Vec<(ScopeKey, Held)> = items
+            .iter()
+            .zip(&before)
+            .filter(|(n, b)| n.1 != b.1)
+            .map(|(n, _)| (n.0.clone(), n.1))
+            .collect();
+        if !changed.is_empty() {
+            write_rows(
+                &tx,
+                "scope_counters",
+                None,
+                true,
+                &changed.iter().collect::<Vec<_>>(),
+            )
+            .await?;
+        }
+        if drop {
+            tx.execute(
+                "DELETE FROM cluster_allowances WHERE instance_id = $1",
+                &[&instance],
+            )
+            .await
+            .db()?;
+        } else {
+            let changed: Vec<(ScopeKey, Held)> = items
+                .iter()
+                .zip(&before)
+                .filter(|(n, b)| n.2 != b.2)
+                .map(|(n, _)| (n.0.clone(), n.2))
+                .collect();
+            if !changed.is_empty() {
+                write_rows(
+                    &tx,
+                    "cluster_allowances",
+                    Some(instance),
+                    true,
+                    &changed.iter().collect::<Vec<_>>(),
+                )
+                .await?;
+            }
+        }
+        tx.commit().await.db()?;
+        Ok(items.len())
+    }
+
+    /// Instances holding allowances whose heartbeat lapsed `lease` seconds ago, that
+    /// stopped, or that are not registered.
+    pub async fn cluster_lapsed(&self, lease: f64) -> Result<Vec<Uuid>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT DISTINCT a.instance_id FROM cluster_allowances a \
+                 LEFT JOIN cluster_instances i ON i.id = a.instance_id \
+                 WHERE i.id IS NULL OR i.stopped_at IS NOT NULL \
+                 OR i.heartbeat_at < now() - make_interval(secs => $1)",
+            )
+            .await
+            .db()?;
+        client
+            .query(&stmt, &[&lease])
+            .await
+            .db()?
+            .iter()
+            .map(|r| get(r, 0))
+            .collect()
+    }
+
+    /// Every allowance, by instance and scope.
+    pub async fn cluster_allowance_list(&self) -> Result<Vec<(Uuid, ScopeKey, Held)>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT {COUNTER_COLUMNS}, {GRANTED_COLUMNS}, c.instance_id \
+             FROM cluster_allowances AS c ORDER BY c.instance_id, 1, 2, 3"
+        );
+        client
+            .query(&sql, &[])
+            .await
+            .db()?
+            .iter()
+            .map(|r| {
+                let (k, h) = held_row(r)?;
+                Ok((get(r, 21)?, k, h))
+            })
+            .collect()
     }
 
     /// Marks this instance stopped (a clean shutdown).
@@ -679,10 +967,12 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Every counter row (for tests and `GET /v1/admin/cluster`'s totals).
+    /// Every scope's counters as the cluster holds them: its row plus its allowances'
+    /// (for tests and `GET /v1/admin/cluster`'s totals).
     pub async fn cluster_all_counters(&self) -> Result<Vec<(ScopeKey, ScopeCounters)>, StoreError> {
         let client = self.client().await?;
-        let sql = format!("SELECT {COUNTER_COLUMNS} FROM scope_counters AS c ORDER BY 1, 2, 3");
+        let sql =
+            format!("SELECT {COUNTER_COLUMNS} FROM cluster_scope_totals AS c ORDER BY 1, 2, 3");
         client
             .query(&sql, &[])
             .await
@@ -697,37 +987,129 @@ async fn write_counters(
     tx: &deadpool_postgres::Transaction<'_>,
     rows: &[&(ScopeKey, ScopeCounters)],
 ) -> Result<(), StoreError> {
-    let mut cols: [Vec<i64>; 16] = Default::default();
+    let rows: Vec<(ScopeKey, Held)> = rows
+        .iter()
+        .map(|(k, c)| {
+            (
+                k.clone(),
+                Held {
+                    counters: *c,
+                    granted: [Money::ZERO; 2],
+                },
+            )
+        })
+        .collect();
+    write_rows(
+        tx,
+        "scope_counters",
+        None,
+        false,
+        &rows.iter().collect::<Vec<_>>(),
+    )
+    .await
+}
+
+/// Writes the counters of `rows` to `table` (`scope_counters`, or `instance`'s rows of
+/// `cluster_allowances`), with what they granted when `granted`; one statement.
+async fn write_rows(
+    tx: &deadpool_postgres::Transaction<'_>,
+    table: &str,
+    instance: Option<Uuid>,
+    granted: bool,
+    rows: &[&(ScopeKey, Held)],
+) -> Result<(), StoreError> {
+    let mut cols: [Vec<i64>; 18] = Default::default();
     let keys: Vec<&ScopeKey> = rows.iter().map(|(k, _)| k).collect();
     let (kinds, tenants, ids) = scope_arrays(keys);
-    for (_, c) in rows {
+    for (_, h) in rows {
+        let c = &h.counters;
         let vals = [
             c.day.start,
             c.day.spent.micros(),
             c.day.reserved.micros(),
-            clamp_u64(c.day.requests),
-            clamp_u64(c.day.requests_reserved),
-            clamp_u64(c.day.tokens),
-            clamp_u64(c.day.tokens_reserved),
+            column(c.day.requests),
+            column(c.day.requests_reserved),
+            column(c.day.tokens),
+            column(c.day.tokens_reserved),
             c.month.start,
             c.month.spent.micros(),
             c.month.reserved.micros(),
-            clamp_u64(c.month.requests),
-            clamp_u64(c.month.requests_reserved),
-            clamp_u64(c.month.tokens),
-            clamp_u64(c.month.tokens_reserved),
-            i64::from(c.in_flight),
+            column(c.month.requests),
+            column(c.month.requests_reserved),
+            column(c.month.tokens),
+            column(c.month.tokens_reserved),
+            i64::from(c.in_flight as i32),
             c.tat,
+            h.granted[0].micros(),
+            h.granted[1].micros(),
         ];
         for (col, v) in cols.iter_mut().zip(vals) {
             col.push(v);
         }
     }
-    let stmt = tx.prepare_cached(WRITE_COUNTERS).await.db()?;
+    let mut sql = WRITE_COUNTERS.replacen("scope_counters", table, 1);
+    if granted {
+        sql = sql.replacen(
+            "tat = u.tat ",
+            "tat = u.tat, day_granted_micros = u.gd, month_granted_micros = u.gm ",
+            1,
+        );
+    }
     let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&kinds, &tenants, &ids];
     for c in &cols {
         params.push(c);
     }
+    if let Some(me) = &instance {
+        sql.push_str(" AND c.instance_id = $22");
+        params.push(me);
+    }
+    let stmt = tx.prepare_cached(&sql).await.db()?;
     tx.execute(&stmt, &params).await.db()?;
     Ok(())
+}
+
+/// Locks the rows of `keys` (sorted), creating the missing ones, with what they granted.
+async fn lock_rows(
+    tx: &deadpool_postgres::Transaction<'_>,
+    keys: &[ScopeKey],
+) -> Result<Vec<(ScopeKey, Held)>, StoreError> {
+    let (kinds, tenants, ids) = scope_arrays(keys);
+    let stmt = tx.prepare_cached(CREATE_COUNTERS).await.db()?;
+    tx.execute(&stmt, &[&kinds, &tenants, &ids]).await.db()?;
+    let sql = format!(
+        "SELECT {COUNTER_COLUMNS}, {GRANTED_COLUMNS} FROM scope_counters AS c JOIN \
+         UNNEST($1::text[], $2::text[], $3::text[]) AS u (k, t, i) \
+         ON (c.scope_kind, c.tenant_id, c.scope_id) = (u.k, u.t, u.i) \
+         ORDER BY 1, 2, 3 FOR UPDATE OF c"
+    );
+    let stmt = tx.prepare_cached(&sql).await.db()?;
+    tx.query(&stmt, &[&kinds, &tenants, &ids])
+        .await
+        .db()?
+        .iter()
+        .map(held_row)
+        .collect()
+}
+
+/// The allowances of `keys` held by instances other than `me` (not locked: what they
+/// counted beyond their grants is only read, see [`spendguard_core::debts`]).
+async fn others(
+    tx: &deadpool_postgres::Transaction<'_>,
+    keys: &[ScopeKey],
+    me: Uuid,
+) -> Result<Vec<(ScopeKey, Held)>, StoreError> {
+    let (kinds, tenants, ids) = scope_arrays(keys);
+    let sql = format!(
+        "SELECT {COUNTER_COLUMNS}, {GRANTED_COLUMNS} FROM cluster_allowances AS c JOIN \
+         UNNEST($1::text[], $2::text[], $3::text[]) AS u (k, t, i) \
+         ON (c.scope_kind, c.tenant_id, c.scope_id) = (u.k, u.t, u.i) \
+         WHERE c.instance_id <> $4"
+    );
+    let stmt = tx.prepare_cached(&sql).await.db()?;
+    tx.query(&stmt, &[&kinds, &tenants, &ids, &me])
+        .await
+        .db()?
+        .iter()
+        .map(held_row)
+        .collect()
 }

@@ -1230,7 +1230,17 @@ fn cluster_options(config: &Config) -> spendguard_guard::cluster::ClusterOptions
         .ok()
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| format!("{host}:{port}"));
-    spendguard_guard::cluster::ClusterOptions::new(name, config.server.listen.clone())
+    let mut options =
+        spendguard_guard::cluster::ClusterOptions::new(name, config.server.listen.clone());
+    let kinds = &config.cluster.allowances;
+    let has = |k: &str| kinds.iter().any(|a| a == k);
+    options.allowances = spendguard_guard::cluster::AllowanceScopes {
+        global: has("global"),
+        tenant: has("tenant"),
+        company: has("company"),
+    };
+    options.lease = std::time::Duration::from_secs(config.cluster.lease_seconds);
+    options
 }
 
 /// True for an error of starting that a retry may cure: the database cannot be reached.

@@ -28,6 +28,7 @@
 //! - `gcra` — the rolling requests-per-minute limit.
 //! - `idempotency` — fingerprints and remembered keys.
 
+mod allowance;
 mod cluster;
 mod evaluate;
 mod gcra;
@@ -43,6 +44,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use foldhash::fast::RandomState;
 use uuid::Uuid;
 
+pub use allowance::{Held, allowance_after, allowance_view, debts, fold, grant};
 pub use cluster::{ScopeCounters, WindowCounters, scope_keys};
 pub use idempotency::{late_usage_id, record_fingerprint, reserve_fingerprint};
 pub use types::*;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use spendguard_core::*;
 use spendguard_guard::cluster::ClusterOptions;
-use spendguard_guard::{Guard, GuardError, GuardOptions, SystemClock};
+use spendguard_guard::{Clock, Guard, GuardError, GuardOptions, SystemClock};
 use spendguard_store::{AnyStore, OpenOptions, Store, StoreError};
 use uuid::Uuid;
 
@@ -58,11 +58,22 @@ fn cluster_options() -> OpenOptions {
 }
 
 async fn instance(url: &str, dir: &std::path::Path, n: usize, policy: &str) -> Guard<AnyStore> {
+    instance_with(url, dir, n, policy, |_| {}).await
+}
+
+async fn instance_with(
+    url: &str,
+    dir: &std::path::Path,
+    n: usize,
+    policy: &str,
+    set: impl FnOnce(&mut ClusterOptions),
+) -> Guard<AnyStore> {
     let store = AnyStore::open(url, &cluster_options()).await.unwrap();
     let mut options = GuardOptions::new(dir.join(format!("spool{n}")));
     options.sweep_interval = Duration::from_millis(100);
     let mut c = ClusterOptions::new(format!("i{n}"), format!("test:{n}"));
     c.heartbeat = Duration::from_millis(100);
+    set(&mut c);
     options.cluster = Some(c);
     let policy = Config::from_toml(policy).unwrap().validate().unwrap();
     Guard::start(store, policy, options, Arc::new(SystemClock))
@@ -173,6 +184,16 @@ async fn three_instances_admit_exactly_the_budget_and_settle_anywhere() {
             admitted.push(r.reservation.id);
         }
     }
+    // Never more than the budget; fewer only by what other instances' allowances held
+    // idle (at most a sixth of the free capacity each, docs/cluster.md), and that comes
+    // back within a heartbeat: retried, exactly the budget is admitted.
+    assert!(
+        (200 - 66..=200).contains(&admitted.len()),
+        "admitted across the cluster: {}",
+        admitted.len()
+    );
+    assert_invariant(&c, Money::parse_usd("2").unwrap()).await;
+    admitted.extend(fill_to_refusal(&c.guards, "w").await);
     assert_eq!(admitted.len(), 200, "admitted across the cluster");
     assert_invariant(&c, Money::parse_usd("2").unwrap()).await;
     // Each settled on another instance than the one that made it (any of them).
@@ -198,14 +219,7 @@ async fn three_instances_admit_exactly_the_budget_and_settle_anywhere() {
     assert!(first.replayed);
     assert_invariant(&c, Money::parse_usd("2").unwrap()).await;
     // 150 commits of 0.005: 0.75 spent, so 125 more reservations of 0.01 fit.
-    let mut more = 0;
-    for i in 0..130 {
-        let s = subject("t0", &format!("v{i}"));
-        if c.guards[i % 3].reserve(cents(s, 1)).await.unwrap().is_ok() {
-            more += 1;
-        }
-    }
-    assert_eq!(more, 125);
+    assert_eq!(fill_to_refusal(&c.guards, "v").await.len(), 125);
     assert_invariant(&c, Money::parse_usd("2").unwrap()).await;
     for g in &c.guards {
         g.shutdown().await;
@@ -516,4 +530,133 @@ async fn a_database_written_by_one_node_keeps_its_spend_when_a_cluster_takes_ove
     for g in &c.guards {
         g.shutdown().await;
     }
+}
+
+/// Reserves 0.01 at a time round robin until refused twice in a row, the second time
+/// after three heartbeats (idle allowances are folded back by then); returns the admitted.
+async fn fill_to_refusal(guards: &[Guard<AnyStore>], tag: &str) -> Vec<Uuid> {
+    let mut admitted = Vec::new();
+    let mut refused = false;
+    for i in 0.. {
+        let s = subject(&format!("t{}", i % 7), &format!("{tag}{i}"));
+        match guards[i % guards.len()].reserve(cents(s, 1)).await.unwrap() {
+            Ok(r) => {
+                admitted.push(r.reservation.id);
+                refused = false;
+            }
+            Err(_) if refused => break,
+            Err(_) => {
+                refused = true;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    }
+    admitted
+}
+
+/// Reserves `n` reservations of 0.01 at once on `g`, each for its own user; returns how
+/// many were admitted.
+async fn admitted_of(g: &Guard<AnyStore>, tag: &str, n: usize) -> usize {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let g = g.clone();
+            let s = subject("t", &format!("{tag}{i}"));
+            tokio::spawn(async move { g.reserve(cents(s, 1)).await.unwrap().is_ok() })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += usize::from(t.await.unwrap());
+    }
+    admitted
+}
+
+/// An instance that stopped beating its heart while holding an allowance (written here as
+/// one that died holding 1.50 of the global 2.00 leaves it) keeps it until its lease
+/// lapses: meanwhile only the rest is admitted; then it is taken back and the whole budget
+/// is admitted. An instance that stops cleanly gives its allowances back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn allowances_of_a_lapsed_instance_come_back_and_a_clean_stop_gives_them_back() {
+    let Some(url) = pg_url() else { return };
+    let url = fresh_schema(&url, "lapse").await;
+    let dir = tempfile::tempdir().unwrap();
+    let g = instance_with(&url, dir.path(), 0, CLUSTER_POLICY, |c| {
+        c.lease = Duration::from_secs(3);
+    })
+    .await;
+    let p = g.ledger().policy().calendar.periods(SystemClock.now());
+    let config: tokio_postgres::Config = url.parse().unwrap();
+    let (db, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let dead = Uuid::now_v7();
+    db.execute(
+        "INSERT INTO cluster_instances (id, name, address, version, started_at, heartbeat_at) \
+         VALUES ($1, 'dead', 'nowhere', '0', now(), now())",
+        &[&dead],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO scope_counters (scope_kind, tenant_id, scope_id, day_start, month_start, \
+         day_granted_micros, month_granted_micros) VALUES ('global', '', 'global', $1, $2, \
+         1500000, 1500000) ON CONFLICT (scope_kind, tenant_id, scope_id) DO UPDATE SET \
+         day_start = $1, month_start = $2, day_granted_micros = 1500000, \
+         month_granted_micros = 1500000",
+        &[&p.day.start, &p.month.start],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO cluster_allowances (instance_id, scope_kind, tenant_id, scope_id, \
+         day_start, month_start, day_granted_micros, month_granted_micros) \
+         VALUES ($1, 'global', '', 'global', $2, $3, 1500000, 1500000)",
+        &[&dead, &p.day.start, &p.month.start],
+    )
+    .await
+    .unwrap();
+    // While its lease runs, 0.50 is free: 50 of 60 admitted, the others refused by the
+    // global budget decided through this instance's allowance.
+    assert_eq!(admitted_of(&g, "a", 60).await, 50);
+    assert!(g.cluster().unwrap().1.allowance_denials >= 10);
+    // Taken back once the lease lapsed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let held: i64 = db
+            .query_one(
+                "SELECT count(*) FROM cluster_allowances WHERE instance_id = $1",
+                &[&dead],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if held == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never taken back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(g.cluster().unwrap().1.allowance_reclaims, 1);
+    assert_eq!(admitted_of(&g, "b", 160).await, 150);
+    let c = Cluster {
+        url: url.clone(),
+        guards: vec![g.clone()],
+        _dir: dir,
+    };
+    assert_invariant(&c, Money::parse_usd("2").unwrap()).await;
+    let stats = g.cluster().unwrap().1;
+    assert!(stats.allowance_top_ups > 0, "{stats:?}");
+    g.shutdown().await;
+    let left: (i64, i64) = {
+        let r = db
+            .query_one(
+                "SELECT (SELECT count(*) FROM cluster_allowances), \
+                 (SELECT coalesce(sum(day_granted_micros + month_granted_micros), 0)::int8 \
+                 FROM scope_counters)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(left, (0, 0), "allowances left after a clean stop");
 }
