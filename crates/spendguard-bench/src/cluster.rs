@@ -48,6 +48,25 @@ pub struct ClusterOptions {
     /// The global daily budget, USD, of the spendguard processes and the function baseline;
     /// default [`crate::GLOBAL_USD_PER_DAY`] (does not bind).
     pub global_usd_per_day: Option<f64>,
+    /// `[cluster] allowances` of the processes, comma-separated, or `none`; default:
+    /// spendguard's.
+    pub allowances: Option<String>,
+}
+
+/// The `[cluster]` section saying which scopes are decided through allowances (nothing
+/// for spendguard's default).
+pub fn allowances_section(allowances: Option<&str>) -> anyhow::Result<String> {
+    let Some(list) = allowances else {
+        return Ok(String::new());
+    };
+    let kinds: Vec<&str> = match list {
+        "none" => Vec::new(),
+        l => l.split(',').map(str::trim).collect(),
+    };
+    Ok(format!(
+        "\n[cluster]\nallowances = {}\n",
+        serde_json::to_string(&kinds)?
+    ))
 }
 
 /// The `spendguard` binary next to the running executable (`target/release/spendguard` when

@@ -418,7 +418,11 @@ async fn run_instances(
         None => cluster::default_spendguard_bin()?,
     };
     let database = cluster::recreate_database(&admin_url).await?;
-    let config = spendguard_config_with_global(global_usd_per_day(opts));
+    let config = format!(
+        "{}{}",
+        spendguard_config_with_global(global_usd_per_day(opts)),
+        cluster::allowances_section(opts.cluster.allowances.as_deref())?
+    );
     let instances = cluster::Instances::start(&bin, &database, n, mode, &config).await?;
     let label = match mode {
         cluster::ServerMode::Cluster => format!("spendguard x {n}"),

@@ -111,6 +111,11 @@ struct Args {
     /// (default 1,000,000: does not bind).
     #[arg(long)]
     global_usd_per_day: Option<f64>,
+    /// --instances in cluster mode: the kinds of scope decided through allowances, as
+    /// `[cluster] allowances` takes them, comma-separated (`global,tenant`), or `none`
+    /// (every scope on its row). Default: spendguard's (the global scope and tenants).
+    #[arg(long)]
+    allowances: Option<String>,
     /// Global daily budget of the baseline, USD (default: the cost of connections × 50 calls).
     #[arg(long)]
     baseline_budget: Option<f64>,
@@ -166,6 +171,7 @@ async fn main() -> ExitCode {
             server_mode: a.server_mode,
             cross: a.cross,
             global_usd_per_day: a.global_usd_per_day,
+            allowances: a.allowances,
         },
     };
     let summary = match spendguard_bench::run(&opts).await {
