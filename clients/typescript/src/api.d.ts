@@ -179,6 +179,11 @@ export interface ClusterStatsOut {
   config_reloads: number;
   config_version: number;
   failures: number;
+  /**
+   * Of those, refusals while the cluster had the capacity free, idle in another live
+   * instance's allowance (as the batch saw it when it locked the row): false denials.
+   */
+  false_denials: number;
   heartbeat_failing: boolean;
   /** Live instances as of the last heartbeat, this one included. */
   live_instances: number;

@@ -233,6 +233,13 @@ pub struct SpendguardCheck {
     /// Global daily spend and limit, USD.
     pub global_used_usd: f64,
     pub global_limit_usd: f64,
+    /// Cluster mode: refusals by a budget decided through an allowance, and those of them
+    /// the instances counted as false (the capacity was free across the cluster), summed
+    /// over the instances (`GET /v1/admin/cluster`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowance_denials: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub false_denials: Option<u64>,
 }
 
 /// One row of the side-by-side table.
@@ -465,6 +472,23 @@ async fn verify_instances(
         );
         all.global_used_usd = all.global_used_usd.max(c.global_used_usd);
         all.global_limit_usd = c.global_limit_usd;
+        let cluster: serde_json::Value = reqwest::Client::new()
+            .get(format!("{url}/v1/admin/cluster"))
+            .bearer_auth(key)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let stats = &cluster["stats"];
+        for (sum, name) in [
+            (&mut all.allowance_denials, "allowance_denials"),
+            (&mut all.false_denials, "false_denials"),
+        ] {
+            if let Some(n) = stats[name].as_u64() {
+                *sum = Some(sum.unwrap_or(0) + n);
+            }
+        }
     }
     Ok(all)
 }
@@ -781,6 +805,13 @@ pub fn render(summary: &Summary) -> String {
                 c.global_used_usd,
                 c.global_limit_usd
             );
+            if let (Some(a), Some(f)) = (c.allowance_denials, c.false_denials) {
+                let _ = writeln!(
+                    out,
+                    "  refused by a budget decided through an allowance: {a}, of which false \
+                     (the capacity was free across the cluster): {f}"
+                );
+            }
             for o in c.overspent.iter().take(20) {
                 let _ = writeln!(out, "  OVERSPEND {o}");
             }
@@ -816,18 +847,24 @@ pub fn render(summary: &Summary) -> String {
         let _ = writeln!(out);
         let _ = writeln!(
             out,
-            "{:<24} {:>10} {:>8} {:>8} {:>9} {:>9}",
-            "target", "req/s", "p50 µs", "p99 µs", "denials", "overspend"
+            "{:<24} {:>10} {:>8} {:>8} {:>9} {:>13} {:>9}",
+            "target", "req/s", "p50 µs", "p99 µs", "denials", "false denials", "overspend"
         );
         for r in &summary.runs {
+            let false_denials = r
+                .spendguard_check
+                .as_ref()
+                .and_then(|c| c.false_denials)
+                .map_or_else(|| "-".to_owned(), |n| n.to_string());
             let _ = writeln!(
                 out,
-                "{:<24} {:>10.0} {:>8} {:>8} {:>9} {:>9}",
+                "{:<24} {:>10.0} {:>8} {:>8} {:>9} {:>13} {:>9}",
                 r.target,
                 r.load.requests_per_s,
                 r.load.latency_us.p50,
                 r.load.latency_us.p99,
                 r.load.denied(),
+                false_denials,
                 r.overspent()
             );
         }

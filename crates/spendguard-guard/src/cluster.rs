@@ -151,6 +151,9 @@ pub struct ClusterStats {
     /// had the capacity, idle in another live instance's allowance (the bound of false
     /// denials, docs/cluster.md).
     pub allowance_denials: u64,
+    /// Of those, refusals while the cluster had the capacity free (idle in another
+    /// instance's allowance), as the batch saw it when it locked the row for a top-up.
+    pub false_denials: u64,
     /// Live instances, as of the last heartbeat.
     pub live_instances: i64,
 }
@@ -168,6 +171,7 @@ struct Stats {
     allowance_returns: AtomicU64,
     allowance_reclaims: AtomicU64,
     allowance_denials: AtomicU64,
+    false_denials: AtomicU64,
     live: AtomicI64,
 }
 
@@ -180,9 +184,22 @@ struct Rates {
     /// What to hold per scope beyond what a batch needs: twice what was admitted in the
     /// last heartbeat period, and the largest estimate admitted then.
     target: HashMap<ScopeKey, (Money, Money)>,
+    /// Busy scopes near their budget's edge: what their row has free would not fund an
+    /// extra. Every batch that needs capacity of such a scope locks its row and folds the
+    /// allowance into it first, so it decides on all that is free (what settlements freed
+    /// in the allowance included), until a heartbeat finds room again.
+    edge: std::collections::HashSet<ScopeKey>,
 }
 
 impl Rates {
+    /// Whether a row with `free` left (net of debts) among `live` instances is at the edge
+    /// for requests like those seen (the largest estimate admitted in the last period, else
+    /// the batch's `need`).
+    fn at_edge(&self, k: &ScopeKey, free: Money, live: i64, need: Money) -> bool {
+        let largest = self.target.get(k).map_or(need, |t| t.1);
+        share(free, 2 * live) < largest
+    }
+
     /// Capacity to take beyond a batch's need, from a row with `free` left among `live`
     /// instances: the target, at most a fair share of what is free, and nothing when that
     /// would not fund one more request (near a budget's edge every instance then takes
@@ -363,6 +380,7 @@ impl Cluster {
             allowance_returns: s.allowance_returns.load(Ordering::Relaxed),
             allowance_reclaims: s.allowance_reclaims.load(Ordering::Relaxed),
             allowance_denials: s.allowance_denials.load(Ordering::Relaxed),
+            false_denials: s.false_denials.load(Ordering::Relaxed),
             live_instances: s.live.load(Ordering::Relaxed),
         }
     }
@@ -545,7 +563,9 @@ impl Ctx {
         let rates = Rates {
             admitted: HashMap::new(),
             target: lock(&self.rates).target.clone(),
+            edge: Default::default(),
         };
+        let mut roomy = Vec::new();
         let (day, month) = self.windows(self.clock.now());
         let live = self.live();
         let n = pg
@@ -570,12 +590,21 @@ impl Ctx {
                         month,
                     );
                     grant(row, a, caps, amount, debt);
+                    let left = row.row_free(caps);
+                    if (0..2).all(|w| {
+                        left[w].is_none_or(|l| {
+                            !rates.at_edge(k, l.saturating_sub(debt[w]), live, Money::ZERO)
+                        })
+                    }) {
+                        roomy.push(k.clone());
+                    }
                 }
             })
             .await?;
         if n > 0 {
             self.stats.allowance_returns.fetch_add(1, Ordering::Relaxed);
         }
+        lock(&self.rates).edge.retain(|k| !roomy.contains(k));
         Ok(())
     }
 
@@ -814,6 +843,9 @@ impl ClusterDecider for Batch<'_> {
                 let Some(caps) = self.ctx.ledger.allowance_caps(k) else {
                     return false;
                 };
+                if rates.edge.contains(k) && self.need(k) > Money::ZERO {
+                    return true;
+                }
                 let target = rates.target.get(k).map_or(Money::ZERO, |t| t.0);
                 let low = self.need(k).saturating_add(share(target, 2));
                 a.at(self.day, self.month)
@@ -845,13 +877,16 @@ fn decide(b: &mut Batch<'_>, view: ClusterView) -> ClusterWrite {
     let mut rows = Vec::with_capacity(view.rows.len());
     let mut held: Vec<(ScopeKey, Held, ScopeCounters)> = Vec::with_capacity(view.allowances.len());
     {
-        let rates = lock(&b.ctx.rates);
+        let mut rates = lock(&b.ctx.rates);
         for (k, a) in &view.allowances {
             let caps = ledger.allowance_caps(k).unwrap_or([None, None]);
             let mut a = a.at(b.day, b.month);
             if let Some((_, row)) = view.rows.iter().find(|(r, _)| r == k) {
                 let mut row = row.at(b.day, b.month);
                 let need = b.need(k);
+                if rates.edge.contains(k) {
+                    fold(&mut row, &mut a);
+                }
                 let (free, row_free) = (a.allowance_free(caps), row.row_free(caps));
                 // What the batch needs (all the row has, if less), and beyond it what
                 // `Rates::extra` says.
@@ -874,6 +909,12 @@ fn decide(b: &mut Batch<'_>, view: ClusterView) -> ClusterWrite {
                         .stats
                         .allowance_top_ups
                         .fetch_add(1, Ordering::Relaxed);
+                }
+                let left = row.row_free(caps);
+                if (0..2).any(|w| {
+                    left[w].is_some_and(|l| rates.at_edge(k, l.saturating_sub(debt[w]), live, need))
+                }) {
+                    rates.edge.insert(k.clone());
                 }
                 rows.push((k.clone(), row));
             }
@@ -920,10 +961,16 @@ fn decide(b: &mut Batch<'_>, view: ClusterView) -> ClusterWrite {
                             denial: Some(Denial::Limits(l)),
                             ..
                         }) if l.iter().any(|s| through(&s.scope)) => {
-                            b.ctx
-                                .stats
-                                .allowance_denials
-                                .fetch_add(1, Ordering::Relaxed);
+                            let stats = &b.ctx.stats;
+                            stats.allowance_denials.fetch_add(1, Ordering::Relaxed);
+                            let estimate = ledger.estimate_of(req).unwrap_or_default();
+                            let false_denial = l.iter().all(|s| {
+                                cluster_free(ledger, b, &rows, &view.others, s)
+                                    .is_some_and(|f| f >= estimate)
+                            });
+                            if false_denial {
+                                stats.false_denials.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                         _ => {}
                     }
@@ -977,6 +1024,42 @@ fn decide(b: &mut Batch<'_>, view: ClusterView) -> ClusterWrite {
         rows,
         events,
     }
+}
+
+/// What the cluster had free, as this batch saw it, under the busy limit `s` that refused a
+/// reservation: this instance's allowance, the row's free capacity net of the other
+/// allowances' debts, and what the other allowances held idle (read when the row was
+/// locked for a top-up). `None` for a limit decided on its row, or a row not locked.
+fn cluster_free(
+    ledger: &Ledger,
+    b: &Batch<'_>,
+    rows: &[(ScopeKey, Held)],
+    others: &[(ScopeKey, Held)],
+    s: &spendguard_core::LimitStatus,
+) -> Option<Money> {
+    let w = match s.window {
+        spendguard_core::Window::Day => 0,
+        spendguard_core::Window::Month => 1,
+        _ => return None,
+    };
+    let caps = ledger.allowance_caps(&s.scope)?;
+    let cap = caps[w]?;
+    let row = rows.iter().find(|(k, _)| *k == s.scope)?.1;
+    let mine = ledger.scope_counters(&s.scope);
+    let mine = if w == 0 { mine.day } else { mine.month };
+    let own = cap.saturating_sub(mine.spent).saturating_sub(mine.reserved);
+    let theirs = others.iter().filter(|(k, _)| *k == s.scope).map(|(_, h)| h);
+    let debt = debts(theirs.clone(), b.day, b.month)[w];
+    let idle = theirs.fold(Money::ZERO, |sum, h| {
+        let free = h.at(b.day, b.month).allowance_free(caps)[w].unwrap_or_default();
+        sum.saturating_add(free.max(Money::ZERO))
+    });
+    Some(
+        row.row_free(caps)[w]?
+            .saturating_sub(debt)
+            .saturating_add(idle)
+            .saturating_add(own.max(Money::ZERO)),
+    )
 }
 
 fn reserve(

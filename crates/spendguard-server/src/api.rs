@@ -1339,6 +1339,9 @@ pub struct ClusterStatsOut {
     /// Reservations refused by a budget decided through an allowance: at most these were
     /// false denials (capacity idle in another live instance's allowance).
     pub allowance_denials: u64,
+    /// Of those, refusals while the cluster had the capacity free, idle in another live
+    /// instance's allowance (as the batch saw it when it locked the row): false denials.
+    pub false_denials: u64,
     /// Live instances as of the last heartbeat, this one included.
     pub live_instances: i64,
 }
@@ -1435,6 +1438,7 @@ pub async fn cluster(
             allowance_returns: stats.allowance_returns,
             allowance_reclaims: stats.allowance_reclaims,
             allowance_denials: stats.allowance_denials,
+            false_denials: stats.false_denials,
             live_instances: stats.live_instances,
         }),
     }))

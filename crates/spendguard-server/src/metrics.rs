@@ -125,6 +125,7 @@ struct ClusterMetrics {
     allowance_returns: Counter,
     allowance_reclaims: Counter,
     allowance_denials: Counter,
+    false_denials: Counter,
     live_instances: Gauge,
 }
 
@@ -185,6 +186,12 @@ impl Metrics {
             "Reservations refused by a budget decided through an allowance (at most these \
              were false denials)",
         );
+        let false_denials = counter(
+            registry,
+            "cluster_false_denials",
+            "Of those, refusals while the cluster had the capacity free, idle in another \
+             live instance's allowance",
+        );
         let live_instances = gauge(
             registry,
             "cluster_live_instances",
@@ -195,6 +202,7 @@ impl Metrics {
             allowance_returns,
             allowance_reclaims,
             allowance_denials,
+            false_denials,
             live_instances,
             batches,
             operations,
@@ -421,6 +429,7 @@ impl Metrics {
             advance(&m.allowance_returns, c.allowance_returns);
             advance(&m.allowance_reclaims, c.allowance_reclaims);
             advance(&m.allowance_denials, c.allowance_denials);
+            advance(&m.false_denials, c.false_denials);
             m.live_instances.set(c.live_instances);
         }
         self.open_reservations

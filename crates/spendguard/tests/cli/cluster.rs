@@ -354,6 +354,7 @@ fn three_cluster_processes_admit_exactly_the_budget_and_settle_anywhere() {
         })
         .sum();
     assert!(top_ups > 0, "no instance took an allowance");
+    assert!(cluster["stats"]["false_denials"].is_u64(), "{cluster}");
     let metrics = rt.block_on(async {
         c.get(format!("http://{}/metrics", addrs[1]))
             .bearer_auth(ADMIN)
@@ -377,6 +378,7 @@ fn three_cluster_processes_admit_exactly_the_budget_and_settle_anywhere() {
         "spendguard_cluster_allowance_returns_total",
         "spendguard_cluster_allowance_reclaims_total",
         "spendguard_cluster_allowance_denials_total",
+        "spendguard_cluster_false_denials_total",
         "spendguard_cluster_live_instances 3",
     ] {
         assert!(metrics.contains(name), "{name}: {metrics}");
