@@ -176,7 +176,7 @@ struct Stats {
 }
 
 /// How much each busy scope needs, learnt from what this instance admitted.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Rates {
     /// Estimates admitted through each allowance since the last heartbeat, and the
     /// largest of them.
@@ -411,12 +411,16 @@ impl Cluster {
         let Some(pg) = store.postgres() else {
             return Ok(());
         };
-        let rows = pg.cluster_counters(scopes).await?;
+        self.put(ledger, pg.cluster_counters(scopes).await?);
+        Ok(())
+    }
+
+    /// Puts counters read from the database into the ledger, between decisions.
+    fn put(&self, ledger: &Ledger, rows: Vec<(ScopeKey, ScopeCounters)>) {
         let _turn = lock(&self.ctx.turn);
         for (k, c) in rows {
             ledger.put_scope_counters(&k, c);
         }
-        Ok(())
     }
 
     /// [`Cluster::refresh`] for the global scope and every tenant.
@@ -428,11 +432,10 @@ impl Cluster {
         let Some(pg) = store.postgres() else {
             return Ok(());
         };
-        let rows = pg.cluster_counters_of_kinds(&["global", "tenant"]).await?;
-        let _turn = lock(&self.ctx.turn);
-        for (k, c) in rows {
-            ledger.put_scope_counters(&k, c);
-        }
+        self.put(
+            ledger,
+            pg.cluster_counters_of_kinds(&["global", "tenant"]).await?,
+        );
         Ok(())
     }
 
@@ -560,23 +563,17 @@ impl Ctx {
     /// what each scope's target says (at most a share of what the row has free); with
     /// `stop` the allowances are deleted.
     async fn give_back(&self, pg: &PostgresStore, stop: bool) -> Result<(), StoreError> {
-        let rates = Rates {
-            admitted: HashMap::new(),
-            target: lock(&self.rates).target.clone(),
-            edge: Default::default(),
-        };
+        let rates = lock(&self.rates).clone();
         let mut roomy = Vec::new();
         let (day, month) = self.windows(self.clock.now());
         let live = self.live();
         let n = pg
             .cluster_fold(self.id, stop, |items, others| {
+                fold_back(items, day, month);
+                if stop {
+                    return;
+                }
                 for (k, row, a) in items.iter_mut() {
-                    *row = row.at(day, month);
-                    *a = a.at(day, month);
-                    fold(row, a);
-                    if stop {
-                        continue;
-                    }
                     let Some(caps) = self.ledger.allowance_caps(k) else {
                         continue;
                     };
@@ -616,13 +613,7 @@ impl Ctx {
             }
             let (day, month) = self.windows(self.clock.now());
             let n = pg
-                .cluster_fold(dead, true, |items, _| {
-                    for (_, row, a) in items.iter_mut() {
-                        *row = row.at(day, month);
-                        *a = a.at(day, month);
-                        fold(row, a);
-                    }
-                })
+                .cluster_fold(dead, true, |items, _| fold_back(items, day, month))
                 .await?;
             if n > 0 {
                 self.stats
@@ -632,6 +623,15 @@ impl Ctx {
             }
         }
         Ok(())
+    }
+}
+
+/// Folds each allowance into its row, both at the windows starting at `day` and `month`.
+fn fold_back(items: &mut [(ScopeKey, Held, Held)], day: Micros, month: Micros) {
+    for (_, row, a) in items.iter_mut() {
+        *row = row.at(day, month);
+        *a = a.at(day, month);
+        fold(row, a);
     }
 }
 
@@ -731,7 +731,8 @@ async fn decide_batch(pg: &PostgresStore, ctx: &Ctx, jobs: Vec<Job>) -> Decided 
         match &j.op {
             Op::Reserve(r) => {
                 let keys = scope_keys(&r.subject);
-                if let Some(e) = ctx.ledger.estimate_of(r) {
+                let busy = keys.iter().any(|k| ctx.allowances.covers(k));
+                if let Some(e) = busy.then(|| ctx.ledger.estimate_of(r)).flatten() {
                     for k in keys.iter().filter(|k| ctx.allowances.covers(k)) {
                         let n = need.entry(k.clone()).or_default();
                         *n = n.saturating_add(e);

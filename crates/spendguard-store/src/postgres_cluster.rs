@@ -438,22 +438,15 @@ impl PostgresStore {
         if !changed.is_empty() {
             write_counters(&tx, &changed).await?;
         }
-        let changed: Vec<&(ScopeKey, Held)> = write
-            .rows
-            .iter()
-            .filter(|(k, h)| held.get(k) != Some(h))
-            .collect();
-        if !changed.is_empty() {
-            write_rows(&tx, "scope_counters", None, true, &changed).await?;
-        }
-        let changed: Vec<&(ScopeKey, Held)> = write
-            .allowances
-            .iter()
-            .filter(|(k, h)| mine.get(k) != Some(h))
-            .collect();
-        if !changed.is_empty() {
-            write_rows(&tx, "cluster_allowances", needs.instance, true, &changed).await?;
-        }
+        write_changed(&tx, "scope_counters", None, &write.rows, &held).await?;
+        write_changed(
+            &tx,
+            "cluster_allowances",
+            needs.instance,
+            &write.allowances,
+            &mine,
+        )
+        .await?;
         if !events.is_empty() {
             apply_events(&tx, events).await?;
             if events.iter().any(|e| {
@@ -751,25 +744,14 @@ impl PostgresStore {
                 Ok((k, row, a))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        let before = items.clone();
+        let mine: HashMap<ScopeKey, Held> = items.iter().map(|(k, _, a)| (k.clone(), *a)).collect();
         let others = others(&tx, &keys, instance).await?;
         plan(&mut items, &others);
-        let changed: Vec<(ScopeKey, Held)> = items
+        let (new_rows, new_mine): (Vec<_>, Vec<_>) = items
             .iter()
-            .zip(&before)
-            .filter(|(n, b)| n.1 != b.1)
-            .map(|(n, _)| (n.0.clone(), n.1))
-            .collect();
-        if !changed.is_empty() {
-            write_rows(
-                &tx,
-                "scope_counters",
-                None,
-                true,
-                &changed.iter().collect::<Vec<_>>(),
-            )
-            .await?;
-        }
+            .map(|(k, row, a)| ((k.clone(), *row), (k.clone(), *a)))
+            .unzip();
+        write_changed(&tx, "scope_counters", None, &new_rows, &rows).await?;
         if drop {
             tx.execute(
                 "DELETE FROM cluster_allowances WHERE instance_id = $1",
@@ -778,22 +760,7 @@ impl PostgresStore {
             .await
             .db()?;
         } else {
-            let changed: Vec<(ScopeKey, Held)> = items
-                .iter()
-                .zip(&before)
-                .filter(|(n, b)| n.2 != b.2)
-                .map(|(n, _)| (n.0.clone(), n.2))
-                .collect();
-            if !changed.is_empty() {
-                write_rows(
-                    &tx,
-                    "cluster_allowances",
-                    Some(instance),
-                    true,
-                    &changed.iter().collect::<Vec<_>>(),
-                )
-                .await?;
-            }
+            write_changed(&tx, "cluster_allowances", Some(instance), &new_mine, &mine).await?;
         }
         tx.commit().await.db()?;
         Ok(items.len())
@@ -967,19 +934,10 @@ impl PostgresStore {
         Ok(())
     }
 
-    /// Every scope's counters as the cluster holds them: its row plus its allowances'
-    /// (for tests and `GET /v1/admin/cluster`'s totals).
+    /// Every scope's counters as the cluster holds them: its row plus its allowances'.
     pub async fn cluster_all_counters(&self) -> Result<Vec<(ScopeKey, ScopeCounters)>, StoreError> {
-        let client = self.client().await?;
-        let sql =
-            format!("SELECT {COUNTER_COLUMNS} FROM cluster_scope_totals AS c ORDER BY 1, 2, 3");
-        client
-            .query(&sql, &[])
+        self.cluster_counters_of_kinds(&["global", "tenant", "company", "user"])
             .await
-            .db()?
-            .iter()
-            .map(counters_row)
-            .collect()
     }
 }
 
@@ -1007,6 +965,24 @@ async fn write_counters(
         &rows.iter().collect::<Vec<_>>(),
     )
     .await
+}
+
+/// Writes those of `now` that differ from what was read (`before`), with their grants.
+async fn write_changed(
+    tx: &deadpool_postgres::Transaction<'_>,
+    table: &str,
+    instance: Option<Uuid>,
+    now: &[(ScopeKey, Held)],
+    before: &HashMap<ScopeKey, Held>,
+) -> Result<(), StoreError> {
+    let changed: Vec<&(ScopeKey, Held)> = now
+        .iter()
+        .filter(|(k, h)| before.get(k) != Some(h))
+        .collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    write_rows(tx, table, instance, true, &changed).await
 }
 
 /// Writes the counters of `rows` to `table` (`scope_counters`, or `instance`'s rows of

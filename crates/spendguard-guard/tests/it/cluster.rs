@@ -532,8 +532,33 @@ async fn a_database_written_by_one_node_keeps_its_spend_when_a_cluster_takes_ove
     }
 }
 
+/// Waits (bounded) until no busy scope holds a request's worth (0.01) idle in allowances,
+/// which the heartbeats' folds bring about: a request is then decided on all that is free.
+async fn wait_until_nothing_idle(g: &Guard<AnyStore>) {
+    let pg = g.store().postgres().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let p = g.ledger().policy().calendar.periods(SystemClock.now());
+        let mut idle: std::collections::HashMap<ScopeKey, Money> = Default::default();
+        for (_, k, a) in pg.cluster_allowance_list().await.unwrap() {
+            let caps = g.ledger().allowance_caps(&k).unwrap_or([None, None]);
+            let free = a.at(p.day.start, p.month.start).allowance_free(caps)[0];
+            let sum = idle.entry(k).or_default();
+            *sum = sum.saturating_add(free.unwrap_or_default().max(Money::ZERO));
+        }
+        if idle.values().all(|m| *m < Money::from_micros(10_000)) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "allowances kept capacity idle: {idle:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Reserves 0.01 at a time round robin until refused twice in a row, the second time
-/// after three heartbeats (idle allowances are folded back by then); returns the admitted.
+/// once no allowance holds capacity idle; returns the admitted.
 async fn fill_to_refusal(guards: &[Guard<AnyStore>], tag: &str) -> Vec<Uuid> {
     let mut admitted = Vec::new();
     let mut refused = false;
@@ -547,7 +572,7 @@ async fn fill_to_refusal(guards: &[Guard<AnyStore>], tag: &str) -> Vec<Uuid> {
             Err(_) if refused => break,
             Err(_) => {
                 refused = true;
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                wait_until_nothing_idle(&guards[0]).await;
             }
         }
     }
