@@ -3,7 +3,7 @@
 //!
 //! ```sh
 //! cargo bench -p spendguard-guard --bench guard -- [--history ROWS] [--users N] [--startup-only] [--keep DIR]
-//! cargo bench -p spendguard-guard --bench guard -- --startup-only --url postgres://USER@HOST/DB
+//! cargo bench -p spendguard-guard --bench guard -- --startup-only --url postgres://USER@HOST/DB [--schema NAME]
 //! ```
 //!
 //! 1. Seeds a database with `--history` usage rows (default 10,000,000) spread over the
@@ -12,7 +12,8 @@
 //!    against the same measurements on an empty database. Prints medians and p99.
 //! 2. Seeds `--users` (default 1,000,000) users' counters in the current windows and times
 //!    `Guard::start` (restore). With `--url`, on PostgreSQL: in a fresh schema of that
-//!    database, dropped afterwards.
+//!    database, dropped afterwards; with `--schema NAME`, in that schema, kept, and reused
+//!    without seeding when it already holds the tables (to time start-up again).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -206,15 +207,36 @@ struct PgSchema {
     admin: tokio_postgres::Client,
     name: String,
     config: tokio_postgres::Config,
+    /// Named with `--schema`: kept afterwards, and reused (not seeded again) when it exists.
+    kept: bool,
+    existed: bool,
 }
 
 async fn pg_schema(url: &str) -> PgSchema {
     let base: tokio_postgres::Config = url.parse().expect("a PostgreSQL URL");
-    let name = format!("sg_startup_bench_{}", std::process::id());
+    let kept = std::env::args().skip_while(|a| a != "--schema").nth(1);
+    let name = kept
+        .clone()
+        .unwrap_or_else(|| format!("sg_startup_bench_{}", std::process::id()));
+    assert!(
+        name.chars()
+            .all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()),
+        "--schema takes lower-case letters, digits and underscores"
+    );
     let (admin, conn) = base.connect(tokio_postgres::NoTls).await.expect("connect");
     tokio::spawn(conn);
+    let existed = admin
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables \
+             WHERE table_schema = $1 AND table_name = 'rollups'",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        > 0;
     admin
-        .batch_execute(&format!("CREATE SCHEMA {name}"))
+        .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {name}"))
         .await
         .unwrap();
     let mut config = base;
@@ -223,6 +245,8 @@ async fn pg_schema(url: &str) -> PgSchema {
         admin,
         name,
         config,
+        kept: kept.is_some(),
+        existed,
     }
 }
 
@@ -251,8 +275,11 @@ async fn startup(users: u64) {
         Some(url) => Some(pg_schema(&url).await),
         None => None,
     };
-    // A kept database is seeded once and reused.
-    let seeded = pg.is_none() && path.exists();
+    // A kept database (or schema) is seeded once and reused.
+    let seeded = match &pg {
+        Some(pg) => pg.existed,
+        None => path.exists(),
+    };
     let store = open_startup_store(&path, pg.as_ref()).await;
     let now = SystemClock.now_micros();
     let cal = Calendar::utc();
@@ -306,7 +333,7 @@ async fn startup(users: u64) {
         g.ledger().scope_count()
     );
     g.shutdown().await;
-    if let Some(pg) = pg {
+    if let Some(pg) = pg.filter(|pg| !pg.kept) {
         pg.admin
             .batch_execute(&format!("DROP SCHEMA {} CASCADE", pg.name))
             .await

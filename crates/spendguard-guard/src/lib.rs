@@ -325,23 +325,45 @@ impl<S: Store> Guard<S> {
         }
         let now = clock.now();
         let periods = policy.calendar.periods(now);
-        let snapshot = if options.cluster.is_some() {
+        let ledger = Arc::new(Ledger::new(policy));
+        let (snapshot, counters) = if options.cluster.is_some() {
             // The counters and open reservations live in the shared rows, read as each
             // batch is decided; the overrides are loaded by the cluster.
-            Snapshot::default()
+            (Snapshot::default(), 0)
         } else {
             // A cluster taking over later must rebuild its counter rows from the tables.
             if store.postgres().is_some() {
                 store.put_setting(settings::WRITER_MODE, "single").await?;
             }
-            store.load(periods.day.start, periods.month.start).await?
+            // The counters (two per active scope: millions) are restored on another thread
+            // as they are read, instead of after the last is read.
+            let (tx, mut rx) = mpsc::unbounded_channel::<Vec<spendguard_core::CounterRow>>();
+            let restorer = {
+                let ledger = ledger.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut n = 0;
+                    while let Some(chunk) = rx.blocking_recv() {
+                        n += chunk.len();
+                        ledger.restore_counters(chunk);
+                    }
+                    n
+                })
+            };
+            let snapshot = store
+                .load_streaming(periods.day.start, periods.month.start, tx)
+                .await;
+            let counters = restorer.await.map_err(|e| {
+                GuardError::Store(spendguard_store::StoreError::Invalid(format!(
+                    "restoring the counters failed: {e}"
+                )))
+            })?;
+            (snapshot?, counters)
         };
         tracing::info!(
-            counters = snapshot.counters.len(),
+            counters,
             open_reservations = snapshot.open.len(),
             "restored the ledger"
         );
-        let ledger = Arc::new(Ledger::new(policy));
         let restored = ledger.restore(snapshot)?;
         for (tenant, user, tier) in &restored.dropped_tiers {
             tracing::warn!(

@@ -54,6 +54,7 @@ mod postgres;
 mod postgres_analytics;
 mod postgres_browse;
 mod postgres_cluster;
+mod postgres_copy;
 mod sqlite;
 mod sqlite_analytics;
 mod sqlite_browse;
@@ -83,6 +84,12 @@ pub use postgres_cluster::{
 };
 pub use sqlite::SqliteStore;
 
+/// Where [`Store::load_streaming`] sends the counters it reads, a chunk at a time.
+pub type CounterChunks = tokio::sync::mpsc::UnboundedSender<Vec<CounterRow>>;
+
+/// How many counters [`Store::load_streaming`] sends at a time.
+pub(crate) const COUNTER_CHUNK: usize = 16_384;
+
 /// The persistence interface of spendguard: every backend implements it.
 pub trait Store: Send + Sync + 'static {
     /// Makes a batch of events durable, all or nothing (one journal row, projected into the
@@ -101,6 +108,23 @@ pub trait Store: Send + Sync + 'static {
         day_start: Micros,
         month_start: Micros,
     ) -> impl Future<Output = Result<Snapshot, StoreError>> + Send;
+
+    /// [`Store::load`], handing the counters to `counters` in chunks as they are read (the
+    /// snapshot returned holds none), so that the caller restores them while the rest is
+    /// still being read. A backend that cannot stream sends them all in one chunk.
+    fn load_streaming(
+        &self,
+        day_start: Micros,
+        month_start: Micros,
+        counters: CounterChunks,
+    ) -> impl Future<Output = Result<Snapshot, StoreError>> + Send {
+        async move {
+            let mut snapshot = self.load(day_start, month_start).await?;
+            // The receiver gone means the caller gave up; the error it returns says why.
+            let _ = counters.send(std::mem::take(&mut snapshot.counters));
+            Ok(snapshot)
+        }
+    }
 
     /// One usage record by id.
     fn usage(
@@ -624,6 +648,18 @@ impl Store for AnyStore {
         match self {
             AnyStore::Sqlite(s) => s.load(day_start, month_start).await,
             AnyStore::Postgres(s) => s.load(day_start, month_start).await,
+        }
+    }
+
+    async fn load_streaming(
+        &self,
+        day_start: Micros,
+        month_start: Micros,
+        counters: CounterChunks,
+    ) -> Result<Snapshot, StoreError> {
+        match self {
+            AnyStore::Sqlite(s) => s.load_streaming(day_start, month_start, counters).await,
+            AnyStore::Postgres(s) => s.load_streaming(day_start, month_start, counters).await,
         }
     }
 

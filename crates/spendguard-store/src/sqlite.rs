@@ -27,7 +27,7 @@ use crate::error::StoreError;
 use crate::journal::{self, Journal};
 use crate::migrations::{SQLITE as MIGRATIONS, SQLITE_REBUILD_USAGE_ROLLUPS};
 use crate::{ApiKeyRecord, OpenOptions, ReservationState, Store, StoredReservation};
-use crate::{DeadLetter, UsageTotals};
+use crate::{COUNTER_CHUNK, CounterChunks, DeadLetter, UsageTotals};
 
 /// A store in one SQLite database file.
 pub struct SqliteStore {
@@ -910,10 +910,12 @@ fn catch_up_blocking(conn: &mut Connection, keep: bool) -> Result<(), StoreError
 const INSERT_DEAD_LETTER: &str = "INSERT INTO dead_letters (id, event, error, created_at) \
     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (id) DO NOTHING";
 
+/// [`Store::load`], the counters sent to `counters` in chunks when given.
 fn load_blocking(
     conn: &mut Connection,
     day_start: Micros,
     month_start: Micros,
+    counters: Option<CounterChunks>,
 ) -> Result<Snapshot, StoreError> {
     // One read transaction: a consistent snapshot.
     let tx = conn.transaction().db()?;
@@ -931,8 +933,24 @@ fn load_blocking(
         let mut stmt = tx.prepare_cached(&sql).db()?;
         let mut rows = stmt.query(params![day_start, month_start]).db()?;
         let mut tenants = TenantCache::default();
+        let mut chunk = Vec::new();
         while let Some(row) = rows.next().db()? {
-            snapshot.counters.push(rollup_row_with(row, &mut tenants)?);
+            chunk.push(rollup_row_with(row, &mut tenants)?);
+            if let Some(sink) = &counters
+                && chunk.len() >= COUNTER_CHUNK
+            {
+                sink.send(std::mem::replace(
+                    &mut chunk,
+                    Vec::with_capacity(COUNTER_CHUNK),
+                ))
+                .map_err(|_| StoreError::Unavailable("start-up was abandoned".into()))?;
+            }
+        }
+        match &counters {
+            Some(sink) => sink
+                .send(chunk)
+                .map_err(|_| StoreError::Unavailable("start-up was abandoned".into()))?,
+            None => snapshot.counters = chunk,
         }
     }
     {
@@ -1279,7 +1297,17 @@ impl Store for SqliteStore {
     }
 
     async fn load(&self, day_start: Micros, month_start: Micros) -> Result<Snapshot, StoreError> {
-        self.with_projected(move |conn| load_blocking(conn, day_start, month_start))
+        self.with_projected(move |conn| load_blocking(conn, day_start, month_start, None))
+            .await
+    }
+
+    async fn load_streaming(
+        &self,
+        day_start: Micros,
+        month_start: Micros,
+        counters: CounterChunks,
+    ) -> Result<Snapshot, StoreError> {
+        self.with_projected(move |conn| load_blocking(conn, day_start, month_start, Some(counters)))
             .await
     }
 

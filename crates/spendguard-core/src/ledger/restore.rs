@@ -26,7 +26,32 @@ impl Ledger {
     pub fn restore(&self, snapshot: Snapshot) -> Result<Restored, LedgerError> {
         let restored =
             self.replace_overrides(snapshot.budgets, snapshot.users, snapshot.tenant_prices)?;
-        for row in snapshot.counters {
+        self.restore_counters(snapshot.counters);
+        for res in snapshot.open {
+            if let Some(k) = &res.idempotency_key {
+                let until = res
+                    .created_at
+                    .saturating_add(self.retention_us)
+                    .max(res.expires_at);
+                Self::remember_key(
+                    &mut lock(self.idem_shard(&res.subject.tenant, k)),
+                    &res,
+                    until,
+                );
+            }
+            let mut rs = lock(self.res_shard(&res.id));
+            let (mut locked, mut scopes) = self.lock_scopes(res.subject.scope_refs());
+            self.admit(&mut locked, &mut scopes, &mut rs, res.clone(), None);
+        }
+        Ok(restored)
+    }
+
+    /// Adds persisted counters of the current windows to an empty ledger: part of
+    /// [`Ledger::restore`], which a caller may instead feed in chunks as they are read (the
+    /// counters are sums: the order and the chunks do not matter, nor whether the
+    /// overrides are restored before or after).
+    pub fn restore_counters(&self, rows: impl IntoIterator<Item = CounterRow>) {
+        for row in rows {
             // A scope is created as a reservation or a record creates it (a new user or
             // company counted on its tenant), at its place among the four. Persisted spend
             // is restored whole, even above a tenant's subject cap (new reservations for
@@ -49,23 +74,6 @@ impl Ledger {
                 c.tokens = c.tokens.saturating_add(row.tokens);
             }
         }
-        for res in snapshot.open {
-            if let Some(k) = &res.idempotency_key {
-                let until = res
-                    .created_at
-                    .saturating_add(self.retention_us)
-                    .max(res.expires_at);
-                Self::remember_key(
-                    &mut lock(self.idem_shard(&res.subject.tenant, k)),
-                    &res,
-                    until,
-                );
-            }
-            let mut rs = lock(self.res_shard(&res.id));
-            let (mut locked, mut scopes) = self.lock_scopes(res.subject.scope_refs());
-            self.admit(&mut locked, &mut scopes, &mut rs, res.clone(), None);
-        }
-        Ok(restored)
     }
 
     /// Makes the admin overrides (budgets, users, tenant prices) exactly these: the ones

@@ -462,6 +462,41 @@ pub async fn rollups_equal_recount_after_random_batches(db: &Db) {
     assert_eq!(snapshot.counters, current);
 }
 
+/// Start-up's streaming load: the counters come in chunks (more than one here), the rest in
+/// the snapshot, and together they are what `load` returns.
+pub async fn load_streaming_sends_what_load_returns(db: &Db) {
+    let store = db.store().await;
+    // 9,000 users: 18,000 user rows and more, over one chunk of counters.
+    let mut events: Vec<Event> = (0..9_000u128)
+        .map(|n| {
+            let mut r = record(n + 1);
+            r.user = user(&format!("u{n}"));
+            Event::Recorded(r)
+        })
+        .collect();
+    events.push(Event::Reserved(reservation(100_000)));
+    events.push(Event::BudgetSet {
+        scope: ScopeKey::Tenant(tenant("acme")),
+        budget: BudgetOverride {
+            daily: Some(Money::from_micros(10)),
+            monthly: None,
+        },
+    });
+    store.apply(&events).await.unwrap();
+    let whole = sorted(store.load(JAN + 9 * DAY, JAN).await.unwrap());
+    assert!(whole.counters.len() > 18_000);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut streamed = store.load_streaming(JAN + 9 * DAY, JAN, tx).await.unwrap();
+    assert!(streamed.counters.is_empty(), "the counters go to the channel");
+    let mut chunks = Vec::new();
+    while let Some(chunk) = rx.recv().await {
+        chunks.push(chunk);
+    }
+    assert!(chunks.len() > 1, "{} chunk(s)", chunks.len());
+    streamed.counters = chunks.concat();
+    assert_eq!(sorted(streamed), whole);
+}
+
 pub async fn load_returns_current_state(db: &Db) {
     let store = db.store().await;
     // Spend in December, early January, and today (10 January).

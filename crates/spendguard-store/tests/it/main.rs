@@ -17,6 +17,7 @@ macro_rules! conformance {
             conformance::reapplying_changes_nothing,
             conformance::rollups_equal_recount_after_random_batches,
             conformance::load_returns_current_state,
+            conformance::load_streaming_sends_what_load_returns,
             conformance::expired_rows_do_not_count,
             conformance::large_money_values_round_trip,
             conformance::origins_and_truncated_records_round_trip,
