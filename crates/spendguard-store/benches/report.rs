@@ -13,11 +13,16 @@
 //! migration that made it.
 //!
 //! ```text
-//! cargo bench -p spendguard-store --bench report -- [--records N] [--runs N] [--url URL]
+//! cargo bench -p spendguard-store --bench report -- [--records N] [--runs N] [--url URL] [--schema NAME] [--scattered]
 //! ```
 //!
 //! Without `--url` the database is a SQLite file in a temporary directory; with
-//! `--url postgres://…` it is a fresh schema of that PostgreSQL database (dropped after).
+//! `--url postgres://…` it is a fresh schema of that PostgreSQL database (dropped after),
+//! or with `--schema NAME` that schema, kept afterwards and reused as it is when it exists
+//! (to time the reports again, or two builds alternately, on the same data). PostgreSQL's
+//! `rollups` rows are laid out in the order the service creates them (by window start);
+//! `--scattered` leaves them in the order the bulk fill gives, each day's rows spread over
+//! the whole table.
 
 use std::time::{Duration, Instant};
 
@@ -37,6 +42,8 @@ struct Args {
     records: u64,
     runs: usize,
     url: Option<String>,
+    schema: Option<String>,
+    scattered: bool,
 }
 
 fn args() -> Args {
@@ -44,6 +51,8 @@ fn args() -> Args {
         records: 10_000_000,
         runs: 20,
         url: None,
+        schema: None,
+        scattered: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -51,6 +60,8 @@ fn args() -> Args {
             "--records" => out.records = it.next().and_then(|v| v.parse().ok()).expect("N"),
             "--runs" => out.runs = it.next().and_then(|v| v.parse().ok()).expect("N"),
             "--url" => out.url = it.next(),
+            "--schema" => out.schema = it.next(),
+            "--scattered" => out.scattered = true,
             // `cargo bench` passes `--bench`; other options are not ours.
             _ => {}
         }
@@ -69,11 +80,30 @@ async fn build(args: &Args) -> (AnyStore, Place) {
     let (store, place) = match &args.url {
         Some(url) if url.starts_with("postgres") => {
             let base: tokio_postgres::Config = url.parse().expect("a PostgreSQL URL");
-            let schema = format!("sg_report_bench_{}", std::process::id());
+            let schema = args
+                .schema
+                .clone()
+                .unwrap_or_else(|| format!("sg_report_bench_{}", std::process::id()));
+            assert!(
+                schema
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                "--schema takes lower-case letters, digits and underscores"
+            );
             let (admin, conn) = base.connect(NoTls).await.expect("connect");
             tokio::spawn(conn);
+            let kept = admin
+                .query_one(
+                    "SELECT count(*) FROM information_schema.tables \
+                     WHERE table_schema = $1 AND table_name = 'usage_rollups'",
+                    &[&schema],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+                > 0;
             admin
-                .batch_execute(&format!("CREATE SCHEMA {schema}"))
+                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
                 .await
                 .unwrap();
             let mut config = base.clone();
@@ -81,6 +111,10 @@ async fn build(args: &Args) -> (AnyStore, Place) {
             let store = PostgresStore::connect(config.clone(), &OpenOptions::default())
                 .await
                 .expect("open the store");
+            if kept {
+                eprintln!("reusing the kept schema {schema}");
+                return (AnyStore::Postgres(store), Place::Postgres(admin, schema));
+            }
             let (client, conn) = config.connect(NoTls).await.expect("connect");
             tokio::spawn(conn);
             client
@@ -105,6 +139,22 @@ async fn build(args: &Args) -> (AnyStore, Place) {
                 .await
                 .unwrap();
             client.batch_execute(POSTGRES_FILL_WEEKS).await.unwrap();
+            if !args.scattered {
+                // The rows in the order the service creates them: a day's (and a week's and
+                // a month's) rows on their first day, so a range of days is a range of
+                // pages. Filled as above they come in the order of a hash aggregate, each
+                // day's rows spread over the whole table (`--scattered` keeps that).
+                client
+                    .batch_execute(
+                        "CREATE TEMP TABLE rollups_fill AS SELECT * FROM rollups; \
+                         TRUNCATE rollups; \
+                         INSERT INTO rollups SELECT * FROM rollups_fill \
+                         ORDER BY window_start, tenant_id, scope_id, scope_kind, \"window\"; \
+                         DROP TABLE rollups_fill",
+                    )
+                    .await
+                    .unwrap();
+            }
             eprintln!("filled rollups in {:.1?}", fill.elapsed());
             (AnyStore::Postgres(store), Place::Postgres(admin, schema))
         }
@@ -358,6 +408,7 @@ async fn main() {
                 let _ = std::fs::remove_dir_all(dir);
             }
         }
+        Place::Postgres(_, _) if args.schema.is_some() => {}
         Place::Postgres(admin, schema) => {
             admin
                 .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))

@@ -487,7 +487,10 @@ pub async fn load_streaming_sends_what_load_returns(db: &Db) {
     assert!(whole.counters.len() > 18_000);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut streamed = store.load_streaming(JAN + 9 * DAY, JAN, tx).await.unwrap();
-    assert!(streamed.counters.is_empty(), "the counters go to the channel");
+    assert!(
+        streamed.counters.is_empty(),
+        "the counters go to the channel"
+    );
     let mut chunks = Vec::new();
     while let Some(chunk) = rx.recv().await {
         chunks.push(chunk);
