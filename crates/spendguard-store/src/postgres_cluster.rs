@@ -253,6 +253,18 @@ impl PostgresStore {
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.db()?;
+        // Every statement of a batch reads or writes rows by key, a few of them: an index
+        // lookup per key is always the right plan. Without this, the plans cached for
+        // these statements follow the tables' statistics, and on tables that were small
+        // when last analyzed (a fresh cluster, minutes before autovacuum's first analyze)
+        // they are hash joins over sequential scans of `scope_counters` and `reservations`,
+        // which grow with every request.
+        tx.batch_execute(
+            "SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; \
+             SET LOCAL enable_mergejoin = off",
+        )
+        .await
+        .db()?;
         let mut view = ClusterView::default();
         if !needs.keys.is_empty() {
             let tenants: Vec<&str> = needs.keys.iter().map(|(t, _)| t.as_str()).collect();
