@@ -398,6 +398,17 @@ fn rollup_row_with(row: &Row, tenants: &mut TenantCache) -> Result<CounterRow, S
     .decode_with(tenants)
 }
 
+/// A read-only repeatable-read transaction: every read in it sees one snapshot.
+pub(crate) async fn read_snapshot(client: &mut Object) -> Result<Transaction<'_>, StoreError> {
+    client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .db()
+}
+
 /// A short description of the database for messages (never the password).
 fn describe(config: &Config) -> String {
     let db = config
@@ -1622,13 +1633,7 @@ impl PostgresStore {
         self.catch_up().await?;
         let mut client = self.client().await?;
         // One repeatable-read transaction: a consistent snapshot.
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .db()?;
+        let tx = read_snapshot(&mut client).await?;
         let mut snapshot = Snapshot::default();
         // The current windows' counters (two for each scope: a million users are two
         // million rows) through binary COPY, decoded as they arrive: a query would build a

@@ -9,14 +9,14 @@ use std::time::SystemTime;
 
 use futures_util::StreamExt;
 use spendguard_core::{Micros, TenantId, UserId};
+use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{IsolationLevel, Row};
 
 use crate::common::{
     AlertCols, DeliveryCols, Groups, ReportPlan, alert_order, scope_columns, scope_kind_from_str,
     sort_models, sql_limit, usage_totals,
 };
-use crate::postgres::{Db, PostgresStore, from_time, get, time, to_time};
+use crate::postgres::{Db, PostgresStore, from_time, get, read_snapshot, time, to_time};
 use crate::postgres_copy::{CopyReader, int8, text};
 use crate::{
     AlertQuery, AlertRecord, Delivery, DeliveryOutcome, ModelUsage, NewAlert, Report, ReportQuery,
@@ -163,13 +163,7 @@ impl PostgresStore {
             ReportPlan::Rollups { kinds, ranges } => {
                 // One read-only repeatable-read transaction: every range from one snapshot.
                 let mut client = client;
-                let tx = client
-                    .build_transaction()
-                    .isolation_level(IsolationLevel::RepeatableRead)
-                    .read_only(true)
-                    .start()
-                    .await
-                    .db()?;
+                let tx = read_snapshot(&mut client).await?;
                 // Each range planned for its bounds: a generic plan cannot tell a few days
                 // of rows (an index range) from most of the table (a scan).
                 tx.batch_execute("SET LOCAL plan_cache_mode = force_custom_plan")

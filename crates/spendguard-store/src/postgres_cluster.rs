@@ -19,14 +19,14 @@ use spendguard_core::{
     Event, Held, IdempotencyKey, Micros, Money, ScopeCounters, ScopeKey, Snapshot, TenantId,
     UsageRecord, WindowCounters, late_usage_id, scope_keys,
 };
-use tokio_postgres::{IsolationLevel, Row};
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 use crate::common::{corrupt, scope_columns, scope_from_columns};
 use crate::error::StoreError;
 use crate::postgres::{
     Db, PostgresStore, RESERVATION_COLUMNS, USAGE_COLUMNS, apply_events, from_time, get,
-    overrides_into, reservation_row, usage_row,
+    overrides_into, read_snapshot, reservation_row, usage_row,
 };
 use crate::{ReservationState, StoredReservation};
 
@@ -662,13 +662,7 @@ impl PostgresStore {
     /// they are at.
     pub async fn cluster_overrides(&self) -> Result<(i64, Snapshot), StoreError> {
         let mut client = self.client().await?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .db()?;
+        let tx = read_snapshot(&mut client).await?;
         let row = tx
             .query_one("SELECT version FROM cluster_config WHERE id = 1", &[])
             .await
