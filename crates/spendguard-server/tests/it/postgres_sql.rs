@@ -57,7 +57,9 @@ impl Drop for Scratch {
                     tokio::spawn(conn);
                     let _ = client
                         .batch_execute(&format!(
-                            "DROP SCHEMA IF EXISTS {schema} CASCADE; \
+                            // Not for ever behind a transaction a failed test left open
+                            // (its runtime is blocked here): the test fails instead.
+                            "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {schema} CASCADE; \
                              DROP ROLE IF EXISTS {app}; DROP ROLE IF EXISTS {owner}"
                         ))
                         .await;

@@ -85,8 +85,16 @@ impl Drop for Db {
                     rt.block_on(async {
                         if let Ok((client, conn)) = base.connect(NoTls).await {
                             tokio::spawn(conn);
+                            // A test that failed may have left a store's connection in
+                            // a transaction on this schema: its runtime is blocked here, so
+                            // that transaction never ends, and the drop would wait for it
+                            // for ever. It gives up instead (the schema is left behind)
+                            // and the test fails as it should.
                             let _ = client
-                                .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                                .batch_execute(&format!(
+                                    "SET lock_timeout = '10s'; \
+                                     DROP SCHEMA IF EXISTS {schema} CASCADE"
+                                ))
                                 .await;
                         }
                     });
