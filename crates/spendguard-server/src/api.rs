@@ -1394,19 +1394,16 @@ pub async fn cluster(
         .cluster_allowances()
         .await?
         .into_iter()
-        .map(|a| {
-            let (kind, tenant, id) = scope_parts(&a.scope);
-            AllowanceHeldOut {
-                instance: a.instance.to_string(),
-                scope: kind.into(),
-                tenant_id: tenant,
-                scope_id: id,
-                granted_usd_day: a.granted_usd_day,
-                granted_usd_month: a.granted_usd_month,
-                free_usd_day: a.free_usd_day,
-                free_usd_month: a.free_usd_month,
-                open_reservations: a.open_reservations,
-            }
+        .map(|a| AllowanceHeldOut {
+            instance: a.instance.to_string(),
+            scope: a.scope.kind().as_str().into(),
+            tenant_id: a.scope.tenant().map_or("", |t| t.as_str()).into(),
+            scope_id: a.scope.id().into(),
+            granted_usd_day: a.granted_usd_day,
+            granted_usd_month: a.granted_usd_month,
+            free_usd_day: a.free_usd_day,
+            free_usd_month: a.free_usd_month,
+            open_reservations: a.open_reservations,
         })
         .collect();
     let kinds = options.allowances;
@@ -1442,16 +1439,6 @@ pub async fn cluster(
             live_instances: stats.live_instances,
         }),
     }))
-}
-
-/// A scope's kind, tenant and id, as the tables hold them.
-fn scope_parts(scope: &ScopeKey) -> (&'static str, String, String) {
-    match scope {
-        ScopeKey::Global => ("global", String::new(), "global".into()),
-        ScopeKey::Tenant(t) => ("tenant", t.as_str().into(), t.as_str().into()),
-        ScopeKey::Company(t, c) => ("company", t.as_str().into(), c.as_str().into()),
-        ScopeKey::User(t, u) => ("user", t.as_str().into(), u.as_str().into()),
-    }
 }
 
 pub async fn healthz() -> Json<HealthOut> {

@@ -290,3 +290,42 @@ async fn concurrent_claims_of_deliveries_never_overlap() {
         .unwrap();
     assert_eq!(again.len(), 80);
 }
+
+/// Reading a few scopes' cluster totals by key (as `/v1/check` and `/v1/limits` do in cluster
+/// mode) looks those scopes up: it never sums every scope's row with its allowances first.
+/// Checked on the plan, with sequential scans and hash and merge joins off so that it does
+/// not follow the (empty) table's statistics: a view that groups before the keys can narrow
+/// it has no plan that looks the keys up.
+#[tokio::test]
+async fn cluster_totals_are_read_by_key() {
+    let Some(db) = make_pg().await else { return };
+    let _store = db.store().await;
+    let admin = admin().await;
+    let plan: Vec<String> = admin
+        .simple_query(&format!(
+            "SET search_path = {}; SET enable_seqscan = off; SET enable_hashjoin = off; \
+             SET enable_mergejoin = off; \
+             EXPLAIN SELECT c.* FROM cluster_scope_totals AS c \
+             JOIN UNNEST(ARRAY['user', 'tenant'], ARRAY['acme', 'acme'], \
+             ARRAY['alice', 'acme']) AS u (k, t, i) \
+             ON (c.scope_kind, c.tenant_id, c.scope_id) = (u.k, u.t, u.i)",
+            schema(&db)
+        ))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect();
+    let plan = plan.join("\n");
+    assert!(
+        plan.contains("scope_kind = u.k"),
+        "the keys do not reach scope_counters:\n{plan}"
+    );
+    assert!(
+        !plan.contains("GroupAggregate") && !plan.contains("HashAggregate"),
+        "every scope is summed:\n{plan}"
+    );
+}
