@@ -158,17 +158,18 @@ fn scope_arrays<'a>(
     (kinds, tenants, ids)
 }
 
-/// Counts are kept as two's complement: an allowance may count below zero (it settled a
-/// reservation another instance admitted), and so may a row until every allowance of it is
-/// folded; their sums are exact.
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A count as stored. Counts are kept as two's complement: an allowance may count below
+/// zero (it settled a reservation another instance admitted), and so may a row until every
+/// allowance of it is folded; their sums are exact.
 fn count(v: i64) -> u64 {
     v as u64
 }
 
+/// A count to store ([`count`] reads it back).
 fn column(v: u64) -> i64 {
     v as i64
 }
