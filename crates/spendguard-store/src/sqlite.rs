@@ -5,8 +5,15 @@
 //!
 //! The single-writer lock is an exclusive advisory lock on `<database file>.lock`, held for
 //! the store's life (the operating system releases it when the process ends).
+//!
+//! The journal (see the `journal` module) lives in a database file of its own beside the main
+//! one, `<database file>.journal`, with its own connections: SQLite lets one transaction
+//! write a file at a time, so an append never waits for a projection transaction on the
+//! main file (see [`JournalFile`]). An in-memory database keeps its journal in the main
+//! database's `journal` table.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -39,6 +46,9 @@ pub struct SqliteStore {
     lock: Option<File>,
     path: String,
     journal: Arc<Journal>,
+    /// The journal's own file; `None` for an in-memory database (the journal is the main
+    /// database's `journal` table).
+    journal_file: Option<Arc<JournalFile>>,
     /// Keep projected journal rows (see [`OpenOptions::keep_journal`]).
     keep_journal: bool,
     /// The task projecting the journal, stopped when the store is dropped.
@@ -425,7 +435,9 @@ fn take_lock(path: &str) -> Result<File, StoreError> {
     }
 }
 
-fn configure(conn: &Connection, options: &OpenOptions) -> Result<(), StoreError> {
+/// Sets a writing connection up: WAL, `synchronous`, the checkpoint backstop, a page cache of
+/// `cache_kib`.
+fn configure(conn: &Connection, options: &OpenOptions, cache_kib: i64) -> Result<(), StoreError> {
     conn.busy_timeout(Duration::from_secs(5)).db()?;
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
@@ -441,8 +453,8 @@ fn configure(conn: &Connection, options: &OpenOptions) -> Result<(), StoreError>
     conn.pragma_update(None, "synchronous", synchronous).db()?;
     conn.pragma_update(None, "foreign_keys", "ON").db()?;
     conn.pragma_update(None, "temp_store", "MEMORY").db()?;
-    // 64 MiB of page cache (negative: KiB).
-    conn.pragma_update(None, "cache_size", -65_536).db()?;
+    // Negative: KiB.
+    conn.pragma_update(None, "cache_size", -cache_kib).db()?;
     conn.set_prepared_statement_cache_capacity(64);
     // Checkpoints (copying the WAL into the database, and fsync) are the checkpointer
     // thread's, off the writer's path. Under continuous writes the WAL was seen to start
@@ -477,29 +489,229 @@ const WAL_BACKSTOP_PAGES: i64 = WAL_SIZE_LIMIT / 4096;
 /// How often the checkpointer runs a passive checkpoint.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
-/// Checkpoints the WAL every [`CHECKPOINT_EVERY`] on its own connection, passively (it never
-/// waits for the writer nor holds it up), until `alive` can no longer be upgraded (the store
-/// was dropped). A passive checkpoint copies what no reader still needs; the next write after
-/// a complete one starts the WAL over from its beginning.
-fn checkpoint_in_background(path: String, alive: std::sync::Weak<()>) {
-    let conn = match Connection::open(&path) {
-        Ok(c) => c,
+/// Checkpoints the WALs every [`CHECKPOINT_EVERY`] on connections of its own, passively (it
+/// never waits for a writer nor holds one up), until `alive` can no longer be upgraded (the
+/// store was dropped). A passive checkpoint copies what no reader still needs; the next
+/// write after a complete one starts the WAL over from its beginning.
+///
+/// With a journal file, it also notes in `durable` the journal cursor that a complete
+/// checkpoint of the main file made durable: the WAL is synced before its frames are
+/// copied, so every commit before the checkpoint, the cursor read first among them, is on
+/// disk once every frame is copied (see [`JournalFile`]).
+fn checkpoint_in_background(
+    path: String,
+    journal: Option<(String, Arc<AtomicI64>)>,
+    alive: std::sync::Weak<()>,
+) {
+    let open = |path: &str| match Connection::open(path) {
+        Ok(c) => {
+            let _ = c.busy_timeout(Duration::from_millis(100));
+            Some(c)
+        }
         Err(e) => {
-            tracing::warn!(error = %e, "the SQLite checkpointer cannot open the database; the writer checkpoints");
-            return;
+            tracing::warn!(error = %e, path, "the SQLite checkpointer cannot open a database; its writer checkpoints");
+            None
         }
     };
-    let _ = conn.busy_timeout(Duration::from_millis(100));
+    let main = open(&path);
+    let (journal, durable) = match journal {
+        Some((path, durable)) => (open(&path), Some(durable)),
+        None => (None, None),
+    };
     loop {
         std::thread::sleep(CHECKPOINT_EVERY);
         if alive.upgrade().is_none() {
             return;
         }
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::debug!(error = %e, "passive checkpoint failed; retrying");
+        if let Some(main) = &main {
+            let cursor = durable.as_ref().and_then(|_| {
+                main.query_row(
+                    "SELECT projected FROM journal_cursor WHERE id = 1",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .ok()
+            });
+            match checkpoint(main) {
+                Ok(true) => {
+                    if let (Some(cursor), Some(durable)) = (cursor, &durable) {
+                        durable.fetch_max(cursor, Ordering::SeqCst);
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(error = %e, "passive checkpoint failed; retrying"),
+            }
+        }
+        if let Some(journal) = &journal
+            && let Err(e) = checkpoint(journal)
+        {
+            tracing::debug!(error = %e, "passive checkpoint of the journal failed; retrying");
         }
     }
 }
+
+/// A passive checkpoint; whether it copied every frame of the WAL.
+fn checkpoint(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        let (busy, log, copied): (i64, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        Ok(busy == 0 && copied >= log)
+    })
+}
+
+/// The main database's page cache (64 MiB).
+const MAIN_CACHE_KIB: i64 = 65_536;
+/// The journal file's page cache: it holds the batches not projected yet.
+const JOURNAL_CACHE_KIB: i64 = 8_192;
+
+/// The journal's table in its own file (the same as the main database's, migration 8).
+/// AUTOINCREMENT: a sequence number is never reused, even after the projected rows are
+/// deleted.
+const JOURNAL_FILE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_at INTEGER NOT NULL,
+    events BLOB NOT NULL
+) STRICT";
+
+/// The journal's database file, `<database file>.journal` (see the module's docs), and its
+/// two connections: the appender's (appends, and deletes of projected batches) and the
+/// projection's reads. The projection holds the main connection while it reads here, never
+/// the other way round.
+///
+/// A row is deleted only once the projection of its batch is durable in the main file: the
+/// two files reach the disk apart (with `synchronous = NORMAL`, at their checkpoints), and a
+/// journal row deleted before its batch's projection was on disk could be lost with it to a
+/// power failure. The checkpointer notes in `durable` the cursor that a complete checkpoint
+/// of the main file made durable; the projector deletes up to it.
+pub(crate) struct JournalFile {
+    appender: Mutex<Connection>,
+    reader: Mutex<Connection>,
+    /// The last sequence number whose projection is on disk in the main file.
+    durable: Arc<AtomicI64>,
+    /// Rows up to this sequence number are deleted.
+    deleted: AtomicI64,
+}
+
+impl JournalFile {
+    /// Opens (creating if needed) the journal file at `path`.
+    fn open(path: &str, options: &OpenOptions) -> Result<JournalFile, StoreError> {
+        let appender = Connection::open(path).db()?;
+        configure(&appender, options, JOURNAL_CACHE_KIB)?;
+        appender.execute_batch(JOURNAL_FILE_SCHEMA).db()?;
+        let reader = Connection::open(path).db()?;
+        reader.busy_timeout(Duration::from_secs(5)).db()?;
+        reader.pragma_update(None, "query_only", "ON").db()?;
+        Ok(JournalFile {
+            appender: Mutex::new(appender),
+            reader: Mutex::new(reader),
+            durable: Arc::default(),
+            deleted: AtomicI64::new(0),
+        })
+    }
+
+    fn appender(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.appender.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.reader.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Deletes the rows whose projection is durable (see the type's docs). A failure leaves
+    /// them for the next time: the projection skips rows at or below its cursor.
+    fn forget_durable(&self) {
+        let durable = self.durable.load(Ordering::SeqCst);
+        if durable <= self.deleted.load(Ordering::SeqCst) {
+            return;
+        }
+        let conn = self.appender();
+        match conn
+            .prepare_cached("DELETE FROM journal WHERE seq <= ?1")
+            .and_then(|mut stmt| stmt.execute([durable]))
+        {
+            Ok(_) => self.deleted.store(durable, Ordering::SeqCst),
+            Err(e) => {
+                tracing::debug!(error = %e, "deleting projected journal batches failed; retrying later")
+            }
+        }
+    }
+}
+
+/// The last sequence number `conn`'s `journal` table handed out (0 before any).
+fn journal_sequence(conn: &Connection) -> Result<i64, StoreError> {
+    conn.query_row(
+        "SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0)",
+        [],
+        |r| r.get(0),
+    )
+    .db()
+}
+
+/// Moves the batches of the main database's `journal` table (where versions before the
+/// journal file kept them) into the journal file, and makes sure the journal file never
+/// hands out a sequence number at or below one the main database has seen (its cursor, its
+/// table's sequence): a journal file that went missing would start again at 1, below the
+/// cursor, and its batches would be taken for projected ones.
+///
+/// Copy first, delete after, in two commits (the files commit apart): a crash between them
+/// copies again, and `OR IGNORE` keeps one row per sequence number.
+fn adopt_main_journal(main: &mut Connection, file: &JournalFile) -> Result<(), StoreError> {
+    let (floor, rows) = {
+        let tx = main.transaction().db()?;
+        let cursor = projected_cursor(&tx)?;
+        let sequence = journal_sequence(&tx)?;
+        let rows = tx
+            .prepare("SELECT seq, created_at, events FROM journal ORDER BY seq")
+            .db()?
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            })
+            .db()?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .db()?;
+        (cursor.max(sequence), rows)
+    };
+    {
+        let mut conn = file.appender();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .db()?;
+        for (seq, created_at, events) in &rows {
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO journal (seq, created_at, events) VALUES (?1, ?2, ?3)",
+            )
+            .db()?
+            .execute(params![seq, created_at, events])
+            .db()?;
+        }
+        if journal_sequence(&tx)? < floor {
+            tx.execute("DELETE FROM sqlite_sequence WHERE name = 'journal'", [])
+                .db()?;
+            tx.execute(
+                "INSERT INTO sqlite_sequence (name, seq) VALUES ('journal', ?1)",
+                [floor],
+            )
+            .db()?;
+            tracing::info!(
+                from = floor + 1,
+                "the journal file's sequence numbers go on after the main database's"
+            );
+        }
+        tx.commit().db()?;
+    }
+    if !rows.is_empty() {
+        main.execute("DELETE FROM journal", []).db()?;
+        tracing::info!(
+            batches = rows.len(),
+            "moved the journal's batches into its own file"
+        );
+    }
+    Ok(())
+}
+
 /// The size a WAL file is truncated to after a checkpoint.
 const WAL_SIZE_LIMIT: i64 = 64 << 20;
 fn migrate_blocking(conn: &mut Connection) -> Result<(), StoreError> {
@@ -800,46 +1012,39 @@ fn append_blocking(conn: &mut Connection, events: &[u8]) -> Result<(), StoreErro
 }
 
 /// The most events one projection transaction applies (whole batches: it may go over by
-/// one batch). An append waits for the projection transaction under way (one connection),
-/// so this bounds that wait too: 256 against 1,024 took the HTTP run's p99 from 28-29 ms to
-/// 21-22 ms at the same throughput (BENCHMARKS.md).
-const PROJECT_EVENTS: usize = 256;
+/// one batch). A read through the writer's connection (a lookup by id, a setting) waits for
+/// the projection transaction under way, so this bounds that wait. Appends do not wait for
+/// it: the journal has its own file. (When it shared the main file, appends waited, and
+/// 256 events gave the HTTP run a better p99 than 1,024; now 1,024 costs appends nothing
+/// and takes fewer transactions: BENCHMARKS.md.) An in-memory database's appends do wait.
+const PROJECT_EVENTS: usize = 1024;
 
 /// Projects the next journal batches (up to about [`PROJECT_EVENTS`] events) in one
-/// transaction that also moves the cursor. Returns whether batches remain.
-fn project_blocking(conn: &mut Connection, keep: bool) -> Result<bool, StoreError> {
-    // A plain read first: nothing waits most of the time, and then no write lock is taken.
-    let waiting: bool = conn
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM journal \
-             WHERE seq > (SELECT projected FROM journal_cursor WHERE id = 1))",
-        )
-        .db()?
-        .query_row([], |r| r.get(0))
-        .db()?;
+/// transaction that also moves the cursor. Returns whether batches remain. `file` is the
+/// journal's file (`None`: the journal is the main database's table).
+fn project_blocking(
+    conn: &mut Connection,
+    file: Option<&JournalFile>,
+    keep: bool,
+) -> Result<bool, StoreError> {
+    // Plain reads first: nothing waits most of the time, and then no write lock is taken.
+    let cursor = projected_cursor(conn)?;
+    let waiting = match file {
+        Some(f) => batches_after(&f.reader(), cursor)?,
+        None => batches_after(conn, cursor)?,
+    };
     if !waiting {
         return Ok(false);
     }
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .db()?;
-    let cursor: i64 = tx
-        .prepare_cached("SELECT projected FROM journal_cursor WHERE id = 1")
-        .db()?
-        .query_row([], |r| r.get(0))
-        .db()?;
+    // Read again under the write lock: another store on the file may have projected.
+    let cursor = projected_cursor(&tx)?;
     let mut taken = journal::Taken::default();
-    {
-        let mut stmt = tx
-            .prepare_cached("SELECT seq, events FROM journal WHERE seq > ?1 ORDER BY seq")
-            .db()?;
-        let mut rows = stmt.query([cursor]).db()?;
-        while let Some(row) = rows.next().db()? {
-            let (seq, body) = journal_row(row)?;
-            if !taken.take(PROJECT_EVENTS, seq, body)? {
-                break;
-            }
-        }
+    match file {
+        Some(f) => take_after(&f.reader(), cursor, &mut taken)?,
+        None => take_after(&tx, cursor, &mut taken)?,
     }
     let Some(last) = taken.last() else {
         return Ok(false);
@@ -880,14 +1085,55 @@ fn project_blocking(conn: &mut Connection, keep: bool) -> Result<bool, StoreErro
         .db()?
         .execute([last])
         .db()?;
-    if !keep {
+    if !keep && file.is_none() {
         tx.prepare_cached("DELETE FROM journal WHERE seq <= ?1")
             .db()?
             .execute([last])
             .db()?;
     }
     tx.commit().db()?;
+    if let Some(f) = file
+        && !keep
+    {
+        f.forget_durable();
+    }
     Ok(taken.more)
+}
+
+/// The journal's cursor: the last projected sequence number.
+fn projected_cursor(conn: &Connection) -> Result<i64, StoreError> {
+    conn.prepare_cached("SELECT projected FROM journal_cursor WHERE id = 1")
+        .db()?
+        .query_row([], |r| r.get(0))
+        .db()
+}
+
+/// Whether `conn`'s `journal` holds a batch after `cursor`.
+fn batches_after(conn: &Connection, cursor: i64) -> Result<bool, StoreError> {
+    conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM journal WHERE seq > ?1)")
+        .db()?
+        .query_row([cursor], |r| r.get(0))
+        .db()
+}
+
+/// Takes the batches after `cursor` from `conn`'s `journal`, up to about
+/// [`PROJECT_EVENTS`] events.
+fn take_after(
+    conn: &Connection,
+    cursor: i64,
+    taken: &mut journal::Taken,
+) -> Result<(), StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT seq, events FROM journal WHERE seq > ?1 ORDER BY seq")
+        .db()?;
+    let mut rows = stmt.query([cursor]).db()?;
+    while let Some(row) = rows.next().db()? {
+        let (seq, body) = journal_row(row)?;
+        if !taken.take(PROJECT_EVENTS, seq, body)? {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// A journal row's sequence number and body.
@@ -902,8 +1148,12 @@ fn journal_row<'r>(row: &'r Row<'_>) -> Result<(i64, &'r [u8]), StoreError> {
 }
 
 /// Projects every pending journal batch.
-fn catch_up_blocking(conn: &mut Connection, keep: bool) -> Result<(), StoreError> {
-    while project_blocking(conn, keep)? {}
+fn catch_up_blocking(
+    conn: &mut Connection,
+    file: Option<&JournalFile>,
+    keep: bool,
+) -> Result<(), StoreError> {
+    while project_blocking(conn, file, keep)? {}
     Ok(())
 }
 
@@ -1114,20 +1364,30 @@ impl SqliteStore {
             None
         };
         let mut conn = Connection::open(&path).db()?;
-        configure(&conn, options)?;
+        configure(&conn, options, MAIN_CACHE_KIB)?;
         migrate_blocking(&mut conn)?;
         let reader = if memory {
             None
         } else {
             Some(Arc::new(Mutex::new(open_reader(&path)?)))
         };
+        let journal_file = if memory {
+            None
+        } else {
+            let file = JournalFile::open(&SqliteStore::journal_path(&path), options)?;
+            adopt_main_journal(&mut conn, &file)?;
+            Some(Arc::new(file))
+        };
         let conn = Arc::new(Mutex::new(conn));
         let alive = Arc::new(());
         if !memory {
+            let journal = journal_file
+                .as_ref()
+                .map(|f| (SqliteStore::journal_path(&path), f.durable.clone()));
             let (path, alive) = (path.clone(), Arc::downgrade(&alive));
             std::thread::Builder::new()
                 .name("sqlite-checkpoint".into())
-                .spawn(move || checkpoint_in_background(path, alive))
+                .spawn(move || checkpoint_in_background(path, journal, alive))
                 .map_err(|e| {
                     StoreError::Unavailable(format!("cannot start the checkpointer: {e}"))
                 })?;
@@ -1135,12 +1395,17 @@ impl SqliteStore {
         let journal = Arc::new(Journal::unknown());
         let projector = tokio::runtime::Handle::try_current().ok().map(|rt| {
             let (weak, keep) = (Arc::downgrade(&conn), options.keep_journal);
-            // It holds the connection only while projecting: it ends with the store.
+            let file = journal_file.as_ref().map(Arc::downgrade);
+            // It holds the connections only while projecting: it ends with the store.
             rt.spawn(journal::run_projector(journal.clone(), move || {
                 let conn = weak.upgrade()?;
+                let file = match &file {
+                    Some(f) => Some(f.upgrade()?),
+                    None => None,
+                };
                 Some(blocking(move || {
                     let mut conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
-                    project_blocking(&mut conn, keep)
+                    project_blocking(&mut conn, file.as_deref(), keep)
                 }))
             }))
         });
@@ -1150,10 +1415,18 @@ impl SqliteStore {
             lock,
             path,
             journal,
+            journal_file,
             keep_journal: options.keep_journal,
             projector,
             _checkpointer: alive,
         })
+    }
+
+    /// The journal file of the database at `path`: `<path>.journal`. It holds the
+    /// acknowledged batches not projected yet, so it belongs to the database: copy, move and
+    /// delete the two together (with their `-wal` files), as the store is stopped.
+    pub fn journal_path(path: &str) -> String {
+        format!("{path}.journal")
     }
 
     /// Projects every pending journal batch (reads of the projected tables do it first).
@@ -1166,7 +1439,7 @@ impl SqliteStore {
 
     /// Every batch in the journal, oldest first (see [`AnyStore::journal`](crate::AnyStore::journal)).
     pub async fn journal(&self) -> Result<Vec<Vec<Event>>, StoreError> {
-        self.with_conn(|conn| {
+        let read = |conn: &Connection| {
             let mut stmt = conn
                 .prepare("SELECT seq, events FROM journal ORDER BY seq")
                 .db()?;
@@ -1177,8 +1450,14 @@ impl SqliteStore {
                 out.push(journal::decode(seq, body)?);
             }
             Ok(out)
-        })
-        .await
+        };
+        match &self.journal_file {
+            Some(file) => {
+                let file = file.clone();
+                blocking(move || read(&file.reader())).await
+            }
+            None => self.with_conn(move |conn| read(conn)).await,
+        }
     }
 
     /// Projects pending journal batches before a report, waiting a bounded time.
@@ -1192,12 +1471,13 @@ impl SqliteStore {
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (journal, keep) = (self.journal.clone(), self.keep_journal);
+        let file = self.journal_file.clone();
         // A store that is not the writer cannot know what the writer appended: it looks.
         let look = self.lock.is_none();
         self.with_conn(move |conn| {
             if look || journal.pending() {
                 let seen = journal.observe();
-                catch_up_blocking(conn, keep)?;
+                catch_up_blocking(conn, file.as_deref(), keep)?;
                 journal.projected(seen, false);
             }
             f(conn)
@@ -1276,6 +1556,21 @@ impl SqliteStore {
         if let Err(e) = self.catch_up().await {
             tracing::warn!(error = %e, "the journal could not be projected at close; it will be at the next start");
         }
+        if let Some(file) = self.journal_file.clone()
+            && !self.keep_journal
+        {
+            // Leaves the journal file empty when the projection can be made durable now.
+            let _ = self
+                .with_conn(move |conn| {
+                    let cursor = projected_cursor(conn)?;
+                    if checkpoint(conn).db()? {
+                        file.durable.fetch_max(cursor, Ordering::SeqCst);
+                        file.forget_durable();
+                    }
+                    Ok(())
+                })
+                .await;
+        }
         let _ = blocking(move || {
             drop(self);
             Ok(())
@@ -1290,8 +1585,16 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let body = journal::encode(events, false)?;
-        self.with_conn(move |conn| append_blocking(conn, &body))
-            .await?;
+        match &self.journal_file {
+            Some(file) => {
+                let file = file.clone();
+                blocking(move || append_blocking(&mut file.appender(), &body)).await?;
+            }
+            None => {
+                self.with_conn(move |conn| append_blocking(conn, &body))
+                    .await?;
+            }
+        }
         self.journal.appended(events.len());
         Ok(())
     }

@@ -209,17 +209,21 @@ async fn kill_9_under_load_loses_nothing_acknowledged() {
     g.shutdown().await;
 }
 
-/// The journal's cursor and its last sequence number, read straight from the file (before
-/// any store opens it and projects).
+/// The journal's cursor and its last sequence number, read straight from the files (before
+/// any store opens them and projects).
 fn journal_position(db: &std::path::Path) -> (i64, i64) {
-    let conn = rusqlite::Connection::open(db).unwrap();
-    conn.query_row(
-        "SELECT (SELECT projected FROM journal_cursor), \
-         (SELECT coalesce(max(seq), 0) FROM journal)",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )
-    .unwrap()
+    let projected = rusqlite::Connection::open(db)
+        .unwrap()
+        .query_row("SELECT projected FROM journal_cursor", [], |r| r.get(0))
+        .unwrap();
+    let journal = spendguard_store::SqliteStore::journal_path(&db.to_string_lossy());
+    let appended = rusqlite::Connection::open(journal)
+        .unwrap()
+        .query_row("SELECT coalesce(max(seq), 0) FROM journal", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    (projected, appended)
 }
 
 /// Every row of `table`, each as text, sorted.

@@ -417,8 +417,7 @@ async fn deny_mode_answers_503_while_the_store_is_down() {
     assert_eq!(st, 201);
     let id = r["reservation_id"].as_str().unwrap().to_owned();
 
-    let blocker = rusqlite::Connection::open(s.db_path()).unwrap();
-    blocker.execute_batch("BEGIN IMMEDIATE; INSERT INTO schema_migrations (version, applied_at) VALUES (999999, 0);").unwrap();
+    let blocker = block_appends(&s);
     // This commit cannot reach the store (busy), so it is spooled and still answered.
     let (st, _) = s
         .post(
@@ -478,8 +477,7 @@ async fn a_failing_spool_makes_readyz_503_with_the_reason() {
     let (st, _, _) = s.call(M::GET, "/readyz", None, None).await;
     assert_eq!(st, 200);
 
-    let blocker = rusqlite::Connection::open(s.db_path()).unwrap();
-    blocker.execute_batch("BEGIN IMMEDIATE; INSERT INTO schema_migrations (version, applied_at) VALUES (999999, 0);").unwrap();
+    let blocker = block_appends(&s);
     fail.store(true, std::sync::atomic::Ordering::SeqCst);
     let (st, _) = s
         .post(
@@ -529,4 +527,15 @@ async fn a_failing_spool_makes_readyz_503_with_the_reason() {
     let (st, v, _) = s.call(M::GET, "/readyz", None, None).await;
     assert_eq!(st, 200, "{v}");
     s.stop().await;
+}
+
+/// Holds the write lock of the server's journal file (where batches are appended), so that
+/// no batch can reach the store until the connection is rolled back or dropped.
+fn block_appends(s: &TestServer) -> rusqlite::Connection {
+    let path = spendguard_store::SqliteStore::journal_path(&s.db_path().to_string_lossy());
+    let blocker = rusqlite::Connection::open(path).unwrap();
+    blocker
+        .execute_batch("BEGIN IMMEDIATE; DELETE FROM journal WHERE seq < 0;")
+        .unwrap();
+    blocker
 }

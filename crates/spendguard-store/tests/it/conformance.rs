@@ -941,13 +941,13 @@ pub async fn a_gap_in_the_migrations_is_filled_later(db: &Db) {
 /// the reads that need it, until it is repaired, and nothing is lost meanwhile.
 pub async fn a_broken_schema_is_a_transient_error(db: &Db) {
     let store = db.store().await;
-    execute(db, "ALTER TABLE journal RENAME TO journal_moved").await;
+    execute_on_journal(db, "ALTER TABLE journal RENAME TO journal_moved").await;
     let err = store
         .apply(&[Event::Recorded(record(1))])
         .await
         .unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
-    execute(db, "ALTER TABLE journal_moved RENAME TO journal").await;
+    execute_on_journal(db, "ALTER TABLE journal_moved RENAME TO journal").await;
     store.apply(&[Event::Recorded(record(1))]).await.unwrap();
     assert!(store.usage(record(1).id).await.unwrap().is_some());
 

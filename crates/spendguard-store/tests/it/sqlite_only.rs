@@ -237,9 +237,10 @@ async fn a_cancelled_report_stops() {
     );
 }
 
-/// Reports run on their own connection: a batch waiting for the database's write lock
+/// Reports run on their own connection: a projection waiting for the database's write lock
 /// (holding the store's writer connection) does not hold them up; they wait a bounded time
-/// for the projection of the journal, then report what is projected.
+/// for the projection of the journal, then report what is projected. (The batch itself is
+/// acknowledged: its append needs no lock on the main file.)
 #[tokio::test]
 async fn reports_do_not_wait_for_the_writer() {
     let (_db, path) = temp_path();
@@ -255,10 +256,7 @@ async fn reports_do_not_wait_for_the_writer() {
     other
         .execute_batch("BEGIN IMMEDIATE; DELETE FROM api_keys;")
         .unwrap();
-    let writer = store.clone();
-    let batch = tokio::spawn(async move { writer.apply(&[Event::Recorded(record(2))]).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!batch.is_finished(), "the batch waits for the write lock");
+    store.apply(&[Event::Recorded(record(2))]).await.unwrap();
     let report = tokio::time::timeout(Duration::from_secs(2), store.report(&day_report()))
         .await
         .expect("the report does not wait for the writer")
@@ -273,7 +271,6 @@ async fn reports_do_not_wait_for_the_writer() {
         .expect("listing deliveries does not wait for the writer")
         .unwrap();
     other.execute_batch("COMMIT").unwrap();
-    batch.await.unwrap().unwrap();
     let report = store.report(&day_report()).await.unwrap();
     assert_eq!(report.totals.requests, 2);
 }
@@ -380,15 +377,166 @@ async fn an_event_the_projection_refuses_is_dead_lettered_and_the_rest_projected
     assert!(letters[0].event.contains("poison"), "{letters:?}");
     assert!(letters[0].error.contains("poisoned model"), "{letters:?}");
     // Nothing waits: the cursor passed the refused event.
-    let (projected, last): (i64, i64) = rusqlite::Connection::open(&path)
+    let (projected, last) = journal_position(&path);
+    assert_eq!(projected, last);
+    store.close().await;
+}
+
+/// An append needs no lock on the main database file: while another connection holds its
+/// write lock (as a projection transaction does), a batch is still acknowledged, and it is
+/// projected once the lock is let go.
+#[tokio::test]
+async fn an_append_does_not_wait_for_the_main_file() {
+    let (_db, path) = temp_path();
+    let store = SqliteStore::open(&path, &OpenOptions::default())
+        .await
+        .unwrap();
+    store.apply(&[Event::Recorded(record(1))]).await.unwrap();
+    assert!(store.usage(record(1).id).await.unwrap().is_some());
+
+    let holder = rusqlite::Connection::open(&path).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let appended = store.apply(&[Event::Recorded(record(2))]).await;
+    holder.execute_batch("COMMIT").unwrap();
+    appended.expect("the append waited for the main file's write lock");
+    assert_eq!(store.usage(record(2).id).await.unwrap(), Some(record(2)));
+    assert_eq!(
+        store.recount().await.unwrap(),
+        store.rollups().await.unwrap()
+    );
+    store.close().await;
+}
+
+/// The journal's cursor (in the main file) and the last sequence number the journal file
+/// handed out.
+fn journal_position(path: &str) -> (i64, i64) {
+    let projected = rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row("SELECT projected FROM journal_cursor", [], |r| r.get(0))
+        .unwrap();
+    let last = rusqlite::Connection::open(SqliteStore::journal_path(path))
         .unwrap()
         .query_row(
-            "SELECT (SELECT projected FROM journal_cursor), \
-             (SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'journal')",
+            "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'journal'",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(projected, last);
+    (projected, last)
+}
+
+/// A journal file that went missing (its batches all projected) starts again after the
+/// cursor: a batch numbered at or below it would be taken for a projected one and never
+/// reach the tables.
+#[tokio::test]
+async fn a_lost_journal_file_does_not_reuse_sequence_numbers() {
+    let (_db, path) = temp_path();
+    let store = SqliteStore::open(&path, &OpenOptions::default())
+        .await
+        .unwrap();
+    for n in 1..=3 {
+        store.apply(&[Event::Recorded(record(n))]).await.unwrap();
+    }
+    store.close().await;
+    assert_eq!(journal_position(&path), (3, 3));
+    let journal = SqliteStore::journal_path(&path);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{journal}{suffix}"));
+    }
+
+    let store = SqliteStore::open(&path, &OpenOptions::default())
+        .await
+        .unwrap();
+    store.apply(&[Event::Recorded(record(4))]).await.unwrap();
+    assert_eq!(store.usage(record(4).id).await.unwrap(), Some(record(4)));
+    assert_eq!(store.usage_count().await.unwrap(), 4);
+    store.close().await;
+    assert_eq!(journal_position(&path), (4, 4));
+    assert_eq!(
+        journal_rows(&path),
+        0,
+        "projected batches were left in the journal file"
+    );
+}
+
+/// How many batches the journal file holds.
+fn journal_rows(path: &str) -> i64 {
+    rusqlite::Connection::open(SqliteStore::journal_path(path))
+        .unwrap()
+        .query_row("SELECT count(*) FROM journal", [], |r| r.get(0))
+        .unwrap()
+}
+
+/// A database whose journal batches wait in the main file's `journal` table (where versions
+/// before the journal file appended them) has them moved to the journal file at open and
+/// projected, once each; later batches are numbered after them.
+#[tokio::test]
+async fn batches_in_the_main_files_journal_are_moved_and_projected() {
+    let (_db, path) = temp_path();
+    let store = SqliteStore::open(&path, &OpenOptions::default())
+        .await
+        .unwrap();
+    store.apply(&[Event::Recorded(record(1))]).await.unwrap();
+    store.close().await;
+    assert_eq!(journal_position(&path).0, 1);
+
+    // Two batches acknowledged by an older version, not projected when it stopped.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    for (seq, n) in [(2, 2), (3, 3)] {
+        let events = serde_json::to_vec(&[Event::Recorded(record(n))]).unwrap();
+        conn.execute(
+            "INSERT INTO journal (seq, created_at, events) VALUES (?1, 0, ?2)",
+            rusqlite::params![seq, events],
+        )
+        .unwrap();
+    }
+    drop(conn);
+
+    let store = SqliteStore::open(&path, &OpenOptions::default())
+        .await
+        .unwrap();
+    store.apply(&[Event::Recorded(record(4))]).await.unwrap();
+    for n in 1..=4 {
+        assert_eq!(store.usage(record(n).id).await.unwrap(), Some(record(n)));
+    }
+    assert_eq!(store.usage_count().await.unwrap(), 4);
+    assert_eq!(
+        store.recount().await.unwrap(),
+        store.rollups().await.unwrap()
+    );
+    store.close().await;
+    assert_eq!(journal_position(&path), (4, 4));
+    let left: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT count(*) FROM journal", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0, "the main file's journal table was not emptied");
+}
+
+/// A running store deletes projected batches from the journal file once their projection is
+/// on disk (after a complete checkpoint of the main file), so the file does not grow with
+/// the history.
+#[tokio::test]
+async fn a_running_store_deletes_batches_once_their_projection_is_durable() {
+    let (_db, path) = temp_path();
+    let store = SqliteStore::open(&path, &OpenOptions::default())
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        n += 1;
+        store.apply(&[Event::Recorded(record(n))]).await.unwrap();
+        store.catch_up().await.unwrap();
+        if journal_rows(&path) < n as i64 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no projected batch was deleted in 30 s ({n} batches)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(store.usage_count().await.unwrap(), n as u64);
     store.close().await;
 }

@@ -128,6 +128,19 @@ pub async fn execute(db: &Db, sql: &str) {
     }
 }
 
+/// Runs statements straight on the database that holds the journal: SQLite's journal file
+/// (see [`SqliteStore::journal_path`]), PostgreSQL's schema.
+pub async fn execute_on_journal(db: &Db, sql: &str) {
+    match db {
+        Db::Sqlite { path, .. } => {
+            let conn = rusqlite::Connection::open(SqliteStore::journal_path(path))
+                .expect("open the journal file");
+            conn.execute_batch(sql).expect("run the statements");
+        }
+        Db::Postgres { .. } => execute(db, sql).await,
+    }
+}
+
 pub async fn make_sqlite() -> Option<Db> {
     let dir = std::env::temp_dir().join(format!("spendguard-store-test-{}", unique()));
     std::fs::create_dir_all(&dir).expect("create a temporary directory");
