@@ -524,22 +524,12 @@ fn checkpoint_in_background(
             return;
         }
         if let Some(main) = &main {
-            let cursor = durable.as_ref().and_then(|_| {
-                main.query_row(
-                    "SELECT projected FROM journal_cursor WHERE id = 1",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-                .ok()
-            });
-            match checkpoint(main) {
-                Ok(true) => {
-                    if let (Some(cursor), Some(durable)) = (cursor, &durable) {
-                        durable.fetch_max(cursor, Ordering::SeqCst);
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => tracing::debug!(error = %e, "passive checkpoint failed; retrying"),
+            let done = match &durable {
+                Some(durable) => checkpoint_noting_durable(main, durable),
+                None => checkpoint(main).db().map(drop),
+            };
+            if let Err(e) = done {
+                tracing::debug!(error = %e, "passive checkpoint failed; retrying");
             }
         }
         if let Some(journal) = &journal
@@ -556,6 +546,16 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<bool> {
         let (busy, log, copied): (i64, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
         Ok(busy == 0 && copied >= log)
     })
+}
+
+/// A passive checkpoint of the main file `main`; when it copied every frame, the journal
+/// cursor read before it is on disk, and is noted in `durable` (see [`JournalFile`]).
+fn checkpoint_noting_durable(main: &Connection, durable: &AtomicI64) -> Result<(), StoreError> {
+    let cursor = projected_cursor(main)?;
+    if checkpoint(main).db()? {
+        durable.fetch_max(cursor, Ordering::SeqCst);
+    }
+    Ok(())
 }
 
 /// The main database's page cache (64 MiB).
@@ -1562,11 +1562,8 @@ impl SqliteStore {
             // Leaves the journal file empty when the projection can be made durable now.
             let _ = self
                 .with_conn(move |conn| {
-                    let cursor = projected_cursor(conn)?;
-                    if checkpoint(conn).db()? {
-                        file.durable.fetch_max(cursor, Ordering::SeqCst);
-                        file.forget_durable();
-                    }
+                    checkpoint_noting_durable(conn, &file.durable)?;
+                    file.forget_durable();
                     Ok(())
                 })
                 .await;
