@@ -5,7 +5,7 @@
 //! The sums over `ai_usage` ([`AnyStore::usage_slices`]) cost O(records of the scope); the
 //! dashboard uses them only where the rollups do not hold the breakdown (a company, a
 //! user's endpoints, a model and an endpoint filter together). Everything over all tenants
-//! reads [`AnyStore::rollup_slices`] instead: O(days × groups).
+//! reads [`AnyStore::rollup_slices`](crate::AnyStore::rollup_slices) instead: O(days × groups).
 
 use spendguard_core::{CompanyId, Micros, TenantId, UserId};
 
@@ -37,7 +37,7 @@ pub struct DaySlice {
     pub totals: UsageTotals,
 }
 
-/// A dimension of `usage_rollups`, read by [`AnyStore::rollup_slices`].
+/// A dimension of `usage_rollups`, read by [`AnyStore::rollup_slices`](crate::AnyStore::rollup_slices).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SliceDim {
     /// Per day, tenant and model: `tenant` and `model` set.

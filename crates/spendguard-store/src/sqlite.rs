@@ -148,11 +148,17 @@ const RESERVATION_COLUMNS: &str = "id, tenant_id, user_id, company_id, tier, adm
     model, endpoint, estimate_micros, estimated_tokens, created_at, expires_at, day_start, \
     month_start, idempotency_key, fingerprint";
 
+/// A reservation, in the state the projection leaves it in: open, or settled when the
+/// same projection settles it (most are). A row found open is settled as the settling update
+/// would; a row found settled, or an open one given as open (a replay), is left alone.
 const INSERT_RESERVATION: &str = "INSERT INTO reservations (id, tenant_id, user_id, \
     company_id, tier, admitted_tier, model, endpoint, estimate_micros, estimated_tokens, \
-    created_at, expires_at, day_start, month_start, idempotency_key, fingerprint, state) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, 'open') \
-    ON CONFLICT (id) DO NOTHING";
+    created_at, expires_at, day_start, month_start, idempotency_key, fingerprint, state, \
+    usage_id, reason, settled_at) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+    ?19, ?20) ON CONFLICT (id) DO UPDATE SET state = excluded.state, \
+    usage_id = excluded.usage_id, reason = excluded.reason, settled_at = excluded.settled_at \
+    WHERE reservations.state = 'open' AND excluded.state <> 'open'";
 
 const INSERT_WOULD_DENY: &str = "INSERT INTO would_deny (reservation_id, tenant_id, \
     day_start, reason) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (reservation_id) DO NOTHING";
@@ -838,10 +844,25 @@ fn warn_if_key_conflict(tx: &rusqlite::Transaction<'_>, u: &UsageRecord) -> Resu
 /// Applies `events` to the tables, inside `tx` (a projection of journal batches).
 fn apply_events(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> Result<(), StoreError> {
     let plan = Plan::new(events);
+    // A reservation made and settled in this projection (most are) takes one insert.
+    let settled_in_plan = plan.settled_in_plan();
     if !plan.reserved.is_empty() {
         let mut insert = tx.prepare_cached(INSERT_RESERVATION).db()?;
         for r in &plan.reserved {
             let s = &r.subject;
+            let (state, usage_id, reason, settled_at) = match settled_in_plan.get(&r.id) {
+                None => ("open", None, None, None),
+                Some(Settle::Commit { usage_id, at, .. }) => {
+                    ("committed", Some(usage_id.to_string()), None, Some(*at))
+                }
+                Some(Settle::Release { reason, at, .. }) => ("released", None, *reason, Some(*at)),
+                Some(Settle::Expire { usage_id, .. }) => (
+                    "expired",
+                    Some(usage_id.to_string()),
+                    None,
+                    Some(r.expires_at),
+                ),
+            };
             insert
                 .execute(params![
                     r.id.to_string(),
@@ -861,6 +882,10 @@ fn apply_events(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> Result<(), 
                     r.idempotency_key.as_ref().map(|k| k.as_str()),
                     // The same bits as an i64.
                     r.fingerprint as i64,
+                    state,
+                    usage_id,
+                    reason,
+                    settled_at,
                 ])
                 .db()?;
         }
@@ -877,6 +902,9 @@ fn apply_events(tx: &rusqlite::Transaction<'_>, events: &[Event]) -> Result<(), 
             .db()?;
     }
     for settle in &plan.settles {
+        if settled_in_plan.contains_key(&settle.id()) {
+            continue;
+        }
         match settle {
             Settle::Commit { id, usage_id, at } => tx
                 .prepare_cached(COMMIT_RESERVATION)
@@ -1013,11 +1041,13 @@ fn append_blocking(conn: &mut Connection, events: &[u8]) -> Result<(), StoreErro
 
 /// The most events one projection transaction applies (whole batches: it may go over by
 /// one batch). A read through the writer's connection (a lookup by id, a setting) waits for
-/// the projection transaction under way, so this bounds that wait. Appends do not wait for
-/// it: the journal has its own file. (When it shared the main file, appends waited, and
-/// 256 events gave the HTTP run a better p99 than 1,024; now 1,024 costs appends nothing
-/// and takes fewer transactions: BENCHMARKS.md.) An in-memory database's appends do wait.
-const PROJECT_EVENTS: usize = 1024;
+/// the projection transaction under way, so this bounds that wait (under the HTTP load of
+/// BENCHMARKS.md one took 67-84 ms in the median, about 150 ms at most). Appends do not wait
+/// for it: the journal has its own file. (When it shared the main file, appends waited, and
+/// 256 events gave the HTTP run a better p99 than 1,024.) Fewer, larger transactions write
+/// each rollup and index page once for more events: see [`journal::PROJECT_EVERY`]. An
+/// in-memory database's appends do wait.
+const PROJECT_EVENTS: usize = 4096;
 
 /// Projects the next journal batches (up to about [`PROJECT_EVENTS`] events) in one
 /// transaction that also moves the cursor. Returns whether batches remain. `file` is the

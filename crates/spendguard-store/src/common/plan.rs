@@ -142,6 +142,34 @@ impl<'a> Plan<'a> {
     }
 }
 
+impl Settle<'_> {
+    /// The reservation it settles.
+    pub fn id(&self) -> Uuid {
+        match self {
+            Settle::Commit { id, .. } | Settle::Release { id, .. } | Settle::Expire { id, .. } => {
+                *id
+            }
+        }
+    }
+}
+
+impl<'a> Plan<'a> {
+    /// The settlements of reservations this plan also makes, by reservation id. A store may
+    /// write such a reservation in its final state at once (an insert that settles a row
+    /// found open, rather than an insert and an update): the rows come out the same.
+    pub fn settled_in_plan(&self) -> HashMap<Uuid, &Settle<'a>> {
+        if self.reserved.is_empty() || self.settles.is_empty() {
+            return HashMap::new();
+        }
+        let reserved: HashSet<Uuid> = self.reserved.iter().map(|r| r.id).collect();
+        self.settles
+            .iter()
+            .filter(|s| reserved.contains(&s.id()))
+            .map(|s| (s.id(), s))
+            .collect()
+    }
+}
+
 /// Rollup increments, summed in memory over a batch so each rollup row is written once.
 #[derive(Debug, Default)]
 pub(crate) struct Deltas {

@@ -533,3 +533,86 @@ async fn a_running_store_deletes_batches_once_their_projection_is_durable() {
     assert_eq!(store.usage_count().await.unwrap(), n as u64);
     store.close().await;
 }
+
+/// The stored columns of reservation `n` that do not name it: its state, whether a record
+/// settled it, the reason and when it was settled (relative to when it was made).
+fn settled_columns(path: &str, n: u128) -> (String, bool, Option<String>, Option<i64>) {
+    rusqlite::Connection::open(path)
+        .unwrap()
+        .query_row(
+            "SELECT state, usage_id IS NOT NULL, reason, settled_at - created_at \
+             FROM reservations WHERE id = ?1",
+            [id(n).to_string()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap()
+}
+
+/// A reservation made and settled in one projection is written in its final state at once;
+/// the row is the one a reservation settled in a later projection gets, every way it can
+/// be settled, and replays (of both events, or of a settlement the row no longer takes)
+/// leave it as the first settlement made it.
+#[tokio::test]
+async fn a_reservation_settled_in_the_projection_that_makes_it_is_stored_as_if_settled_later() {
+    let (_db, path) = temp_path();
+    let store = writer(&path).await;
+    // n: made and settled together; n + 10: made, projected, then settled.
+    let settles = |r: &spendguard_core::Reservation, kind: u128| match kind {
+        0 => Event::Committed {
+            reservation_id: r.id,
+            usage: commit_usage(r, 500 + (r.id.as_u128() % 100), 42_000),
+        },
+        1 => Event::Released {
+            reservation_id: r.id,
+            reason: Some("the caller gave up".into()),
+            at: r.created_at + 5_000_000,
+        },
+        _ => Event::Expired {
+            reservation_id: r.id,
+            usage: expired_usage(r),
+        },
+    };
+    for kind in 0..3u128 {
+        let (together, apart) = (reservation(1 + kind), reservation(11 + kind));
+        store
+            .apply(&[Event::Reserved(together.clone()), settles(&together, kind)])
+            .await
+            .unwrap();
+        store
+            .apply(&[Event::Reserved(apart.clone())])
+            .await
+            .unwrap();
+        store.catch_up().await.unwrap();
+        assert_eq!(settled_columns(&path, 11 + kind).0, "open");
+        store.apply(&[settles(&apart, kind)]).await.unwrap();
+        store.catch_up().await.unwrap();
+        let row = settled_columns(&path, 1 + kind);
+        assert_ne!(row.0, "open", "kind {kind}");
+        assert_eq!(row, settled_columns(&path, 11 + kind), "kind {kind}");
+    }
+    // A replay of a reservation and a different settlement: the first one stays.
+    let committed = reservation(1);
+    store
+        .apply(&[Event::Reserved(committed.clone()), settles(&committed, 1)])
+        .await
+        .unwrap();
+    store.catch_up().await.unwrap();
+    assert_eq!(settled_columns(&path, 1).0, "committed");
+    assert_eq!(settled_columns(&path, 1), settled_columns(&path, 11));
+    // A reservation projected open, then made again and settled in one projection (a
+    // replayed batch beside its settlement): settled.
+    let open = reservation(21);
+    store.apply(&[Event::Reserved(open.clone())]).await.unwrap();
+    store.catch_up().await.unwrap();
+    store
+        .apply(&[Event::Reserved(open.clone()), settles(&open, 0)])
+        .await
+        .unwrap();
+    store.catch_up().await.unwrap();
+    assert_eq!(settled_columns(&path, 21), settled_columns(&path, 11));
+    assert_eq!(
+        store.recount().await.unwrap(),
+        store.rollups().await.unwrap()
+    );
+    store.close().await;
+}
