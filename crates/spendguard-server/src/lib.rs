@@ -298,7 +298,8 @@ pub fn spawn_key_reload(state: &AppState) {
     });
 }
 
-/// Serves until `shutdown` resolves, finishes in-flight requests, then flushes the writer.
+/// Serves until `shutdown` resolves, finishes in-flight requests, then flushes the writer
+/// and projects the journal (for at most 10 s).
 pub async fn run(
     listener: TcpListener,
     state: AppState,
@@ -306,6 +307,9 @@ pub async fn run(
 ) -> std::io::Result<()> {
     run_with(listener, state, None, shutdown, async {}).await
 }
+
+/// How long a stopping server spends projecting the journal's pending batches.
+const SHUTDOWN_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// [`run`], also serving `extra` routes beside the API's (the gateway's, which bring their
 /// own limits and layers). After the listener stops and before the writer is flushed,
@@ -334,6 +338,20 @@ pub async fn run_with(
     settle.await;
     alerts.stop().await;
     guard.shutdown().await;
+    // What was acknowledged is durable in the journal already; projecting it now leaves the
+    // tables complete for whoever reads them in SQL while the service is stopped. Bounded:
+    // a backlog, or a database that stopped answering, must not hold the stop up (the next
+    // start projects what is left).
+    match tokio::time::timeout(SHUTDOWN_CATCH_UP, guard.store().catch_up()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "the journal could not be projected at shutdown; it will be at the next start");
+        }
+        Err(_) => tracing::warn!(
+            seconds = SHUTDOWN_CATCH_UP.as_secs(),
+            "the journal was not projected in time at shutdown; the rest will be at the next start"
+        ),
+    }
     tracing::info!("writer flushed; stopped");
     result
 }

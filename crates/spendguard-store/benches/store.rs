@@ -6,15 +6,17 @@
 //! `apply_1000_records` is the acknowledged rate (batches appended to the journal, the
 //! projector running behind), `apply_and_project_1000_records` the rate end to end (the
 //! batches applied, then the journal caught up: every record in `ai_usage` and the rollups).
+//! `reserve_commit_and_project` is the service's mix end to end: batches of 500 reservations
+//! and 500 commits (of the previous batch's reservations), in records per second.
 
 use std::future::Future;
 use std::hint::black_box;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use spendguard_core::{
-    CompanyId, Endpoint, Event, ModelName, Money, Pricing, RequestStatus, TenantId, TierName,
-    Tokens, UsageRecord, UserId,
+    CompanyId, Endpoint, Event, ModelName, Money, Pricing, RequestStatus, Reservation, Subject,
+    TenantId, TierName, Tokens, UsageRecord, UserId,
 };
 use spendguard_store::{OpenOptions, PostgresStore, SqliteStore, Store, StoreError};
 use tokio::runtime::Runtime;
@@ -62,6 +64,8 @@ struct Workload {
     names: Names,
     next: u64,
     rng: u64,
+    /// Reservations made by the last reserve-and-commit batch, committed by the next.
+    open: Vec<Reservation>,
 }
 
 impl Workload {
@@ -70,6 +74,7 @@ impl Workload {
             names: Names::new(),
             next: 0,
             rng: 0x9e37_79b9_7f4a_7c15,
+            open: Vec::new(),
         }
     }
 
@@ -81,42 +86,90 @@ impl Workload {
     }
 
     fn batch(&mut self) -> Vec<Event> {
-        (0..BATCH)
-            .map(|_| {
-                self.next += 1;
-                let r = self.random();
-                let user = r % USERS;
-                let tenant = user % TENANTS;
-                let company = (user % 3 != 0).then_some((user / 3) % COMPANIES);
-                let at = DAY_START + self.next as i64 * 1_000;
-                let names = &self.names;
-                Event::Recorded(UsageRecord {
-                    id: Uuid::from_u128(((at as u128) << 64) | (0x7000 << 48) | r as u128 >> 16),
-                    tenant: names.tenants[tenant as usize].clone(),
-                    user: names.users[user as usize].clone(),
-                    company: company.map(|c| names.companies[c as usize].clone()),
-                    model: names.model.clone(),
-                    endpoint: Some(names.endpoint.clone()),
-                    tier: names.tier.clone(),
-                    tokens: Tokens {
-                        input: 500 + r % 2_000,
-                        cached_input: 0,
-                        output: 100 + (r >> 20) % 800,
-                        ..Default::default()
-                    },
-                    cost: Money::from_micros(100 + (r % 20_000) as i64),
-                    pricing: Pricing::Catalog,
-                    long_context_above: None,
-                    status: RequestStatus::Success,
-                    created_at: at,
-                    reservation_id: None,
-                    idempotency_key: None,
-                    day_start: DAY_START,
-                    month_start: MONTH_START,
-                    origin: None,
-                })
+        (0..BATCH).map(|_| Event::Recorded(self.record())).collect()
+    }
+
+    /// The next direct record: a random user of a random tenant, a time-ordered id.
+    fn record(&mut self) -> UsageRecord {
+        self.next += 1;
+        let r = self.random();
+        let user = r % USERS;
+        let tenant = user % TENANTS;
+        let company = (user % 3 != 0).then_some((user / 3) % COMPANIES);
+        let at = DAY_START + self.next as i64 * 1_000;
+        let names = &self.names;
+        UsageRecord {
+            id: Uuid::from_u128(((at as u128) << 64) | (0x7000 << 48) | r as u128 >> 16),
+            tenant: names.tenants[tenant as usize].clone(),
+            user: names.users[user as usize].clone(),
+            company: company.map(|c| names.companies[c as usize].clone()),
+            model: names.model.clone(),
+            endpoint: Some(names.endpoint.clone()),
+            tier: names.tier.clone(),
+            tokens: Tokens {
+                input: 500 + r % 2_000,
+                cached_input: 0,
+                output: 100 + (r >> 20) % 800,
+                ..Default::default()
+            },
+            cost: Money::from_micros(100 + (r % 20_000) as i64),
+            pricing: Pricing::Catalog,
+            long_context_above: None,
+            status: RequestStatus::Success,
+            created_at: at,
+            reservation_id: None,
+            idempotency_key: None,
+            day_start: DAY_START,
+            month_start: MONTH_START,
+            origin: None,
+        }
+    }
+
+    /// Half a batch of commits (of the reservations the previous call made) and half a
+    /// batch of new reservations, as the service's batches mix them.
+    fn reserve_commit_batch(&mut self) -> Vec<Event> {
+        let mut batch: Vec<Event> = std::mem::take(&mut self.open)
+            .into_iter()
+            .map(|res| {
+                let mut usage = self.record();
+                usage.reservation_id = Some(res.id);
+                usage.tenant = res.subject.tenant.clone();
+                usage.user = res.subject.user.clone();
+                usage.company = res.subject.company.clone();
+                Event::Committed {
+                    reservation_id: res.id,
+                    usage,
+                }
             })
-            .collect()
+            .collect();
+        for _ in 0..BATCH / 2 {
+            let u = self.record();
+            let res = Reservation {
+                id: Uuid::from_u128(u.id.as_u128() ^ 1),
+                subject: Subject {
+                    tenant: u.tenant,
+                    user: u.user,
+                    company: u.company,
+                    tier: Some(u.tier.clone()),
+                    trusted_tier: true,
+                    model: u.model,
+                    endpoint: u.endpoint,
+                },
+                tier: u.tier,
+                estimate: Money::from_micros(20_000),
+                estimated_tokens: 3_000,
+                created_at: u.created_at,
+                expires_at: u.created_at + 300_000_000,
+                day_start: DAY_START,
+                month_start: MONTH_START,
+                idempotency_key: None,
+                fingerprint: u.id.as_u128() as u64,
+                would_deny: None,
+            };
+            self.open.push(res.clone());
+            batch.push(Event::Reserved(res));
+        }
+        batch
     }
 }
 
@@ -147,17 +200,39 @@ fn bench_store<S: Store, F: Future<Output = Result<(), StoreError>>>(
     group.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let batches: Vec<Vec<Event>> = (0..iters).map(|_| workload.batch()).collect();
-            let start = Instant::now();
-            rt.block_on(async {
-                for batch in &batches {
-                    store.apply(black_box(batch)).await.unwrap();
-                }
-                catch_up().await.unwrap();
-            });
-            start.elapsed()
+            end_to_end(rt, store, &catch_up, &batches)
         })
     });
     group.finish();
+    let mut group = c.benchmark_group("reserve_commit_and_project");
+    // Records (one a commit) per second: a batch commits the previous batch's reservations.
+    group.throughput(Throughput::Elements(BATCH as u64 / 2));
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let batches: Vec<Vec<Event>> = (0..iters)
+                .map(|_| workload.reserve_commit_batch())
+                .collect();
+            end_to_end(rt, store, &catch_up, &batches)
+        })
+    });
+    group.finish();
+}
+
+/// Applies `batches`, then catches the journal up: how long it took, end to end.
+fn end_to_end<S: Store, F: Future<Output = Result<(), StoreError>>>(
+    rt: &Runtime,
+    store: &S,
+    catch_up: &impl Fn() -> F,
+    batches: &[Vec<Event>],
+) -> Duration {
+    let start = Instant::now();
+    rt.block_on(async {
+        for batch in batches {
+            store.apply(black_box(batch)).await.unwrap();
+        }
+        catch_up().await.unwrap();
+    });
+    start.elapsed()
 }
 
 fn sqlite(c: &mut Criterion) {

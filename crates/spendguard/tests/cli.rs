@@ -230,6 +230,21 @@ fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
         "{err}"
     );
 
+    // A record acknowledged just before the stop is in the tables once the server has
+    // stopped, for whoever reads the file in SQL (not only at the next start).
+    rt.block_on(async {
+        let r = reqwest::Client::new()
+            .post(format!("http://{addr}/v1/usage"))
+            .bearer_auth(ADMIN)
+            .json(&serde_json::json!({
+                "tenant_id": "acme", "user_id": "cy", "model": "gpt-4o-mini",
+                "input_tokens": 10, "output_tokens": 5, "cost_usd": "0.25",
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    });
     let kill = Command::new("kill")
         .args(["-TERM", &child.0.id().to_string()])
         .status()
@@ -237,6 +252,13 @@ fn serve_starts_refuses_a_second_writer_and_stops_on_sigterm() {
     assert!(kill.success());
     let exit = child.0.wait().unwrap();
     assert!(exit.success(), "exit status {exit:?}");
+    let db = rusqlite::Connection::open(dir.path().join("spendguard.db")).unwrap();
+    let (records, cost): (i64, i64) = db
+        .query_row("SELECT count(*), sum(cost_micros) FROM ai_usage", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!((records, cost), (4, 2_750_000), "ai_usage after the stop");
 }
 
 #[test]

@@ -40,7 +40,7 @@ pub async fn write(
         .map(|_| ())
 }
 
-/// [`write`], for a page.
+/// [`write()`], for a page.
 pub async fn record(
     state: &AppState,
     actor: &str,

@@ -11,7 +11,7 @@
 //!   to the audit log, shown at `/audit` ([`audit`]).
 //! - `/export.csv` ([`export`]): what a page shows, as the report API's CSV.
 //!
-//! A browser signs in at `/login` ([`login`]) with the admin key or a tenant key and gets a
+//! A browser signs in at `/login` ([`login()`]) with the admin key or a tenant key and gets a
 //! session cookie (random, `HttpOnly`, `SameSite=Strict`, 12 hours; sessions live in memory,
 //! so a restart signs everyone out); scripts may send `Authorization: Bearer <key>`
 //! instead. A tenant key sees its own tenant only: every page and export is filtered to it,
